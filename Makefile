@@ -1,0 +1,34 @@
+# `make test` and `make bench` work on a fresh clone on a machine that has only Python:
+# they create .venv, install torch (unless a torch >= 2.6 is already importable), the package
+# editable with its test extra, then run.
+PYTHON       ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV         := .venv
+VPY          := $(VENV)/bin/python
+STAMP        := $(VENV)/.installed
+
+.PHONY: test bench build venv clean gpu-test
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@$(VPY) -c "import torch, sys; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(0 if v >= (2, 6) else 1)" 2>/dev/null \
+	  || $(VPY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(VPY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+bench: $(STAMP)
+	$(VPY) -m medattn_fast.cli bench
+
+build: $(STAMP)
+	$(VPY) -m medattn_fast.cli build
+
+gpu-test: $(STAMP)
+	$(VPY) -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) build *.egg-info

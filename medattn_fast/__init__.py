@@ -1,0 +1,22 @@
+"""medattn-fast: fused kernels for the attention blocks of medical image segmentation networks.
+
+    import medattn_fast as maf
+    import medattn_fast.functional as MF
+    maf.set_backend("auto")            # or use_backend(...) / MEDATTN_BACKEND
+    maf.convert(model)                 # swap the originals' blocks for fast ones, in place
+"""
+from . import functional  # noqa: F401
+from .backend import BackendUnavailable, get_backend, info, set_backend, use_backend  # noqa: F401
+
+__version__ = "0.1.0"
+
+
+def convert(model, **kwargs):
+    """Swap instances of the original classes for their fast compat twins; see
+    :func:`medattn_fast.convert.convert`."""
+    from .convert import convert as _convert
+
+    return _convert(model, **kwargs)
+
+
+__all__ = ["functional", "set_backend", "get_backend", "use_backend", "info", "convert", "BackendUnavailable"]

@@ -1,0 +1,262 @@
+"""Backend choice and per-op dispatch.
+
+Backends (see DESIGN.md):
+
+=============  ==========================================================================
+``reference``  the seed math (``medattn_fast.reference``): slow, obvious, the oracle
+``torch``      vectorised composite of PyTorch ops (memory-lean where it can be)
+``triton``     fused Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
+``cuda``       fused CUDA C++ kernels from ``csrc/cuda`` (built lazily)
+``cpp``        fused C++ CPU kernels from ``csrc/cpu`` (built lazily)
+=============  ==========================================================================
+
+``auto`` (the default) picks, per op and per call, the first backend of the op's preference list
+for the device of the call that can run it. Every backend of an op has a predicate returning the
+reasons it cannot run a call; a forced backend that cannot run raises :class:`BackendUnavailable`
+listing them, while ``auto`` falls through and logs them at DEBUG.
+
+Select with :func:`set_backend`, the context manager :func:`use_backend` or ``MEDATTN_BACKEND``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+log = logging.getLogger("medattn_fast")
+
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda", "cpp")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# The context variable wins over the process-wide choice, which wins over the environment.
+_ctx_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("medattn_backend", default=None)
+_global_backend: Optional[str] = None
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run this call (or no backend can); the message lists why."""
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Select the backend for every later call in this process (``None`` restores the default)."""
+    global _global_backend
+    _global_backend = None if name is None else _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend in force: ``use_backend`` > ``set_backend`` > ``MEDATTN_BACKEND`` > ``auto``."""
+    name = _ctx_backend.get() or _global_backend or os.environ.get("MEDATTN_BACKEND") or "auto"
+    return _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: run the enclosed calls with backend ``name``."""
+    token = _ctx_backend.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _ctx_backend.reset(token)
+
+
+# --------------------------------------------------------------------------------------------
+# capability predicates: each returns a list of reasons the backend cannot run (empty: it can)
+# --------------------------------------------------------------------------------------------
+
+def _tensors(args: Sequence) -> List[torch.Tensor]:
+    return [a for a in args if isinstance(a, torch.Tensor)]
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_import_reason() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def triton_reasons(*tensors: torch.Tensor) -> List[str]:
+    """Why the Triton backend cannot run on these tensors ([] when it can)."""
+    reasons = []
+    r = triton_import_reason()
+    if r:
+        return [r]
+    for t in _tensors(tensors):
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and triton_interpret():
+            if t.dtype in (torch.float16, torch.float64):
+                reasons.append(f"the Triton interpreter on CPU supports float32/bfloat16, got {t.dtype}")
+            continue
+        reasons.append(f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {t.device}")
+        break
+    for t in _tensors(tensors):
+        if t.is_floating_point() and t.dtype == torch.float64 and t.device.type == "cuda":
+            reasons.append("the Triton kernels support float16/bfloat16/float32, got float64")
+            break
+    return sorted(set(reasons))
+
+
+def cpp_reasons(*tensors: torch.Tensor) -> List[str]:
+    """Why the C++ CPU backend cannot run on these tensors ([] when it can). Builds lazily."""
+    for t in _tensors(tensors):
+        if t.device.type != "cpu":
+            return [f"the cpp backend runs on CPU tensors, got device {t.device}"]
+    from . import _build
+
+    reason = _build.unavailable_reason("cpu")
+    return [reason] if reason else []
+
+
+def cuda_reasons(*tensors: torch.Tensor) -> List[str]:
+    """Why the CUDA C++ backend cannot run on these tensors ([] when it can). Builds lazily."""
+    for t in _tensors(tensors):
+        if t.device.type != "cuda":
+            return [f"the cuda backend runs on CUDA tensors, got device {t.device}"]
+    from . import _build
+
+    reason = _build.unavailable_reason("cuda")
+    return [reason] if reason else []
+
+
+def always(*_args, **_kwargs) -> List[str]:
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# per-op dispatch
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Impl:
+    fn: Callable
+    reasons: Callable[..., List[str]]
+
+
+@dataclass
+class Op:
+    """One op family's backends. ``auto_cpu``/``auto_cuda``: preference order for ``auto``."""
+
+    name: str
+    auto_cpu: Sequence[str] = ("cpp", "torch")
+    auto_cuda: Sequence[str] = ("triton", "cuda", "torch")
+    impls: Dict[str, _Impl] = field(default_factory=dict)
+
+    def register(self, backend: str, reasons: Callable[..., List[str]] = always):
+        """Decorator: ``fn`` implements this op on ``backend``; ``reasons(*args, **kw)`` says why not."""
+        _check_name(backend)
+
+        def deco(fn: Callable) -> Callable:
+            self.impls[backend] = _Impl(fn, reasons)
+            return fn
+
+        return deco
+
+    def why_not(self, backend: str, *args, **kwargs) -> List[str]:
+        impl = self.impls.get(backend)
+        if impl is None:
+            return [f"{self.name} has no {backend} implementation"]
+        return list(impl.reasons(*args, **kwargs))
+
+    def available(self, *args, **kwargs) -> Dict[str, List[str]]:
+        """Every backend of this op -> the reasons it cannot run this call ([] when it can)."""
+        return {b: self.why_not(b, *args, **kwargs) for b in BACKENDS[1:]}
+
+    def choose(self, *args, backend: Optional[str] = None, **kwargs) -> str:
+        backend = _check_name(backend) if backend is not None else get_backend()
+        if backend != "auto":
+            reasons = self.why_not(backend, *args, **kwargs)
+            if reasons:
+                raise BackendUnavailable(
+                    f"{self.name}: backend {backend!r} cannot run this call: " + "; ".join(reasons)
+                )
+            return backend
+        tensors = _tensors(args) + _tensors(kwargs.values())
+        on_cuda = any(t.device.type == "cuda" for t in tensors)
+        order = list(self.auto_cuda if on_cuda else self.auto_cpu)
+        for fallback in ("torch", "reference"):
+            if fallback not in order:
+                order.append(fallback)
+        tried = []
+        for name in order:
+            if name not in self.impls:
+                continue
+            reasons = self.why_not(name, *args, **kwargs)
+            if not reasons:
+                return name
+            log.debug("%s: auto skips %s: %s", self.name, name, "; ".join(reasons))
+            tried.append(f"{name}: " + "; ".join(reasons))
+        raise BackendUnavailable(f"{self.name}: no backend can run this call:\n  " + "\n  ".join(tried))
+
+    def __call__(self, *args, backend: Optional[str] = None, **kwargs):
+        name = self.choose(*args, backend=backend, **kwargs)
+        return self.impls[name].fn(*args, **kwargs)
+
+
+_OPS: Dict[str, Op] = {}
+
+
+def op(name: str, **kw) -> Op:
+    """The dispatcher of op family ``name`` (created on first use)."""
+    if name not in _OPS:
+        _OPS[name] = Op(name, **kw)
+    return _OPS[name]
+
+
+def registered_ops() -> Dict[str, Op]:
+    return dict(_OPS)
+
+
+# --------------------------------------------------------------------------------------------
+# info()
+# --------------------------------------------------------------------------------------------
+
+def info(build: bool = False) -> Dict[str, object]:
+    """Versions, device, and which backends are available (with the reasons they are not).
+
+    ``build=False`` reports a csrc extension that was never built as "not built yet" instead of
+    building it (a build takes tens of seconds).
+    """
+    from . import _build
+
+    out: Dict[str, object] = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception as exc:  # pragma: no cover
+        out["triton"] = f"unavailable ({exc})"
+    out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    out["backend"] = get_backend()
+    backends: Dict[str, str] = {"reference": "available", "torch": "available"}
+    r = triton_import_reason()
+    if r:
+        backends["triton"] = r
+    elif torch.cuda.is_available():
+        backends["triton"] = "available (CUDA)"
+    elif triton_interpret():
+        backends["triton"] = "available (CPU interpreter, TRITON_INTERPRET=1)"
+    else:
+        backends["triton"] = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+    for kind, name in (("cpu", "cpp"), ("cuda", "cuda")):
+        reason = _build.unavailable_reason(kind) if build else _build.status_reason(kind)
+        backends[name] = reason or "available"
+    out["backends"] = backends
+    out["build_dir"] = str(_build.build_dir())
+    return out

@@ -1,0 +1,1 @@
+"""Full networks built on the fast blocks."""

@@ -1,0 +1,1 @@
+"""Clean, well-named nn.Modules built on ``medattn_fast.functional``."""

@@ -1,0 +1,1 @@
+"""attention_gate op family (being written)."""

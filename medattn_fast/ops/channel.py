@@ -1,0 +1,1 @@
+"""channel op family (being written)."""

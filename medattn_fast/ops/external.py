@@ -1,0 +1,1 @@
+"""external op family (being written)."""

@@ -1,0 +1,1 @@
+"""gaussian_axial op family (being written)."""

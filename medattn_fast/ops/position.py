@@ -1,0 +1,1 @@
+"""position op family (being written)."""

@@ -1,0 +1,1 @@
+"""window op family (being written)."""

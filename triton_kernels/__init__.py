@@ -1,0 +1,1 @@
+"""Pure Triton kernels and their launch functions; no autograd, no nn."""
