@@ -57,8 +57,6 @@ def _precondition(kind: str) -> Optional[str]:
     """Why ``kind`` cannot even be attempted here (None: it can)."""
     if not CSRC.is_dir():
         return f"csrc sources not found at {CSRC}"
-    if not sources(kind):
-        return f"no {kind} sources under {CSRC / kind}"
     if kind == "cuda":
         if torch.version.cuda is None:
             return "this torch has no CUDA support, CUDA sources skipped"
@@ -66,6 +64,8 @@ def _precondition(kind: str) -> Optional[str]:
 
         if CUDA_HOME is None:
             return "CUDA toolkit (nvcc) not found, CUDA sources skipped"
+    if not sources(kind):
+        return f"no {kind} sources under {CSRC / kind}"
     if shutil.which("ninja") is None:
         try:
             import ninja  # noqa: F401

@@ -1,0 +1,267 @@
+"""Benchmark harness: times every provider of every case, in every mode, side by side in one run.
+
+A case (``bench/cases_<family>.py``) supplies ``setup(device, dtype) -> (inputs, providers)``:
+fresh random inputs and one callable per provider (``reference``, ``torch``, ``compile``, ``auto``,
+each fused backend, peers such as ``sdpa``/``flex``). For each provider and mode the harness records
+
+* median time after warm-up: CUDA events on GPU, ``time.perf_counter`` on CPU;
+* peak memory above what was live before the call: ``torch.cuda.max_memory_allocated`` on GPU;
+  on CPU the peak resident set (``VmHWM`` after resetting it through ``/proc/self/clear_refs``),
+  which tracks live tensors only when glibc returns freed blocks at once — ``bench.run`` sets
+  ``MALLOC_MMAP_THRESHOLD_`` for that and re-executes itself if needed;
+* max abs error of the output vs the ``reference`` provider's, and TFLOP/s when the case gives FLOPs.
+
+Modes: ``fwd`` (autograd recording), ``fwd+bwd`` (backward of a fixed random cotangent), ``no-grad``.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+MODES = ("fwd", "fwd+bwd", "no-grad")
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    setup: Callable[[torch.device, torch.dtype], Tuple[tuple, Dict[str, Callable]]]
+    flops: Optional[float] = None  # forward FLOPs (backward counted as 2x forward)
+    dtypes: Sequence[torch.dtype] = (torch.float32,)
+    modes: Sequence[str] = MODES
+    reference: str = "reference"
+    devices: Sequence[str] = ("cpu", "cuda")
+    note: str = ""
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    device: str
+    dtype: str
+    mode: str
+    provider: str
+    median_ms: Optional[float] = None
+    peak_mib: Optional[float] = None
+    max_err: Optional[float] = None
+    tflops: Optional[float] = None
+    status: str = "ok"
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# memory
+# ------------------------------------------------------------------------------------------------
+
+def _proc_status(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Context manager measuring peak memory (bytes) above the level at entry."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak: Optional[int] = None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.ok = _reset_cpu_peak()
+            self.base = _proc_status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        elif self.ok and self.base is not None:
+            hwm = _proc_status("VmHWM")
+            self.peak = None if hwm is None else max(0, hwm - self.base)
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _run_once(fn: Callable, inputs: tuple, mode: str, cotangent: Optional[torch.Tensor]):
+    if mode == "no-grad":
+        with torch.no_grad():
+            return fn(*inputs)
+    out = fn(*inputs)
+    if mode == "fwd+bwd" and out.requires_grad:
+        out.backward(cotangent)
+        for t in inputs:
+            if isinstance(t, torch.Tensor):
+                t.grad = None
+    return out
+
+
+def time_fn(fn: Callable, inputs: tuple, mode: str, device: torch.device, cotangent=None,
+            warmup: int = 2, min_time_s: float = 0.5, max_reps: int = 50) -> float:
+    """Median milliseconds of ``fn`` in ``mode`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        _run_once(fn, inputs, mode, cotangent)
+    _sync(device)
+    times: List[float] = []
+    budget_start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - budget_start < min_time_s and len(times) < max_reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _run_once(fn, inputs, mode, cotangent)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            _run_once(fn, inputs, mode, cotangent)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _zero_module_grads(providers: Dict[str, Callable]) -> None:
+    """Parameters captured by module providers accumulate .grad across reps; free them."""
+    for fn in providers.values():
+        mod = getattr(fn, "__self__", None)
+        if isinstance(mod, torch.nn.Module):
+            mod.zero_grad(set_to_none=True)
+
+
+def run_case(case: Case, device: torch.device, dtype: torch.dtype, providers_filter=None,
+             modes_filter=None, quick: bool = False) -> List[Row]:
+    from medattn_fast import BackendUnavailable
+
+    rows: List[Row] = []
+    inputs, providers = case.setup(device, dtype)
+    dname = str(dtype).replace("torch.", "")
+    # the reference output (forward) for the error column
+    ref_out = None
+    if case.reference in providers:
+        try:
+            with torch.no_grad():
+                ref_out = providers[case.reference](*inputs).double()
+        except Exception as exc:  # pragma: no cover - reported as a row below
+            ref_out = None
+            print(f"  reference failed: {exc}")
+    for pname, fn in providers.items():
+        if providers_filter and pname not in providers_filter:
+            continue
+        err = None
+        try:
+            with torch.no_grad():
+                out = fn(*inputs)
+            if ref_out is not None:
+                err = (out.double() - ref_out).abs().max().item()
+            cot = torch.randn_like(out)
+        except BackendUnavailable as exc:
+            for mode in case.modes:
+                rows.append(Row(case.op, case.shape, device.type, dname, mode, pname, status=f"unavailable: {exc}"))
+            continue
+        except Exception as exc:
+            for mode in case.modes:
+                rows.append(Row(case.op, case.shape, device.type, dname, mode, pname,
+                                status=f"error: {type(exc).__name__}: {str(exc)[:200]}"))
+            continue
+        for mode in case.modes:
+            if modes_filter and mode not in modes_filter:
+                continue
+            row = Row(case.op, case.shape, device.type, dname, mode, pname, max_err=err)
+            try:
+                ms = time_fn(fn, inputs, mode, device, cot,
+                             warmup=1 if quick else 2, min_time_s=0.2 if quick else 1.0)
+                with PeakMemory(device) as pm:
+                    _run_once(fn, inputs, mode, cot)
+                _zero_module_grads(providers)
+                row.median_ms = ms
+                row.peak_mib = None if pm.peak is None else pm.peak / 2**20
+                if case.flops:
+                    mult = {"fwd": 1.0, "no-grad": 1.0, "fwd+bwd": 3.0}[mode]
+                    row.tflops = case.flops * mult / (ms * 1e-3) / 1e12
+            except Exception as exc:
+                row.status = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+    return rows
+
+
+def environment() -> Dict[str, str]:
+    import platform
+
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "cpus": str(os.cpu_count()),
+           "threads": str(torch.get_num_threads())}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = "none"
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(0)
+        env["cuda"] = str(torch.version.cuda)
+    else:
+        env["device"] = "cpu:" + (platform.processor() or platform.machine())
+    return env
+
+
+def speedups(rows: List[Row], baseline: str = "reference") -> Dict[Tuple, float]:
+    """(op, shape, device, dtype, mode, provider) -> baseline_time / provider_time."""
+    base = {(r.op, r.shape, r.device, r.dtype, r.mode): r.median_ms for r in rows
+            if r.provider == baseline and r.median_ms}
+    out = {}
+    for r in rows:
+        b = base.get((r.op, r.shape, r.device, r.dtype, r.mode))
+        if b and r.median_ms:
+            out[(r.op, r.shape, r.device, r.dtype, r.mode, r.provider)] = b / r.median_ms
+    return out
+
+
+def format_table(rows: List[Row]) -> str:
+    sp = speedups(rows)
+    header = f"{'op':<16}{'shape':<28}{'dtype':<9}{'mode':<9}{'provider':<11}{'ms':>10}{'x ref':>8}{'peak MiB':>10}{'max err':>10}{'TFLOP/s':>9}  status"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        key = (r.op, r.shape, r.device, r.dtype, r.mode, r.provider)
+        lines.append(
+            f"{r.op:<16}{r.shape:<28}{r.dtype:<9}{r.mode:<9}{r.provider:<11}"
+            f"{(f'{r.median_ms:.3f}' if r.median_ms is not None else '-'):>10}"
+            f"{(f'{sp[key]:.1f}' if key in sp else '-'):>8}"
+            f"{(f'{r.peak_mib:.1f}' if r.peak_mib is not None else '-'):>10}"
+            f"{(f'{r.max_err:.1e}' if r.max_err is not None and math.isfinite(r.max_err) else ('-' if r.max_err is None else 'nan')):>10}"
+            f"{(f'{r.tflops:.3f}' if r.tflops is not None else '-'):>9}  {r.status if r.status != 'ok' else ''}"
+        )
+    return "\n".join(lines)

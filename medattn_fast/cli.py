@@ -1,0 +1,85 @@
+"""``medattn-fast`` command line: info | verify | bench | build."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _info(args) -> int:
+    from .backend import info
+
+    data = info(build=args.build)
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        if key == "backends":
+            continue
+        print(f"{key:<{width}}  {value}")
+    print("backends:")
+    for name, status in data["backends"].items():
+        print(f"  {name:<10} {status}")
+    return 0
+
+
+def _verify(args) -> int:
+    from .verify import format_results, run_verify
+
+    results = run_verify(device=args.device, backends=args.backend, dtypes=args.dtype)
+    print(format_results(results))
+    failed = [r for r in results if r.status == "FAIL"]
+    if not any(r.status == "ok" for r in results):
+        print("verify: no fused path could run on this device", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
+def _bench(args, rest) -> int:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "run.py").exists():
+        print("medattn-fast bench needs a source checkout (bench/ is not installed)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from bench.run import main
+
+    return main(rest)
+
+
+def _build(args) -> int:
+    from . import _build
+
+    print(f"build dir: {_build.build_dir()}")
+    status = 0
+    for kind, reason in _build.build_all().items():
+        if reason is None:
+            print(f"  {kind:<5} built")
+        elif "skipped" in reason or "no " in reason.split(":")[0]:
+            print(f"  {kind:<5} skipped: {reason}")
+        else:
+            print(f"  {kind:<5} FAILED: {reason}")
+            status = 1
+    return status
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="medattn-fast", description="Fused attention kernels for medical image segmentation")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("info", help="versions, device, backends and why they are unavailable")
+    p.add_argument("--build", action="store_true", help="build the csrc extensions to report their status")
+    p = sub.add_parser("verify", help="every available fused path vs the reference on fresh random inputs")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--backend", action="append", help="only this backend (repeatable)")
+    p.add_argument("--dtype", action="append", help="float64, float32, bfloat16, float16 (repeatable)")
+    sub.add_parser("bench", help="run the benchmarks (options: see `medattn-fast bench -- --help`)", add_help=False)
+    sub.add_parser("build", help="build the csrc extensions ahead of time")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        rest = argv[1:]
+        if rest and rest[0] == "--":
+            rest = rest[1:]
+        return _bench(None, rest)
+    args = ap.parse_args(argv)
+    return {"info": _info, "verify": _verify, "build": _build}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""``medattn-fast verify``: every available fast path vs the reference on fresh random inputs.
+
+For each op, backend and dtype: forward and backward (a random cotangent) on small odd shapes,
+compared with the ``reference`` backend run in float64. The error is the max abs difference
+divided by the reference's max abs value; the bound is tied to the dtype's unit roundoff
+(``TOLERANCE``). A backend that cannot run is listed with its reasons, not failed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import backend as B
+from . import functional as MF
+
+# relative error bounds: ~ a few hundred ulps of the dtype for these small reductions
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3}
+
+
+@dataclass
+class Sample:
+    op: str                               # dispatcher name in medattn_fast.backend
+    label: str
+    make: Callable[[torch.device, torch.dtype], Tuple[tuple, dict]]
+    call: Callable[..., torch.Tensor]     # call(*args, backend=..., **kwargs)
+
+
+@dataclass
+class Result:
+    op: str
+    label: str
+    backend: str
+    dtype: str
+    fwd_err: Optional[float] = None
+    bwd_err: Optional[float] = None
+    status: str = "ok"
+
+
+def _r(*shape, device, dtype, scale=1.0):
+    return (torch.randn(*shape, device=device, dtype=torch.float64) * scale).to(dtype)
+
+
+def _samples() -> List[Sample]:
+    s: List[Sample] = []
+
+    def gauss_qkv(device, dtype):
+        q, k, v = (_r(2, 5, 7, 6, device=device, dtype=dtype) for _ in range(3))
+        return (q, k, v, torch.tensor(0.3, dtype=dtype, device=device)), {}
+
+    def gauss_scores(device, dtype):
+        ax = _r(2, 5, 7, 7, device=device, dtype=dtype)
+        ay = _r(2, 7, 5, 5, device=device, dtype=dtype)
+        v = _r(2, 5, 7, 6, device=device, dtype=dtype)
+        return (ax, ay, v, torch.tensor([0.3], dtype=dtype, device=device)), {}
+
+    s.append(Sample("gaussian_axial", "qkv B=2 5x7 D=6", gauss_qkv, MF.gaussian_axial_attention))
+    s.append(Sample("gaussian_axial", "scores B=2 5x7 D=6", gauss_scores, MF.gaussian_axial_from_scores))
+
+    def pam(device, dtype):
+        return (_r(2, 37, 4, device=device, dtype=dtype), _r(2, 41, 4, device=device, dtype=dtype),
+                _r(2, 41, 12, device=device, dtype=dtype)), {}
+
+    def pam_t(device, dtype):
+        return (_r(2, 37, 4, device=device, dtype=dtype), _r(2, 37, 4, device=device, dtype=dtype),
+                _r(2, 37, 12, device=device, dtype=dtype)), {"transpose": True}
+
+    s.append(Sample("position_attention", "Nq=37 Nk=41 dk=4 dv=12", pam, MF.position_attention))
+    s.append(Sample("position_attention", "transpose N=37", pam_t, MF.position_attention))
+
+    def cam(device, dtype):
+        return (_r(2, 24, 5, 7, device=device, dtype=dtype),), {}
+
+    def cam_pos(device, dtype):
+        return (_r(2, 24, 5, 7, device=device, dtype=dtype),), {"negate": False}
+
+    s.append(Sample("channel_attention", "C=24 5x7 negate", cam, MF.channel_attention))
+    s.append(Sample("channel_attention", "C=24 5x7 softmax(E)", cam_pos, MF.channel_attention))
+    return s
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _fwd_bwd(sample: Sample, args, kwargs, backend: str, cot: torch.Tensor):
+    leaves = [a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
+    out = sample.call(*leaves, backend=backend, **kwargs)
+    out.backward(cot.to(out.dtype))
+    return out.detach(), [a.grad for a in leaves if isinstance(a, torch.Tensor)]
+
+
+def run_verify(device: Optional[str] = None, backends: Optional[Sequence[str]] = None,
+               dtypes: Optional[Sequence[str]] = None) -> List[Result]:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtypes:
+        dts = [getattr(torch, d) for d in dtypes]
+    else:
+        dts = [torch.float32, torch.bfloat16, torch.float16] if dev.type == "cuda" else [torch.float64, torch.float32]
+    results: List[Result] = []
+    ops = B.registered_ops()
+    for sample in _samples():
+        op = ops.get(sample.op)
+        if op is None:
+            continue
+        names = [b for b in B.BACKENDS[1:] if b != "reference" and b in op.impls]
+        if backends:
+            names = [b for b in names if b in backends]
+        for dtype in dts:
+            args, kwargs = sample.make(dev, dtype)
+            ref_args = [a.detach().double().cpu() if isinstance(a, torch.Tensor) else a for a in args]
+            ref_out = sample.call(*ref_args, backend="reference", **kwargs)
+            cot = torch.randn_like(ref_out)
+            ref_out, ref_grads = _fwd_bwd(sample, ref_args, kwargs, "reference", cot)
+            for name in names:
+                res = Result(sample.op, sample.label, name, str(dtype).replace("torch.", ""))
+                reasons = op.why_not(name, *args, **kwargs)
+                if reasons:
+                    res.status = "n/a: " + "; ".join(reasons)
+                    results.append(res)
+                    continue
+                try:
+                    out, grads = _fwd_bwd(sample, args, kwargs, name, cot.to(dev))
+                    res.fwd_err = _rel(out, ref_out)
+                    res.bwd_err = max((_rel(g, rg) for g, rg in zip(grads, ref_grads)
+                                       if g is not None and rg is not None), default=0.0)
+                    tol = TOLERANCE[dtype]
+                    if not (res.fwd_err <= tol and res.bwd_err <= tol):
+                        res.status = "FAIL"
+                except Exception as exc:
+                    res.status = "FAIL"
+                    res.fwd_err = float("nan")
+                    print(f"{sample.op} [{name}, {dtype}] raised {type(exc).__name__}: {exc}")
+                results.append(res)
+    return results
+
+
+def format_results(results: List[Result]) -> str:
+    head = f"{'op':<20}{'case':<26}{'backend':<9}{'dtype':<10}{'fwd rel err':>12}{'bwd rel err':>12}  status"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        f = "-" if r.fwd_err is None else f"{r.fwd_err:.1e}"
+        b = "-" if r.bwd_err is None else f"{r.bwd_err:.1e}"
+        lines.append(f"{r.op:<20}{r.label:<26}{r.backend:<9}{r.dtype:<10}{f:>12}{b:>12}  {r.status}")
+    ok = sum(r.status == "ok" for r in results)
+    fail = sum(r.status == "FAIL" for r in results)
+    lines.append(f"verify: {ok} ok, {fail} FAIL, {len(results) - ok - fail} not available here")
+    return "\n".join(lines)
