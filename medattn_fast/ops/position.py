@@ -1,1 +1,263 @@
-"""position op family (being written)."""
+r"""Position attention (DESIGN.md op 2): softmax attention over tokens without the N×N matrix.
+
+    o_i = Σ_j softmax_j(s · q_i·k_j) v_j                       (transpose=False, DANet PAM)
+    o_j = Σ_i A_ij v_i,   A_ij = softmax_j(s · q_i·k_j)         (transpose=True, seed 001's V @ A)
+
+then the optional epilogue ``out = γ · (o ⊙ f) + x`` (``gamma``, ``multiply`` = f, ``residual`` = x;
+each part is skipped when its argument is None).
+
+Layouts. ``layout="tokens"``: q (B, Nq, dk), k (B, Nk, dk), v (B, Nk, dv) -> (B, Nq, dv).
+``layout="channels"``: channel-first conv outputs q (B, dk, Nq), k (B, dk, Nk), v (B, dv, Nk)
+-> (B, dv, Nq); they are read through transposed *views* (strides), never permuted into copies,
+and the output is written channel-first directly. ``residual``/``multiply`` have the output's
+shape in the chosen layout. With ``transpose=True`` the roles of the token counts swap: v has Nq
+rows and the output Nk (Nq == Nk for seed 001's self-attention). Heads go into the batch dim.
+
+Backends (``medattn_fast.backend``): ``reference`` materialises the (B, Nq, Nk) softmax in the
+input dtype, exactly like the originals; ``torch`` is chunked over queries, flash-attention style:
+a custom autograd function saves only q, k, v, the output and each query row's log-sum-exp, and
+recomputes a chunk's probabilities in backward, so the peak extra memory is O(B · chunk · Nk) in
+forward *and* backward. fp16/bf16 inputs are computed in float32 and returned in their dtype.
+Fused ``triton``/``cuda``/``cpp`` backends plug in by registering on ``_op`` with the same
+keyword signature (token-major strided views in, token-major view of the output out).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+
+from .. import backend as B
+from . import _validate as V
+
+__all__ = ["position_attention", "default_chunk_size"]
+
+_OP = "position_attention"
+_op = B.op(_OP)
+
+# Budget, in elements, of one (B, chunk, Nk) score block of the torch backend: 4 Mi elements
+# (16 MiB in float32). Backward holds about three such blocks at once.
+_CHUNK_ELEMENTS = 1 << 22
+_MIN_CHUNK = 16
+
+
+def default_chunk_size(batch: int, n_rows: int, n_keys: int) -> int:
+    """Query rows per chunk so that one (batch, chunk, n_keys) block stays within the budget."""
+    chunk = _CHUNK_ELEMENTS // max(1, batch * n_keys)
+    return max(1, min(n_rows, max(_MIN_CHUNK, chunk)))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _epilogue(o: torch.Tensor, gamma, residual, multiply) -> torch.Tensor:
+    """``γ · (o ⊙ f) + x`` with absent parts skipped (plain autograd ops: O(N·d) memory)."""
+    if multiply is not None:
+        o = o * multiply
+    if gamma is not None:
+        o = gamma.to(o.dtype) * o
+    if residual is not None:
+        o = o + residual
+    return o
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+def _check(q, k, v, scale, transpose, layout, gamma, residual, multiply, chunk_size):
+    V.choice(_OP, "layout", layout, ("tokens", "channels"))
+    V.choice(_OP, "transpose", transpose, (False, True))
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{_OP}: argument 'scale' must be a real number, got {type(scale).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"{_OP}: argument 'chunk_size' must be a positive int or None, got {chunk_size!r}")
+    V.tensor(_OP, "q", q, 3)
+    V.tensor(_OP, "k", k, 3)
+    V.tensor(_OP, "v", v, 3)
+    V.same_device_dtype(_OP, q=q, k=k, v=v)
+    channels = layout == "channels"
+    if channels:
+        batch, dk, nq = q.shape
+        V.shape(_OP, "k", k, (batch, dk, None), "(B, dk, Nk)")
+        rows = nq if transpose else k.shape[2]
+        V.shape(_OP, "v", v, (batch, None, rows), "(B, dv, Nq)" if transpose else "(B, dv, Nk)")
+        dv = v.shape[1]
+        n_out = k.shape[2] if transpose else nq
+        out_shape, out_names = (batch, dv, n_out), "(B, dv, Nk)" if transpose else "(B, dv, Nq)"
+    else:
+        batch, nq, dk = q.shape
+        V.shape(_OP, "k", k, (batch, None, dk), "(B, Nk, dk)")
+        rows = nq if transpose else k.shape[1]
+        V.shape(_OP, "v", v, (batch, rows, None), "(B, Nq, dv)" if transpose else "(B, Nk, dv)")
+        dv = v.shape[2]
+        n_out = k.shape[1] if transpose else nq
+        out_shape, out_names = (batch, n_out, dv), "(B, Nk, dv)" if transpose else "(B, Nq, dv)"
+    for name, t in (("residual", residual), ("multiply", multiply)):
+        if t is not None:
+            V.tensor(_OP, name, t)
+            V.shape(_OP, name, t, out_shape, out_names)
+            V.same_device_dtype(_OP, q=q, **{name: t})
+    if gamma is not None:
+        V.scalar_param(_OP, "gamma", gamma, dtype_like=q)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference backend: the N×N softmax materialised, in the input dtype (like the originals)
+# ---------------------------------------------------------------------------------------------
+@_op.register("reference")
+def _reference(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
+    attention = torch.softmax(scale * torch.bmm(q, k.transpose(1, 2)), dim=-1)   # (B, Nq, Nk)
+    o = torch.bmm(attention.transpose(1, 2) if transpose else attention, v)
+    return _epilogue(o, gamma, residual, multiply)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend: chunked over query rows, probabilities recomputed in backward
+# ---------------------------------------------------------------------------------------------
+def _scores(q_rows: torch.Tensor, k: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``scale · q_rows kᵀ`` (B, c, Nk) in ``dtype`` (k is already in ``dtype``)."""
+    s = torch.bmm(q_rows.to(dtype), k.transpose(1, 2))
+    return s.mul_(scale) if scale != 1.0 else s
+
+
+def _row_logsumexp(q, k, scale, chunk, dtype) -> torch.Tensor:
+    """log Σ_j exp(s q_i·k_j) for every query row, (B, Nq), one chunk of rows at a time."""
+    lse = torch.empty(q.shape[0], q.shape[1], dtype=dtype, device=q.device)
+    for start in range(0, q.shape[1], chunk):
+        stop = min(start + chunk, q.shape[1])
+        lse[:, start:stop] = torch.logsumexp(_scores(q[:, start:stop], k, scale, dtype), dim=-1)
+    return lse
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Memory-lean softmax attention. Saves q, k, v, (out) and the row log-sum-exp only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, transpose, chunk, channels_first):
+        dtype = _compute_dtype(q.dtype)
+        batch, nq, _ = q.shape
+        nk, dv = k.shape[1], v.shape[2]
+        n_out = nk if transpose else nq
+        k_c, v_c = k.to(dtype), v.to(dtype)  # no copy for float32/float64
+        # The output is allocated in the caller's layout; ``out_t`` is its token-major view.
+        out = q.new_empty((batch, dv, n_out) if channels_first else (batch, n_out, dv))
+        out_t = out.transpose(1, 2) if channels_first else out
+        if transpose:
+            # Column accumulation needs each row's normaliser first: pass 1 computes the LSE,
+            # pass 2 adds every chunk's Pᵀ v into the (B, Nk, dv) accumulator.
+            lse = _row_logsumexp(q, k_c, scale, chunk, dtype)
+            acc = torch.zeros(batch, nk, dv, dtype=dtype, device=q.device)
+            for start in range(0, nq, chunk):
+                stop = min(start + chunk, nq)
+                p = _scores(q[:, start:stop], k_c, scale, dtype).sub_(lse[:, start:stop, None]).exp_()
+                acc.baddbmm_(p.transpose(1, 2), v_c[:, start:stop])
+            out_t.copy_(acc)
+            ctx.save_for_backward(q, k, v, lse)
+        else:
+            lse = torch.empty(batch, nq, dtype=dtype, device=q.device)
+            for start in range(0, nq, chunk):
+                stop = min(start + chunk, nq)
+                s = _scores(q[:, start:stop], k_c, scale, dtype)
+                row_max = s.amax(dim=-1, keepdim=True)
+                p = s.sub_(row_max).exp_()                      # in place: one block per chunk
+                denom = p.sum(dim=-1, keepdim=True)
+                out_t[:, start:stop] = torch.bmm(p, v_c).div_(denom)
+                lse[:, start:stop] = (row_max + denom.log()).squeeze(-1)
+            ctx.save_for_backward(q, k, v, lse, out)
+        ctx.scale, ctx.transpose, ctx.chunk, ctx.channels_first = scale, transpose, chunk, channels_first
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        scale, transpose, chunk = ctx.scale, ctx.transpose, ctx.chunk
+        if transpose:
+            q, k, v, lse = ctx.saved_tensors
+        else:
+            q, k, v, lse, out = ctx.saved_tensors
+        dtype = lse.dtype
+        batch, nq, _ = q.shape
+        k_c, v_c = k.to(dtype), v.to(dtype)
+        g = (grad_out.transpose(1, 2) if ctx.channels_first else grad_out).to(dtype)  # (B, n_out, dv)
+        grad_q = torch.empty(q.shape, dtype=dtype, device=q.device)
+        grad_k = torch.zeros(k.shape, dtype=dtype, device=q.device)
+        grad_v = torch.zeros(v.shape, dtype=dtype, device=q.device) if not transpose \
+            else torch.empty(v.shape, dtype=dtype, device=q.device)
+        if not transpose:
+            out_t = out.transpose(1, 2) if ctx.channels_first else out
+            # D_i = Σ_j P_ij dP_ij = g_i · o_i: the softmax-backward row term, without P.
+            row_term = (g * out_t.to(dtype)).sum(dim=-1)                       # (B, Nq)
+        for start in range(0, nq, chunk):
+            stop = min(start + chunk, nq)
+            q_rows = q[:, start:stop].to(dtype)
+            p = _scores(q_rows, k_c, scale, dtype).sub_(lse[:, start:stop, None]).exp_()  # (B, c, Nk)
+            if transpose:
+                # out = Pᵀ v: dv_i = Σ_j P_ij g_j, dP_ij = v_i·g_j, D_i = v_i · dv_i.
+                grad_v_rows = torch.bmm(p, g)
+                grad_v[:, start:stop] = grad_v_rows
+                dp = torch.bmm(v_c[:, start:stop], g.transpose(1, 2))
+                row = (v_c[:, start:stop] * grad_v_rows).sum(dim=-1, keepdim=True)
+            else:
+                # out = P v: dv += Pᵀ g, dP = g vᵀ.
+                g_rows = g[:, start:stop]
+                grad_v.baddbmm_(p.transpose(1, 2), g_rows)
+                dp = torch.bmm(g_rows, v_c.transpose(1, 2))
+                row = row_term[:, start:stop, None]
+            ds = dp.sub_(row).mul_(p)                                           # dS = P ⊙ (dP − D)
+            if scale != 1.0:
+                ds.mul_(scale)
+            grad_q[:, start:stop] = torch.bmm(ds, k_c)
+            grad_k.baddbmm_(ds.transpose(1, 2), q_rows)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        return (grad_q.to(q.dtype) if need_q else None, grad_k.to(k.dtype) if need_k else None,
+                grad_v.to(v.dtype) if need_v else None, None, None, None, None)
+
+
+@_op.register("torch")
+def _torch(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
+    n_keys = k.shape[1]
+    chunk = chunk_size or default_chunk_size(q.shape[0], q.shape[1], n_keys)
+    out = _ChunkedAttention.apply(q, k, v, float(scale), transpose, chunk, channels_first)
+    o = out.transpose(1, 2) if channels_first else out
+    return _epilogue(o, gamma, residual, multiply)
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------------
+def position_attention(q, k, v, *, scale=1.0, transpose=False, layout="tokens", gamma=None,
+                       residual=None, multiply=None, chunk_size: Optional[int] = None, backend=None):
+    r"""Softmax attention over tokens, never storing the N×N matrix on the ``torch`` backend.
+
+    ``o_i = Σ_j softmax_j(scale · q_i·k_j) v_j``; ``transpose=True``: ``o_j = Σ_i A_ij v_i`` with
+    ``A_ij = softmax_j(scale · q_i·k_j)`` (seed 001's ``V @ A``). Then
+    ``out = gamma · (o ⊙ multiply) + residual`` (each part optional).
+
+    Args:
+        q, k, v: ``layout="tokens"``: (B, Nq, dk), (B, Nk, dk), (B, Nk, dv) [transpose: v (B, Nq, dv)];
+            ``layout="channels"``: (B, dk, Nq), (B, dk, Nk), (B, dv, Nk) [transpose: v (B, dv, Nq)].
+            Any strides. Heads go into B.
+        scale: multiplies the scores (1 for DANet, 1/√dk for transformer attention).
+        gamma: 0-dim or (1,) tensor, DANet's learnable output scale.
+        residual, multiply: tensors with the output's shape in the chosen layout.
+        chunk_size: query rows per block on the ``torch`` backend (default: a 16 MiB score block).
+        backend: force a backend for this call (default: the one in force, see ``medattn_fast.backend``).
+
+    Returns:
+        (B, Nq, dv) for tokens [(B, Nk, dv) with transpose], (B, dv, Nq) for channels
+        [(B, dv, Nk) with transpose], in the input dtype.
+    """
+    _check(q, k, v, scale, transpose, layout, gamma, residual, multiply, chunk_size)
+    channels_first = layout == "channels"
+    if channels_first:
+        # Token-major *views* of channel-first tensors: strides, not copies.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        residual = residual.transpose(1, 2) if residual is not None else None
+        multiply = multiply.transpose(1, 2) if multiply is not None else None
+    out = _op(q, k, v, scale=scale, transpose=transpose, gamma=gamma, residual=residual,
+              multiply=multiply, chunk_size=chunk_size, channels_first=channels_first, backend=backend)
+    return out.transpose(1, 2) if channels_first else out
