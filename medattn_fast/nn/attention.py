@@ -1,0 +1,241 @@
+"""Position, channel and dual attention modules, and seed 004's attention blocks, built on
+:func:`medattn_fast.functional.position_attention` / :func:`~medattn_fast.functional.channel_attention`.
+
+Every module here takes 2D (B, C, H, W) and 3D (B, C, D, H, W) feature maps alike (the 1×1
+projections are stored as (out, in) matrices and applied over the flattened positions), except
+:class:`DualAttention`, whose 3×3 convs need ``spatial_dims`` at construction.
+
+For the originals' class names and state_dict keys use :mod:`medattn_fast.compat`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from .. import functional as MF
+
+__all__ = [
+    "Pointwise",
+    "PositionAttention",
+    "ChannelAttention",
+    "DualAttention",
+    "SEChannelAttention",
+    "SelfAttentionLayer",
+    "SkipCrossAttentionLayer",
+]
+
+
+def _check_feature_map(name: str, x: torch.Tensor, channels: Optional[int] = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in (4, 5):
+        raise ValueError(f"{name}: input must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name}: input must have {channels} channels (dim 1), got shape {tuple(x.shape)}")
+
+
+class Pointwise(nn.Module):
+    """A 1×1 convolution for any number of spatial dims: (B, Cin, *S) -> (B, Cout, N) channel-first,
+    N = prod(S) (flattened, ready for ``layout="channels"``). ``weight`` (Cout, Cin), ``bias`` (Cout,)."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        # The default initialisation of a 1×1 nn.Conv2d with the same fan-in.
+        bound = 1.0 / math.sqrt(in_channels) if in_channels > 0 else 0.0
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(self.weight, x.flatten(2))
+        return out if self.bias is None else out + self.bias[:, None]
+
+
+class PositionAttention(nn.Module):
+    r"""DANet's position attention, memory-lean: ``out = γ · V softmax(Qᵀ K)ᵀ + x``.
+
+    q, k = 1×1 projections to ``max(1, channels // reduction)`` channels, v to ``channels``; γ
+    starts at 0 (identity at init). The N×N attention is never stored (``torch`` backend: chunks
+    of ``chunk_size`` query rows, recomputed in backward). x: (B, C, H, W) or (B, C, D, H, W).
+    """
+
+    def __init__(self, channels: int, reduction: int = 8, chunk_size: Optional[int] = None):
+        super().__init__()
+        inner = max(1, channels // reduction)
+        self.channels = channels
+        self.chunk_size = chunk_size
+        self.query = Pointwise(channels, inner)
+        self.key = Pointwise(channels, inner)
+        self.value = Pointwise(channels, channels)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_feature_map(type(self).__name__, x, self.channels)
+        out = MF.position_attention(
+            self.query(x), self.key(x), self.value(x), layout="channels",
+            gamma=self.gamma, residual=x.flatten(2), chunk_size=self.chunk_size,
+        )
+        return out.reshape(x.shape)
+
+
+class ChannelAttention(nn.Module):
+    r"""DANet's channel attention: ``out = γ · softmax(−X Xᵀ) X + x`` (``negate=False``:
+    ``softmax(X Xᵀ)``). E accumulates in float32, so float16 does not overflow. γ starts at 0."""
+
+    def __init__(self, negate: bool = True):
+        super().__init__()
+        self.negate = negate
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_feature_map(type(self).__name__, x)
+        return MF.channel_attention(x, negate=self.negate, gamma=self.gamma, residual=x)
+
+
+def _conv_norm_relu(cin, cout, spatial_dims, norm_layer):
+    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    norm = norm_layer or (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)
+    return nn.Sequential(conv(cin, cout, 3, padding=1, bias=False), norm(cout), nn.ReLU())
+
+
+def _classifier(cin, cout, spatial_dims, dropout):
+    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    drop = nn.Dropout2d(dropout) if spatial_dims == 2 else nn.Dropout3d(dropout)
+    return nn.Sequential(drop, conv(cin, cout, 1))
+
+
+class DualAttention(nn.Module):
+    """The DANet head (dual attention), 2D or 3D, with the memory-lean position attention.
+
+    ``position_stem``/``channel_stem``: 3×3 conv-norm-ReLU, ``in_channels`` -> ``in_channels // 4``;
+    ``position`` (:class:`PositionAttention`) and ``channel`` (:class:`ChannelAttention`);
+    ``position_conv``/``channel_conv``: 3×3 conv-norm-ReLU; three classifiers (dropout + 1×1 conv)
+    on the position branch, the channel branch and their sum.
+
+    Returns ``(fused, position_only, channel_only)`` logits, each (B, out_channels, *S).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2, norm_layer=None,
+                 dropout: float = 0.1, chunk_size: Optional[int] = None):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"DualAttention: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        inter = in_channels // 4
+        self.spatial_dims = spatial_dims
+        self.position_stem = _conv_norm_relu(in_channels, inter, spatial_dims, norm_layer)
+        self.channel_stem = _conv_norm_relu(in_channels, inter, spatial_dims, norm_layer)
+        self.position = PositionAttention(inter, chunk_size=chunk_size)
+        self.channel = ChannelAttention()
+        self.position_conv = _conv_norm_relu(inter, inter, spatial_dims, norm_layer)
+        self.channel_conv = _conv_norm_relu(inter, inter, spatial_dims, norm_layer)
+        self.classify_position = _classifier(inter, out_channels, spatial_dims, dropout)
+        self.classify_channel = _classifier(inter, out_channels, spatial_dims, dropout)
+        self.classify_fused = _classifier(inter, out_channels, spatial_dims, dropout)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(f"DualAttention: expected a {self.spatial_dims + 2}-dim input "
+                             f"(spatial_dims={self.spatial_dims}), got shape {tuple(x.shape)}")
+        position = self.position_conv(self.position(self.position_stem(x)))
+        channel = self.channel_conv(self.channel(self.channel_stem(x)))
+        return (self.classify_fused(position + channel), self.classify_position(position),
+                self.classify_channel(channel))
+
+
+# ---------------------------------------------------------------------------------------------
+# seed 004's blocks (parameter names shared with medattn_fast.reference.cross_attention)
+# ---------------------------------------------------------------------------------------------
+class SEChannelAttention(nn.Module):
+    """Squeeze-excitation: ``x · σ(fc2(relu(fc1(mean over space of x))))``,
+    fc1: C -> max(1, C // reduction). Any number of spatial dims."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.flatten(2).mean(-1)))))
+        return x * gate.reshape(*gate.shape, *([1] * (x.dim() - 2)))
+
+
+def _heads_to_batch(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, C) -> (B·heads, N, C/heads)."""
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2).reshape(b * heads, n, c // heads)
+
+
+def _batch_to_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B·heads, N, d) -> (B, N, heads·d)."""
+    bh, n, d = t.shape
+    return t.reshape(bh // heads, heads, n, d).transpose(1, 2).reshape(bh // heads, n, heads * d)
+
+
+def _check_heads(channels: int, heads: int) -> None:
+    if heads < 1 or channels % heads:
+        raise ValueError(f"heads must be a positive divisor of the channels ({channels}), got {heads}")
+
+
+def _attend(q, k, v, heads, chunk_size):
+    d = q.shape[-1] // heads
+    out = MF.position_attention(_heads_to_batch(q, heads), _heads_to_batch(k, heads),
+                                _heads_to_batch(v, heads), scale=1.0 / math.sqrt(d), chunk_size=chunk_size)
+    return _batch_to_heads(out, heads)
+
+
+class SelfAttentionLayer(nn.Module):
+    """Pre-norm multi-head self-attention over the pixels of a feature map, with a residual:
+    ``t + proj(MHA(LN(t)))`` on the (B, N, C) tokens of x (B, C, *S); the N×N attention is never
+    stored. Parameters: ``norm``, ``to_q``, ``to_k``, ``to_v``, ``proj``."""
+
+    def __init__(self, channels: int, heads: int = 8, chunk_size: Optional[int] = None):
+        super().__init__()
+        _check_heads(channels, heads)
+        self.heads, self.chunk_size = heads, chunk_size
+        self.norm = nn.LayerNorm(channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_feature_map(type(self).__name__, x, self.norm.normalized_shape[0])
+        tokens = x.flatten(2).transpose(1, 2)
+        h = self.norm(tokens)
+        attended = _attend(self.to_q(h), self.to_k(h), self.to_v(h), self.heads, self.chunk_size)
+        return (tokens + self.proj(attended)).transpose(1, 2).reshape(x.shape)
+
+
+class SkipCrossAttentionLayer(nn.Module):
+    """Decoder tokens attend to skip-connection tokens: ``t + proj(MHA(LN_x(t), LN_s(s)))`` with
+    queries from x (B, Cx, *Sx) and keys/values from skip (B, Cs, *Ss); Sx ≠ Ss allowed (Nq ≠ Nk).
+    Parameters: ``norm_x``, ``norm_skip``, ``to_q``, ``to_k``, ``to_v``, ``proj``."""
+
+    def __init__(self, channels_x: int, channels_skip: int, heads: int = 8, chunk_size: Optional[int] = None):
+        super().__init__()
+        _check_heads(channels_x, heads)
+        self.heads, self.chunk_size = heads, chunk_size
+        self.norm_x = nn.LayerNorm(channels_x)
+        self.norm_skip = nn.LayerNorm(channels_skip)
+        self.to_q = nn.Linear(channels_x, channels_x)
+        self.to_k = nn.Linear(channels_skip, channels_x)
+        self.to_v = nn.Linear(channels_skip, channels_x)
+        self.proj = nn.Linear(channels_x, channels_x)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        name = type(self).__name__
+        _check_feature_map(name, x, self.norm_x.normalized_shape[0])
+        _check_feature_map(name, skip, self.norm_skip.normalized_shape[0])
+        if skip.shape[0] != x.shape[0]:
+            raise ValueError(f"{name}: skip must have batch {x.shape[0]} like x, got shape {tuple(skip.shape)}")
+        tokens = x.flatten(2).transpose(1, 2)
+        hx = self.norm_x(tokens)
+        hs = self.norm_skip(skip.flatten(2).transpose(1, 2))
+        attended = _attend(self.to_q(hx), self.to_k(hs), self.to_v(hs), self.heads, self.chunk_size)
+        return (tokens + self.proj(attended)).transpose(1, 2).reshape(x.shape)
