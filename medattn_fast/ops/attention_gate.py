@@ -1,1 +1,352 @@
-"""attention_gate op family (being written)."""
+r"""Attention gate of Attention U-Net (DESIGN.md op 1): validation, backend dispatch, and the
+``reference`` and ``torch`` backends.
+
+Math (``mode="additive"``: seeds 000/001, LeeJunHyun, MONAI)::
+
+    a   = BN_x(W_x·x) + up(BN_g(W_g·g))          x (B, Cx, *S), g (B, Cg, *Sg), Sg <= S
+    α   = σ(BN_ψ(w_ψ·relu(a)))                    (B, 1, *S)
+    out = α ⊙ x                                   (B, Cx, *S)
+
+``mode="grid"`` (Oktay's GridAttentionBlock): ``W_x`` is a strided conv (kernel = stride = k,
+given by ``wx_weight``'s kernel shape), so ``a`` and α' live on the coarse grid S' = floor(S / k);
+g is upsampled to S' (Sg <= S'), α = up(α', S), and ``out = α ⊙ x``. Both modes may end with an
+output transform ``out = BN_out(W_out·out)`` (Oktay's ``W``).
+
+``up`` is bilinear (2-D) / trilinear (3-D) interpolation with ``align_corners=False``; it is the
+identity when the sizes already agree. Every BN is optional (``None``: no normalisation); each is
+given as a :class:`BatchNormParams` and behaves exactly like ``nn.BatchNorm{2,3}d``: in training
+mode it normalises with the batch statistics (biased variance) and updates ``running_mean`` /
+``running_var`` in place with ``momentum`` (the unbiased variance goes into the running estimate),
+and increments ``num_batches_tracked`` (``momentum=None``: cumulative average); in eval mode it
+uses the running statistics (a BN built with ``track_running_stats=False`` uses batch statistics
+in both modes, as torch does).
+
+Backends:
+
+``reference``
+    the unfused module math, one tensor per step, exactly in the order the original modules
+    compute it (interpolation always called, BN after every conv).
+``torch``
+    vectorised composite. Eval mode folds every BN that has running statistics into its 1×1 (or
+    strided) conv — ``W' = γ/√(var+ε)·W``, ``b' = γ/√(var+ε)·(b − μ) + β`` — so the gate is three
+    convolutions, one sigmoid and one product; the g branch is projected at its own (coarse)
+    resolution and interpolated only when its size differs; sums and ReLU run in place. Training
+    mode needs the batch statistics of each projection, so it runs conv → ``F.batch_norm``
+    (which performs the exact running-stat update) per branch.
+
+Fused kernels (``triton``/``cuda``/``cpp``) plug in by registering on ``_op`` with a ``reasons``
+predicate; they receive the same validated arguments as the two backends here.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend as B
+from . import _validate as V
+
+__all__ = ["BatchNormParams", "attention_gate", "MODES"]
+
+OP = "attention_gate"
+MODES = ("additive", "grid")
+
+Tensor = torch.Tensor
+Result = Union[Tensor, Tuple[Tensor, Tensor]]
+
+
+class BatchNormParams(NamedTuple):
+    """The state of one BatchNorm layer, as the gate consumes it.
+
+    ``weight``/``bias`` (C,) or None (``affine=False``); ``running_mean``/``running_var`` (C,) or
+    None (``track_running_stats=False``), updated in place in training mode;
+    ``num_batches_tracked`` 0-dim int64 or None, incremented in place in training mode.
+    """
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor] = None
+    momentum: Optional[float] = 0.1
+    eps: float = 1e-5
+
+    @classmethod
+    def from_module(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> "BatchNormParams":
+        """Views (not copies) of an ``nn.BatchNorm{1,2,3}d``'s parameters and buffers."""
+        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                   bn.momentum, bn.eps)
+
+    def tensors(self) -> List[Tensor]:
+        return [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
+
+
+_op = B.op(OP)  # auto order: CPU cpp -> torch, CUDA triton -> cuda -> torch
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+# ---------------------------------------------------------------------------------------------
+
+def _conv(t: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int] = 1) -> Tensor:
+    """1×1 (or strided k×k) convolution of a (B, C, *S) map; weight (C_out, C, *k) or (C_out, C)."""
+    nd = t.dim() - 2
+    if weight.dim() == 2:
+        weight = weight.view(*weight.shape, *([1] * nd))
+    conv = F.conv2d if nd == 2 else F.conv3d
+    return conv(t, weight, bias, stride=stride)
+
+
+def _interp_mode(nd: int) -> str:
+    return "bilinear" if nd == 2 else "trilinear"
+
+
+def _upsample(t: Tensor, size: Sequence[int]) -> Tensor:
+    return F.interpolate(t, size=tuple(size), mode=_interp_mode(t.dim() - 2), align_corners=False)
+
+
+def _batch_norm(t: Tensor, bn: Optional[BatchNormParams], training: bool) -> Tensor:
+    """``nn.BatchNorm{2,3}d.forward`` on ``t``, including the in-place buffer updates."""
+    if bn is None:
+        return t
+    tracks = bn.running_mean is not None
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if training and tracks and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = training or not tracks
+    return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
+
+
+def _kernel(weight: Tensor, nd: int) -> Tuple[int, ...]:
+    return tuple(weight.shape[2:]) if weight.dim() > 2 else (1,) * nd
+
+
+# ---------------------------------------------------------------------------------------------
+# reference backend: the unfused module math
+# ---------------------------------------------------------------------------------------------
+
+@_op.register("reference")
+def _reference(x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias, *, bn_x, bn_g, bn_psi,
+               out_weight, out_bias, bn_out, training, mode, double_sigmoid, return_alpha) -> Result:
+    nd = x.dim() - 2
+    stride = _kernel(wx_weight, nd)
+    theta = _batch_norm(_conv(x, wx_weight, wx_bias, stride), bn_x, training)
+    phi = _batch_norm(_conv(g, wg_weight, wg_bias), bn_g, training)
+    phi = _upsample(phi, theta.shape[2:])  # called unconditionally, as the seeds do
+    f = torch.relu(theta + phi)
+    alpha = torch.sigmoid(_batch_norm(_conv(f, psi_weight, psi_bias), bn_psi, training))
+    if double_sigmoid:
+        alpha = torch.sigmoid(alpha)
+    if mode == "grid":
+        alpha = _upsample(alpha, x.shape[2:])
+    out = alpha * x
+    if out_weight is not None:
+        out = _batch_norm(_conv(out, out_weight, out_bias), bn_out, training)
+    return (out, alpha) if return_alpha else out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend: vectorised composite, BN folded into the convs in eval mode
+# ---------------------------------------------------------------------------------------------
+
+def _foldable(bn: Optional[BatchNormParams], training: bool) -> bool:
+    return bn is not None and not training and bn.running_mean is not None
+
+
+def _fold(weight: Tensor, bias: Optional[Tensor], bn: BatchNormParams) -> Tuple[Tensor, Tensor]:
+    """Conv weight/bias with an eval-mode BN folded in, computed in float32 (float64 stays)."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -bn.running_mean.to(acc)
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    shift = shift * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(acc)
+    w = weight.to(acc) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    return w.to(weight.dtype), shift.to(weight.dtype)
+
+
+def _project(t: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional[BatchNormParams], training: bool,
+             stride: Sequence[int] = 1) -> Tensor:
+    """BN(conv(t)): one convolution with folded weights where the BN allows it."""
+    if _foldable(bn, training):
+        weight, bias = _fold(weight, bias, bn)
+        return _conv(t, weight, bias, stride)
+    return _batch_norm(_conv(t, weight, bias, stride), bn, training)
+
+
+@_op.register("torch")
+def _torch(x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias, *, bn_x, bn_g, bn_psi,
+           out_weight, out_bias, bn_out, training, mode, double_sigmoid, return_alpha) -> Result:
+    nd = x.dim() - 2
+    stride = _kernel(wx_weight, nd)
+    a = _project(x, wx_weight, wx_bias, bn_x, training, stride)
+    # The g branch is projected at its own (coarse) resolution: the 1×1 conv and the BN are
+    # per-pixel affine maps, so they commute with interpolation only in eval — hence the original
+    # order (project, normalise, then interpolate) is kept in both modes.
+    phi = _project(g, wg_weight, wg_bias, bn_g, training)
+    if phi.shape[2:] != a.shape[2:]:
+        phi = _upsample(phi, a.shape[2:])
+    # ``a`` is a fresh conv / batch-norm output that no backward formula needs: sum and ReLU can
+    # overwrite it (ReLU's backward uses its own output, which is what stays in ``a``).
+    a = a.add_(phi).relu_()
+    alpha = torch.sigmoid(_project(a, psi_weight, psi_bias, bn_psi, training))
+    if double_sigmoid:
+        alpha = torch.sigmoid(alpha)
+    if alpha.shape[2:] != x.shape[2:]:
+        alpha = _upsample(alpha, x.shape[2:])
+    out = x * alpha
+    if out_weight is not None:
+        out = _project(out, out_weight, out_bias, bn_out, training)
+    return (out, alpha) if return_alpha else out
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+def _check_weight(name: str, w, out_ch: int, in_ch: int, kernel: Tuple[int, ...], x: Tensor, names: str) -> None:
+    V.tensor(OP, name, w, (2, x.dim()))
+    expected = (out_ch, in_ch) if w.dim() == 2 else (out_ch, in_ch, *kernel)
+    V.shape(OP, name, w, expected, names)
+
+
+def _check_vector(name: str, t, length: int, names: str) -> None:
+    if t is None:
+        return
+    V.tensor(OP, name, t, 1)
+    V.shape(OP, name, t, (length,), names)
+
+
+def _check_bn(name: str, bn, channels: int, what: str) -> None:
+    if bn is None:
+        return
+    if not isinstance(bn, BatchNormParams):
+        raise TypeError(f"{OP}: argument '{name}' must be a BatchNormParams or None, got {type(bn).__name__}")
+    for field in ("weight", "bias", "running_mean", "running_var"):
+        _check_vector(f"{name}.{field}", getattr(bn, field), channels, f"({what},)")
+    if (bn.running_mean is None) != (bn.running_var is None):
+        raise ValueError(f"{OP}: argument '{name}' must have both running_mean and running_var or neither, "
+                         f"got running_mean={'None' if bn.running_mean is None else 'a tensor'} and "
+                         f"running_var={'None' if bn.running_var is None else 'a tensor'}")
+    if not (isinstance(bn.eps, (int, float)) and bn.eps > 0):
+        raise ValueError(f"{OP}: argument '{name}.eps' must be a positive number, got {bn.eps!r}")
+
+
+def _check(x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias, *, bn_x, bn_g, bn_psi,
+           out_weight, out_bias, bn_out, training, mode, double_sigmoid, return_alpha) -> None:
+    V.choice(OP, "mode", mode, MODES)
+    V.tensor(OP, "x", x, (4, 5))
+    nd = x.dim() - 2
+    V.tensor(OP, "g", g, x.dim())
+    batch, cx, size = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    if g.shape[0] != batch:
+        raise ValueError(f"{OP}: argument 'g' must have the batch size of 'x' ({batch}), got shape {tuple(g.shape)}")
+    cg = g.shape[1]
+
+    # W_x: a 1×1 conv (additive) or a strided conv whose kernel is its stride (grid).
+    V.tensor(OP, "wx_weight", wx_weight, (2, x.dim()))
+    cint = wx_weight.shape[0]
+    kernel = _kernel(wx_weight, nd)
+    if mode == "additive":
+        _check_weight("wx_weight", wx_weight, cint, cx, (1,) * nd, x, "(C_int, Cx, 1...)")
+    else:
+        _check_weight("wx_weight", wx_weight, cint, cx, kernel, x, "(C_int, Cx, *stride)")
+        if any(k > s for k, s in zip(kernel, size)):
+            raise ValueError(f"{OP}: argument 'x' must be at least as large as the grid stride {kernel} "
+                             f"(the kernel of 'wx_weight'), got spatial size {size}")
+    grid = tuple(s // k for s, k in zip(size, kernel))
+    _check_vector("wx_bias", wx_bias, cint, "(C_int,)")
+    _check_weight("wg_weight", wg_weight, cint, cg, (1,) * nd, x, "(C_int, Cg, 1...)")
+    _check_vector("wg_bias", wg_bias, cint, "(C_int,)")
+    _check_weight("psi_weight", psi_weight, 1, cint, (1,) * nd, x, "(1, C_int, 1...)")
+    _check_vector("psi_bias", psi_bias, 1, "(1,)")
+    if out_weight is None:
+        if out_bias is not None or bn_out is not None:
+            raise ValueError(f"{OP}: arguments 'out_bias' and 'bn_out' need 'out_weight' (the output conv), "
+                             f"got out_weight=None")
+    else:
+        _check_weight("out_weight", out_weight, cx, cx, (1,) * nd, x, "(Cx, Cx, 1...)")
+        _check_vector("out_bias", out_bias, cx, "(Cx,)")
+    _check_bn("bn_x", bn_x, cint, "C_int")
+    _check_bn("bn_g", bn_g, cint, "C_int")
+    _check_bn("bn_psi", bn_psi, 1, "1")
+    _check_bn("bn_out", bn_out, cx, "Cx")
+
+    # the gating signal is never larger than the grid the gate is computed on
+    if any(sg > s for sg, s in zip(g.shape[2:], grid)):
+        where = "x's spatial size" if mode == "additive" else f"the coarse grid S // stride = {grid}"
+        raise ValueError(f"{OP}: argument 'g' must have spatial size <= {where} per dimension "
+                         f"(B, Cg, *Sg) with Sg <= {grid}, got shape {tuple(g.shape)}")
+
+    tensors = {"x": x, "g": g, "wx_weight": wx_weight, "wx_bias": wx_bias, "wg_weight": wg_weight,
+               "wg_bias": wg_bias, "psi_weight": psi_weight, "psi_bias": psi_bias, "out_weight": out_weight,
+               "out_bias": out_bias}
+    for bn_name, bn in (("bn_x", bn_x), ("bn_g", bn_g), ("bn_psi", bn_psi), ("bn_out", bn_out)):
+        if bn is not None:
+            for field in ("weight", "bias", "running_mean", "running_var"):
+                tensors[f"{bn_name}.{field}"] = getattr(bn, field)
+    V.same_device_dtype(OP, **tensors)
+
+    if training:
+        # nn.BatchNorm refuses to normalise a channel from a single value; say which BN would see one
+        counts = (("bn_x", bn_x, batch * math.prod(grid)), ("bn_g", bn_g, batch * math.prod(g.shape[2:])),
+                  ("bn_psi", bn_psi, batch * math.prod(grid)), ("bn_out", bn_out, batch * math.prod(size)))
+        for name, bn, count in counts:
+            if bn is not None and count == 1:
+                raise ValueError(f"{OP}: training-mode '{name}' needs more than one value per channel "
+                                 f"(B * prod(spatial) > 1), got x {tuple(x.shape)} and g {tuple(g.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------------
+
+def attention_gate(x: Tensor, g: Tensor, wx_weight: Tensor, wx_bias: Optional[Tensor], wg_weight: Tensor,
+                   wg_bias: Optional[Tensor], psi_weight: Tensor, psi_bias: Optional[Tensor], *,
+                   bn_x: Optional[BatchNormParams] = None, bn_g: Optional[BatchNormParams] = None,
+                   bn_psi: Optional[BatchNormParams] = None, out_weight: Optional[Tensor] = None,
+                   out_bias: Optional[Tensor] = None, bn_out: Optional[BatchNormParams] = None,
+                   training: bool = False, mode: str = "additive", double_sigmoid: bool = False,
+                   return_alpha: bool = False, backend: Optional[str] = None) -> Result:
+    r"""Attention gate: ``α = σ(BN_ψ(w_ψ·relu(BN_x(W_x·x) + up(BN_g(W_g·g)))))``, ``out = α ⊙ x``.
+
+    Args:
+        x: (B, Cx, *S) skip-connection features, S = (H, W) or (D, H, W).
+        g: (B, Cg, *Sg) gating signal, same rank as x, Sg <= S per dimension (``mode="grid"``:
+            Sg <= S' = S // stride).
+        wx_weight, wx_bias: W_x, (C_int, Cx, 1, 1[, 1]) or (C_int, Cx); bias (C_int,) or None.
+            ``mode="grid"``: θ, (C_int, Cx, *k) applied with stride k (Oktay: no bias).
+        wg_weight, wg_bias: W_g, (C_int, Cg, 1...) or (C_int, Cg); (C_int,) or None.
+        psi_weight, psi_bias: w_ψ, (1, C_int, 1...) or (1, C_int); (1,) or None.
+        bn_x, bn_g, bn_psi: :class:`BatchNormParams` of the BN after each conv, or None for none.
+        out_weight, out_bias, bn_out: optional output transform ``BN_out(W_out·out)``,
+            (Cx, Cx, 1...), (Cx,) (Oktay's ``W``).
+        training: BN uses batch statistics and updates the running ones in place (as
+            ``nn.BatchNorm`` in ``train()``); otherwise running statistics.
+        mode: ``"additive"`` (α at x's resolution) or ``"grid"`` (α on the strided grid, then
+            upsampled to S).
+        double_sigmoid: apply the sigmoid twice (seed 001's quirk).
+        return_alpha: also return α, (B, 1, *S).
+        backend: force a backend for this call (``"reference"``, ``"torch"``, ...).
+
+    Returns:
+        ``out`` (B, Cx, *S), or ``(out, alpha)`` with ``return_alpha=True``; dtype of x.
+
+    Raises:
+        TypeError / ValueError naming the argument, the expected and the received shape, before
+        any computation; :class:`medattn_fast.BackendUnavailable` for a forced backend that
+        cannot run the call.
+    """
+    kw = dict(bn_x=bn_x, bn_g=bn_g, bn_psi=bn_psi, out_weight=out_weight, out_bias=out_bias, bn_out=bn_out,
+              training=bool(training), mode=mode, double_sigmoid=bool(double_sigmoid),
+              return_alpha=bool(return_alpha))
+    args = (x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias)
+    _check(*args, **kw)
+    return _op(*args, backend=backend, **kw)
