@@ -16,6 +16,7 @@ from .ops import external as _external
 from .ops import gaussian_axial as _gaussian
 from .ops import position as _position
 from .ops import window as _window
+from .ops.attention_gate import BatchNormParams  # noqa: F401  (the BN state attention_gate takes)
 
 __all__ = [
     "position_attention",
@@ -25,6 +26,7 @@ __all__ = [
     "window_attention",
     "external_attention",
     "attention_gate",
+    "BatchNormParams",
 ]
 
 
