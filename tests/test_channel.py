@@ -1,0 +1,158 @@
+"""Channel attention (DESIGN.md op 3): torch backend vs the original's arithmetic, forward and
+every gradient, both signs, epilogues, 1-3 spatial dims, float16 overflow, bad inputs; nn module."""
+import pytest
+import torch
+
+import medattn_fast.functional as MF
+from medattn_fast.nn import attention as nn_attention
+from medattn_fast.ops.channel import channel_attention
+from medattn_fast.reference import danet as ref_danet
+
+F64 = torch.float64
+
+
+def _grads(out, tensors, cotangent):
+    return torch.autograd.grad(out, tensors, cotangent)
+
+
+@pytest.mark.parametrize("negate", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 7, 5, 3), (3, 5, 13), (1, 6, 2, 3, 5)],
+                         ids=["C1_N1", "2d_prime", "1d", "3d"])
+def test_torch_matches_reference_fp64(shape, negate):
+    x = (0.5 * torch.randn(shape, dtype=F64)).requires_grad_(True)
+    gamma = torch.randn(1, dtype=F64, requires_grad=True)
+    residual = torch.randn(shape, dtype=F64, requires_grad=True)
+    ref = channel_attention(x, negate=negate, gamma=gamma, residual=residual, backend="reference")
+    out = channel_attention(x, negate=negate, gamma=gamma, residual=residual, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    cot = torch.randn_like(ref)
+    for g, g_ref in zip(_grads(out, (x, gamma, residual), cot), _grads(ref, (x, gamma, residual), cot)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-11, atol=1e-11)
+
+
+def test_multiply_epilogue_and_non_contiguous_input():
+    base = torch.randn(2, 9, 6, 10, dtype=F64)
+    x = base.permute(0, 3, 1, 2)[:, ::2].detach().requires_grad_(True)   # (2, 5, 9, 6), strided
+    assert not x.is_contiguous()
+    ref = channel_attention(x, negate=False, multiply=x, backend="reference")
+    out = channel_attention(x, negate=False, multiply=x, backend="torch")
+    feats = x.reshape(2, 5, -1)
+    expected = (torch.softmax(feats @ feats.transpose(1, 2), -1) @ feats).reshape(x.shape) * x
+    torch.testing.assert_close(ref, expected)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    cot = torch.randn_like(ref)
+    torch.testing.assert_close(_grads(out, (x,), cot)[0], _grads(ref, (x,), cot)[0], rtol=1e-11, atol=1e-11)
+
+
+def test_negate_is_softmax_of_rowmax_minus_energy():
+    x = torch.randn(2, 6, 4, 4, dtype=F64)
+    feats = x.reshape(2, 6, -1)
+    energy = feats @ feats.transpose(1, 2)
+    danet = torch.softmax(energy.amax(-1, keepdim=True) - energy, -1) @ feats
+    torch.testing.assert_close(MF.channel_attention(x), danet.reshape(x.shape), rtol=1e-13, atol=1e-13)
+
+
+def test_gradcheck_fp64_tiny():
+    x = torch.randn(2, 3, 2, 3, dtype=F64, requires_grad=True)
+    gamma = torch.randn(1, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, g: channel_attention(x, gamma=g, residual=x, multiply=x, backend="torch"), (x, gamma))
+
+
+def test_float16_original_overflows_to_nan():
+    """Documents the quirk the fast path fixes: the original forms E in float16."""
+    x = (10 * torch.randn(1, 4, 32, 32)).half()           # E diagonal ≈ 100 · 1024 > 65504
+    original = ref_danet.CAM_Module(4).half()
+    assert not torch.isfinite(original(x)).all()
+    assert torch.isfinite(channel_attention(x, gamma=torch.ones(1, dtype=torch.half), residual=x)).all()
+
+
+@pytest.mark.parametrize("negate", [True, False])
+def test_float16_c512_96x96_is_finite_and_accurate(negate):
+    x = (3 * torch.randn(1, 512, 96, 96)).half()
+    out = channel_attention(x, negate=negate, backend="torch")
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    exact = channel_attention(x.double(), negate=negate, backend="torch")
+    # the fp16 rounding of the result (|o| ≲ 15: ulp/2 ≤ 2^-8) plus float32 accumulation
+    torch.testing.assert_close(out.double(), exact, rtol=2e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_error_within_twice_pytorchs_own(dtype):
+    x = torch.randn(2, 16, 9, 7).to(dtype)
+    exact = channel_attention(x.double(), backend="reference")
+    own = channel_attention(x, backend="reference")
+    ours = channel_attention(x, backend="torch")
+    assert ours.dtype == dtype
+    own_err = (own.double() - exact).abs().max().item()
+    ours_err = (ours.double() - exact).abs().max().item()
+    assert ours_err <= 2 * own_err + 1e-6, (ours_err, own_err)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs
+# ------------------------------------------------------------------------------------------------
+def test_error_wrong_rank():
+    with pytest.raises(ValueError, match=r"channel_attention: argument 'x' must have 3 or 4 or 5 dimensions, got 2"):
+        channel_attention(torch.randn(3, 4))
+
+
+def test_error_int_dtype():
+    with pytest.raises(TypeError, match=r"argument 'x' must be float32, float16, bfloat16 or float64, got torch.int32"):
+        channel_attention(torch.ones(1, 2, 3, 3, dtype=torch.int32))
+
+
+def test_error_empty_dim():
+    with pytest.raises(ValueError, match=r"argument 'x' must not have an empty dimension, got shape \(2, 3, 0, 4\)"):
+        channel_attention(torch.randn(2, 3, 0, 4))
+
+
+def test_error_residual_shape():
+    with pytest.raises(ValueError, match=r"argument 'residual' must have shape x.shape = \(2, 3, 4, 4\), got \(2, 3, 4, 5\)"):
+        channel_attention(torch.randn(2, 3, 4, 4), residual=torch.randn(2, 3, 4, 5))
+
+
+def test_error_multiply_batch_mismatch():
+    with pytest.raises(ValueError, match=r"argument 'multiply' must have shape x.shape = \(2, 3, 4, 4\), got \(1, 3, 4, 4\)"):
+        channel_attention(torch.randn(2, 3, 4, 4), multiply=torch.randn(1, 3, 4, 4))
+
+
+def test_error_residual_dtype():
+    with pytest.raises(TypeError, match=r"argument 'residual' has dtype torch.float64 but 'x' has torch.float32"):
+        channel_attention(torch.randn(2, 3, 4, 4), residual=torch.randn(2, 3, 4, 4, dtype=F64))
+
+
+def test_error_gamma_not_tensor():
+    with pytest.raises(TypeError, match=r"argument 'gamma' must be a 0-dim or shape-\(1,\) tensor, got float"):
+        channel_attention(torch.randn(2, 3, 4, 4), gamma=0.5)
+
+
+def test_error_negate_not_bool():
+    with pytest.raises(ValueError, match=r"argument 'negate' must be one of \(True, False\), got 'yes'"):
+        channel_attention(torch.randn(2, 3, 4, 4), negate="yes")
+
+
+# ------------------------------------------------------------------------------------------------
+# nn module
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spatial", [(5, 7), (3, 4, 5)], ids=["2d", "3d"])
+def test_nn_channel_attention(spatial):
+    module = nn_attention.ChannelAttention().double()
+    with torch.no_grad():
+        module.gamma.fill_(0.4)
+    x = torch.randn(2, 6, *spatial, dtype=F64, requires_grad=True)
+    out = module(x)
+    expected = channel_attention(x, gamma=module.gamma, residual=x, backend="reference")
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    if len(spatial) == 2:   # against DANet's CAM_Module itself
+        original = ref_danet.CAM_Module(6).double()
+        original.load_state_dict(module.state_dict(), strict=True)
+        torch.testing.assert_close(out, original(x), rtol=1e-12, atol=1e-12)
+        cot = torch.randn_like(out)
+        for a, b in zip(_grads(out, (x, module.gamma), cot), _grads(original(x), (x, original.gamma), cot)):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_nn_channel_attention_rejects_rank_3():
+    with pytest.raises(ValueError, match=r"ChannelAttention: input must be \(B, C, H, W\) or \(B, C, D, H, W\), got shape \(2, 3, 4\)"):
+        nn_attention.ChannelAttention()(torch.randn(2, 3, 4))
