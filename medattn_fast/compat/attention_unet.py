@@ -1,0 +1,239 @@
+"""Drop-in Attention U-Net gates: the originals' class names, constructor signatures and
+``state_dict`` keys, running :func:`medattn_fast.functional.attention_gate` inside.
+
+    from medattn_fast.compat.attention_unet import AttentionBlock, AttentionUpBlock, Attention_block
+
+* ``AttentionBlock(in_channels_x, in_channels_g, int_channels)`` — seeds 000/001; keys
+  ``Wx.{0,1}``, ``Wg.{0,1}``, ``psi.{0,1}``; ``forward(x, g)``; g interpolated to x's size.
+* ``AttentionUpBlock(in_channels, out_channels)`` — seeds 000/001; keys ``upsample`` (built, never
+  used, as in the original), ``attention``, ``conv_bn1``, ``conv_bn2``; ``forward(x, x_skip)``.
+* ``Attention_block(F_g, F_l, F_int)`` — LeeJunHyun; keys ``W_g``, ``W_x``, ``psi``;
+  ``forward(g, x)``.
+
+Each loads the original's (or :mod:`medattn_fast.reference.attention_gate`'s) ``state_dict`` with
+``strict=True`` and gives the same outputs, gradients and BN running statistics in ``train()``
+and ``eval()``. ``from_original(module)`` builds the twin of an existing instance (used by
+:func:`medattn_fast.convert`).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional as MF
+
+__all__ = ["AttentionBlock", "AttentionUpBlock", "Attention_block", "ConvBatchNorm", "COMPAT_CLASSES"]
+
+
+def _layers(spatial_dims: int):
+    if spatial_dims == 2:
+        return nn.Conv2d, nn.BatchNorm2d
+    if spatial_dims == 3:
+        return nn.Conv3d, nn.BatchNorm3d
+    raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+
+
+def _bn(module: nn.Module) -> MF.BatchNormParams:
+    return MF.BatchNormParams.from_module(module)
+
+
+def _first_tensor(module: nn.Module) -> torch.Tensor:
+    for t in module.parameters():
+        return t
+    for t in module.buffers():
+        if t.is_floating_point():
+            return t
+    raise ValueError(f"{type(module).__name__} has no floating parameter or buffer to take device/dtype from")
+
+
+def _adopt(new: nn.Module, original: nn.Module) -> nn.Module:
+    """Give ``new`` the original's device, dtype, parameters/buffers (strict) and training mode."""
+    ref = _first_tensor(original)
+    new.to(device=ref.device, dtype=ref.dtype)
+    new.load_state_dict(original.state_dict(), strict=True)
+    for (_, m_new), (_, m_old) in zip(new.named_modules(), original.named_modules()):
+        m_new.training = m_old.training
+    return new
+
+
+def _mirror_layers(new_seq: nn.Sequential, old_seq: nn.Sequential) -> None:
+    """Match a (conv, BN, ...) pair of the original exactly: a conv without bias stays without,
+    and the BN is copied (momentum, eps, affine, track_running_stats) rather than assumed."""
+    conv_new, conv_old = new_seq[0], old_seq[0]
+    if conv_old.bias is None and conv_new.bias is not None:
+        conv_new.register_parameter("bias", None)
+    new_seq[1] = copy.deepcopy(old_seq[1])
+
+
+class AttentionBlock(nn.Module):
+    r"""Seeds 000/001 attention gate, fast inside.
+
+    ``α = σ(BN(psi·relu(BN(Wx·x) + up(BN(Wg·g)))))`` (σ applied twice with
+    ``double_sigmoid=True``, seed 001), returns ``α ⊙ x``.
+
+    Shapes: x (B, in_channels_x, *S), g (B, in_channels_g, *Sg) with Sg <= S -> (B, in_channels_x, *S).
+    ``spatial_dims=3`` for volumes (trilinear interpolation).
+
+    Submodules and keys as the original: ``Wx`` (0 Conv, 1 BN), ``Wg`` (0 Conv, 1 BN), ``psi``
+    (0 Conv, 1 BN, 2 Sigmoid). The modules hold the parameters; ``forward`` hands them to
+    :func:`medattn_fast.functional.attention_gate` (BN folded into the convs in eval mode).
+    """
+
+    def __init__(self, in_channels_x: int, in_channels_g: int, int_channels: int, *, spatial_dims: int = 2,
+                 double_sigmoid: bool = False):
+        super().__init__()
+        conv, norm = _layers(spatial_dims)
+        self.spatial_dims = spatial_dims
+        self.double_sigmoid = bool(double_sigmoid)
+        self.Wx = nn.Sequential(conv(in_channels_x, int_channels, kernel_size=1), norm(int_channels))
+        self.Wg = nn.Sequential(conv(in_channels_g, int_channels, kernel_size=1), norm(int_channels))
+        self.psi = nn.Sequential(conv(int_channels, 1, kernel_size=1), norm(1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return MF.attention_gate(
+            x, g, self.Wx[0].weight, self.Wx[0].bias, self.Wg[0].weight, self.Wg[0].bias,
+            self.psi[0].weight, self.psi[0].bias, bn_x=_bn(self.Wx[1]), bn_g=_bn(self.Wg[1]),
+            bn_psi=_bn(self.psi[1]), training=self.training, double_sigmoid=self.double_sigmoid,
+        )
+
+    @classmethod
+    def from_original(cls, module: nn.Module, *, double_sigmoid: Optional[bool] = None) -> "AttentionBlock":
+        """The twin of an original ``AttentionBlock``: channel counts and 2-D/3-D read from its
+        convs, parameters and buffers loaded strictly, device, dtype and training mode copied.
+
+        Seed 001's extra sigmoid is not visible in the parameters: it is taken from the module's
+        ``double_sigmoid`` attribute when it has one (the reference module does), else from the
+        ``double_sigmoid`` argument (default False).
+        """
+        conv_x, conv_g = module.Wx[0], module.Wg[0]
+        if double_sigmoid is None:
+            double_sigmoid = bool(getattr(module, "double_sigmoid", False))
+        new = cls(conv_x.in_channels, conv_g.in_channels, conv_x.out_channels,
+                  spatial_dims=conv_x.weight.dim() - 2, double_sigmoid=double_sigmoid)
+        for name in ("Wx", "Wg", "psi"):
+            _mirror_layers(getattr(new, name), getattr(module, name))
+        return _adopt(new, module)
+
+
+class ConvBatchNorm(nn.Module):
+    """``relu(BN(Conv3x3(x)))``, padding 1 — the seeds' conv block, keys ``conv.*``, ``batchnorm.*``.
+
+    Eval mode folds the BN into the convolution (one pass instead of three); training mode runs
+    conv → batch norm (batch statistics, running-stat update) → ReLU like the original.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.batchnorm = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.batchnorm
+        if self.training or bn.running_mean is None:
+            return self.relu(bn(self.conv(x)))
+        acc = torch.promote_types(self.conv.weight.dtype, torch.float32)
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(acc)
+        shift = -bn.running_mean.to(acc)
+        if self.conv.bias is not None:
+            shift = shift + self.conv.bias.to(acc)
+        shift = shift * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(acc)
+        weight = (self.conv.weight.to(acc) * scale.view(-1, 1, 1, 1)).to(x.dtype)
+        return F.conv2d(x, weight, shift.to(x.dtype), padding=self.conv.padding).relu_()
+
+
+class AttentionUpBlock(nn.Module):
+    r"""Seeds 000/001 decoder block, fast gate inside.
+
+    ``forward(x, x_skip)``: x (B, in_channels, *Sc) coarse decoder features, x_skip
+    (B, out_channels, *S) encoder features, Sc <= S -> (B, out_channels, *S)::
+
+        y = conv_bn2(conv_bn1(cat([attention(x_skip, x), up(x, S)], dim=1)))
+
+    with ``attention = AttentionBlock(out_channels, in_channels, int(out_channels / 2))`` and
+    ``up`` bilinear, ``align_corners=False``. ``upsample`` (ConvTranspose2d k2 s2) is built so that
+    checkpoints load, and — as in the original — never used.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, double_sigmoid: bool = False):
+        super().__init__()
+        self.upsample = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.attention = AttentionBlock(out_channels, in_channels, int(out_channels / 2),
+                                        double_sigmoid=double_sigmoid)
+        self.conv_bn1 = ConvBatchNorm(in_channels + out_channels, out_channels)
+        self.conv_bn2 = ConvBatchNorm(out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, x_skip: torch.Tensor) -> torch.Tensor:
+        gated = self.attention(x_skip, x)
+        if x.shape[2:] != x_skip.shape[2:]:
+            x = F.interpolate(x, x_skip.shape[2:], mode="bilinear", align_corners=False)
+        return self.conv_bn2(self.conv_bn1(torch.cat((gated, x), dim=1)))
+
+    @classmethod
+    def from_original(cls, module: nn.Module, *, double_sigmoid: Optional[bool] = None) -> "AttentionUpBlock":
+        """The twin of an original ``AttentionUpBlock`` (channels read from ``upsample``; the
+        gate's double sigmoid as in :meth:`AttentionBlock.from_original`)."""
+        if double_sigmoid is None:
+            double_sigmoid = bool(getattr(module.attention, "double_sigmoid", False))
+        new = cls(module.upsample.in_channels, module.upsample.out_channels, double_sigmoid=double_sigmoid)
+        for name in ("Wx", "Wg", "psi"):
+            _mirror_layers(getattr(new.attention, name), getattr(module.attention, name))
+        for name in ("conv_bn1", "conv_bn2"):
+            new_block, old_block = getattr(new, name), getattr(module, name)
+            if old_block.conv.bias is None:
+                new_block.conv.register_parameter("bias", None)
+            new_block.batchnorm = copy.deepcopy(old_block.batchnorm)
+        return _adopt(new, module)
+
+
+class Attention_block(nn.Module):  # noqa: N801 - the original's name
+    r"""LeeJunHyun's attention gate, fast inside.
+
+    ``forward(g, x)`` (gating signal first): ``ψ = σ(BN(psi·relu(BN(W_g·g) + BN(W_x·x))))``,
+    returns ``x ⊙ ψ``. Shapes: g (B, F_g, *Sg), x (B, F_l, *S) -> (B, F_l, *S).
+
+    Keys as the original: ``W_g`` (0 Conv, 1 BN), ``W_x`` (0 Conv, 1 BN), ``psi`` (0 Conv, 1 BN,
+    2 Sigmoid), ``relu``. The original needs Sg == S (or a broadcastable 1×1 g, which equals an
+    upsampled one); this one also accepts a smaller g and interpolates it bilinearly.
+    ``spatial_dims=3`` builds the 3-D variant several forks use.
+    """
+
+    def __init__(self, F_g: int, F_l: int, F_int: int, *, spatial_dims: int = 2):  # noqa: N803
+        super().__init__()
+        conv, norm = _layers(spatial_dims)
+        self.spatial_dims = spatial_dims
+        self.W_g = nn.Sequential(conv(F_g, F_int, kernel_size=1, stride=1, padding=0, bias=True), norm(F_int))
+        self.W_x = nn.Sequential(conv(F_l, F_int, kernel_size=1, stride=1, padding=0, bias=True), norm(F_int))
+        self.psi = nn.Sequential(conv(F_int, 1, kernel_size=1, stride=1, padding=0, bias=True), norm(1), nn.Sigmoid())
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return MF.attention_gate(
+            x, g, self.W_x[0].weight, self.W_x[0].bias, self.W_g[0].weight, self.W_g[0].bias,
+            self.psi[0].weight, self.psi[0].bias, bn_x=_bn(self.W_x[1]), bn_g=_bn(self.W_g[1]),
+            bn_psi=_bn(self.psi[1]), training=self.training,
+        )
+
+    @classmethod
+    def from_original(cls, module: nn.Module) -> "Attention_block":
+        """The twin of an original ``Attention_block`` (F_g, F_l, F_int and 2-D/3-D from its convs)."""
+        conv_g, conv_x = module.W_g[0], module.W_x[0]
+        new = cls(conv_g.in_channels, conv_x.in_channels, conv_x.out_channels, spatial_dims=conv_x.weight.dim() - 2)
+        for name in ("W_g", "W_x", "psi"):
+            _mirror_layers(getattr(new, name), getattr(module, name))
+        return _adopt(new, module)
+
+
+COMPAT_CLASSES = {
+    "AttentionBlock": AttentionBlock,
+    "AttentionUpBlock": AttentionUpBlock,
+    "Attention_block": Attention_block,
+}

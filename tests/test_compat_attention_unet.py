@@ -1,0 +1,196 @@
+"""compat.attention_unet: the originals' names, signatures and state_dict keys (strict loading),
+same outputs, gradients and BN running statistics as the seed modules, in train and eval mode."""
+import copy
+
+import pytest
+import torch
+
+import medattn_fast
+from medattn_fast.compat import attention_unet as C
+from medattn_fast.reference import attention_gate as R
+
+F64 = torch.float64
+TOL = dict(rtol=1e-9, atol=1e-11)
+BACKENDS = ("reference", "torch")
+
+
+def randomize(module: torch.nn.Module) -> torch.nn.Module:
+    """Random BN affine parameters and running statistics (the defaults would hide fold errors)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.normal_()
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 1.5)
+                m.num_batches_tracked.fill_(7)
+    return module
+
+
+def run_pair(original, twin, inputs, backend):
+    """Forward + backward of both with one cotangent; compare outputs, input and parameter
+    gradients, and buffers."""
+    inputs_a = [t.clone().requires_grad_() for t in inputs]
+    inputs_b = [t.clone().requires_grad_() for t in inputs]
+    expected = original(*inputs_a)
+    with medattn_fast.use_backend(backend):
+        got = twin(*inputs_b)
+    torch.testing.assert_close(got, expected, **TOL)
+    cotangent = torch.randn_like(expected)
+    expected.backward(cotangent)
+    got.backward(cotangent)
+    for a, b in zip(inputs_a, inputs_b):
+        torch.testing.assert_close(b.grad, a.grad, **TOL)
+    params_a, params_b = dict(original.named_parameters()), dict(twin.named_parameters())
+    assert params_a.keys() == params_b.keys()
+    for name, p in params_a.items():
+        assert (p.grad is None) == (params_b[name].grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(params_b[name].grad, p.grad, **TOL, msg=lambda m: f"grad of {name}: {m}")
+    buffers_b = dict(twin.named_buffers())
+    for name, buf in original.named_buffers():
+        torch.testing.assert_close(buffers_b[name], buf, **TOL, msg=lambda m: f"buffer {name}: {m}")
+
+
+def strict_twin(cls, original, *args, **kwargs):
+    """The compat class built with the original's constructor arguments, loading its state_dict strictly."""
+    twin = cls(*args, **kwargs).to(F64).train(original.training)
+    twin.load_state_dict(original.state_dict(), strict=True)
+    return twin
+
+
+# ---------------------------------------------------------------------------------------------
+# AttentionBlock (seeds 000/001)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("double_sigmoid", [False, True], ids=["seed000", "seed001"])
+def test_attention_block_2d(double_sigmoid, training, backend):
+    original = randomize(R.AttentionBlock(5, 7, 3, double_sigmoid=double_sigmoid)).double().train(training)
+    twin = strict_twin(C.AttentionBlock, original, 5, 7, 3, double_sigmoid=double_sigmoid)
+    assert list(twin.state_dict()) == list(original.state_dict())
+    x, g = torch.randn(2, 5, 7, 9, dtype=F64), torch.randn(2, 7, 3, 4, dtype=F64)
+    run_pair(original, twin, (x, g), backend)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_attention_block_3d_and_same_size(training):
+    original = randomize(R.AttentionBlock(3, 4, 1, spatial_dims=3)).double().train(training)
+    twin = strict_twin(C.AttentionBlock, original, 3, 4, 1, spatial_dims=3)
+    run_pair(original, twin, (torch.randn(1, 3, 5, 4, 3, dtype=F64), torch.randn(1, 4, 2, 3, 2, dtype=F64)), "torch")
+    run_pair(original, twin, (torch.randn(2, 3, 3, 4, 5, dtype=F64), torch.randn(2, 4, 3, 4, 5, dtype=F64)), "torch")
+
+
+def test_attention_block_state_dict_keys():
+    keys = list(C.AttentionBlock(8, 16, 4).state_dict())
+    assert keys == [f"{m}.{i}.{p}" for m in ("Wx", "Wg", "psi") for i, ps in
+                    ((0, ("weight", "bias")), (1, ("weight", "bias", "running_mean", "running_var",
+                                                   "num_batches_tracked"))) for p in ps]
+
+
+# ---------------------------------------------------------------------------------------------
+# AttentionUpBlock (seeds 000/001)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_attention_up_block(training, backend):
+    original = randomize(R.AttentionUpBlock(6, 4)).double().train(training)
+    twin = strict_twin(C.AttentionUpBlock, original, 6, 4)
+    assert list(twin.state_dict()) == list(original.state_dict())
+    x, skip = torch.randn(2, 6, 4, 5, dtype=F64), torch.randn(2, 4, 7, 9, dtype=F64)
+    run_pair(original, twin, (x, skip), backend)
+    assert twin.upsample.weight.grad is None  # built, never used — as in the original
+
+
+def test_attention_up_block_same_size_and_batch_one():
+    original = randomize(R.AttentionUpBlock(3, 2, double_sigmoid=True)).double().train()
+    twin = strict_twin(C.AttentionUpBlock, original, 3, 2, double_sigmoid=True)
+    run_pair(original, twin, (torch.randn(1, 3, 5, 6, dtype=F64), torch.randn(1, 2, 5, 6, dtype=F64)), "torch")
+
+
+def test_conv_batch_norm_fold_equals_unfolded():
+    original = randomize(R.ConvBatchNorm(3, 5)).double().eval()
+    twin = strict_twin(C.ConvBatchNorm, original, 3, 5)
+    run_pair(original, twin, (torch.randn(2, 3, 7, 6, dtype=F64),), "torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention_block (LeeJunHyun)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_attention_block_leejunhyun(training, backend):
+    original = randomize(R.Attention_block(F_g=6, F_l=4, F_int=3)).double().train(training)
+    twin = strict_twin(C.Attention_block, original, F_g=6, F_l=4, F_int=3)
+    assert list(twin.state_dict()) == list(original.state_dict())
+    g, x = torch.randn(2, 6, 7, 5, dtype=F64), torch.randn(2, 4, 7, 5, dtype=F64)
+    run_pair(original, twin, (g, x), backend)
+
+
+def test_attention_block_leejunhyun_broadcast_gating_equals_upsampled():
+    """The original broadcasts a 1x1 gating map; interpolating it is the same thing."""
+    original = randomize(R.Attention_block(3, 2, 2)).double().train()
+    twin = strict_twin(C.Attention_block, original, 3, 2, 2)
+    run_pair(original, twin, (torch.randn(2, 3, 1, 1, dtype=F64), torch.randn(2, 2, 5, 7, dtype=F64)), "torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# from_original and COMPAT_CLASSES
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_from_original_attention_block(training):
+    original = randomize(R.AttentionBlock(4, 6, 2, spatial_dims=3, double_sigmoid=True)).double().train(training)
+    original.Wg[1].momentum = None  # cumulative running average: must carry over
+    twin = C.AttentionBlock.from_original(copy.deepcopy(original))
+    assert isinstance(twin, C.AttentionBlock) and twin.double_sigmoid and twin.spatial_dims == 3
+    assert twin.training == training and twin.Wx[0].weight.dtype == F64
+    assert twin.Wx[0].weight.device == original.Wx[0].weight.device
+    run_pair(original, twin, (torch.randn(2, 4, 5, 4, 3, dtype=F64), torch.randn(2, 6, 3, 2, 2, dtype=F64)), "torch")
+
+
+def test_from_original_keeps_bias_free_convs_and_bn_settings():
+    original = randomize(R.AttentionBlock(4, 5, 3)).double().train()
+    original.Wx[0].register_parameter("bias", None)
+    original.psi[1].eps = 1e-3
+    original.psi[1].momentum = 0.25
+    twin = C.AttentionBlock.from_original(copy.deepcopy(original))
+    assert twin.Wx[0].bias is None and twin.psi[1].eps == 1e-3 and twin.psi[1].momentum == 0.25
+    run_pair(original, twin, (torch.randn(2, 4, 6, 5, dtype=F64), torch.randn(2, 5, 3, 3, dtype=F64)), "torch")
+
+
+def test_from_original_double_sigmoid_argument_for_classes_without_the_flag():
+    """A seed-001 class has its extra sigmoid in code, not as an attribute: the argument says so."""
+    original = randomize(R.AttentionBlock(3, 3, 2, double_sigmoid=True)).double().eval()
+    flagless = torch.nn.Module()  # same submodules, no ``double_sigmoid`` attribute
+    flagless.Wx, flagless.Wg, flagless.psi = (copy.deepcopy(m) for m in (original.Wx, original.Wg, original.psi))
+    assert not C.AttentionBlock.from_original(flagless).double_sigmoid  # default: seed 000
+    twin = C.AttentionBlock.from_original(flagless, double_sigmoid=True)
+    assert twin.double_sigmoid
+    run_pair(original, twin, (torch.randn(2, 3, 5, 5, dtype=F64), torch.randn(2, 3, 2, 2, dtype=F64)), "torch")
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_from_original_attention_up_block(training):
+    original = randomize(R.AttentionUpBlock(5, 4, double_sigmoid=True)).double().train(training)
+    twin = C.AttentionUpBlock.from_original(copy.deepcopy(original))
+    assert twin.training == training and twin.attention.double_sigmoid
+    run_pair(original, twin, (torch.randn(2, 5, 3, 4, dtype=F64), torch.randn(2, 4, 6, 7, dtype=F64)), "torch")
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_from_original_attention_block_leejunhyun(training):
+    original = randomize(R.Attention_block(5, 3, 2)).double().train(training)
+    twin = C.Attention_block.from_original(copy.deepcopy(original))
+    assert twin.training == training and twin.W_g[0].in_channels == 5 and twin.W_x[0].in_channels == 3
+    run_pair(original, twin, (torch.randn(2, 5, 4, 6, dtype=F64), torch.randn(2, 3, 4, 6, dtype=F64)), "torch")
+
+
+def test_compat_classes_registry():
+    assert C.COMPAT_CLASSES == {"AttentionBlock": C.AttentionBlock, "AttentionUpBlock": C.AttentionUpBlock,
+                                "Attention_block": C.Attention_block}
+    for name, cls in C.COMPAT_CLASSES.items():
+        assert cls.__name__ == name and callable(getattr(cls, "from_original"))
