@@ -126,9 +126,13 @@ class DANetHead(nn.Module):
 
     def forward(self, x: torch.Tensor):
         _check_input(type(self).__name__, x)
+        # The original's order of evaluation, so that the three Dropout2d draws match it under
+        # one random seed: position branch and its classifier, channel branch and its, then fused.
         sa_conv = self.conv51(self.sa(self.conv5a(x)))
+        sa_output = self.conv6(sa_conv)
         sc_conv = self.conv52(self.sc(self.conv5c(x)))
-        return self.conv8(sa_conv + sc_conv), self.conv6(sa_conv), self.conv7(sc_conv)
+        sc_output = self.conv7(sc_conv)
+        return self.conv8(sa_conv + sc_conv), sa_output, sc_output
 
     @classmethod
     def from_original(cls, module: nn.Module) -> "DANetHead":

@@ -141,10 +141,12 @@ class DualAttention(nn.Module):
         if x.dim() != self.spatial_dims + 2:
             raise ValueError(f"DualAttention: expected a {self.spatial_dims + 2}-dim input "
                              f"(spatial_dims={self.spatial_dims}), got shape {tuple(x.shape)}")
+        # DANet's order of evaluation (same dropout draws under one seed).
         position = self.position_conv(self.position(self.position_stem(x)))
+        position_logits = self.classify_position(position)
         channel = self.channel_conv(self.channel(self.channel_stem(x)))
-        return (self.classify_fused(position + channel), self.classify_position(position),
-                self.classify_channel(channel))
+        channel_logits = self.classify_channel(channel)
+        return self.classify_fused(position + channel), position_logits, channel_logits
 
 
 # ---------------------------------------------------------------------------------------------
