@@ -167,6 +167,7 @@ def test_from_original_double_sigmoid_argument_for_classes_without_the_flag():
     original = randomize(R.AttentionBlock(3, 3, 2, double_sigmoid=True)).double().eval()
     flagless = torch.nn.Module()  # same submodules, no ``double_sigmoid`` attribute
     flagless.Wx, flagless.Wg, flagless.psi = (copy.deepcopy(m) for m in (original.Wx, original.Wg, original.psi))
+    flagless.eval()
     assert not C.AttentionBlock.from_original(flagless).double_sigmoid  # default: seed 000
     twin = C.AttentionBlock.from_original(flagless, double_sigmoid=True)
     assert twin.double_sigmoid
