@@ -1,0 +1,382 @@
+"""Drop-in MT-UNet blocks: the originals' class names, constructor signatures, attributes and
+``state_dict`` keys (Dootmaan/MT-UNet, ``MTUNet.py``), fast inside::
+
+    from medattn_fast.compat.mtunet import EAmodule, CSAttention, MEAttention   # was: from MTUNet import ...
+
+Same inputs, same outputs (layouts included: ``WinAttention`` returns the windowed
+(b, p, p, win, c) tensor, ``Attention(axial=True)`` returns the scores), same parameters — also the
+ones without effect, so checkpoints load with ``strict=True``. What changes is inside:
+
+* ``WinAttention``: one vectorised :func:`medattn_fast.functional.window_attention` call (pad,
+  partition, one GEMM for q/k/v, batched attention) instead of permute copies and a padding buffer
+  built on the CPU and moved with ``.cuda()``; runs on any device and dtype.
+* ``GaussianTrans``: :func:`medattn_fast.functional.gaussian_axial_from_scores` instead of a Python
+  double loop over pixels with a host-to-device copy per pixel.
+* ``MEAttention``: :func:`medattn_fast.functional.external_attention` (no head permutes).
+* ``CSAttention``: the 1×1 ``queeze`` conv runs channel-last on the cropped grid and is split in
+  its [global, local] halves, so the concatenation and the layout permutes are never materialised.
+
+Every class has ``from_original(module)``: build the twin of an original instance (constructor
+arguments inferred from it), load its state_dict strictly, keep its device, dtype and training mode.
+:data:`COMPAT_CLASSES` maps the original class names to these classes (used by ``convert``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional as MF
+from ..nn.mtunet import merge_windows, window_aggregation
+
+__all__ = [
+    "MTUNET_CONFIGS",
+    "GaussianTrans",
+    "Attention",
+    "WinAttention",
+    "DlightConv",
+    "CSAttention",
+    "MEAttention",
+    "EAmodule",
+    "COMPAT_CLASSES",
+]
+
+# The original's module-level ``configs`` (Synapse model); EAmodule's default.
+MTUNET_CONFIGS: Dict[str, object] = {
+    "win_size": 4,
+    "head": 8,
+    "axis": [28, 16, 8],
+    "encoder": [256, 512],
+    "bottleneck": 1024,
+    "decoder": [1024, 512],
+    "decoder_stem": [(256, 512), (256, 256), (128, 64), 32],
+}
+
+# The original upsamples the global branch by a hard-coded 4 (UpsamplingBilinear2d(scale_factor=4)).
+_GLOBAL_UPSAMPLE = 4
+
+
+def _square_side(name: str, n: int) -> int:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"{name}: the token count must be a square h·h (MT-UNet's layout), got n = {n}")
+    return side
+
+
+def _tokens(name: str, x, dim: int) -> Tuple[int, int, int]:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: input must have shape (B, N, C) = (*, *, {dim}), got {got}")
+    return tuple(x.shape)
+
+
+def _first_param(module: nn.Module) -> Optional[torch.Tensor]:
+    return next(iter(module.parameters()), None)
+
+
+class _FromOriginal:
+    """``from_original``: constructor args from the original, strict state_dict load, same
+    device/dtype/training mode. Subclasses implement ``_init_args(module) -> (args, kwargs)``."""
+
+    @classmethod
+    def _init_args(cls, module: nn.Module):  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    @classmethod
+    def from_original(cls, module: nn.Module):
+        """The fast twin of ``module`` (an instance of the original class of the same name)."""
+        try:
+            args, kwargs = cls._init_args(module)
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise TypeError(
+                f"{cls.__name__}.from_original: {type(module).__name__} does not have the structure of "
+                f"MT-UNet's {cls.__name__} ({type(exc).__name__}: {exc})") from exc
+        new = cls(*args, **kwargs)
+        ref = _first_param(module)
+        if ref is not None:
+            new = new.to(device=ref.device, dtype=ref.dtype)
+        new.load_state_dict(module.state_dict(), strict=True)
+        new.train(module.training)
+        return new
+
+
+# ---------------------------------------------------------------------------------------------
+# GaussianTrans
+# ---------------------------------------------------------------------------------------------
+
+class GaussianTrans(_FromOriginal, nn.Module):
+    r"""MT-UNet's ``GaussianTrans()``: ``forward((x, atten_x, atten_y, value))`` -> (B, H, W, D).
+
+    ``out[r,c] = Σ_j softmax_j(atten_x[r,c,j] − θ(j−c)² − β) v[r,j] + Σ_i softmax_i(atten_y[c,r,i] − θ(i−r)² − β) v[i,c]``
+    with θ = ``shift``, β = ``bias`` (β cancels in both softmaxes: kept for the checkpoints, its
+    gradient is 0). x (B, H, W, C) only carries the grid size, as in the original; atten_x
+    (B, H, W, W), atten_y (B, W, H, H), value (B, H, W, D). Unlike the original, H ≠ W works.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(-torch.abs(torch.randn(1)))
+        self.shift = nn.Parameter(torch.abs(torch.randn(1)))
+        self.softmax = nn.Softmax(dim=-1)  # the original's attribute (no parameters)
+
+    @classmethod
+    def _init_args(cls, module):
+        return (), {}
+
+    def forward(self, x):
+        if not isinstance(x, (tuple, list)) or len(x) != 4:
+            raise TypeError("GaussianTrans: input must be the tuple (x, atten_x, atten_y, value), "
+                            f"got {type(x).__name__}" + (f" of length {len(x)}" if isinstance(x, (tuple, list)) else ""))
+        grid, atten_x, atten_y, value = x
+        if isinstance(grid, torch.Tensor) and isinstance(value, torch.Tensor) and grid.shape[1:3] != value.shape[1:3]:
+            raise ValueError(f"GaussianTrans: x and value must share the grid (B, H, W, ·), got x {tuple(grid.shape)} "
+                             f"and value {tuple(value.shape)}")
+        return MF.gaussian_axial_from_scores(atten_x, atten_y, value, self.shift, bias=self.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention (window mode and axial-scores mode)
+# ---------------------------------------------------------------------------------------------
+
+class Attention(_FromOriginal, nn.Module):
+    r"""MT-UNet's ``Attention(dim, configs, axial=False)``.
+
+    ``axial=False``: x (..., win, dim) -> (..., win, dim), multi-head softmax attention over the
+    ``win`` tokens (scale 1/sqrt(d), d = dim/head), then ``out``; one GEMM for q/k/v and
+    ``F.scaled_dot_product_attention``. (Inside WinAttention the whole window pass is one
+    :func:`~medattn_fast.functional.window_attention` call instead.)
+
+    ``axial=True``: x (b, h, w, dim) -> (atten_x (b, h, w, w), atten_y (b, w, h, h), value
+    (b, h, w, dim)): single-head row and column scores ``q·k`` (no scaling) from strided views, no
+    contiguous copies. ``out`` exists but is not used in this mode (as in the original).
+    ``key_layer.bias`` has no effect in either mode.
+    """
+
+    def __init__(self, dim, configs, axial=False):
+        super().__init__()
+        self.axial = axial
+        self.dim = dim
+        self.num_head = configs["head"]
+        self.attention_head_size = int(self.dim / configs["head"])
+        self.all_head_size = self.num_head * self.attention_head_size
+        self.query_layer = nn.Linear(self.dim, self.all_head_size)
+        self.key_layer = nn.Linear(self.dim, self.all_head_size)
+        self.value_layer = nn.Linear(self.dim, self.all_head_size)
+        self.out = nn.Linear(self.dim, self.dim)
+        self.softmax = nn.Softmax(dim=-1)  # the original's attribute (no parameters)
+
+    @classmethod
+    def _init_args(cls, module):
+        return (module.dim, {"head": module.num_head}), {"axial": bool(module.axial)}
+
+    def projection_weights(self):
+        """(query_weight, query_bias, key_weight, key_bias, value_weight, value_bias, out_weight,
+        out_bias), in the order :func:`~medattn_fast.functional.window_attention` takes them."""
+        return (self.query_layer.weight, self.query_layer.bias, self.key_layer.weight, self.key_layer.bias,
+                self.value_layer.weight, self.value_layer.bias, self.out.weight, self.out.bias)
+
+    def _qkv(self, x):
+        weight = torch.cat((self.query_layer.weight, self.key_layer.weight, self.value_layer.weight))
+        bias = torch.cat((self.query_layer.bias, self.key_layer.bias, self.value_layer.bias))
+        return F.linear(x, weight, bias).split(self.all_head_size, dim=-1)
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor) or x.shape[-1] != self.dim or x.dim() < (4 if self.axial else 2):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            want = f"(b, h, w, {self.dim})" if self.axial else f"(..., win, {self.dim})"
+            raise ValueError(f"Attention: input must have shape {want}, got {got}")
+        q, k, v = self._qkv(x)
+        if self.axial:
+            if x.dim() != 4:
+                raise ValueError(f"Attention: input must have shape (b, h, w, {self.dim}), got {tuple(x.shape)}")
+            atten_x = torch.matmul(q, k.transpose(-1, -2))  # (b, h, w, w): along each row
+            atten_y = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1))  # (b, w, h, h): along each column
+            return atten_x, atten_y, v
+        heads, d = self.num_head, self.attention_head_size
+        q, k, v = (t.unflatten(-1, (heads, d)).transpose(-2, -3) for t in (q, k, v))  # (..., heads, win, d)
+        o = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d))
+        return self.out(o.transpose(-2, -3).flatten(-2))
+
+
+# ---------------------------------------------------------------------------------------------
+# WinAttention, DlightConv
+# ---------------------------------------------------------------------------------------------
+
+class WinAttention(_FromOriginal, nn.Module):
+    r"""MT-UNet's ``WinAttention(configs, dim)``: tokens (b, n, c), n = h·h -> (b, p, p, ws², c).
+
+    The original's padding exactly (zeros on the right/bottom strips, the bottom-right corner a copy
+    of x's last block, padded tokens unmasked), via ``window_attention(pad_mode="mtunet",
+    layout="windows")``, on x's own device (no ``.cuda()``).
+    """
+
+    def __init__(self, configs, dim):
+        super().__init__()
+        self.window_size = configs["win_size"]
+        self.attention = Attention(dim, configs)
+
+    @classmethod
+    def _init_args(cls, module):
+        att = module.attention
+        return ({"win_size": module.window_size, "head": att.num_head}, att.dim), {}
+
+    def forward(self, x):
+        b, n, c = _tokens("WinAttention", x, self.attention.dim)
+        side = _square_side("WinAttention", n)
+        return MF.window_attention(x.view(b, side, side, c), *self.attention.projection_weights(),
+                                   window_size=self.window_size, num_heads=self.attention.num_head,
+                                   pad_mode="mtunet", layout="windows")
+
+
+class DlightConv(_FromOriginal, nn.Module):
+    r"""MT-UNet's ``DlightConv(dim, configs)``: windows (b, p, p, win, c) -> (b, p, p, c),
+    ``Σ_win softmax(linear(mean_win(x))) · x`` (the weighted sum as one batched matmul)."""
+
+    def __init__(self, dim, configs):
+        super().__init__()
+        self.linear = nn.Linear(dim, configs["win_size"] * configs["win_size"])
+        self.softmax = nn.Softmax(dim=-1)  # the original's attribute (no parameters)
+
+    @classmethod
+    def _init_args(cls, module):
+        win = module.linear.out_features
+        side = math.isqrt(win)
+        if side * side != win:
+            raise TypeError(f"linear.out_features = {win} is not win_size²")
+        return (module.linear.in_features, {"win_size": side}), {}
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-2:] != (self.linear.out_features,
+                                                                                 self.linear.in_features):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"DlightConv: input must have shape (..., win, c) = "
+                             f"(..., {self.linear.out_features}, {self.linear.in_features}), got {got}")
+        return window_aggregation(x, self.linear.weight, self.linear.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# CSAttention
+# ---------------------------------------------------------------------------------------------
+
+class CSAttention(_FromOriginal, nn.Module):
+    r"""MT-UNet's ``CSAttention(dim, configs)``: tokens (b, n, c), n = h·h -> (b, n, c).
+
+    local = windows of WinAttention on the padded (R, R) grid; global = GaussianTrans of the axial
+    scores of DlightConv(windows) on the (p, p) grid of windows, upsampled ×4 bilinearly
+    (align_corners=True, the original's hard-coded factor); out = ``queeze``([global, local])
+    cropped to h × h. ``global_atten.out`` is kept (checkpoints) but never called, as in the
+    original. ``queeze`` runs channel-last on the cropped grid, as two halves of its weight.
+    """
+
+    def __init__(self, dim, configs):
+        super().__init__()
+        self.win_atten = WinAttention(configs, dim)
+        self.dlightconv = DlightConv(dim, configs)
+        self.global_atten = Attention(dim, configs, axial=True)
+        self.gaussiantrans = GaussianTrans()
+        self.up = nn.UpsamplingBilinear2d(scale_factor=_GLOBAL_UPSAMPLE)  # the original's attribute
+        self.queeze = nn.Conv2d(2 * dim, dim, 1)
+
+    @classmethod
+    def _init_args(cls, module):
+        win = module.win_atten
+        return (win.attention.dim, {"win_size": win.window_size, "head": win.attention.num_head}), {}
+
+    def forward(self, x):
+        b, n, c = _tokens("CSAttention", x, self.win_atten.attention.dim)
+        side = _square_side("CSAttention", n)
+        if self.win_atten.window_size != _GLOBAL_UPSAMPLE:
+            # The original fails here too: its ×4 global grid only matches the padded local grid
+            # when the windows are 4×4.
+            raise ValueError(f"CSAttention: configs['win_size'] must be {_GLOBAL_UPSAMPLE} (the global branch is "
+                             f"upsampled ×{_GLOBAL_UPSAMPLE}), got {self.win_atten.window_size}")
+        windows = self.win_atten(x)  # (b, p, p, win, c)
+        local = merge_windows(windows)[:, :side, :side]  # (b, h, h, c), strided view
+
+        tokens = self.dlightconv(windows)  # (b, p, p, c)
+        atten_x, atten_y, value = self.global_atten(tokens)
+        glob = self.gaussiantrans((tokens, atten_x, atten_y, value))  # (b, p, p, c)
+        glob = F.interpolate(glob.permute(0, 3, 1, 2), scale_factor=_GLOBAL_UPSAMPLE, mode="bilinear",
+                             align_corners=True)
+        glob = glob.permute(0, 2, 3, 1)[:, :side, :side]  # (b, h, h, c)
+
+        # queeze(cat[global, local]) as two channel-last GEMMs on the cropped grid
+        weight = self.queeze.weight.flatten(1)  # (c, 2c)
+        w_global, w_local = weight[:, :c], weight[:, c:]
+        out = F.linear(glob, w_global) + F.linear(local, w_local, self.queeze.bias)
+        return out.reshape(b, n, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# MEAttention, EAmodule
+# ---------------------------------------------------------------------------------------------
+
+class MEAttention(_FromOriginal, nn.Module):
+    r"""MT-UNet's ``MEAttention(dim, configs)``: (B, N, dim) -> (B, N, dim), external attention
+    with 4·head heads, memories of 64 slots, softmax over tokens then over slots
+    (:func:`~medattn_fast.functional.external_attention`). ``query_liner.bias`` and
+    ``linear_0.bias`` have no effect (kept for the checkpoints)."""
+
+    def __init__(self, dim, configs):
+        super().__init__()
+        self.num_heads = configs["head"]
+        self.coef = 4
+        self.query_liner = nn.Linear(dim, dim * self.coef)
+        self.num_heads = self.coef * self.num_heads
+        self.k = 256 // self.coef
+        self.linear_0 = nn.Linear(dim * self.coef // self.num_heads, self.k)
+        self.linear_1 = nn.Linear(self.k, dim * self.coef // self.num_heads)
+        self.proj = nn.Linear(dim * self.coef, dim)
+
+    @classmethod
+    def _init_args(cls, module):
+        head, rem = divmod(module.num_heads, module.coef)
+        if rem or module.coef != 4:
+            raise TypeError(f"num_heads={module.num_heads}, coef={module.coef} do not come from MEAttention(dim, configs)")
+        return (module.proj.out_features, {"head": head}), {}
+
+    def forward(self, x):
+        _tokens("MEAttention", x, self.proj.out_features)
+        return MF.external_attention(x, self.query_liner.weight, self.query_liner.bias, self.linear_0.weight,
+                                     self.linear_0.bias, self.linear_1.weight, self.linear_1.bias,
+                                     self.proj.weight, self.proj.bias, num_heads=self.num_heads)
+
+
+class EAmodule(_FromOriginal, nn.Module):
+    r"""MT-UNet's mixed transformer module ``EAmodule(dim)``: (B, N, dim) -> (B, N, dim).
+
+    ``x = x + CSAttention(SlayerNorm(x))``; ``x = x + EAttention(ElayerNorm(x))`` (LayerNorm eps
+    1e-6). The original reads a module-level ``configs``; here it is an argument defaulting to that
+    dict (:data:`MTUNET_CONFIGS`). ``ElayerNorm.bias`` has no effect (kept for the checkpoints).
+    """
+
+    def __init__(self, dim, configs=MTUNET_CONFIGS):
+        super().__init__()
+        self.SlayerNorm = nn.LayerNorm(dim, eps=1e-6)
+        self.ElayerNorm = nn.LayerNorm(dim, eps=1e-6)
+        self.CSAttention = CSAttention(dim, configs)
+        self.EAttention = MEAttention(dim, configs)
+
+    @classmethod
+    def _init_args(cls, module):
+        win = module.CSAttention.win_atten
+        return (module.SlayerNorm.normalized_shape[0],), {
+            "configs": {"win_size": win.window_size, "head": win.attention.num_head}}
+
+    def forward(self, x):
+        x = x + self.CSAttention(self.SlayerNorm(x))
+        return x + self.EAttention(self.ElayerNorm(x))
+
+
+COMPAT_CLASSES = {
+    "GaussianTrans": GaussianTrans,
+    "Attention": Attention,
+    "WinAttention": WinAttention,
+    "DlightConv": DlightConv,
+    "CSAttention": CSAttention,
+    "MEAttention": MEAttention,
+    "EAmodule": EAmodule,
+}
