@@ -1,0 +1,80 @@
+"""Benchmark cases of channel attention (DESIGN.md op 3): DANet's ``CAM_Module`` (B=2, C=256,
+48×48; the DANet head's inter width at 1/8 of a 384² image) and seed 001's
+``ChannelAttentionModule`` at the same size.
+
+Providers: ``reference`` (the original module), ``torch`` / ``auto`` (the compat module forced to
+the torch backend / on the default choice), ``compile`` (``torch.compile`` of the reference).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+
+import medattn_fast
+from bench.harness import Case
+from medattn_fast.compat.danet import CAM_Module as FastCAM
+from medattn_fast.compat.guided_attention import ChannelAttentionModule as FastChannel
+from medattn_fast.reference.danet import CAM_Module
+from medattn_fast.reference.guided_attention import ChannelAttentionModule
+
+
+def _flops(batch: int, channels: int, n: int) -> float:
+    return batch * (2.0 * channels * channels * n * 2 + 5.0 * channels * channels)   # X Xᵀ, A X, softmax
+
+
+def _with_backend(fn: Callable, backend: str) -> Callable:
+    def run(*args):
+        with medattn_fast.use_backend(backend):
+            return fn(*args)
+    return run
+
+
+def _dtypes(device: torch.device):
+    return (torch.float32,) if device.type == "cpu" else (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _setup_cam(batch: int, channels: int, size):
+    def setup(device: torch.device, dtype: torch.dtype):
+        ref = CAM_Module(channels).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            ref.gamma.fill_(0.5)
+        fast = FastCAM(channels)
+        fast.gamma = ref.gamma   # one set of weights
+        # unit-variance inputs scaled down so that float32 softmax(−E) is not a hard one-hot
+        x = (0.1 * torch.randn(batch, channels, *size, device=device, dtype=dtype)).requires_grad_(True)
+        providers: Dict[str, Callable] = {
+            "reference": ref.forward,
+            "torch": _with_backend(fast.forward, "torch"),
+            "compile": torch.compile(ref),
+            "auto": fast.forward,
+        }
+        return (x,), providers
+
+    return setup
+
+
+def _setup_seed001(batch: int, channels: int, size):
+    def setup(device: torch.device, dtype: torch.dtype):
+        ref = ChannelAttentionModule(channels).to(device=device, dtype=dtype)
+        fast = FastChannel(channels)
+        fast.output_conv = ref.output_conv
+        x = (0.1 * torch.randn(batch, channels, *size, device=device, dtype=dtype)).requires_grad_(True)
+        providers: Dict[str, Callable] = {
+            "reference": ref.forward,
+            "torch": _with_backend(fast.forward, "torch"),
+            "compile": torch.compile(ref),
+            "auto": fast.forward,
+        }
+        return (x,), providers
+
+    return setup
+
+
+def cases(device: torch.device) -> List[Case]:
+    return [
+        Case(op="channel_attention", shape="CAM B=2 C=256 48x48", setup=_setup_cam(2, 256, (48, 48)),
+             flops=_flops(2, 256, 48 * 48), dtypes=_dtypes(device)),
+        Case(op="channel_attention", shape="seed001 B=2 C=256 48x48", setup=_setup_seed001(2, 256, (48, 48)),
+             flops=_flops(2, 256, 48 * 48), dtypes=_dtypes(device)),
+    ]
