@@ -54,8 +54,12 @@ def set_backend(name: Optional[str]) -> None:
     _global_backend = None if name is None else _check_name(name)
 
 
+@torch.compiler.assume_constant_result  # dynamo cannot trace ContextVar.get: read it at trace time
 def get_backend() -> str:
-    """The backend in force: ``use_backend`` > ``set_backend`` > ``MEDATTN_BACKEND`` > ``auto``."""
+    """The backend in force: ``use_backend`` > ``set_backend`` > ``MEDATTN_BACKEND`` > ``auto``.
+
+    Under ``torch.compile`` the choice is read once, when the graph is traced.
+    """
     name = _ctx_backend.get() or _global_backend or os.environ.get("MEDATTN_BACKEND") or "auto"
     return _check_name(name)
 
