@@ -160,6 +160,19 @@ def test_alpha_output(training, backend):
     assert_same_state(ref, twin)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_channels_last_and_strided_inputs(training):
+    """Inputs that are not contiguous (channels_last x, a strided slice of g) take the convolution
+    path of the torch backend instead of the flattened matrix product: same numbers."""
+    ref = randomize_batch_norms(R.AttentionBlock(4, 3, 2)).double().train(training)
+    twin = copy.deepcopy(ref)
+    x = torch.randn(2, 4, 7, 9, dtype=F64).to(memory_format=torch.channels_last)
+    g = torch.randn(2, 3, 6, 8, dtype=F64)[:, :, ::2, ::2]
+    assert not x.is_contiguous() and not g.is_contiguous()
+    torch.testing.assert_close(gate_call(twin, x, g, backend="torch"), ref(x, g), **TOL)
+    assert_same_state(ref, twin)
+
+
 def test_matrix_weights_equal_conv_weights():
     """1x1 conv weights may be passed as (C_out, C_in) matrices."""
     ref = randomize_batch_norms(R.AttentionBlock(3, 5, 2)).double().eval()
@@ -191,7 +204,7 @@ def test_gradcheck_torch_backend(training):
     assert torch.autograd.gradcheck(fn, (x, g, *params, *flat_bn), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_returns_input_dtype_close_to_fp64(dtype):
     ref = randomize_batch_norms(R.AttentionBlock(8, 6, 4)).double().eval()
     x, g = torch.randn(2, 8, 9, 10, dtype=F64), torch.randn(2, 6, 5, 5, dtype=F64)

@@ -1,0 +1,122 @@
+"""Benchmark cases of the Attention U-Net gate (DESIGN.md op 1).
+
+Shapes are one decoder level of Attention U-Net: skip x (B, Cx, *S), gating signal g from the
+level below (B, 2·Cx, *S/2), C_int = Cx/2. Eval and train mode are separate cases: eval is where
+BN folds into the convolutions; train needs batch statistics and updates the running ones.
+
+Providers: ``reference`` (the seeds' AttentionBlock module), ``torch`` / ``auto``
+(:class:`medattn_fast.nn.AttentionGate` forced to the torch backend / on the default choice),
+``compile`` (``torch.compile`` of the reference module), ``grid`` cases compare Oktay's
+GridAttentionBlock (output ``W_y``; its α is not part of the timed output). All providers share
+the reference module's parameter and buffer objects.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+from bench.harness import Case
+from medattn_fast.nn.attention_gate import AttentionGate
+from medattn_fast.reference.attention_gate import AttentionBlock, GridAttentionBlock
+
+
+def _additive_flops(batch: int, cx: int, cg: int, cint: int, size: Tuple[int, ...]) -> float:
+    n = batch * math.prod(size)
+    ng = batch * math.prod(s // 2 for s in size)
+    # W_x·x, W_g·g (coarse), interpolation (~2^d mults+adds per value), w_ψ·relu(a), α ⊙ x
+    return 2.0 * n * cx * cint + 2.0 * ng * cg * cint + 2.0 * (2 ** len(size)) * n * cint + 2.0 * n * cint + n * cx
+
+
+def _shape(batch: int, cx: int, size: Tuple[int, ...], training: bool, mode: str = "additive") -> str:
+    dims = "x".join(str(s) for s in size)
+    return f"{mode} B={batch} C={cx} {dims} {'train' if training else 'eval'}"
+
+
+def _compile(module: torch.nn.Module) -> Callable:
+    """torch.compile of the reference; on a torch without a working compiler the provider is
+    reported unavailable by the harness (it raises at the first call)."""
+    return torch.compile(module)
+
+
+def _setup_additive(batch: int, cx: int, size: Tuple[int, ...], training: bool):
+    cg, cint, nd = 2 * cx, cx // 2, len(size)
+
+    def setup(device: torch.device, dtype: torch.dtype):
+        ref = AttentionBlock(cx, cg, cint, spatial_dims=nd).to(device=device, dtype=dtype).train(training)
+        with torch.no_grad():  # a trained-looking BN state, so that eval folding does real work
+            for bn in (ref.Wx[1], ref.Wg[1], ref.psi[1]):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_(0.0, 0.1)
+                bn.running_mean.normal_(0.0, 0.1)
+                bn.running_var.uniform_(0.5, 1.5)
+
+        def gate(backend):
+            m = AttentionGate(cx, cg, cint, spatial_dims=nd, backend=backend).to(device=device, dtype=dtype)
+            # share the reference's parameters and buffers (one set of weights for all providers)
+            m.x_conv, m.x_norm, m.g_conv, m.g_norm, m.psi_conv, m.psi_norm = (
+                ref.Wx[0], ref.Wx[1], ref.Wg[0], ref.Wg[1], ref.psi[0], ref.psi[1])
+            return m.train(training)
+
+        x = torch.randn(batch, cx, *size, device=device, dtype=dtype, requires_grad=True)
+        g = torch.randn(batch, cg, *(s // 2 for s in size), device=device, dtype=dtype, requires_grad=True)
+        providers: Dict[str, Callable] = {
+            "reference": ref.forward,
+            "torch": gate("torch").forward,
+            "compile": _compile(ref),
+            "auto": gate(None).forward,
+        }
+        return (x, g), providers
+
+    return setup
+
+
+def _setup_grid(batch: int, cx: int, size: Tuple[int, ...], training: bool):
+    cg, cint, nd = 2 * cx, cx // 2, len(size)
+
+    def setup(device: torch.device, dtype: torch.dtype):
+        ref = GridAttentionBlock(cx, cg, cint, spatial_dims=nd, sub_sample_factor=2)
+        ref = ref.to(device=device, dtype=dtype).train(training)
+
+        def gate(backend):
+            m = AttentionGate(cx, cg, cint, spatial_dims=nd, mode="grid", sub_sample_factor=2, backend=backend)
+            m = m.to(device=device, dtype=dtype)
+            m.x_conv, m.g_conv, m.psi_conv, m.out_conv, m.out_norm = ref.theta, ref.phi, ref.psi, ref.W[0], ref.W[1]
+            return m.train(training)
+
+        x = torch.randn(batch, cx, *size, device=device, dtype=dtype, requires_grad=True)
+        g = torch.randn(batch, cg, *(s // 2 for s in size), device=device, dtype=dtype, requires_grad=True)
+        compiled = _compile(ref)
+        torch_gate, auto_gate = gate("torch"), gate(None)
+        providers: Dict[str, Callable] = {
+            "reference": lambda x, g: ref(x, g)[0],
+            "torch": torch_gate.forward,
+            "compile": lambda x, g: compiled(x, g)[0],
+            "auto": auto_gate.forward,
+        }
+        return (x, g), providers
+
+    return setup
+
+
+def cases(device: torch.device) -> List[Case]:
+    if device.type == "cuda":  # the real networks' sizes (DESIGN.md: 2-D 224²/512², 3-D 64³/128³)
+        additive = [(2, 64, (224, 224)), (2, 64, (512, 512)), (1, 32, (64, 64, 64)), (1, 32, (128, 128, 128))]
+        grid = [(2, 64, (224, 224)), (1, 32, (64, 64, 64))]
+        dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    else:
+        additive = [(2, 64, (128, 128)), (1, 32, (32, 32, 32))]
+        grid = [(2, 64, (128, 128))]
+        dtypes = (torch.float32,)
+    out: List[Case] = []
+    for batch, cx, size in additive:
+        for training in (False, True):
+            out.append(Case(op="attention_gate", shape=_shape(batch, cx, size, training),
+                            setup=_setup_additive(batch, cx, size, training),
+                            flops=_additive_flops(batch, cx, 2 * cx, cx // 2, size), dtypes=dtypes))
+    for batch, cx, size in grid:
+        for training in (False, True):
+            out.append(Case(op="attention_gate", shape=_shape(batch, cx, size, training, "grid"),
+                            setup=_setup_grid(batch, cx, size, training), dtypes=dtypes))
+    return out
