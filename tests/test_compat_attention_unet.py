@@ -195,3 +195,23 @@ def test_compat_classes_registry():
                                 "Attention_block": C.Attention_block}
     for name, cls in C.COMPAT_CLASSES.items():
         assert cls.__name__ == name and callable(getattr(cls, "from_original"))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_convert_swaps_every_gate_and_keeps_outputs(training):
+    model = randomize(torch.nn.ModuleDict({
+        "up": R.AttentionUpBlock(6, 4), "gate": R.Attention_block(3, 4, 2),
+        "block3d": R.AttentionBlock(4, 6, 2, spatial_dims=3)})).double().train(training)
+    original = copy.deepcopy(model)
+    # imported from the submodule: the package-level ``medattn_fast.convert`` function is shadowed
+    # by the ``medattn_fast.convert`` module once that module has been imported
+    from medattn_fast.convert import convert
+    report = convert(model, families=["attention_unet"])
+    assert len(report) == 3
+    assert isinstance(model["up"], C.AttentionUpBlock) and isinstance(model["up"].attention, C.AttentionBlock)
+    assert isinstance(model["gate"], C.Attention_block) and isinstance(model["block3d"], C.AttentionBlock)
+    assert model.training == training
+    run_pair(original["up"], model["up"], (torch.randn(2, 6, 4, 5, dtype=F64), torch.randn(2, 4, 7, 9, dtype=F64)),
+             "torch")
+    run_pair(original["block3d"], model["block3d"],
+             (torch.randn(2, 4, 3, 5, 4, dtype=F64), torch.randn(2, 6, 2, 3, 2, dtype=F64)), "torch")
