@@ -219,6 +219,13 @@ def test_error_empty_token_dim():
         position_attention(q, k[:, :0], v[:, :0])
 
 
+def test_error_empty_value_dim():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"argument 'v' must not have an empty dimension, got shape \(2, 6, 0\)"):
+        position_attention(q, k, v[..., :0])
+
+
+
 def test_error_bad_layout():
     with pytest.raises(ValueError, match=r"argument 'layout' must be one of \('tokens', 'channels'\), got 'nchw'"):
         position_attention(*_qkv(), layout="nchw")

@@ -13,6 +13,8 @@ Quirks of the original, reproduced on purpose:
   largest weight. Because softmax is shift invariant this equals ``softmax(−E)`` exactly, but the
   original forms E in the input dtype, so in float16 E overflows (|E| > 65504, e.g. C=512 at 128²)
   and ``inf − inf`` makes the output NaN.
+* ``in_dim // 8`` query/key channels: for in_dim < 8 the convs have 0 output channels and the
+  forward fails (PyTorch rejects a 0-channel conv weight); the fast modules share that limit.
 * ``gamma`` starts at 0, so a fresh module is the identity (the attention branch only matters once
   gamma is trained).
 * ``DANetHead`` builds three classifiers behind ``Dropout2d(0.1)`` and returns all three logits

@@ -19,8 +19,9 @@ Quirks of the original, reproduced on purpose:
   ``output_conv(F3 * F)`` instead of DANet's ``γ·F3 + F``; there is no gamma.
 * ``ChannelAttentionModule`` soft-maxes ``E = X Xᵀ`` itself (most *similar* channels weigh most),
   unlike DANet's ``rowmax(E) − E``. E is formed in the input dtype (float16 overflows).
-* The reduced width is ``int(in_channels / 8)``: 0 channels for in_channels < 8 (the conv then
-  has an empty weight and the energy is all zeros, i.e. uniform attention).
+* The reduced width is ``int(in_channels / 8)``: 0 channels for in_channels < 8, where the conv
+  is built with an empty weight and its forward fails (GuidedAttentionModule still builds such a
+  ``pam`` for in_channels_F + in_channels_Fms < 8, harmlessly, since pam never runs).
 * ``GuidedAttentionModule`` builds ``pam`` and ``cam`` but its forward only uses ``cam``; ``pam``'s
   parameters are in the state_dict and get no gradient. Its output is
   ``attention_map_conv(_F * cam(_F)) * F`` with ``_F = cat(F, F_ms)``: attention_map_conv
