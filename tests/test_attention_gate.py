@@ -406,3 +406,25 @@ def test_bad_input_raises_before_compute(override, exc, message):
     after = [bn.num_batches_tracked for bn in (kwargs["bn_x"], kwargs["bn_g"], kwargs["bn_psi"])
              if isinstance(bn, BatchNormParams) and bn.num_batches_tracked is not None]
     assert [int(c) for c in counters] == [int(c) for c in after]  # nothing ran, no BN state moved
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_compile_fullgraph_no_recompile(training):
+    """The gate traces as one graph (dispatch and validation included), the second call with fresh
+    inputs reuses it, and compiled train mode still updates the running statistics."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    gate = AttentionGate(4, 6, 2).train(training)
+    eager = copy.deepcopy(gate)
+    compiled = torch.compile(gate, fullgraph=True, backend=counting_backend)
+    for _ in range(2):
+        x, g = torch.randn(2, 4, 7, 9), torch.randn(2, 6, 3, 4)
+        torch.testing.assert_close(compiled(x, g), eager(x, g))
+    assert len(graphs) == 1
+    torch.testing.assert_close(gate.x_norm.running_mean, eager.x_norm.running_mean)
+    assert int(gate.psi_norm.num_batches_tracked) == int(eager.psi_norm.num_batches_tracked)
