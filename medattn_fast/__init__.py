@@ -8,15 +8,11 @@
 from . import functional  # noqa: F401
 from .backend import BackendUnavailable, get_backend, info, set_backend, use_backend  # noqa: F401
 
+# Bound after the submodule import on purpose: importing ``medattn_fast.convert`` sets the package
+# attribute to the module once; this rebinds it to the function (the module stays importable).
+from .convert import ConvertReport, convert  # noqa: E402,F401
+
 __version__ = "0.1.0"
-
-
-def convert(model, **kwargs):
-    """Swap instances of the original classes for their fast compat twins; see
-    :func:`medattn_fast.convert.convert`."""
-    from .convert import convert as _convert
-
-    return _convert(model, **kwargs)
 
 
 __all__ = ["functional", "set_backend", "get_backend", "use_backend", "info", "convert", "BackendUnavailable"]
