@@ -512,3 +512,27 @@ def test_nn_window_aggregation_bad_input():
 def test_nn_external_attention_bad_input():
     with pytest.raises(ValueError, match=r"ExternalAttention: input must have shape \(B, \.\.\., C\) = \(\*, \.\.\., 8\), got \(4, 8\)"):
         N.ExternalAttention(8, num_heads=4)(torch.randn(4, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: one graph, no recompile on new values
+# ---------------------------------------------------------------------------------------------
+
+def test_window_and_external_compile_fullgraph_once():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    wparams = _window_params(8, 2, 4, 8, dtype=torch.float32)
+    eparams = _external_params(8, 2, 4, 6, 8, dtype=torch.float32)
+
+    def both(x, tokens):
+        return (MF.window_attention(x, *wparams, window_size=4, num_heads=2, pad_mode="mask"),
+                MF.external_attention(tokens, *eparams, num_heads=2))
+
+    compiled = torch.compile(both, fullgraph=True, backend=counter)
+    for _ in range(2):
+        x, tokens = torch.randn(1, 7, 7, 8), torch.randn(2, 9, 8)
+        for got, want in zip(compiled(x, tokens), both(x, tokens)):
+            torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1

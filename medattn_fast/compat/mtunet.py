@@ -145,8 +145,8 @@ class Attention(_FromOriginal, nn.Module):
     r"""MT-UNet's ``Attention(dim, configs, axial=False)``.
 
     ``axial=False``: x (..., win, dim) -> (..., win, dim), multi-head softmax attention over the
-    ``win`` tokens (scale 1/sqrt(d), d = dim/head), then ``out``; one GEMM for q/k/v and
-    ``F.scaled_dot_product_attention``. (Inside WinAttention the whole window pass is one
+    ``win`` tokens (scale 1/sqrt(d), d = dim/head), then ``out``; one GEMM for q/k/v, heads as a
+    batch dimension of strided views. (Inside WinAttention the whole window pass is one
     :func:`~medattn_fast.functional.window_attention` call instead.)
 
     ``axial=True``: x (b, h, w, dim) -> (atten_x (b, h, w, w), atten_y (b, w, h, h), value
@@ -197,8 +197,9 @@ class Attention(_FromOriginal, nn.Module):
             return atten_x, atten_y, v
         heads, d = self.num_head, self.attention_head_size
         q, k, v = (t.unflatten(-1, (heads, d)).transpose(-2, -3) for t in (q, k, v))  # (..., heads, win, d)
-        o = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d))
-        return self.out(o.transpose(-2, -3).flatten(-2))
+        # plain batched matmuls: windows are short (see ops.window), the (win, win) scores are small
+        probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(d)), dim=-1)
+        return self.out(torch.matmul(probs, v).transpose(-2, -3).flatten(-2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ class WinAttention(_FromOriginal, nn.Module):
     def forward(self, x):
         b, n, c = _tokens("WinAttention", x, self.attention.dim)
         side = _square_side("WinAttention", n)
-        return MF.window_attention(x.view(b, side, side, c), *self.attention.projection_weights(),
+        return MF.window_attention(x.reshape(b, side, side, c), *self.attention.projection_weights(),
                                    window_size=self.window_size, num_heads=self.attention.num_head,
                                    pad_mode="mtunet", layout="windows")
 
