@@ -10,7 +10,8 @@ from medattn_fast.reference import mtunet as R
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-9, atol=1e-10)
-KEYS_FILE = Path(__file__).resolve().parents[2] / "shared" / "compat" / "mtunet_state_dict_keys.txt"
+# a copy of ../shared/compat/mtunet_state_dict_keys.txt (the original MTUNet(9) checkpoint keys)
+KEYS_FILE = Path(__file__).resolve().parent / "data" / "mtunet_state_dict_keys.txt"
 CFG = {"win_size": 4, "head": 2}
 
 
