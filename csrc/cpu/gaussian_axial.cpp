@@ -38,6 +38,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -248,48 +250,78 @@ MEDATTN_INLINE void gemm_nt(int64_t M, int64_t N, int64_t D, const acc_t* X, int
   }
 }
 
-// Subtract the Gaussian penalty θ (n − m)² from an L×L logit matrix (row stride L).
+// exp for the softmaxes. float: Cody-Waite range reduction and Cephes' degree-6 polynomial
+// (≤ 2 ulp on the arguments a softmax produces, x ≤ 0), written with plain arithmetic so `omp simd`
+// loops vectorise it (std::exp would stay a scalar libm call). double: std::exp (the accuracy mode).
+MEDATTN_INLINE float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);  // exp(-87) ~ 1.6e-38: a zero weight next to exp(0) = 1
+  constexpr float kMagic = 12582912.0f;      // 1.5 · 2^23: adding it rounds to an integer
+  const float t = x * 1.44269504088896341f + kMagic;
+  const float n = t - kMagic;
+  float r = x - n * 0.693359375f;            // ln 2 split in two for an exact reduction
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+MEDATTN_INLINE double exp_approx(double x) {
+  return std::exp(x);
+}
+
+// Gaussian-penalised softmax of each row of an L×L logit matrix, in place:
+// S[m, n] ← softmax_n(S[m, n] − θ (n − m)²); `lse` (optional) receives each row's log-sum-exp.
 template <typename acc_t>
-MEDATTN_INLINE void add_distance_penalty(acc_t* S, int64_t L, acc_t shift) {
+MEDATTN_INLINE void gaussian_softmax_rows(acc_t* S, int64_t L, acc_t shift, acc_t* lse) {
   for (int64_t m = 0; m < L; ++m) {
     acc_t* s = S + m * L;
+    acc_t mx = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : mx)
     for (int64_t n = 0; n < L; ++n) {
       const acc_t dist = static_cast<acc_t>(n - m);
       s[n] -= shift * dist * dist;
+      mx = std::max(mx, s[n]);
     }
-  }
-}
-
-// Row-wise softmax of an L×L matrix in place; `lse` (optional) receives each row's log-sum-exp.
-template <typename acc_t>
-MEDATTN_INLINE void softmax_rows(acc_t* S, int64_t L, acc_t* lse) {
-  for (int64_t m = 0; m < L; ++m) {
-    acc_t* s = S + m * L;
-    acc_t mx = s[0];
-    for (int64_t n = 1; n < L; ++n) mx = std::max(mx, s[n]);
     acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
     for (int64_t n = 0; n < L; ++n) {
-      s[n] = std::exp(s[n] - mx);
+      s[n] = exp_approx(s[n] - mx);
       sum += s[n];
     }
     const acc_t inv = acc_t(1) / sum;
+#pragma omp simd
     for (int64_t n = 0; n < L; ++n) s[n] *= inv;
     if (lse) lse[m] = mx + std::log(sum);
   }
 }
 
-// Recompute probabilities from logits and the saved log-sum-exp of each row.
+// Recompute the probabilities from the logits (penalty not yet applied) and each row's saved
+// log-sum-exp: S[m, n] ← exp(S[m, n] − θ (n − m)² − lse[m]).
 template <typename acc_t>
-MEDATTN_INLINE void probabilities_from_lse(acc_t* S, int64_t L, const acc_t* lse, int64_t lse_step) {
+MEDATTN_INLINE void gaussian_probabilities_from_lse(acc_t* S, int64_t L, acc_t shift, const acc_t* lse,
+                                                    int64_t lse_step) {
   for (int64_t m = 0; m < L; ++m) {
     acc_t* s = S + m * L;
     const acc_t row_lse = lse[m * lse_step];
-    for (int64_t n = 0; n < L; ++n) s[n] = std::exp(s[n] - row_lse);
+#pragma omp simd
+    for (int64_t n = 0; n < L; ++n) {
+      const acc_t dist = static_cast<acc_t>(n - m);
+      s[n] = exp_approx(s[n] - shift * dist * dist - row_lse);
+    }
   }
 }
 
 // Softmax backward in place: dP ← P ⊙ (dP − rowsum(P ⊙ dP)) (= gradient of the logits). Returns
-// Σ dS[m, n] · (−(n − m)²), this line's contribution to the gradient of θ.
+// Σ dS[m, n] · (−(n − m)²), this line's contribution to the gradient of θ (accumulated in double).
 template <typename acc_t>
 MEDATTN_INLINE double softmax_backward_rows(const acc_t* P, acc_t* dP, int64_t L) {
   double shift_grad = 0;
@@ -297,12 +329,16 @@ MEDATTN_INLINE double softmax_backward_rows(const acc_t* P, acc_t* dP, int64_t L
     const acc_t* p = P + m * L;
     acc_t* dp = dP + m * L;
     acc_t delta = 0;
+#pragma omp simd reduction(+ : delta)
     for (int64_t n = 0; n < L; ++n) delta += p[n] * dp[n];
+    double row = 0;
+#pragma omp simd reduction(+ : row)
     for (int64_t n = 0; n < L; ++n) {
       dp[n] = p[n] * (dp[n] - delta);
       const double dist = static_cast<double>(n - m);
-      shift_grad -= static_cast<double>(dp[n]) * dist * dist;
+      row -= static_cast<double>(dp[n]) * dist * dist;
     }
+    shift_grad += row;
   }
   return shift_grad;
 }
@@ -385,8 +421,7 @@ MEDATTN_INLINE void scores_forward_lines(const ScoresForward<scalar_t, acc_t>& a
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / g.lines_per_batch(), idx = t % g.lines_per_batch();
     load_scores(score_line(a.scores.data, a.scores.st, b, idx), L, P.data());
-    add_distance_penalty(P.data(), L, a.shift);
-    softmax_rows<acc_t>(P.data(), L, nullptr);
+    gaussian_softmax_rows<acc_t>(P.data(), L, a.shift, nullptr);
     const Panel<acc_t> V = load_panel<scalar_t, acc_t>(pixel_line(a.v.data, a.v.st, g.axis, b, idx), L, D, v_buf.data());
     int64_t ldy;
     acc_t* Y = acc_line(a.out, g, b, idx, &ldy);
@@ -416,8 +451,7 @@ MEDATTN_INLINE void scores_backward_lines(const ScoresBackward<scalar_t, acc_t>&
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / g.lines_per_batch(), idx = t % g.lines_per_batch();
     load_scores(score_line(a.scores.data, a.scores.st, b, idx), L, P.data());
-    add_distance_penalty(P.data(), L, a.shift);
-    softmax_rows<acc_t>(P.data(), L, nullptr);
+    gaussian_softmax_rows<acc_t>(P.data(), L, a.shift, nullptr);
     const Panel<acc_t> V = load_panel<scalar_t, acc_t>(pixel_line(a.v.data, a.v.st, g.axis, b, idx), L, D, v_buf.data());
     const Panel<acc_t> G =
         load_panel<scalar_t, acc_t>(pixel_line(a.grad_out.data, a.grad_out.st, g.axis, b, idx), L, D, go_buf.data());
@@ -458,8 +492,7 @@ MEDATTN_INLINE void qkv_forward_lines(const QkvForward<scalar_t, acc_t>& a, int6
     const Panel<acc_t> K = load_panel<scalar_t, acc_t>(pixel_line(a.k.data, a.k.st, g.axis, b, idx), L, D, k_buf.data());
     const Panel<acc_t> V = load_panel<scalar_t, acc_t>(pixel_line(a.v.data, a.v.st, g.axis, b, idx), L, D, v_buf.data());
     gemm_nt<acc_t>(L, L, D, Q.ptr, Q.ld, K.ptr, K.ld, P.data(), L);
-    add_distance_penalty(P.data(), L, a.shift);
-    softmax_rows<acc_t>(P.data(), L, row_lse.data());
+    gaussian_softmax_rows<acc_t>(P.data(), L, a.shift, row_lse.data());
     Line<acc_t> lse = pixel_line(a.lse.data, a.lse.st, g.axis, b, idx);
     for (int64_t l = 0; l < L; ++l) lse.ptr[l * lse.step] = row_lse[l];
     int64_t ldy;
@@ -497,9 +530,8 @@ MEDATTN_INLINE void qkv_backward_lines(const QkvBackward<scalar_t, acc_t>& a, in
         load_panel<scalar_t, acc_t>(pixel_line(a.grad_out.data, a.grad_out.st, g.axis, b, idx), L, D, go_buf.data());
     // Recompute P from the logits and the saved log-sum-exp.
     gemm_nt<acc_t>(L, L, D, Q.ptr, Q.ld, K.ptr, K.ld, P.data(), L);
-    add_distance_penalty(P.data(), L, a.shift);
     const Line<const acc_t> lse = pixel_line(a.lse.data, a.lse.st, g.axis, b, idx);
-    probabilities_from_lse(P.data(), L, lse.ptr, lse.step);
+    gaussian_probabilities_from_lse<acc_t>(P.data(), L, a.shift, lse.ptr, lse.step);
     // dS = P ⊙ (G Vᵀ − rowsum), in dP.
     gemm_nt<acc_t>(L, L, D, G.ptr, G.ld, V.ptr, V.ld, dP.data(), L);
     a.shift_partials[t] = softmax_backward_rows(P.data(), dP.data(), L);
