@@ -1,0 +1,511 @@
+r"""Fused Triton kernels of position attention (DESIGN.md op 2), forward and backward.
+
+Math (``s`` = scale; all statistics in float32):
+
+    P_ij = softmax_j(s · q_i·k_j) = exp(s · q_i·k_j − lse_i)       q (B, Nq, dk), k (B, Nk, dk)
+    o_i  = Σ_j P_ij v_j                 transpose=False             v (B, Nk, dv) -> o (B, Nq, dv)
+    o_j  = Σ_i P_ij v_i                 transpose=True (V @ A)      v (B, Nq, dv) -> o (B, Nk, dv)
+    out  = γ · (o ⊙ f) + x              fused epilogue, each of γ (1 element), f, x optional
+
+No N×N tensor exists anywhere: the forward is flash attention (online softmax over key blocks),
+and the backward recomputes P from the saved row log-sum-exp. Internally the scores live in base 2
+(``exp2`` is the native instruction): the kernels multiply q·k by ``s · log2(e)`` and the saved
+statistic is ``lse2_i = log2 Σ_j exp2(s · log2(e) · q_i·k_j)`` (= lse_i / ln 2).
+
+Backward, with g = ∂L/∂o = γ · (∂L/∂out ⊙ f) and D_i = Σ_j P_ij dP_ij:
+
+    transpose=False:  dP_ij = g_i·v_j,  D_i = g_i·o_i,  dv_j = Σ_i P_ij g_i
+    transpose=True:   dP_ij = v_i·g_j,  dv_i = Σ_j P_ij g_j,  D_i = v_i·dv_i
+    dS_ij = P_ij (dP_ij − D_i),  dq_i = s Σ_j dS_ij k_j,  dk_j = s Σ_i dS_ij q_i
+    dγ = Σ ∂L/∂out ⊙ o ⊙ f,  df = γ · ∂L/∂out ⊙ o,  dx = ∂L/∂out
+
+Kernels (every one masks rows, keys and feature columns, so no size needs to be a multiple of a
+block; dk is padded to a power of two ≥ 16, the minimum ``tl.dot`` size):
+
+* ``_forward_kernel``          online-softmax row accumulation (transpose=False), epilogue, lse2
+* ``_row_lse_kernel``          the row statistics alone (pass 1 of transpose=True)
+* ``_column_kernel``           out_j = Σ_i P_ij R_i with known lse2: the transposed forward
+                               (R = v, with epilogue) and dv of transpose=False (R = g)
+* ``_row_kernel``              out_i = Σ_j P_ij R_j with known lse2, and D_i partials:
+                               dv and D of transpose=True (R = g)
+* ``_grad_out_kernel``         g = γ · ∂L/∂out ⊙ f, D partials (transpose=False), df, dγ partials
+* ``_dq_kernel``, ``_dk_kernel`` dS recomputed per tile; dP contracted over dv in BLOCK_DV chunks
+
+dv (up to C = 1024 for DANet) is split across programs (grid axis 2, ``block_dv`` wide) in every
+kernel that produces a dv-wide result; each split recomputes the scores, which costs
+2·N²·dk per split against 2·N²·block_dv for its share of the P·V product — cheap because
+dk = C/8 is small. ``block_dv >= dv`` gives the single-program (loop-free) variant; which split is
+fastest on an H100 is a measurement (see ``default_config``). The kernels that only need a dv
+contraction (dq, dk) loop over dv chunks instead.
+
+Launch functions take any strides (channel-first conv outputs arrive as transposed views) and
+allocate their results; they do no autograd (see ``medattn_fast/ops/_position_triton.py``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["PositionConfig", "default_config", "position_forward", "position_backward", "MAX_HEAD_DIM"]
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256   # dk is held whole in registers (padded to a power of two)
+
+
+@dataclass(frozen=True)
+class PositionConfig:
+    """Tile sizes of the kernels: query rows, key rows, dv columns per program; warps; stages."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_dv: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def default_config(dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
+    """A starting heuristic for an H100 (to be replaced by measured choices).
+
+    16-bit inputs: 128×64 score tiles, 8 warps, dv split into 128-wide programs (DANet dv = 512
+    gives 4 splits, each recomputing only the dk-wide scores). float32 inputs halve the tiles
+    (twice the registers per element, and ``ieee`` dots run without tensor cores).
+    """
+    dk_pad = _pow2_at_least_16(dk)
+    if dtype == torch.float32:
+        return PositionConfig(64, 32, min(64, _pow2_at_least_16(dv)), num_warps=4, num_stages=2)
+    block_m = 128 if dk_pad <= 64 else 64
+    return PositionConfig(block_m, 64, min(128, _pow2_at_least_16(dv)), num_warps=8 if block_m == 128 else 4,
+                          num_stages=3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs must not silently drop to TF32 (PyTorch's fp32 bmm does not either).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _load_2d(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    """A (len(rows), len(cols)) tile; out-of-range entries read as 0."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_2d(base, value, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(base + rows[:, None] * stride_r + cols[None, :] * stride_c,
+             value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue(o, rows, cols, n_rows, n_cols, b, gamma_ptr, res_ptr, srb, srn, srd, mul_ptr, smb, smn, smd,
+              HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr, HAS_MUL: tl.constexpr):
+    """γ · (o ⊙ f) + x on a float32 tile."""
+    if HAS_MUL:
+        o = o * _load_2d(mul_ptr + b * smb, rows, cols, smn, smd, n_rows, n_cols).to(tl.float32)
+    if HAS_GAMMA:
+        o = o * tl.load(gamma_ptr).to(tl.float32)
+    if HAS_RES:
+        o = o + _load_2d(res_ptr + b * srb, rows, cols, srn, srd, n_rows, n_cols).to(tl.float32)
+    return o
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, out_ptr, lse_ptr, gamma_ptr, res_ptr, mul_ptr,
+                    sqb, sqn, sqd, skb, skn, skd, svb, svn, svd, sob, son, sod, sxb, sxn, sxd,
+                    srb, srn, srd, smb, smn, smd,
+                    n_q, n_k, d_k, d_v, qk_scale,
+                    HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr, HAS_MUL: tl.constexpr,
+                    STORE_O: tl.constexpr, STORE_LSE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """o_i = Σ_j softmax_j(s q_i·k_j) v_j for BLOCK_M rows × BLOCK_DV columns, online softmax."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid_v = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dks = tl.arange(0, BLOCK_DK)
+    dvs = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    q = _load_2d(q_ptr + b * sqb, rows, dks, sqn, sqd, n_q, d_k)
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start in range(0, n_k, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k_t = _load_2d(k_ptr + b * skb, dks, keys, skd, skn, d_k, n_k)                   # (DK, N)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        s = tl.where(keys[None, :] < n_k, s, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        alpha = tl.exp2(row_max - new_max)    # 0 on the first block (row_max = -inf)
+        p = tl.exp2(s - new_max[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        v = _load_2d(v_ptr + b * svb, keys, dvs, svn, svd, n_k, d_v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+    o = acc / row_sum[:, None]
+    if STORE_O:
+        _store_2d(o_ptr + b * sob, o, rows, dvs, son, sod, n_q, d_v)
+    out = _epilogue(o, rows, dvs, n_q, d_v, b, gamma_ptr, res_ptr, srb, srn, srd, mul_ptr, smb, smn, smd,
+                    HAS_GAMMA, HAS_RES, HAS_MUL)
+    _store_2d(out_ptr + b * sxb, out, rows, dvs, sxn, sxd, n_q, d_v)
+    if STORE_LSE:
+        if pid_v == 0:
+            tl.store(lse_ptr + b * n_q + rows, row_max + tl.log2(row_sum), mask=rows < n_q)
+
+
+@triton.jit
+def _row_lse_kernel(q_ptr, k_ptr, lse_ptr, sqb, sqn, sqd, skb, skn, skd, n_q, n_k, d_k, qk_scale,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """lse2_i = log2 Σ_j exp2(qk_scale · q_i·k_j), online over key blocks."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dks = tl.arange(0, BLOCK_DK)
+    q = _load_2d(q_ptr + b * sqb, rows, dks, sqn, sqd, n_q, d_k)
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, n_k, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k_t = _load_2d(k_ptr + b * skb, dks, keys, skd, skn, d_k, n_k)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        s = tl.where(keys[None, :] < n_k, s, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(s - new_max[:, None]), 1)
+        row_max = new_max
+    tl.store(lse_ptr + b * n_q + rows, row_max + tl.log2(row_sum), mask=rows < n_q)
+
+
+@triton.jit
+def _column_kernel(q_ptr, k_ptr, r_ptr, lse_ptr, o_ptr, out_ptr, gamma_ptr, res_ptr, mul_ptr,
+                   sqb, sqn, sqd, skb, skn, skd, srb_, srn_, srd_, sob, son, sod, sxb, sxn, sxd,
+                   srb, srn, srd, smb, smn, smd,
+                   n_q, n_k, d_k, d_v, qk_scale,
+                   HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr, HAS_MUL: tl.constexpr,
+                   STORE_O: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """out_j = epilogue(Σ_i P_ij r_i) for BLOCK_N key rows × BLOCK_DV columns; r has Nq rows.
+
+    P_ij = exp2(qk_scale · q_i·k_j − lse2_i) with the row statistics already known, so the sum
+    over i is a plain accumulation (P is built transposed, (keys, queries), to feed tl.dot).
+    """
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid_v = tl.program_id(2)
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dks = tl.arange(0, BLOCK_DK)
+    dvs = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    k = _load_2d(k_ptr + b * skb, keys, dks, skn, skd, n_k, d_k)                          # (N, DK)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for start in range(0, n_q, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q_t = _load_2d(q_ptr + b * sqb, dks, rows, sqd, sqn, d_k, n_q)                    # (DK, M)
+        s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale                       # (N, M)
+        lse = tl.load(lse_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
+        p_t = tl.where(rows[None, :] < n_q, tl.exp2(s_t - lse[None, :]), 0.0)
+        r = _load_2d(r_ptr + b * srb_, rows, dvs, srn_, srd_, n_q, d_v)                  # (M, DV)
+        acc += tl.dot(p_t.to(r.dtype), r, input_precision=PRECISION)
+    if STORE_O:
+        _store_2d(o_ptr + b * sob, acc, keys, dvs, son, sod, n_k, d_v)
+    out = _epilogue(acc, keys, dvs, n_k, d_v, b, gamma_ptr, res_ptr, srb, srn, srd, mul_ptr, smb, smn, smd,
+                    HAS_GAMMA, HAS_RES, HAS_MUL)
+    _store_2d(out_ptr + b * sxb, out, keys, dvs, sxn, sxd, n_k, d_v)
+
+
+@triton.jit
+def _row_kernel(q_ptr, k_ptr, r_ptr, lse_ptr, v_ptr, out_ptr, dpart_ptr,
+                sqb, sqn, sqd, skb, skn, skd, srb, srn, srd, svb, svn, svd, sxb, sxn, sxd,
+                n_q, n_k, d_k, d_v, qk_scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+                BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """dv_i = Σ_j P_ij r_j (r has Nk rows) and the partial row term Σ_{c in block} v_ic dv_ic.
+
+    The partials, (B, n_dv_blocks, Nq) in float32, sum to D_i = v_i·dv_i of transpose=True.
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid_v = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dks = tl.arange(0, BLOCK_DK)
+    dvs = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    q = _load_2d(q_ptr + b * sqb, rows, dks, sqn, sqd, n_q, d_k)
+    lse = tl.load(lse_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start in range(0, n_k, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k_t = _load_2d(k_ptr + b * skb, dks, keys, skd, skn, d_k, n_k)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        p = tl.where(keys[None, :] < n_k, tl.exp2(s - lse[:, None]), 0.0)
+        r = _load_2d(r_ptr + b * srb, keys, dvs, srn, srd, n_k, d_v)
+        acc += tl.dot(p.to(r.dtype), r, input_precision=PRECISION)
+    _store_2d(out_ptr + b * sxb, acc, rows, dvs, sxn, sxd, n_q, d_v)
+    v = _load_2d(v_ptr + b * svb, rows, dvs, svn, svd, n_q, d_v).to(tl.float32)
+    n_dv_blocks = tl.num_programs(2)
+    tl.store(dpart_ptr + (b * n_dv_blocks + pid_v) * n_q + rows, tl.sum(v * acc, 1), mask=rows < n_q)
+
+
+@triton.jit
+def _grad_out_kernel(dout_ptr, o_ptr, gamma_ptr, mul_ptr, g_ptr, df_ptr, dpart_ptr, gpart_ptr,
+                     sdb, sdn, sdd, sob, son, sod, smb, smn, smd, sgb, sgn, sgd, sfb, sfn, sfd,
+                     n_rows, d_v,
+                     HAS_GAMMA: tl.constexpr, HAS_MUL: tl.constexpr, STORE_G: tl.constexpr,
+                     ROW_TERM: tl.constexpr, STORE_DF: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Backward of the epilogue on one tile: g = γ · dout ⊙ f, df = γ · dout ⊙ o, partial sums of
+    dγ = Σ dout ⊙ o ⊙ f (B, row blocks, dv blocks) and of D_i = g_i·o_i (B, dv blocks, rows)."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid_v = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dvs = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dout = _load_2d(dout_ptr + b * sdb, rows, dvs, sdn, sdd, n_rows, d_v).to(tl.float32)
+    o = _load_2d(o_ptr + b * sob, rows, dvs, son, sod, n_rows, d_v).to(tl.float32)
+    g = dout
+    if HAS_MUL:
+        f = _load_2d(mul_ptr + b * smb, rows, dvs, smn, smd, n_rows, d_v).to(tl.float32)
+        g = g * f
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr).to(tl.float32)
+        n_row_blocks = tl.num_programs(0)
+        n_dv_blocks = tl.num_programs(2)
+        tl.store(gpart_ptr + (b * n_row_blocks + pid_m) * n_dv_blocks + pid_v, tl.sum(tl.sum(g * o, 1), 0))
+        g = g * gamma
+    if STORE_G:
+        _store_2d(g_ptr + b * sgb, g, rows, dvs, sgn, sgd, n_rows, d_v)
+    if STORE_DF:
+        df = dout * o
+        if HAS_GAMMA:
+            df = df * gamma
+        _store_2d(df_ptr + b * sfb, df, rows, dvs, sfn, sfd, n_rows, d_v)
+    if ROW_TERM:
+        n_dv = tl.num_programs(2)
+        tl.store(dpart_ptr + (b * n_dv + pid_v) * n_rows + rows, tl.sum(g * o, 1), mask=rows < n_rows)
+
+
+@triton.jit
+def _dq_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dq_ptr,
+               sqb, sqn, sqd, skb, skn, skd, sab, san, sad, scb, scn, scd, sdb, sdn, sdd,
+               n_q, n_k, d_k, d_v, qk_scale, scale,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """dq_i = s Σ_j P_ij (dP_ij − D_i) k_j with dP_ij = a_i·c_j (a: Nq rows, c: Nk rows)."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dks = tl.arange(0, BLOCK_DK)
+    q = _load_2d(q_ptr + b * sqb, rows, dks, sqn, sqd, n_q, d_k)
+    lse = tl.load(lse_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
+    delta = tl.load(delta_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
+    for start in range(0, n_k, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k_t = _load_2d(k_ptr + b * skb, dks, keys, skd, skn, d_k, n_k)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        p = tl.where(keys[None, :] < n_k, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for c0 in range(0, d_v, BLOCK_DV):
+            cols = c0 + tl.arange(0, BLOCK_DV)
+            a = _load_2d(a_ptr + b * sab, rows, cols, san, sad, n_q, d_v)
+            c_t = _load_2d(c_ptr + b * scb, cols, keys, scd, scn, d_v, n_k)
+            dp += tl.dot(a, c_t.to(a.dtype), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        acc += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+    _store_2d(dq_ptr + b * sdb, acc * scale, rows, dks, sdn, sdd, n_q, d_k)
+
+
+@triton.jit
+def _dk_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dk_ptr,
+               sqb, sqn, sqd, skb, skn, skd, sab, san, sad, scb, scn, scd, sdb, sdn, sdd,
+               n_q, n_k, d_k, d_v, qk_scale, scale,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """dk_j = s Σ_i P_ij (dP_ij − D_i) q_i with dP_ij = a_i·c_j, built transposed (keys, queries)."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dks = tl.arange(0, BLOCK_DK)
+    k = _load_2d(k_ptr + b * skb, keys, dks, skn, skd, n_k, d_k)
+    acc = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    for start in range(0, n_q, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q_t = _load_2d(q_ptr + b * sqb, dks, rows, sqd, sqn, d_k, n_q)
+        s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
+        lse = tl.load(lse_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
+        delta = tl.load(delta_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
+        p_t = tl.where(rows[None, :] < n_q, tl.exp2(s_t - lse[None, :]), 0.0)
+        dp_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for c0 in range(0, d_v, BLOCK_DV):
+            cols = c0 + tl.arange(0, BLOCK_DV)
+            c = _load_2d(c_ptr + b * scb, keys, cols, scn, scd, n_k, d_v)
+            a_t = _load_2d(a_ptr + b * sab, cols, rows, sad, san, d_v, n_q)
+            dp_t += tl.dot(c, a_t.to(c.dtype), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        acc += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+    _store_2d(dk_ptr + b * sdb, acc * scale, keys, dks, sdn, sdd, n_k, d_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch functions
+# ---------------------------------------------------------------------------------------------
+def _strides(t: Optional[torch.Tensor]) -> Tuple[int, int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0)
+
+
+def _resolve(config: Optional[PositionConfig], dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
+    return config if config is not None else default_config(dk, dv, dtype)
+
+
+def _alloc_out(batch: int, n: int, dv: int, like: torch.Tensor, channels_first: bool) -> torch.Tensor:
+    """A (B, n, dv) token-major view; channel-first storage (B, dv, n) when asked."""
+    if channels_first:
+        return like.new_empty(batch, dv, n).transpose(1, 2)
+    return like.new_empty(batch, n, dv)
+
+
+def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, transpose: bool,
+                     gamma: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                     multiply: Optional[torch.Tensor] = None, channels_first: bool = False,
+                     save_for_backward: bool = True, config: Optional[PositionConfig] = None
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Fused forward. q (B, Nq, dk), k (B, Nk, dk), v (B, Nk, dv) [transpose: (B, Nq, dv)], any strides.
+
+    Returns ``(out, o, lse2)``: ``out`` = γ·(o ⊙ f) + x as a token-major (B, n_out, dv) tensor (a view
+    of channel-first storage when ``channels_first``); ``o`` the attention output before the
+    epilogue (contiguous, only when ``save_for_backward`` and an epilogue is present — otherwise
+    None, and ``out`` is o); ``lse2`` (B, Nq) float32 base-2 row log-sum-exp (None when not saved
+    and not needed). ``residual``/``multiply`` are token-major (B, n_out, dv) tensors (any strides).
+    """
+    batch, n_q, d_k = q.shape
+    n_k = k.shape[1]
+    d_v = v.shape[2]
+    n_out = n_k if transpose else n_q
+    cfg = _resolve(config, d_k, d_v, q.dtype)
+    block_dk = _pow2_at_least_16(d_k)
+    has_epilogue = gamma is not None or residual is not None or multiply is not None
+    store_o = save_for_backward and has_epilogue
+    out = _alloc_out(batch, n_out, d_v, q, channels_first)
+    o = q.new_empty(batch, n_out, d_v) if store_o else None
+    lse = None
+    if transpose or save_for_backward:
+        lse = torch.empty(batch, n_q, device=q.device, dtype=torch.float32)
+    qk_scale = float(scale) * LOG2E
+    precision = _dot_precision(q.dtype)
+    dummy = q
+    common = dict(HAS_GAMMA=gamma is not None, HAS_RES=residual is not None, HAS_MUL=multiply is not None,
+                  STORE_O=store_o, BLOCK_DK=block_dk, BLOCK_DV=cfg.block_dv, PRECISION=precision,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    epilogue_args = (*_strides(residual), *_strides(multiply))
+    n_dv_blocks = triton.cdiv(d_v, cfg.block_dv)
+    if not transpose:
+        grid = (triton.cdiv(n_q, cfg.block_m), batch, n_dv_blocks)
+        _forward_kernel[grid](
+            q, k, v, o if o is not None else dummy, out, lse if lse is not None else dummy,
+            gamma if gamma is not None else dummy, residual if residual is not None else dummy,
+            multiply if multiply is not None else dummy,
+            *q.stride(), *k.stride(), *v.stride(), *_strides(o), *out.stride(), *epilogue_args,
+            n_q, n_k, d_k, d_v, qk_scale, STORE_LSE=lse is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
+    else:
+        _row_lse_kernel[(triton.cdiv(n_q, cfg.block_m), batch)](
+            q, k, lse, *q.stride(), *k.stride(), n_q, n_k, d_k, qk_scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=block_dk, PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        grid = (triton.cdiv(n_k, cfg.block_n), batch, n_dv_blocks)
+        _column_kernel[grid](
+            q, k, v, lse, o if o is not None else dummy, out,
+            gamma if gamma is not None else dummy, residual if residual is not None else dummy,
+            multiply if multiply is not None else dummy,
+            *q.stride(), *k.stride(), *v.stride(), *_strides(o), *out.stride(), *epilogue_args,
+            n_q, n_k, d_k, d_v, qk_scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
+        if not save_for_backward:
+            lse = None
+    return out, o, lse
+
+
+def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      o: torch.Tensor, lse: torch.Tensor, *, scale: float, transpose: bool,
+                      gamma: Optional[torch.Tensor] = None, multiply: Optional[torch.Tensor] = None,
+                      need_multiply_grad: bool = True, config: Optional[PositionConfig] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                                 Optional[torch.Tensor]]:
+    """Gradients ``(dq, dk, dv, dγ, df)`` of the fused forward (dγ, df None when absent).
+
+    ``grad_out``: ∂L/∂out, token-major (B, n_out, dv), any strides. ``o``: the attention output
+    before the epilogue (``out`` itself when there is no γ/f/x). ``lse``: the forward's lse2.
+    The residual's gradient is ``grad_out`` itself and is not computed here.
+    dq, dk, dv have the strides of q, k, v when those are dense (``torch.empty_like``).
+    """
+    batch, n_q, d_k = q.shape
+    n_k = k.shape[1]
+    d_v = v.shape[2]
+    n_out = n_k if transpose else n_q
+    cfg = _resolve(config, d_k, d_v, q.dtype)
+    block_dk = _pow2_at_least_16(d_k)
+    precision = _dot_precision(q.dtype)
+    qk_scale = float(scale) * LOG2E
+    n_dv_blocks = triton.cdiv(d_v, cfg.block_dv)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    dummy = q
+
+    # 1. the epilogue's backward: g = γ · dout ⊙ f, df, dγ partials, and (transpose=False) D_i.
+    has_gamma, has_mul = gamma is not None, multiply is not None
+    store_g = has_gamma or has_mul
+    g = q.new_empty(batch, n_out, d_v) if store_g else grad_out
+    d_mul = torch.empty_like(multiply) if (has_mul and need_multiply_grad) else None
+    row_blocks = triton.cdiv(n_out, cfg.block_m)
+    delta_parts = torch.empty(batch, n_dv_blocks, n_q, device=q.device, dtype=torch.float32)
+    gamma_parts = torch.empty(batch, row_blocks, n_dv_blocks, device=q.device, dtype=torch.float32) \
+        if has_gamma else None
+    row_term = not transpose
+    if store_g or d_mul is not None or has_gamma or row_term:
+        _grad_out_kernel[(row_blocks, batch, n_dv_blocks)](
+            grad_out, o, gamma if has_gamma else dummy, multiply if has_mul else dummy,
+            g, d_mul if d_mul is not None else dummy, delta_parts,
+            gamma_parts if gamma_parts is not None else dummy,
+            *grad_out.stride(), *o.stride(), *_strides(multiply), *g.stride(), *_strides(d_mul),
+            n_out, d_v, HAS_GAMMA=has_gamma, HAS_MUL=has_mul, STORE_G=store_g, ROW_TERM=row_term,
+            STORE_DF=d_mul is not None, BLOCK_M=cfg.block_m, BLOCK_DV=cfg.block_dv, **launch)
+    d_gamma = gamma_parts.sum().reshape(gamma.shape).to(gamma.dtype) if has_gamma else None
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=block_dk, BLOCK_DV=cfg.block_dv,
+                  PRECISION=precision, **launch)
+    # 2. the value gradient (and, transpose=True, the row term D_i = v_i·dv_i).
+    if transpose:
+        _row_kernel[(triton.cdiv(n_q, cfg.block_m), batch, n_dv_blocks)](
+            q, k, g, lse, v, dv, delta_parts, *q.stride(), *k.stride(), *g.stride(), *v.stride(),
+            *dv.stride(), n_q, n_k, d_k, d_v, qk_scale, **blocks)
+        row_operand, col_operand = v, g       # dP_ij = v_i·g_j
+    else:
+        _column_kernel[(triton.cdiv(n_k, cfg.block_n), batch, n_dv_blocks)](
+            q, k, g, lse, dummy, dv, dummy, dummy, dummy,
+            *q.stride(), *k.stride(), *g.stride(), 0, 0, 0, *dv.stride(), 0, 0, 0, 0, 0, 0,
+            n_q, n_k, d_k, d_v, qk_scale, HAS_GAMMA=False, HAS_RES=False, HAS_MUL=False, STORE_O=False,
+            **blocks)
+        row_operand, col_operand = g, v       # dP_ij = g_i·v_j
+    delta = delta_parts.sum(dim=1) if n_dv_blocks > 1 else delta_parts[:, 0]
+    delta = delta.contiguous()
+
+    # 3. query and key gradients, dS recomputed tile by tile.
+    operands = (*row_operand.stride(), *col_operand.stride())
+    _dq_kernel[(triton.cdiv(n_q, cfg.block_m), batch)](
+        q, k, row_operand, col_operand, lse, delta, dq, *q.stride(), *k.stride(), *operands, *dq.stride(),
+        n_q, n_k, d_k, d_v, qk_scale, float(scale), **blocks)
+    _dk_kernel[(triton.cdiv(n_k, cfg.block_n), batch)](
+        q, k, row_operand, col_operand, lse, delta, dk, *q.stride(), *k.stride(), *operands, *dk.stride(),
+        n_q, n_k, d_k, d_v, qk_scale, float(scale), **blocks)
+    return dq, dk, dv, d_gamma, d_mul
