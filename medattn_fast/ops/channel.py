@@ -93,3 +93,6 @@ def channel_attention(x, *, negate=True, gamma=None, residual=None, multiply=Non
     """
     _check(x, negate, gamma, residual, multiply)
     return _op(x, negate=negate, gamma=gamma, residual=residual, multiply=multiply, backend=backend)
+
+
+from . import _channel_triton  # noqa: E402,F401  (registers the triton backend)

@@ -270,3 +270,6 @@ def position_attention(q, k, v, *, scale=1.0, transpose=False, layout="tokens", 
     out = _op(q, k, v, scale=scale, transpose=transpose, gamma=gamma, residual=residual,
               multiply=multiply, chunk_size=chunk_size, channels_first=channels_first, backend=backend)
     return out.transpose(1, 2) if channels_first else out
+
+
+from . import _position_triton  # noqa: E402,F401  (registers the triton backend)

@@ -1,0 +1,129 @@
+r"""The ``triton`` backend of position attention: custom ops around ``triton_kernels.position``.
+
+Two ``torch.library`` custom ops, so the fused path is one opaque node under
+``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` can check it:
+
+* ``medattn::position_attention_triton_fwd(q, k, v, gamma?, residual?, multiply?, scale, transpose,
+  channels_first, save) -> (out, o, lse2)`` — ``out`` in its storage layout ((B, dv, n_out) when
+  channels_first); ``o`` the pre-epilogue output (saved only when there is an epilogue and a
+  gradient is wanted; an empty tensor otherwise); ``lse2`` the (B, Nq) float32 base-2 row
+  log-sum-exp (empty when no gradient is wanted).
+* ``medattn::position_attention_triton_bwd`` — dq, dk, dv, dγ, df (empty tensors for absent ones).
+
+The backward keeps q, k, v, (o), lse2 and γ/f: O(N·d) memory, never the N×N matrix.
+Launches are plain Triton launches inside the custom ops (not ``triton_op``/``wrap_triton``), so
+the kernels stay an opaque call for Inductor.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backend as B
+
+_op = B.op("position_attention")
+
+_EMPTY = (0,)
+_MAX_DK = 256   # triton_kernels.position.MAX_HEAD_DIM, repeated so that no triton import is needed here
+
+
+def _kernels():
+    from triton_kernels import position as kernels   # imported on first use: triton is optional
+
+    return kernels
+
+
+def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return like.new_empty(_EMPTY, dtype=dtype)
+
+
+@torch.library.custom_op("medattn::position_attention_triton_fwd", mutates_args=())
+def position_attention_triton_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Optional[Tensor],
+                                  residual: Optional[Tensor], multiply: Optional[Tensor], scale: float,
+                                  transpose: bool, channels_first: bool, save: bool
+                                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused forward; q, k, v, residual, multiply are token-major (views of any strides)."""
+    out, o, lse = _kernels().position_forward(
+        q, k, v, scale=scale, transpose=transpose, gamma=gamma, residual=residual, multiply=multiply,
+        channels_first=channels_first, save_for_backward=save)
+    storage = out.transpose(1, 2) if channels_first else out
+    return (storage, o if o is not None else _empty(q),
+            lse if lse is not None else _empty(q, torch.float32))
+
+
+@position_attention_triton_fwd.register_fake
+def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save):
+    batch, n_q, _ = q.shape
+    n_out, d_v = (k.shape[1] if transpose else n_q), v.shape[2]
+    out = q.new_empty((batch, d_v, n_out) if channels_first else (batch, n_out, d_v))
+    has_epilogue = gamma is not None or residual is not None or multiply is not None
+    o = q.new_empty((batch, n_out, d_v)) if (save and has_epilogue) else _empty(q)
+    lse = q.new_empty((batch, n_q), dtype=torch.float32) if save else _empty(q, torch.float32)
+    return out, o, lse
+
+
+@torch.library.custom_op("medattn::position_attention_triton_bwd", mutates_args=())
+def position_attention_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                                  gamma: Optional[Tensor], multiply: Optional[Tensor], scale: float,
+                                  transpose: bool, need_multiply_grad: bool) -> List[Tensor]:
+    """dq, dk, dv, dγ, df; ``grad_out`` and ``o`` token-major (B, n_out, dv), any strides."""
+    dq, dk, dv, d_gamma, d_mul = _kernels().position_backward(
+        grad_out, q, k, v, o, lse, scale=scale, transpose=transpose, gamma=gamma, multiply=multiply,
+        need_multiply_grad=need_multiply_grad)
+    return [dq, dk, dv, d_gamma if d_gamma is not None else _empty(q),
+            d_mul if d_mul is not None else _empty(q)]
+
+
+@position_attention_triton_bwd.register_fake
+def _(grad_out, q, k, v, o, lse, gamma, multiply, scale, transpose, need_multiply_grad):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(gamma) if gamma is not None else _empty(q),
+            torch.empty_like(multiply) if (multiply is not None and need_multiply_grad) else _empty(q)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, gamma, residual, multiply, scale, transpose, channels_first, _save = inputs
+    storage, o, lse = output
+    ctx.mark_non_differentiable(o, lse)
+    has_epilogue = gamma is not None or residual is not None or multiply is not None
+    # Without an epilogue the output itself is o.
+    saved_o = o if has_epilogue else storage
+    ctx.save_for_backward(q, k, v, saved_o, lse, gamma, multiply)
+    ctx.scale, ctx.transpose, ctx.channels_first = scale, transpose, channels_first
+    ctx.has_epilogue = has_epilogue
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, grad_storage, _grad_o, _grad_lse):
+    q, k, v, saved_o, lse, gamma, multiply = ctx.saved_tensors
+    grad_out = grad_storage.transpose(1, 2) if ctx.channels_first else grad_storage
+    o = saved_o if ctx.has_epilogue else (saved_o.transpose(1, 2) if ctx.channels_first else saved_o)
+    need = ctx.needs_input_grad
+    dq, dk, dv, d_gamma, d_mul = position_attention_triton_bwd(
+        grad_out, q, k, v, o, lse, gamma, multiply, ctx.scale, ctx.transpose,
+        multiply is not None and need[5])
+    return (dq, dk, dv, d_gamma if gamma is not None else None,
+            grad_out if ctx.has_residual else None, d_mul if multiply is not None and need[5] else None,
+            None, None, None, None)
+
+
+position_attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_reasons(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
+    reasons = B.triton_reasons(q, k, v, gamma, residual, multiply)
+    if q.shape[2] > _MAX_DK:
+        reasons.append(f"the Triton kernels hold dk in registers: dk <= {_MAX_DK}, got {q.shape[2]}")
+    return reasons
+
+
+@_op.register("triton", reasons=_triton_reasons)
+def _triton(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
+    """Token-major views in, the token-major view of the output out (``chunk_size`` is unused)."""
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, gamma, residual, multiply))
+    storage, _o, _lse = position_attention_triton_fwd(q, k, v, gamma, residual, multiply, float(scale),
+                                                      bool(transpose), bool(channels_first), wants_grad)
+    return storage.transpose(1, 2) if channels_first else storage
