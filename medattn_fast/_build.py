@@ -1,10 +1,13 @@
 """Lazy JIT build of the csrc extensions (never at import time).
 
-Two extensions: ``cpu`` (``csrc/cpu/*.cpp`` -> module ``medattn_cpu``) and ``cuda``
-(``csrc/cuda/*.cu`` + ``*.cpp`` -> ``medattn_cuda``, only where torch has CUDA and nvcc exists).
-They are compiled with ninja through ``torch.utils.cpp_extension.load`` on first use, into
-``$MEDATTN_BUILD_DIR`` (default ``~/.cache/medattn_fast``) under a directory keyed by the torch,
-CUDA and Python versions, so one cache serves several environments.
+One extension per op family and kind: ``csrc/cpu/<family>.cpp`` -> module
+``medattn_cpu_<family>``, ``csrc/cuda/<family>.cu`` -> ``medattn_cuda_<family>`` (only where torch
+has CUDA and nvcc exists). Each source holds its own ``PYBIND11_MODULE``; headers shared between
+families (``csrc/<kind>/*.h``) are on the include path. Separate modules keep a compiler error in
+one family from disabling the others, and rebuild only what changed. They are compiled with ninja
+through ``torch.utils.cpp_extension.load`` on first use, into ``$MEDATTN_BUILD_DIR`` (default
+``~/.cache/medattn_fast``) under a directory keyed by the torch, CUDA and Python versions, so one
+cache serves several environments.
 
 Locking: torch's own build lock is a plain file ("baton") that a killed build leaves behind, after
 which every later build waits on it forever. We take an ``fcntl`` lock first — the kernel releases
@@ -22,15 +25,17 @@ import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_NAMES = {"cpu": "medattn_cpu", "cuda": "medattn_cuda"}
+KINDS = ("cpu", "cuda")
+_SUFFIX = {"cpu": ".cpp", "cuda": ".cu"}
 
-_modules: Dict[str, ModuleType] = {}
-_failures: Dict[str, str] = {}
+Key = Tuple[str, str]  # (kind, family)
+_modules: Dict[Key, ModuleType] = {}
+_failures: Dict[Key, str] = {}
 _mutex = threading.Lock()
 
 
@@ -45,16 +50,29 @@ def build_dir() -> Path:
     return root / tag
 
 
-def sources(kind: str) -> List[Path]:
-    if kind == "cpu":
-        return sorted((CSRC / "cpu").glob("*.cpp"))
-    if kind == "cuda":
-        return sorted((CSRC / "cuda").glob("*.cu")) + sorted((CSRC / "cuda").glob("*.cpp"))
-    raise ValueError(f"kind: expected 'cpu' or 'cuda', got {kind!r}")
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
 
 
-def _precondition(kind: str) -> Optional[str]:
-    """Why ``kind`` cannot even be attempted here (None: it can)."""
+def families(kind: str) -> List[str]:
+    """The op families with a source of this kind (``csrc/cpu/<family>.cpp``, ``csrc/cuda/<family>.cu``)."""
+    _check_kind(kind)
+    return sorted(p.stem for p in (CSRC / kind).glob("*" + _SUFFIX[kind]))
+
+
+def source(kind: str, family: str) -> Path:
+    _check_kind(kind)
+    return CSRC / kind / f"{family}{_SUFFIX[kind]}"
+
+
+def module_name(kind: str, family: str) -> str:
+    return f"medattn_{kind}_{family}"
+
+
+def _precondition(kind: str, family: Optional[str] = None) -> Optional[str]:
+    """Why ``kind`` (``family``) cannot even be attempted here (None: it can)."""
+    _check_kind(kind)
     if not CSRC.is_dir():
         return f"csrc sources not found at {CSRC}"
     if kind == "cuda":
@@ -64,8 +82,8 @@ def _precondition(kind: str) -> Optional[str]:
 
         if CUDA_HOME is None:
             return "CUDA toolkit (nvcc) not found, CUDA sources skipped"
-    if not sources(kind):
-        return f"no {kind} sources under {CSRC / kind}"
+    if family is not None and not source(kind, family).is_file():
+        return f"no {kind} kernel for {family} ({source(kind, family).relative_to(CSRC.parent)} does not exist)"
     if shutil.which("ninja") is None:
         try:
             import ninja  # noqa: F401
@@ -86,12 +104,12 @@ def _flags(kind: str) -> Dict[str, list]:
     return out
 
 
-def _build(kind: str) -> ModuleType:
+def _build(kind: str, family: str) -> ModuleType:
     import fcntl
 
     from torch.utils.cpp_extension import load
 
-    name = _NAMES[kind]
+    name = module_name(kind, family)
     directory = build_dir() / name
     directory.mkdir(parents=True, exist_ok=True)
     with open(build_dir() / f"{name}.flock", "w") as lock_file:
@@ -103,9 +121,9 @@ def _build(kind: str) -> ModuleType:
             verbose = os.environ.get("MEDATTN_BUILD_VERBOSE", "0") not in ("", "0")
             return load(
                 name=name,
-                sources=[str(s) for s in sources(kind)],
+                sources=[str(source(kind, family))],
                 build_directory=str(directory),
-                extra_include_paths=[str(CSRC)],
+                extra_include_paths=[str(CSRC), str(CSRC / kind)],
                 verbose=verbose,
                 **_flags(kind),
             )
@@ -113,64 +131,83 @@ def _build(kind: str) -> ModuleType:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def load(kind: str) -> ModuleType:
-    """The extension module ``kind`` ('cpu' or 'cuda'), building it on first use.
+def load(kind: str, family: str) -> ModuleType:
+    """The extension module of ``family`` for ``kind`` ('cpu' or 'cuda'), built on first use.
 
     Raises ``RuntimeError`` with the reason when it is unavailable.
     """
-    reason = unavailable_reason(kind)
+    reason = unavailable_reason(kind, family)
     if reason:
         raise RuntimeError(reason)
-    return _modules[kind]
+    return _modules[(kind, family)]
 
 
-def unavailable_reason(kind: str) -> Optional[str]:
-    """None when extension ``kind`` is loaded (building it now if needed), else why not."""
-    if kind in _modules:
+def unavailable_reason(kind: str, family: str) -> Optional[str]:
+    """None when the extension is loaded (building it now if needed), else why it is not."""
+    key = (kind, family)
+    if key in _modules:
         return None
-    if kind in _failures:
-        return _failures[kind]
+    if key in _failures:
+        return _failures[key]
     with _mutex:
-        if kind in _modules:
+        if key in _modules:
             return None
-        if kind in _failures:
-            return _failures[kind]
-        pre = _precondition(kind)
+        if key in _failures:
+            return _failures[key]
+        pre = _precondition(kind, family)
         if pre:
-            _failures[kind] = pre
+            _failures[key] = pre
             return pre
         if os.environ.get("MEDATTN_NO_BUILD", "0") not in ("", "0"):
-            _failures[kind] = "building csrc is disabled (MEDATTN_NO_BUILD=1)"
-            return _failures[kind]
+            _failures[key] = "building csrc is disabled (MEDATTN_NO_BUILD=1)"
+            return _failures[key]
         try:
-            _modules[kind] = _build(kind)
+            _modules[key] = _build(kind, family)
             return None
         except Exception as exc:  # a compiler error: warn once, fall back
             msg = str(exc)
             if len(msg) > 4000:
                 msg = "...\n" + msg[-4000:]
-            _failures[kind] = f"the {kind} extension failed to build: {msg}"
+            _failures[key] = f"the {kind} extension of {family} failed to build: {msg}"
             warnings.warn(
-                f"medattn_fast: building the {kind} extension failed; the 'auto' backend falls back "
-                f"to 'torch'. Compiler output:\n{msg}",
+                f"medattn_fast: building the {kind} extension of {family} failed; the 'auto' backend "
+                f"falls back to 'torch'. Compiler output:\n{msg}",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return _failures[kind]
+            return _failures[key]
 
 
 def status_reason(kind: str) -> Optional[str]:
-    """Like :func:`unavailable_reason` but never builds: reports 'not built yet' instead."""
-    if kind in _modules:
-        return None
-    if kind in _failures:
-        return _failures[kind]
+    """Never builds: None when every family of ``kind`` is loaded, else what is missing and why."""
     pre = _precondition(kind)
     if pre:
         return pre
-    return "not built yet (builds on first use, or ahead of time with `medattn-fast build`)"
+    fams = families(kind)
+    if not fams:
+        return f"no {kind} kernels in {CSRC / kind}"
+    parts = []
+    for fam in fams:
+        if (kind, fam) in _modules:
+            parts.append(f"{fam}: built")
+        elif (kind, fam) in _failures:
+            parts.append(f"{fam}: {_failures[(kind, fam)]}")
+        else:
+            parts.append(f"{fam}: not built yet")
+    if all(p.endswith(": built") for p in parts):
+        return None
+    return "; ".join(parts) + " (builds on first use, or ahead of time with `medattn-fast build`)"
 
 
-def build_all() -> Dict[str, Optional[str]]:
-    """Build every extension this machine can build; kind -> None (ok) or the reason it failed."""
-    return {kind: unavailable_reason(kind) for kind in _NAMES}
+def build_all() -> Dict[Key, Optional[str]]:
+    """Build every extension this machine can build; (kind, family) -> None (ok) or why not."""
+    out: Dict[Key, Optional[str]] = {}
+    for kind in KINDS:
+        pre = _precondition(kind)
+        fams = families(kind)
+        if pre or not fams:
+            out[(kind, "*")] = pre or f"no {kind} kernels in {CSRC / kind}"
+            continue
+        for fam in fams:
+            out[(kind, fam)] = unavailable_reason(kind, fam)
+    return out

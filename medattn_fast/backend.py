@@ -117,26 +117,37 @@ def triton_reasons(*tensors: torch.Tensor) -> List[str]:
     return sorted(set(reasons))
 
 
-def cpp_reasons(*tensors: torch.Tensor) -> List[str]:
-    """Why the C++ CPU backend cannot run on these tensors ([] when it can). Builds lazily."""
+def _extension_reasons(kind: str, family: str, device_type: str, tensors) -> List[str]:
     for t in _tensors(tensors):
-        if t.device.type != "cpu":
-            return [f"the cpp backend runs on CPU tensors, got device {t.device}"]
+        if t.device.type != device_type:
+            name = "cpp" if kind == "cpu" else "cuda"
+            return [f"the {name} backend runs on {device_type.upper()} tensors, got device {t.device}"]
     from . import _build
 
-    reason = _build.unavailable_reason("cpu")
+    reason = _build.unavailable_reason(kind, family)
     return [reason] if reason else []
 
 
-def cuda_reasons(*tensors: torch.Tensor) -> List[str]:
-    """Why the CUDA C++ backend cannot run on these tensors ([] when it can). Builds lazily."""
-    for t in _tensors(tensors):
-        if t.device.type != "cuda":
-            return [f"the cuda backend runs on CUDA tensors, got device {t.device}"]
-    from . import _build
+def cpp_reasons(*tensors: torch.Tensor, family: str) -> List[str]:
+    """Why the C++ CPU kernels of ``family`` cannot run on these tensors ([] when they can).
 
-    reason = _build.unavailable_reason("cuda")
-    return [reason] if reason else []
+    Builds the family's extension on first use."""
+    return _extension_reasons("cpu", family, "cpu", tensors)
+
+
+def cuda_reasons(*tensors: torch.Tensor, family: str) -> List[str]:
+    """Why the CUDA C++ kernels of ``family`` cannot run on these tensors ([] when they can)."""
+    return _extension_reasons("cuda", family, "cuda", tensors)
+
+
+def cpp_predicate(family: str) -> Callable[..., List[str]]:
+    """A backend predicate ``reasons(*args, **kwargs)`` for the C++ CPU kernels of ``family``."""
+    return lambda *args, **kwargs: cpp_reasons(*args, *kwargs.values(), family=family)
+
+
+def cuda_predicate(family: str) -> Callable[..., List[str]]:
+    """A backend predicate ``reasons(*args, **kwargs)`` for the CUDA C++ kernels of ``family``."""
+    return lambda *args, **kwargs: cuda_reasons(*args, *kwargs.values(), family=family)
 
 
 def always(*_args, **_kwargs) -> List[str]:
@@ -258,9 +269,11 @@ def info(build: bool = False) -> Dict[str, object]:
         backends["triton"] = "available (CPU interpreter, TRITON_INTERPRET=1)"
     else:
         backends["triton"] = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+    if build:
+        _build.build_all()
     for kind, name in (("cpu", "cpp"), ("cuda", "cuda")):
-        reason = _build.unavailable_reason(kind) if build else _build.status_reason(kind)
-        backends[name] = reason or "available"
+        reason = _build.status_reason(kind)
+        backends[name] = reason or "available (" + ", ".join(_build.families(kind)) + ")"
     out["backends"] = backends
     out["build_dir"] = str(_build.build_dir())
     return out

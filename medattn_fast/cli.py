@@ -49,13 +49,14 @@ def _build(args) -> int:
 
     print(f"build dir: {_build.build_dir()}")
     status = 0
-    for kind, reason in _build.build_all().items():
+    for (kind, family), reason in _build.build_all().items():
+        label = f"{kind}/{family}"
         if reason is None:
-            print(f"  {kind:<5} built")
-        elif "skipped" in reason or "no " in reason.split(":")[0]:
-            print(f"  {kind:<5} skipped: {reason}")
+            print(f"  {label:<28} built")
+        elif family == "*":
+            print(f"  {label:<28} skipped: {reason}")
         else:
-            print(f"  {kind:<5} FAILED: {reason}")
+            print(f"  {label:<28} FAILED: {reason}")
             status = 1
     return status
 

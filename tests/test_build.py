@@ -19,11 +19,11 @@ def test_import_builds_nothing():
 
 def test_cpu_extension_builds_and_a_stale_lock_does_not_block(tmp_path, monkeypatch):
     """A build killed mid-way leaves torch's baton file behind; the next build must not wait on it."""
-    assert _build.unavailable_reason("cpu") is None, _build.unavailable_reason("cpu")
-    baton = _build.build_dir() / "medattn_cpu" / "lock"
+    assert _build.unavailable_reason("cpu", "gaussian_axial") is None
+    baton = _build.build_dir() / _build.module_name("cpu", "gaussian_axial") / "lock"
     baton.write_text("left by a killed build")
-    module = _build._build("cpu")  # would wait forever on the baton without our flock+cleanup
-    assert hasattr(module, "gaussian_axial_forward") or len(dir(module)) > 0
+    module = _build._build("cpu", "gaussian_axial")  # would wait forever on the baton without flock+cleanup
+    assert hasattr(module, "gaussian_axial_scores_forward")
     assert not baton.exists()
 
 
@@ -31,25 +31,34 @@ def test_failed_build_warns_once_and_auto_falls_back(monkeypatch):
     monkeypatch.setattr(_build, "_modules", {})
     monkeypatch.setattr(_build, "_failures", {})
 
-    def broken(kind):
+    def broken(kind, family):
         raise RuntimeError("error: expected ';' before '}' token")
 
     monkeypatch.setattr(_build, "_build", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        r1 = B.cpp_reasons(torch.randn(2))
-        r2 = B.cpp_reasons(torch.randn(2))
-    assert len([w for w in caught if "building the cpu extension failed" in str(w.message)]) == 1
+        r1 = B.cpp_reasons(torch.randn(2), family="gaussian_axial")
+        r2 = B.cpp_reasons(torch.randn(2), family="gaussian_axial")
+    assert len([w for w in caught if "building the cpu extension of gaussian_axial failed" in str(w.message)]) == 1
     assert r1 == r2 and "expected ';'" in r1[0]
     with pytest.raises(RuntimeError, match="failed to build"):
-        _build.load("cpu")
+        _build.load("cpu", "gaussian_axial")
+    # auto falls back to the torch backend; a forced cpp call says why it cannot run
+    import medattn_fast.functional as MF
+    from medattn_fast.backend import registered_ops
+
+    q, k, v = (torch.randn(1, 3, 4, 2, dtype=torch.float64) for _ in range(3))
+    shift = torch.tensor(0.5, dtype=torch.float64)
+    assert registered_ops()["gaussian_axial"].choose(q, k, v, shift) == "torch"
+    with pytest.raises(B.BackendUnavailable, match="expected ';'"):
+        MF.gaussian_axial_attention(q, k, v, shift, backend="cpp")
 
 
 def test_no_build_switch(monkeypatch):
     monkeypatch.setattr(_build, "_modules", {})
     monkeypatch.setattr(_build, "_failures", {})
     monkeypatch.setenv("MEDATTN_NO_BUILD", "1")
-    assert "MEDATTN_NO_BUILD" in _build.unavailable_reason("cpu")
+    assert "MEDATTN_NO_BUILD" in _build.unavailable_reason("cpu", "gaussian_axial")
 
 
 def test_cuda_sources_skipped_without_cuda_torch():

@@ -44,7 +44,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "registry.h"
+#include <torch/extension.h>
 
 #if defined(__GNUC__)
 #define MEDATTN_INLINE inline __attribute__((always_inline))
@@ -830,7 +830,7 @@ std::string isa_name() {
 }  // namespace gaussian_axial
 }  // namespace medattn
 
-void register_gaussian_axial(pybind11::module_& m) {
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace ga = medattn::gaussian_axial;
   m.def("gaussian_axial_scores_forward", &ga::scores_forward,
         "Gaussian axial attention from scores: (atten_x (B,H,W,W), atten_y (B,W,H,H), v (B,H,W,D), shift) -> out",

@@ -168,7 +168,7 @@ def _torch_qkv(q, k, v, shift, *, bias=None):
 def _ext():
     from .. import _build
 
-    return _build.load("cpu")
+    return _build.load("cpu", "gaussian_axial")
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -275,8 +275,7 @@ def _qkv_backward(ctx, grad_out, _grad_lse_rows, _grad_lse_cols):
 gaussian_axial_qkv_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 
 
-def _cpp_reasons(*args, **kwargs):
-    return B.cpp_reasons(*args, *kwargs.values())
+_cpp_reasons = B.cpp_predicate("gaussian_axial")
 
 
 @_op_scores.register("cpp", reasons=_cpp_reasons)
