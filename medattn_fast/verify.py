@@ -2,7 +2,7 @@
 
 For each op, backend and dtype: forward and backward (a random cotangent) on small odd shapes,
 compared with the ``reference`` backend run in float64. The error is the max abs difference
-divided by the reference's max abs value; the bound is tied to the dtype's unit roundoff
+divided by max(the reference's max abs value, 1); the bound is tied to the dtype's unit roundoff
 (``TOLERANCE``). A backend that cannot run is listed with its reasons, not failed.
 """
 from __future__ import annotations
@@ -38,8 +38,21 @@ class Result:
     status: str = "ok"
 
 
-def _r(*shape, device, dtype, scale=1.0):
-    return (torch.randn(*shape, device=device, dtype=torch.float64) * scale).to(dtype)
+def _r(*shape, device=None, dtype=None, scale=1.0):
+    return torch.randn(*shape, dtype=torch.float64) * scale
+
+
+def _cast(obj, dtype: torch.dtype, device: torch.device):
+    """Tensors inside ``obj`` (tuples, named tuples, dicts) moved to ``device`` and ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device=device, dtype=dtype if obj.is_floating_point() else obj.dtype)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_cast(o, dtype, device) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(o, dtype, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype, device) for k, v in obj.items()}
+    return obj
 
 
 def _samples() -> List[Sample]:
@@ -77,12 +90,54 @@ def _samples() -> List[Sample]:
 
     s.append(Sample("channel_attention", "C=24 5x7 negate", cam, MF.channel_attention))
     s.append(Sample("channel_attention", "C=24 5x7 softmax(E)", cam_pos, MF.channel_attention))
+
+    def window(device, dtype):
+        C, heads = 12, 3
+        w = [_r(C, C) * 0.3 for _ in range(4)]
+        b = [_r(C) * 0.1 for _ in range(4)]
+        x = _r(2, 7, 6, C)
+        return (x, w[0], b[0], w[1], b[1], w[2], b[2], w[3], b[3]), {"window_size": 4, "num_heads": heads}
+
+    def window_mask(device, dtype):
+        args, kw = window(device, dtype)
+        return args, dict(kw, pad_mode="mask")
+
+    s.append(Sample("window_attention", "7x6 ws=4 mtunet pad", window, MF.window_attention))
+    s.append(Sample("window_attention", "7x6 ws=4 masked pad", window_mask, MF.window_attention))
+
+    def external(device, dtype):
+        C, heads, d, S = 8, 4, 8, 16
+        return (_r(2, 29, C), _r(heads * d, C) * 0.3, _r(heads * d) * 0.1, _r(S, d) * 0.3, _r(S) * 0.1,
+                _r(d, S) * 0.3, _r(d) * 0.1, _r(C, heads * d) * 0.3, _r(C) * 0.1), {"num_heads": heads}
+
+    s.append(Sample("external_attention", "N=29 C=8 heads=4", external, MF.external_attention))
+
+    def gate(training):
+        def make(device, dtype):
+            from .ops.attention_gate import BatchNormParams
+
+            def bn(c):
+                return BatchNormParams(weight=1 + 0.1 * _r(c), bias=0.1 * _r(c), running_mean=0.1 * _r(c),
+                                       running_var=1 + 0.1 * _r(c).abs(), num_batches_tracked=None,
+                                       momentum=0.1, eps=1e-5)
+
+            Cx, Cg, Ci = 6, 10, 4
+            args = (_r(2, Cx, 7, 9), _r(2, Cg, 3, 4), _r(Ci, Cx, 1, 1), _r(Ci), _r(Ci, Cg, 1, 1), _r(Ci),
+                    _r(1, Ci, 1, 1), _r(1))
+            return args, {"bn_x": bn(Ci), "bn_g": bn(Ci), "bn_psi": bn(1), "training": training}
+        return make
+
+    s.append(Sample("attention_gate", "2D x 7x9 g 3x4 eval", gate(False), MF.attention_gate))
+    s.append(Sample("attention_gate", "2D x 7x9 g 3x4 train", gate(True), MF.attention_gate))
     return s
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs error scaled by max(|reference|, 1): relative for large values, absolute for small
+    ones — a gradient that is exactly 0 in theory (a bias that cancels in a softmax or a batch
+    norm) is ~1e-17 in the reference and must not turn into a huge relative error."""
     a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
 
 
 def _fwd_bwd(sample: Sample, args, kwargs, backend: str, cot: torch.Tensor):
@@ -109,11 +164,12 @@ def run_verify(device: Optional[str] = None, backends: Optional[Sequence[str]] =
         if backends:
             names = [b for b in names if b in backends]
         for dtype in dts:
-            args, kwargs = sample.make(dev, dtype)
-            ref_args = [a.detach().double().cpu() if isinstance(a, torch.Tensor) else a for a in args]
-            ref_out = sample.call(*ref_args, backend="reference", **kwargs)
-            cot = torch.randn_like(ref_out)
-            ref_out, ref_grads = _fwd_bwd(sample, ref_args, kwargs, "reference", cot)
+            args64, kwargs64 = sample.make(dev, dtype)
+            ref_args, ref_kwargs = _cast(args64, torch.float64, torch.device("cpu")), _cast(kwargs64, torch.float64, torch.device("cpu"))
+            with torch.no_grad():
+                cot = torch.randn_like(sample.call(*ref_args, backend="reference", **ref_kwargs))
+            ref_out, ref_grads = _fwd_bwd(sample, ref_args, ref_kwargs, "reference", cot)
+            args, kwargs = _cast(args64, dtype, dev), _cast(kwargs64, dtype, dev)
             for name in names:
                 res = Result(sample.op, sample.label, name, str(dtype).replace("torch.", ""))
                 try:
