@@ -1,0 +1,371 @@
+r"""Attention U-Net (Oktay et al., 2018) as MONAI builds it, 2-D or 3-D, with the fast attention
+gate (:class:`medattn_fast.nn.AttentionGate`) at every decoder level; loads MONAI checkpoints.
+
+Architecture for ``channels = (c_0, …, c_L)`` and ``strides = (s_0, …, s_{L-1})``::
+
+    x (B, in_channels, *S)                    each S_d divisible by Π_l s_l[d]
+    stem        ConvBlock(in_channels -> c_0, stride 1)                     -> f_0 (B, c_0, *S)
+    encoder[l]  ConvBlock(c_l -> c_{l+1}, stride s_l)                       -> f_{l+1}
+    decoder[l], deepest first, h = f_L:
+        g        = upconv(h)          ConvTranspose(c_{l+1} -> c_l, stride s_l) + BN + ReLU
+        gated, α = gate(x=f_l, g=g)   AttentionGate(c_l, c_l, c_l // 2), g already at f_l's size
+        h        = merge(cat([gated, g]))   Conv(2c_l -> c_l) + InstanceNorm + PReLU
+    out_conv    1×1 conv (c_0 -> out_channels)                              -> logits (B, out_channels, *S)
+
+``ConvBlock`` is two ``conv → BN → dropout → ReLU`` units (the first one strided); convolutions use
+"same" padding (kernel sizes must be odd), so a stride-s conv maps n to n / s exactly when s
+divides n, and the transposed conv (output padding s − 1) maps it back.
+
+Behaviours kept from MONAI's ``AttentionUnet`` (so its checkpoints give the same outputs):
+
+* the gate sees g and x at the same resolution (g is the up-convolved lower level), both with
+  c_l channels, and ``C_int = c_l // 2``;
+* ``merge`` normalises with ``InstanceNorm`` (no affine, no running statistics) and a PReLU with
+  one shared slope, while every other unit uses BatchNorm + ReLU;
+* dropout (``nn.Dropout``, elementwise) sits in the ConvBlocks and in ``merge``, never in the
+  up-convolutions or the gates;
+* strides beyond ``len(channels) - 1`` entries are ignored.
+
+Eval mode folds each BatchNorm into the convolution before it (one pass instead of three); the
+gates fold theirs inside :func:`medattn_fast.functional.attention_gate`.
+
+**MONAI checkpoints.** :meth:`AttentionUNet.from_monai_state_dict` maps the keys of
+``monai.networks.nets.AttentionUnet`` (recursive ``model`` Sequential) to this module's flat
+levels; :meth:`AttentionUNet.to_monai_state_dict` is the inverse. With ``P_0 = model.1.`` and
+``P_{l+1} = P_l + "submodule.1."``:
+
+====================================================  =========================================
+MONAI                                                 here
+====================================================  =========================================
+``model.0.conv.{u}.conv.*`` / ``.adn.N.*``            ``stem.{u}.conv.*`` / ``stem.{u}.norm.*``
+``P_l submodule.0.conv.{u}.*`` (last level:           ``encoder.{l}.{u}.*`` (same unit map)
+``P_l submodule.conv.{u}.*``)
+``P_l upconv.up.conv.*`` / ``upconv.up.adn.N.*``      ``decoder.{l}.upconv.conv.*`` / ``.norm.*``
+``P_l attention.W_x.0.conv.*`` / ``W_x.1.*``          ``decoder.{l}.gate.x_conv.*`` / ``x_norm.*``
+``P_l attention.W_g.0.conv.*`` / ``W_g.1.*``          ``decoder.{l}.gate.g_conv.*`` / ``g_norm.*``
+``P_l attention.psi.0.conv.*`` / ``psi.1.*``          ``decoder.{l}.gate.psi_conv.*`` / ``psi_norm.*``
+``P_l merge.conv.*`` / ``merge.adn.A.weight``         ``decoder.{l}.merge.conv.*`` / ``merge.act.weight``
+``model.2.conv.*``                                    ``out_conv.*``
+====================================================  =========================================
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.attention_gate import AttentionGate
+
+__all__ = ["AttentionUNet"]
+
+IntOrSeq = Union[int, Sequence[int]]
+
+
+def _per_dim(name: str, value: IntOrSeq, spatial_dims: int, *, odd: bool = False) -> Tuple[int, ...]:
+    """An int or one positive int per spatial dimension -> a tuple of ``spatial_dims`` ints."""
+    values = (value,) * spatial_dims if isinstance(value, int) else tuple(value)
+    if (len(values) != spatial_dims or not all(isinstance(v, int) and v >= 1 for v in values)
+            or (odd and any(v % 2 == 0 for v in values))):
+        kind = "odd positive" if odd else "positive"
+        article = "an" if odd else "a"
+        raise ValueError(f"AttentionUNet: argument '{name}' must be {article} {kind} int or {spatial_dims} {kind} "
+                         f"ints, got {value!r}")
+    return values
+
+
+def _layers(spatial_dims: int):
+    if spatial_dims == 2:
+        return nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.InstanceNorm2d
+    return nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d
+
+
+def _folded(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.modules.batchnorm._BatchNorm,
+            out_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode ``BN(conv(x))`` as one conv: ``W' = γ/√(var+ε)·W`` (scaled along the output-channel
+    dim ``out_dim``: 0 for Conv, 1 for ConvTranspose), ``b' = γ/√(var+ε)·(b − μ) + β``.
+    Computed in at least float32, returned in the weight's dtype."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -bn.running_mean.to(acc)
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    shift = shift * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(acc)
+    view = [1] * weight.dim()
+    view[out_dim] = -1
+    return (weight.to(acc) * scale.view(view)).to(weight.dtype), shift.to(weight.dtype)
+
+
+class ConvNormAct(nn.Module):
+    """``act(dropout(BN(conv(x))))`` — MONAI's ``Convolution`` with ``adn_ordering="NDA"``, BN, ReLU.
+
+    ``transposed=True`` makes the conv a ConvTranspose with output padding ``stride − 1``, so that it
+    multiplies each spatial size by the stride exactly. In eval mode the BN is folded into the conv.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: Tuple[int, ...],
+                 stride: Tuple[int, ...] = 1, *, dropout: float = 0.0, transposed: bool = False):
+        super().__init__()
+        conv, conv_t, batch_norm, _ = _layers(spatial_dims)
+        padding = tuple((k - 1) // 2 for k in kernel_size)
+        if transposed:
+            stride = _per_dim("stride", stride, spatial_dims)
+            self.conv = conv_t(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                               output_padding=tuple(s - 1 for s in stride))
+        else:
+            self.conv = conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        self.norm = batch_norm(out_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.transposed = transposed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.norm.running_mean is None:
+            return F.relu(self.dropout(self.norm(self.conv(x))))
+        # Eval: BN folded into the conv weights; dropout is the identity.
+        c = self.conv
+        weight, bias = _folded(c.weight, c.bias, self.norm, out_dim=1 if self.transposed else 0)
+        if self.transposed:
+            fn = F.conv_transpose2d if weight.dim() == 4 else F.conv_transpose3d
+            y = fn(x, weight, bias, stride=c.stride, padding=c.padding, output_padding=c.output_padding)
+        else:
+            fn = F.conv2d if weight.dim() == 4 else F.conv3d
+            y = fn(x, weight, bias, stride=c.stride, padding=c.padding)
+        return F.relu_(y)
+
+
+class ConvBlock(nn.Sequential):
+    """Two :class:`ConvNormAct` units, the first with stride ``stride`` (MONAI's ``ConvBlock``)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: Tuple[int, ...],
+                 stride: Tuple[int, ...] = 1, *, dropout: float = 0.0):
+        super().__init__(
+            ConvNormAct(spatial_dims, in_channels, out_channels, kernel_size, stride, dropout=dropout),
+            ConvNormAct(spatial_dims, out_channels, out_channels, kernel_size, 1, dropout=dropout),
+        )
+
+
+class MergeConv(nn.Module):
+    """``PReLU(dropout(InstanceNorm(conv3(x))))``: fuses the gated skip with the upsampled features
+    (MONAI's ``merge``: its ``Convolution`` defaults, instance norm without affine, one PReLU slope)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, *, dropout: float = 0.0):
+        super().__init__()
+        conv, _, _, instance_norm = _layers(spatial_dims)
+        self.conv = conv(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm = instance_norm(out_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.act = nn.PReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dropout(self.norm(self.conv(x))))
+
+
+class DecoderLevel(nn.Module):
+    """One decoder level: up-convolve the lower level's output to this level, gate this level's skip
+    with it, merge ``[gated skip, upsampled]`` back to ``channels`` channels."""
+
+    def __init__(self, spatial_dims: int, channels: int, lower_channels: int, stride: Tuple[int, ...],
+                 up_kernel_size: Tuple[int, ...], *, dropout: float, backend: Optional[str]):
+        super().__init__()
+        self.upconv = ConvNormAct(spatial_dims, lower_channels, channels, up_kernel_size, stride, transposed=True)
+        self.gate = AttentionGate(channels, channels, channels // 2, spatial_dims=spatial_dims, backend=backend)
+        self.merge = MergeConv(spatial_dims, 2 * channels, channels, dropout=dropout)
+
+    def forward(self, lower: torch.Tensor, skip: torch.Tensor, return_attention: bool = False):
+        g = self.upconv(lower)
+        if return_attention:
+            gated, alpha = self.gate(skip, g, return_alpha=True)
+        else:
+            gated, alpha = self.gate(skip, g, return_alpha=False), None
+        return self.merge(torch.cat((gated, g), dim=1)), alpha
+
+
+class AttentionUNet(nn.Module):
+    r"""Attention U-Net, 2-D or 3-D, with MONAI ``AttentionUnet``'s constructor and architecture
+    (see the module docstring for the diagram and the checkpoint key map).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the input image.
+        out_channels: number of classes (channels of the logits).
+        channels: feature channels per level, top level first, at least two entries; every level
+            but the last needs ≥ 2 channels (its gate has ``channels // 2`` intermediate channels).
+        strides: the downsampling stride of each level below the top: ``len(channels) - 1`` entries
+            (more are ignored, as in MONAI), each an int or one int per spatial dim.
+        kernel_size: kernel of the ConvBlocks (odd; int or one per dim).
+        up_kernel_size: kernel of the transposed convolutions (odd; int or one per dim).
+        dropout: dropout probability in the ConvBlocks and merge convolutions.
+        backend: force a backend for the attention gates (default: the global choice).
+
+    ``forward(x, return_attention=False)``: x (B, in_channels, *S), each spatial size divisible by the
+    product of the strides along that dim; returns logits (B, out_channels, *S), or
+    ``(logits, alphas)`` with ``return_attention=True`` where ``alphas[l]`` is level l's attention
+    map (B, 1, *S_l), top (full-resolution) level first.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels: Sequence[int],
+                 strides: Sequence[IntOrSeq], kernel_size: IntOrSeq = 3, up_kernel_size: IntOrSeq = 3,
+                 dropout: float = 0.0, *, backend: Optional[str] = None):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"AttentionUNet: argument 'spatial_dims' must be 2 or 3, got {spatial_dims!r}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"AttentionUNet: argument '{name}' must be a positive int, got {value!r}")
+        channels = tuple(channels)
+        if len(channels) < 2 or not all(isinstance(c, int) and c >= 1 for c in channels):
+            raise ValueError(f"AttentionUNet: argument 'channels' must be at least 2 positive ints, got {channels!r}")
+        if any(c < 2 for c in channels[:-1]):
+            raise ValueError("AttentionUNet: argument 'channels' must be >= 2 at every level but the last "
+                             f"(each gate has channels // 2 intermediate channels), got {channels!r}")
+        levels = len(channels) - 1
+        strides = tuple(strides)
+        if len(strides) < levels:
+            raise ValueError(f"AttentionUNet: argument 'strides' must have len(channels) - 1 = {levels} entries, "
+                             f"got {len(strides)} ({strides!r})")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"AttentionUNet: argument 'dropout' must be in [0, 1), got {dropout!r}")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.channels = channels
+        self.strides = tuple(_per_dim(f"strides[{i}]", s, spatial_dims) for i, s in enumerate(strides[:levels]))
+        self.kernel_size = _per_dim("kernel_size", kernel_size, spatial_dims, odd=True)
+        self.up_kernel_size = _per_dim("up_kernel_size", up_kernel_size, spatial_dims, odd=True)
+        self.dropout = float(dropout)
+        # the spatial sizes must be multiples of this, per dim
+        self.size_divisor = tuple(math.prod(s[d] for s in self.strides) for d in range(spatial_dims))
+
+        conv = _layers(spatial_dims)[0]
+        self.stem = ConvBlock(spatial_dims, in_channels, channels[0], self.kernel_size, dropout=self.dropout)
+        self.encoder = nn.ModuleList(
+            ConvBlock(spatial_dims, channels[l], channels[l + 1], self.kernel_size, self.strides[l],
+                      dropout=self.dropout)
+            for l in range(levels)
+        )
+        self.decoder = nn.ModuleList(
+            DecoderLevel(spatial_dims, channels[l], channels[l + 1], self.strides[l], self.up_kernel_size,
+                         dropout=self.dropout, backend=backend)
+            for l in range(levels)
+        )
+        self.out_conv = conv(channels[0], out_channels, kernel_size=1)
+
+    # ------------------------------------------------------------------------------------------
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"AttentionUNet: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+        nd = self.spatial_dims
+        if x.dim() != nd + 2 or x.shape[1] != self.in_channels:
+            want = "(B, C, H, W)" if nd == 2 else "(B, C, D, H, W)"
+            raise ValueError(f"AttentionUNet: argument 'x' must have shape {want} with C = in_channels = "
+                             f"{self.in_channels}, got {tuple(x.shape)}")
+        size = tuple(x.shape[2:])
+        if any(n == 0 for n in x.shape):
+            raise ValueError(f"AttentionUNet: argument 'x' must not have an empty dimension, got {tuple(x.shape)}")
+        if any(n % m for n, m in zip(size, self.size_divisor)):
+            raise ValueError(
+                f"AttentionUNet: argument 'x' must have spatial sizes divisible by the product of the strides "
+                f"{self.size_divisor} (strides={self.strides}), got spatial size {size}"
+            )
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+        self._check_input(x)
+        skips = [self.stem(x)]
+        for block in self.encoder:
+            skips.append(block(skips[-1]))
+        h = skips.pop()  # the bottom level has no skip of its own
+        alphas: List[Optional[torch.Tensor]] = [None] * len(self.decoder)
+        for level in reversed(range(len(self.decoder))):
+            h, alphas[level] = self.decoder[level](h, skips[level], return_attention)
+        logits = self.out_conv(h)
+        return (logits, alphas) if return_attention else logits
+
+    # ------------------------------------------------------------------------------------------
+    # MONAI checkpoints
+    # ------------------------------------------------------------------------------------------
+    _UNIT_KEY = re.compile(r"(?P<unit>\d+)\.(?P<layer>conv|norm)\.(?P<param>\w+)$")
+    _GATE_LAYERS = {"x_conv": "W_x.0.conv", "x_norm": "W_x.1", "g_conv": "W_g.0.conv", "g_norm": "W_g.1",
+                    "psi_conv": "psi.0.conv", "psi_norm": "psi.1"}
+
+    def _monai_level_prefix(self, level: int) -> str:
+        return "model.1." + "submodule.1." * level
+
+    def monai_key(self, key: str) -> str:
+        """The MONAI ``AttentionUnet`` state_dict key of this module's ``key`` (see the module docstring)."""
+
+        def unit(rest: str, prefix: str) -> str:
+            m = self._UNIT_KEY.fullmatch(rest)
+            if m is None:
+                raise KeyError(key)
+            layer = "conv" if m["layer"] == "conv" else "adn.N"
+            return f"{prefix}conv.{m['unit']}.{layer}.{m['param']}"
+
+        head, _, rest = key.partition(".")
+        if head == "stem":
+            return unit(rest, "model.0.")
+        if head == "out_conv":
+            return f"model.2.conv.{rest}"
+        index, _, rest = rest.partition(".")
+        if head not in ("encoder", "decoder") or not index.isdigit():
+            raise KeyError(key)
+        level = int(index)
+        prefix = self._monai_level_prefix(level)
+        if head == "encoder":
+            bottom = level == len(self.encoder) - 1
+            return unit(rest, prefix + ("submodule." if bottom else "submodule.0."))
+        part, _, rest = rest.partition(".")
+        layer, _, param = rest.rpartition(".")
+        if part == "upconv" and layer in ("conv", "norm"):
+            return f"{prefix}upconv.up.{'conv' if layer == 'conv' else 'adn.N'}.{param}"
+        if part == "gate" and layer in self._GATE_LAYERS:
+            return f"{prefix}attention.{self._GATE_LAYERS[layer]}.{param}"
+        if part == "merge" and layer in ("conv", "act"):
+            return f"{prefix}merge.{'conv' if layer == 'conv' else 'adn.A'}.{param}"
+        raise KeyError(key)
+
+    def monai_key_map(self) -> Dict[str, str]:
+        """MONAI key -> this module's key, for every entry of :meth:`state_dict`."""
+        return {self.monai_key(k): k for k in self.state_dict()}
+
+    def to_monai_state_dict(self) -> Dict[str, torch.Tensor]:
+        """This module's state under MONAI ``AttentionUnet``'s keys (loads into it with strict=True)."""
+        return {self.monai_key(k): v for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_monai_state_dict(cls, state_dict: Mapping[str, torch.Tensor], **constructor_kwargs) -> "AttentionUNet":
+        """Build an ``AttentionUNet(**constructor_kwargs)`` (the arguments the MONAI model was built
+        with) and load a MONAI ``AttentionUnet`` state_dict into it, strictly. The model takes the
+        checkpoint's floating dtype and device.
+
+        Raises:
+            KeyError: listing the MONAI keys this architecture expects but ``state_dict`` lacks, and
+                the ones it has but this architecture does not (wrong ``channels``/``strides``, or
+                not an AttentionUnet checkpoint). Shape mismatches raise as in ``load_state_dict``.
+        """
+        model = cls(**constructor_kwargs)
+        key_map = model.monai_key_map()
+        missing = sorted(set(key_map) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(key_map))
+        if missing or unexpected:
+            raise KeyError(f"AttentionUNet.from_monai_state_dict: the checkpoint does not match "
+                           f"AttentionUNet({constructor_kwargs}): missing keys {missing[:8]}"
+                           f"{' …' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                           f"{' …' if len(unexpected) > 8 else ''}")
+        # Take the checkpoint's floating dtype and device, so that loading does not round its values.
+        reference = next((v for v in state_dict.values() if v.is_floating_point()), None)
+        if reference is not None:
+            model.to(device=reference.device, dtype=reference.dtype)
+        model.load_state_dict({key_map[k]: v for k, v in state_dict.items()}, strict=True)
+        return model
+
+    def extra_repr(self) -> str:
+        return (f"spatial_dims={self.spatial_dims}, channels={self.channels}, strides={self.strides}, "
+                f"kernel_size={self.kernel_size}, up_kernel_size={self.up_kernel_size}, dropout={self.dropout}")
