@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._util import interpreted, to_storage
+
 __all__ = ["ChannelConfig", "default_config", "channel_forward", "channel_backward", "gram"]
 
 
@@ -170,7 +172,7 @@ def _mix_kernel(w1_ptr, r1_ptr, w2_ptr, r2_ptr, o_ptr, out_ptr, gamma_ptr, res_p
     mask = (rows[:, None] < n_ch) & (pos[None, :] < n_pos)
     if STORE_O:
         tl.store(o_ptr + b * sob + rows[:, None] * soc + pos[None, :] * son,
-                 acc.to(o_ptr.dtype.element_ty), mask=mask)
+                 to_storage(acc, o_ptr.dtype.element_ty), mask=mask)
     if HAS_MUL:
         acc = acc * _load_2d(mul_ptr + b * smb, rows, pos, smc, smn, n_ch, n_pos).to(tl.float32)
     if HAS_GAMMA:
@@ -178,7 +180,7 @@ def _mix_kernel(w1_ptr, r1_ptr, w2_ptr, r2_ptr, o_ptr, out_ptr, gamma_ptr, res_p
     if HAS_RES:
         acc = acc + _load_2d(res_ptr + b * srb, rows, pos, src, srn, n_ch, n_pos).to(tl.float32)
     tl.store(out_ptr + b * sxb + rows[:, None] * sxc + pos[None, :] * sxn,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+             to_storage(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +202,9 @@ def gram(u: torch.Tensor, v: torch.Tensor, config: Optional[ChannelConfig] = Non
     chunks_per_split = triton.cdiv(triton.cdiv(n_pos, cfg.block_n), splits)
     splits = triton.cdiv(n_pos, cfg.block_n * chunks_per_split)   # no empty split
     parts = torch.empty(batch, splits, n_ch, n_ch, device=u.device, dtype=torch.float32)
-    native = u.dtype == v.dtype and u.dtype in (torch.float16, torch.bfloat16)
+    # 16-bit operands multiply natively (exact products, float32 accumulation); not under the
+    # interpreter, whose tl.dot misreads bfloat16 operands (float32 copies give the same products).
+    native = u.dtype == v.dtype and u.dtype in (torch.float16, torch.bfloat16) and not interpreted()
     grid = (triton.cdiv(n_ch, cfg.block_c), triton.cdiv(n_ch, cfg.block_c), batch * splits)
     _gram_kernel[grid](u, v, parts, *u.stride(), *v.stride(), n_ch, n_pos, chunks_per_split,
                        NATIVE=native, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
@@ -241,7 +245,7 @@ def channel_forward(x: torch.Tensor, *, negate: bool, gamma: Optional[torch.Tens
     """Fused forward on x (B, C, N) (any strides; residual/multiply (B, C, N) too).
 
     Returns ``(out, o, attention)``: out (B, C, N) contiguous in x's dtype; o = A X before the
-    epilogue (only when ``save_for_backward`` and an epilogue is present, else None); the
+    epilogue (float32, only when ``save_for_backward`` and an epilogue is present, else None); the
     float32 attention A (B, C, C), which is all the backward needs besides x.
     """
     batch, n_ch, n_pos = x.shape
@@ -250,7 +254,8 @@ def channel_forward(x: torch.Tensor, *, negate: bool, gamma: Optional[torch.Tens
     attention = _softmax(energy, negate)
     out = x.new_empty(batch, n_ch, n_pos)
     has_epilogue = gamma is not None or residual is not None or multiply is not None
-    o = x.new_empty(batch, n_ch, n_pos) if (save_for_backward and has_epilogue) else None
+    # float32 o: dγ = Σ ∂L/∂out ⊙ o ⊙ f is a long sum; a 16-bit o would add its rounding noise to it.
+    o = x.new_empty(batch, n_ch, n_pos, dtype=torch.float32) if (save_for_backward and has_epilogue) else None
     _mix(attention, x, None, None, out, o=o, gamma=gamma, residual=residual, multiply=multiply,
          precision=_precision(x.dtype), cfg=cfg)
     return out, o, attention

@@ -43,13 +43,14 @@ allocate their results; they do no autograd (see ``medattn_fast/ops/_position_tr
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._util import interpreted, to_storage
 
 __all__ = ["PositionConfig", "default_config", "position_forward", "position_backward", "MAX_HEAD_DIM"]
 
@@ -66,6 +67,11 @@ class PositionConfig:
     block_dv: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    # Feed P and dS to the P·V / dS·K / dSᵀ·Q dots in float32 (TF32 for 16-bit inputs) instead of
+    # rounding them to bf16/fp16: about 8x less rounding error in those products (the backend's
+    # errors then stay within 2x of the float32-accumulating torch backend), at half the tensor-core
+    # rate for those dots. False is flash attention's choice; which to ship is a GPU measurement.
+    fp32_probabilities: bool = True
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -82,9 +88,15 @@ def default_config(dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
     dk_pad = _pow2_at_least_16(dk)
     if dtype == torch.float32:
         return PositionConfig(64, 32, min(64, _pow2_at_least_16(dv)), num_warps=4, num_stages=2)
+    # (fp32_probabilities stays True: the accurate default until the GPU numbers say otherwise.)
     block_m = 128 if dk_pad <= 64 else 64
     return PositionConfig(block_m, 64, min(128, _pow2_at_least_16(dv)), num_warps=8 if block_m == 128 else 4,
                           num_stages=3)
+
+
+def _upcast_dots() -> bool:
+    """Under TRITON_INTERPRET the dots run on float32 copies (the interpreter's bf16 tl.dot is wrong)."""
+    return interpreted()
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -106,7 +118,30 @@ def _load_2d(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
 def _store_2d(base, value, rows, cols, stride_r, stride_c, n_rows, n_cols):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(base + rows[:, None] * stride_r + cols[None, :] * stride_c,
-             value.to(base.dtype.element_ty), mask=mask)
+             to_storage(value, base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in float32. ``UPCAST``: multiply float32 copies (exact for 16-bit inputs,
+    whose products fit float32) — the interpreter's tl.dot misreads bfloat16 operands."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _dot_p(p, x, PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_FP32: tl.constexpr):
+    """p @ x for a float32 probability (or dS) tile p. ``P_FP32``: p keeps its float32 value and x
+    is widened (TF32 dots for 16-bit inputs: p rounded to 11 bits); otherwise p is rounded to x's
+    dtype (bf16: 8 bits) for full-rate 16-bit dots, as flash attention does."""
+    if UPCAST:
+        if P_FP32:
+            return tl.dot(p, x.to(tl.float32), input_precision="ieee")
+        return tl.dot(p.to(x.dtype).to(tl.float32), x.to(tl.float32), input_precision="ieee")
+    if P_FP32:
+        return tl.dot(p, x.to(tl.float32), input_precision=PRECISION)
+    return tl.dot(p.to(x.dtype), x, input_precision=PRECISION)
 
 
 @triton.jit
@@ -130,7 +165,8 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, out_ptr, lse_ptr, gamma_ptr, res
                     HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr, HAS_MUL: tl.constexpr,
                     STORE_O: tl.constexpr, STORE_LSE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                P_FP32: tl.constexpr):
     """o_i = Σ_j softmax_j(s q_i·k_j) v_j for BLOCK_M rows × BLOCK_DV columns, online softmax."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -145,14 +181,14 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, out_ptr, lse_ptr, gamma_ptr, res
     for start in range(0, n_k, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         k_t = _load_2d(k_ptr + b * skb, dks, keys, skd, skn, d_k, n_k)                   # (DK, N)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        s = _dot(q, k_t, PRECISION, UPCAST) * qk_scale
         s = tl.where(keys[None, :] < n_k, s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
         alpha = tl.exp2(row_max - new_max)    # 0 on the first block (row_max = -inf)
         p = tl.exp2(s - new_max[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)
         v = _load_2d(v_ptr + b * svb, keys, dvs, svn, svd, n_k, d_v)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot_p(p, v, PRECISION, UPCAST, P_FP32)
         row_max = new_max
     o = acc / row_sum[:, None]
     if STORE_O:
@@ -168,7 +204,8 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, out_ptr, lse_ptr, gamma_ptr, res
 @triton.jit
 def _row_lse_kernel(q_ptr, k_ptr, lse_ptr, sqb, sqn, sqd, skb, skn, skd, n_q, n_k, d_k, qk_scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                P_FP32: tl.constexpr):
     """lse2_i = log2 Σ_j exp2(qk_scale · q_i·k_j), online over key blocks."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -180,7 +217,7 @@ def _row_lse_kernel(q_ptr, k_ptr, lse_ptr, sqb, sqn, sqd, skb, skn, skd, n_q, n_
     for start in range(0, n_k, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         k_t = _load_2d(k_ptr + b * skb, dks, keys, skd, skn, d_k, n_k)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        s = _dot(q, k_t, PRECISION, UPCAST) * qk_scale
         s = tl.where(keys[None, :] < n_k, s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
         row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(s - new_max[:, None]), 1)
@@ -196,7 +233,8 @@ def _column_kernel(q_ptr, k_ptr, r_ptr, lse_ptr, o_ptr, out_ptr, gamma_ptr, res_
                    HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr, HAS_MUL: tl.constexpr,
                    STORE_O: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                P_FP32: tl.constexpr):
     """out_j = epilogue(Σ_i P_ij r_i) for BLOCK_N key rows × BLOCK_DV columns; r has Nq rows.
 
     P_ij = exp2(qk_scale · q_i·k_j − lse2_i) with the row statistics already known, so the sum
@@ -213,11 +251,11 @@ def _column_kernel(q_ptr, k_ptr, r_ptr, lse_ptr, o_ptr, out_ptr, gamma_ptr, res_
     for start in range(0, n_q, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         q_t = _load_2d(q_ptr + b * sqb, dks, rows, sqd, sqn, d_k, n_q)                    # (DK, M)
-        s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale                       # (N, M)
+        s_t = _dot(k, q_t, PRECISION, UPCAST) * qk_scale                                 # (N, M)
         lse = tl.load(lse_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
         p_t = tl.where(rows[None, :] < n_q, tl.exp2(s_t - lse[None, :]), 0.0)
         r = _load_2d(r_ptr + b * srb_, rows, dvs, srn_, srd_, n_q, d_v)                  # (M, DV)
-        acc += tl.dot(p_t.to(r.dtype), r, input_precision=PRECISION)
+        acc += _dot_p(p_t, r, PRECISION, UPCAST, P_FP32)
     if STORE_O:
         _store_2d(o_ptr + b * sob, acc, keys, dvs, son, sod, n_k, d_v)
     out = _epilogue(acc, keys, dvs, n_k, d_v, b, gamma_ptr, res_ptr, srb, srn, srd, mul_ptr, smb, smn, smd,
@@ -230,7 +268,8 @@ def _row_kernel(q_ptr, k_ptr, r_ptr, lse_ptr, v_ptr, out_ptr, dpart_ptr,
                 sqb, sqn, sqd, skb, skn, skd, srb, srn, srd, svb, svn, svd, sxb, sxn, sxd,
                 n_q, n_k, d_k, d_v, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-                BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                P_FP32: tl.constexpr):
     """dv_i = Σ_j P_ij r_j (r has Nk rows) and the partial row term Σ_{c in block} v_ic dv_ic.
 
     The partials, (B, n_dv_blocks, Nq) in float32, sum to D_i = v_i·dv_i of transpose=True.
@@ -247,10 +286,10 @@ def _row_kernel(q_ptr, k_ptr, r_ptr, lse_ptr, v_ptr, out_ptr, dpart_ptr,
     for start in range(0, n_k, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         k_t = _load_2d(k_ptr + b * skb, dks, keys, skd, skn, d_k, n_k)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        s = _dot(q, k_t, PRECISION, UPCAST) * qk_scale
         p = tl.where(keys[None, :] < n_k, tl.exp2(s - lse[:, None]), 0.0)
         r = _load_2d(r_ptr + b * srb, keys, dvs, srn, srd, n_k, d_v)
-        acc += tl.dot(p.to(r.dtype), r, input_precision=PRECISION)
+        acc += _dot_p(p, r, PRECISION, UPCAST, P_FP32)
     _store_2d(out_ptr + b * sxb, acc, rows, dvs, sxn, sxd, n_q, d_v)
     v = _load_2d(v_ptr + b * svb, rows, dvs, svn, svd, n_q, d_v).to(tl.float32)
     n_dv_blocks = tl.num_programs(2)
@@ -300,7 +339,8 @@ def _dq_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dq_ptr,
                sqb, sqn, sqd, skb, skn, skd, sab, san, sad, scb, scn, scd, sdb, sdn, sdd,
                n_q, n_k, d_k, d_v, qk_scale, scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                P_FP32: tl.constexpr):
     """dq_i = s Σ_j P_ij (dP_ij − D_i) k_j with dP_ij = a_i·c_j (a: Nq rows, c: Nk rows)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -313,16 +353,16 @@ def _dq_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dq_ptr,
     for start in range(0, n_k, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         k_t = _load_2d(k_ptr + b * skb, dks, keys, skd, skn, d_k, n_k)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        s = _dot(q, k_t, PRECISION, UPCAST) * qk_scale
         p = tl.where(keys[None, :] < n_k, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for c0 in range(0, d_v, BLOCK_DV):
             cols = c0 + tl.arange(0, BLOCK_DV)
             a = _load_2d(a_ptr + b * sab, rows, cols, san, sad, n_q, d_v)
             c_t = _load_2d(c_ptr + b * scb, cols, keys, scd, scn, d_v, n_k)
-            dp += tl.dot(a, c_t.to(a.dtype), input_precision=PRECISION)
+            dp += _dot(a, c_t.to(a.dtype), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        acc += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+        acc += _dot_p(ds, tl.trans(k_t), PRECISION, UPCAST, P_FP32)
     _store_2d(dq_ptr + b * sdb, acc * scale, rows, dks, sdn, sdd, n_q, d_k)
 
 
@@ -331,7 +371,8 @@ def _dk_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dk_ptr,
                sqb, sqn, sqd, skb, skn, skd, sab, san, sad, scb, scn, scd, sdb, sdn, sdd,
                n_q, n_k, d_k, d_v, qk_scale, scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                P_FP32: tl.constexpr):
     """dk_j = s Σ_i P_ij (dP_ij − D_i) q_i with dP_ij = a_i·c_j, built transposed (keys, queries)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -342,7 +383,7 @@ def _dk_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dk_ptr,
     for start in range(0, n_q, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         q_t = _load_2d(q_ptr + b * sqb, dks, rows, sqd, sqn, d_k, n_q)
-        s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
+        s_t = _dot(k, q_t, PRECISION, UPCAST) * qk_scale
         lse = tl.load(lse_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
         delta = tl.load(delta_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
         p_t = tl.where(rows[None, :] < n_q, tl.exp2(s_t - lse[None, :]), 0.0)
@@ -351,9 +392,9 @@ def _dk_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dk_ptr,
             cols = c0 + tl.arange(0, BLOCK_DV)
             c = _load_2d(c_ptr + b * scb, keys, cols, scn, scd, n_k, d_v)
             a_t = _load_2d(a_ptr + b * sab, cols, rows, sad, san, d_v, n_q)
-            dp_t += tl.dot(c, a_t.to(c.dtype), input_precision=PRECISION)
+            dp_t += _dot(c, a_t.to(c.dtype), PRECISION, UPCAST)
         ds_t = p_t * (dp_t - delta[None, :])
-        acc += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+        acc += _dot_p(ds_t, tl.trans(q_t), PRECISION, UPCAST, P_FP32)
     _store_2d(dk_ptr + b * sdb, acc * scale, keys, dks, sdn, sdd, n_k, d_k)
 
 
@@ -384,7 +425,7 @@ def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
 
     Returns ``(out, o, lse2)``: ``out`` = γ·(o ⊙ f) + x as a token-major (B, n_out, dv) tensor (a view
     of channel-first storage when ``channels_first``); ``o`` the attention output before the
-    epilogue (contiguous, only when ``save_for_backward`` and an epilogue is present — otherwise
+    epilogue (contiguous float32, only when ``save_for_backward`` and an epilogue is present — otherwise
     None, and ``out`` is o); ``lse2`` (B, Nq) float32 base-2 row log-sum-exp (None when not saved
     and not needed). ``residual``/``multiply`` are token-major (B, n_out, dv) tensors (any strides).
     """
@@ -397,7 +438,9 @@ def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     has_epilogue = gamma is not None or residual is not None or multiply is not None
     store_o = save_for_backward and has_epilogue
     out = _alloc_out(batch, n_out, d_v, q, channels_first)
-    o = q.new_empty(batch, n_out, d_v) if store_o else None
+    # o is kept in float32: dγ = Σ ∂L/∂out ⊙ o ⊙ f and D_i = g_i·o_i are long sums, and a 16-bit o
+    # would put its rounding noise (√terms half-ulps) into them.
+    o = q.new_empty(batch, n_out, d_v, dtype=torch.float32) if store_o else None
     lse = None
     if transpose or save_for_backward:
         lse = torch.empty(batch, n_q, device=q.device, dtype=torch.float32)
@@ -406,6 +449,7 @@ def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     dummy = q
     common = dict(HAS_GAMMA=gamma is not None, HAS_RES=residual is not None, HAS_MUL=multiply is not None,
                   STORE_O=store_o, BLOCK_DK=block_dk, BLOCK_DV=cfg.block_dv, PRECISION=precision,
+                  UPCAST=_upcast_dots(), P_FP32=cfg.fp32_probabilities,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     epilogue_args = (*_strides(residual), *_strides(multiply))
     n_dv_blocks = triton.cdiv(d_v, cfg.block_dv)
@@ -422,6 +466,7 @@ def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
         _row_lse_kernel[(triton.cdiv(n_q, cfg.block_m), batch)](
             q, k, lse, *q.stride(), *k.stride(), n_q, n_k, d_k, qk_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=block_dk, PRECISION=precision,
+            UPCAST=_upcast_dots(), P_FP32=cfg.fp32_probabilities,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         grid = (triton.cdiv(n_k, cfg.block_n), batch, n_dv_blocks)
         _column_kernel[grid](
@@ -483,7 +528,7 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=block_dk, BLOCK_DV=cfg.block_dv,
-                  PRECISION=precision, **launch)
+                  PRECISION=precision, UPCAST=_upcast_dots(), P_FP32=cfg.fp32_probabilities, **launch)
     # 2. the value gradient (and, transpose=True, the row term D_i = v_i·dv_i).
     if transpose:
         _row_kernel[(triton.cdiv(n_q, cfg.block_m), batch, n_dv_blocks)](

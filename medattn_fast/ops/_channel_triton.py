@@ -51,7 +51,7 @@ def channel_attention_triton_fwd(x: Tensor, gamma: Optional[Tensor], residual: O
 def _(x, gamma, residual, multiply, negate, save):
     has_epilogue = gamma is not None or residual is not None or multiply is not None
     out = x.new_empty(x.shape)
-    o = x.new_empty(x.shape) if (save and has_epilogue) else _empty(x)
+    o = x.new_empty(x.shape, dtype=torch.float32) if (save and has_epilogue) else _empty(x)
     return out, o, x.new_empty((x.shape[0], x.shape[1], x.shape[1]), dtype=torch.float32)
 
 

@@ -5,7 +5,7 @@ Two ``torch.library`` custom ops, so the fused path is one opaque node under
 
 * ``medattn::position_attention_triton_fwd(q, k, v, gamma?, residual?, multiply?, scale, transpose,
   channels_first, save) -> (out, o, lse2)`` — ``out`` in its storage layout ((B, dv, n_out) when
-  channels_first); ``o`` the pre-epilogue output (saved only when there is an epilogue and a
+  channels_first); ``o`` the pre-epilogue output (float32; saved only when there is an epilogue and a
   gradient is wanted; an empty tensor otherwise); ``lse2`` the (B, Nq) float32 base-2 row
   log-sum-exp (empty when no gradient is wanted).
 * ``medattn::position_attention_triton_bwd`` — dq, dk, dv, dγ, df (empty tensors for absent ones).
@@ -59,7 +59,7 @@ def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save
     n_out, d_v = (k.shape[1] if transpose else n_q), v.shape[2]
     out = q.new_empty((batch, d_v, n_out) if channels_first else (batch, n_out, d_v))
     has_epilogue = gamma is not None or residual is not None or multiply is not None
-    o = q.new_empty((batch, n_out, d_v)) if (save and has_epilogue) else _empty(q)
+    o = q.new_empty((batch, n_out, d_v), dtype=torch.float32) if (save and has_epilogue) else _empty(q)
     lse = q.new_empty((batch, n_q), dtype=torch.float32) if save else _empty(q, torch.float32)
     return out, o, lse
 
