@@ -44,8 +44,6 @@
 #include <type_traits>
 #include <vector>
 
-#include <torch/extension.h>
-
 #if defined(__GNUC__)
 #define MEDATTN_INLINE inline __attribute__((always_inline))
 #else
