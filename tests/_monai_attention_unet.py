@@ -2,7 +2,7 @@
 
 MONAI is not installed here, so this module rebuilds MONAI's AttentionUnet module tree (written
 from reading ``monai/networks/nets/attentionunet.py`` and ``monai/networks/blocks/convolutions.py``
-/ ``acti_norm.py``, MONAI 1.4/1.5) with the same class and attribute names, so that its
+/ ``acti_norm.py``, MONAI >= 1.3.1) with the same class and attribute names, so that its
 ``state_dict`` keys are exactly MONAI's, and the same forward math:
 
 * ``Convolution`` is an ``nn.Sequential`` holding ``conv`` (a Conv, or a ConvTranspose with

@@ -26,6 +26,9 @@ Behaviours kept from MONAI's ``AttentionUnet`` (so its checkpoints give the same
   up-convolutions or the gates;
 * strides beyond ``len(channels) - 1`` entries are ignored.
 
+(MONAI releases before 1.3.1 (PR #7734) built the ConvBlocks with 3×3 kernels
+whatever ``kernel_size`` said; their checkpoints load with ``kernel_size=3``.)
+
 Eval mode folds each BatchNorm into the convolution before it (one pass instead of three); the
 gates fold theirs inside :func:`medattn_fast.functional.attention_gate`.
 
