@@ -162,7 +162,7 @@ def test_from_original_keeps_dtype_device_mode_and_round_trips():
 
 def test_compat_classes_cover_the_originals():
     assert set(C.COMPAT_CLASSES) == {"GaussianTrans", "Attention", "WinAttention", "DlightConv", "CSAttention",
-                                     "MEAttention", "EAmodule"}
+                                     "MEAttention", "EAmodule", "encoder_block", "decoder_block", "MTUNet"}
     for name, cls in C.COMPAT_CLASSES.items():
         assert cls.__name__ == name and hasattr(cls, "from_original")
 

@@ -381,3 +381,342 @@ COMPAT_CLASSES = {
     "MEAttention": MEAttention,
     "EAmodule": EAmodule,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole network: MT-UNet's CNN stem/decoder, encoder/decoder blocks and MTUNet
+# ---------------------------------------------------------------------------------------------
+#
+# The CNN parts (ConvBNReLU, DoubleConv, U_encoder, U_decoder, DecoderStem, Stem) are plain
+# convolutions with nothing to fuse; they are here so that ``MTUNet`` and its pieces keep the
+# original's names and keys. They are left out of COMPAT_CLASSES: swapping them would change
+# nothing, and their generic names (``DoubleConv``, ``Stem``) match other networks' classes.
+# encoder_block, decoder_block and MTUNet are in it (they hold the mixed-transformer modules).
+
+__all__ += [
+    "ConvBNReLU",
+    "DoubleConv",
+    "U_encoder",
+    "U_decoder",
+    "DecoderStem",
+    "Stem",
+    "encoder_block",
+    "decoder_block",
+    "MTUNet",
+]
+
+# The original's Stem: a (1, 784, 256) position embedding, i.e. a 28×28 token grid (224² input).
+_EMBED_TOKENS, _EMBED_DIM = 784, 256
+# 3 max-pools before the tokens, then two stride-2 convs that the decoder's transposed convs undo.
+_STEM_STRIDE, _TOKEN_STRIDE = 8, 4
+
+
+def _configs_of(ea: nn.Module) -> Dict[str, object]:
+    """The configs (win_size, head) an EAmodule-like module was built with."""
+    win = ea.CSAttention.win_atten
+    return {"win_size": win.window_size, "head": win.attention.num_head}
+
+
+class ConvBNReLU(_FromOriginal, nn.Module):
+    """MT-UNet's ``ConvBNReLU(c_in, c_out, kernel_size, stride=1, padding=1, activation=True)``:
+    Conv2d (no bias) -> BatchNorm2d -> ReLU (skipped when ``activation=False``)."""
+
+    def __init__(self, c_in, c_out, kernel_size, stride=1, padding=1, activation=True):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=kernel_size, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.activation = activation
+
+    @classmethod
+    def _init_args(cls, module):
+        conv = module.conv
+        return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                bool(module.activation)), {}
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return torch.relu(x) if self.activation else x
+
+
+class DoubleConv(_FromOriginal, nn.Module):
+    """MT-UNet's ``DoubleConv(cin, cout)``: h = ConvBN(ConvBNReLU(x)) (3×3 each), then
+    ``relu(h + BN(conv1x1(h)))``."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Sequential(
+            ConvBNReLU(cin, cout, 3, 1, padding=1),
+            ConvBNReLU(cout, cout, 3, stride=1, padding=1, activation=False),
+        )
+        self.conv1 = nn.Conv2d(cout, cout, 1)
+        self.relu = nn.ReLU()
+        self.bn = nn.BatchNorm2d(cout)
+
+    @classmethod
+    def _init_args(cls, module):
+        return (module.conv[0].conv.in_channels, module.conv[0].conv.out_channels), {}
+
+    def forward(self, x):
+        h = self.conv(x)
+        return torch.relu(h + self.bn(self.conv1(h)))
+
+
+class U_encoder(_FromOriginal, nn.Module):
+    """MT-UNet's CNN encoder: (B, 3, H, W) -> ((B, 256, H/8, W/8), [f1 (64, H), f2 (128, H/2),
+    f3 (256, H/4)]): DoubleConv then 2×2 max-pool, three times."""
+
+    def __init__(self):
+        super().__init__()
+        self.res1 = DoubleConv(3, 64)
+        self.pool1 = nn.MaxPool2d(2)
+        self.res2 = DoubleConv(64, 128)
+        self.pool2 = nn.MaxPool2d(2)
+        self.res3 = DoubleConv(128, 256)
+        self.pool3 = nn.MaxPool2d(2)
+
+    @classmethod
+    def _init_args(cls, module):
+        return (), {}
+
+    def forward(self, x):
+        features = []
+        for res, pool in ((self.res1, self.pool1), (self.res2, self.pool2), (self.res3, self.pool3)):
+            x = res(x)
+            features.append(x)
+            x = pool(x)
+        return x, features
+
+
+class U_decoder(_FromOriginal, nn.Module):
+    """MT-UNet's CNN decoder: (B, 512, H/8, W/8), [f1, f2, f3] -> (B, 64, H, W); each stage
+    ``res_i(cat[skip, trans_i(x)])`` (the skip first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trans1 = nn.ConvTranspose2d(512, 256, 2, stride=2)
+        self.res1 = DoubleConv(512, 256)
+        self.trans2 = nn.ConvTranspose2d(256, 128, 2, stride=2)
+        self.res2 = DoubleConv(256, 128)
+        self.trans3 = nn.ConvTranspose2d(128, 64, 2, stride=2)
+        self.res3 = DoubleConv(128, 64)
+
+    @classmethod
+    def _init_args(cls, module):
+        return (), {}
+
+    def forward(self, x, feature):
+        x = self.res1(torch.cat((feature[2], self.trans1(x)), dim=1))
+        x = self.res2(torch.cat((feature[1], self.trans2(x)), dim=1))
+        return self.res3(torch.cat((feature[0], self.trans3(x)), dim=1))
+
+
+class DecoderStem(_FromOriginal, nn.Module):
+    """MT-UNet's ``DecoderStem()``: :class:`U_decoder` nested as ``block``."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = U_decoder()
+
+    @classmethod
+    def _init_args(cls, module):
+        return (), {}
+
+    def forward(self, x, features):
+        return self.block(x, features)
+
+
+class Stem(_FromOriginal, nn.Module):
+    r"""MT-UNet's ``Stem()``: (B, 3, H, W) -> (tokens (B, N, 256), [f1, f2, f3]).
+
+    :class:`U_encoder`, the 1×1 ``trans_dim`` ConvBNReLU, row-major tokens plus
+    ``position_embedding`` (1, N, 256). The original's N is 784 (a 28×28 grid: 224² input only);
+    ``num_tokens`` (keyword, not in the original) builds another square embedding. An input whose
+    token grid does not match the embedding raises ValueError (the original fails in the addition);
+    :class:`medattn_fast.models.MTUNet` interpolates the embedding instead.
+    """
+
+    def __init__(self, *, num_tokens=_EMBED_TOKENS):
+        super().__init__()
+        self.model = U_encoder()
+        self.trans_dim = ConvBNReLU(256, 256, 1, 1, 0)
+        self.position_embedding = nn.Parameter(torch.zeros((1, num_tokens, _EMBED_DIM)))
+
+    @classmethod
+    def _init_args(cls, module):
+        return (), {"num_tokens": module.position_embedding.shape[1]}
+
+    def forward(self, x):
+        x, features = self.model(x)
+        x = self.trans_dim(x)
+        B, C, H, W = x.shape
+        if H * W != self.position_embedding.shape[1]:
+            raise ValueError(f"Stem: the token grid must have {self.position_embedding.shape[1]} tokens (the position "
+                             f"embedding's), got {H}×{W} = {H * W}")
+        # tokens (B, N, C) straight from the channel-last view: one copy, fused with the addition
+        return x.permute(0, 2, 3, 1).reshape(B, H * W, C) + self.position_embedding, features
+
+
+class encoder_block(_FromOriginal, nn.Module):
+    r"""MT-UNet's ``encoder_block(dim)``: tokens (B, h·h, dim) -> ((B, 2·dim, h/2, h/2), skip
+    (B, dim, h, h)): two fast :class:`EAmodule`, then the stride-2 2×2 ConvBNReLU. The skip is a
+    channel-first view of the tokens, as in the original. ``configs`` defaults to
+    :data:`MTUNET_CONFIGS` (the original's module-level dict)."""
+
+    def __init__(self, dim, configs=MTUNET_CONFIGS):
+        super().__init__()
+        self.block = nn.ModuleList([
+            EAmodule(dim, configs),
+            EAmodule(dim, configs),
+            ConvBNReLU(dim, dim * 2, 2, stride=2, padding=0),
+        ])
+
+    @classmethod
+    def _init_args(cls, module):
+        return (module.block[0].SlayerNorm.normalized_shape[0],), {"configs": _configs_of(module.block[0])}
+
+    def forward(self, x):
+        B, N, C = _tokens("encoder_block", x, self.block[2].conv.in_channels)
+        side = _square_side("encoder_block", N)
+        x = self.block[1](self.block[0](x))
+        skip = x.view(B, side, side, C).permute(0, 3, 1, 2)  # (B, C, h, h) view
+        return self.block[2](skip), skip
+
+
+class decoder_block(_FromOriginal, nn.Module):
+    r"""MT-UNet's ``decoder_block(dim, flag)``: (B, dim, h, w), skip -> tokens (B, 4hw, C).
+
+    ``flag=False``: up (ConvTranspose2d dim -> dim/2), 1×1 conv of ``cat[x, skip]`` -> dim/2, two
+    EAmodule(dim/2). ``flag=True``: up, ``cat[x, skip]`` (dim channels), two EAmodule(dim).
+    Inside, the join is built channel-last, directly as tokens: with the 1×1 conv it is two GEMMs
+    on the halves of its weight (no concatenation), without it one channel-last concatenation
+    (no extra permute copy).
+    """
+
+    def __init__(self, dim, flag, configs=MTUNET_CONFIGS):
+        super().__init__()
+        self.flag = flag
+        if not self.flag:
+            self.block = nn.ModuleList([
+                nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2, padding=0),
+                nn.Conv2d(dim, dim // 2, kernel_size=1, stride=1),
+                EAmodule(dim // 2, configs),
+                EAmodule(dim // 2, configs),
+            ])
+        else:
+            self.block = nn.ModuleList([
+                nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2, padding=0),
+                EAmodule(dim, configs),
+                EAmodule(dim, configs),
+            ])
+
+    @classmethod
+    def _init_args(cls, module):
+        flag = bool(module.flag)
+        ea = module.block[1 if flag else 2]
+        return (module.block[0].in_channels, flag), {"configs": _configs_of(ea)}
+
+    def forward(self, x, skip):
+        up = self.block[0]
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != up.in_channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"decoder_block: argument 'x' must have shape (B, {up.in_channels}, h, w), got {got}")
+        B, _, h, w = x.shape
+        want = (B, self.block[1].in_channels - up.out_channels if not self.flag else up.out_channels, 2 * h, 2 * w)
+        if not isinstance(skip, torch.Tensor) or tuple(skip.shape) != want:
+            got = tuple(skip.shape) if isinstance(skip, torch.Tensor) else type(skip).__name__
+            raise ValueError(f"decoder_block: argument 'skip' must have shape {want}, got {got}")
+        x_last = up(x).permute(0, 2, 3, 1)  # (B, 2h, 2w, dim/2) views
+        skip_last = skip.permute(0, 2, 3, 1)
+        if not self.flag:
+            conv = self.block[1]
+            weight = conv.weight.flatten(1)  # (dim/2, dim) over cat[x, skip]
+            w_x, w_skip = weight[:, :up.out_channels], weight[:, up.out_channels:]
+            tokens = F.linear(x_last, w_x) + F.linear(skip_last, w_skip, conv.bias)
+            first = 2
+        else:
+            tokens = torch.cat((x_last, skip_last), dim=-1)
+            first = 1
+        tokens = tokens.reshape(B, 4 * h * w, tokens.shape[-1])
+        return self.block[first + 1](self.block[first](tokens))
+
+
+class MTUNet(_FromOriginal, nn.Module):
+    r"""MT-UNet (Dootmaan/MT-UNet ``MTUNet(out_ch=4)``): (B, 3 or 1, 224, 224) -> (B, out_ch, 224, 224).
+
+    The original's modules, keys (487 for ``MTUNet(9)``) and math, on the fast blocks:
+    Stem (CNN encoder + tokens + position embedding) -> encoder_block(256), encoder_block(512)
+    -> bottleneck EAmodule(1024) ×2 -> decoder_block(1024, False), decoder_block(512, True) (the
+    deepest skip first) -> DecoderStem (CNN decoder with the stem's features) -> 1×1
+    ``SegmentationHead``. A 1-channel input is used as 3 identical channels (the original repeats
+    it; here an expanded view).
+
+    Like the original it takes square inputs of side 8·sqrt(N) for the N-token position embedding
+    (224 for the original's 784); ``num_tokens`` (keyword, not in the original) sets another
+    square embedding whose side is a multiple of 4. For any size, H ≠ W, and 1- or 3-channel
+    inputs, use :class:`medattn_fast.models.MTUNet` (it loads these checkpoints).
+    """
+
+    def __init__(self, out_ch=4, configs=MTUNET_CONFIGS, *, num_tokens=_EMBED_TOKENS):
+        super().__init__()
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens or side % _TOKEN_STRIDE != 0:
+            raise ValueError(f"MTUNet: num_tokens must be s·s with s a multiple of {_TOKEN_STRIDE} (two stride-2 "
+                             f"stages follow), got {num_tokens}")
+        # built in the original's order (so one seed gives the original's initial weights)
+        self.stem = Stem(num_tokens=num_tokens)
+        self.encoder = nn.ModuleList()
+        self.bottleneck = nn.Sequential(EAmodule(configs["bottleneck"], configs),
+                                        EAmodule(configs["bottleneck"], configs))
+        self.decoder = nn.ModuleList()
+        self.decoder_stem = DecoderStem()
+        for dim in configs["encoder"]:
+            self.encoder.append(encoder_block(dim, configs))
+        for dim in configs["decoder"][:-1]:
+            self.decoder.append(decoder_block(dim, False, configs))
+        self.decoder.append(decoder_block(configs["decoder"][-1], True, configs))
+        self.SegmentationHead = nn.Conv2d(64, out_ch, 1)
+
+    @classmethod
+    def _init_args(cls, module):
+        configs = dict(MTUNET_CONFIGS, **_configs_of(module.bottleneck[0]))
+        return (module.SegmentationHead.out_channels, configs), {
+            "num_tokens": module.stem.position_embedding.shape[1]}
+
+    def input_side(self) -> int:
+        """The input side the position embedding fits (224 for the original's 784 tokens)."""
+        return _STEM_STRIDE * math.isqrt(self.stem.position_embedding.shape[1])
+
+    def forward(self, x):
+        side = self.input_side()
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[2:] != (side, side):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"MTUNet: argument 'x' must have shape (B, 1 or 3, {side}, {side}) (the position embedding "
+                             f"has {self.stem.position_embedding.shape[1]} tokens), got {got}; "
+                             "medattn_fast.models.MTUNet takes any size")
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x, features = self.stem(x)  # (B, N, 256)
+        skips = []
+        for block in self.encoder:
+            x, skip = block(x)  # x (B, 2C, h/2, h/2)
+            skips.append(skip)
+            B, C, H, W = x.shape
+            x = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+        x = self.bottleneck(x)
+        B, N, C = x.shape
+        h = math.isqrt(N)
+        x = x.view(B, h, h, C).permute(0, 3, 1, 2)
+        for block, skip in zip(self.decoder, reversed(skips)):
+            x = block(x, skip)  # tokens (B, N, C)
+            B, N, C = x.shape
+            h = math.isqrt(N)
+            x = x.view(B, h, h, C).permute(0, 3, 1, 2)
+        return self.SegmentationHead(self.decoder_stem(x, features))
+
+
+COMPAT_CLASSES.update({
+    "encoder_block": encoder_block,
+    "decoder_block": decoder_block,
+    "MTUNet": MTUNet,
+})

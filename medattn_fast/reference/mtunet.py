@@ -334,3 +334,248 @@ class EAmodule(nn.Module):
         h = x
         x = self.EAttention(self.ElayerNorm(x))
         return h + x
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole network: CNN stem and decoder, mixed-transformer encoder/bottleneck/decoder, MTUNet
+# ---------------------------------------------------------------------------------------------
+#
+# What ties the original network to 224×224, square, 3-channel input (kept here, on purpose):
+#
+# * 224²: ``Stem.position_embedding`` is a (1, 784, 256) parameter added to the tokens of the
+#   28×28 map the CNN stem makes of a 224² image (3 max-pools: 224/8 = 28); any other size fails
+#   the addition. Sizes also have to survive 3 pools and 2 stride-2 convs and come back through 5
+#   transposed convs: H = W = 32·k, and with the embedding, k = 7.
+# * square: every token <-> grid conversion takes the side as int(sqrt(N)) (encoder_block, MTUNet,
+#   and the blocks above), so an H ≠ W input would be folded into the wrong grid.
+# * 3 channels: ``U_encoder.res1`` takes 3 channels; a 1-channel image is repeated to 3
+#   (``MTUNet.forward``); any other channel count fails in the first conv.
+# * CUDA, fp32: only through the blocks' ``.cuda()`` calls, which are removed here (see the module
+#   docstring); nothing below creates tensors.
+#
+# The constructors read the original's module-level ``configs`` (here :data:`MTUNET_CONFIGS`,
+# the default of a ``configs`` argument, as for EAmodule); the CNN widths (64/128/256, the
+# 256-channel, 784-token embedding, the 512-channel input of the CNN decoder) are hard-coded in
+# the original and so here, which fixes configs["encoder"][0] = 256 and configs["decoder"][-1] = 512.
+
+__all__ += [
+    "U_encoder",
+    "U_decoder",
+    "DecoderStem",
+    "Stem",
+    "encoder_block",
+    "decoder_block",
+    "MTUNet",
+]
+
+
+class U_encoder(nn.Module):
+    r"""The CNN stem's encoder: (B, 3, H, W) -> ((B, 256, H/8, W/8), [f1, f2, f3]).
+
+    ``res1`` DoubleConv(3, 64) -> f1 (B, 64, H, W) -> max-pool 2 -> ``res2`` DoubleConv(64, 128)
+    -> f2 (B, 128, H/2, W/2) -> pool -> ``res3`` DoubleConv(128, 256) -> f3 (B, 256, H/4, W/4)
+    -> pool. The features are the skips of :class:`U_decoder`, in that order.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.res1 = DoubleConv(3, 64)
+        self.pool1 = nn.MaxPool2d(2)
+        self.res2 = DoubleConv(64, 128)
+        self.pool2 = nn.MaxPool2d(2)
+        self.res3 = DoubleConv(128, 256)
+        self.pool3 = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        features = []
+        x = self.res1(x)
+        features.append(x)  # (B, 64, H, W)
+        x = self.pool1(x)
+        x = self.res2(x)
+        features.append(x)  # (B, 128, H/2, W/2)
+        x = self.pool2(x)
+        x = self.res3(x)
+        features.append(x)  # (B, 256, H/4, W/4)
+        x = self.pool3(x)
+        return x, features
+
+
+class U_decoder(nn.Module):
+    r"""The CNN decoder: (B, 512, H/8, W/8), [f1, f2, f3] -> (B, 64, H, W).
+
+    Three times: ``trans_i`` ConvTranspose2d(k2, s2) halves the channels and doubles the side,
+    then ``res_i`` DoubleConv of ``cat[skip, x]`` (the skip first: f3, then f2, then f1).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.trans1 = nn.ConvTranspose2d(512, 256, 2, stride=2)
+        self.res1 = DoubleConv(512, 256)
+        self.trans2 = nn.ConvTranspose2d(256, 128, 2, stride=2)
+        self.res2 = DoubleConv(256, 128)
+        self.trans3 = nn.ConvTranspose2d(128, 64, 2, stride=2)
+        self.res3 = DoubleConv(128, 64)
+
+    def forward(self, x, feature):
+        x = self.res1(torch.cat((feature[2], self.trans1(x)), dim=1))  # (B, 256, H/4, W/4)
+        x = self.res2(torch.cat((feature[1], self.trans2(x)), dim=1))  # (B, 128, H/2, W/2)
+        x = self.res3(torch.cat((feature[0], self.trans3(x)), dim=1))  # (B, 64, H, W)
+        return x
+
+
+class DecoderStem(nn.Module):
+    """Wrapper of :class:`U_decoder` (the original nests it as ``block``: keys ``decoder_stem.block.*``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = U_decoder()
+
+    def forward(self, x, features):
+        return self.block(x, features)
+
+
+class Stem(nn.Module):
+    r"""CNN stem to tokens: (B, 3, 224, 224) -> ((B, 784, 256), [f1, f2, f3]).
+
+    :class:`U_encoder`, ``trans_dim`` (1×1 ConvBNReLU 256 -> 256), flattened row-major to tokens
+    (B, N, 256), plus ``position_embedding`` (1, 784, 256), zero-initialised as in the original.
+    Quirk: the embedding has exactly 784 = 28² tokens, so only 224² inputs work.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.model = U_encoder()
+        self.trans_dim = ConvBNReLU(256, 256, 1, 1, 0)
+        self.position_embedding = nn.Parameter(torch.zeros((1, 784, 256)))
+
+    def forward(self, x):
+        x, features = self.model(x)  # (B, 256, 28, 28)
+        x = self.trans_dim(x)
+        x = x.flatten(2).transpose(-2, -1)  # (B, N, 256)
+        x = x + self.position_embedding
+        return x, features
+
+
+class encoder_block(nn.Module):
+    r"""Two mixed-transformer modules then a stride-2 2×2 ConvBNReLU:
+    tokens (B, N, dim), N = h·h -> ((B, 2·dim, h/2, h/2), skip (B, dim, h, h)).
+
+    ``block`` = [EAmodule(dim), EAmodule(dim), ConvBNReLU(dim, 2·dim, 2, stride=2, padding=0)].
+    The skip is the tokens folded back to a channel-first grid (a permuted view, not a copy);
+    the side is int(sqrt(N)) (square grids only).
+    """
+
+    def __init__(self, dim, configs=DEFAULT_CONFIGS):
+        super().__init__()
+        self.block = nn.ModuleList([
+            EAmodule(dim, configs),
+            EAmodule(dim, configs),
+            ConvBNReLU(dim, dim * 2, 2, stride=2, padding=0),
+        ])
+
+    def forward(self, x):
+        x = self.block[0](x)
+        x = self.block[1](x)
+        B, N, C = x.shape
+        h, w = _square_side(N), _square_side(N)
+        x = x.view(B, h, w, C).permute(0, 3, 1, 2)  # (B, C, h, w)
+        skip = x
+        x = self.block[2](x)
+        return x, skip
+
+
+class decoder_block(nn.Module):
+    r"""Upsample, join the skip, two mixed-transformer modules: (B, dim, h, w), skip -> tokens.
+
+    ``flag=False``: ``block`` = [ConvTranspose2d(dim, dim/2, 2, s2), Conv2d(dim, dim/2, 1),
+    EAmodule(dim/2) ×2]; x -> up -> ``cat[x, skip]`` (x first) -> 1×1 conv -> tokens
+    (B, 4hw, dim/2) -> EAmodules.
+    ``flag=True``: ``block`` = [ConvTranspose2d(dim, dim/2, 2, s2), EAmodule(dim) ×2];
+    x -> up -> ``cat[x, skip]`` (the skip has dim/2 channels, so the join has dim) -> tokens
+    (B, 4hw, dim) -> EAmodules.
+    """
+
+    def __init__(self, dim, flag, configs=DEFAULT_CONFIGS):
+        super().__init__()
+        self.flag = flag
+        if not self.flag:
+            self.block = nn.ModuleList([
+                nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2, padding=0),
+                nn.Conv2d(dim, dim // 2, kernel_size=1, stride=1),
+                EAmodule(dim // 2, configs),
+                EAmodule(dim // 2, configs),
+            ])
+        else:
+            self.block = nn.ModuleList([
+                nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2, padding=0),
+                EAmodule(dim, configs),
+                EAmodule(dim, configs),
+            ])
+
+    def forward(self, x, skip):
+        x = torch.cat((self.block[0](x), skip), dim=1)
+        if not self.flag:
+            x = self.block[1](x)
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        B, H, W, C = x.shape
+        x = x.view(B, -1, C)  # a view of the permuted map: H and W stay mergeable
+        first = 1 if self.flag else 2
+        x = self.block[first](x)
+        return self.block[first + 1](x)
+
+
+class MTUNet(nn.Module):
+    r"""MT-UNet (Synapse model): (B, 3 or 1, 224, 224) -> logits (B, out_ch, 224, 224).
+
+    Data flow (shapes at 224², configs of the Synapse model)::
+
+        x (1 channel repeated to 3)
+        Stem            -> tokens (B, 784, 256) + position embedding;  CNN skips f1..f3
+        encoder[0]      -> EAmodule(256) ×2 at 28²; skip (B, 256, 28, 28); conv -> (B, 512, 14, 14)
+        encoder[1]      -> EAmodule(512) ×2 at 14²; skip (B, 512, 14, 14); conv -> (B, 1024, 7, 7)
+        bottleneck      -> EAmodule(1024) ×2 at 7²
+        decoder[0]      -> up to 14², cat[x, skip 512], 1×1 -> 512, EAmodule(512) ×2
+        decoder[1]      -> up to 28², cat[x, skip 256] (512), EAmodule(512) ×2
+        decoder_stem    -> U_decoder with skips f3, f2, f1: (B, 64, 224, 224)
+        SegmentationHead-> 1×1 conv, (B, out_ch, 224, 224)
+
+    Quirks (see the comment above :class:`U_encoder`): only 224² works (the position embedding has
+    784 tokens), token grids are taken square (int(sqrt(N))), 1-channel inputs are repeated to 3
+    channels. Submodules are created in the original's order, so a given seed gives the original's
+    initial weights.
+    """
+
+    def __init__(self, out_ch=4, configs=DEFAULT_CONFIGS):
+        super().__init__()
+        self.stem = Stem()
+        self.encoder = nn.ModuleList()
+        self.bottleneck = nn.Sequential(EAmodule(configs["bottleneck"], configs),
+                                        EAmodule(configs["bottleneck"], configs))
+        self.decoder = nn.ModuleList()
+        self.decoder_stem = DecoderStem()
+        for dim in configs["encoder"]:
+            self.encoder.append(encoder_block(dim, configs))
+        for dim in configs["decoder"][:-1]:
+            self.decoder.append(decoder_block(dim, False, configs))
+        self.decoder.append(decoder_block(configs["decoder"][-1], True, configs))
+        self.SegmentationHead = nn.Conv2d(64, out_ch, 1)
+
+    def forward(self, x):
+        if x.size()[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        x, features = self.stem(x)  # (B, N, 256)
+        skips = []
+        for block in self.encoder:
+            x, skip = block(x)
+            skips.append(skip)
+            B, C, H, W = x.shape
+            x = x.permute(0, 2, 3, 1).contiguous().view(B, -1, C)  # (B, N, C)
+        x = self.bottleneck(x)
+        B, N, C = x.shape
+        x = x.view(B, _square_side(N), -1, C).permute(0, 3, 1, 2)  # (B, C, h, h)
+        for i, block in enumerate(self.decoder):
+            x = block(x, skips[len(self.decoder) - i - 1])  # deepest skip first
+            B, N, C = x.shape
+            x = x.view(B, _square_side(N), _square_side(N), C).permute(0, 3, 1, 2)
+        x = self.decoder_stem(x, features)
+        return self.SegmentationHead(x)

@@ -1,0 +1,505 @@
+"""MT-UNet (Wang et al., ICASSP 2022) as a clean model: any input size the strides allow, H ≠ W,
+1- or 3-channel input, CPU or CUDA, fp32/fp16/bf16 and autocast; loads the original checkpoints.
+
+Architecture (``b = base_channels``; the original is b = 64, 8 heads, 4×4 windows)::
+
+    x (B, in_channels, H, W)                                  H, W multiples of 32
+    encoder_convs   3 × ResidualDoubleConv (b, 2b, 4b), 2×2 max-pool after each  -> skips f1, f2, f3
+    token_projection 1×1 ConvNormAct, + position embedding   -> tokens (B, H/8, W/8, 4b)
+    encoder[0]      2 × MixedTransformerBlock(4b), 2×2 stride-2 ConvNormAct  -> (B, 8b, H/16, W/16)
+    encoder[1]      2 × MixedTransformerBlock(8b), 2×2 stride-2 ConvNormAct  -> (B, 16b, H/32, W/32)
+    bottleneck      2 × MixedTransformerBlock(16b)
+    decoder[0]      ConvTranspose 16b -> 8b, project([x, skip]) -> 8b, 2 × MixedTransformerBlock(8b)
+    decoder[1]      ConvTranspose 8b -> 4b, [x, skip] (8b),         2 × MixedTransformerBlock(8b)
+    decoder_convs   3 × (ConvTranspose, ResidualDoubleConv([skip, x]))   with f3, f2, f1
+    head            1×1 conv -> (B, num_classes, H, W)
+
+The transformer part runs on channel-last token grids (B, h, w, C) (:mod:`medattn_fast.nn.mtunet`),
+so no square grid is assumed anywhere.
+
+**Position embedding.** It is stored on the token grid it is learned at, ``embedding_grid``
+(28×28: the original's 784 tokens for 224² inputs), channel-last (1, gh, gw, 4b). For an input
+whose token grid (H/8, W/8) differs it is resampled bicubically (align_corners=False), as ViT/DeiT
+checkpoints are for new resolutions; at the stored grid it is used as is, so a loaded checkpoint
+reproduces the original exactly at 224². Chosen over a size-agnostic embedding because it keeps
+the original's learned embedding and its outputs.
+
+**Original checkpoints.** :meth:`MTUNet.from_original_state_dict` builds the model from an
+original ``MTUNet(out_ch)`` state_dict (487 keys for the Synapse model) through
+:func:`convert_original_state_dict`, whose key map is:
+
+=========================================  ==================================================
+original                                   here
+=========================================  ==================================================
+``stem.position_embedding`` (1, N, C)      ``position_embedding`` (1, √N, √N, C)
+``stem.model.res{i}.*`` (DoubleConv)       ``encoder_convs.{i-1}.*`` (ResidualDoubleConv)
+``stem.trans_dim.{conv,bn}``               ``token_projection.{conv,norm}``
+``encoder.{s}.block.{0,1}.*`` (EAmodule)   ``encoder.{s}.blocks.{0,1}.*`` (MixedTransformerBlock)
+``encoder.{s}.block.2.{conv,bn}``          ``encoder.{s}.downsample.{conv,norm}``
+``bottleneck.{0,1}.*``                     ``bottleneck.{0,1}.*``
+``decoder.{s}.block.0``                    ``decoder.{s}.upsample``
+``decoder.0.block.1`` (1×1 conv)           ``decoder.0.project`` (Linear; weight (o, i, 1, 1) -> (o, i))
+``decoder.0.block.{2,3}``                  ``decoder.0.blocks.{0,1}``
+``decoder.1.block.{1,2}``                  ``decoder.1.blocks.{0,1}``
+``decoder_stem.block.trans{i}``            ``decoder_convs.{i-1}.upsample``
+``decoder_stem.block.res{i}.*``            ``decoder_convs.{i-1}.conv.*``
+``SegmentationHead``                       ``head``
+DoubleConv ``conv.0.{conv,bn}``            ``conv1.{conv,norm}``
+DoubleConv ``conv.1.{conv,bn}``            ``conv2.{conv,norm}``
+DoubleConv ``conv1``, ``bn``               ``pointwise``, ``pointwise_norm``
+EAmodule ``SlayerNorm``, ``ElayerNorm``    ``norm_attention``, ``norm_external`` (weight only)
+``CSAttention.win_atten.attention.*``      ``attention.local.{query,key,value,proj}`` (``out`` -> ``proj``)
+``CSAttention.dlightconv.linear``          ``attention.aggregate.score``
+``CSAttention.global_atten.{q,k,v}_layer`` ``attention.global_attention.{query,key,value}``
+``CSAttention.gaussiantrans.shift``        ``attention.global_attention.shift``
+``CSAttention.queeze`` (1×1 conv)          ``attention.fuse`` (Linear)
+``EAttention.{query_liner,linear_0}``      ``external.{query,memory_key}`` (weights only)
+``EAttention.{linear_1,proj}``             ``external.{memory_value,proj}``
+=========================================  ==================================================
+
+Dropped (they cannot change the output; :data:`DROPPED_ORIGINAL_PARAMETERS`): per mixed-transformer
+module ``ElayerNorm.bias``, both ``key_layer.bias``, ``global_atten.out.*`` (never called),
+``gaussiantrans.bias``, ``EAttention.query_liner.bias`` and ``EAttention.linear_0.bias``. The
+original repeats a 1-channel input to 3 channels; loaded with ``in_channels=1``, the first conv's
+weight is summed over its 3 input channels, which is exactly that (conv of 3 copies of x = conv of
+x with the summed kernel).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.mtunet import MixedTransformerBlock
+from ..ops.window import PAD_MODES
+
+__all__ = [
+    "MTUNet",
+    "ConvNormAct",
+    "ResidualDoubleConv",
+    "TransformerEncoderStage",
+    "TransformerDecoderStage",
+    "ConvDecoderStage",
+    "convert_original_state_dict",
+    "DROPPED_ORIGINAL_PARAMETERS",
+]
+
+# 3 max-pools then 2 stride-2 convs: every side must be a multiple of 2**5.
+INPUT_STRIDE = 32
+_STEM_STRIDE = 8
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d (no bias) -> BatchNorm2d -> ReLU (no ReLU when ``activation=False``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 activation: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.conv(x))
+        return torch.relu(x) if self.activation else x
+
+
+class ResidualDoubleConv(nn.Module):
+    r"""(B, in, H, W) -> (B, out, H, W): ``h = BN(conv3(ReLU(BN(conv3(x)))))``, then
+    ``ReLU(h + BN(conv1x1(h)))`` (MT-UNet's DoubleConv: the residual branch refines h itself)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = ConvNormAct(in_channels, out_channels, 3, padding=1)
+        self.conv2 = ConvNormAct(out_channels, out_channels, 3, padding=1, activation=False)
+        self.pointwise = nn.Conv2d(out_channels, out_channels, 1)
+        self.pointwise_norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(self.conv1(x))
+        return torch.relu(h + self.pointwise_norm(self.pointwise(h)))
+
+
+def _blocks_input(tokens: torch.Tensor, blocks: nn.Module) -> torch.Tensor:
+    """Under autocast, tokens in the blocks' parameter dtype.
+
+    The fused window/external/Gaussian-axial ops take activations and weights of one dtype and have
+    no autocast rule of their own, while autocast hands convolutions' and Linear layers' outputs
+    over in the low-precision dtype; so the mixed-transformer blocks get their input in their
+    parameters' dtype (their inner Linear layers still follow autocast). Outside autocast the
+    dtypes already agree and nothing is cast.
+    """
+    dtype = next(blocks.parameters()).dtype
+    if tokens.dtype != dtype and torch.is_autocast_enabled(tokens.device.type):
+        return tokens.to(dtype)
+    return tokens
+
+
+class TransformerEncoderStage(nn.Module):
+    r"""Tokens (B, h, w, dim) -> (down (B, 2·dim, h/2, w/2), skip (B, dim, h, w)).
+
+    Two :class:`~medattn_fast.nn.mtunet.MixedTransformerBlock`, then a 2×2 stride-2 ConvNormAct.
+    The skip is a channel-first view of the blocks' output (no copy)."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, pad_mode: str):
+        super().__init__()
+        self.blocks = nn.ModuleList([MixedTransformerBlock(dim, num_heads, window_size, pad_mode=pad_mode)
+                                     for _ in range(2)])
+        self.downsample = ConvNormAct(dim, 2 * dim, 2, stride=2)
+
+    def forward(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        tokens = _blocks_input(tokens, self.blocks)
+        for block in self.blocks:
+            tokens = block(tokens)
+        skip = tokens.permute(0, 3, 1, 2)
+        return self.downsample(skip), skip
+
+
+class TransformerDecoderStage(nn.Module):
+    r"""(B, in_dim, h, w), skip (B, skip_dim, 2h, 2w) -> tokens (B, 2h, 2w, dim).
+
+    ``up`` = ConvTranspose2d(in_dim -> in_dim/2, k2, s2); the join ``[up, skip]`` (up first, as in
+    the original) goes through ``project`` (Linear in_dim/2 + skip_dim -> dim) when ``project`` is
+    true, else it must already have ``dim`` channels; then two MixedTransformerBlock(dim). The join
+    is never materialised when projected: two GEMMs on the halves of the projection weight.
+    """
+
+    def __init__(self, in_dim: int, skip_dim: int, dim: int, num_heads: int, window_size: int, pad_mode: str,
+                 *, project: bool):
+        super().__init__()
+        joined = in_dim // 2 + skip_dim
+        if not project and joined != dim:
+            raise ValueError(f"TransformerDecoderStage: without projection the join must have dim={dim} channels, "
+                             f"got in_dim/2 + skip_dim = {joined}")
+        self.upsample = nn.ConvTranspose2d(in_dim, in_dim // 2, 2, stride=2)
+        self.project = nn.Linear(joined, dim) if project else None
+        self.blocks = nn.ModuleList([MixedTransformerBlock(dim, num_heads, window_size, pad_mode=pad_mode)
+                                     for _ in range(2)])
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = self.upsample(x).permute(0, 2, 3, 1)  # channel-last views
+        skip = skip.permute(0, 2, 3, 1)
+        if self.project is not None:
+            w_up, w_skip = self.project.weight.split((up.shape[-1], skip.shape[-1]), dim=1)
+            tokens = F.linear(up, w_up) + F.linear(skip, w_skip, self.project.bias)
+        else:
+            tokens = torch.cat((up, skip), dim=-1)
+        tokens = _blocks_input(tokens, self.blocks)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return tokens
+
+
+class ConvDecoderStage(nn.Module):
+    """(B, in, h, w), skip (B, skip, 2h, 2w) -> (B, out, 2h, 2w): ConvTranspose2d (in -> out, k2, s2),
+    then ResidualDoubleConv of ``[skip, x]`` (the skip first, as in the original)."""
+
+    def __init__(self, in_channels: int, out_channels: int, skip_channels: int):
+        super().__init__()
+        self.upsample = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+        self.conv = ResidualDoubleConv(skip_channels + out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat((skip, self.upsample(x)), dim=1))
+
+
+class MTUNet(nn.Module):
+    r"""MT-UNet for 2-D segmentation: x (B, in_channels, H, W) -> logits (B, num_classes, H, W).
+
+    H and W: any multiples of 32 (224², 256², 192×256, ...). See the module docstring for the
+    architecture, the position embedding (resampled bicubically to the token grid when it differs
+    from ``embedding_grid``) and the checkpoint key map.
+
+    Args:
+        in_channels: input channels (1 for CT/MRI slices; the original takes 3 and repeats 1).
+        num_classes: output channels (logits).
+        base_channels: b, the width of the first CNN stage; the transformer widths are 4b, 8b, 16b
+            (the original: 64).
+        num_heads: heads of the window attention (external attention uses 4× as many); must divide 4b.
+        window_size: side of the attention windows (4 in the original).
+        embedding_grid: (gh, gw), the token grid the position embedding is stored at (28×28: 224²).
+        pad_mode: window padding of token grids that are not multiples of ``window_size``:
+            "mtunet" (the original's: zeros and a copied corner, unmasked) or "mask".
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 9, *, base_channels: int = 64, num_heads: int = 8,
+                 window_size: int = 4, embedding_grid: Sequence[int] = (28, 28), pad_mode: str = "mtunet"):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
+                            ("base_channels", base_channels), ("num_heads", num_heads), ("window_size", window_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MTUNet: argument '{name}' must be a positive int, got {value!r}")
+        if (4 * base_channels) % num_heads != 0:
+            raise ValueError(f"MTUNet: num_heads={num_heads} must divide the first transformer width "
+                             f"4·base_channels={4 * base_channels}")
+        grid = tuple(embedding_grid) if isinstance(embedding_grid, (tuple, list)) else None
+        if grid is None or len(grid) != 2 or not all(isinstance(g, int) and g >= 1 for g in grid):
+            raise ValueError(f"MTUNet: argument 'embedding_grid' must be two positive ints (gh, gw), got {embedding_grid!r}")
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"MTUNet: argument 'pad_mode' must be one of {PAD_MODES}, got {pad_mode!r}")
+        self.in_channels, self.num_classes, self.base_channels = in_channels, num_classes, base_channels
+        self.num_heads, self.window_size, self.pad_mode = num_heads, window_size, pad_mode
+        b = base_channels
+        d = 4 * b  # the first transformer width
+        stage = dict(num_heads=num_heads, window_size=window_size, pad_mode=pad_mode)
+
+        self.encoder_convs = nn.ModuleList([ResidualDoubleConv(in_channels, b), ResidualDoubleConv(b, 2 * b),
+                                            ResidualDoubleConv(2 * b, d)])
+        self.token_projection = ConvNormAct(d, d, 1)
+        # zeros, as in the original
+        self.position_embedding = nn.Parameter(torch.zeros(1, grid[0], grid[1], d))
+        self.encoder = nn.ModuleList([TransformerEncoderStage(d, **stage), TransformerEncoderStage(2 * d, **stage)])
+        self.bottleneck = nn.Sequential(*(MixedTransformerBlock(4 * d, num_heads, window_size, pad_mode=pad_mode)
+                                          for _ in range(2)))
+        self.decoder = nn.ModuleList([
+            TransformerDecoderStage(4 * d, 2 * d, 2 * d, **stage, project=True),
+            TransformerDecoderStage(2 * d, d, 2 * d, **stage, project=False),
+        ])
+        self.decoder_convs = nn.ModuleList([ConvDecoderStage(2 * d, d, d), ConvDecoderStage(d, 2 * b, 2 * b),
+                                            ConvDecoderStage(2 * b, b, b)])
+        self.head = nn.Conv2d(b, num_classes, 1)
+
+    @property
+    def embedding_grid(self) -> Tuple[int, int]:
+        return tuple(self.position_embedding.shape[1:3])
+
+    def position_embedding_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """The position embedding on a (grid_h, grid_w) token grid, (1, grid_h, grid_w, 4b):
+        the stored one at its own grid, else resampled bicubically (align_corners=False)."""
+        pe = self.position_embedding
+        if (grid_h, grid_w) == self.embedding_grid:
+            return pe
+        pe = F.interpolate(pe.permute(0, 3, 1, 2), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return pe.permute(0, 2, 3, 1)
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MTUNet: argument 'x' must be a Tensor, got {type(x).__name__}")
+        if (x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % INPUT_STRIDE or x.shape[3] % INPUT_STRIDE
+                or x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0):
+            raise ValueError(f"MTUNet: argument 'x' must have shape (B, {self.in_channels}, H, W) with B ≥ 1 and H, W "
+                             f"positive multiples of {INPUT_STRIDE}, got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        features = []
+        h = x
+        for conv in self.encoder_convs:
+            h = conv(h)
+            features.append(h)
+            h = F.max_pool2d(h, 2)
+        h = self.token_projection(h)  # (B, 4b, H/8, W/8)
+        tokens = h.permute(0, 2, 3, 1) + self.position_embedding_for(h.shape[2], h.shape[3])
+        skips = []
+        for stage in self.encoder:
+            h, skip = stage(tokens)
+            skips.append(skip)
+            tokens = h.permute(0, 2, 3, 1)
+        tokens = self.bottleneck(_blocks_input(tokens, self.bottleneck))
+        for stage, skip in zip(self.decoder, reversed(skips)):
+            tokens = stage(tokens.permute(0, 3, 1, 2), skip)
+        h = tokens.permute(0, 3, 1, 2)
+        for stage, skip in zip(self.decoder_convs, reversed(features)):
+            h = stage(h, skip)
+        return self.head(h)
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, base_channels={self.base_channels}, "
+                f"num_heads={self.num_heads}, window_size={self.window_size}, embedding_grid={self.embedding_grid}, "
+                f"pad_mode={self.pad_mode!r}")
+
+    # -- original checkpoints ------------------------------------------------------------------
+
+    @classmethod
+    def from_original_state_dict(cls, state_dict: Mapping[str, torch.Tensor], *, in_channels: int = 3,
+                                 pad_mode: str = "mtunet") -> "MTUNet":
+        """A model holding the weights of an original ``MTUNet(out_ch)`` state_dict.
+
+        num_classes, base_channels, num_heads, window_size and the embedding grid are read from the
+        tensors' shapes; ``in_channels`` is 3 (the original's) or 1 (the first conv's kernel summed
+        over its 3 input channels: the original's repeat of a 1-channel input). With the default
+        ``pad_mode`` the model gives the original's outputs on the original's inputs. The model is
+        on the state_dict's device and dtype (parameters), in training mode as a new module is.
+        """
+        hp = _original_hyperparameters(state_dict)
+        model = cls(in_channels, hp["num_classes"], base_channels=hp["base_channels"], num_heads=hp["num_heads"],
+                    window_size=hp["window_size"], embedding_grid=hp["embedding_grid"], pad_mode=pad_mode)
+        ref = state_dict[_ORIGINAL_FIRST_CONV]
+        model.to(device=ref.device, dtype=ref.dtype)
+        model.load_original_state_dict(state_dict)
+        return model
+
+    def load_original_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load an original ``MTUNet`` state_dict into this model (strict: every key of the original
+        is mapped or one of :data:`DROPPED_ORIGINAL_PARAMETERS`, every key here is filled)."""
+        mapped = convert_original_state_dict(state_dict, in_channels=self.in_channels)
+        missing = sorted(set(self.state_dict()) - set(mapped))
+        unexpected = sorted(set(mapped) - set(self.state_dict()))
+        if missing or unexpected:
+            raise ValueError(f"MTUNet.load_original_state_dict: the state_dict does not fit this model: missing "
+                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                             f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        own = self.state_dict()
+        bad = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}" for k, v in mapped.items()
+               if tuple(v.shape) != tuple(own[k].shape)]
+        if bad:
+            raise ValueError("MTUNet.load_original_state_dict: shapes differ: " + "; ".join(bad[:5]))
+        self.load_state_dict(mapped, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Key map: original MTUNet state_dict -> this model
+# ---------------------------------------------------------------------------------------------
+
+_ORIGINAL_FIRST_CONV = "stem.model.res1.conv.0.conv.weight"
+
+# Original parameters (suffixes inside each mixed-transformer module) with no effect on the output.
+DROPPED_ORIGINAL_PARAMETERS: Tuple[str, ...] = (
+    "ElayerNorm.bias",                                # constant over tokens after query_liner -> softmax over tokens
+    "CSAttention.win_atten.attention.key_layer.bias",  # q·b_k is constant over the keys of a softmax
+    "CSAttention.global_atten.key_layer.bias",         # idem (axial scores)
+    "CSAttention.global_atten.out.weight",            # built, never called
+    "CSAttention.global_atten.out.bias",
+    "CSAttention.gaussiantrans.bias",                 # constant inside both softmaxes
+    "EAttention.query_liner.bias",                    # constant over the tokens the softmax runs over
+    "EAttention.linear_0.bias",                       # idem
+)
+
+_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+
+# (pattern, replacement) inside one EAmodule -> MixedTransformerBlock; None: dropped
+_MIXED_BLOCK_RULES = [(re.escape(k), None) for k in DROPPED_ORIGINAL_PARAMETERS] + [
+    (r"SlayerNorm\.(weight|bias)", r"norm_attention.\1"),
+    (r"ElayerNorm\.weight", "norm_external.weight"),
+    (r"CSAttention\.win_atten\.attention\.query_layer\.(weight|bias)", r"attention.local.query.\1"),
+    (r"CSAttention\.win_atten\.attention\.key_layer\.weight", "attention.local.key.weight"),
+    (r"CSAttention\.win_atten\.attention\.value_layer\.(weight|bias)", r"attention.local.value.\1"),
+    (r"CSAttention\.win_atten\.attention\.out\.(weight|bias)", r"attention.local.proj.\1"),
+    (r"CSAttention\.dlightconv\.linear\.(weight|bias)", r"attention.aggregate.score.\1"),
+    (r"CSAttention\.global_atten\.query_layer\.(weight|bias)", r"attention.global_attention.query.\1"),
+    (r"CSAttention\.global_atten\.key_layer\.weight", "attention.global_attention.key.weight"),
+    (r"CSAttention\.global_atten\.value_layer\.(weight|bias)", r"attention.global_attention.value.\1"),
+    (r"CSAttention\.gaussiantrans\.shift", "attention.global_attention.shift"),
+    (r"CSAttention\.queeze\.(weight|bias)", r"attention.fuse.\1"),
+    (r"EAttention\.query_liner\.weight", "external.query.weight"),
+    (r"EAttention\.linear_0\.weight", "external.memory_key.weight"),
+    (r"EAttention\.linear_1\.(weight|bias)", r"external.memory_value.\1"),
+    (r"EAttention\.proj\.(weight|bias)", r"external.proj.\1"),
+]
+
+# inside one DoubleConv -> ResidualDoubleConv
+_DOUBLE_CONV_RULES = [
+    (r"conv\.0\.conv\.weight", "conv1.conv.weight"),
+    (r"conv\.0\.bn\." + _BN, r"conv1.norm.\1"),
+    (r"conv\.1\.conv\.weight", "conv2.conv.weight"),
+    (r"conv\.1\.bn\." + _BN, r"conv2.norm.\1"),
+    (r"conv1\.(weight|bias)", r"pointwise.\1"),
+    (r"bn\." + _BN, r"pointwise_norm.\1"),
+]
+
+
+def _apply(rules, key: str, whole: str) -> Optional[str]:
+    for pattern, repl in rules:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return None if repl is None else m.expand(repl)
+    raise ValueError(f"convert_original_state_dict: unexpected key {whole!r} (not a key of MT-UNet's MTUNet)")
+
+
+def _mixed(prefix: str, rest: str, whole: str) -> Optional[str]:
+    new = _apply(_MIXED_BLOCK_RULES, rest, whole)
+    return None if new is None else prefix + new
+
+
+def _map_key(key: str, projected_stages) -> Optional[str]:
+    """Where the original's ``key`` goes here (None: a parameter without effect, dropped)."""
+    if key == "stem.position_embedding":
+        return "position_embedding"
+    m = re.fullmatch(r"stem\.model\.res([123])\.(.+)", key)
+    if m:
+        return f"encoder_convs.{int(m[1]) - 1}." + _apply(_DOUBLE_CONV_RULES, m[2], key)
+    m = re.fullmatch(r"stem\.trans_dim\.(conv\.weight|bn\..+)", key)
+    if m:
+        return "token_projection." + m[1].replace("bn.", "norm.", 1)
+    m = re.fullmatch(r"encoder\.(\d+)\.block\.([01])\.(.+)", key)
+    if m:
+        return _mixed(f"encoder.{m[1]}.blocks.{m[2]}.", m[3], key)
+    m = re.fullmatch(r"encoder\.(\d+)\.block\.2\.(conv\.weight|bn\..+)", key)
+    if m:
+        return f"encoder.{m[1]}.downsample." + m[2].replace("bn.", "norm.", 1)
+    m = re.fullmatch(r"bottleneck\.([01])\.(.+)", key)
+    if m:
+        return _mixed(f"bottleneck.{m[1]}.", m[2], key)
+    m = re.fullmatch(r"decoder\.(\d+)\.block\.(\d+)\.(.+)", key)
+    if m:
+        stage, index, rest = int(m[1]), int(m[2]), m[3]
+        first_block = 2 if stage in projected_stages else 1
+        if index == 0 and rest in ("weight", "bias"):
+            return f"decoder.{stage}.upsample.{rest}"
+        if index == 1 and first_block == 2 and rest in ("weight", "bias"):
+            return f"decoder.{stage}.project.{rest}"
+        if first_block <= index <= first_block + 1:
+            return _mixed(f"decoder.{stage}.blocks.{index - first_block}.", rest, key)
+    m = re.fullmatch(r"decoder_stem\.block\.trans([123])\.(weight|bias)", key)
+    if m:
+        return f"decoder_convs.{int(m[1]) - 1}.upsample.{m[2]}"
+    m = re.fullmatch(r"decoder_stem\.block\.res([123])\.(.+)", key)
+    if m:
+        return f"decoder_convs.{int(m[1]) - 1}.conv." + _apply(_DOUBLE_CONV_RULES, m[2], key)
+    m = re.fullmatch(r"SegmentationHead\.(weight|bias)", key)
+    if m:
+        return f"head.{m[1]}"
+    raise ValueError(f"convert_original_state_dict: unexpected key {key!r} (not a key of MT-UNet's MTUNet)")
+
+
+def _original_hyperparameters(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, object]:
+    needed = (_ORIGINAL_FIRST_CONV, "SegmentationHead.weight", "stem.position_embedding",
+              "encoder.0.block.0.EAttention.linear_0.weight", "encoder.0.block.0.CSAttention.dlightconv.linear.weight")
+    missing = [k for k in needed if k not in state_dict]
+    if missing:
+        raise ValueError(f"MTUNet.from_original_state_dict: not an MT-UNet MTUNet state_dict, missing keys {missing}")
+    first = state_dict[_ORIGINAL_FIRST_CONV]
+    if first.dim() != 4 or first.shape[1] != 3:
+        raise ValueError(f"MTUNet.from_original_state_dict: '{_ORIGINAL_FIRST_CONV}' must have shape (b, 3, 3, 3), "
+                         f"got {tuple(first.shape)}")
+    pe = state_dict["stem.position_embedding"]
+    side = math.isqrt(pe.shape[1]) if pe.dim() == 3 else 0
+    if pe.dim() != 3 or side * side != pe.shape[1]:
+        raise ValueError(f"MTUNet.from_original_state_dict: 'stem.position_embedding' must have shape (1, s·s, C), "
+                         f"got {tuple(pe.shape)}")
+    head_dim = state_dict["encoder.0.block.0.EAttention.linear_0.weight"].shape[1]  # dim / head
+    window = math.isqrt(state_dict["encoder.0.block.0.CSAttention.dlightconv.linear.weight"].shape[0])
+    return {"num_classes": state_dict["SegmentationHead.weight"].shape[0], "base_channels": first.shape[0],
+            "num_heads": pe.shape[2] // head_dim, "window_size": window, "embedding_grid": (side, side)}
+
+
+def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor], *, in_channels: int = 3
+                                ) -> Dict[str, torch.Tensor]:
+    """Map an original ``MTUNet`` state_dict to this module's keys (see the module docstring).
+
+    Drops :data:`DROPPED_ORIGINAL_PARAMETERS`, reshapes the position embedding to its grid and the
+    1×1 convs that became Linear layers, and for ``in_channels=1`` sums the first conv's kernel over
+    its 3 input channels. Raises ValueError on a key the original does not have.
+    """
+    if in_channels not in (1, 3):
+        raise ValueError(f"convert_original_state_dict: argument 'in_channels' must be 1 or 3 (the original takes 3 "
+                         f"and repeats 1), got {in_channels!r}")
+    projected = {int(m[1]) for k in state_dict for m in [re.fullmatch(r"decoder\.(\d+)\.block\.1\.weight", k)] if m}
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        new = _map_key(key, projected)
+        if new is None:
+            continue
+        if new == "position_embedding":
+            side = math.isqrt(value.shape[1])
+            value = value.reshape(1, side, side, value.shape[2])
+        elif new.endswith(("attention.fuse.weight", "project.weight")):
+            value = value.flatten(1)  # 1×1 conv (o, i, 1, 1) -> Linear (o, i)
+        elif new == "encoder_convs.0.conv1.conv.weight" and in_channels == 1:
+            value = value.sum(dim=1, keepdim=True)
+        out[new] = value
+    return out
