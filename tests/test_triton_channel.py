@@ -1,0 +1,241 @@
+"""Channel attention, ``triton`` backend (triton_kernels/channel.py): forward and every gradient
+against the float64 reference, under the Triton interpreter on CPU (fp32, bf16) and on CUDA
+(``-m gpu``). Tolerance: at most 2× the worse of PyTorch's own errors in the same dtype (the
+``torch`` backend, float32 accumulation, and the ``reference`` backend, the original arithmetic),
+plus one unit in the last place of the dtype (16-bit) or a few float32 roundoffs (float32).
+"""
+import time
+
+import pytest
+import torch
+
+import medattn_fast
+from medattn_fast.ops._channel_triton import channel_attention_triton_bwd, channel_attention_triton_fwd
+from medattn_fast.ops.channel import channel_attention
+import triton_kernels.channel as triton_channel
+
+F64 = torch.float64
+EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _x(shape, dtype, device, *, channels_last=False, magnitude=0.3):
+    """Fresh random features; small magnitude so that softmax(∓X Xᵀ) is not a hard one-hot."""
+    x = magnitude * torch.randn(shape, device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x.detach().requires_grad_(True)
+
+
+def _case(shape, *, epilogue, dtype, device=None, channels_last=False):
+    """Leaves and kwargs. ``danet``: γ·o + x (residual is x itself); ``seed001``: o ⊙ x."""
+    device = device or _device()
+    x = _x(shape, dtype, device, channels_last=channels_last)
+    if epilogue == "danet":
+        gamma = torch.randn(1, device=device, dtype=dtype, requires_grad=True)
+        return [x, gamma], lambda t, g: dict(gamma=g, residual=t)
+    if epilogue == "seed001":
+        return [x], lambda t: dict(multiply=t)
+    if epilogue == "all":
+        gamma = torch.randn(1, device=device, dtype=dtype, requires_grad=True)
+        f = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        return [x, gamma, f], lambda t, g, m: dict(gamma=g, residual=t, multiply=m)
+    return [x], lambda t: {}
+
+
+def _run(leaves, make_kw, negate, backend, cotangent, dtype=None):
+    if dtype is not None:
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in leaves]
+    out = channel_attention(leaves[0], negate=negate, backend=backend, **make_kw(*leaves))
+    return [out, *torch.autograd.grad(out, leaves, cotangent.to(out.dtype))]
+
+
+def _max_err(results, reference):
+    return [(r.double() - ref).abs().max().item() for r, ref in zip(results, reference)]
+
+
+def _compare(leaves, make_kw, negate, dtype):
+    cot = torch.randn(leaves[0].shape, device=leaves[0].device, dtype=F64)
+    reference = _run(leaves, make_kw, negate, "reference", cot, dtype=F64)
+    base = _max_err(_run(leaves, make_kw, negate, "torch", cot), reference)
+    if dtype != torch.float32:
+        ref_errs = _max_err(_run(leaves, make_kw, negate, "reference", cot), reference)
+        base = [max(a, b) for a, b in zip(base, ref_errs)]
+    fused = _run(leaves, make_kw, negate, "triton", cot)
+    assert fused[0].dtype == dtype and fused[0].shape == leaves[0].shape
+    for i, (err, b, ref) in enumerate(zip(_max_err(fused, reference), base, reference)):
+        bound = 2 * b + EPS[dtype] * max(1.0, ref.abs().max().item())
+        assert err <= bound, f"tensor {i} (0 = output, then grads): error {err:.3g} > bound {bound:.3g}"
+
+
+SHAPES = [
+    (1, 1, 1),            # C = 1, N = 1
+    (2, 13, 67),          # 1-D spatial, prime C and N
+    (1, 5, 7, 9),         # 2-D, H != W, B = 1
+    (2, 3, 3, 4, 5),      # 3-D
+    (2, 24, 6, 7),        # C = 24 (two channel blocks of 16), N = 42
+]
+
+
+@pytest.mark.parametrize("negate", [True, False], ids=["danet", "seed001"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_matches_reference_fp32(shape, negate):
+    leaves, make_kw = _case(shape, epilogue="danet" if negate else "seed001", dtype=torch.float32)
+    _compare(leaves, make_kw, negate, torch.float32)
+
+
+@pytest.mark.parametrize("epilogue", ["none", "all"])
+def test_triton_plain_and_full_epilogue_fp32(epilogue):
+    leaves, make_kw = _case((2, 11, 5, 7), epilogue=epilogue, dtype=torch.float32)
+    _compare(leaves, make_kw, True, torch.float32)
+
+
+def test_triton_channels_last_and_strided_inputs_fp32():
+    leaves, make_kw = _case((2, 6, 5, 7), epilogue="danet", dtype=torch.float32, channels_last=True)
+    assert not leaves[0].is_contiguous()
+    _compare(leaves, make_kw, True, torch.float32)
+    wide = torch.randn(2, 6, 5, 14)
+    strided = (0.3 * wide[..., ::2]).detach().requires_grad_(True)      # no mergeable strides: reshape copies
+    _compare([strided], lambda t: dict(multiply=t), False, torch.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("negate", [True, False], ids=["danet", "seed001"])
+def test_triton_bf16_within_twice_pytorch_error(negate, seed):
+    torch.manual_seed(seed)
+    leaves, make_kw = _case((2, 19, 6, 7), epilogue="danet" if negate else "seed001", dtype=torch.bfloat16)
+    _compare(leaves, make_kw, negate, torch.bfloat16)
+
+
+CONFIGS = [
+    triton_channel.ChannelConfig(block_c=16, block_n=16, block_k=16, splits=3, num_warps=1, num_stages=1),
+    triton_channel.ChannelConfig(block_c=32, block_n=32, block_k=16, splits=1, num_warps=2, num_stages=1),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["c16n16split3", "c32n32split1"])
+@pytest.mark.parametrize("negate", [True, False], ids=["danet", "seed001"])
+def test_launch_functions_across_tile_configs(config, negate):
+    """The kernels directly: the N reduction split across three programs (ragged last split,
+    C = 19 over two channel tiles) and unsplit with one channel tile; forward and backward."""
+    batch, channels, n = 2, 19, 67
+    x = 0.3 * torch.randn(batch, n, channels).transpose(1, 2)          # position-major storage
+    gamma, f = torch.randn(1), torch.randn(batch, channels, n)
+    out, o, attention = triton_channel.channel_forward(x, negate=negate, gamma=gamma, residual=x, multiply=f,
+                                                       config=config)
+    leaves = [t.double().requires_grad_(True) for t in (x, gamma, f)]
+    energy = leaves[0] @ leaves[0].transpose(1, 2)
+    a_ref = torch.softmax(-energy if negate else energy, dim=-1)
+    o_ref = a_ref @ leaves[0]
+    out_ref = leaves[1] * (o_ref * leaves[2]) + leaves[0]
+    torch.testing.assert_close(out.double(), out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention.double(), a_ref, rtol=1e-5, atol=1e-6)
+    cot = torch.randn(batch, channels, n)
+    dx, d_gamma, d_f = triton_channel.channel_backward(cot, x, o, attention, negate=negate, gamma=gamma,
+                                                       multiply=f, config=config)
+    expected = torch.autograd.grad(out_ref, leaves, cot.double())
+    torch.testing.assert_close((dx + cot).double(), expected[0], rtol=2e-5, atol=2e-5)   # + residual path
+    torch.testing.assert_close(d_gamma.double(), expected[1], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(d_f.double(), expected[2], rtol=2e-5, atol=2e-5)
+
+
+def test_gram_splits_sum_to_the_full_product():
+    u, v = torch.randn(1, 7, 131), torch.randn(1, 7, 131)
+    full = triton_channel.gram(u, v, triton_channel.ChannelConfig(block_c=16, block_n=16, splits=1))
+    for splits in (2, 5, 100):   # 100 is clamped to the 9 chunks of N
+        parts = triton_channel.gram(u, v, triton_channel.ChannelConfig(block_c=16, block_n=16, splits=splits))
+        torch.testing.assert_close(parts, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.double(), u.double() @ v.double().transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_forward_matches():
+    x = _x((2, 9, 4, 5), torch.float32, torch.device("cpu")).detach()
+    with torch.no_grad():
+        ref = channel_attention(x, gamma=torch.tensor([0.7]), residual=x, backend="reference")
+        out = channel_attention(x, gamma=torch.tensor([0.7]), residual=x, backend="triton")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_reasons_on_cpu_float64():
+    x = torch.randn(1, 3, 4, dtype=F64)
+    reasons = medattn_fast.backend.op("channel_attention").why_not(
+        "triton", x, negate=True, gamma=None, residual=None, multiply=None)
+    assert any("float32/bfloat16" in r for r in reasons)
+    with pytest.raises(medattn_fast.BackendUnavailable, match="float32/bfloat16"):
+        channel_attention(x, backend="triton")
+
+
+def test_opcheck_forward_and_backward_ops():
+    x = _x((1, 5, 3, 4), torch.float32, torch.device("cpu"))
+    gamma = torch.randn(1, requires_grad=True)
+    fwd_args = (x, gamma, x, None, True, True)
+    torch.library.opcheck(channel_attention_triton_fwd, fwd_args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    out, o, attention = channel_attention_triton_fwd(x.detach(), gamma.detach(), x.detach(), None, True, True)
+    bwd_args = (torch.randn_like(out), x.detach(), o, attention, gamma.detach(), None, True, False)
+    torch.library.opcheck(channel_attention_triton_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiles_fullgraph_without_recompiles():
+    gamma = torch.randn(1)
+
+    def fn(x):
+        return channel_attention(x, gamma=gamma, residual=x, backend="triton")
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        x = 0.3 * torch.randn(2, 6, 5, 3)
+        torch.testing.assert_close(compiled(x), fn(x))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("negate", [True, False], ids=["danet", "seed001"])
+def test_gpu_danet_shapes_within_twice_pytorch_error(dtype, negate):
+    """C = 512 at 32×32 and a 3-D prime-sized map (split N reduction), all gradients."""
+    for shape in ((2, 512, 32, 32), (1, 67, 11, 13, 7)):
+        leaves, make_kw = _case(shape, epilogue="danet" if negate else "seed001", dtype=dtype,
+                                device=torch.device("cuda"))
+        _compare(leaves, make_kw, negate, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_large_map_is_finite():
+    """fp16 at C = 512, 128²: the original's fp16 energy overflows (NaN); E accumulates in float32 here."""
+    x = torch.randn(1, 512, 128, 128, device="cuda", dtype=torch.float16)
+    out = channel_attention(x, gamma=torch.ones(1, device="cuda", dtype=torch.float16), residual=x,
+                            backend="triton")
+    assert torch.isfinite(out).all()
+    ref = channel_attention(x.float(), gamma=torch.ones(1, device="cuda"), residual=x.float(), backend="torch")
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_not_slower_than_torch_backend():
+    """Speed sanity (not a benchmark): fwd+bwd at B=8, C=512, 64² in bf16, within 1.5× of the torch
+    backend's time (cuBLAS GEMMs; the fused path saves the elementwise passes)."""
+    leaves, make_kw = _case((8, 512, 64, 64), epilogue="danet", dtype=torch.bfloat16, device=torch.device("cuda"))
+
+    def step(backend):
+        out = channel_attention(leaves[0], backend=backend, **make_kw(*leaves))
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    timings = {}
+    for backend in ("torch", "triton"):
+        step(backend)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            step(backend)
+        torch.cuda.synchronize()
+        timings[backend] = time.perf_counter() - start
+    assert timings["triton"] < 1.5 * timings["torch"], timings
