@@ -3,7 +3,8 @@
 ``ChannelAttentionModule`` at the same size.
 
 Providers: ``reference`` (the original module), ``torch`` / ``auto`` (the compat module forced to
-the torch backend / on the default choice), ``compile`` (``torch.compile`` of the reference).
+the torch backend / on the default choice), ``compile`` (``torch.compile`` of the reference),
+``triton`` (the compat module forced to the fused kernels; CUDA).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def _setup_cam(batch: int, channels: int, size):
             "torch": _with_backend(fast.forward, "torch"),
             "compile": torch.compile(ref),
             "auto": fast.forward,
+            "triton": _with_backend(fast.forward, "triton"),
         }
         return (x,), providers
 
@@ -65,6 +67,7 @@ def _setup_seed001(batch: int, channels: int, size):
             "torch": _with_backend(fast.forward, "torch"),
             "compile": torch.compile(ref),
             "auto": fast.forward,
+            "triton": _with_backend(fast.forward, "triton"),
         }
         return (x,), providers
 

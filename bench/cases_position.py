@@ -6,7 +6,8 @@
 
 Providers: ``reference`` (the original module), ``torch`` / ``auto`` (the compat module forced to
 the torch backend / on the default choice), ``compile`` (``torch.compile`` of the reference),
-``sdpa`` (the same convs + ``F.scaled_dot_product_attention``, a peer; DANet layout only). All share
+``sdpa`` (the same convs + ``F.scaled_dot_product_attention``, a peer; DANet layout only), ``triton``
+(the compat module forced to the fused kernels; CUDA). All share
 the reference module's parameter objects.
 """
 from __future__ import annotations
@@ -67,6 +68,7 @@ def _setup_pam(batch: int, channels: int, size):
             "torch": _with_backend(fast.forward, "torch"),
             "compile": torch.compile(ref),
             "auto": fast.forward,
+            "triton": _with_backend(fast.forward, "triton"),
             "sdpa": sdpa,
         }
         return (x,), providers
@@ -87,6 +89,7 @@ def _setup_seed001(batch: int, channels: int, size):
             "torch": _with_backend(fast.forward, "torch"),
             "compile": torch.compile(ref),
             "auto": fast.forward,
+            "triton": _with_backend(fast.forward, "triton"),
         }
         return (x,), providers
 
