@@ -38,6 +38,16 @@ dk = C/8 is small. ``block_dv >= dv`` gives the single-program (loop-free) varia
 fastest on an H100 is a measurement (see ``default_config``). The kernels that only need a dv
 contraction (dq, dk) loop over dv chunks instead.
 
+Precision: scores, softmax statistics and every accumulator are float32. By default P and dS enter
+their dots in float32 (TF32 for 16-bit inputs, ``PositionConfig.fp32_probabilities``), which keeps
+the errors within 2× of PyTorch's float32-accumulating composite; rounding them to bf16/fp16 (flash
+attention's choice) doubles the tensor-core rate of those dots and is one switch away. The
+pre-epilogue output saved for backward is float32. Not yet written, to be weighed on a GPU: a
+fused dK/dV kernel for small dv (one pass instead of two), dq by atomics, autotuned configs.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) the dots run on float32 copies and bfloat16 stores round
+explicitly (``_util``): the interpreter's bfloat16 dot and cast are wrong in triton 3.9.
+
 Launch functions take any strides (channel-first conv outputs arrive as transposed views) and
 allocate their results; they do no autograd (see ``medattn_fast/ops/_position_triton.py``).
 """
@@ -432,6 +442,8 @@ def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     batch, n_q, d_k = q.shape
     n_k = k.shape[1]
     d_v = v.shape[2]
+    if d_k > MAX_HEAD_DIM:
+        raise ValueError(f"position_forward: dk (q.shape[2]) must be <= {MAX_HEAD_DIM}, got {d_k}")
     n_out = n_k if transpose else n_q
     cfg = _resolve(config, d_k, d_v, q.dtype)
     block_dk = _pow2_at_least_16(d_k)
