@@ -367,3 +367,6 @@ def attention_gate(x: Tensor, g: Tensor, wx_weight: Tensor, wx_bias: Optional[Te
     args = (x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias)
     _check(*args, **kw)
     return _op(*args, backend=backend, **kw)
+
+
+from . import _attention_gate_kernels  # noqa: E402,F401  registers the cpp, triton and cuda backends

@@ -1,0 +1,312 @@
+r"""Fused backends (``cpp``, ``triton``, ``cuda``) of the additive attention gate.
+
+Every backend runs the same plan; only the three kernels differ (``csrc/cpu/attention_gate.cpp``,
+``triton_kernels/gate.py``, ``csrc/cuda/attention_gate.cu``). With x (B, Cx, *S), g (B, Cg, *Sg):
+
+1. **Coarse branch** (ordinary ops, it is small): ``G = BN_g(W_g·g + b_g)`` (B, Ci, *Sg), with BN
+   folded into the conv in eval mode and ``F.batch_norm`` (batch statistics, running-stat update)
+   in training mode.
+2. **x branch normalisation** folded into ``W_x``: eval uses the running statistics; with batch
+   statistics (training, or a BN without running statistics) the mean and biased variance of
+   ``u = W_x·x + b_x`` come from x's channel moments — ``mean_u = W_x·mean_x + b_x``,
+   ``var_u = diag(W_x·Cov_x·W_xᵀ)`` with ``Cov_x = Σ x xᵀ / N − mean_x mean_xᵀ`` (one Gram GEMM,
+   accumulated in float32/float64) — so ``u`` itself is never materialised. The running
+   statistics are then updated as ``nn.BatchNorm`` does (unbiased variance into ``running_var``).
+3. **The fused pass** over x:
+
+   * ψ-BN folded (eval): ``gate_forward`` computes, per position,
+     ``a = W̃·x + b̃ + up(G)``, ``q = w̃·relu(a) + c̃``, ``α = σ(q)`` (σ∘σ with ``double_sigmoid``),
+     ``out = α·x`` — x read once, out (and α) written once, ``a`` never stored;
+   * ψ-BN with batch statistics: ``gate_logits`` writes ``q`` (B, 1, *S) only, whose statistics
+     ``F.batch_norm`` takes (exact running-stat update); ``α`` and ``out = α·x`` follow as one
+     elementwise pass (q is a single channel, 1/Cx of x).
+
+Backward: each kernel's autograd formula calls ``gate_backward``, which recomputes ``a`` and
+``q`` from x (nothing of size Ci·S is saved by the forward) and returns ``grad_x`` (including
+``α·grad_out``), ``da`` (B, Ci, *S) in the accumulation dtype, and the sums giving the gradients
+of ``w̃`` and ``c̃``. The tiny parameter gradients then come from ordinary ops: ``∂W̃ = Σ da·xᵀ``
+(one GEMM), ``∂b̃ = Σ da``, ``∂G = up*(da)`` (the interpolation's adjoint). Gradients through
+the folds and the batch statistics (step 2) are autograd of those few small ops. This is the
+documented mix: fused kernels for the passes over x, matmuls for the parameter gradients.
+
+The kernels take G, W̃, b̃, w̃, c̃ in the accumulation dtype (float32, or float64 for float64 x) and
+x in its own dtype with any strides; ``out`` has x's dtype and memory format, α x's dtype.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backend as B
+from . import attention_gate as AG
+
+__all__ = ["KERNELS"]
+
+FAMILY = "attention_gate"
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _alpha_shape(x: Tensor) -> Tuple[int, ...]:
+    return (x.shape[0], 1, *x.shape[2:])
+
+
+def _grad_a_shape(x: Tensor, cint: int) -> Tuple[int, ...]:
+    return (x.shape[0], cint, *x.shape[2:])
+
+
+def _upsample_adjoint(grad_a: Tensor, coarse_shape) -> Tensor:
+    """Adjoint of ``F.interpolate(G, size=S, mode=(bi|tri)linear, align_corners=False)``."""
+    size = list(grad_a.shape[2:])
+    if grad_a.dim() == 4:
+        return torch.ops.aten.upsample_bilinear2d_backward(grad_a, size, list(coarse_shape), False)
+    return torch.ops.aten.upsample_trilinear3d_backward(grad_a, size, list(coarse_shape), False)
+
+
+def _parameter_grads(ctx, x: Tensor, grad_a: Tensor, weight: Tensor, G: Tensor):
+    """∂W̃ = Σ_p da·xᵀ, ∂b̃ = Σ_p da, ∂G = up*(da); None for what needs no gradient."""
+    need = ctx.needs_input_grad
+    batch, cint = grad_a.shape[:2]
+    flat_a = grad_a.reshape(batch, cint, -1)
+    grad_w = grad_b = grad_g = None
+    if need[2]:
+        flat_x = x.reshape(batch, x.shape[1], -1).to(grad_a.dtype)
+        grad_w = torch.bmm(flat_a, flat_x.transpose(1, 2)).sum(0).to(weight.dtype)
+    if need[3]:
+        grad_b = flat_a.sum((0, 2))
+    if need[1]:
+        grad_g = _upsample_adjoint(grad_a, G.shape).to(G.dtype)
+    return grad_w, grad_b, grad_g
+
+
+def make_kernels(backend: str, launch: SimpleNamespace) -> SimpleNamespace:
+    """The three ``medattn::attention_gate_<backend>_*`` custom ops around ``launch``'s functions.
+
+    ``launch.forward(x, G, W, b, w, c, double_sigmoid) -> (out, alpha)``,
+    ``launch.logits(x, G, W, b, w, c) -> q``,
+    ``launch.backward(x, G, W, b, w, c, grad_q, grad_out, grad_alpha, double_sigmoid)
+    -> (grad_x, grad_a, grad_psi, grad_psi_bias)``.
+    """
+    prefix = f"medattn::attention_gate_{backend}"
+
+    @torch.library.custom_op(f"{prefix}_forward", mutates_args=())
+    def forward_op(x: Tensor, G: Tensor, weight: Tensor, bias: Tensor, psi: Tensor, psi_bias: Tensor,
+                   double_sigmoid: bool) -> Tuple[Tensor, Tensor]:
+        out, alpha = launch.forward(x, G, weight, bias, psi, psi_bias, double_sigmoid)
+        return out, alpha
+
+    @forward_op.register_fake
+    def _(x, G, weight, bias, psi, psi_bias, double_sigmoid):
+        return torch.empty_like(x), x.new_empty(_alpha_shape(x))
+
+    @torch.library.custom_op(f"{prefix}_logits", mutates_args=())
+    def logits_op(x: Tensor, G: Tensor, weight: Tensor, bias: Tensor, psi: Tensor, psi_bias: Tensor) -> Tensor:
+        return launch.logits(x, G, weight, bias, psi, psi_bias)
+
+    @logits_op.register_fake
+    def _(x, G, weight, bias, psi, psi_bias):
+        return x.new_empty(_alpha_shape(x), dtype=_acc(x.dtype))
+
+    @torch.library.custom_op(f"{prefix}_backward", mutates_args=())
+    def backward_op(x: Tensor, G: Tensor, weight: Tensor, bias: Tensor, psi: Tensor, psi_bias: Tensor,
+                    grad_q: Optional[Tensor], grad_out: Optional[Tensor], grad_alpha: Optional[Tensor],
+                    double_sigmoid: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        gx, ga, gpsi, gc = launch.backward(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alpha,
+                                           double_sigmoid)
+        return gx, ga, gpsi, gc
+
+    @backward_op.register_fake
+    def _(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alpha, double_sigmoid):
+        acc = _acc(x.dtype)
+        return (torch.empty_like(x), x.new_empty(_grad_a_shape(x, G.shape[1]), dtype=acc),
+                x.new_empty((G.shape[1],), dtype=acc), x.new_empty((1,), dtype=acc))
+
+    def _setup(ctx, inputs, output):
+        x, G, weight, bias, psi, psi_bias = inputs[:6]
+        ctx.double_sigmoid = bool(inputs[6]) if len(inputs) > 6 else False
+        ctx.save_for_backward(x, G, weight, bias, psi, psi_bias)
+
+    def _finish(ctx, saved, grads):
+        x, G, weight, bias, psi, psi_bias = saved
+        grad_x, grad_a, grad_psi, grad_c = grads
+        grad_w, grad_b, grad_g = _parameter_grads(ctx, x, grad_a, weight, G)
+        need = ctx.needs_input_grad
+        return (grad_x if need[0] else None, grad_g, grad_w, grad_b, grad_psi.to(psi.dtype) if need[4] else None,
+                grad_c.to(psi_bias.dtype) if need[5] else None)
+
+    def _forward_backward(ctx, grad_out, grad_alpha):
+        saved = ctx.saved_tensors
+        if grad_out is None and grad_alpha is None:
+            return (None,) * 7
+        grads = backward_op(*saved, None, grad_out, grad_alpha, ctx.double_sigmoid)
+        return (*_finish(ctx, saved, grads), None)
+
+    def _logits_backward(ctx, grad_q):
+        saved = ctx.saved_tensors
+        grads = backward_op(*saved, grad_q, None, None, False)
+        return _finish(ctx, saved, grads)
+
+    forward_op.register_autograd(_forward_backward, setup_context=_setup)
+    logits_op.register_autograd(_logits_backward, setup_context=_setup)
+    return SimpleNamespace(forward=forward_op, logits=logits_op, backward=backward_op)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan shared by the fused backends
+# ---------------------------------------------------------------------------------------------
+
+def _uses_batch_stats(bn: Optional[AG.BatchNormParams], training: bool) -> bool:
+    return bn is not None and (training or bn.running_mean is None)
+
+
+def _projected_moments(x: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean and biased variance over (B, *S) of each channel of ``u = W·x + b``, without ``u``.
+
+    ``mean_u = W·mean_x + b``, ``var_u = diag(W·Cov_x·Wᵀ)``; ``Cov_x`` from one Gram GEMM in the
+    accumulation dtype. Differentiable (the gradient through the statistics is autograd of these
+    small ops).
+    """
+    batch, channels = x.shape[:2]
+    flat = x.reshape(batch, channels, -1).to(weight.dtype)
+    count = flat.shape[0] * flat.shape[2]
+    mean_x = flat.sum((0, 2)) / count
+    gram = torch.bmm(flat, flat.transpose(1, 2)).sum(0) / count
+    cov = gram - torch.outer(mean_x, mean_x)
+    mean_u = weight @ mean_x + bias
+    var_u = ((weight @ cov) * weight).sum(1).clamp_min(0)
+    return mean_u, var_u
+
+
+def _update_running(bn: AG.BatchNormParams, mean: Tensor, var: Tensor, count: int) -> None:
+    """``nn.BatchNorm``'s running-statistics update from batch moments (biased ``var``)."""
+    if bn.running_mean is None:
+        return
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    with torch.no_grad():
+        unbiased = var.detach() * (count / max(count - 1, 1))
+        bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def _fold_stats(weight: Tensor, bias: Tensor, bn: AG.BatchNormParams, mean: Tensor, var: Tensor):
+    """``γ/√(var+ε)·(W·x + b − mean) + β`` as one affine map (W̃, b̃), in weight's dtype."""
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(weight.dtype)
+    shift = (bias - mean) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(weight.dtype)
+    return weight * scale[:, None], shift
+
+
+def fused_gate(kernels: SimpleNamespace, x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias, *,
+               bn_x, bn_g, bn_psi, out_weight, out_bias, bn_out, training, mode, double_sigmoid, return_alpha):
+    """The additive gate on a fused backend (arguments as ``ops.attention_gate``'s backends)."""
+    acc = _acc(x.dtype)
+    cint, cx = wx_weight.shape[0], x.shape[1]
+
+    # 1. the coarse branch with ordinary ops (BN folded in eval, batch statistics in training)
+    G = AG._project(g, wg_weight, wg_bias, bn_g, training).to(acc).contiguous()
+
+    # 2. the x branch's BN folded into W_x, with running or batch statistics
+    weight = wx_weight.reshape(cint, cx).to(acc)
+    bias = wx_bias.to(acc) if wx_bias is not None else weight.new_zeros(cint)
+    if _uses_batch_stats(bn_x, training):
+        mean_u, var_u = _projected_moments(x, weight, bias)
+        if training:
+            _update_running(bn_x, mean_u, var_u, x.numel() // cx)
+        weight, bias = _fold_stats(weight, bias, bn_x, mean_u, var_u)
+    elif bn_x is not None:
+        weight, bias = AG._fold(weight, bias, bn_x)
+
+    psi = psi_weight.reshape(1, cint).to(acc)
+    psi_b = psi_bias.to(acc) if psi_bias is not None else psi.new_zeros(1)
+
+    # 3. the fused pass
+    if _uses_batch_stats(bn_psi, training):
+        q = kernels.logits(x, G, weight, bias, psi.reshape(cint), psi_b)
+        alpha = torch.sigmoid(AG._batch_norm(q.to(x.dtype), bn_psi, training))
+        if double_sigmoid:
+            alpha = torch.sigmoid(alpha)
+        out = x * alpha
+    else:
+        if bn_psi is not None:
+            psi, psi_b = AG._fold(psi, psi_b, bn_psi)
+        out, alpha = kernels.forward(x, G, weight, bias, psi.reshape(cint), psi_b.reshape(1), double_sigmoid)
+    if out_weight is not None:
+        out = AG._project(out, out_weight, out_bias, bn_out, training)
+    return (out, alpha) if return_alpha else out
+
+
+def _additive_only(*_args, mode="additive", **_kwargs):
+    if mode != "additive":
+        return [f"the fused kernels implement the additive gate only, got mode={mode!r}"]
+    return []
+
+
+def _register(backend: str, kernels_of: Callable[[], SimpleNamespace], reasons: Callable) -> None:
+    def predicate(*args, **kwargs):
+        return _additive_only(*args, **kwargs) + list(reasons(*args, **kwargs))
+
+    @AG._op.register(backend, reasons=predicate)
+    def _impl(x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias, *, bn_x, bn_g, bn_psi,
+              out_weight, out_bias, bn_out, training, mode, double_sigmoid, return_alpha):
+        return fused_gate(kernels_of(), x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias,
+                          bn_x=bn_x, bn_g=bn_g, bn_psi=bn_psi, out_weight=out_weight, out_bias=out_bias,
+                          bn_out=bn_out, training=training, mode=mode, double_sigmoid=double_sigmoid,
+                          return_alpha=return_alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# cpp and cuda: the csrc extensions (built on first use)
+# ---------------------------------------------------------------------------------------------
+
+def _extension_launch(kind: str) -> SimpleNamespace:
+    def ext():
+        from .. import _build
+
+        return _build.load(kind, FAMILY)
+
+    return SimpleNamespace(
+        forward=lambda *a: tuple(ext().gate_forward(*a)),
+        logits=lambda *a: ext().gate_logits(*a),
+        backward=lambda *a: tuple(ext().gate_backward(*a)),
+    )
+
+
+def _triton_launch() -> SimpleNamespace:
+    def mod():
+        from triton_kernels import gate
+
+        return gate
+
+    return SimpleNamespace(
+        forward=lambda *a: mod().gate_forward(*a),
+        logits=lambda *a: mod().gate_logits(*a),
+        backward=lambda *a: mod().gate_backward(*a),
+    )
+
+
+KERNELS = {
+    "cpp": make_kernels("cpp", _extension_launch("cpu")),
+    "cuda": make_kernels("cuda", _extension_launch("cuda")),
+    "triton": make_kernels("triton", _triton_launch()),
+}
+
+
+def _triton_reasons(*args, **kwargs):
+    return B.triton_reasons(*args, *kwargs.values())
+
+
+_register("cpp", lambda: KERNELS["cpp"], B.cpp_predicate(FAMILY))
+_register("cuda", lambda: KERNELS["cuda"], B.cuda_predicate(FAMILY))
+_register("triton", lambda: KERNELS["triton"], _triton_reasons)

@@ -1,0 +1,288 @@
+r"""Fused Triton kernels of the additive attention gate (Attention U-Net, DESIGN.md op 1), 2-D/3-D.
+
+The caller (``medattn_fast/ops/_attention_gate_kernels.py``) folds the normalisations into the
+projections and computes the coarse gating map ``G`` (B, Ci, *Sg) (float32, contiguous). Per
+position p of x (B, Cx, *S), with ``up`` the bilinear/trilinear, ``align_corners=False`` sampling
+of G at p (computed on the fly from p's coordinates, exactly as ATen's ``upsample_*``)::
+
+    a[p] = W·x[:, p] + b + up(G)[p]        (Ci)     never stored
+    q[p] = w·relu(a[p]) + c
+    α[p] = σ(q[p])   (σ(σ(q[p])) with double_sigmoid)
+    out[:, p] = α[p]·x[:, p]
+
+Kernels (one program = BLOCK_P consecutive positions of one batch element × all Cx channels; the
+x tile is loaded once into registers, float32, and every channel of ``a`` is produced from it in
+turn — a loop over Ci of a (Cx × BLOCK_P) multiply-reduce — so ``a`` exists one channel at a time):
+
+* ``_forward_kernel``  ``LOGITS=False``: out and α (eval pass: x read once, out written once);
+                       ``LOGITS=True``: q only (training: ψ's batch statistics are taken outside).
+* ``_backward_kernel`` recomputes q (first sweep over Ci), then dq — through the sigmoid(s) from
+                       grad_out/grad_alpha, or given (backward of the logits pass) — and in a second
+                       sweep da_i = dq·w_i·[a_i > 0], grad_x = α·grad_out + Σ_i W[i]·da_i, stores
+                       da (B, Ci, *S) float32, and per-program partial sums of dq·relu(a_i) and dq
+                       (the gradients of w and c; summed on the host in program order).
+
+x, grad_out and out may have any strides (channels-first or channels_last); float32, bfloat16 and
+float16 in, float32 accumulation. Launch functions allocate their results and do no autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import to_storage
+
+__all__ = ["gate_forward", "gate_logits", "gate_backward", "default_block_p", "MAX_CHANNELS"]
+
+MAX_CHANNELS = 1024  # the x tile (Cx padded to a power of two × BLOCK_P) lives in registers
+
+
+@triton.jit
+def _axis(pos, scale, size_in):
+    """ATen's linear source index (align_corners=False): low index, high index, high weight."""
+    src = scale * (pos.to(tl.float32) + 0.5) - 0.5
+    src = tl.maximum(src, 0.0)
+    lo = tl.minimum(src.to(tl.int32), size_in - 1)  # src >= 0: truncation is floor
+    lam = tl.minimum(tl.maximum(src - lo.to(tl.float32), 0.0), 1.0)
+    hi = lo + (lo < size_in - 1).to(tl.int32)
+    return lo, hi, lam
+
+
+@triton.jit
+def _sample(plane, d0, d1, ld, h0, h1, lh, w0, w1, lw, Hg, Wg, mask, IS_3D: tl.constexpr):
+    """up(G) of one channel at the tile's positions (plane: that channel's coarse map)."""
+    v00 = tl.load(plane + (d0 * Hg + h0) * Wg + w0, mask=mask, other=0.0)
+    v01 = tl.load(plane + (d0 * Hg + h0) * Wg + w1, mask=mask, other=0.0)
+    v10 = tl.load(plane + (d0 * Hg + h1) * Wg + w0, mask=mask, other=0.0)
+    v11 = tl.load(plane + (d0 * Hg + h1) * Wg + w1, mask=mask, other=0.0)
+    val = (1.0 - lh) * ((1.0 - lw) * v00 + lw * v01) + lh * ((1.0 - lw) * v10 + lw * v11)
+    if IS_3D:
+        u00 = tl.load(plane + (d1 * Hg + h0) * Wg + w0, mask=mask, other=0.0)
+        u01 = tl.load(plane + (d1 * Hg + h0) * Wg + w1, mask=mask, other=0.0)
+        u10 = tl.load(plane + (d1 * Hg + h1) * Wg + w0, mask=mask, other=0.0)
+        u11 = tl.load(plane + (d1 * Hg + h1) * Wg + w1, mask=mask, other=0.0)
+        far = (1.0 - lh) * ((1.0 - lw) * u00 + lw * u01) + lh * ((1.0 - lw) * u10 + lw * u11)
+        val = (1.0 - ld) * val + ld * far
+    return val
+
+
+@triton.jit
+def _forward_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, out_ptr, alpha_ptr, q_ptr,
+                    Cx, Ci, D, H, W, Dg, Hg, Wg, scale_d, scale_h, scale_w,
+                    sxb, sxc, sxd, sxh, sxw, sob, soc, sod, soh, sow,
+                    IS_3D: tl.constexpr, LOGITS: tl.constexpr, DOUBLE_SIGMOID: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    S = D * H * W
+    Sg = Dg * Hg * Wg
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < S
+    w = p % W
+    h = (p // W) % H
+    d = p // (W * H)
+    ch = tl.arange(0, BLOCK_C)
+    cmask = ch < Cx
+    tile_mask = cmask[:, None] & pmask[None, :]
+    x_off = b * sxb + ch[:, None].to(tl.int64) * sxc + (d * sxd + h * sxh + w * sxw)[None, :].to(tl.int64)
+    x_tile = tl.load(x_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
+
+    d0, d1, ld = _axis(d, scale_d, Dg)
+    h0, h1, lh = _axis(h, scale_h, Hg)
+    w0, w1, lw = _axis(w, scale_w, Wg)
+    q = tl.zeros((BLOCK_P,), dtype=tl.float32) + tl.load(c_ptr)
+    for i in range(0, Ci):
+        w_row = tl.load(w_ptr + i * Cx + ch, mask=cmask, other=0.0)
+        a = tl.sum(w_row[:, None] * x_tile, axis=0) + tl.load(b_ptr + i)
+        a += _sample(g_ptr + (b * Ci + i) * Sg, d0, d1, ld, h0, h1, lh, w0, w1, lw, Hg, Wg, pmask, IS_3D)
+        q += tl.load(psi_ptr + i) * tl.maximum(a, 0.0)
+    if LOGITS:
+        tl.store(q_ptr + b * S + p, q, mask=pmask)
+    else:
+        alpha = tl.sigmoid(q)
+        if DOUBLE_SIGMOID:
+            alpha = tl.sigmoid(alpha)
+        tl.store(alpha_ptr + b * S + p, to_storage(alpha, alpha_ptr.dtype.element_ty), mask=pmask)
+        o_off = b * sob + ch[:, None].to(tl.int64) * soc + (d * sod + h * soh + w * sow)[None, :].to(tl.int64)
+        tl.store(out_ptr + o_off, to_storage(x_tile * alpha[None, :], out_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _backward_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, go_ptr, galpha_ptr, gq_ptr,
+                     gx_ptr, ga_ptr, part_ptr,
+                     Cx, Ci, D, H, W, Dg, Hg, Wg, scale_d, scale_h, scale_w,
+                     sxb, sxc, sxd, sxh, sxw, sgb, sgc, sgd, sgh, sgw, sxgb, sxgc, sxgd, sxgh, sxgw,
+                     IS_3D: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_GRAD_OUT: tl.constexpr,
+                     HAS_GRAD_ALPHA: tl.constexpr, DOUBLE_SIGMOID: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    S = D * H * W
+    Sg = Dg * Hg * Wg
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < S
+    w = p % W
+    h = (p // W) % H
+    d = p // (W * H)
+    ch = tl.arange(0, BLOCK_C)
+    cmask = ch < Cx
+    tile_mask = cmask[:, None] & pmask[None, :]
+    spatial = d * sxd + h * sxh + w * sxw
+    x_tile = tl.load(x_ptr + b * sxb + ch[:, None].to(tl.int64) * sxc + spatial[None, :].to(tl.int64),
+                     mask=tile_mask, other=0.0).to(tl.float32)
+    d0, d1, ld = _axis(d, scale_d, Dg)
+    h0, h1, lh = _axis(h, scale_h, Hg)
+    w0, w1, lw = _axis(w, scale_w, Wg)
+
+    gx = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    if FROM_LOGITS:
+        dq = tl.load(gq_ptr + b * S + p, mask=pmask, other=0.0).to(tl.float32)
+    else:
+        # sweep 1: q, α, then dq through the sigmoid(s)
+        q = tl.zeros((BLOCK_P,), dtype=tl.float32) + tl.load(c_ptr)
+        for i in range(0, Ci):
+            w_row = tl.load(w_ptr + i * Cx + ch, mask=cmask, other=0.0)
+            a = tl.sum(w_row[:, None] * x_tile, axis=0) + tl.load(b_ptr + i)
+            a += _sample(g_ptr + (b * Ci + i) * Sg, d0, d1, ld, h0, h1, lh, w0, w1, lw, Hg, Wg, pmask, IS_3D)
+            q += tl.load(psi_ptr + i) * tl.maximum(a, 0.0)
+        first = tl.sigmoid(q)
+        alpha = first
+        if DOUBLE_SIGMOID:
+            alpha = tl.sigmoid(first)
+        d_alpha = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        if HAS_GRAD_ALPHA:
+            d_alpha += tl.load(galpha_ptr + b * S + p, mask=pmask, other=0.0).to(tl.float32)
+        if HAS_GRAD_OUT:
+            go_off = b * sgb + ch[:, None].to(tl.int64) * sgc + (d * sgd + h * sgh + w * sgw)[None, :].to(tl.int64)
+            go = tl.load(go_ptr + go_off, mask=tile_mask, other=0.0).to(tl.float32)
+            d_alpha += tl.sum(go * x_tile, axis=0)
+            gx = go * alpha[None, :]
+        if DOUBLE_SIGMOID:
+            d_alpha = d_alpha * alpha * (1.0 - alpha)
+        dq = d_alpha * first * (1.0 - first)
+    dq = tl.where(pmask, dq, 0.0)
+
+    # sweep 2: da_i, grad_x, the partial sums of the w and c gradients
+    n_prog = tl.num_programs(0)
+    part = part_ptr + (b * n_prog + pid) * (Ci + 1)
+    for i in range(0, Ci):
+        w_row = tl.load(w_ptr + i * Cx + ch, mask=cmask, other=0.0)
+        a = tl.sum(w_row[:, None] * x_tile, axis=0) + tl.load(b_ptr + i)
+        a += _sample(g_ptr + (b * Ci + i) * Sg, d0, d1, ld, h0, h1, lh, w0, w1, lw, Hg, Wg, pmask, IS_3D)
+        active = a > 0.0
+        da = tl.where(active, dq * tl.load(psi_ptr + i), 0.0)
+        tl.store(ga_ptr + (b * Ci + i) * S + p, da, mask=pmask)
+        tl.store(part + i, tl.sum(tl.where(active, dq * a, 0.0), axis=0))
+        gx += w_row[:, None] * da[None, :]
+    tl.store(part + Ci, tl.sum(dq, axis=0))
+    gx_off = b * sxgb + ch[:, None].to(tl.int64) * sxgc + (d * sxgd + h * sxgh + w * sxgw)[None, :].to(tl.int64)
+    tl.store(gx_ptr + gx_off, to_storage(gx, gx_ptr.dtype.element_ty), mask=tile_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launches
+# ---------------------------------------------------------------------------------------------
+
+def default_block_p(channels: int) -> int:
+    """Positions per program: about 4096 tile elements (Cx padded) per program, 16..128."""
+    return max(16, min(128, 4096 // triton.next_power_of_2(channels)))
+
+
+def _strides5(t: torch.Tensor) -> Tuple[int, int, int, int, int]:
+    if t.dim() == 5:
+        return tuple(t.stride())
+    return (t.stride(0), t.stride(1), 0, t.stride(2), t.stride(3))
+
+
+def _geometry(x: torch.Tensor, G: torch.Tensor):
+    three_d = x.dim() == 5
+    fine = tuple(x.shape[2:]) if three_d else (1, *x.shape[2:])
+    coarse = tuple(G.shape[2:]) if three_d else (1, *G.shape[2:])
+    scales = [float(c) / float(f) for c, f in zip(coarse, fine)]
+    return three_d, fine, coarse, scales
+
+
+def _check(x: torch.Tensor, G: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.shape[1] > MAX_CHANNELS:
+        raise ValueError(f"triton attention_gate: at most {MAX_CHANNELS} x channels, got {x.shape[1]}")
+    if G.dtype != torch.float32 or weight.dtype != torch.float32:
+        raise TypeError(f"triton attention_gate: G and the folded parameters must be float32, got "
+                        f"{G.dtype} and {weight.dtype}")
+
+
+def _params(G, weight, bias, psi, psi_bias):
+    return (G.contiguous(), weight.contiguous(), bias.contiguous(), psi.reshape(-1).contiguous(),
+            psi_bias.reshape(-1).contiguous())
+
+
+def _launch_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid, logits, block_p):
+    _check(x, G, weight)
+    G, weight, bias, psi, psi_bias = _params(G, weight, bias, psi, psi_bias)
+    three_d, fine, coarse, scales = _geometry(x, G)
+    batch, cx, ci = x.shape[0], x.shape[1], G.shape[1]
+    S = fine[0] * fine[1] * fine[2]
+    block_c = triton.next_power_of_2(cx)
+    block_p = block_p or default_block_p(cx)
+    alpha_shape = (batch, 1, *x.shape[2:])
+    if logits:
+        q = torch.empty(alpha_shape, device=x.device, dtype=torch.float32)
+        out, alpha = x, x  # unused pointers
+    else:
+        out = torch.empty_like(x)
+        alpha = torch.empty(alpha_shape, device=x.device, dtype=x.dtype)
+        q = alpha
+    grid = (triton.cdiv(S, block_p), batch)
+    _forward_kernel[grid](x, G, weight, bias, psi, psi_bias, out, alpha, q,
+                          cx, ci, *fine, *coarse, *scales, *_strides5(x), *_strides5(out),
+                          IS_3D=three_d, LOGITS=logits, DOUBLE_SIGMOID=bool(double_sigmoid),
+                          BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
+    return q if logits else (out, alpha)
+
+
+def gate_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid: bool, *, block_p: Optional[int] = None):
+    """Eval pass: ``(out like x, alpha (B, 1, *S) in x's dtype)``; parameters folded, float32."""
+    return _launch_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid, False, block_p)
+
+
+def gate_logits(x, G, weight, bias, psi, psi_bias, *, block_p: Optional[int] = None):
+    """The ψ pre-activation ``q`` (B, 1, *S) float32."""
+    return _launch_forward(x, G, weight, bias, psi, psi_bias, False, True, block_p)
+
+
+def gate_backward(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alpha, double_sigmoid: bool, *,
+                  block_p: Optional[int] = None):
+    """``(grad_x like x, grad_a (B, Ci, *S) float32, grad_psi (Ci,), grad_psi_bias (1,))``.
+
+    ``grad_q`` given: backward of :func:`gate_logits`; else of :func:`gate_forward` with
+    ``grad_out`` and/or ``grad_alpha``.
+    """
+    _check(x, G, weight)
+    G, weight, bias, psi, psi_bias = _params(G, weight, bias, psi, psi_bias)
+    three_d, fine, coarse, scales = _geometry(x, G)
+    batch, cx, ci = x.shape[0], x.shape[1], G.shape[1]
+    S = fine[0] * fine[1] * fine[2]
+    block_c = triton.next_power_of_2(cx)
+    block_p = block_p or default_block_p(cx)
+    from_logits = grad_q is not None
+    if from_logits:
+        grad_q = grad_q.to(torch.float32).contiguous()
+    if grad_alpha is not None:
+        grad_alpha = grad_alpha.contiguous()
+    grad_x = torch.empty_like(x)
+    grad_a = torch.empty((batch, ci, *x.shape[2:]), device=x.device, dtype=torch.float32)
+    n_prog = triton.cdiv(S, block_p)
+    partials = torch.empty((batch * n_prog, ci + 1), device=x.device, dtype=torch.float32)
+    go = grad_out if grad_out is not None else x
+    _backward_kernel[(n_prog, batch)](
+        x, G, weight, bias, psi, psi_bias, go,
+        grad_alpha if grad_alpha is not None else x, grad_q if from_logits else x,
+        grad_x, grad_a, partials,
+        cx, ci, *fine, *coarse, *scales, *_strides5(x), *_strides5(go), *_strides5(grad_x),
+        IS_3D=three_d, FROM_LOGITS=from_logits, HAS_GRAD_OUT=grad_out is not None,
+        HAS_GRAD_ALPHA=grad_alpha is not None, DOUBLE_SIGMOID=bool(double_sigmoid),
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
+    sums = partials.sum(0)
+    return grad_x, grad_a, sums[:ci].clone(), sums[ci:].clone()
