@@ -1,4 +1,4 @@
-"""``medattn-fast`` command line: info | verify | bench | build."""
+"""``medattn-fast`` command line: info | verify | bench | build | train."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,12 @@ def _build(args) -> int:
     return status
 
 
+def _train(args) -> int:
+    from .train import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="medattn-fast", description="Fused attention kernels for medical image segmentation")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -72,6 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", action="append", help="float64, float32, bfloat16, float16 (repeatable)")
     sub.add_parser("bench", help="run the benchmarks (options: see `medattn-fast bench -- --help`)", add_help=False)
     sub.add_parser("build", help="build the csrc extensions ahead of time")
+    from .train import add_arguments as add_train_arguments  # the flags live beside the loop they configure
+
+    add_train_arguments(sub.add_parser("train", help="train a segmentation model (see python -m medattn_fast.train -h)"))
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         rest = argv[1:]
@@ -79,7 +88,7 @@ def main(argv=None) -> int:
             rest = rest[1:]
         return _bench(None, rest)
     args = ap.parse_args(argv)
-    return {"info": _info, "verify": _verify, "build": _build}[args.cmd](args)
+    return {"info": _info, "verify": _verify, "build": _build, "train": _train}[args.cmd](args)
 
 
 if __name__ == "__main__":
