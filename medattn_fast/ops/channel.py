@@ -96,3 +96,4 @@ def channel_attention(x, *, negate=True, gamma=None, residual=None, multiply=Non
 
 
 from . import _channel_triton  # noqa: E402,F401  (registers the triton backend)
+from . import _channel_cpp  # noqa: E402,F401  (registers the cpp backend)

@@ -273,3 +273,4 @@ def position_attention(q, k, v, *, scale=1.0, transpose=False, layout="tokens", 
 
 
 from . import _position_triton  # noqa: E402,F401  (registers the triton backend)
+from . import _position_cpp  # noqa: E402,F401  (registers the cpp backend)

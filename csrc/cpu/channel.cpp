@@ -1,0 +1,213 @@
+// Channel attention (DESIGN.md op 3), C++ CPU forward and backward.
+//
+// Math, per batch, X the (C × N) feature matrix (N = prod of the spatial dims):
+//
+//   E = X Xᵀ (C × C),   A = softmax_rows(σ E) with σ = −1 (negate, DANet CAM) or +1,
+//   o = A X,            out = γ · (o ⊙ f) + x        (gamma, multiply = f, residual = x; optional)
+//
+// Backward, G = ∂L/∂o = γ f ⊙ g:
+//   dγ = Σ g ⊙ o ⊙ f,   df = γ g ⊙ o,   dA = G Xᵀ,   dZ = A ⊙ (dA − rowsum(A ⊙ dA)),   dE = σ dZ,
+//   dX = Aᵀ G + (dE + dEᵀ) X                                      (three GEMMs)
+//
+// Compared with autograd through the composite (four GEMMs in backward, a saved negated energy
+// and the softmax output, separate epilogue nodes), backward saves one (C×C)·(C×N) GEMM and the
+// intermediate (B, C, C) tensors; the epilogue is one fused ATen call (addcmul/add).
+//
+// The three products are batched GEMMs of ATen (MKL underneath, multithreaded over the whole
+// batch); E, A, o and the gradients are accumulated in float32 (float64 for float64 inputs), so
+// float16/bfloat16 inputs with large |E| stay finite. The C×C softmax and its backward are the
+// hand-written part: one row per task of at::parallel_for, a stable softmax (the row max of σE is
+// subtracted), a vectorisable exp.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace medattn {
+namespace channel {
+namespace {
+
+// float: Cody-Waite range reduction and Cephes' degree-6 polynomial (≤ 2 ulp for the x ≤ 0 a stable
+// softmax produces), plain arithmetic so that the `omp simd` loop vectorises. double: std::exp.
+inline float exp_fast(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  constexpr float kRound = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+
+inline double exp_fast(double x) { return std::exp(x); }
+
+at::ScalarType acc_dtype_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// E (rows × C, contiguous) ← softmax_rows(sign · E) in place.
+template <typename T>
+void softmax_rows(T* E, int64_t rows, int64_t C, T sign) {
+  at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      T* e = E + r * C;
+      T row_max = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : row_max)
+      for (int64_t c = 0; c < C; ++c) row_max = std::max(row_max, sign * e[c]);
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < C; ++c) {
+        e[c] = exp_fast(sign * e[c] - row_max);
+        sum += e[c];
+      }
+      const T inv = T(1) / sum;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) e[c] *= inv;
+    }
+  });
+}
+
+// dA (rows × C, contiguous) ← sign · A ⊙ (dA − rowsum(A ⊙ dA)) in place: the energy gradient.
+template <typename T>
+void softmax_backward_rows(const T* A, T* dA, int64_t rows, int64_t C, T sign) {
+  at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const T* a = A + r * C;
+      T* g = dA + r * C;
+      T dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < C; ++c) dot += a[c] * g[c];
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) g[c] = sign * a[c] * (g[c] - dot);
+    }
+  });
+}
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "channel_attention (cpp): expected a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() >= 3, "channel_attention (cpp): x must be (B, C, *S), got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "channel_attention (cpp): x must be floating point");
+}
+
+void check_like_x(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
+  if (t.has_value())
+    TORCH_CHECK(t->sizes() == x.sizes() && t->scalar_type() == x.scalar_type(), "channel_attention (cpp): ", name,
+                " must match x (", x.sizes(), ", ", x.scalar_type(), "), got ", t->sizes());
+}
+
+// (B, C, N) in the accumulation type: a view when x already is, else a converted copy.
+at::Tensor flat_acc(const at::Tensor& x) {
+  return x.reshape({x.size(0), x.size(1), -1}).to(acc_dtype_of(x.scalar_type()));
+}
+
+// -> [out (x's shape, contiguous, x's dtype), o (B, C, N) in x's dtype or empty,
+//     attention (B, C, C) float32/float64 or empty]. o is kept when save and there is a γ or f.
+std::vector<at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+                                const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& multiply,
+                                bool negate, bool save) {
+  check_x(x);
+  check_like_x(residual, x, "residual");
+  check_like_x(multiply, x, "multiply");
+  const int64_t B = x.size(0), C = x.size(1);
+  const at::Tensor X = flat_acc(x);
+  at::Tensor A = at::bmm(X, X.transpose(1, 2));  // E, then A in place
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "channel_attention_softmax", [&] {
+    softmax_rows<scalar_t>(A.data_ptr<scalar_t>(), B * C, C, negate ? scalar_t(-1) : scalar_t(1));
+  });
+  at::Tensor o = at::bmm(A, X).view(x.sizes());
+  const at::ScalarType acc = o.scalar_type();
+  // out = γ (o ⊙ f) + x in one ATen pass (addcmul / add), in the accumulation type.
+  at::Tensor out;
+  const double g = gamma.has_value() ? gamma->item<double>() : 1.0;
+  if (residual.has_value() && multiply.has_value()) {
+    out = at::addcmul(residual->to(acc), o, multiply->to(acc), g);
+  } else if (residual.has_value()) {
+    out = at::add(residual->to(acc), o, g);
+  } else if (multiply.has_value()) {
+    out = at::mul(o, multiply->to(acc));
+    if (gamma.has_value()) out.mul_(g);
+  } else {
+    out = gamma.has_value() ? at::mul(o, g) : o;
+  }
+  out = out.to(x.scalar_type()).contiguous();
+  at::Tensor o_saved = (save && (gamma.has_value() || multiply.has_value())) ? o.view({B, C, -1}).to(x.scalar_type()) : at::empty({0}, x.options());
+  return {out, o_saved, save ? A : at::empty({0}, x.options().dtype(acc))};
+}
+
+// -> [dx (x's shape, contiguous), dγ (gamma's shape) or empty, df (x's shape) or empty].
+// o: the pre-epilogue output (B, C, N) when there is a gamma or multiply (ignored otherwise).
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& o,
+                                 const at::Tensor& attention, const c10::optional<at::Tensor>& gamma,
+                                 const c10::optional<at::Tensor>& multiply, bool negate, bool need_multiply_grad) {
+  check_x(x);
+  check_like_x(multiply, x, "multiply");
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "channel_attention (cpp): grad_out must match x");
+  const int64_t B = x.size(0), C = x.size(1);
+  const at::ScalarType acc = acc_dtype_of(x.scalar_type());
+  TORCH_CHECK(attention.sizes() == at::IntArrayRef({B, C, C}) && attention.scalar_type() == acc,
+              "channel_attention (cpp): attention must be (B, C, C) in ", acc);
+  const at::Tensor X = flat_acc(x);
+  const at::Tensor g = grad_out.reshape({B, C, -1}).to(acc);
+  const bool has_gamma = gamma.has_value(), has_multiply = multiply.has_value();
+  const double gamma_value = has_gamma ? gamma->item<double>() : 1.0;
+  at::Tensor o_acc, f_acc;
+  if (has_gamma || has_multiply) {
+    TORCH_CHECK(o.numel() == X.numel(), "channel_attention (cpp): o must be (B, C, N)");
+    o_acc = o.reshape({B, C, -1}).to(acc);
+  }
+  if (has_multiply) f_acc = multiply->reshape({B, C, -1}).to(acc);
+
+  at::Tensor grad_gamma = at::empty({0}, x.options()), grad_multiply = at::empty({0}, x.options());
+  if (has_gamma) {
+    const at::Tensor go = has_multiply ? at::mul(g, o_acc).mul_(f_acc) : at::mul(g, o_acc);
+    grad_gamma = go.sum().reshape(gamma->sizes()).to(gamma->scalar_type());
+  }
+  if (has_multiply && need_multiply_grad)
+    grad_multiply = at::mul(g, o_acc).mul_(gamma_value).view(x.sizes()).to(x.scalar_type()).contiguous();
+
+  // G = γ f ⊙ g, the gradient reaching o.
+  at::Tensor G = g;
+  if (has_multiply) G = at::mul(g, f_acc);
+  if (has_gamma) G = G.is_same(g) ? at::mul(g, gamma_value) : G.mul_(gamma_value);
+
+  at::Tensor dE = at::bmm(G, X.transpose(1, 2));  // dA, then dE in place
+  AT_DISPATCH_FLOATING_TYPES(dE.scalar_type(), "channel_attention_softmax_backward", [&] {
+    softmax_backward_rows<scalar_t>(attention.contiguous().data_ptr<scalar_t>(), dE.data_ptr<scalar_t>(), B * C, C,
+                                    negate ? scalar_t(-1) : scalar_t(1));
+  });
+  at::Tensor dX = at::bmm(attention.transpose(1, 2), G);
+  dX.baddbmm_(dE.add_(dE.transpose(1, 2).clone()), X);  // (dE + dEᵀ) X
+  at::Tensor grad_x = dX.view(x.sizes()).to(x.scalar_type()).contiguous();
+  return {grad_x, grad_gamma, grad_multiply};
+}
+
+}  // namespace
+}  // namespace channel
+}  // namespace medattn
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace ch = medattn::channel;
+  m.def("channel_attention_forward", &ch::forward,
+        "Channel attention forward -> [out, o (B, C, N) or empty, attention (B, C, C) or empty]", pybind11::arg("x"),
+        pybind11::arg("gamma"), pybind11::arg("residual"), pybind11::arg("multiply"), pybind11::arg("negate"),
+        pybind11::arg("save"));
+  m.def("channel_attention_backward", &ch::backward,
+        "Backward of channel_attention_forward -> [dx, dgamma or empty, dmultiply or empty]",
+        pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("o"), pybind11::arg("attention"),
+        pybind11::arg("gamma"), pybind11::arg("multiply"), pybind11::arg("negate"),
+        pybind11::arg("need_multiply_grad"));
+}
