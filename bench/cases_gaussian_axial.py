@@ -4,7 +4,9 @@
   through ``medattn_fast.compat.mtunet.GaussianTrans`` (auto backend). Target: auto/cpp fwd+bwd
   ≥ 75× faster than the original's per-pixel loop and faster than ``torch.compile`` of the
   vectorised PyTorch version.
-* The fused from-q,k,v entry point (scores never stored) at the same shape and at 28×28, D=256.
+* MT-UNet's own grid at a 224² input: after WinAttention (window 4) and DlightConv the 28×28 tokens
+  of the first transformer stage become a 7×7 grid with D=256 (B=1: also the cheap smoke row).
+* The fused from-q,k,v entry point (scores never stored) at 14×14, D=512 and at 28×28, D=256.
 
 Providers: ``reference`` (the seed loop: ``reference.gaussian_trans.GaussianTrans`` /
 ``gaussian_axial_from_qkv_reference``), ``torch`` (the vectorised backend), ``compile``
@@ -87,6 +89,9 @@ def cases(device: torch.device) -> List[Case]:
              flops=_flops(2, 14, 14, 512, from_qkv=False), dtypes=dtypes,
              note="acceptance: compat.mtunet.GaussianTrans (auto) fwd+bwd >= 75x the original loop, "
                   "and faster than torch.compile of the vectorised version"),
+        Case(op="gaussian_axial", shape="GaussianTrans B=1 7x7 D=256", setup=_setup_scores(1, 7, 7, 256),
+             flops=_flops(1, 7, 7, 256, from_qkv=False), dtypes=dtypes,
+             note="MT-UNet at 224x224, first transformer stage"),
         Case(op="gaussian_axial", shape="qkv B=2 14x14 D=512", setup=_setup_qkv(2, 14, 14, 512),
              flops=_flops(2, 14, 14, 512, from_qkv=True), dtypes=dtypes),
         Case(op="gaussian_axial", shape="qkv B=2 28x28 D=256", setup=_setup_qkv(2, 28, 28, 256),

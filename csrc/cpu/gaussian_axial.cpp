@@ -619,12 +619,14 @@ MEDATTN_ISA_VARIANTS(scores_backward_lines, ScoresBackward)
 MEDATTN_ISA_VARIANTS(qkv_forward_lines, QkvForward)
 MEDATTN_ISA_VARIANTS(qkv_backward_lines, QkvBackward)
 
-// Run `fn` over the lines of one pass. A line is L×L×D multiply-adds or more, so a grain of one
-// line keeps every thread busy even at B = 1 on a small grid.
+// Run `fn` over the lines of one pass. A line is L×L×D multiply-adds (or a small multiple of it);
+// a task gets at least ~2^18 of them (~10 µs), so small grids (MT-UNet's 7×7 at B = 1) run inline
+// instead of paying for waking threads, and larger ones still split over every thread.
 template <typename Args>
 void run_pass(void (*fn)(const Args&, int64_t, int64_t), const Args& a, int64_t lines) {
-  const int64_t work_per_line = a.g.length() * a.g.length() * a.g.D;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_line));
+  constexpr int64_t kMinWorkPerTask = int64_t(1) << 18;
+  const int64_t work_per_line = std::max<int64_t>(1, a.g.length() * a.g.length() * a.g.D);
+  const int64_t grain = std::max<int64_t>(1, (kMinWorkPerTask + work_per_line - 1) / work_per_line);
   at::parallel_for(0, lines, grain, [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
 }
 
