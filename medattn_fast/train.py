@@ -276,6 +276,18 @@ class TrainConfig:
     seed: int = 0
     quiet: bool = False
 
+    def validate(self) -> None:
+        """ValueError naming the flag for a value the loop cannot run with (before any work)."""
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("save_every", 0),
+                              ("snapshot_every", 0), ("workers", 0), ("dataset_length", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"train: --{name.replace('_', '-')} must be an int >= {minimum}, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"train: --lr must be > 0, got {self.lr!r}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"train: --num-classes must be >= 2 (background + one class), got {self.num_classes}")
+
 
 @dataclass
 class TrainResult:
@@ -368,6 +380,7 @@ def _write_snapshot(path: Path, raw_model: nn.Module, image: torch.Tensor, label
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) training as configured; see the module docstring. Under torchrun every rank
     calls this; the process group is created here (env://) and destroyed at the end."""
+    config.validate()
     rank, world, local_rank = _distributed()
     distributed = world > 1
     if config.device is not None:
@@ -463,7 +476,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     progress = _Progress(config.steps, start_step, enabled=is_main and not config.quiet)
     step = start_step
     loss_value, dice_value = float("nan"), float("nan")
-    window_loss, window_counts, window_images, window_start = 0.0, None, 0, time.perf_counter()
+    window_loss, window_steps, window_counts, window_images, window_start = 0.0, 0, None, 0, time.perf_counter()
     log_file = open(out / "log.jsonl", "a") if is_main else None
     saved: Optional[Path] = None
 
@@ -504,11 +517,12 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
                 step += 1
 
                 window_loss += float(loss.detach())
+                window_steps += 1
                 counts = dice_counts(logits.detach().argmax(1), label, num_classes)
                 window_counts = counts if window_counts is None else window_counts + counts
                 window_images += image.shape[0]
                 if step % config.log_every == 0 or step == config.steps:
-                    stats = torch.cat([torch.tensor([window_loss, window_images], dtype=torch.float64),
+                    stats = torch.cat([torch.tensor([window_loss, window_steps, window_images], dtype=torch.float64),
                                        window_counts.cpu().flatten()])
                     if distributed:
                         # pool the window over the ranks (gloo/NCCL: on the collective's device)
@@ -516,16 +530,16 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
                         dist.all_reduce(stats)
                         stats = stats.cpu()
                     elapsed = time.perf_counter() - window_start
-                    updates = config.log_every if step % config.log_every == 0 else step % config.log_every
-                    loss_value = float(stats[0]) / (world * max(updates, 1))
-                    dice_value = dice_scores(stats[2:].view(-1, 2))
-                    images_per_s = float(stats[1]) / max(elapsed, 1e-9)
+                    loss_value = float(stats[0]) / float(stats[1])  # mean over the window's steps and ranks
+                    dice_value = dice_scores(stats[3:].view(-1, 2))
+                    images_per_s = float(stats[2]) / max(elapsed, 1e-9)
                     progress.update(step, loss_value, dice_value, images_per_s)
                     if log_file is not None:
                         log_file.write(json.dumps({"step": step, "loss": loss_value, "dice": dice_value,
                                                    "images_per_s": images_per_s}) + "\n")
                         log_file.flush()
-                    window_loss, window_counts, window_images, window_start = 0.0, None, 0, time.perf_counter()
+                    window_loss, window_steps, window_counts, window_images = 0.0, 0, None, 0
+                    window_start = time.perf_counter()
                 if is_main and config.snapshot_every and step % config.snapshot_every == 0:
                     _write_snapshot(out / f"snapshot_{step:07d}.png", raw_model, image, label)
                 if config.save_every and step % config.save_every == 0 and step != config.steps:
@@ -537,7 +551,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         progress.close()
         if log_file is not None:
             log_file.close()
-    if not math.isfinite(loss_value) and is_main:
+    if is_main and step == start_step:
+        print(f"train: nothing to do: the run is at step {step} and --steps is {config.steps}", file=sys.stderr)
+    elif is_main and not math.isfinite(loss_value):
         print(f"train: warning: the loss is {loss_value}", file=sys.stderr)
     return TrainResult(raw_model, optimizer, step, loss_value, dice_value, saved if is_main else None)
 
@@ -576,9 +592,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    for name in ("steps", "batch_size", "log_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"train: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     phantom_kwargs = {} if args.noise is None else {"noise_std": args.noise}
     return TrainConfig(model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
                        lr=args.lr, weight_decay=args.weight_decay, num_classes=args.num_classes,

@@ -266,6 +266,8 @@ def test_build_model_maps_generic_arguments():
     assert (model.spatial_dims, model.in_channels, model.out_channels, model.channels) == (3, 2, 5, (4, 8))
     with pytest.raises(ValueError, match="AttentionUNet takes no argument\\(s\\) \\['depth'\\]"):
         T.build_model("attention_unet", spatial_dims=2, in_channels=1, num_classes=2, overrides={"depth": 3})
+    mtunet = T.build_model("mtunet", spatial_dims=2, in_channels=2, num_classes=4)  # other argument names
+    assert (mtunet.in_channels, mtunet.num_classes, mtunet.base_channels) == (2, 4, 16)
     with pytest.raises(ValueError, match="model 'mtunet' supports spatial_dims \\(2,\\), the data has 3"):
         T.build_model("mtunet", spatial_dims=3, in_channels=1, num_classes=2)
 
@@ -301,6 +303,21 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert logged == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(steps=0), "--steps must be an int >= 1, got 0"),
+    (dict(batch_size=0), "--batch-size must be an int >= 1, got 0"),
+    (dict(save_every=-1), "--save-every must be an int >= 0, got -1"),
+    (dict(lr=0.0), "--lr must be > 0, got 0.0"),
+    (dict(num_classes=1), "--num-classes must be >= 2"),
+    (dict(data="/no/such/folder"), "--data must be phantoms2d, phantoms3d or an existing folder, got '/no/such/folder'"),
+    (dict(size=(16, 16, 16)), "--size for phantoms2d needs 1 or 2 ints, got \\[16, 16, 16\\]"),
+    (dict(dataset_length=1, batch_size=2), "1 items over 1 process\\(es\\) do not fill one batch of 2"),
+])
+def test_bad_training_configs(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        T.train(tiny_config(tmp_path, **overrides))
+
+
 def test_resume_refuses_another_model(tmp_path, monkeypatch):
     first = T.train(tiny_config(tmp_path, steps=1))
     with pytest.raises(ValueError, match="holds model 'attention_unet', not 'mtunet'"):
@@ -325,14 +342,31 @@ def test_cli_train_writes_checkpoint_snapshot_and_log(tmp_path, capsys):
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
 
 
-def test_amp_bf16_on_cpu_trains_mtunet(tmp_path):
-    # MT-UNet also exercises the registry's generic-argument mapping (in_channels, num_classes)
-    result = T.train(tiny_config(tmp_path, model="mtunet", amp=True, steps=2, batch_size=2, size=(32, 32),
-                                 dataset_length=2, model_kwargs={"base_channels": 4, "num_heads": 2}))
+class PlainSegNet(torch.nn.Module):
+    """conv3 -> ReLU -> conv1: a model without attention maps (and without ``return_attention``)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, width: int = 4):
+        super().__init__()
+        conv = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+        self.body = torch.nn.Sequential(conv(in_channels, width, 3, padding=1), torch.nn.ReLU(),
+                                        conv(width, num_classes, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_amp_bf16_on_cpu_and_a_model_without_attention_maps(tmp_path, monkeypatch):
+    import medattn_fast.models
+
+    monkeypatch.setattr(medattn_fast.models, "PlainSegNet", PlainSegNet, raising=False)
+    monkeypatch.setitem(T.MODELS, "plain", T.ModelSpec("PlainSegNet", "plain", (2, 3), {"width": 3}))
+    result = T.train(tiny_config(tmp_path, model="plain", amp=True, steps=2, snapshot_every=2, model_kwargs={}))
     assert np.isfinite(result.loss) and result.step == 2
+    assert result.model.body[0].out_channels == 3  # the registry default reached the constructor
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast keeps fp32 masters
-    checkpoint = torch.load(result.checkpoint, weights_only=False)
-    assert checkpoint["scaler"] is None  # no GradScaler on CPU: bf16 needs no loss scaling
+    assert torch.load(result.checkpoint, weights_only=False)["scaler"] is None  # bf16 needs no loss scaling
+    (width, height, *_), _ = _read_png((tmp_path / "run" / "snapshot_0000002.png").read_bytes())
+    assert (width, height) == (3 * 16 + 2 * 2, 16)  # input, label, prediction; no attention panels
 
 
 def _free_port() -> int:
