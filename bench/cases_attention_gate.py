@@ -4,8 +4,9 @@ Shapes are one decoder level of Attention U-Net: skip x (B, Cx, *S), gating sign
 level below (B, 2·Cx, *S/2), C_int = Cx/2. Eval and train mode are separate cases: eval is where
 BN folds into the convolutions; train needs batch statistics and updates the running ones.
 
-Providers: ``reference`` (the seeds' AttentionBlock module), ``torch`` / ``auto``
-(:class:`medattn_fast.nn.AttentionGate` forced to the torch backend / on the default choice),
+Providers: ``reference`` (the seeds' AttentionBlock module), ``torch`` / ``auto`` / ``cpp`` /
+``triton`` / ``cuda`` (:class:`medattn_fast.nn.AttentionGate` forced to that backend / on the
+default choice; the fused ones only in additive cases),
 ``compile`` (``torch.compile`` of the reference module), ``grid`` cases compare Oktay's
 GridAttentionBlock (output ``W_y``; its α is not part of the timed output). All providers share
 the reference module's parameter and buffer objects.
@@ -67,9 +68,17 @@ def _setup_additive(batch: int, cx: int, size: Tuple[int, ...], training: bool):
             "compile": _compile(ref),
             "auto": gate(None).forward,
         }
+        for fused in ("cpp", "triton", "cuda"):  # each raises BackendUnavailable where it cannot run
+            providers[fused] = gate(fused).forward
         return (x, g), providers
 
     return setup
+
+
+def _eval_bytes(batch: int, cx: int, size: Tuple[int, ...], dtype_bytes: int) -> float:
+    """The fused eval pass's compulsory traffic: x read once and out written once (α, G and the
+    weights are < 2% more at these shapes)."""
+    return 2.0 * batch * cx * math.prod(size) * dtype_bytes
 
 
 def _setup_grid(batch: int, cx: int, size: Tuple[int, ...], training: bool):
@@ -115,6 +124,19 @@ def cases(device: torch.device) -> List[Case]:
             out.append(Case(op="attention_gate", shape=_shape(batch, cx, size, training),
                             setup=_setup_additive(batch, cx, size, training),
                             flops=_additive_flops(batch, cx, 2 * cx, cx // 2, size), dtypes=dtypes))
+    if device.type == "cuda":  # the fused kernels' acceptance shapes (issue "Fused attention gate")
+        for batch, cx, size in [(8, 64, (224, 224)), (8, 64, (512, 512)), (2, 32, (64, 64, 64)),
+                                (2, 32, (128, 128, 128))]:
+            for training in (False, True):
+                note = ""
+                if not training:
+                    note = (f"fused eval pass moves {_eval_bytes(batch, cx, size, 4) / 2**20:.0f} MiB in float32, "
+                            f"{_eval_bytes(batch, cx, size, 2) / 2**20:.0f} MiB in bfloat16 (x read once + out "
+                            f"written once); GB/s = that / median time")
+                out.append(Case(op="attention_gate", shape="fused " + _shape(batch, cx, size, training),
+                                setup=_setup_additive(batch, cx, size, training),
+                                flops=_additive_flops(batch, cx, 2 * cx, cx // 2, size),
+                                dtypes=(torch.float32, torch.bfloat16), devices=("cuda",), note=note))
     for batch, cx, size in grid:
         for training in (False, True):
             out.append(Case(op="attention_gate", shape=_shape(batch, cx, size, training, "grid"),

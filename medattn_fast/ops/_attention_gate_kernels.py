@@ -63,10 +63,13 @@ def _grad_a_shape(x: Tensor, cint: int) -> Tuple[int, ...]:
 
 def _upsample_adjoint(grad_a: Tensor, coarse_shape) -> Tensor:
     """Adjoint of ``F.interpolate(G, size=S, mode=(bi|tri)linear, align_corners=False)``."""
-    size = list(grad_a.shape[2:])
+    # plain ints: the C++ meta kernel of these ops rejects symbolic sizes (opcheck's dynamic-shape
+    # trace); int() specialises the traced graph on the spatial sizes instead
+    size = [int(s) for s in grad_a.shape[2:]]
+    coarse = [int(s) for s in coarse_shape]
     if grad_a.dim() == 4:
-        return torch.ops.aten.upsample_bilinear2d_backward(grad_a, size, list(coarse_shape), False)
-    return torch.ops.aten.upsample_trilinear3d_backward(grad_a, size, list(coarse_shape), False)
+        return torch.ops.aten.upsample_bilinear2d_backward.default(grad_a, size, coarse, False)
+    return torch.ops.aten.upsample_trilinear3d_backward.default(grad_a, size, coarse, False)
 
 
 def _parameter_grads(ctx, x: Tensor, grad_a: Tensor, weight: Tensor, G: Tensor):
@@ -165,6 +168,21 @@ def _uses_batch_stats(bn: Optional[AG.BatchNormParams], training: bool) -> bool:
     return bn is not None and (training or bn.running_mean is None)
 
 
+class _ChannelGram(torch.autograd.Function):
+    """``Σ_b flat_b·flat_bᵀ`` (C, C) of a (B, C, N) tensor; backward ``(dG + dGᵀ)·flat_b`` as one
+    GEMM (autograd of ``bmm(flat, flatᵀ)`` would run two)."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor) -> Tensor:
+        ctx.save_for_backward(flat)
+        return torch.bmm(flat, flat.transpose(1, 2)).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (flat,) = ctx.saved_tensors
+        return torch.matmul(grad + grad.transpose(0, 1), flat)
+
+
 def _projected_moments(x: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
     """Mean and biased variance over (B, *S) of each channel of ``u = W·x + b``, without ``u``.
 
@@ -176,7 +194,7 @@ def _projected_moments(x: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor,
     flat = x.reshape(batch, channels, -1).to(weight.dtype)
     count = flat.shape[0] * flat.shape[2]
     mean_x = flat.sum((0, 2)) / count
-    gram = torch.bmm(flat, flat.transpose(1, 2)).sum(0) / count
+    gram = _ChannelGram.apply(flat) / count
     cov = gram - torch.outer(mean_x, mean_x)
     mean_u = weight @ mean_x + bias
     var_u = ((weight @ cov) * weight).sum(1).clamp_min(0)

@@ -1,0 +1,386 @@
+"""attention_gate, fused backends (ops/_attention_gate_kernels.py): ``cpp`` (csrc/cpu) in float64
+with tight tolerances, ``triton`` under the interpreter in float32 on tiny shapes, and on a GPU
+(``-m gpu``) ``triton`` and ``cuda`` in float32/bfloat16/float16.
+
+Every comparison is against the ``reference`` backend (the seed module math, itself tested against
+the seed modules in test_attention_gate.py) on a deep copy of one randomly initialised
+AttentionBlock: forward (out and α), the gradients of x, g and every parameter, and the BN running
+statistics after a training step.
+"""
+import copy
+import pytest
+import torch
+
+import medattn_fast
+import medattn_fast.functional as MF
+from medattn_fast.functional import BatchNormParams
+from medattn_fast.ops import _attention_gate_kernels as K
+from medattn_fast.reference import attention_gate as R
+
+F64 = torch.float64
+TIGHT = dict(rtol=1e-9, atol=1e-11)
+F32 = dict(rtol=2e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def randomize(module: torch.nn.Module) -> torch.nn.Module:
+    """Random BN affine and running statistics (the defaults would hide a wrong fold)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.copy_(torch.randn_like(m.weight))
+                m.bias.copy_(torch.randn_like(m.bias))
+                m.running_mean.copy_(torch.randn_like(m.running_mean))
+                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
+                m.num_batches_tracked.fill_(3)
+    return module
+
+
+def call(module: R.AttentionBlock, x, g, backend, **extra):
+    return MF.attention_gate(
+        x, g, module.Wx[0].weight, module.Wx[0].bias, module.Wg[0].weight, module.Wg[0].bias,
+        module.psi[0].weight, module.psi[0].bias,
+        bn_x=BatchNormParams.from_module(module.Wx[1]), bn_g=BatchNormParams.from_module(module.Wg[1]),
+        bn_psi=BatchNormParams.from_module(module.psi[1]), training=module.training,
+        double_sigmoid=module.double_sigmoid, return_alpha=True, backend=backend, **extra)
+
+
+def make_block(nd, cx, cg, ci, *, training, dtype=F64, double_sigmoid=False, device="cpu"):
+    block = R.AttentionBlock(cx, cg, ci, spatial_dims=nd, double_sigmoid=double_sigmoid)
+    return randomize(block).to(device=device, dtype=dtype).train(training)
+
+
+def run(module, x, g, backend, out_cot, alpha_cot, **extra):
+    """Forward (out, α) and the gradients of x, g and every parameter for one backend."""
+    x = x.detach().clone().requires_grad_()
+    g = g.detach().clone().requires_grad_()
+    out, alpha = call(module, x, g, backend, **extra)
+    params = list(module.parameters())
+    grads = torch.autograd.grad((out, alpha), [x, g, *params], (out_cot, alpha_cot), allow_unused=True)
+    return out.detach(), alpha.detach(), grads
+
+
+def compare(backend, nd, x_size, g_size, *, batch=2, cx=5, cg=6, ci=3, training, dtype=F64, tol=TIGHT,
+            channels_last=False, double_sigmoid=False, device="cpu", expected_device_dtype=None):
+    """``backend`` against ``reference`` on twin modules: out, α, every gradient, every buffer."""
+    ref = make_block(nd, cx, cg, ci, training=training, dtype=expected_device_dtype or dtype,
+                     double_sigmoid=double_sigmoid, device=device)
+    twin = copy.deepcopy(ref).to(dtype)
+    x = torch.randn(batch, cx, *x_size, device=device, dtype=dtype)
+    g = torch.randn(batch, cg, *g_size, device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
+    out_cot = torch.randn(batch, cx, *x_size, device=device, dtype=dtype)
+    alpha_cot = torch.randn(batch, 1, *x_size, device=device, dtype=dtype)
+    cast = (lambda t: t.to(expected_device_dtype)) if expected_device_dtype else (lambda t: t)
+    want = run(ref, cast(x), cast(g), "reference", cast(out_cot), cast(alpha_cot))
+    got = run(twin, x, g, backend, out_cot, alpha_cot)
+    if channels_last:
+        assert got[0].stride() == x.stride(), "out keeps x's memory format"
+    names = ["out", "alpha", "grad x", "grad g"] + [f"grad {n}" for n, _ in ref.named_parameters()]
+    for name, w, o in zip(names, [want[0], want[1], *want[2]], [got[0], got[1], *got[2]]):
+        torch.testing.assert_close(o.to(w.dtype), w, **tol, msg=lambda m: f"{backend} {name}: {m}")
+    for (name, a), (_, b) in zip(ref.named_buffers(), twin.named_buffers()):
+        torch.testing.assert_close(b.to(a.dtype), a, **tol, msg=lambda m: f"{backend} buffer {name}: {m}")
+    return got
+
+
+GEOMETRIES = {
+    # nd, x spatial, g spatial
+    "2d-same": (2, (6, 6), (6, 6)),
+    "2d-odd": (2, (7, 9), (3, 4)),
+    "3d-same": (3, (3, 4, 5), (3, 4, 5)),
+    "3d-odd": (3, (5, 6, 7), (3, 3, 4)),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# cpp, float64
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_cpp_matches_reference(geometry, training):
+    nd, xs, gs = GEOMETRIES[geometry]
+    compare("cpp", nd, xs, gs, training=training)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_cpp_batch_one_single_intermediate_channel_double_sigmoid(training):
+    compare("cpp", 2, (7, 9), (3, 4), batch=1, cx=3, cg=2, ci=1, training=training, double_sigmoid=True)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("nd", [2, 3])
+def test_cpp_channels_last(nd, training):
+    xs, gs = ((7, 9), (3, 4)) if nd == 2 else ((3, 5, 6), (2, 3, 3))
+    compare("cpp", nd, xs, gs, cx=9, training=training, channels_last=True)
+
+
+def test_cpp_many_channels_and_tiles():
+    """Cx not a multiple of the 4-channel unroll, more positions than one 64-position tile."""
+    compare("cpp", 2, (13, 11), (5, 6), cx=11, cg=7, ci=6, training=True)
+
+
+def test_cpp_strided_view_input():
+    """x as a non-dense view (every other column of a wider buffer)."""
+    ref = make_block(2, 4, 3, 2, training=False)
+    twin = copy.deepcopy(ref)
+    wide = torch.randn(2, 4, 7, 18, dtype=F64)
+    x = wide[..., ::2]
+    g = torch.randn(2, 3, 4, 5, dtype=F64)
+    out_cot, alpha_cot = torch.randn(2, 4, 7, 9, dtype=F64), torch.randn(2, 1, 7, 9, dtype=F64)
+    want = run(ref, x, g, "reference", out_cot, alpha_cot)
+    got = run(twin, x, g, "cpp", out_cot, alpha_cot)
+    for w, o in zip([want[0], want[1], *want[2]], [got[0], got[1], *got[2]]):
+        torch.testing.assert_close(o, w, **TIGHT)
+
+
+def _functional(backend, x, g, params, **kw):
+    wx, bx, wg, bg, wp, bp = params
+    return MF.attention_gate(x, g, wx, bx, wg, bg, wp, bp, backend=backend, return_alpha=True, **kw)
+
+
+@pytest.mark.parametrize("variant", ["no-bn-no-bias", "bn-without-running-stats-eval", "momentum-none-train"])
+def test_cpp_batch_norm_variants(variant):
+    """BNs absent, BNs without running statistics (batch statistics also in eval), cumulative
+    averaging (momentum=None): the plan's other branches."""
+    cx, cg, ci = 4, 3, 3
+    x, g = torch.randn(2, cx, 5, 7, dtype=F64), torch.randn(2, cg, 3, 4, dtype=F64)
+
+    def params(bias):
+        return [torch.randn(ci, cx, 1, 1, dtype=F64), torch.randn(ci, dtype=F64) if bias else None,
+                torch.randn(ci, cg, 1, 1, dtype=F64), torch.randn(ci, dtype=F64) if bias else None,
+                torch.randn(1, ci, 1, 1, dtype=F64), torch.randn(1, dtype=F64) if bias else None]
+
+    def bns(tracking, momentum):
+        out = []
+        for c in (ci, ci, 1):
+            bn = torch.nn.BatchNorm2d(c, track_running_stats=tracking, momentum=momentum).to(F64)
+            out.append(randomize(bn) if tracking else bn)
+        return out
+
+    if variant == "no-bn-no-bias":
+        base, training, modules = params(False), False, None
+    elif variant == "bn-without-running-stats-eval":
+        base, training, modules = params(True), False, bns(False, 0.1)
+    else:
+        base, training, modules = params(True), True, bns(True, None)
+    results = {}
+    for backend in ("reference", "cpp"):
+        ps = [p.clone().requires_grad_() if p is not None else None for p in base]
+        mods = copy.deepcopy(modules)
+        kw = {} if mods is None else dict(zip(("bn_x", "bn_g", "bn_psi"), map(BatchNormParams.from_module, mods)))
+        xr, gr = x.clone().requires_grad_(), g.clone().requires_grad_()
+        out, alpha = _functional(backend, xr, gr, ps, training=training, **kw)
+        leaves = [xr, gr] + [p for p in ps if p is not None]
+        grads = torch.autograd.grad((out * torch.arange(out.numel(), dtype=F64).view_as(out).sin()).sum()
+                                    + alpha.square().sum(), leaves)
+        buffers = [] if mods is None else [b.clone() for m in mods for b in m.buffers()]
+        results[backend] = [out, alpha, *grads, *buffers]
+    for w, o in zip(results["reference"], results["cpp"]):
+        torch.testing.assert_close(o, w, **TIGHT)
+
+
+def test_cpp_low_precision_close_to_pytorch():
+    """bfloat16/float16: the fused result is no farther from float64 than PyTorch's own
+    reference in that dtype (twice its error, plus one unit in the last place)."""
+    for dtype, ulp in ((torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)):
+        ref64 = make_block(2, 8, 6, 4, training=False)
+        low_ref, low_cpp = copy.deepcopy(ref64).to(dtype), copy.deepcopy(ref64).to(dtype)
+        x = torch.randn(2, 8, 9, 10, dtype=F64)
+        g = torch.randn(2, 6, 5, 5, dtype=F64)
+        exact = call(ref64, x, g, "reference")[0]
+        torch_err = (call(low_ref, x.to(dtype), g.to(dtype), "reference")[0].double() - exact).abs().max()
+        fused_err = (call(low_cpp, x.to(dtype), g.to(dtype), "cpp")[0].double() - exact).abs().max()
+        assert fused_err <= 2 * torch_err + ulp * exact.abs().max(), (dtype, fused_err, torch_err)
+
+
+def test_cpp_deterministic_across_thread_counts():
+    ref = make_block(2, 6, 4, 3, training=True, dtype=torch.float32)
+    x, g = torch.randn(2, 6, 17, 15), torch.randn(2, 4, 8, 7)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            m = copy.deepcopy(ref)
+            results.append(run(m, x, g, "cpp", torch.ones(2, 6, 17, 15), torch.ones(2, 1, 17, 15)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip([results[0][0], *results[0][2]], [results[1][0], *results[1][2]]):
+        assert torch.equal(a, b)
+
+
+def test_predicates_refuse_grid_mode_with_reason():
+    block = R.GridAttentionBlock(4, 6, 2, spatial_dims=2, sub_sample_factor=2).to(F64)
+    x, g = torch.randn(1, 4, 8, 8, dtype=F64), torch.randn(1, 6, 4, 4, dtype=F64)
+    with pytest.raises(medattn_fast.BackendUnavailable, match="additive gate only, got mode='grid'"):
+        MF.attention_gate(x, g, block.theta.weight, None, block.phi.weight, block.phi.bias, block.psi.weight,
+                          block.psi.bias, mode="grid", backend="cpp")
+
+
+def test_triton_predicate_refuses_float64_with_reason():
+    block = make_block(2, 4, 3, 2, training=False)
+    x, g = torch.randn(1, 4, 5, 5, dtype=F64), torch.randn(1, 3, 3, 3, dtype=F64)
+    with pytest.raises(medattn_fast.BackendUnavailable, match="float64"):
+        call(block, x, g, "triton")
+
+
+def test_auto_prefers_cpp_on_cpu():
+    block = make_block(2, 4, 3, 2, training=False)
+    x, g = torch.randn(1, 4, 5, 5, dtype=F64), torch.randn(1, 3, 3, 3, dtype=F64)
+    kw = dict(bn_x=None, bn_g=None, bn_psi=None, out_weight=None, out_bias=None, bn_out=None, training=False,
+              mode="additive", double_sigmoid=False, return_alpha=False)
+    args = (x, g, block.Wx[0].weight, block.Wx[0].bias, block.Wg[0].weight, block.Wg[0].bias,
+            block.psi[0].weight, block.psi[0].bias)
+    from medattn_fast.ops.attention_gate import _op
+
+    assert _op.choose(*args, **kw) == "cpp"
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+def _op_samples(backend, dtype, device="cpu"):
+    x = torch.randn(2, 5, 7, 9, dtype=dtype, device=device, requires_grad=True)
+    G = torch.randn(2, 3, 3, 4, dtype=dtype if dtype == F64 else torch.float32, device=device, requires_grad=True)
+    acc = G.dtype
+    params = [torch.randn(3, 5, dtype=acc, device=device, requires_grad=True),
+              torch.randn(3, dtype=acc, device=device, requires_grad=True),
+              torch.randn(3, dtype=acc, device=device, requires_grad=True),
+              torch.randn(1, dtype=acc, device=device, requires_grad=True)]
+    d = [t.detach() for t in (x, G, *params)]
+    kernels = K.KERNELS[backend]
+    return {
+        "forward": (kernels.forward, (x, G, *params, True)),
+        "logits": (kernels.logits, (x, G, *params)),
+        "backward_output": (kernels.backward, (*d, None, torch.randn_like(d[0]),
+                                               torch.randn(2, 1, 7, 9, dtype=dtype, device=device), False)),
+        "backward_logits": (kernels.backward, (*d, torch.randn(2, 1, 7, 9, dtype=acc, device=device), None, None,
+                                               False)),
+    }
+
+
+@pytest.mark.parametrize("name", ["forward", "logits", "backward_output", "backward_logits"])
+def test_opcheck_cpp(name):
+    op, args = _op_samples("cpp", F64)[name]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", ["forward", "logits", "backward_output", "backward_logits"])
+def test_opcheck_triton(name):
+    op, args = _op_samples("triton", torch.float32)[name]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_gradcheck_cpp_custom_ops():
+    """Finite differences of both fused ops on a tiny case (x 1×3×4×5, G 1×2×2×3, double sigmoid)."""
+    leaf = lambda *shape: torch.randn(*shape, dtype=F64, requires_grad=True)  # noqa: E731
+    tensors = (leaf(1, 3, 4, 5), leaf(1, 2, 2, 3), leaf(2, 3), leaf(2), leaf(2), leaf(1))
+    kernels = K.KERNELS["cpp"]
+    assert torch.autograd.gradcheck(lambda *ts: kernels.forward(*ts, True), tensors)
+    assert torch.autograd.gradcheck(kernels.logits, tensors)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_compile_fullgraph_twice_no_recompile_cpp(training):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    block = make_block(2, 6, 4, 3, training=training, dtype=torch.float32)
+    eager_block = copy.deepcopy(block)
+
+    def fn(x, g):
+        return call(block, x, g, "cpp")
+
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    for _ in range(2):  # fresh inputs of the same shape: one compilation
+        x = torch.randn(2, 6, 7, 9, requires_grad=True)
+        g = torch.randn(2, 4, 3, 4, requires_grad=True)
+        out, alpha = compiled(x, g)
+        grads = torch.autograd.grad(out.sum() + alpha.sum(), (x, g))
+        xe, ge = x.detach().clone().requires_grad_(), g.detach().clone().requires_grad_()
+        out_e, alpha_e = call(eager_block, xe, ge, "cpp")
+        grads_e = torch.autograd.grad(out_e.sum() + alpha_e.sum(), (xe, ge))
+        for a, b in zip((out, alpha, *grads), (out_e, alpha_e, *grads_e)):
+            torch.testing.assert_close(a, b, **F32)
+    for a, b in zip(block.buffers(), eager_block.buffers()):
+        torch.testing.assert_close(a, b, **F32)
+    assert counter.frame_count == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# triton under the interpreter (float32, tiny shapes)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("geometry", ["2d-odd", "3d-odd", "2d-same"])
+def test_triton_interpreter_matches_reference(geometry, training):
+    nd, xs, gs = GEOMETRIES[geometry]
+    if nd == 3:
+        xs, gs = (3, 4, 5), (2, 2, 3)
+    compare("triton", nd, xs, gs, training=training, dtype=torch.float32, tol=F32, expected_device_dtype=F64)
+
+
+def test_triton_interpreter_channels_last_batch_one_single_channel():
+    compare("triton", 2, (7, 9), (3, 4), batch=1, cx=3, cg=2, ci=1, training=True, dtype=torch.float32, tol=F32,
+            channels_last=True, double_sigmoid=True, expected_device_dtype=F64)
+
+
+@pytest.mark.parametrize("block_p", [16, 32, 64])
+def test_triton_block_size_sweep_matches_cpp(block_p):
+    """The launch functions with explicit positions-per-program against the cpp kernels."""
+    import triton_kernels.gate as TG
+    from medattn_fast import _build
+
+    ext = _build.load("cpu", "attention_gate")
+    x = torch.randn(2, 6, 7, 9)
+    G = torch.randn(2, 3, 3, 4)
+    W, b, w, c = torch.randn(3, 6), torch.randn(3), torch.randn(3), torch.randn(1)
+    out, alpha = TG.gate_forward(x, G, W, b, w, c, False, block_p=block_p)
+    want_out, want_alpha = ext.gate_forward(x, G, W, b, w, c, False)
+    torch.testing.assert_close(out, want_out, **F32)
+    torch.testing.assert_close(alpha, want_alpha, **F32)
+    gq = torch.randn(2, 1, 7, 9)
+    got = TG.gate_backward(x, G, W, b, w, c, gq, None, None, False, block_p=block_p)
+    want = ext.gate_backward(x, G, W, b, w, c, gq, None, None, False)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **F32)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (-m gpu)
+# ---------------------------------------------------------------------------------------------
+
+GPU_TOL = {torch.float32: 2e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("geometry", ["2d-odd", "3d-odd"])
+def test_gpu_matches_pytorch_error(backend, dtype, training, geometry):
+    """Error vs float64 no larger than twice PyTorch's own (reference backend in the same dtype),
+    plus one unit in the last place of the largest value."""
+    nd, xs, gs = GEOMETRIES[geometry]
+    ref64 = make_block(nd, 32, 48, 16, training=training, device="cuda")
+    low_ref, low_fused = copy.deepcopy(ref64).to(dtype), copy.deepcopy(ref64).to(dtype)
+    x = torch.randn(2, 32, *xs, device="cuda", dtype=F64)
+    g = torch.randn(2, 48, *gs, device="cuda", dtype=F64)
+    cot = torch.randn_like(x)
+    alpha_cot = torch.randn(2, 1, *xs, device="cuda", dtype=F64)
+    exact = run(ref64, x, g, "reference", cot, alpha_cot)
+    torch_low = run(low_ref, x.to(dtype), g.to(dtype), "reference", cot.to(dtype), alpha_cot.to(dtype))
+    fused = run(low_fused, x.to(dtype), g.to(dtype), backend, cot.to(dtype), alpha_cot.to(dtype))
+    for e, t, f in zip([exact[0], exact[1], *exact[2]], [torch_low[0], torch_low[1], *torch_low[2]],
+                       [fused[0], fused[1], *fused[2]]):
+        torch_err = (t.double() - e).abs().max()
+        fused_err = (f.double() - e).abs().max()
+        assert fused_err <= 2 * torch_err + GPU_TOL[dtype] * e.abs().max(), (fused_err, torch_err)
