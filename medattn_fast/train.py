@@ -23,7 +23,9 @@ Usage::
 
 What it does, per step: a batch ``(image (B, C, *S), label (B, *S))``, logits from the model, the
 loss ``CE(logits, label) + (1 − soft Dice over the foreground classes)`` (:class:`DiceCELoss`),
-AdamW. ``--batch-size`` is per process. A progress line on stderr shows the loss, the hard Dice of
+AdamW (a model whose train-mode output is structured — MSGANet's deep supervision — is trained on
+its own objective plus the soft Dice of its averaged logits, see :func:`training_loss`).
+``--batch-size`` is per process. A progress line on stderr shows the loss, the hard Dice of
 the batch (foreground classes, all ranks pooled) and images/s. Every ``--save-every`` steps (and at
 the end) rank 0 writes ``<out>/checkpoint.pt`` atomically; every ``--snapshot-every`` steps it writes
 ``<out>/snapshot_<step>.png`` (input, label, prediction, then the model's attention maps when its
@@ -55,7 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["MODELS", "ModelSpec", "TrainConfig", "TrainResult", "DiceCELoss", "dice_scores", "build_model",
+__all__ = ["MODELS", "ModelSpec", "TrainConfig", "TrainResult", "DiceCELoss", "training_loss", "dice_counts",
+           "dice_scores", "build_model",
            "build_dataset", "train", "main"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -83,9 +86,10 @@ MODELS: Dict[str, ModelSpec] = {
     "attention_unet": ModelSpec("AttentionUNet", "attention_unet", (2, 3),
                                 {"channels": (16, 32, 64, 128), "strides": (2, 2, 2)}),
     "mtunet": ModelSpec("MTUNet", "mtunet", (2,), {"base_channels": 16, "num_heads": 4}),
-    "daunet": ModelSpec("DAUNet", "daunet", (2,)),
-    "msganet": ModelSpec("MSGANet", "msganet", (2,)),
-    "cross_attention_unet": ModelSpec("CrossAttentionUNet", "cross_attention_unet", (2,)),
+    "daunet": ModelSpec("DAUNet", "daunet", (2, 3), {"channels": (16, 32, 64, 128), "strides": (2, 2, 2)}),
+    "msganet": ModelSpec("MSGANet", "msganet", (2,), {"base_channels": 16, "backbone_widths": (16, 32, 64, 128)}),
+    "cross_attention_unet": ModelSpec("CrossAttentionUNet", "cross_attention_unet", (2, 3),
+                                      {"channels": (16, 32, 64, 128), "strides": (2, 2, 2)}),
 }
 
 # the names the models use for the generic arguments (the first one the constructor takes wins)
@@ -178,16 +182,41 @@ class DiceCELoss(nn.Module):
         if logits.dim() < 3 or target.shape != logits.shape[:1] + logits.shape[2:]:
             raise ValueError(f"DiceCELoss: expected logits (B, K, *S) and target (B, *S), got "
                              f"{tuple(logits.shape)} and {tuple(target.shape)}")
+        ce = F.cross_entropy(logits.float(), target)
+        return self.ce_weight * ce + self.dice_weight * self.dice_term(logits, target)
+
+    def dice_term(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``1 − mean_{b, k≥1} Dice_{b,k}`` alone (0 when there is no foreground class)."""
         logits = logits.float()
-        ce = F.cross_entropy(logits, target)
         num_classes = logits.shape[1]
-        if num_classes < 2 or self.dice_weight == 0.0:
-            return self.ce_weight * ce
+        if num_classes < 2:
+            return logits.new_zeros(())
         probs = logits.softmax(dim=1)[:, 1:].flatten(2)                      # (B, K-1, N)
         onehot = F.one_hot(target, num_classes).movedim(-1, 1)[:, 1:].flatten(2).to(probs.dtype)
         intersection = (probs * onehot).sum(-1)
         dice = (2 * intersection + self.smooth) / (probs.sum(-1) + onehot.sum(-1) + self.smooth)
-        return self.ce_weight * ce + self.dice_weight * (1.0 - dice.mean())
+        return 1.0 - dice.mean()
+
+
+def training_loss(raw_model: nn.Module, outputs, target: torch.Tensor,
+                  criterion: DiceCELoss) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of one train-mode forward.
+
+    Logits (a tensor): ``criterion(logits, target)``. A structured output (deep supervision, as
+    MSGANet's :class:`~medattn_fast.models.MSGANetOutputs`) comes with the model's own objective:
+    the model's ``losses(outputs, target)["total"]`` (its original training loss) plus the soft
+    Dice term of ``outputs.average()``, which is also the logits the metrics see.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return criterion(outputs, target), outputs
+    losses = getattr(raw_model, "losses", None)
+    average = getattr(outputs, "average", None)
+    if losses is None or average is None:
+        raise TypeError(f"train: {type(raw_model).__name__} returned {type(outputs).__name__}: expected logits, or "
+                        "an output with .average() from a model with .losses(outputs, target)")
+    logits = average()
+    total = losses(outputs, target)["total"]
+    return total + criterion.dice_weight * criterion.dice_term(logits, target), logits
 
 
 def dice_counts(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -508,8 +537,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
                 image = image.to(device, non_blocking=True)
                 label = label.to(device, non_blocking=True)
                 with autocast():
-                    logits = model(image)
-                    loss = criterion(logits, label)
+                    loss, logits = training_loss(raw_model, model(image), label, criterion)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

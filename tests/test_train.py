@@ -272,6 +272,38 @@ def test_build_model_maps_generic_arguments():
         T.build_model("mtunet", spatial_dims=3, in_channels=1, num_classes=2)
 
 
+@pytest.mark.parametrize("name", sorted(T.MODELS))
+def test_every_registered_model_builds_from_its_defaults_and_segments(name):
+    model = T.build_model(name, spatial_dims=2, in_channels=2, num_classes=3).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 2, 32, 32))
+    assert logits.shape == (1, 3, 32, 32) and torch.isfinite(logits).all()
+
+
+def test_training_loss_of_a_structured_output_uses_the_models_objective():
+    class Outputs(tuple):
+        def average(self):
+            return (self[0] + self[1]) / 2
+
+    class DeepSupervised(torch.nn.Module):
+        @staticmethod
+        def losses(outputs, target):
+            return {"total": sum(torch.nn.functional.cross_entropy(p, target) for p in outputs)}
+
+    first, second = torch.randn(2, 3, 5, 6, requires_grad=True), torch.randn(2, 3, 5, 6, requires_grad=True)
+    target = torch.randint(0, 3, (2, 5, 6))
+    criterion = T.DiceCELoss()
+    loss, logits = T.training_loss(DeepSupervised(), Outputs((first, second)), target, criterion)
+    expected = (torch.nn.functional.cross_entropy(first, target) + torch.nn.functional.cross_entropy(second, target)
+                + criterion.dice_term((first + second) / 2, target))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logits, (first + second) / 2)
+    loss.backward()
+    assert first.grad.abs().sum() > 0 and second.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="returned tuple: expected logits, or an output with .average\\(\\)"):
+        T.training_loss(torch.nn.Identity(), (first,), target, criterion)
+
+
 # ------------------------------------------------------------------------------------------------
 # training loop: resume, CLI, AMP, DDP, convergence
 # ------------------------------------------------------------------------------------------------
