@@ -1,0 +1,112 @@
+"""Benchmark cases of the full attention networks: DAUNet, CrossAttentionUNet, MSGANet.
+
+One training step (mode ``fwd+bwd``: forward, backward of a random cotangent through every
+parameter) and inference (``no-grad``, eval mode) per network, the reference twin against the fast
+one with the same weights: ``reference`` is ``model.with_blocks("reference")`` (the seed-faithful
+attention modules, N×N / C×C matrices materialised), ``fast`` the default network (memory-lean
+attention on the default backend choice), ``torch`` the fast network forced to the ``torch``
+backend. The error column is the max abs difference of the logits vs the reference twin.
+
+MSGANet's training step times its full objective (:func:`medattn_fast.models.msganet_loss`: the
+8 deep-supervision cross-entropies, the guided and the reconstruction MSEs), so its ``fwd+bwd``
+row is a real training step and its output is the scalar loss.
+
+CPU rows are small (B=2, 64²; 3-D 32³); CUDA rows are the networks' working sizes: DAUNet at 128²
+B=8 (the issue's target there: >= 2x faster with >= 3x less memory than the reference twin on an
+H100), with attention at the bottleneck only and at the bottleneck and the two deepest skips
+(where the N×N matrices are large; shape label ``DAUNet+s1,2``), DAUNet 3-D 64³ B=2, CrossAttentionUNet 128² B=8, MSGANet 256² B=8.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+
+import medattn_fast
+from bench.harness import Case
+from medattn_fast.models import CrossAttentionUNet, DAUNet, MSGANet, msganet_loss
+
+MODES = ("fwd+bwd", "no-grad")
+
+
+def _randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """Nonzero attention gammas, so that PAM/CAM do their work (0 at init makes them the identity)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(0.5)
+    return model
+
+
+def _with_backend(fn: Callable, backend: str) -> Callable:
+    def call(*args):
+        with medattn_fast.use_backend(backend):
+            return fn(*args)
+    return call
+
+
+def _providers(fast: torch.nn.Module, output: Callable) -> Dict[str, Callable]:
+    reference = fast.reference_version()
+    return {
+        "reference": lambda *a: output(reference, *a),
+        "fast": lambda *a: output(fast, *a),
+        "torch": _with_backend(lambda *a: output(fast, *a), "torch"),
+    }
+
+
+def _segmentation_setup(build: Callable[[], torch.nn.Module], batch: int, in_channels: int, size, training: bool):
+    def setup(device: torch.device, dtype: torch.dtype):
+        fast = _randomise(build()).to(device=device, dtype=dtype).train(training)
+        x = torch.randn(batch, in_channels, *size, device=device, dtype=dtype, requires_grad=training)
+        return (x,), _providers(fast, lambda model, x: model(x))
+    return setup
+
+
+def _msganet_setup(build: Callable[[], MSGANet], batch: int, size, training: bool):
+    def setup(device: torch.device, dtype: torch.dtype):
+        fast = _randomise(build()).to(device=device, dtype=dtype).train(training)
+        x = torch.randn(batch, fast.in_channels, *size, device=device, dtype=dtype, requires_grad=training)
+        classes = fast.predict1[0].out_channels
+        target = torch.randint(0, classes, (batch, *size), device=device)
+
+        def output(model, x):
+            out = model(x)
+            return msganet_loss(out, target)["total"] if model.training else out
+        return (x,), _providers(fast, output)
+    return setup
+
+
+def _shape(name: str, batch: int, size, extra: str, training: bool) -> str:
+    return f"{name}{extra} B={batch} {'x'.join(map(str, size))} {'train' if training else 'eval'}"
+
+
+def cases(device: torch.device) -> List[Case]:
+    cuda = device.type == "cuda"
+    skips = ("bottleneck", "skip-1", "skip-2")
+    specs = []  # (label, build, batch, in_channels, size, extra, kind)
+    if cuda:
+        specs += [
+            ("DAUNet", lambda: DAUNet(2, 1, 2), 8, 1, (128, 128), "", "seg"),
+            ("DAUNet", lambda: DAUNet(2, 1, 2, attention_at=skips), 8, 1, (128, 128), "+s1,2", "seg"),
+            ("DAUNet", lambda: DAUNet(3, 1, 2, channels=(16, 32, 64, 128)), 2, 1, (64, 64, 64), "", "seg"),
+            ("CrossAttentionUNet", lambda: CrossAttentionUNet(2, 1, 2), 8, 1, (128, 128), "", "seg"),
+            ("MSGANet", lambda: MSGANet(1, 5), 8, 1, (256, 256), "", "msga"),
+        ]
+    else:
+        specs += [
+            ("DAUNet", lambda: DAUNet(2, 1, 2, channels=(16, 32, 64, 128), attention_at=skips),
+             2, 1, (64, 64), "+s1,2", "seg"),
+            ("DAUNet", lambda: DAUNet(3, 1, 2, channels=(8, 16, 32, 64)), 1, 1, (32, 32, 32), "", "seg"),
+            ("CrossAttentionUNet", lambda: CrossAttentionUNet(2, 1, 2, channels=(16, 32, 64, 128)),
+             2, 1, (64, 64), "", "seg"),
+            ("MSGANet", lambda: MSGANet(1, 5, 32), 2, 1, (64, 64), "(F=32)", "msga"),
+        ]
+    out: List[Case] = []
+    dtypes = (torch.float32, torch.bfloat16) if cuda else (torch.float32,)
+    for label, build, batch, cin, size, extra, kind in specs:
+        for training, modes in ((True, ("fwd+bwd",)), (False, ("no-grad",))):
+            setup = (_segmentation_setup(build, batch, cin, size, training) if kind == "seg"
+                     else _msganet_setup(build, batch, size, training))
+            out.append(Case(op="models", shape=_shape(label, batch, size, extra, training), setup=setup,
+                            dtypes=dtypes, modes=modes, devices=(device.type,)))
+    return out
