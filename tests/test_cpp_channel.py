@@ -98,11 +98,13 @@ def test_cpp_custom_ops_pass_opcheck():
     x = torch.randn(2, 5, 4, 3, dtype=F64, requires_grad=True)
     gamma = torch.randn(1, dtype=F64, requires_grad=True)
     f = torch.randn(2, 5, 4, 3, dtype=F64, requires_grad=True)
-    args = (x, gamma, x, f, True, True)
-    torch.library.opcheck(torch.ops.medattn.channel_attention_cpp_fwd.default, args)
-    out, o, attention = torch.ops.medattn.channel_attention_cpp_fwd(*args)
-    bwd = (torch.randn_like(out), x.detach(), o, attention, gamma.detach(), f.detach(), True, True)
-    torch.library.opcheck(torch.ops.medattn.channel_attention_cpp_bwd.default, bwd)
+    residual = torch.randn(2, 5, 4, 3, dtype=F64, requires_grad=True)
+    for args in ((x, gamma, residual, f, True, True, False), (x, gamma, None, None, False, True, True)):
+        torch.library.opcheck(torch.ops.medattn.channel_attention_cpp_fwd.default, args)
+        out, o, attention = torch.ops.medattn.channel_attention_cpp_fwd(*args)
+        bwd = (torch.randn_like(out), x.detach(), o, attention, gamma.detach(),
+               None if args[3] is None else args[3].detach(), args[4], True, args[6])
+        torch.library.opcheck(torch.ops.medattn.channel_attention_cpp_bwd.default, bwd)
 
 
 def test_cpp_compiles_fullgraph_once():
