@@ -4,7 +4,8 @@
 
 Providers: ``reference`` (the original module), ``torch`` / ``auto`` (the compat module forced to
 the torch backend / on the default choice), ``compile`` (``torch.compile`` of the reference),
-``triton`` (the compat module forced to the fused kernels; CUDA).
+``triton`` (the compat module forced to the fused kernels; CUDA), ``cpp`` (forced to the C++ CPU
+kernels).
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def _setup_cam(batch: int, channels: int, size):
             "compile": torch.compile(ref),
             "auto": fast.forward,
             "triton": _with_backend(fast.forward, "triton"),
+            "cpp": _with_backend(fast.forward, "cpp"),
         }
         return (x,), providers
 
@@ -68,6 +70,7 @@ def _setup_seed001(batch: int, channels: int, size):
             "compile": torch.compile(ref),
             "auto": fast.forward,
             "triton": _with_backend(fast.forward, "triton"),
+            "cpp": _with_backend(fast.forward, "cpp"),
         }
         return (x,), providers
 

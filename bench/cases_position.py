@@ -7,7 +7,7 @@
 Providers: ``reference`` (the original module), ``torch`` / ``auto`` (the compat module forced to
 the torch backend / on the default choice), ``compile`` (``torch.compile`` of the reference),
 ``sdpa`` (the same convs + ``F.scaled_dot_product_attention``, a peer; DANet layout only), ``triton``
-(the compat module forced to the fused kernels; CUDA). All share
+(the compat module forced to the fused kernels; CUDA), ``cpp`` (forced to the C++ CPU kernels). All share
 the reference module's parameter objects.
 """
 from __future__ import annotations
@@ -69,6 +69,7 @@ def _setup_pam(batch: int, channels: int, size):
             "compile": torch.compile(ref),
             "auto": fast.forward,
             "triton": _with_backend(fast.forward, "triton"),
+            "cpp": _with_backend(fast.forward, "cpp"),
             "sdpa": sdpa,
         }
         return (x,), providers
@@ -90,6 +91,7 @@ def _setup_seed001(batch: int, channels: int, size):
             "compile": torch.compile(ref),
             "auto": fast.forward,
             "triton": _with_backend(fast.forward, "triton"),
+            "cpp": _with_backend(fast.forward, "cpp"),
         }
         return (x,), providers
 
@@ -101,6 +103,9 @@ def cases(device: torch.device) -> List[Case]:
         Case(op="position_attention", shape="PAM B=2 C=64 96x96", setup=_setup_pam(2, 64, (96, 96)),
              flops=_attention_flops(2, 64, 96 * 96), dtypes=_dtypes(device),
              note="acceptance: compat.danet.PAM_Module fwd+bwd peak memory < 25% of the original's"),
+        Case(op="position_attention", shape="PAM B=2 C=64 48x48", setup=_setup_pam(2, 64, (48, 48)),
+             flops=_attention_flops(2, 64, 48 * 48), dtypes=_dtypes(device),
+             note="cpp target: fwd+bwd >= 1.5x the compiled reference with O(N) memory"),
         Case(op="position_attention", shape="seed001 B=2 C=64 64x64", setup=_setup_seed001(2, 64, (64, 64)),
              flops=_attention_flops(2, 64, 64 * 64), dtypes=_dtypes(device)),
     ]
