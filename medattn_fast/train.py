@@ -31,6 +31,10 @@ the end) rank 0 writes ``<out>/checkpoint.pt`` atomically; every ``--snapshot-ev
 ``<out>/snapshot_<step>.png`` (input, label, prediction, then the model's attention maps when its
 ``forward`` takes ``return_attention``) and appends metrics to ``<out>/log.jsonl``.
 
+Under DDP the parameters stay identical on every rank (gradients are averaged); BatchNorm running
+statistics are each rank's own between forwards (DDP re-broadcasts rank 0's at each forward), and the
+checkpoint holds rank 0's. A resumed DDP run with the same world size restores every rank's RNG.
+
 Models are looked up by name in :data:`MODELS` and resolved lazily from ``medattn_fast.models``, so a
 model that is not available gives a clear error when chosen, never at import time.
 """

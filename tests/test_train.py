@@ -138,7 +138,8 @@ def test_folder_empty_and_bad_npz(tmp_path):
     with pytest.raises(ValueError, match="no cases in"):
         FolderDataset(tmp_path)
     np.savez(tmp_path / "x.npz", img=np.ones((4, 4)), label=np.ones((4, 4)))
-    with pytest.raises(ValueError, match="must hold arrays 'image' and 'label' \\(or 'mask'\\), got keys \\['img', 'label'\\]"):
+    with pytest.raises(ValueError,
+                       match=r"must hold arrays 'image' and 'label' \(or 'mask'\), got keys \['img', 'label'\]"):
         FolderDataset(tmp_path)[0]
 
 
@@ -157,7 +158,8 @@ def test_folder_nifti_without_nibabel_says_how_to_install(tmp_path, monkeypatch)
     (tmp_path / "a_mask.nii.gz").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "nibabel", None)  # import nibabel -> ImportError
     dataset = FolderDataset(tmp_path)  # listing the cases does not need nibabel
-    with pytest.raises(ImportError, match=r"needs nibabel, which is not installed: pip install 'medattn-fast\[nifti\]'"):
+    with pytest.raises(ImportError,
+                       match=r"needs nibabel, which is not installed: pip install 'medattn-fast\[nifti\]'"):
         dataset[0]
 
 
@@ -237,7 +239,8 @@ def test_dice_ce_loss_matches_the_formula():
 
 
 def test_dice_ce_loss_bad_shapes():
-    with pytest.raises(ValueError, match=r"expected logits \(B, K, \*S\) and target \(B, \*S\), got \(2, 3, 4, 4\) and \(2, 4, 5\)"):
+    with pytest.raises(ValueError, match=r"expected logits \(B, K, \*S\) and target \(B, \*S\), "
+                                         r"got \(2, 3, 4, 4\) and \(2, 4, 5\)"):
         T.DiceCELoss()(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long))
 
 
@@ -331,7 +334,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert resumed.step == straight.step == 6
     _assert_same_run(straight, resumed)
     assert not torch.equal(first.model.out_conv.weight, resumed.model.out_conv.weight)  # it did train on
-    logged = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "run" / "log.jsonl").read_text().splitlines()]
+    log = (tmp_path / "resumed" / "run" / "log.jsonl").read_text().splitlines()
+    logged = [json.loads(line)["step"] for line in log]
     assert logged == [1, 2, 3, 4, 5, 6]
 
 
@@ -341,7 +345,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     (dict(save_every=-1), "--save-every must be an int >= 0, got -1"),
     (dict(lr=0.0), "--lr must be > 0, got 0.0"),
     (dict(num_classes=1), "--num-classes must be >= 2"),
-    (dict(data="/no/such/folder"), "--data must be phantoms2d, phantoms3d or an existing folder, got '/no/such/folder'"),
+    (dict(data="/no/such/folder"), "--data must be phantoms2d, phantoms3d or an existing folder, got '/no/such"),
     (dict(size=(16, 16, 16)), "--size for phantoms2d needs 1 or 2 ints, got \\[16, 16, 16\\]"),
     (dict(dataset_length=1, batch_size=2), "1 items over 1 process\\(es\\) do not fill one batch of 2"),
 ])
