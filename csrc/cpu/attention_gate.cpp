@@ -60,6 +60,10 @@ template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 constexpr int64_t kTile = 64;  // positions per tile: x tile (64 × Cx) and a tile (64 × Ci) stay in L1/L2
+constexpr int64_t kLanes = 16;  // channel block of the tile products (one AVX-512 register of floats)
+constexpr int64_t kRows = 4;    // positions per register block of the tile products
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Linear interpolation along one axis, align_corners=False, exactly as ATen computes it:
 // src = max(scale·(j + ½) − ½, 0) with scale = in/out, lo = ⌊src⌋, hi = min(lo + 1, in − 1).
@@ -107,14 +111,15 @@ Strides strides_of(const at::Tensor& t) {
 template <typename scalar_t, typename acc_t>
 struct Args {
   int64_t B = 0, Cx = 0, Ci = 0, D = 1, H = 1, W = 1, S = 1;
+  int64_t CxP = 0, CiP = 0;  // channel counts padded to kLanes: rows of the a and grad-x tiles
   int64_t Dg = 1, Hg = 1, Wg = 1, Sg = 1;
   const scalar_t* x = nullptr;
   Strides xs;
   const acc_t* g_cl = nullptr;     // G channels-last (B, Sg, Ci)
-  const acc_t* weight = nullptr;   // W (Ci, Cx)
-  const acc_t* weight_t = nullptr; // Wᵀ (Cx, Ci)
-  const acc_t* bias = nullptr;     // b (Ci)
-  const acc_t* psi = nullptr;      // w (Ci)
+  const acc_t* weight = nullptr;   // W (CiP, CxP), zero padding
+  const acc_t* weight_t = nullptr; // Wᵀ (Cx, CiP), zero padding
+  const acc_t* bias = nullptr;     // b (CiP), zero padding
+  const acc_t* psi = nullptr;      // w (CiP), zero padding
   acc_t psi_bias = 0;              // c
   const AxisTable<acc_t>* ax_d = nullptr;
   const AxisTable<acc_t>* ax_h = nullptr;
@@ -152,60 +157,123 @@ MEDATTN_INLINE void position_offsets(int64_t s0, int64_t n, int64_t H, int64_t W
   }
 }
 
-// Gather a (n × C) position-major tile of a strided (B, C, *S) tensor into `dst`.
+// A tile element (position p, channel c) lives at p·rs + c·cs of its buffer: position-major
+// (rs = C or CP, cs = 1) or channel-major (rs = 1, cs = kTile). Each tensor's tile takes the layout
+// its memory has — channel-major for channels-first x, position-major for channels_last — so that
+// gathers and scatters run along the contiguous axis.
+struct TileLayout {
+  int64_t rs, cs;
+};
+
+// True when the tile's positions are consecutive elements in memory (channels-first, dense S).
+MEDATTN_INLINE bool consecutive(const int64_t* off, int64_t n) {
+  for (int64_t p = 1; p < n; ++p)
+    if (off[p] != off[0] + p) return false;
+  return true;
+}
+
+// Gather an n-position × C-channel tile of a strided (B, C, *S) tensor into `dst` (layout L).
 template <typename scalar_t, typename acc_t>
 MEDATTN_INLINE void gather_tile(const scalar_t* base, int64_t stride_c, const int64_t* off, int64_t n, int64_t C,
-                                acc_t* dst) {
+                                acc_t* dst, TileLayout L) {
   if (stride_c == 1) {  // channels_last: contiguous along channels
     for (int64_t p = 0; p < n; ++p) {
       const scalar_t* src = base + off[p];
-      acc_t* row = dst + p * C;
+      acc_t* row = dst + p * L.rs;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) row[c] = static_cast<acc_t>(src[c]);
+      for (int64_t c = 0; c < C; ++c) row[c * L.cs] = static_cast<acc_t>(src[c]);
+    }
+  } else if (consecutive(off, n)) {
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* src = base + c * stride_c + off[0];
+      acc_t* col = dst + c * L.cs;
+#pragma omp simd
+      for (int64_t p = 0; p < n; ++p) col[p * L.rs] = static_cast<acc_t>(src[p]);
     }
   } else {
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* src = base + c * stride_c;
-      for (int64_t p = 0; p < n; ++p) dst[p * C + c] = static_cast<acc_t>(src[off[p]]);
+      for (int64_t p = 0; p < n; ++p) dst[p * L.rs + c * L.cs] = static_cast<acc_t>(src[off[p]]);
     }
   }
 }
 
-// Scatter a position-major (n × C) tile, each row scaled by row_scale[p] (or 1 when null).
+// Scatter a tile (layout L) into a strided tensor, each position scaled by row_scale[p] (1 when null).
 template <typename scalar_t, typename acc_t>
 MEDATTN_INLINE void scatter_tile(scalar_t* base, int64_t stride_c, const int64_t* off, int64_t n, int64_t C,
-                                 const acc_t* src, const acc_t* row_scale) {
+                                 const acc_t* src, TileLayout L, const acc_t* row_scale) {
   if (stride_c == 1) {
     for (int64_t p = 0; p < n; ++p) {
       scalar_t* dst = base + off[p];
-      const acc_t* row = src + p * C;
+      const acc_t* row = src + p * L.rs;
       const acc_t k = row_scale ? row_scale[p] : static_cast<acc_t>(1);
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(k * row[c]);
+      for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(k * row[c * L.cs]);
+    }
+  } else if (consecutive(off, n)) {
+    for (int64_t c = 0; c < C; ++c) {
+      scalar_t* dst = base + c * stride_c + off[0];
+      const acc_t* col = src + c * L.cs;
+      if (row_scale) {
+#pragma omp simd
+        for (int64_t p = 0; p < n; ++p) dst[p] = static_cast<scalar_t>(row_scale[p] * col[p * L.rs]);
+      } else {
+#pragma omp simd
+        for (int64_t p = 0; p < n; ++p) dst[p] = static_cast<scalar_t>(col[p * L.rs]);
+      }
     }
   } else {
     for (int64_t c = 0; c < C; ++c) {
       scalar_t* dst = base + c * stride_c;
       for (int64_t p = 0; p < n; ++p) {
         const acc_t k = row_scale ? row_scale[p] : static_cast<acc_t>(1);
-        dst[off[p]] = static_cast<scalar_t>(k * src[p * C + c]);
+        dst[off[p]] = static_cast<scalar_t>(k * src[p * L.rs + c * L.cs]);
       }
     }
   }
 }
 
-// a[p] = b + up(G)[p] + W·x[:, p] for the n positions of a tile (a: n × Ci, x: n × Cx).
+// out[r, 0:NP] += Σ_k lhs[r·rs + k·ks] · rhs[k·NP + 0:NP] for the rows r < rows of a tile.
+// Register blocking: kRows positions × kLanes channels of accumulators stay in registers over the
+// whole k loop (one rhs vector load and kRows broadcasts per k). NP is a multiple of kLanes (zero
+// padded operands); rows up to the next multiple of kRows are computed too and never read (the
+// tile buffers hold kTile rows).
+template <typename acc_t>
+MEDATTN_INLINE void tile_gemm(const acc_t* lhs, TileLayout L, int64_t K, const acc_t* rhs, int64_t NP, acc_t* out,
+                              int64_t rows) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    for (int64_t n0 = 0; n0 < NP; n0 += kLanes) {
+      acc_t acc[kRows][kLanes];
+      for (int64_t r = 0; r < kRows; ++r)
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) acc[r][l] = out[(r0 + r) * NP + n0 + l];
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t* w = rhs + k * NP + n0;
+        for (int64_t r = 0; r < kRows; ++r) {
+          const acc_t v = lhs[(r0 + r) * L.rs + k * L.cs];
+#pragma omp simd
+          for (int64_t l = 0; l < kLanes; ++l) acc[r][l] += v * w[l];
+        }
+      }
+      for (int64_t r = 0; r < kRows; ++r)
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) out[(r0 + r) * NP + n0 + l] = acc[r][l];
+    }
+  }
+}
+
+// a[p] = b + up(G)[p] + W·x[:, p] for the n positions of a tile (a: n × CiP, x: layout XL).
 template <typename scalar_t, typename acc_t>
 MEDATTN_INLINE void pre_activation(const Args<scalar_t, acc_t>& A, int64_t b, int64_t s0, int64_t n, const acc_t* xt,
-                                   acc_t* at) {
-  const int64_t Ci = A.Ci, Cx = A.Cx;
+                                   TileLayout XL, acc_t* at) {
+  const int64_t Ci = A.Ci, CiP = A.CiP;
   const acc_t* g = A.g_cl + b * A.Sg * Ci;
   for (int64_t p = 0; p < n; ++p) {
     const int64_t pos = s0 + p;
     const int64_t w = pos % A.W, h = (pos / A.W) % A.H, d = pos / (A.W * A.H);
-    acc_t* row = at + p * Ci;
+    acc_t* row = at + p * CiP;
 #pragma omp simd
-    for (int64_t i = 0; i < Ci; ++i) row[i] = A.bias[i];
+    for (int64_t i = 0; i < CiP; ++i) row[i] = A.bias[i];
     // up to 2 × 2 × 2 corners; a zero weight (same-size axis, clamped edge) is skipped
     const int64_t di[2] = {A.ax_d->lo[d], A.ax_d->hi[d]};
     const acc_t dw[2] = {A.ax_d->w_lo[d], A.ax_d->w_hi[d]};
@@ -226,25 +294,8 @@ MEDATTN_INLINE void pre_activation(const Args<scalar_t, acc_t>& A, int64_t b, in
         }
       }
     }
-    // W·x: four input channels per sweep over the row (a quarter of the loads/stores of a)
-    const acc_t* xr = xt + p * Cx;
-    int64_t c = 0;
-    for (; c + 4 <= Cx; c += 4) {
-      const acc_t x0 = xr[c], x1 = xr[c + 1], x2 = xr[c + 2], x3 = xr[c + 3];
-      const acc_t* w0 = A.weight_t + c * Ci;
-      const acc_t* w1 = w0 + Ci;
-      const acc_t* w2 = w1 + Ci;
-      const acc_t* w3 = w2 + Ci;
-#pragma omp simd
-      for (int64_t i = 0; i < Ci; ++i) row[i] += x0 * w0[i] + x1 * w1[i] + x2 * w2[i] + x3 * w3[i];
-    }
-    for (; c < Cx; ++c) {
-      const acc_t xv = xr[c];
-      const acc_t* wc = A.weight_t + c * Ci;
-#pragma omp simd
-      for (int64_t i = 0; i < Ci; ++i) row[i] += xv * wc[i];
-    }
   }
+  tile_gemm(xt, XL, A.Cx, A.weight_t, CiP, at, n);  // a += x·Wᵀ
 }
 
 template <typename acc_t>
@@ -265,16 +316,17 @@ struct Scratch {
 
 template <typename scalar_t, typename acc_t>
 MEDATTN_INLINE void forward_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, int64_t hi) {
-  std::vector<acc_t> xt(kTile * A.Cx), at(kTile * A.Ci), alpha(kTile);
+  std::vector<acc_t> xt(kTile * A.Cx), at(kTile * A.CiP), alpha(kTile);
   std::vector<int64_t> xoff(kTile), ooff(kTile);
   const int64_t tpb = A.tiles_per_batch();
+  const TileLayout XL = A.xs.c == 1 ? TileLayout{A.Cx, 1} : TileLayout{1, kTile};
   for (int64_t t = lo; t < hi; ++t) {
     const int64_t b = t / tpb, s0 = (t % tpb) * kTile, n = std::min(kTile, A.S - s0);
     position_offsets(s0, n, A.H, A.W, A.xs, xoff.data());
-    gather_tile(A.x + b * A.xs.b, A.xs.c, xoff.data(), n, A.Cx, xt.data());
-    pre_activation(A, b, s0, n, xt.data(), at.data());
+    gather_tile(A.x + b * A.xs.b, A.xs.c, xoff.data(), n, A.Cx, xt.data(), XL);
+    pre_activation(A, b, s0, n, xt.data(), XL, at.data());
     for (int64_t p = 0; p < n; ++p) {
-      const acc_t q = psi_logit(at.data() + p * A.Ci, A.psi, A.psi_bias, A.Ci);
+      const acc_t q = psi_logit(at.data() + p * A.CiP, A.psi, A.psi_bias, A.CiP);
       if (A.logits) {
         A.logits[b * A.S + s0 + p] = q;
         continue;
@@ -286,43 +338,45 @@ MEDATTN_INLINE void forward_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, in
     }
     if (A.out) {
       position_offsets(s0, n, A.H, A.W, A.os, ooff.data());
-      scatter_tile(A.out + b * A.os.b, A.os.c, ooff.data(), n, A.Cx, xt.data(), alpha.data());
+      scatter_tile(A.out + b * A.os.b, A.os.c, ooff.data(), n, A.Cx, xt.data(), XL, alpha.data());
     }
   }
 }
 
 template <typename scalar_t, typename acc_t>
 MEDATTN_INLINE void backward_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, int64_t hi) {
-  const int64_t Ci = A.Ci, Cx = A.Cx;
-  std::vector<acc_t> xt(kTile * Cx), at(kTile * Ci), gt(kTile * Cx), alpha(kTile);
+  const int64_t Ci = A.Ci, Cx = A.Cx, CiP = A.CiP, CxP = A.CxP;
+  std::vector<acc_t> xt(kTile * Cx), at(kTile * CiP), gt(kTile * CxP);
   std::vector<int64_t> off(kTile);
   const int64_t tpb = A.tiles_per_batch();
+  const TileLayout XL = A.xs.c == 1 ? TileLayout{Cx, 1} : TileLayout{1, kTile};
+  const TileLayout GL{CxP, 1};  // grad tile: position-major, padded rows (the da·W product's output)
   for (int64_t t = lo; t < hi; ++t) {
     const int64_t b = t / tpb, s0 = (t % tpb) * kTile, n = std::min(kTile, A.S - s0);
     position_offsets(s0, n, A.H, A.W, A.xs, off.data());
-    gather_tile(A.x + b * A.xs.b, A.xs.c, off.data(), n, Cx, xt.data());
-    pre_activation(A, b, s0, n, xt.data(), at.data());
-    if (A.grad_out) {  // gt starts as grad_out; it becomes grad_x in place
+    gather_tile(A.x + b * A.xs.b, A.xs.c, off.data(), n, Cx, xt.data(), XL);
+    pre_activation(A, b, s0, n, xt.data(), XL, at.data());
+    if (A.grad_out) {  // gt starts as grad_out; it becomes grad_x in place (padding columns stay 0)
       position_offsets(s0, n, A.H, A.W, A.gos, off.data());
-      gather_tile(A.grad_out + b * A.gos.b, A.gos.c, off.data(), n, Cx, gt.data());
+      gather_tile(A.grad_out + b * A.gos.b, A.gos.c, off.data(), n, Cx, gt.data(), GL);
     } else {
-      std::fill(gt.begin(), gt.begin() + n * Cx, static_cast<acc_t>(0));
+      std::fill(gt.begin(), gt.end(), static_cast<acc_t>(0));
     }
     acc_t* part = A.partials + t * (Ci + 1);
     std::fill(part, part + Ci + 1, static_cast<acc_t>(0));
     for (int64_t p = 0; p < n; ++p) {
-      acc_t* row = at.data() + p * Ci;
-      acc_t* grow = gt.data() + p * Cx;
-      const acc_t q = psi_logit(row, A.psi, A.psi_bias, Ci);
+      acc_t* row = at.data() + p * CiP;
+      acc_t* grow = gt.data() + p * CxP;
+      const acc_t q = psi_logit(row, A.psi, A.psi_bias, CiP);
       acc_t dq;
       if (A.grad_out) {
-        const acc_t* xr = xt.data() + p * Cx;
+        const acc_t* xr = xt.data() + p * XL.rs;
         const acc_t first = sigmoid(q);
         const acc_t a = A.double_sigmoid ? sigmoid(first) : first;
         acc_t d_alpha = A.grad_alpha ? static_cast<acc_t>(A.grad_alpha[b * A.S + s0 + p]) : static_cast<acc_t>(0);
         acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t c = 0; c < Cx; ++c) dot += grow[c] * xr[c];
+        for (int64_t c = 0; c < Cx; ++c) dot += grow[c] * xr[c * XL.cs];
         d_alpha += dot;
         if (A.double_sigmoid) d_alpha *= a * (static_cast<acc_t>(1) - a);
         dq = d_alpha * first * (static_cast<acc_t>(1) - first);
@@ -338,19 +392,16 @@ MEDATTN_INLINE void backward_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, i
         part[i] += active ? dq * row[i] : static_cast<acc_t>(0);
         row[i] = active ? dq * A.psi[i] : static_cast<acc_t>(0);  // row now holds da
       }
-      for (int64_t i = 0; i < Ci; ++i) {  // grad_x += Wᵀ·da, contiguous over channels
-        const acc_t da = row[i];
-        if (da == 0) continue;
-        const acc_t* wr = A.weight + i * Cx;
 #pragma omp simd
-        for (int64_t c = 0; c < Cx; ++c) grow[c] += da * wr[c];
-      }
+      for (int64_t i = Ci; i < CiP; ++i) row[i] = 0;
     }
+    tile_gemm(at.data(), TileLayout{CiP, 1}, Ci, A.weight, CxP, gt.data(), n);  // grad_x += da·W
     acc_t* ga = A.grad_a + b * Ci * A.S + s0;
     for (int64_t i = 0; i < Ci; ++i)
-      for (int64_t p = 0; p < n; ++p) ga[i * A.S + p] = at[p * Ci + i];
+      for (int64_t p = 0; p < n; ++p) ga[i * A.S + p] = at[p * CiP + i];
     position_offsets(s0, n, A.H, A.W, A.gxs, off.data());
-    scatter_tile(A.grad_x + b * A.gxs.b, A.gxs.c, off.data(), n, Cx, gt.data(), static_cast<const acc_t*>(nullptr));
+    scatter_tile(A.grad_x + b * A.gxs.b, A.gxs.c, off.data(), n, Cx, gt.data(), GL,
+                 static_cast<const acc_t*>(nullptr));
   }
 }
 
@@ -441,7 +492,7 @@ at::ScalarType acc_dtype_of(at::ScalarType t) { return t == at::kDouble ? at::kD
 // Shapes and the tensors shared by every entry point; keeps the converted operands alive.
 struct Prepared {
   at::Tensor g_cl, weight, weight_t, bias, psi;
-  int64_t B, Cx, Ci, D, H, W, S, Dg, Hg, Wg, Sg;
+  int64_t B, Cx, Ci, D, H, W, S, Dg, Hg, Wg, Sg, CxP, CiP;
   double psi_bias;
 };
 
@@ -474,10 +525,17 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& G, const at::Tensor& wei
   P.Sg = P.Dg * P.Hg * P.Wg;
   // the coarse map channels-last, so that one corner's Ci values are contiguous
   P.g_cl = G.reshape({P.B, P.Ci, P.Sg}).transpose(1, 2).contiguous();
-  P.weight = weight.contiguous();
-  P.weight_t = weight.t().contiguous();
-  P.bias = bias.reshape({P.Ci}).contiguous();
-  P.psi = psi.reshape({P.Ci}).contiguous();
+  // zero-padded operands of the tile products (channel counts rounded up to kLanes)
+  P.CxP = round_up(P.Cx, kLanes);
+  P.CiP = round_up(P.Ci, kLanes);
+  P.weight = at::zeros({P.CiP, P.CxP}, weight.options());
+  P.weight.narrow(0, 0, P.Ci).narrow(1, 0, P.Cx).copy_(weight);
+  P.weight_t = at::zeros({P.Cx, P.CiP}, weight.options());
+  P.weight_t.narrow(1, 0, P.Ci).copy_(weight.t());
+  P.bias = at::zeros({P.CiP}, bias.options());
+  P.bias.narrow(0, 0, P.Ci).copy_(bias.reshape({P.Ci}));
+  P.psi = at::zeros({P.CiP}, psi.options());
+  P.psi.narrow(0, 0, P.Ci).copy_(psi.reshape({P.Ci}));
   P.psi_bias = psi_bias.item<double>();
   return P;
 }
@@ -487,6 +545,7 @@ Args<scalar_t, acc_t> make_args(const Prepared& P, const at::Tensor& x, bool dou
   Args<scalar_t, acc_t> A;
   A.B = P.B, A.Cx = P.Cx, A.Ci = P.Ci, A.D = P.D, A.H = P.H, A.W = P.W, A.S = P.S;
   A.Dg = P.Dg, A.Hg = P.Hg, A.Wg = P.Wg, A.Sg = P.Sg;
+  A.CxP = P.CxP, A.CiP = P.CiP;
   A.x = x.data_ptr<scalar_t>();
   A.xs = strides_of(x);
   A.g_cl = P.g_cl.data_ptr<acc_t>();
