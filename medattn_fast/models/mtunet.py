@@ -326,16 +326,19 @@ class MTUNet(nn.Module):
         on the state_dict's device and dtype (parameters), in training mode as a new module is.
         """
         hp = _original_hyperparameters(state_dict)
-        model = cls(in_channels, hp["num_classes"], base_channels=hp["base_channels"], num_heads=hp["num_heads"],
-                    window_size=hp["window_size"], embedding_grid=hp["embedding_grid"], pad_mode=pad_mode)
-        ref = state_dict[_ORIGINAL_FIRST_CONV]
-        model.to(device=ref.device, dtype=ref.dtype)
-        model.load_original_state_dict(state_dict)
+        # built on the meta device and then given copies of the checkpoint's tensors: no random
+        # initialisation of ~75M parameters that would be overwritten at once
+        with torch.device("meta"):
+            model = cls(in_channels, hp["num_classes"], base_channels=hp["base_channels"], num_heads=hp["num_heads"],
+                        window_size=hp["window_size"], embedding_grid=hp["embedding_grid"], pad_mode=pad_mode)
+        model.load_original_state_dict(state_dict, assign=True)
         return model
 
-    def load_original_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def load_original_state_dict(self, state_dict: Mapping[str, torch.Tensor], *, assign: bool = False) -> None:
         """Load an original ``MTUNet`` state_dict into this model (strict: every key of the original
-        is mapped or one of :data:`DROPPED_ORIGINAL_PARAMETERS`, every key here is filled)."""
+        is mapped or one of :data:`DROPPED_ORIGINAL_PARAMETERS`, every key here is filled).
+        ``assign=True`` gives the model copies of the checkpoint's tensors (their device and dtype)
+        instead of copying into its own (as ``nn.Module.load_state_dict(assign=True)``)."""
         mapped = convert_original_state_dict(state_dict, in_channels=self.in_channels)
         missing = sorted(set(self.state_dict()) - set(mapped))
         unexpected = sorted(set(mapped) - set(self.state_dict()))
@@ -348,7 +351,9 @@ class MTUNet(nn.Module):
                if tuple(v.shape) != tuple(own[k].shape)]
         if bad:
             raise ValueError("MTUNet.load_original_state_dict: shapes differ: " + "; ".join(bad[:5]))
-        self.load_state_dict(mapped, strict=True)
+        if assign:  # own storage: the mapped tensors may be views of the caller's
+            mapped = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in mapped.items()}
+        self.load_state_dict(mapped, strict=True, assign=assign)
 
 
 # ---------------------------------------------------------------------------------------------
