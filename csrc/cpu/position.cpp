@@ -339,7 +339,7 @@ MEDATTN_INLINE void write_output_rows(const Problem<scalar_t, T>& p, int64_t b, 
 
 // Tasks (batch, query block). transpose=False: the full output rows; transpose=True: lse only.
 template <typename scalar_t, typename T>
-void forward_rows(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {
+MEDATTN_INLINE void forward_rows(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {
   const int64_t bq = p.block_q, bk = p.block_k, nqb = p.query_blocks();
   const bool with_output = !p.transpose;
   Carve<T> ws = thread_workspace(p);
@@ -373,7 +373,7 @@ void forward_rows(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {
 
 // transpose=True, tasks (batch, key block): o_j = Σ_i P_ij v_i over every query block.
 template <typename scalar_t, typename T>
-void forward_columns(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {
+MEDATTN_INLINE void forward_columns(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {
   const int64_t bq = p.block_q, bk = p.block_k, nkb = p.key_blocks();
   Carve<T> ws = thread_workspace(p);
   T *S = ws.take(bq * bk), *O = ws.take(bk * p.dv);
@@ -398,7 +398,7 @@ void forward_columns(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {
 
 // transpose=True, tasks (batch, query block): dv_i = Σ_j P_ij G_j, then D_i = v_i · dv_i.
 template <typename scalar_t, typename T>
-void backward_value_rows(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {
+MEDATTN_INLINE void backward_value_rows(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {
   const int64_t bq = p.block_q, bk = p.block_k, nqb = p.query_blocks();
   Carve<T> ws = thread_workspace(p);
   T *S = ws.take(bq * bk), *dV = ws.take(bq * p.dv);
@@ -430,7 +430,7 @@ void backward_value_rows(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) 
 // Tasks (batch, key group): dk (and dv for transpose=False) of the group's keys, and the group's
 // partial dq over all queries.
 template <typename scalar_t, typename T>
-void backward_keys(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {
+MEDATTN_INLINE void backward_keys(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {
   const int64_t bq = p.block_q, bk = p.block_k, nkb = p.key_blocks(), groups = p.groups;
   const bool with_value_grad = !p.transpose;
   Carve<T> ws = thread_workspace(p);
@@ -474,6 +474,8 @@ void backward_keys(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {
 // ------------------------------------------------------------------------------------------------
 // ISA dispatch: each pass compiled for AVX-512, AVX2 and the baseline
 // ------------------------------------------------------------------------------------------------
+// The passes are always_inline, so each wrapper below holds its own copy compiled for its target
+// (a plain call would run the baseline code from inside the AVX-512 wrapper).
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
