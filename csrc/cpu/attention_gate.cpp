@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -148,13 +149,26 @@ MEDATTN_INLINE acc_t sigmoid(acc_t v) {
   return static_cast<acc_t>(1) / (static_cast<acc_t>(1) + std::exp(-v));
 }
 
-// Offsets (relative to the batch element) of the tile's positions in a tensor with strides s.
-MEDATTN_INLINE void position_offsets(int64_t s0, int64_t n, int64_t H, int64_t W, const Strides& s, int64_t* off) {
-  for (int64_t p = 0; p < n; ++p) {
-    const int64_t pos = s0 + p;
-    const int64_t w = pos % W, h = (pos / W) % H, d = pos / (W * H);
-    off[p] = d * s.d + h * s.h + w * s.w;
+// The (d, h, w) coordinates of a tile's positions, decoded once per tile by stepping (no division
+// per position: at these channel counts a per-position div/mod costs as much as the interpolation).
+struct TileCoords {
+  int64_t d[kTile], h[kTile], w[kTile];
+
+  void fill(int64_t s0, int64_t n, int64_t H, int64_t W) {
+    int64_t w_ = s0 % W, h_ = (s0 / W) % H, d_ = s0 / (W * H);
+    for (int64_t p = 0; p < n; ++p) {
+      d[p] = d_, h[p] = h_, w[p] = w_;
+      if (++w_ == W) {
+        w_ = 0;
+        if (++h_ == H) h_ = 0, ++d_;
+      }
+    }
   }
+};
+
+// Offsets (relative to the batch element) of the tile's positions in a tensor with strides s.
+MEDATTN_INLINE void position_offsets(const TileCoords& tc, int64_t n, const Strides& s, int64_t* off) {
+  for (int64_t p = 0; p < n; ++p) off[p] = tc.d[p] * s.d + tc.h[p] * s.h + tc.w[p] * s.w;
 }
 
 // A tile element (position p, channel c) lives at p·rs + c·cs of its buffer: position-major
@@ -239,38 +253,43 @@ MEDATTN_INLINE void scatter_tile(scalar_t* base, int64_t stride_c, const int64_t
 // padded operands); rows up to the next multiple of kRows are computed too and never read (the
 // tile buffers hold kTile rows).
 template <typename acc_t>
+struct Vec64 {  // a GCC vector of 64 bytes: one AVX-512 register, two AVX2 registers, four SSE registers
+  typedef acc_t type __attribute__((vector_size(64)));
+};
+
+template <typename acc_t>
 MEDATTN_INLINE void tile_gemm(const acc_t* lhs, TileLayout L, int64_t K, const acc_t* rhs, int64_t NP, acc_t* out,
                               int64_t rows) {
+  using V = typename Vec64<acc_t>::type;
+  constexpr int64_t kPer = 64 / static_cast<int64_t>(sizeof(acc_t));  // lanes of one V
+  constexpr int64_t kVecs = kLanes / kPer;                              // 1 for float, 2 for double
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
     for (int64_t n0 = 0; n0 < NP; n0 += kLanes) {
-      acc_t acc[kRows][kLanes];
+      V acc[kRows][kVecs];
       for (int64_t r = 0; r < kRows; ++r)
-#pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) acc[r][l] = out[(r0 + r) * NP + n0 + l];
+        for (int64_t j = 0; j < kVecs; ++j) std::memcpy(&acc[r][j], out + (r0 + r) * NP + n0 + j * kPer, 64);
       for (int64_t k = 0; k < K; ++k) {
-        const acc_t* w = rhs + k * NP + n0;
+        V w[kVecs];
+        for (int64_t j = 0; j < kVecs; ++j) std::memcpy(&w[j], rhs + k * NP + n0 + j * kPer, 64);
         for (int64_t r = 0; r < kRows; ++r) {
           const acc_t v = lhs[(r0 + r) * L.rs + k * L.cs];
-#pragma omp simd
-          for (int64_t l = 0; l < kLanes; ++l) acc[r][l] += v * w[l];
+          for (int64_t j = 0; j < kVecs; ++j) acc[r][j] += v * w[j];
         }
       }
       for (int64_t r = 0; r < kRows; ++r)
-#pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) out[(r0 + r) * NP + n0 + l] = acc[r][l];
+        for (int64_t j = 0; j < kVecs; ++j) std::memcpy(out + (r0 + r) * NP + n0 + j * kPer, &acc[r][j], 64);
     }
   }
 }
 
 // a[p] = b + up(G)[p] + W·x[:, p] for the n positions of a tile (a: n × CiP, x: layout XL).
 template <typename scalar_t, typename acc_t>
-MEDATTN_INLINE void pre_activation(const Args<scalar_t, acc_t>& A, int64_t b, int64_t s0, int64_t n, const acc_t* xt,
-                                   TileLayout XL, acc_t* at) {
+MEDATTN_INLINE void pre_activation(const Args<scalar_t, acc_t>& A, int64_t b, const TileCoords& tc, int64_t n,
+                                   const acc_t* xt, TileLayout XL, acc_t* at) {
   const int64_t Ci = A.Ci, CiP = A.CiP;
   const acc_t* g = A.g_cl + b * A.Sg * Ci;
   for (int64_t p = 0; p < n; ++p) {
-    const int64_t pos = s0 + p;
-    const int64_t w = pos % A.W, h = (pos / A.W) % A.H, d = pos / (A.W * A.H);
+    const int64_t w = tc.w[p], h = tc.h[p], d = tc.d[p];
     acc_t* row = at + p * CiP;
 #pragma omp simd
     for (int64_t i = 0; i < CiP; ++i) row[i] = A.bias[i];
@@ -319,12 +338,14 @@ MEDATTN_INLINE void forward_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, in
   std::vector<acc_t> xt(kTile * A.Cx), at(kTile * A.CiP), alpha(kTile);
   std::vector<int64_t> xoff(kTile), ooff(kTile);
   const int64_t tpb = A.tiles_per_batch();
+  TileCoords tc;
   const TileLayout XL = A.xs.c == 1 ? TileLayout{A.Cx, 1} : TileLayout{1, kTile};
   for (int64_t t = lo; t < hi; ++t) {
     const int64_t b = t / tpb, s0 = (t % tpb) * kTile, n = std::min(kTile, A.S - s0);
-    position_offsets(s0, n, A.H, A.W, A.xs, xoff.data());
+    tc.fill(s0, n, A.H, A.W);
+    position_offsets(tc, n, A.xs, xoff.data());
     gather_tile(A.x + b * A.xs.b, A.xs.c, xoff.data(), n, A.Cx, xt.data(), XL);
-    pre_activation(A, b, s0, n, xt.data(), XL, at.data());
+    pre_activation(A, b, tc, n, xt.data(), XL, at.data());
     for (int64_t p = 0; p < n; ++p) {
       const acc_t q = psi_logit(at.data() + p * A.CiP, A.psi, A.psi_bias, A.CiP);
       if (A.logits) {
@@ -337,7 +358,7 @@ MEDATTN_INLINE void forward_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, in
       A.alpha[b * A.S + s0 + p] = static_cast<scalar_t>(a);
     }
     if (A.out) {
-      position_offsets(s0, n, A.H, A.W, A.os, ooff.data());
+      position_offsets(tc, n, A.os, ooff.data());
       scatter_tile(A.out + b * A.os.b, A.os.c, ooff.data(), n, A.Cx, xt.data(), XL, alpha.data());
     }
   }
@@ -349,15 +370,17 @@ MEDATTN_INLINE void backward_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, i
   std::vector<acc_t> xt(kTile * Cx), at(kTile * CiP), gt(kTile * CxP);
   std::vector<int64_t> off(kTile);
   const int64_t tpb = A.tiles_per_batch();
+  TileCoords tc;
   const TileLayout XL = A.xs.c == 1 ? TileLayout{Cx, 1} : TileLayout{1, kTile};
   const TileLayout GL{CxP, 1};  // grad tile: position-major, padded rows (the da·W product's output)
   for (int64_t t = lo; t < hi; ++t) {
     const int64_t b = t / tpb, s0 = (t % tpb) * kTile, n = std::min(kTile, A.S - s0);
-    position_offsets(s0, n, A.H, A.W, A.xs, off.data());
+    tc.fill(s0, n, A.H, A.W);
+    position_offsets(tc, n, A.xs, off.data());
     gather_tile(A.x + b * A.xs.b, A.xs.c, off.data(), n, Cx, xt.data(), XL);
-    pre_activation(A, b, s0, n, xt.data(), XL, at.data());
+    pre_activation(A, b, tc, n, xt.data(), XL, at.data());
     if (A.grad_out) {  // gt starts as grad_out; it becomes grad_x in place (padding columns stay 0)
-      position_offsets(s0, n, A.H, A.W, A.gos, off.data());
+      position_offsets(tc, n, A.gos, off.data());
       gather_tile(A.grad_out + b * A.gos.b, A.gos.c, off.data(), n, Cx, gt.data(), GL);
     } else {
       std::fill(gt.begin(), gt.end(), static_cast<acc_t>(0));
@@ -399,7 +422,7 @@ MEDATTN_INLINE void backward_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, i
     acc_t* ga = A.grad_a + b * Ci * A.S + s0;
     for (int64_t i = 0; i < Ci; ++i)
       for (int64_t p = 0; p < n; ++p) ga[i * A.S + p] = at[p * CiP + i];
-    position_offsets(s0, n, A.H, A.W, A.gxs, off.data());
+    position_offsets(tc, n, A.gxs, off.data());
     scatter_tile(A.grad_x + b * A.gxs.b, A.gxs.c, off.data(), n, Cx, gt.data(), GL,
                  static_cast<const acc_t*>(nullptr));
   }
