@@ -64,9 +64,9 @@ def run(module, x, g, backend, out_cot, alpha_cot, **extra):
 
 
 def compare(backend, nd, x_size, g_size, *, batch=2, cx=5, cg=6, ci=3, training, dtype=F64, tol=TIGHT,
-            channels_last=False, double_sigmoid=False, device="cpu", expected_device_dtype=None):
+            channels_last=False, double_sigmoid=False, device="cpu", reference_dtype=None):
     """``backend`` against ``reference`` on twin modules: out, α, every gradient, every buffer."""
-    ref = make_block(nd, cx, cg, ci, training=training, dtype=expected_device_dtype or dtype,
+    ref = make_block(nd, cx, cg, ci, training=training, dtype=reference_dtype or dtype,
                      double_sigmoid=double_sigmoid, device=device)
     twin = copy.deepcopy(ref).to(dtype)
     x = torch.randn(batch, cx, *x_size, device=device, dtype=dtype)
@@ -75,7 +75,7 @@ def compare(backend, nd, x_size, g_size, *, batch=2, cx=5, cg=6, ci=3, training,
         x = x.to(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
     out_cot = torch.randn(batch, cx, *x_size, device=device, dtype=dtype)
     alpha_cot = torch.randn(batch, 1, *x_size, device=device, dtype=dtype)
-    cast = (lambda t: t.to(expected_device_dtype)) if expected_device_dtype else (lambda t: t)
+    cast = (lambda t: t.to(reference_dtype)) if reference_dtype else (lambda t: t)
     want = run(ref, cast(x), cast(g), "reference", cast(out_cot), cast(alpha_cot))
     got = run(twin, x, g, backend, out_cot, alpha_cot)
     if channels_last:
@@ -325,12 +325,12 @@ def test_triton_interpreter_matches_reference(geometry, training):
     nd, xs, gs = GEOMETRIES[geometry]
     if nd == 3:
         xs, gs = (3, 4, 5), (2, 2, 3)
-    compare("triton", nd, xs, gs, training=training, dtype=torch.float32, tol=F32, expected_device_dtype=F64)
+    compare("triton", nd, xs, gs, training=training, dtype=torch.float32, tol=F32, reference_dtype=F64)
 
 
 def test_triton_interpreter_channels_last_batch_one_single_channel():
     compare("triton", 2, (7, 9), (3, 4), batch=1, cx=3, cg=2, ci=1, training=True, dtype=torch.float32, tol=F32,
-            channels_last=True, double_sigmoid=True, expected_device_dtype=F64)
+            channels_last=True, double_sigmoid=True, reference_dtype=F64)
 
 
 @pytest.mark.parametrize("block_p", [16, 32, 64])
