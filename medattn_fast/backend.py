@@ -171,6 +171,11 @@ class Op:
     name: str
     auto_cpu: Sequence[str] = ("cpp", "torch")
     auto_cuda: Sequence[str] = ("triton", "cuda", "torch")
+    # Under AMP autocast an op behaves like F.scaled_dot_product_attention: its floating inputs
+    # are cast to the autocast dtype ("lower"), or left as they are ("none": the op handles mixed
+    # dtypes itself, e.g. the gate's float32 BatchNorm state); either way the backend then runs
+    # with autocast off, so it keeps its own precision policy (float32 accumulation).
+    autocast: str = "lower"
     impls: Dict[str, _Impl] = field(default_factory=dict)
 
     def register(self, backend: str, reasons: Callable[..., List[str]] = always):
@@ -220,8 +225,25 @@ class Op:
         raise BackendUnavailable(f"{self.name}: no backend can run this call:\n  " + "\n  ".join(tried))
 
     def __call__(self, *args, backend: Optional[str] = None, **kwargs):
+        tensors = _tensors(args) + _tensors(kwargs.values())
+        device_type = tensors[0].device.type if tensors else "cpu"
+        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+            if self.autocast == "lower":
+                dtype = torch.get_autocast_dtype(device_type)
+                args = tuple(_autocast_cast(a, dtype) for a in args)
+                kwargs = {k: _autocast_cast(v, dtype) for k, v in kwargs.items()}
+            name = self.choose(*args, backend=backend, **kwargs)
+            with torch.autocast(device_type, enabled=False):
+                return self.impls[name].fn(*args, **kwargs)
         name = self.choose(*args, backend=backend, **kwargs)
         return self.impls[name].fn(*args, **kwargs)
+
+
+def _autocast_cast(value, dtype: torch.dtype):
+    """float32 tensors to the autocast dtype (float64 and non-float tensors are left alone)."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+        return value.to(dtype)
+    return value
 
 
 _OPS: Dict[str, Op] = {}

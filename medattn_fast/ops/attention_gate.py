@@ -83,7 +83,7 @@ class BatchNormParams(NamedTuple):
         return [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
 
 
-_op = B.op(OP)  # auto order: CPU cpp -> torch, CUDA triton -> cuda -> torch
+_op = B.op(OP, autocast="none")  # mixed dtypes handled in attention_gate() (BN state stays float32)  # auto order: CPU cpp -> torch, CUDA triton -> cuda -> torch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,9 +364,25 @@ def attention_gate(x: Tensor, g: Tensor, wx_weight: Tensor, wx_bias: Optional[Te
     kw = dict(bn_x=bn_x, bn_g=bn_g, bn_psi=bn_psi, out_weight=out_weight, out_bias=out_bias, bn_out=bn_out,
               training=bool(training), mode=mode, double_sigmoid=bool(double_sigmoid),
               return_alpha=bool(return_alpha))
+    in_dtype = x.dtype if isinstance(x, Tensor) else None
+    if _low_precision_activations(x, g, wx_weight):
+        # Under AMP autocast the convolutions around the gate hand it float16/bfloat16 features
+        # while its parameters and BatchNorm state stay float32: compute in float32 (the state is
+        # updated in place, so it cannot be cast) and return the features' dtype.
+        x, g = x.float(), g.float()
     args = (x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias)
     _check(*args, **kw)
-    return _op(*args, backend=backend, **kw)
+    result = _op(*args, backend=backend, **kw)
+    if in_dtype is not None and x.dtype != in_dtype:
+        result = tuple(r.to(in_dtype) for r in result) if isinstance(result, tuple) else result.to(in_dtype)
+    return result
+
+
+def _low_precision_activations(x, g, weight) -> bool:
+    """x and g float16/bfloat16 while the parameters are float32 (the AMP autocast situation)."""
+    half = (torch.float16, torch.bfloat16)
+    return (isinstance(x, Tensor) and isinstance(g, Tensor) and isinstance(weight, Tensor)
+            and x.dtype in half and g.dtype in half and weight.dtype == torch.float32)
 
 
 from . import _attention_gate_kernels  # noqa: E402,F401  registers the cpp, triton and cuda backends
