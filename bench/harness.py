@@ -178,6 +178,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, providers_fil
         except Exception as exc:  # pragma: no cover - reported as a row below
             ref_out = None
             print(f"  reference failed: {exc}")
+    modes = [m for m in case.modes if not modes_filter or m in modes_filter]
     for pname, fn in providers.items():
         if providers_filter and pname not in providers_filter:
             continue
@@ -189,17 +190,15 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, providers_fil
                 err = (out.double() - ref_out).abs().max().item()
             cot = torch.randn_like(out)
         except BackendUnavailable as exc:
-            for mode in case.modes:
+            for mode in modes:
                 rows.append(Row(case.op, case.shape, device.type, dname, mode, pname, status=f"unavailable: {exc}"))
             continue
         except Exception as exc:
-            for mode in case.modes:
+            for mode in modes:
                 rows.append(Row(case.op, case.shape, device.type, dname, mode, pname,
                                 status=f"error: {type(exc).__name__}: {str(exc)[:200]}"))
             continue
-        for mode in case.modes:
-            if modes_filter and mode not in modes_filter:
-                continue
+        for mode in modes:
             row = Row(case.op, case.shape, device.type, dname, mode, pname, max_err=err)
             try:
                 ms = time_fn(fn, inputs, mode, device, cot,
@@ -252,12 +251,12 @@ def speedups(rows: List[Row], baseline: str = "reference") -> Dict[Tuple, float]
 
 def format_table(rows: List[Row]) -> str:
     sp = speedups(rows)
-    header = f"{'op':<16}{'shape':<28}{'dtype':<9}{'mode':<9}{'provider':<11}{'ms':>10}{'x ref':>8}{'peak MiB':>10}{'max err':>10}{'TFLOP/s':>9}  status"
+    header = f"{'op':<20}{'shape':<34}{'dtype':<9}{'mode':<9}{'provider':<11}{'ms':>10}{'x ref':>8}{'peak MiB':>10}{'max err':>10}{'TFLOP/s':>9}  status"
     lines = [header, "-" * len(header)]
     for r in rows:
         key = (r.op, r.shape, r.device, r.dtype, r.mode, r.provider)
         lines.append(
-            f"{r.op:<16}{r.shape:<28}{r.dtype:<9}{r.mode:<9}{r.provider:<11}"
+            f"{r.op:<20}{r.shape:<34}{r.dtype:<9}{r.mode:<9}{r.provider:<11}"
             f"{(f'{r.median_ms:.3f}' if r.median_ms is not None else '-'):>10}"
             f"{(f'{sp[key]:.1f}' if key in sp else '-'):>8}"
             f"{(f'{r.peak_mib:.1f}' if r.peak_mib is not None else '-'):>10}"

@@ -38,19 +38,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__)
-#define MEDATTN_INLINE inline __attribute__((always_inline))
-#else
-#define MEDATTN_INLINE inline
-#endif
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define MEDATTN_X86_DISPATCH 1
-#define MEDATTN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
-#define MEDATTN_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define MEDATTN_X86_DISPATCH 0
-#endif
+#include "isa.h"
 
 namespace medattn {
 namespace attention_gate {
@@ -432,37 +420,6 @@ MEDATTN_INLINE void backward_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, i
 // instruction-set dispatch
 // ------------------------------------------------------------------------------------------------
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-Isa runtime_isa() {
-  static const Isa isa = [] {
-#if MEDATTN_X86_DISPATCH
-    const std::string cap = at::get_cpu_capability();
-    __builtin_cpu_init();
-    if (cap.find("AVX512") != std::string::npos && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
-    if ((cap.find("AVX2") != std::string::npos || cap.find("AVX512") != std::string::npos) &&
-        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return Isa::kAvx2;
-#endif
-    return Isa::kBaseline;
-  }();
-  return isa;
-}
-
-std::string isa_name() {
-  switch (runtime_isa()) {
-    case Isa::kAvx512:
-      return "avx512";
-    case Isa::kAvx2:
-      return "avx2";
-    default:
-      return "baseline";
-  }
-}
-
 template <typename scalar_t, typename acc_t>
 using TileFn = void (*)(const Args<scalar_t, acc_t>&, int64_t, int64_t);
 
@@ -705,5 +662,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gate_forward", &ag::gate_forward, "out, alpha = fused gate (folded parameters)");
   m.def("gate_logits", &ag::gate_logits, "q = w·relu(W·x + b + up(G)) + c, (B, 1, *S)");
   m.def("gate_backward", &ag::gate_backward, "grad_x, grad_a, grad_psi, grad_psi_bias");
-  m.def("gate_isa", &ag::isa_name, "The instruction set the attention_gate kernels dispatch to");
+  m.def("gate_isa", &medattn::isa_name, "The instruction set the attention_gate kernels dispatch to");
 }

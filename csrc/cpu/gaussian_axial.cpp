@@ -44,19 +44,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__)
-#define MEDATTN_INLINE inline __attribute__((always_inline))
-#else
-#define MEDATTN_INLINE inline
-#endif
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define MEDATTN_X86_DISPATCH 1
-#define MEDATTN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
-#define MEDATTN_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define MEDATTN_X86_DISPATCH 0
-#endif
+#include "isa.h"
 
 namespace medattn {
 namespace gaussian_axial {
@@ -556,27 +544,6 @@ MEDATTN_INLINE void qkv_backward_lines(const QkvBackward<scalar_t, acc_t>& a, in
 // ISA dispatch: each line function compiled for AVX-512, AVX2 and the baseline
 // ------------------------------------------------------------------------------------------------
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-Isa runtime_isa() {
-  static const Isa isa = [] {
-#if MEDATTN_X86_DISPATCH
-    // ATen's choice honours ATEN_CPU_CAPABILITY; the cpuid check guards against a mismatch.
-    const std::string cap = at::get_cpu_capability();
-    __builtin_cpu_init();
-    if (cap.find("AVX512") != std::string::npos && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
-    if ((cap.find("AVX2") != std::string::npos || cap.find("AVX512") != std::string::npos) &&
-        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return Isa::kAvx2;
-#endif
-    return Isa::kBaseline;
-  }();
-  return isa;
-}
-
 #if MEDATTN_X86_DISPATCH
 #define MEDATTN_ISA_VARIANTS(NAME, ARGS)                                                            \
   template <typename scalar_t, typename acc_t>                                                      \
@@ -815,17 +782,6 @@ std::vector<at::Tensor> qkv_backward(const at::Tensor& grad_out, const at::Tenso
   return {grad_q, grad_k, grad_v, shift_grad_tensor(partials, shift)};
 }
 
-std::string isa_name() {
-  switch (runtime_isa()) {
-    case Isa::kAvx512:
-      return "avx512";
-    case Isa::kAvx2:
-      return "avx2";
-    default:
-      return "baseline";
-  }
-}
-
 }  // namespace
 }  // namespace gaussian_axial
 }  // namespace medattn
@@ -846,5 +802,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Backward of gaussian_axial_qkv_forward -> [grad_q, grad_k, grad_v, grad_shift]", pybind11::arg("grad_out"),
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("shift"),
         pybind11::arg("lse_rows"), pybind11::arg("lse_cols"));
-  m.def("gaussian_axial_isa", &ga::isa_name, "The instruction set the gaussian_axial kernels dispatch to");
+  m.def("gaussian_axial_isa", &medattn::isa_name, "The instruction set the gaussian_axial kernels dispatch to");
 }

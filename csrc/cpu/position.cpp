@@ -50,19 +50,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__)
-#define MEDATTN_INLINE inline __attribute__((always_inline))
-#else
-#define MEDATTN_INLINE inline
-#endif
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define MEDATTN_X86_DISPATCH 1
-#define MEDATTN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
-#define MEDATTN_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define MEDATTN_X86_DISPATCH 0
-#endif
+#include "isa.h"
 
 namespace medattn {
 namespace position {
@@ -477,27 +465,6 @@ MEDATTN_INLINE void backward_keys(const Problem<scalar_t, T>& p, int64_t lo, int
 // The passes are always_inline, so each wrapper below holds its own copy compiled for its target
 // (a plain call would run the baseline code from inside the AVX-512 wrapper).
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-Isa runtime_isa() {
-  static const Isa isa = [] {
-#if MEDATTN_X86_DISPATCH
-    // ATen's choice honours ATEN_CPU_CAPABILITY; the cpuid check guards against a mismatch.
-    const std::string cap = at::get_cpu_capability();
-    __builtin_cpu_init();
-    if (cap.find("AVX512") != std::string::npos && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
-    if ((cap.find("AVX2") != std::string::npos || cap.find("AVX512") != std::string::npos) &&
-        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return Isa::kAvx2;
-#endif
-    return Isa::kBaseline;
-  }();
-  return isa;
-}
-
 template <typename scalar_t, typename T>
 using Pass = void (*)(const Problem<scalar_t, T>&, int64_t, int64_t);
 
@@ -736,17 +703,6 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   return {grad_q, grad_k, grad_v, grad_gamma, grad_multiply};
 }
 
-std::string isa_name() {
-  switch (runtime_isa()) {
-    case Isa::kAvx512:
-      return "avx512";
-    case Isa::kAvx2:
-      return "avx2";
-    default:
-      return "baseline";
-  }
-}
-
 }  // namespace
 }  // namespace position
 }  // namespace medattn
@@ -765,5 +721,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("lse"), pybind11::arg("gamma"), pybind11::arg("multiply"), pybind11::arg("scale"),
         pybind11::arg("transpose"), pybind11::arg("need_multiply_grad"), pybind11::arg("block_q"),
         pybind11::arg("block_k"));
-  m.def("position_isa", &pos::isa_name, "The instruction set the position kernels dispatch to");
+  m.def("position_isa", &medattn::isa_name, "The instruction set the position kernels dispatch to");
 }
