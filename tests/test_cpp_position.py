@@ -14,34 +14,9 @@ from medattn_fast.ops.position import position_attention
 from medattn_fast.reference.danet import PAM_Module
 from medattn_fast.reference.guided_attention import PositionAttentionModule
 
+from _position_inputs import SHAPES, position_inputs as _inputs, grads as _grads
+
 F64 = torch.float64
-
-
-def _inputs(batch, nq, nk, dk, dv, *, transpose=False, layout="tokens", dtype=F64, strided=False):
-    """Fresh random q, k, v (requires_grad) in the layout; ``strided``: non-contiguous views."""
-    rows_v = nq if transpose else nk
-
-    def make(n, d):
-        shape = (batch, d, n) if layout == "channels" else (batch, n, d)
-        if strided:  # every other element of a wider tensor, last two dims swapped
-            big = torch.randn(batch, shape[2], 2 * shape[1], dtype=dtype)
-            return big[:, :, ::2].transpose(1, 2).detach().requires_grad_(True)
-        return torch.randn(shape, dtype=dtype, requires_grad=True)
-
-    return make(nq, dk), make(nk, dk), make(rows_v, dv)
-
-
-def _grads(out, tensors, cotangent):
-    return torch.autograd.grad(out, tensors, cotangent)
-
-
-SHAPES = [  # (B, Nq, Nk, dk, dv, block_q)
-    (1, 1, 1, 1, 1, None),          # N = 1
-    (2, 13, 13, 1, 5, 4),           # prime N, dk = 1 (C/8 = 1), block not dividing N
-    (3, 17, 11, 4, 7, 5),           # Nq != Nk, dv not a power of two
-    (1, 31, 29, 8, 6, 7),           # B = 1, primes
-    (2, 9, 23, 3, 12, 64),          # block larger than N
-]
 
 
 @pytest.mark.parametrize("block_k", [5, 256])

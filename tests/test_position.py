@@ -14,34 +14,9 @@ from medattn_fast.ops.position import default_chunk_size, position_attention
 from medattn_fast.reference import cross_attention as ref_cross
 from medattn_fast.reference import danet as ref_danet
 
+from _position_inputs import SHAPES, position_inputs as _inputs, grads as _grads
+
 F64 = torch.float64
-
-
-def _inputs(batch, nq, nk, dk, dv, *, transpose=False, layout="tokens", dtype=F64, strided=False):
-    """Fresh random q, k, v (requires_grad) in the given layout; ``strided``: non-contiguous views."""
-    rows_v = nq if transpose else nk
-
-    def make(n, d):
-        shape = (batch, d, n) if layout == "channels" else (batch, n, d)
-        if strided:  # every other element of a wider tensor, and the two last dims swapped
-            big = torch.randn(batch, shape[2], 2 * shape[1], dtype=dtype)
-            return big[:, :, ::2].transpose(1, 2).detach().requires_grad_(True)
-        return torch.randn(shape, dtype=dtype, requires_grad=True)
-
-    return make(nq, dk), make(nk, dk), make(rows_v, dv)
-
-
-def _grads(out, tensors, cotangent):
-    return torch.autograd.grad(out, tensors, cotangent)
-
-
-SHAPES = [  # (B, Nq, Nk, dk, dv, chunk)
-    (1, 1, 1, 1, 1, None),          # N = 1
-    (2, 13, 13, 1, 5, 4),           # prime N, dk = 1 (C/8 = 1), chunk not dividing N
-    (3, 17, 11, 4, 7, 5),           # Nq != Nk, dv not a power of two
-    (1, 31, 29, 8, 6, 7),           # B = 1, primes
-    (2, 9, 23, 3, 12, 64),          # chunk larger than N
-]
 
 
 @pytest.mark.parametrize("transpose", [False, True])
@@ -223,7 +198,6 @@ def test_error_empty_value_dim():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=r"argument 'v' must not have an empty dimension, got shape \(2, 6, 0\)"):
         position_attention(q, k, v[..., :0])
-
 
 
 def test_error_bad_layout():
