@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as MF
+from ._adopt import adopt
 
 __all__ = ["AttentionBlock", "AttentionUpBlock", "Attention_block", "ConvBatchNorm", "COMPAT_CLASSES"]
 
@@ -39,25 +40,6 @@ def _layers(spatial_dims: int):
 
 def _bn(module: nn.Module) -> MF.BatchNormParams:
     return MF.BatchNormParams.from_module(module)
-
-
-def _first_tensor(module: nn.Module) -> torch.Tensor:
-    for t in module.parameters():
-        return t
-    for t in module.buffers():
-        if t.is_floating_point():
-            return t
-    raise ValueError(f"{type(module).__name__} has no floating parameter or buffer to take device/dtype from")
-
-
-def _adopt(new: nn.Module, original: nn.Module) -> nn.Module:
-    """Give ``new`` the original's device, dtype, parameters/buffers (strict) and training mode."""
-    ref = _first_tensor(original)
-    new.to(device=ref.device, dtype=ref.dtype)
-    new.load_state_dict(original.state_dict(), strict=True)
-    for (_, m_new), (_, m_old) in zip(new.named_modules(), original.named_modules()):
-        m_new.training = m_old.training
-    return new
 
 
 def _mirror_layers(new_seq: nn.Sequential, old_seq: nn.Sequential) -> None:
@@ -116,7 +98,7 @@ class AttentionBlock(nn.Module):
                   spatial_dims=conv_x.weight.dim() - 2, double_sigmoid=double_sigmoid)
         for name in ("Wx", "Wg", "psi"):
             _mirror_layers(getattr(new, name), getattr(module, name))
-        return _adopt(new, module)
+        return adopt(new, module)
 
 
 class ConvBatchNorm(nn.Module):
@@ -191,7 +173,7 @@ class AttentionUpBlock(nn.Module):
             if old_block.conv.bias is None:
                 new_block.conv.register_parameter("bias", None)
             new_block.batchnorm = copy.deepcopy(old_block.batchnorm)
-        return _adopt(new, module)
+        return adopt(new, module)
 
 
 class Attention_block(nn.Module):  # noqa: N801 - the original's name
@@ -229,7 +211,7 @@ class Attention_block(nn.Module):  # noqa: N801 - the original's name
         new = cls(conv_g.in_channels, conv_x.in_channels, conv_x.out_channels, spatial_dims=conv_x.weight.dim() - 2)
         for name in ("W_g", "W_x", "psi"):
             _mirror_layers(getattr(new, name), getattr(module, name))
-        return _adopt(new, module)
+        return adopt(new, module)
 
 
 COMPAT_CLASSES = {

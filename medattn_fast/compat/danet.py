@@ -21,23 +21,9 @@ import torch
 from torch import nn
 
 from .. import functional as MF
+from ._adopt import adopt
 
-__all__ = ["PAM_Module", "CAM_Module", "DANetHead", "COMPAT_CLASSES", "from_original_instance"]
-
-
-def from_original_instance(new: nn.Module, original: nn.Module) -> nn.Module:
-    """Finish a compat instance built with ``original``'s constructor arguments: move it to the
-    original's device and dtype, load its state_dict strictly, copy each submodule's training flag."""
-    first = next(iter(original.parameters()), None)
-    if first is None:
-        first = next(iter(original.buffers()), None)
-    if first is not None:
-        new.to(device=first.device, dtype=first.dtype if first.is_floating_point() else None)
-    new.load_state_dict(original.state_dict(), strict=True)
-    flags = {name: m.training for name, m in original.named_modules()}
-    for name, m in new.named_modules():
-        m.training = flags.get(name, original.training)
-    return new
+__all__ = ["PAM_Module", "CAM_Module", "DANetHead", "COMPAT_CLASSES"]
 
 
 def _check_input(name: str, x) -> None:
@@ -74,7 +60,7 @@ class PAM_Module(nn.Module):  # noqa: N801 (the original's name)
 
     @classmethod
     def from_original(cls, module: nn.Module) -> "PAM_Module":
-        return from_original_instance(cls(module.value_conv.weight.shape[1]), module)
+        return adopt(cls(module.value_conv.weight.shape[1]), module)
 
 
 class CAM_Module(nn.Module):  # noqa: N801
@@ -92,7 +78,7 @@ class CAM_Module(nn.Module):  # noqa: N801
     @classmethod
     def from_original(cls, module: nn.Module) -> "CAM_Module":
         # in_dim only feeds the (unused) ``chanel_in`` attribute: no parameter shape depends on it.
-        return from_original_instance(cls(getattr(module, "chanel_in", 0)), module)
+        return adopt(cls(getattr(module, "chanel_in", 0)), module)
 
 
 def _conv_bn_relu(cin: int, cout: int, norm_layer) -> nn.Sequential:
@@ -143,7 +129,7 @@ class DANetHead(nn.Module):
         # copies of its own modules, so class, eps and momentum match whatever norm_layer it used.
         for name in ("conv5a", "conv5c", "conv51", "conv52"):
             getattr(new, name)[1] = copy.deepcopy(getattr(module, name)[1])
-        return from_original_instance(new, module)
+        return adopt(new, module)
 
 
 COMPAT_CLASSES = {"PAM_Module": PAM_Module, "CAM_Module": CAM_Module, "DANetHead": DANetHead}

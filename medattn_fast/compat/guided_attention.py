@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import functional as MF
-from .danet import from_original_instance
+from ._adopt import adopt
 
 __all__ = ["PositionAttentionModule", "ChannelAttentionModule", "GuidedAttentionModule", "COMPAT_CLASSES"]
 
@@ -65,7 +65,7 @@ class PositionAttentionModule(nn.Module):
     @classmethod
     def from_original(cls, module: nn.Module) -> "PositionAttentionModule":
         w = module.third_branch_conv.weight
-        return from_original_instance(cls(w.shape[1], spatial_dims=w.dim() - 2), module)
+        return adopt(cls(w.shape[1], spatial_dims=w.dim() - 2), module)
 
 
 class ChannelAttentionModule(nn.Module):
@@ -83,7 +83,7 @@ class ChannelAttentionModule(nn.Module):
     @classmethod
     def from_original(cls, module: nn.Module) -> "ChannelAttentionModule":
         w = module.output_conv.weight
-        return from_original_instance(cls(w.shape[1], spatial_dims=w.dim() - 2), module)
+        return adopt(cls(w.shape[1], spatial_dims=w.dim() - 2), module)
 
 
 class GuidedAttentionModule(nn.Module):
@@ -113,7 +113,7 @@ class GuidedAttentionModule(nn.Module):
     def from_original(cls, module: nn.Module) -> "GuidedAttentionModule":
         w = module.attention_map_conv[0].weight           # (Fms, F + Fms, 1, 1[, 1])
         fms, total = w.shape[0], w.shape[1]
-        return from_original_instance(cls(total - fms, fms, spatial_dims=w.dim() - 2), module)
+        return adopt(cls(total - fms, fms, spatial_dims=w.dim() - 2), module)
 
 
 COMPAT_CLASSES = {

@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import functional as MF
 from ..nn.mtunet import merge_windows, window_aggregation
+from ._adopt import adopt
 
 __all__ = [
     "MTUNET_CONFIGS",
@@ -73,10 +74,6 @@ def _tokens(name: str, x, dim: int) -> Tuple[int, int, int]:
     return tuple(x.shape)
 
 
-def _first_param(module: nn.Module) -> Optional[torch.Tensor]:
-    return next(iter(module.parameters()), None)
-
-
 class _FromOriginal:
     """``from_original``: constructor args from the original, strict state_dict load, same
     device/dtype/training mode. Subclasses implement ``_init_args(module) -> (args, kwargs)``."""
@@ -94,13 +91,7 @@ class _FromOriginal:
             raise TypeError(
                 f"{cls.__name__}.from_original: {type(module).__name__} does not have the structure of "
                 f"MT-UNet's {cls.__name__} ({type(exc).__name__}: {exc})") from exc
-        new = cls(*args, **kwargs)
-        ref = _first_param(module)
-        if ref is not None:
-            new = new.to(device=ref.device, dtype=ref.dtype)
-        new.load_state_dict(module.state_dict(), strict=True)
-        new.train(module.training)
-        return new
+        return adopt(cls(*args, **kwargs), module)
 
 
 # ---------------------------------------------------------------------------------------------
