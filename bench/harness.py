@@ -163,7 +163,9 @@ def _zero_module_grads(providers: Dict[str, Callable]) -> None:
 
 
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, providers_filter=None,
-             modes_filter=None, quick: bool = False) -> List[Row]:
+             modes_filter=None, quick: bool = False, interleave: bool = False) -> List[Row]:
+    """Rows for every provider x mode of ``case``. ``interleave``: time the providers round-robin
+    (:func:`time_interleaved`) instead of one after the other."""
     from medattn_fast import BackendUnavailable
 
     rows: List[Row] = []
@@ -179,6 +181,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, providers_fil
             ref_out = None
             print(f"  reference failed: {exc}")
     modes = [m for m in case.modes if not modes_filter or m in modes_filter]
+    timed = []
     for pname, fn in providers.items():
         if providers_filter and pname not in providers_filter:
             continue
@@ -201,20 +204,54 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, providers_fil
         for mode in modes:
             row = Row(case.op, case.shape, device.type, dname, mode, pname, max_err=err)
             try:
-                ms = time_fn(fn, inputs, mode, device, cot,
-                             warmup=1 if quick else 2, min_time_s=0.2 if quick else 1.0)
+                if not interleave:
+                    row.median_ms = time_fn(fn, inputs, mode, device, cot,
+                                            warmup=1 if quick else 2, min_time_s=0.2 if quick else 1.0)
                 with PeakMemory(device) as pm:
                     _run_once(fn, inputs, mode, cot)
                 _zero_module_grads(providers)
-                row.median_ms = ms
                 row.peak_mib = None if pm.peak is None else pm.peak / 2**20
-                if case.flops:
-                    mult = {"fwd": 1.0, "no-grad": 1.0, "fwd+bwd": 3.0}[mode]
-                    row.tflops = case.flops * mult / (ms * 1e-3) / 1e12
+                timed.append((row, fn, cot))
             except Exception as exc:
                 row.status = f"error: {type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
+    if interleave:
+        for mode in modes:
+            entries = [(row, fn, cot) for row, fn, cot in timed if row.mode == mode]
+            times = time_interleaved([(fn, cot) for _, fn, cot in entries], inputs, mode, device,
+                                     rounds=7 if quick else 15)
+            for (row, _, _), ms in zip(entries, times):
+                row.median_ms = ms
+    for row in rows:
+        if row.median_ms and case.flops:
+            mult = {"fwd": 1.0, "no-grad": 1.0, "fwd+bwd": 3.0}[row.mode]
+            row.tflops = case.flops * mult / (row.median_ms * 1e-3) / 1e12
     return rows
+
+
+def time_interleaved(entries, inputs: tuple, mode: str, device: torch.device, rounds: int = 15,
+                     min_batch_s: float = 0.02) -> List[float]:
+    """Median ms per call of each ``(fn, cotangent)``, timed round-robin: every round times every
+    provider once (a batch of calls lasting >= ``min_batch_s``), so drifting machine load hits all
+    providers alike and their ratios stay meaningful on a shared machine."""
+    reps = []
+    for fn, cot in entries:  # warm-up, and the batch size that lasts min_batch_s
+        _run_once(fn, inputs, mode, cot)
+        _sync(device)
+        t0 = time.perf_counter()
+        _run_once(fn, inputs, mode, cot)
+        _sync(device)
+        reps.append(max(1, int(min_batch_s / max(time.perf_counter() - t0, 1e-6))))
+    samples: List[List[float]] = [[] for _ in entries]
+    for _ in range(rounds):
+        for i, (fn, cot) in enumerate(entries):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps[i]):
+                _run_once(fn, inputs, mode, cot)
+            _sync(device)
+            samples[i].append((time.perf_counter() - t0) * 1e3 / reps[i])
+    return [statistics.median(x) for x in samples]
 
 
 def environment() -> Dict[str, str]:

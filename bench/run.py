@@ -1,7 +1,7 @@
 """Run the benchmark cases and write CSV/JSON under bench/results/, keyed by device and versions.
 
-    python -m bench.run [--op position_attention ...] [--provider torch ...] [--mode fwd+bwd]
-                        [--dtype float32] [--quick] [--out bench/results]
+    python -m bench.run [--op position ...] [--provider torch ...] [--mode fwd+bwd]
+                        [--dtype float32] [--shape TEXT] [--quick] [--interleave] [--out bench/results]
 """
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def main(argv=None):
     ap.add_argument("--shape", help="only cases whose shape string contains this")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the providers of a case round-robin (robust ratios on a shared machine)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
@@ -80,7 +82,8 @@ def main(argv=None):
                 if args.dtype and dname not in args.dtype:
                     continue
                 print(f"# {case.op} {case.shape} {dname} on {device}", flush=True)
-                rows += run_case(case, device, dtype, args.provider, args.mode, quick=args.quick)
+                rows += run_case(case, device, dtype, args.provider, args.mode, quick=args.quick,
+                                 interleave=args.interleave)
     print(format_table(rows))
     env = environment()
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{env['device']}_torch{env['torch']}_triton{env['triton']}").strip("-")
