@@ -423,45 +423,8 @@ MEDATTN_INLINE void backward_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, i
 template <typename scalar_t, typename acc_t>
 using TileFn = void (*)(const Args<scalar_t, acc_t>&, int64_t, int64_t);
 
-#if MEDATTN_X86_DISPATCH
-#define MEDATTN_GATE_VARIANTS(NAME)                                                                         \
-  template <typename scalar_t, typename acc_t>                                                            \
-  MEDATTN_TARGET_AVX512 void NAME##_avx512(const Args<scalar_t, acc_t>& a, int64_t lo, int64_t hi) {       \
-    NAME<scalar_t, acc_t>(a, lo, hi);                                                                     \
-  }                                                                                                       \
-  template <typename scalar_t, typename acc_t>                                                            \
-  MEDATTN_TARGET_AVX2 void NAME##_avx2(const Args<scalar_t, acc_t>& a, int64_t lo, int64_t hi) {           \
-    NAME<scalar_t, acc_t>(a, lo, hi);                                                                     \
-  }                                                                                                       \
-  template <typename scalar_t, typename acc_t>                                                            \
-  void NAME##_baseline(const Args<scalar_t, acc_t>& a, int64_t lo, int64_t hi) {                          \
-    NAME<scalar_t, acc_t>(a, lo, hi);                                                                     \
-  }                                                                                                       \
-  template <typename scalar_t, typename acc_t>                                                            \
-  TileFn<scalar_t, acc_t> NAME##_for(Isa isa) {                                                           \
-    switch (isa) {                                                                                        \
-      case Isa::kAvx512:                                                                                  \
-        return &NAME##_avx512<scalar_t, acc_t>;                                                           \
-      case Isa::kAvx2:                                                                                    \
-        return &NAME##_avx2<scalar_t, acc_t>;                                                             \
-      default:                                                                                            \
-        return &NAME##_baseline<scalar_t, acc_t>;                                                         \
-    }                                                                                                     \
-  }
-#else
-#define MEDATTN_GATE_VARIANTS(NAME)                                                                         \
-  template <typename scalar_t, typename acc_t>                                                            \
-  void NAME##_baseline(const Args<scalar_t, acc_t>& a, int64_t lo, int64_t hi) {                          \
-    NAME<scalar_t, acc_t>(a, lo, hi);                                                                     \
-  }                                                                                                       \
-  template <typename scalar_t, typename acc_t>                                                            \
-  TileFn<scalar_t, acc_t> NAME##_for(Isa) {                                                               \
-    return &NAME##_baseline<scalar_t, acc_t>;                                                             \
-  }
-#endif
-
-MEDATTN_GATE_VARIANTS(forward_tiles)
-MEDATTN_GATE_VARIANTS(backward_tiles)
+MEDATTN_ISA_VARIANTS(forward_tiles, Args)
+MEDATTN_ISA_VARIANTS(backward_tiles, Args)
 
 // ------------------------------------------------------------------------------------------------
 // host functions

@@ -31,33 +31,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace medattn {
 namespace channel {
 namespace {
-
-// float: Cody-Waite range reduction and Cephes' degree-6 polynomial (≤ 2 ulp for the x ≤ 0 a stable
-// softmax produces), plain arithmetic so that the `omp simd` loop vectorises. double: std::exp.
-inline float exp_fast(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  constexpr float kRound = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n;
-}
-
-inline double exp_fast(double x) { return std::exp(x); }
 
 at::ScalarType acc_dtype_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 

@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "isa.h"
+#include "vec_math.h"
 
 namespace medattn {
 namespace gaussian_axial {
@@ -236,34 +237,6 @@ MEDATTN_INLINE void gemm_nt(int64_t M, int64_t N, int64_t D, const acc_t* X, int
   }
 }
 
-// exp for the softmaxes. float: Cody-Waite range reduction and Cephes' degree-6 polynomial
-// (≤ 2 ulp on the arguments a softmax produces, x ≤ 0), written with plain arithmetic so `omp simd`
-// loops vectorise it (std::exp would stay a scalar libm call). double: std::exp (the accuracy mode).
-MEDATTN_INLINE float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);  // exp(-87) ~ 1.6e-38: a zero weight next to exp(0) = 1
-  constexpr float kMagic = 12582912.0f;      // 1.5 · 2^23: adding it rounds to an integer
-  const float t = x * 1.44269504088896341f + kMagic;
-  const float n = t - kMagic;
-  float r = x - n * 0.693359375f;            // ln 2 split in two for an exact reduction
-  r = r - n * -2.12194440e-4f;
-  const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
-}
-
-MEDATTN_INLINE double exp_approx(double x) {
-  return std::exp(x);
-}
-
 // Gaussian-penalised softmax of each row of an L×L logit matrix, in place:
 // S[m, n] ← softmax_n(S[m, n] − θ (n − m)²); `lse` (optional) receives each row's log-sum-exp.
 template <typename acc_t>
@@ -280,7 +253,7 @@ MEDATTN_INLINE void gaussian_softmax_rows(acc_t* S, int64_t L, acc_t shift, acc_
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t n = 0; n < L; ++n) {
-      s[n] = exp_approx(s[n] - mx);
+      s[n] = exp_fast(s[n] - mx);
       sum += s[n];
     }
     const acc_t inv = acc_t(1) / sum;
@@ -301,7 +274,7 @@ MEDATTN_INLINE void gaussian_probabilities_from_lse(acc_t* S, int64_t L, acc_t s
 #pragma omp simd
     for (int64_t n = 0; n < L; ++n) {
       const acc_t dist = static_cast<acc_t>(n - m);
-      s[n] = exp_approx(s[n] - shift * dist * dist - row_lse);
+      s[n] = exp_fast(s[n] - shift * dist * dist - row_lse);
     }
   }
 }
@@ -543,43 +516,6 @@ MEDATTN_INLINE void qkv_backward_lines(const QkvBackward<scalar_t, acc_t>& a, in
 // ------------------------------------------------------------------------------------------------
 // ISA dispatch: each line function compiled for AVX-512, AVX2 and the baseline
 // ------------------------------------------------------------------------------------------------
-
-#if MEDATTN_X86_DISPATCH
-#define MEDATTN_ISA_VARIANTS(NAME, ARGS)                                                            \
-  template <typename scalar_t, typename acc_t>                                                      \
-  MEDATTN_TARGET_AVX512 void NAME##_avx512(const ARGS<scalar_t, acc_t>& a, int64_t lo, int64_t hi) { \
-    NAME<scalar_t, acc_t>(a, lo, hi);                                                               \
-  }                                                                                                 \
-  template <typename scalar_t, typename acc_t>                                                      \
-  MEDATTN_TARGET_AVX2 void NAME##_avx2(const ARGS<scalar_t, acc_t>& a, int64_t lo, int64_t hi) {     \
-    NAME<scalar_t, acc_t>(a, lo, hi);                                                               \
-  }                                                                                                 \
-  template <typename scalar_t, typename acc_t>                                                      \
-  void NAME##_baseline(const ARGS<scalar_t, acc_t>& a, int64_t lo, int64_t hi) {                    \
-    NAME<scalar_t, acc_t>(a, lo, hi);                                                               \
-  }                                                                                                 \
-  template <typename scalar_t, typename acc_t>                                                      \
-  void (*NAME##_for(Isa isa))(const ARGS<scalar_t, acc_t>&, int64_t, int64_t) {                     \
-    switch (isa) {                                                                                  \
-      case Isa::kAvx512:                                                                            \
-        return &NAME##_avx512<scalar_t, acc_t>;                                                     \
-      case Isa::kAvx2:                                                                              \
-        return &NAME##_avx2<scalar_t, acc_t>;                                                       \
-      default:                                                                                      \
-        return &NAME##_baseline<scalar_t, acc_t>;                                                   \
-    }                                                                                               \
-  }
-#else
-#define MEDATTN_ISA_VARIANTS(NAME, ARGS)                                                            \
-  template <typename scalar_t, typename acc_t>                                                      \
-  void NAME##_baseline(const ARGS<scalar_t, acc_t>& a, int64_t lo, int64_t hi) {                    \
-    NAME<scalar_t, acc_t>(a, lo, hi);                                                               \
-  }                                                                                                 \
-  template <typename scalar_t, typename acc_t>                                                      \
-  void (*NAME##_for(Isa))(const ARGS<scalar_t, acc_t>&, int64_t, int64_t) {                         \
-    return &NAME##_baseline<scalar_t, acc_t>;                                                       \
-  }
-#endif
 
 MEDATTN_ISA_VARIANTS(scores_forward_lines, ScoresForward)
 MEDATTN_ISA_VARIANTS(scores_backward_lines, ScoresBackward)

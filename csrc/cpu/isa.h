@@ -61,3 +61,43 @@ inline std::string isa_name() {
 }
 
 }  // namespace medattn
+
+// MEDATTN_ISA_VARIANTS(NAME, ARGS): for a MEDATTN_INLINE template
+// `void NAME<scalar_t, acc_t>(const ARGS<scalar_t, acc_t>&, int64_t lo, int64_t hi)`, defines its
+// AVX-512 / AVX2 / baseline copies and `NAME##_for(Isa)` returning the one to call.
+#if MEDATTN_X86_DISPATCH
+#define MEDATTN_ISA_VARIANTS(NAME, ARGS)                                                            \
+  template <typename scalar_t, typename acc_t>                                                      \
+  MEDATTN_TARGET_AVX512 void NAME##_avx512(const ARGS<scalar_t, acc_t>& a, int64_t lo, int64_t hi) { \
+    NAME<scalar_t, acc_t>(a, lo, hi);                                                               \
+  }                                                                                                 \
+  template <typename scalar_t, typename acc_t>                                                      \
+  MEDATTN_TARGET_AVX2 void NAME##_avx2(const ARGS<scalar_t, acc_t>& a, int64_t lo, int64_t hi) {     \
+    NAME<scalar_t, acc_t>(a, lo, hi);                                                               \
+  }                                                                                                 \
+  template <typename scalar_t, typename acc_t>                                                      \
+  void NAME##_baseline(const ARGS<scalar_t, acc_t>& a, int64_t lo, int64_t hi) {                    \
+    NAME<scalar_t, acc_t>(a, lo, hi);                                                               \
+  }                                                                                                 \
+  template <typename scalar_t, typename acc_t>                                                      \
+  void (*NAME##_for(Isa isa))(const ARGS<scalar_t, acc_t>&, int64_t, int64_t) {                     \
+    switch (isa) {                                                                                  \
+      case Isa::kAvx512:                                                                            \
+        return &NAME##_avx512<scalar_t, acc_t>;                                                     \
+      case Isa::kAvx2:                                                                              \
+        return &NAME##_avx2<scalar_t, acc_t>;                                                       \
+      default:                                                                                      \
+        return &NAME##_baseline<scalar_t, acc_t>;                                                   \
+    }                                                                                               \
+  }
+#else
+#define MEDATTN_ISA_VARIANTS(NAME, ARGS)                                                            \
+  template <typename scalar_t, typename acc_t>                                                      \
+  void NAME##_baseline(const ARGS<scalar_t, acc_t>& a, int64_t lo, int64_t hi) {                    \
+    NAME<scalar_t, acc_t>(a, lo, hi);                                                               \
+  }                                                                                                 \
+  template <typename scalar_t, typename acc_t>                                                      \
+  void (*NAME##_for(Isa))(const ARGS<scalar_t, acc_t>&, int64_t, int64_t) {                         \
+    return &NAME##_baseline<scalar_t, acc_t>;                                                       \
+  }
+#endif

@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "isa.h"
+#include "vec_math.h"
 
 namespace medattn {
 namespace position {
@@ -155,31 +156,6 @@ void gemm(int64_t M, int64_t N, int64_t K, T alpha, Mat<const T> A, Mat<const T>
 // ------------------------------------------------------------------------------------------------
 // softmax tile loops
 // ------------------------------------------------------------------------------------------------
-
-// float: Cody-Waite range reduction and Cephes' degree-6 polynomial (≤ 2 ulp for x ≤ 0, the only
-// arguments a stabilised softmax produces), plain arithmetic so that `omp simd` loops vectorise it.
-// double: std::exp (the accuracy mode).
-MEDATTN_INLINE float exp_fast(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);  // exp(-87) ≈ 1.6e-38: a zero weight beside exp(0) = 1
-  constexpr float kRound = 12582912.0f;      // 1.5 · 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  float r = x - n * 0.693359375f;            // ln 2 in two parts: an exact reduction
-  r = r - n * -2.12194440e-4f;
-  const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n;
-}
-
-MEDATTN_INLINE double exp_fast(double x) { return std::exp(x); }
 
 // One key tile of the online softmax: for each of the m rows of the (m × n) score tile S, move the
 // running max, rescale the running sum (and the m × dv output accumulator O, if any) and turn the
@@ -468,33 +444,10 @@ MEDATTN_INLINE void backward_keys(const Problem<scalar_t, T>& p, int64_t lo, int
 template <typename scalar_t, typename T>
 using Pass = void (*)(const Problem<scalar_t, T>&, int64_t, int64_t);
 
-#if MEDATTN_X86_DISPATCH
-#define MEDATTN_PASS_VARIANTS(NAME)                                                                       \
-  template <typename scalar_t, typename T>                                                                \
-  MEDATTN_TARGET_AVX512 void NAME##_avx512(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {       \
-    NAME<scalar_t, T>(p, lo, hi);                                                                         \
-  }                                                                                                       \
-  template <typename scalar_t, typename T>                                                                \
-  MEDATTN_TARGET_AVX2 void NAME##_avx2(const Problem<scalar_t, T>& p, int64_t lo, int64_t hi) {           \
-    NAME<scalar_t, T>(p, lo, hi);                                                                         \
-  }                                                                                                       \
-  template <typename scalar_t, typename T>                                                                \
-  Pass<scalar_t, T> NAME##_for(Isa isa) {                                                                 \
-    return isa == Isa::kAvx512 ? &NAME##_avx512<scalar_t, T>                                              \
-                               : (isa == Isa::kAvx2 ? &NAME##_avx2<scalar_t, T> : &NAME<scalar_t, T>);     \
-  }
-#else
-#define MEDATTN_PASS_VARIANTS(NAME)                 \
-  template <typename scalar_t, typename T>          \
-  Pass<scalar_t, T> NAME##_for(Isa) {               \
-    return &NAME<scalar_t, T>;                      \
-  }
-#endif
-
-MEDATTN_PASS_VARIANTS(forward_rows)
-MEDATTN_PASS_VARIANTS(forward_columns)
-MEDATTN_PASS_VARIANTS(backward_value_rows)
-MEDATTN_PASS_VARIANTS(backward_keys)
+MEDATTN_ISA_VARIANTS(forward_rows, Problem)
+MEDATTN_ISA_VARIANTS(forward_columns, Problem)
+MEDATTN_ISA_VARIANTS(backward_value_rows, Problem)
+MEDATTN_ISA_VARIANTS(backward_keys, Problem)
 
 // One task is a (block × N × d) sweep: a grain of one task keeps every thread busy.
 template <typename scalar_t, typename T>
