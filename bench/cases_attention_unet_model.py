@@ -19,8 +19,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-import medattn_fast
-from bench.harness import Case
+from bench.harness import Case, with_backend
 from medattn_fast.models import AttentionUNet
 
 CHANNELS = (16, 32, 64, 128)
@@ -47,22 +46,14 @@ def _forward_flops(batch: int, size: Tuple[int, ...], channels: Sequence[int] = 
     return 2.0 * macs
 
 
-def _with_backend(model: torch.nn.Module, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with medattn_fast.use_backend(backend):
-            return model(x)
-
-    return run
-
-
 def _setup(batch: int, size: Tuple[int, ...]):
     def setup(device: torch.device, dtype: torch.dtype):
         model = AttentionUNet(len(size), IN_CHANNELS, OUT_CHANNELS, channels=CHANNELS, strides=STRIDES)
         model = model.to(device=device, dtype=dtype).train()
         x = torch.randn(batch, IN_CHANNELS, *size, device=device, dtype=dtype, requires_grad=True)
         providers: Dict[str, Callable] = {
-            "reference": _with_backend(model, "reference"),
-            "torch": _with_backend(model, "torch"),
+            "reference": with_backend(model, "reference"),
+            "torch": with_backend(model, "torch"),
             "auto": model.forward,
         }
         return (x,), providers

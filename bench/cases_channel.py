@@ -13,8 +13,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-import medattn_fast
-from bench.harness import Case
+from bench.harness import Case, with_backend
 from medattn_fast.compat.danet import CAM_Module as FastCAM
 from medattn_fast.compat.guided_attention import ChannelAttentionModule as FastChannel
 from medattn_fast.reference.danet import CAM_Module
@@ -23,13 +22,6 @@ from medattn_fast.reference.guided_attention import ChannelAttentionModule
 
 def _flops(batch: int, channels: int, n: int) -> float:
     return batch * (2.0 * channels * channels * n * 2 + 5.0 * channels * channels)   # X Xᵀ, A X, softmax
-
-
-def _with_backend(fn: Callable, backend: str) -> Callable:
-    def run(*args):
-        with medattn_fast.use_backend(backend):
-            return fn(*args)
-    return run
 
 
 def _dtypes(device: torch.device):
@@ -47,11 +39,11 @@ def _setup_cam(batch: int, channels: int, size):
         x = (0.1 * torch.randn(batch, channels, *size, device=device, dtype=dtype)).requires_grad_(True)
         providers: Dict[str, Callable] = {
             "reference": ref.forward,
-            "torch": _with_backend(fast.forward, "torch"),
+            "torch": with_backend(fast.forward, "torch"),
             "compile": torch.compile(ref),
             "auto": fast.forward,
-            "triton": _with_backend(fast.forward, "triton"),
-            "cpp": _with_backend(fast.forward, "cpp"),
+            "triton": with_backend(fast.forward, "triton"),
+            "cpp": with_backend(fast.forward, "cpp"),
         }
         return (x,), providers
 
@@ -66,11 +58,11 @@ def _setup_seed001(batch: int, channels: int, size):
         x = (0.1 * torch.randn(batch, channels, *size, device=device, dtype=dtype)).requires_grad_(True)
         providers: Dict[str, Callable] = {
             "reference": ref.forward,
-            "torch": _with_backend(fast.forward, "torch"),
+            "torch": with_backend(fast.forward, "torch"),
             "compile": torch.compile(ref),
             "auto": fast.forward,
-            "triton": _with_backend(fast.forward, "triton"),
-            "cpp": _with_backend(fast.forward, "cpp"),
+            "triton": with_backend(fast.forward, "triton"),
+            "cpp": with_backend(fast.forward, "cpp"),
         }
         return (x,), providers
 

@@ -22,8 +22,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-import medattn_fast
-from bench.harness import Case
+from bench.harness import Case, with_backend
 from medattn_fast.models import CrossAttentionUNet, DAUNet, MSGANet, msganet_loss
 
 MODES = ("fwd+bwd", "no-grad")
@@ -38,19 +37,12 @@ def _randomise(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _with_backend(fn: Callable, backend: str) -> Callable:
-    def call(*args):
-        with medattn_fast.use_backend(backend):
-            return fn(*args)
-    return call
-
-
 def _providers(fast: torch.nn.Module, output: Callable) -> Dict[str, Callable]:
     reference = fast.reference_version()
     return {
         "reference": lambda *a: output(reference, *a),
         "fast": lambda *a: output(fast, *a),
-        "torch": _with_backend(lambda *a: output(fast, *a), "torch"),
+        "torch": with_backend(lambda *a: output(fast, *a), "torch"),
     }
 
 

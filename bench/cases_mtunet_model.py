@@ -24,22 +24,13 @@ from typing import Callable, Dict
 
 import torch
 
-import medattn_fast
-from bench.harness import Case
+from bench.harness import Case, with_backend
 from medattn_fast.compat.mtunet import MTUNet as CompatMTUNet
 from medattn_fast.models import MTUNet as CleanMTUNet
 from medattn_fast.reference.mtunet import MTUNet as ReferenceMTUNet
 
 SIDE, CLASSES = 224, 9
 FLOPS_PER_IMAGE = 80.75e9
-
-
-def _with_backend(model: torch.nn.Module, backend: str) -> Callable:
-    def run(x):
-        with medattn_fast.use_backend(backend):
-            return model(x)
-    run.__self__ = model  # so the harness frees the model's .grad between modes
-    return run
 
 
 def _setup(batch: int, train: bool):
@@ -56,7 +47,7 @@ def _setup(batch: int, train: bool):
         providers: Dict[str, Callable] = {
             "reference": ref.forward,
             "auto": compat.forward,
-            "torch": _with_backend(compat, "torch"),
+            "torch": with_backend(compat, "torch"),
             "models": clean.forward,
         }
         return (x,), providers

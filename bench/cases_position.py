@@ -17,8 +17,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-import medattn_fast
-from bench.harness import Case
+from bench.harness import Case, with_backend
 from medattn_fast.compat.danet import PAM_Module as FastPAM
 from medattn_fast.compat.guided_attention import PositionAttentionModule as FastPosition
 from medattn_fast.reference.danet import PAM_Module
@@ -30,13 +29,6 @@ def _attention_flops(batch: int, channels: int, n: int) -> float:
     projections = 2.0 * n * channels * (2 * dk + dv)
     scores_and_mix = 2.0 * n * n * dk + 2.0 * n * n * dv + 5.0 * n * n   # QKᵀ, A·V, softmax
     return batch * (projections + scores_and_mix)
-
-
-def _with_backend(fn: Callable, backend: str) -> Callable:
-    def run(*args):
-        with medattn_fast.use_backend(backend):
-            return fn(*args)
-    return run
 
 
 def _dtypes(device: torch.device):
@@ -65,11 +57,11 @@ def _setup_pam(batch: int, channels: int, size):
         x = torch.randn(batch, channels, *size, device=device, dtype=dtype, requires_grad=True)
         providers: Dict[str, Callable] = {
             "reference": ref.forward,
-            "torch": _with_backend(fast.forward, "torch"),
+            "torch": with_backend(fast.forward, "torch"),
             "compile": torch.compile(ref),
             "auto": fast.forward,
-            "triton": _with_backend(fast.forward, "triton"),
-            "cpp": _with_backend(fast.forward, "cpp"),
+            "triton": with_backend(fast.forward, "triton"),
+            "cpp": with_backend(fast.forward, "cpp"),
             "sdpa": sdpa,
         }
         return (x,), providers
@@ -87,11 +79,11 @@ def _setup_seed001(batch: int, channels: int, size):
         x = torch.randn(batch, channels, *size, device=device, dtype=dtype, requires_grad=True)
         providers: Dict[str, Callable] = {
             "reference": ref.forward,
-            "torch": _with_backend(fast.forward, "torch"),
+            "torch": with_backend(fast.forward, "torch"),
             "compile": torch.compile(ref),
             "auto": fast.forward,
-            "triton": _with_backend(fast.forward, "triton"),
-            "cpp": _with_backend(fast.forward, "cpp"),
+            "triton": with_backend(fast.forward, "triton"),
+            "cpp": with_backend(fast.forward, "cpp"),
         }
         return (x,), providers
 
