@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -171,11 +172,6 @@ class Op:
     name: str
     auto_cpu: Sequence[str] = ("cpp", "torch")
     auto_cuda: Sequence[str] = ("triton", "cuda", "torch")
-    # Under AMP autocast an op behaves like F.scaled_dot_product_attention: its floating inputs
-    # are cast to the autocast dtype ("lower"), or left as they are ("none": the op handles mixed
-    # dtypes itself, e.g. the gate's float32 BatchNorm state); either way the backend then runs
-    # with autocast off, so it keeps its own precision policy (float32 accumulation).
-    autocast: str = "lower"
     impls: Dict[str, _Impl] = field(default_factory=dict)
 
     def register(self, backend: str, reasons: Callable[..., List[str]] = always):
@@ -225,18 +221,38 @@ class Op:
         raise BackendUnavailable(f"{self.name}: no backend can run this call:\n  " + "\n  ".join(tried))
 
     def __call__(self, *args, backend: Optional[str] = None, **kwargs):
-        tensors = _tensors(args) + _tensors(kwargs.values())
-        device_type = tensors[0].device.type if tensors else "cpu"
-        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-            if self.autocast == "lower":
+        name = self.choose(*args, backend=backend, **kwargs)
+        return self.impls[name].fn(*args, **kwargs)
+
+
+def autocast_entry(cast: bool = True):
+    """Decorator for an op's public function: its behaviour under AMP autocast.
+
+    Like ``F.scaled_dot_product_attention``, the op's float32 tensor arguments are cast to the
+    autocast dtype (``cast=False``: left as they are, for an op that handles mixed dtypes itself,
+    e.g. the gate's float32 BatchNorm state); then validation and the backend run with autocast
+    off, so the backend keeps its own precision policy (float32 accumulation) — a C++ kernel's
+    inner ATen matmuls must not silently turn bfloat16. Applied before validation, so the checks
+    see the dtypes the backend will get.
+    """
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            tensors = _tensors(args) + _tensors(kwargs.values())
+            device_type = tensors[0].device.type if tensors else "cpu"
+            if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+                return fn(*args, **kwargs)
+            if cast:
                 dtype = torch.get_autocast_dtype(device_type)
                 args = tuple(_autocast_cast(a, dtype) for a in args)
                 kwargs = {k: _autocast_cast(v, dtype) for k, v in kwargs.items()}
-            name = self.choose(*args, backend=backend, **kwargs)
             with torch.autocast(device_type, enabled=False):
-                return self.impls[name].fn(*args, **kwargs)
-        name = self.choose(*args, backend=backend, **kwargs)
-        return self.impls[name].fn(*args, **kwargs)
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco
 
 
 def _autocast_cast(value, dtype: torch.dtype):

@@ -124,21 +124,6 @@ class ResidualDoubleConv(nn.Module):
         return torch.relu(h + self.pointwise_norm(self.pointwise(h)))
 
 
-def _blocks_input(tokens: torch.Tensor, blocks: nn.Module) -> torch.Tensor:
-    """Under autocast, tokens in the blocks' parameter dtype.
-
-    The fused window/external/Gaussian-axial ops take activations and weights of one dtype and have
-    no autocast rule of their own, while autocast hands convolutions' and Linear layers' outputs
-    over in the low-precision dtype; so the mixed-transformer blocks get their input in their
-    parameters' dtype (their inner Linear layers still follow autocast). Outside autocast the
-    dtypes already agree and nothing is cast.
-    """
-    dtype = next(blocks.parameters()).dtype
-    if tokens.dtype != dtype and torch.is_autocast_enabled(tokens.device.type):
-        return tokens.to(dtype)
-    return tokens
-
-
 class TransformerEncoderStage(nn.Module):
     r"""Tokens (B, h, w, dim) -> (down (B, 2·dim, h/2, w/2), skip (B, dim, h, w)).
 
@@ -152,7 +137,6 @@ class TransformerEncoderStage(nn.Module):
         self.downsample = ConvNormAct(dim, 2 * dim, 2, stride=2)
 
     def forward(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        tokens = _blocks_input(tokens, self.blocks)
         for block in self.blocks:
             tokens = block(tokens)
         skip = tokens.permute(0, 3, 1, 2)
@@ -188,7 +172,6 @@ class TransformerDecoderStage(nn.Module):
             tokens = F.linear(up, w_up) + F.linear(skip, w_skip, self.project.bias)
         else:
             tokens = torch.cat((up, skip), dim=-1)
-        tokens = _blocks_input(tokens, self.blocks)
         for block in self.blocks:
             tokens = block(tokens)
         return tokens
@@ -299,7 +282,7 @@ class MTUNet(nn.Module):
             h, skip = stage(tokens)
             skips.append(skip)
             tokens = h.permute(0, 2, 3, 1)
-        tokens = self.bottleneck(_blocks_input(tokens, self.bottleneck))
+        tokens = self.bottleneck(tokens)
         for stage, skip in zip(self.decoder, reversed(skips)):
             tokens = stage(tokens.permute(0, 3, 1, 2), skip)
         h = tokens.permute(0, 3, 1, 2)

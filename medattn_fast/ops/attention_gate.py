@@ -83,7 +83,7 @@ class BatchNormParams(NamedTuple):
         return [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
 
 
-_op = B.op(OP, autocast="none")  # mixed dtypes handled in attention_gate() (BN state stays float32)  # auto order: CPU cpp -> torch, CUDA triton -> cuda -> torch
+_op = B.op(OP)  # auto order: CPU cpp -> torch, CUDA triton -> cuda -> torch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +325,7 @@ def _check(x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias, *
 # public entry point
 # ---------------------------------------------------------------------------------------------
 
+@B.autocast_entry(cast=False)  # mixed dtypes handled below: the BN state stays float32
 def attention_gate(x: Tensor, g: Tensor, wx_weight: Tensor, wx_bias: Optional[Tensor], wg_weight: Tensor,
                    wg_bias: Optional[Tensor], psi_weight: Tensor, psi_bias: Optional[Tensor], *,
                    bn_x: Optional[BatchNormParams] = None, bn_g: Optional[BatchNormParams] = None,

@@ -78,6 +78,7 @@ def _torch(x, *, negate, gamma, residual, multiply):
     return _epilogue(o, gamma, cast(residual), cast(multiply)).to(x.dtype)
 
 
+@B.autocast_entry()
 def channel_attention(x, *, negate=True, gamma=None, residual=None, multiply=None, backend=None):
     r"""C×C channel attention: ``out = γ · (softmax(∓X Xᵀ) X ⊙ multiply) + residual``.
 

@@ -106,6 +106,7 @@ def _torch(x, query_weight, query_bias, key_memory, key_bias, value_memory, valu
     return F.linear(y.reshape(Bn, N, -1), proj_weight, proj_bias)
 
 
+@B.autocast_entry()
 def external_attention(x: torch.Tensor, query_weight: torch.Tensor, query_bias: Optional[torch.Tensor],
                        key_memory: torch.Tensor, key_bias: Optional[torch.Tensor], value_memory: torch.Tensor,
                        value_bias: Optional[torch.Tensor], proj_weight: torch.Tensor,

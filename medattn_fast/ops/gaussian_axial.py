@@ -333,6 +333,7 @@ def _cpp_qkv(q, k, v, shift, *, bias=None):
 # public functions
 # ---------------------------------------------------------------------------------------------
 
+@B.autocast_entry()
 def gaussian_axial_attention(q: Tensor, k: Tensor, v: Tensor, shift: Tensor, *, bias: Optional[Tensor] = None,
                              backend: Optional[str] = None) -> Tensor:
     r"""Gaussian-weighted axial attention from q, k, v.
@@ -357,6 +358,7 @@ def gaussian_axial_attention(q: Tensor, k: Tensor, v: Tensor, shift: Tensor, *, 
     return _op_qkv(q, k, v, shift, bias=bias, backend=backend)
 
 
+@B.autocast_entry()
 def gaussian_axial_from_scores(atten_x: Tensor, atten_y: Tensor, v: Tensor, shift: Tensor, *,
                                bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     r"""Gaussian-weighted axial attention from precomputed scores (GaussianTrans's interface).

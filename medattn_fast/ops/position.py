@@ -238,6 +238,7 @@ def _torch(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, 
 # ---------------------------------------------------------------------------------------------
 # public entry point
 # ---------------------------------------------------------------------------------------------
+@B.autocast_entry()
 def position_attention(q, k, v, *, scale=1.0, transpose=False, layout="tokens", gamma=None,
                        residual=None, multiply=None, chunk_size: Optional[int] = None, backend=None):
     r"""Softmax attention over tokens, never storing the N×N matrix on the ``torch`` backend.

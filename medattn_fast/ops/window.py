@@ -240,6 +240,7 @@ def _torch(x, query_weight, query_bias, key_weight, key_bias, value_weight, valu
 # public entry point
 # ---------------------------------------------------------------------------------------------
 
+@B.autocast_entry()
 def window_attention(x: torch.Tensor, query_weight: torch.Tensor, query_bias: Optional[torch.Tensor],
                      key_weight: torch.Tensor, key_bias: Optional[torch.Tensor], value_weight: torch.Tensor,
                      value_bias: Optional[torch.Tensor], proj_weight: torch.Tensor,
