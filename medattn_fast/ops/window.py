@@ -44,7 +44,7 @@ from . import _validate as V
 __all__ = ["window_attention", "PAD_MODES", "LAYOUTS", "padded_size"]
 
 _OP = "window_attention"
-_op = B.op(_OP, auto_cpu=("torch",), auto_cuda=("torch",))
+_op = B.op(_OP, auto_cpu=("torch",), auto_cuda=("triton", "torch"))
 
 PAD_MODES = ("mtunet", "mask")
 LAYOUTS = ("grid", "padded", "windows")
@@ -275,3 +275,6 @@ def window_attention(x: torch.Tensor, query_weight: torch.Tensor, query_bias: Op
     return _op(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias, proj_weight,
                proj_bias, window_size=window_size, num_heads=num_heads, pad_mode=pad_mode, layout=layout,
                backend=backend)
+
+
+from . import _window_triton  # noqa: E402,F401  (registers the triton backend)
