@@ -31,7 +31,7 @@ from . import _validate as V
 __all__ = ["external_attention"]
 
 _OP = "external_attention"
-_op = B.op(_OP, auto_cpu=("torch",), auto_cuda=("torch",))
+_op = B.op(_OP, auto_cpu=("torch",), auto_cuda=("triton", "torch"))
 
 # The original's guard against a memory slot column that sums to zero.
 SLOT_EPS = 1e-9
@@ -136,3 +136,6 @@ def external_attention(x: torch.Tensor, query_weight: torch.Tensor, query_bias: 
            num_heads)
     return _op(x, query_weight, query_bias, key_memory, key_bias, value_memory, value_bias, proj_weight,
                proj_bias, num_heads=num_heads, backend=backend)
+
+
+from . import _external_triton  # noqa: E402,F401  (registers the triton backend)

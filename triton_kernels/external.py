@@ -1,0 +1,368 @@
+r"""Fused Triton kernels of external attention's core (DESIGN.md op 6; MT-UNet MEAttention, EANet),
+forward and backward. The N × S attention matrix is never stored, in either direction.
+
+Per batch b and head h (q_h = the head's d columns of the query projection, N tokens, S slots)::
+
+    a     = q_h M_kᵀ                       (N × S; + b_k, which cancels: constant over the tokens)
+    p     = softmax over the TOKENS of a    p[n,s] = exp(a[n,s] − lse[s]),  lse[s] = log Σ_n exp a[n,s]
+    r[n]  = Σ_s p[n,s]
+    â     = p / (ε + r)                     (the slot normalisation, ε = 1e-9)
+    y_h   = â M_vᵀ + b_v                   (N × d)
+
+The column statistics lse[s] need all N tokens before any p is known, hence two passes:
+
+* ``_column_stats_kernel``   per (chunk of tokens, b·h): column max and Σ exp over the chunk
+                             (online over BLOCK_N tiles) -> per-chunk partials;
+* ``_forward_kernel``        per (chunk, b·h): combines the partials of every chunk in chunk order
+                             (the same order in every program: deterministic), recomputes a per
+                             tile, normalises over tokens with lse and over slots in registers,
+                             multiplies by M_vᵀ and stores y; chunk 0 also stores lse (B·heads × S,
+                             float32), the only thing the backward keeps besides the inputs.
+
+Backward, with dy = ∂L/∂y_h, recomputing a, p, r, â per tile from q and lse::
+
+    dâ    = dy M_v                         dM_v += dyᵀ â           db_v = Σ dy
+    dp    = (dâ − Σ_s dâ ⊙ â) / (ε + r)    (row-wise, over slots)
+    c[s]  = Σ_n p[n,s] dp[n,s]              (column-wise, over tokens: a full pass)
+    da    = p ⊙ (dp − c)                    dq_h = da M_k            dM_k += daᵀ q_h
+    db_k  = Σ_n da = 0 exactly              (returned as zeros)
+
+* ``_backward_columns_kernel``  per (chunk, b·h): partials of c and of dM_v;
+* ``_backward_kernel``          per (chunk, b·h): c combined in chunk order, dq stored, partials of dM_k.
+
+The memory gradients are sums over B·heads·N; each program writes its partial (S × d float32) and
+``torch.sum`` reduces them in a fixed order — deterministic, no atomics. Chunks hold
+``tiles_per_chunk`` tiles of BLOCK_N tokens: enough programs to fill the GPU (``default_config``),
+few enough partials to keep the combines cheap.
+
+Every tile masks tokens, slots and features (no size need be a multiple of a block; S and d are
+padded to powers of two ≥ 16, ``tl.dot``'s minimum; ``MAX_SLOTS`` = ``MAX_HEAD_DIM`` = 128 keep a
+program's memories in registers). Precision: a, the statistics and every accumulator in float32;
+p, â, dp, da enter their dots in float32 (``ieee`` for float32 inputs, TF32 for 16-bit ones). Under
+``TRITON_INTERPRET=1`` the dots run on float32 copies and bfloat16 stores round explicitly (``_util``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import interpreted, to_storage
+
+__all__ = ["ExternalConfig", "default_config", "external_forward", "external_backward", "MAX_HEAD_DIM",
+           "MAX_SLOTS", "SLOT_EPS"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 128
+MAX_SLOTS = 128
+SLOT_EPS = 1e-9   # the original's guard against a slot row summing to zero
+
+
+@dataclass(frozen=True)
+class ExternalConfig:
+    """Tokens per tile, tiles per program (chunk), warps."""
+
+    block_n: int = 64
+    tiles_per_chunk: int = 4
+    num_warps: int = 4
+
+
+def default_config(n_tokens: int, batch_heads: int, device: torch.device) -> ExternalConfig:
+    """A starting heuristic (untuned): 64-token tiles, and chunks sized so that about 4 programs per
+    SM of an H100 (132 SMs) run; on CPU (interpreter) one chunk per (b, head)."""
+    block_n = 64
+    n_tiles = triton.cdiv(n_tokens, block_n)
+    if device.type != "cuda":
+        return ExternalConfig(block_n, n_tiles, 4)
+    target_chunks = max(1, triton.cdiv(4 * 132, batch_heads))
+    return ExternalConfig(block_n, max(1, triton.cdiv(n_tiles, target_chunks)), 4)
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in float32 (``UPCAST``: on float32 copies, for the interpreter)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _dot_f32(p, x, PRECISION: tl.constexpr):
+    """p @ x for a float32 tile p: x is widened, p keeps its value."""
+    return tl.dot(p, x.to(tl.float32), input_precision=PRECISION)
+
+
+@triton.jit
+def _program(heads, tiles_per_chunk, BLOCK_N: tl.constexpr):
+    """(b, h, first token of the chunk) of this program; grid = (chunks, B·heads)."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    return bh // heads, bh % heads, bh, chunk * tiles_per_chunk * BLOCK_N
+
+
+@triton.jit
+def _load_tile(ptr, b, rows, h, d, sb, sn, sc, N, BLOCK_D: tl.constexpr):
+    """(BLOCK_N, BLOCK_D) token rows of head h's d columns of a (B, N, heads·d) tensor; 0 outside."""
+    feats = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < N) & (feats[None, :] < d)
+    return tl.load(ptr + b.to(tl.int64) * sb + rows[:, None].to(tl.int64) * sn + (h * d + feats)[None, :] * sc,
+                   mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_matrix(ptr, rows, cols, s_r, s_c, n_rows, n_cols):
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * s_r + cols[None, :] * s_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _slot_normalised(q, mk_t, lse2, rows, slots, N, S, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """p (softmax over tokens, known statistics), â = p / (ε + Σ_s p) and 1 / (ε + Σ_s p) of a tile;
+    p is 0 outside the tokens and slots."""
+    a2 = _dot(q, mk_t, PRECISION, UPCAST) * 1.4426950408889634
+    valid = (rows[:, None] < N) & (slots[None, :] < S)
+    p = tl.where(valid, tl.exp2(a2 - lse2[None, :]), 0.0)
+    inv = 1.0 / (1e-9 + tl.sum(p, 1))
+    return p, p * inv[:, None], inv
+
+
+@triton.jit
+def _combine_lse2(max_ptr, sum_ptr, bh, n_chunks, slots, S, BLOCK_S: tl.constexpr):
+    """log2 Σ_n exp2(a2[n, s]) from the per-chunk (max, Σ exp2) partials, in chunk order."""
+    smask = slots < S
+    col_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    col_sum = tl.zeros([BLOCK_S], tl.float32)
+    for j in range(n_chunks):
+        base = (bh * n_chunks + j) * S
+        m = tl.load(max_ptr + base + slots, mask=smask, other=0.0)
+        s = tl.load(sum_ptr + base + slots, mask=smask, other=0.0)
+        new_max = tl.maximum(col_max, m)
+        col_sum = col_sum * tl.exp2(col_max - new_max) + s * tl.exp2(m - new_max)
+        col_max = new_max
+    # padded slots (s >= S) have no terms: log2 of 1, not of 0
+    return col_max + tl.log2(tl.where(smask, col_sum, 1.0))
+
+
+@triton.jit
+def _column_stats_kernel(q_ptr, mk_ptr, max_ptr, sum_ptr, sqb, sqn, sqc, smk_s, smk_d,
+                         N, d, S, heads, tiles_per_chunk,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Per chunk: column max and Σ exp2 of a2 = log2(e)·q M_kᵀ over the chunk's tokens."""
+    b, h, bh, start = _program(heads, tiles_per_chunk, BLOCK_N)
+    feats = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, BLOCK_S)
+    mk_t = _load_matrix(mk_ptr, feats, slots, smk_d, smk_s, d, S)                  # (D, S)
+    col_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    col_sum = tl.zeros([BLOCK_S], tl.float32)
+    for i in range(tiles_per_chunk):
+        rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        q = _load_tile(q_ptr, b, rows, h, d, sqb, sqn, sqc, N, BLOCK_D)
+        a2 = _dot(q, mk_t, PRECISION, UPCAST) * 1.4426950408889634
+        a2 = tl.where(rows[:, None] < N, a2, float("-inf"))
+        new_max = tl.maximum(col_max, tl.max(a2, 0))
+        # A tile past N leaves new_max = col_max, finite after the chunk's first (never empty) tile.
+        col_sum = col_sum * tl.exp2(col_max - new_max) + tl.sum(tl.exp2(a2 - new_max[None, :]), 0)
+        col_max = new_max
+    base = (bh * tl.num_programs(0) + tl.program_id(0)) * S
+    tl.store(max_ptr + base + slots, col_max, mask=slots < S)
+    tl.store(sum_ptr + base + slots, col_sum, mask=slots < S)
+
+
+@triton.jit
+def _forward_kernel(q_ptr, mk_ptr, mv_ptr, bv_ptr, max_ptr, sum_ptr, lse_ptr, y_ptr,
+                    sqb, sqn, sqc, smk_s, smk_d, smv_d, smv_s, syb, syn, syc,
+                    N, d, S, heads, tiles_per_chunk, n_chunks,
+                    HAS_VB: tl.constexpr, STORE_LSE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """y = (softmax_N(q M_kᵀ) / (ε + Σ_S ·)) M_vᵀ + b_v for the chunk's tokens of one (b, h)."""
+    b, h, bh, start = _program(heads, tiles_per_chunk, BLOCK_N)
+    feats = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, BLOCK_S)
+    lse2 = _combine_lse2(max_ptr, sum_ptr, bh, n_chunks, slots, S, BLOCK_S)
+    if STORE_LSE:
+        if tl.program_id(0) == 0:
+            tl.store(lse_ptr + bh * S + slots, lse2, mask=slots < S)
+    mk_t = _load_matrix(mk_ptr, feats, slots, smk_d, smk_s, d, S)                  # (D, S)
+    mv_t = _load_matrix(mv_ptr, slots, feats, smv_s, smv_d, S, d)                  # (S, D)
+    if HAS_VB:
+        bv = tl.load(bv_ptr + feats, mask=feats < d, other=0.0).to(tl.float32)
+    for i in range(tiles_per_chunk):
+        rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        q = _load_tile(q_ptr, b, rows, h, d, sqb, sqn, sqc, N, BLOCK_D)
+        _p, a_hat, _inv = _slot_normalised(q, mk_t, lse2, rows, slots, N, S, PRECISION, UPCAST)
+        y = _dot_f32(a_hat, mv_t, PRECISION)
+        if HAS_VB:
+            y += bv[None, :]
+        mask = (rows[:, None] < N) & (feats[None, :] < d)
+        offs = b.to(tl.int64) * syb + rows[:, None].to(tl.int64) * syn + (h * d + feats)[None, :] * syc
+        tl.store(y_ptr + offs, to_storage(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _slot_grads(q, dy, mk_t, mv, lse2, rows, slots, N, S, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """p, â and dp = ∂L/∂p (through the slot normalisation) of a tile."""
+    p, a_hat, inv = _slot_normalised(q, mk_t, lse2, rows, slots, N, S, PRECISION, UPCAST)
+    da_hat = _dot(dy, mv, PRECISION, UPCAST)                                        # (N, S)
+    dp = (da_hat - tl.sum(da_hat * a_hat, 1)[:, None]) * inv[:, None]
+    return p, a_hat, dp
+
+
+@triton.jit
+def _backward_columns_kernel(q_ptr, dy_ptr, mk_ptr, mv_ptr, lse_ptr, c_part_ptr, dmv_part_ptr,
+                             sqb, sqn, sqc, sgb, sgn, sgc, smk_s, smk_d, smv_d, smv_s,
+                             N, d, S, heads, tiles_per_chunk,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Per chunk: partial c[s] = Σ_n p dp and partial dM_v = dyᵀ â."""
+    b, h, bh, start = _program(heads, tiles_per_chunk, BLOCK_N)
+    feats = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, BLOCK_S)
+    lse2 = tl.load(lse_ptr + bh * S + slots, mask=slots < S, other=0.0)
+    mk_t = _load_matrix(mk_ptr, feats, slots, smk_d, smk_s, d, S)                  # (D, S)
+    mv = _load_matrix(mv_ptr, feats, slots, smv_d, smv_s, d, S)                    # (D, S)
+    c_acc = tl.zeros([BLOCK_S], tl.float32)
+    dmv_acc = tl.zeros([BLOCK_D, BLOCK_S], tl.float32)
+    for i in range(tiles_per_chunk):
+        rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        q = _load_tile(q_ptr, b, rows, h, d, sqb, sqn, sqc, N, BLOCK_D)
+        dy = _load_tile(dy_ptr, b, rows, h, d, sgb, sgn, sgc, N, BLOCK_D)
+        p, a_hat, dp = _slot_grads(q, dy, mk_t, mv, lse2, rows, slots, N, S, PRECISION, UPCAST)
+        c_acc += tl.sum(p * dp, 0)
+        dmv_acc += _dot_f32(tl.trans(dy.to(tl.float32)), a_hat, PRECISION)
+    part = bh * tl.num_programs(0) + tl.program_id(0)
+    tl.store(c_part_ptr + part * S + slots, c_acc, mask=slots < S)
+    mask = (feats[:, None] < d) & (slots[None, :] < S)
+    tl.store(dmv_part_ptr + (part * d + feats[:, None]) * S + slots[None, :], dmv_acc, mask=mask)
+
+
+@triton.jit
+def _backward_kernel(q_ptr, dy_ptr, mk_ptr, mv_ptr, lse_ptr, c_part_ptr, dq_ptr, dmk_part_ptr,
+                     sqb, sqn, sqc, sgb, sgn, sgc, smk_s, smk_d, smv_d, smv_s, sdb, sdn, sdc,
+                     N, d, S, heads, tiles_per_chunk, n_chunks,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Per chunk: da = p (dp − c), dq = da M_k stored, partial dM_k = daᵀ q."""
+    b, h, bh, start = _program(heads, tiles_per_chunk, BLOCK_N)
+    feats = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, BLOCK_S)
+    smask = slots < S
+    lse2 = tl.load(lse_ptr + bh * S + slots, mask=smask, other=0.0)
+    col_term = tl.zeros([BLOCK_S], tl.float32)
+    for j in range(n_chunks):   # c[s], combined in chunk order
+        col_term += tl.load(c_part_ptr + (bh * n_chunks + j) * S + slots, mask=smask, other=0.0)
+    mk_t = _load_matrix(mk_ptr, feats, slots, smk_d, smk_s, d, S)                  # (D, S)
+    mv = _load_matrix(mv_ptr, feats, slots, smv_d, smv_s, d, S)                    # (D, S)
+    dmk_acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    for i in range(tiles_per_chunk):
+        rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        q = _load_tile(q_ptr, b, rows, h, d, sqb, sqn, sqc, N, BLOCK_D)
+        dy = _load_tile(dy_ptr, b, rows, h, d, sgb, sgn, sgc, N, BLOCK_D)
+        p, _a_hat, dp = _slot_grads(q, dy, mk_t, mv, lse2, rows, slots, N, S, PRECISION, UPCAST)
+        da = p * (dp - col_term[None, :])
+        dq = _dot_f32(da, tl.trans(mk_t), PRECISION)                                 # (N, D)
+        mask = (rows[:, None] < N) & (feats[None, :] < d)
+        offs = b.to(tl.int64) * sdb + rows[:, None].to(tl.int64) * sdn + (h * d + feats)[None, :] * sdc
+        tl.store(dq_ptr + offs, to_storage(dq, dq_ptr.dtype.element_ty), mask=mask)
+        dmk_acc += _dot_f32(tl.trans(da), q, PRECISION)
+    part = bh * n_chunks + tl.program_id(0)
+    mask = (slots[:, None] < S) & (feats[None, :] < d)
+    tl.store(dmk_part_ptr + (part * S + slots[:, None]) * d + feats[None, :], dmk_acc, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch functions
+# ---------------------------------------------------------------------------------------------
+def _plan(q: torch.Tensor, key_memory: torch.Tensor, num_heads: int, config: Optional[ExternalConfig]):
+    batch, n_tokens, a_dim = q.shape
+    d = a_dim // num_heads
+    slots = key_memory.shape[0]
+    if d > MAX_HEAD_DIM or slots > MAX_SLOTS or key_memory.shape[1] != d:
+        raise ValueError(f"external kernels: need key_memory (S, d) with d = {d} <= {MAX_HEAD_DIM} and "
+                         f"S <= {MAX_SLOTS}, got {tuple(key_memory.shape)}")
+    cfg = config or default_config(n_tokens, batch * num_heads, q.device)
+    n_chunks = triton.cdiv(triton.cdiv(n_tokens, cfg.block_n), cfg.tiles_per_chunk)
+    # under the interpreter every dot runs on float32 copies, in ieee precision
+    precision = "ieee" if interpreted() else _dot_precision(q.dtype)
+    blocks = dict(BLOCK_N=cfg.block_n, BLOCK_D=_pow2_at_least_16(d), BLOCK_S=_pow2_at_least_16(slots),
+                  PRECISION=precision, UPCAST=interpreted(), num_warps=cfg.num_warps)
+    return batch, n_tokens, d, slots, cfg, n_chunks, blocks
+
+
+def external_forward(q: torch.Tensor, key_memory: torch.Tensor, value_memory: torch.Tensor,
+                     value_bias: Optional[torch.Tensor], *, num_heads: int, save_for_backward: bool = True,
+                     config: Optional[ExternalConfig] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    r"""External attention core: per head, ``y_h = (softmax_N(q_h M_kᵀ) / (ε + Σ_S ·)) M_vᵀ + b_v``.
+
+    Args:
+        q: (B, N, heads·d) query projection, any strides (head h = columns h·d .. h·d + d).
+        key_memory: (S, d) M_k; value_memory: (d, S) M_v; value_bias: (d,) b_v or None.
+        num_heads: heads. save_for_backward: also return the column statistics.
+
+    Returns:
+        ``(y, lse2)``: y (B, N, heads·d) in q's dtype; lse2 (B·heads, S) float32, the base-2 column
+        log-sum-exp ``log2 Σ_n exp2(log2(e)·q_h M_kᵀ)`` (None unless ``save_for_backward``).
+    """
+    batch, n_tokens, d, slots, cfg, n_chunks, blocks = _plan(q, key_memory, num_heads, config)
+    bh = batch * num_heads
+    col_max = torch.empty((bh, n_chunks, slots), device=q.device, dtype=torch.float32)
+    col_sum = torch.empty_like(col_max)
+    lse = torch.empty((bh, slots), device=q.device, dtype=torch.float32) if save_for_backward else None
+    y = q.new_empty(q.shape)
+    grid = (n_chunks, bh)
+    _column_stats_kernel[grid](q, key_memory, col_max, col_sum, *q.stride(), *key_memory.stride(),
+                               n_tokens, d, slots, num_heads, cfg.tiles_per_chunk, **blocks)
+    _forward_kernel[grid](q, key_memory, value_memory, value_bias if value_bias is not None else q, col_max,
+                          col_sum, lse if lse is not None else col_max, y,
+                          *q.stride(), *key_memory.stride(), *value_memory.stride(), *y.stride(),
+                          n_tokens, d, slots, num_heads, cfg.tiles_per_chunk, n_chunks,
+                          HAS_VB=value_bias is not None, STORE_LSE=lse is not None, **blocks)
+    return y, lse
+
+
+def external_backward(grad_y: torch.Tensor, q: torch.Tensor, key_memory: torch.Tensor,
+                      value_memory: torch.Tensor, lse: torch.Tensor, *, num_heads: int, value_bias_grad: bool,
+                      config: Optional[ExternalConfig] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    r"""Gradients ``(dq, dM_k, dM_v, db_v)`` of :func:`external_forward` (db_v None unless asked).
+
+    ``grad_y``: ∂L/∂y (B, N, heads·d), any strides; ``lse``: the forward's lse2. The memories'
+    gradients are per-program float32 partials summed by ``torch.sum`` (deterministic).
+    """
+    batch, n_tokens, d, slots, cfg, n_chunks, blocks = _plan(q, key_memory, num_heads, config)
+    bh = batch * num_heads
+    c_part = torch.empty((bh, n_chunks, slots), device=q.device, dtype=torch.float32)
+    dmv_part = torch.empty((bh * n_chunks, d, slots), device=q.device, dtype=torch.float32)
+    dmk_part = torch.empty((bh * n_chunks, slots, d), device=q.device, dtype=torch.float32)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    grid = (n_chunks, bh)
+    common = (*key_memory.stride(), *value_memory.stride())
+    _backward_columns_kernel[grid](q, grad_y, key_memory, value_memory, lse, c_part, dmv_part,
+                                   *q.stride(), *grad_y.stride(), *common,
+                                   n_tokens, d, slots, num_heads, cfg.tiles_per_chunk, **blocks)
+    _backward_kernel[grid](q, grad_y, key_memory, value_memory, lse, c_part, dq, dmk_part,
+                           *q.stride(), *grad_y.stride(), *common, *dq.stride(),
+                           n_tokens, d, slots, num_heads, cfg.tiles_per_chunk, n_chunks, **blocks)
+    d_key_memory = dmk_part.sum(dim=0).to(key_memory.dtype)
+    d_value_memory = dmv_part.sum(dim=0).to(value_memory.dtype)
+    d_value_bias = None
+    if value_bias_grad:
+        d_value_bias = grad_y.reshape(batch * n_tokens * num_heads, d).sum(dim=0, dtype=torch.float32)
+        d_value_bias = d_value_bias.to(value_memory.dtype)
+    return dq, d_key_memory, d_value_memory, d_value_bias
