@@ -20,7 +20,8 @@ be passed as ``bias=`` (checkpoints have it) and then receives a gradient of exa
 Backends: ``reference`` (the per-pixel loop of :mod:`medattn_fast.reference.gaussian_trans`),
 ``torch`` (vectorised: both softmaxes and two batched matmuls, no loop over pixels) and ``cpp``
 (fused kernels of ``csrc/cpu/gaussian_axial.cpp``, registered below as ``medattn::`` custom ops
-with fake kernels and autograd, so they work under ``torch.compile(fullgraph=True)``).
+with fake kernels and autograd, so they work under ``torch.compile(fullgraph=True)``) and
+``triton`` (fused kernels of ``triton_kernels/axial.py``, custom ops in ``_gaussian_axial_triton``).
 """
 from __future__ import annotations
 
@@ -347,8 +348,8 @@ def gaussian_axial_attention(q: Tensor, k: Tensor, v: Tensor, shift: Tensor, *, 
         shift: θ, a 0-dim or (1,) floating tensor on the same device (any float dtype).
         bias: optional 0-dim or (1,) tensor: GaussianTrans's ``bias``, which cancels in both
             softmaxes; it does not change the result and its gradient is exactly zero.
-        backend: force a backend for this call (``reference``, ``torch``, ``cpp``); default: the
-            one in force (see :mod:`medattn_fast.backend`).
+        backend: force a backend for this call (``reference``, ``torch``, ``cpp``, ``triton``);
+            default: the one in force (see :mod:`medattn_fast.backend`).
 
     Returns:
         (B, H, W, D) in the dtype of v. The ``cpp`` backend accumulates in float32 (float64 for
@@ -379,3 +380,6 @@ def gaussian_axial_from_scores(atten_x: Tensor, atten_y: Tensor, v: Tensor, shif
     """
     _check_scores(atten_x, atten_y, v, shift, bias)
     return _op_scores(atten_x, atten_y, v, shift, bias=bias, backend=backend)
+
+
+from . import _gaussian_axial_triton  # noqa: E402,F401  (registers the triton backend)
