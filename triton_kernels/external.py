@@ -111,7 +111,7 @@ def _dot_f32(p, x, PRECISION: tl.constexpr):
 def _program(heads, tiles_per_chunk, BLOCK_N: tl.constexpr):
     """(b, h, first token of the chunk) of this program; grid = (chunks, B·heads)."""
     chunk = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)   # partial-buffer offsets scale with B·heads·chunks·S·d
     return bh // heads, bh % heads, bh, chunk * tiles_per_chunk * BLOCK_N
 
 
