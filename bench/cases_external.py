@@ -1,11 +1,15 @@
 """Benchmark cases of external attention (DESIGN.md op 6; MT-UNet MEAttention).
 
-Shapes are MT-UNet's mixed-transformer levels at 224² input: B = 2, N = 784 tokens (28²) with
-C = 256 and N = 196 (14²) with C = 512; 32 heads (4 · 8), memories of 64 slots, expansion 4.
+Shapes are MT-UNet's mixed-transformer levels; 32 heads (4 · 8), memories of 64 slots, expansion 4
+(head dim = C/8). At 224² input: N = 784 tokens (28²) with C = 256 (encoder 0) and C = 512
+(decoder 1), N = 196 (14²) with C = 512, N = 49 (7²) with C = 1024 (bottleneck); N = 3136 (56²)
+with C = 256 is the first level at 448² input. CUDA: the training batch B = 12, float32 and
+bfloat16; CPU: B = 2, the 28²/C=256 and 14²/C=512 rows.
 
-Providers: ``reference`` (the seed-faithful ``MEAttention`` module), ``torch`` / ``auto``
-(:func:`medattn_fast.functional.external_attention` forced to the torch backend / on the default
-choice), ``compile`` (``torch.compile`` of the reference module). One shared set of weights.
+Providers: ``reference`` (the seed-faithful ``MEAttention`` module), ``torch`` / ``triton`` /
+``auto`` (:func:`medattn_fast.functional.external_attention` forced to the torch / triton backend,
+or on the default choice; triton is reported unavailable on CPU), ``compile`` (``torch.compile`` of
+the reference module). One shared set of weights.
 """
 from __future__ import annotations
 
@@ -41,15 +45,28 @@ def _setup(batch: int, tokens: int, dim: int):
             "torch": functional("torch"),
             "compile": torch.compile(ref),
             "auto": functional(None),
+            "triton": functional("triton"),
         }
         return (x,), providers
 
     return setup
 
 
+CPU_ROWS = ((2, 784, 256, "MT-UNet encoder 0 (28²)"), (2, 196, 512, "MT-UNet encoder 1 (14²)"))
+CUDA_ROWS = (
+    (12, 3136, 256, "MT-UNet level 0 at 448² input (56²)"),
+    (12, 784, 256, "MT-UNet encoder 0 at 224² (28²)"),
+    (12, 784, 512, "MT-UNet decoder 1 at 224² (28²)"),
+    (12, 196, 512, "MT-UNet encoder 1 / decoder 0 at 224² (14²)"),
+    (12, 49, 1024, "MT-UNet bottleneck at 224² (7²)"),
+)
+
+
 def cases(device: torch.device) -> list:
+    on_cuda = device.type == "cuda"
+    dtypes = (torch.float32, torch.bfloat16) if on_cuda else (torch.float32,)
     return [
         Case(op="external", shape=f"B={b} N={n} C={c} heads=32 S=64", setup=_setup(b, n, c), flops=_flops(b, n, c),
-             note=note)
-        for b, n, c, note in ((2, 784, 256, "MT-UNet encoder 0 (28²)"), (2, 196, 512, "MT-UNet encoder 1 (14²)"))
+             dtypes=dtypes, devices=(device.type,), note=note)
+        for b, n, c, note in (CUDA_ROWS if on_cuda else CPU_ROWS)
     ]
