@@ -8,10 +8,22 @@
   of the first transformer stage become a 7×7 grid with D=256 (B=1: also the cheap smoke row).
 * The fused from-q,k,v entry point (scores never stored) at 14×14, D=512 and at 28×28, D=256.
 
+* MT-UNet's real shapes at 224² and B=12 (CUDA only): the window-token grids 28², 14², 7² with
+  C = 256, 512, 1024 reach GaussianTrans as 7×7 (D=256), 4×4 (D=512) and 2×2 (D=1024) grids
+  (WinAttention pads to a multiple of 4, DlightConv pools each 4×4 window to one token); the last
+  decoder stage gives 7×7 with D=512. Each as GaussianTrans (from scores) and from q, k, v.
+
 Providers: ``reference`` (the seed loop: ``reference.gaussian_trans.GaussianTrans`` /
 ``gaussian_axial_from_qkv_reference``), ``torch`` (the vectorised backend), ``compile``
-(``torch.compile`` of the vectorised backend), ``cpp`` (the fused C++ kernels), ``auto`` (the
-compat module / the functional on the default backend). All share one ``shift``/``bias`` pair.
+(``torch.compile`` of the vectorised backend), ``cpp`` (the fused C++ kernels), ``triton`` (the
+fused Triton kernels, forced: an "unavailable" row on CPU unless ``TRITON_INTERPRET=1``), ``auto``
+(the compat module / the functional on the default backend). All share one ``shift``/``bias`` pair.
+From q, k, v also ``flex``: ``torch.compile(flex_attention)`` as a user would write the op with it —
+row attention over the B·H rows (sequences of W pixels) plus column attention over the B·W
+columns (sequences of H pixels), each with ``scale=1.0`` and a ``score_mod`` subtracting
+θ(kv_idx − q_idx)², summed. (flex cannot take GaussianTrans's precomputed score maps except by
+indexing them inside ``score_mod``, which is not how anyone would call it, so the from-scores
+cases have no ``flex`` row.)
 """
 from __future__ import annotations
 
@@ -52,11 +64,37 @@ def _setup_scores(batch: int, h: int, w: int, d: int):
             "compile": compiled,
             "cpp": lambda ax, ay, v: MF.gaussian_axial_from_scores(ax, ay, v, ref.shift, bias=ref.bias,
                                                                    backend="cpp"),
+            "triton": lambda ax, ay, v: MF.gaussian_axial_from_scores(ax, ay, v, ref.shift, bias=ref.bias,
+                                                                      backend="triton"),
             "auto": lambda ax, ay, v: fast((grid, ax, ay, v)),
         }
         return (atten_x, atten_y, value), providers
 
     return setup
+
+
+def _flex_provider(shift: torch.Tensor) -> Callable:
+    """The op with ``torch.compile(flex_attention)``: rows and columns as two batches of sequences."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention)
+
+    def gaussian_penalty(score, b, h, q_idx, kv_idx):
+        dist = (kv_idx - q_idx).to(score.dtype)
+        return score - shift.reshape(()).to(score.dtype) * dist * dist
+
+    def run(q, k, v):
+        if not torch.is_grad_enabled():
+            # flex refuses inputs that require grad on CPU (no CPU backward), even under no_grad
+            q, k, v = q.detach(), k.detach(), v.detach()
+        batch, h, w, d = q.shape
+        rows = [t.reshape(batch * h, 1, w, d) for t in (q, k, v)]                      # (B·H, 1, W, D)
+        cols = [t.transpose(1, 2).reshape(batch * w, 1, h, d) for t in (q, k, v)]      # (B·W, 1, H, D)
+        along_rows = flex(*rows, score_mod=gaussian_penalty, scale=1.0).reshape(batch, h, w, d)
+        along_cols = flex(*cols, score_mod=gaussian_penalty, scale=1.0).reshape(batch, w, h, d)
+        return along_rows + along_cols.transpose(1, 2)
+
+    return run
 
 
 def _setup_qkv(batch: int, h: int, w: int, d: int):
@@ -75,6 +113,8 @@ def _setup_qkv(batch: int, h: int, w: int, d: int):
             "torch": vectorised,
             "compile": torch.compile(vectorised),
             "cpp": lambda q, k, v: MF.gaussian_axial_attention(q, k, v, shift, backend="cpp"),
+            "triton": lambda q, k, v: MF.gaussian_axial_attention(q, k, v, shift, backend="triton"),
+            "flex": _flex_provider(shift),
             "auto": lambda q, k, v: MF.gaussian_axial_attention(q, k, v, shift),
         }
         return (q, k, v), providers
@@ -96,4 +136,27 @@ def cases(device: torch.device) -> List[Case]:
              flops=_flops(2, 14, 14, 512, from_qkv=True), dtypes=dtypes),
         Case(op="gaussian_axial", shape="qkv B=2 28x28 D=256", setup=_setup_qkv(2, 28, 28, 256),
              flops=_flops(2, 28, 28, 256, from_qkv=True), dtypes=dtypes),
+        *_mtunet_cases(),
     ]
+
+
+# MT-UNet at 224², B=12: (window-token grid, channels) -> the grid GaussianTrans sees, D = channels.
+MTUNET_BATCH = 12
+MTUNET_LEVELS = [
+    ("encoder 28² C=256", 7, 256),
+    ("encoder 14² C=512", 4, 512),
+    ("bottleneck 7² C=1024", 2, 1024),
+    ("decoder 28² C=512", 7, 512),
+]
+
+
+def _mtunet_cases() -> List[Case]:
+    rows = []
+    for level, grid, d in MTUNET_LEVELS:
+        for name, setup, from_qkv in (("GaussianTrans", _setup_scores, False), ("qkv", _setup_qkv, True)):
+            rows.append(Case(op="gaussian_axial", shape=f"{name} B={MTUNET_BATCH} {grid}x{grid} D={d}",
+                             setup=setup(MTUNET_BATCH, grid, grid, d),
+                             flops=_flops(MTUNET_BATCH, grid, grid, d, from_qkv=from_qkv),
+                             dtypes=(torch.float32, torch.bfloat16), devices=("cuda",),
+                             note=f"MT-UNet 224² B={MTUNET_BATCH}, {level}"))
+    return rows
