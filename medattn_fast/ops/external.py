@@ -16,7 +16,8 @@ accepted so checkpoints' parameters keep their places, and their gradients are 0
 
 Backends: ``reference`` (a loop over heads, the seed math), ``torch`` (vectorised: heads stay a
 dimension of the (B, N, heads, d) view of the projection — no permute copies — and every step is
-one batched op).
+one batched op), ``triton`` (``_external_triton.py``: the Linear GEMMs around fused kernels
+that never store the N × S matrix; preferred by ``auto`` on CUDA).
 """
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ def external_attention(x: torch.Tensor, query_weight: torch.Tensor, query_bias: 
         value_memory, value_bias: (d, S), (d,) or None — ``MEAttention.linear_1``.
         proj_weight, proj_bias: (Co, heads·d), (Co,) or None — ``MEAttention.proj``.
         num_heads: number of heads (MT-UNet: 4 · configs["head"] = 32).
-        backend: force a backend for this call (``"reference"``, ``"torch"``); default: the one in force.
+        backend: force a backend for this call (``"reference"``, ``"torch"``, ``"triton"``); default: the
+            one in force.
 
     Returns:
         (B, N, Co), dtype of x.

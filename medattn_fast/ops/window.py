@@ -26,9 +26,11 @@ Output ``layout``:
 * ``"windows"`` (B, Hp/ws, Wp/ws, ws·ws, Co): the original WinAttention's own output layout
   (tokens row-major inside each window), which MT-UNet's DlightConv consumes.
 
-Backends: ``reference`` (explicit loops over windows and heads, the seed math) and ``torch``
+Backends: ``reference`` (explicit loops over windows and heads, the seed math), ``torch``
 (vectorised: the grid is partitioned with one reshape of a permuted view, q/k/v come from one GEMM
-with the three weights concatenated, and every window and head is one batch of small matmuls).
+with the three weights concatenated, and every window and head is one batch of small matmuls);
+``triton`` (``_window_triton.py``: the same GEMMs around a fused per-window kernel that pads,
+partitions and merges by index arithmetic; preferred by ``auto`` on CUDA).
 """
 from __future__ import annotations
 
@@ -265,7 +267,8 @@ def window_attention(x: torch.Tensor, query_weight: torch.Tensor, query_bias: Op
             ``"mask"`` (zeros, padded keys masked); see the module docstring.
         layout: ``"grid"`` -> (B, H, W, Co); ``"padded"`` -> (B, Hp, Wp, Co);
             ``"windows"`` -> (B, Hp/ws, Wp/ws, ws·ws, Co), the original WinAttention's output.
-        backend: force a backend for this call (``"reference"``, ``"torch"``); default: the one in force.
+        backend: force a backend for this call (``"reference"``, ``"torch"``, ``"triton"``); default: the
+            one in force.
 
     Returns:
         The attention output in ``layout``, dtype of x.
