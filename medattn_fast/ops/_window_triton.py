@@ -12,6 +12,10 @@ their gradients are ordinary autograd::
 * ``medattn::window_attention_triton_bwd(grad_o, qkv, qkv_bias?, ...) -> [dqkv, dqkv_bias]``
   (``dqkv_bias`` empty without a bias): probabilities recomputed, nothing saved but the inputs.
 
+MT-UNet's DlightConv aggregation is not fused into the kernel's epilogue: it reads the windows
+after the output projection (all heads of a token), and the local branch needs the windows anyway;
+see ``triton_kernels/window.py`` for the accounting.
+
 Reasons the backend cannot run a call: the generic Triton ones (device, dtype), a head dim above
 ``MAX_HEAD_DIM`` = 128 or a window above ``MAX_WINDOW`` = 8 (the tiles live in registers), and a
 batch above 65535 (the grid's third axis).
