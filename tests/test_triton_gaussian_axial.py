@@ -95,7 +95,8 @@ def _compare(entry, leaves, dtype):
     names = ["out", *(("q", "k") if entry == "qkv" else ("atten_x", "atten_y")), "v", "shift"]
     for name, err, base, ref in zip(names, _max_err(fused[:5], reference[:5]), yardstick, reference):
         bound = 2 * base + EPS[dtype] * max(1.0, ref.abs().max().item())
-        assert err <= bound, f"{entry} {tuple(leaves[2].shape)} {dtype}: {name} error {err:.3g} > bound {bound:.3g}"
+        assert err <= bound, \
+            f"{entry} {tuple(leaves[2].shape)} {dtype}: {name} error {err:.3g} > bound {bound:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,14 +217,6 @@ def test_triton_reasons_name_the_limits():
         assert any("float32/bfloat16" in r for r in qkv_op.why_not("triton", wide, wide, wide, shift))
 
 
-def test_auto_falls_through_when_triton_cannot_run():
-    """A line too long for the kernels: auto still answers (another backend), with the same result."""
-    q, k, v = (torch.randn(1, 1, 130, 2) for _ in range(3))
-    shift = torch.tensor(0.2)
-    torch.testing.assert_close(MF.gaussian_axial_attention(q, k, v, shift),
-                               MF.gaussian_axial_attention(q, k, v, shift, backend="torch"))
-
-
 def test_opcheck_custom_ops():
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     q, k, v = (torch.randn(1, 2, 3, 2, requires_grad=True) for _ in range(3))
@@ -265,7 +258,7 @@ def test_compiles_fullgraph_without_recompiles():
 # ---------------------------------------------------------------------------------------------
 # GaussianTrans inside MT-UNet at 224² and B = 12: the encoder's 28² tokens (C = 256) become a 7×7
 # grid, 14² (C = 512) a 4×4 grid, the bottleneck's 7² (C = 1024) a 2×2 grid; the last decoder stage
-# a 7×7 grid with C = 512. Plus larger grids (the bench's 14×14, 28×28) and an odd strided-free H ≠ W.
+# a 7×7 grid with C = 512. Plus larger grids (the bench's 14×14, 28×28) and an odd H ≠ W grid.
 GPU_SHAPES = [(12, 7, 7, 256), (12, 4, 4, 512), (12, 2, 2, 1024), (12, 7, 7, 512), (2, 14, 14, 512),
               (2, 28, 28, 256), (3, 13, 29, 97)]
 
@@ -288,3 +281,15 @@ def test_gpu_backward_is_deterministic(entry):
     second = _run(entry, leaves, "triton", cot, torch.bfloat16)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_prefers_triton_and_falls_through_for_long_lines():
+    op = medattn_fast.backend.op("gaussian_axial")
+    shift = torch.tensor(0.2, device="cuda")
+    q = torch.randn(12, 7, 7, 256, device="cuda")
+    assert op.choose(q, q, q, shift, bias=None) == "triton"
+    long = torch.randn(1, 1, 130, 2, device="cuda")
+    assert op.choose(long, long, long, shift, bias=None) != "triton"
+    torch.testing.assert_close(MF.gaussian_axial_attention(long, long, long, shift),
+                               MF.gaussian_axial_attention(long, long, long, shift, backend="torch"))
