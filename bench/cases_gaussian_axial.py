@@ -21,7 +21,8 @@ fused Triton kernels, forced: an "unavailable" row on CPU unless ``TRITON_INTERP
 From q, k, v also ``flex``: ``torch.compile(flex_attention)`` as a user would write the op with it —
 row attention over the B·H rows (sequences of W pixels) plus column attention over the B·W
 columns (sequences of H pixels), each with ``scale=1.0`` and a ``score_mod`` subtracting
-θ(kv_idx − q_idx)², summed. (flex cannot take GaussianTrans's precomputed score maps except by
+θ(kv_idx − q_idx)², summed (on CPU flex has no backward: only its ``no-grad`` rows run there, the
+others are error rows saying so). (flex cannot take GaussianTrans's precomputed score maps except by
 indexing them inside ``score_mod``, which is not how anyone would call it, so the from-scores
 cases have no ``flex`` row.)
 """
