@@ -45,7 +45,7 @@ def test_console_script_entry_point():
 
 def test_bench_writes_csv_and_json(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "medattn_fast.cli", "bench", "--op", "gaussian_axial", "--shape", "B=1",
+        [sys.executable, "-m", "medattn_fast.cli", "bench", "--op", "gaussian_axial", "--shape", "GaussianTrans B=1 7x7",
          "--provider", "reference", "--provider", "torch", "--mode", "fwd", "--quick", "--out", str(tmp_path)],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
