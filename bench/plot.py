@@ -293,7 +293,7 @@ def draw_line_panels(title: str, subtitle: str, panels: Sequence[Tuple[str, Dict
     Returns ``(pixels, frames)``, ``frames[i] = (x0, y0, x1, y1)`` the plot area of panel i."""
     styles = styles or {}
     series_names = sorted({s for _, panel in panels for s in panel})
-    legend_w = (max(len(s) for s in series_names) + 4) * CHAR_W if series_names else 0
+    legend_w = max([len(s) + 4 for s in series_names] + [len(y_name) + 4]) * CHAR_W
     left, y_axis_w = 12, 9 * CHAR_W
     width = max(left + y_axis_w + plot_w + 24 + legend_w + 12,
                 max(text_size(t, SCALE)[0] for t in (title, subtitle)) + 2 * left)
@@ -341,7 +341,13 @@ def draw_line_panels(title: str, subtitle: str, panels: Sequence[Tuple[str, Dict
             canvas.rect(px0, y, px1, y + 1, LIGHT)
             canvas.text(px0 - 6, y - 7, format_tick(t), color=(90, 90, 90), scale=SCALE, anchor="right")
         # x ticks: the labelled values, else a few evenly spaced ones
-        xticks = sorted(x_labels) if x_labels else list(np.linspace(min(xs), max(xs), min(6, len(set(xs)))))
+        if x_labels:
+            xticks = sorted(x_labels)
+        elif all(float(x).is_integer() for x in xs):  # steps: whole numbers, about 5 of them
+            every = max(1, int(math.ceil((max(xs) - min(xs)) / 5)))
+            xticks = sorted(set(range(int(min(xs)), int(max(xs)) + 1, every)) | {int(max(xs))})
+        else:
+            xticks = list(np.linspace(min(xs), max(xs), min(6, len(set(xs)))))
         for t in xticks:
             if t not in xs and x_labels:
                 continue
@@ -352,8 +358,9 @@ def draw_line_panels(title: str, subtitle: str, panels: Sequence[Tuple[str, Dict
         canvas.rect(px0, py0, px0 + 1, py1 + 1, BLACK)
         canvas.rect(px0, py1, px1 + 1, py1 + 1, BLACK)
         canvas.text(px0, py1 + 6 + LINE_H + 4, x_name, color=(70, 70, 70), scale=SCALE)
-        canvas.text(px0 + 4, py0 + 2, y_name, color=(70, 70, 70), scale=SCALE)
-        for name in series_names:
+        canvas.text(px1 + 24, py1 - LINE_H, f"y: {y_name}", color=(70, 70, 70), scale=SCALE)
+        # dashed series last: drawn over the solid ones they may coincide with
+        for name in sorted(series_names, key=lambda n: styles.get(n) == "dashed"):
             pts = panel.get(name)
             if not pts:
                 continue
@@ -393,8 +400,9 @@ def draw_loss_curves(title: str, subtitle: str, records: Sequence[dict]) -> Tupl
     for r in records:
         panel = {"reference": [(float(t), v) for t, v in enumerate(r["reference_loss"])],
                  "fast": [(float(t), v) for t, v in enumerate(r["fast_loss"])]}
+        noise = f"  (fp32 noise {r['noise_rel_diff']:.1e})" if "noise_rel_diff" in r else ""
         panels.append((f"{r['model']}  B={r['batch']} {'x'.join(map(str, r['input']))}  "
-                       f"max rel diff {r['max_rel_diff']:.1e}", panel))
+                       f"max rel diff {r['max_rel_diff']:.1e}{noise}", panel))
     return draw_line_panels(title, subtitle, panels, x_log=False, y_log=False, x_name="step",
                             y_name="loss", styles={"fast": "dashed"}, plot_h=150)
 
