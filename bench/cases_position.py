@@ -101,6 +101,11 @@ def cases(device: torch.device) -> List[Case]:
         Case(op="position_attention", shape="seed001 B=2 C=64 64x64", setup=_setup_seed001(2, 64, (64, 64)),
              flops=_attention_flops(2, 64, 64 * 64), dtypes=_dtypes(device)),
     ]
+    # more map sizes for the memory-vs-resolution figure (bench/plot.py): one training-step row each
+    for side in (32, 64):
+        rows.append(Case(op="position_attention", shape=f"PAM B=2 C=64 {side}x{side}",
+                         setup=_setup_pam(2, 64, (side, side)), flops=_attention_flops(2, 64, side * side),
+                         dtypes=(torch.float32,), modes=("fwd+bwd",)))
     if device.type == "cuda":
         rows.append(Case(op="position_attention", shape="PAM B=1 C=512 128x128",
                          setup=_setup_pam(1, 512, (128, 128)), flops=_attention_flops(1, 512, 128 * 128),
