@@ -25,3 +25,51 @@ def to_storage(value, dtype: tl.constexpr):
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             value = bits.to(tl.float32, bitcast=True)
     return value.to(dtype)
+
+
+def pow2_at_least_16(n: int) -> int:
+    """Block size for a dimension that enters ``tl.dot``: a power of two, at least 16 (its minimum)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def dot_precision(dtype) -> str:
+    """``input_precision`` of the kernels' dots: float32 inputs must not silently drop to TF32
+    (PyTorch's float32 matmuls do not either); 16-bit inputs use the tensor cores (TF32 for the
+    float32 operands such as probabilities)."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b of two input-dtype tiles, accumulated in float32. ``UPCAST``: multiply float32 copies
+    (exact for 16-bit inputs, whose products fit float32) — the interpreter's tl.dot misreads
+    bfloat16 operands in triton 3.9."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def dot_f32(p, x, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """p @ x for a float32 tile p (probabilities, score gradients) and an input-dtype tile x: p keeps
+    its float32 value and x is widened (TF32 dots for 16-bit inputs, IEEE for float32)."""
+    if UPCAST:
+        return tl.dot(p, x.to(tl.float32), input_precision="ieee")
+    return tl.dot(p, x.to(tl.float32), input_precision=PRECISION)
+
+
+@triton.jit
+def load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    """A (len(rows), len(cols)) tile of a strided matrix; out-of-range entries read as 0."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(base, value, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    """Store a float32 tile into a strided matrix of base's dtype (rounded to nearest even)."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(base + rows[:, None] * stride_r + cols[None, :] * stride_c,
+             to_storage(value, base.dtype.element_ty), mask=mask)

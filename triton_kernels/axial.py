@@ -85,7 +85,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import interpreted, to_storage
+from ._util import (
+    dot as _dot_in, dot_f32 as _dot_f32, dot_precision as _dot_precision, interpreted,
+    load_tile as _load_tile, store_tile as _store_tile, to_storage,
+)
 
 __all__ = ["AxialConfig", "default_config", "MAX_LINE", "axial_forward", "axial_backward"]
 
@@ -127,46 +130,9 @@ def default_config(batch: int, height: int, width: int, d: int, dtype: torch.dty
     return AxialConfig(block_d=block_d, d_per_program=d_per_program, num_warps=num_warps, num_stages=2)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs must not silently drop to TF32 (PyTorch's float32 bmm does not either).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
-    """A (len(rows), len(cols)) tile; out-of-range entries read as 0."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_tile(base, value, rows, cols, stride_r, stride_c, n_rows, n_cols):
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(base + rows[:, None] * stride_r + cols[None, :] * stride_c,
-             to_storage(value, base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dot_in(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b of two input-dtype tiles, accumulated in float32 (``UPCAST``: on float32 copies —
-    exact for 16-bit inputs — because the interpreter's tl.dot misreads bfloat16 operands)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _dot_f32(p, x, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """p @ x for a float32 tile p (probabilities or score gradients) and an input-dtype tile x:
-    p keeps its float32 value (TF32 dots for 16-bit inputs, IEEE for float32)."""
-    if UPCAST:
-        return tl.dot(p, x.to(tl.float32), input_precision="ieee")
-    return tl.dot(p, x.to(tl.float32), input_precision=PRECISION)
-
-
 @triton.jit
 def _line_logits(q_base, k_base, s_base, sqp, sqd, skp, skd, ssq, ssk, shift, pos, L, D,
                  FROM_SCORES: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -34,7 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import interpreted, to_storage
+from ._util import (
+    dot_precision as _precision, interpreted, load_tile as _load_2d, to_storage,
+)
 
 __all__ = ["ChannelConfig", "default_config", "channel_forward", "channel_backward", "gram"]
 
@@ -60,10 +62,6 @@ def default_config(channels: int, n: int, dtype: torch.dtype) -> ChannelConfig:
                          num_warps=4 if dtype == torch.float32 else 8, num_stages=3)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -83,12 +81,6 @@ def _splits(cfg: ChannelConfig, batch: int, channels: int, n: int, device: torch
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _load_2d(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
-
-
 @triton.jit
 def _gram_kernel(u_ptr, v_ptr, p_ptr, sub, suc, sun, svb, svc, svn,
                  n_ch, n_pos, chunks_per_split,

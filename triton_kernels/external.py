@@ -50,7 +50,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import interpreted, to_storage
+from ._util import (
+    dot as _dot, dot_precision as _dot_precision, interpreted,
+    pow2_at_least_16 as _pow2_at_least_16, to_storage,
+)
 
 __all__ = ["ExternalConfig", "default_config", "external_forward", "external_backward", "MAX_HEAD_DIM",
            "MAX_SLOTS", "SLOT_EPS"]
@@ -82,25 +85,9 @@ def default_config(n_tokens: int, batch_heads: int, device: torch.device) -> Ext
     return ExternalConfig(block_n, max(1, triton.cdiv(n_tiles, target_chunks)), 4)
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b accumulated in float32 (``UPCAST``: on float32 copies, for the interpreter)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
 @triton.jit
 def _dot_f32(p, x, PRECISION: tl.constexpr):
     """p @ x for a float32 tile p: x is widened, p keeps its value."""

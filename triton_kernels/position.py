@@ -60,7 +60,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import interpreted, to_storage
+from ._util import (
+    dot as _dot, dot_precision as _dot_precision, interpreted, load_tile as _load_2d,
+    store_tile as _store_2d, to_storage,
+)
 
 __all__ = ["PositionConfig", "default_config", "position_forward", "position_backward", "MAX_HEAD_DIM"]
 
@@ -109,37 +112,9 @@ def _upcast_dots() -> bool:
     return interpreted()
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs must not silently drop to TF32 (PyTorch's fp32 bmm does not either).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _load_2d(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
-    """A (len(rows), len(cols)) tile; out-of-range entries read as 0."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_2d(base, value, rows, cols, stride_r, stride_c, n_rows, n_cols):
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(base + rows[:, None] * stride_r + cols[None, :] * stride_c,
-             to_storage(value, base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b accumulated in float32. ``UPCAST``: multiply float32 copies (exact for 16-bit inputs,
-    whose products fit float32) — the interpreter's tl.dot misreads bfloat16 operands."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
 @triton.jit
 def _dot_p(p, x, PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_FP32: tl.constexpr):
     """p @ x for a float32 probability (or dS) tile p. ``P_FP32``: p keeps its float32 value and x

@@ -64,7 +64,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import interpreted, to_storage
+from ._util import (
+    dot as _dot, dot_f32 as _dot_f32, dot_precision as _dot_precision, interpreted,
+    pow2_at_least_16 as _pow2_at_least_16, to_storage,
+)
 
 __all__ = ["window_forward", "window_backward", "MAX_HEAD_DIM", "MAX_WINDOW", "PAD_MODES", "LAYOUTS"]
 
@@ -75,14 +78,6 @@ PAD_MODES = ("mtunet", "mask")
 LAYOUTS = ("grid", "padded", "windows")
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _num_warps(block_l: int, block_d: int) -> int:
     # A 16×32 tile is 512 elements: one warp holds it in 16 registers a thread. Untuned.
     return 1 if block_l * block_d <= 1024 else (2 if block_l * block_d <= 4096 else 4)
@@ -91,22 +86,6 @@ def _num_warps(block_l: int, block_d: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b accumulated in float32 (``UPCAST``: on float32 copies, for the interpreter)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _dot_f32(p, x, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """p @ x for a float32 tile p (probabilities, dS, gradients): x is widened, p keeps its value."""
-    if UPCAST:
-        return tl.dot(p, x.to(tl.float32), input_precision="ieee")
-    return tl.dot(p, x.to(tl.float32), input_precision=PRECISION)
-
-
 @triton.jit
 def _window_tokens(window, n_win_w, H, W, pad_h, pad_w, WS: tl.constexpr, BLOCK_L: tl.constexpr,
                    MTUNET: tl.constexpr):
