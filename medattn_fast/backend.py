@@ -167,12 +167,17 @@ class _Impl:
 
 @dataclass
 class Op:
-    """One op family's backends. ``auto_cpu``/``auto_cuda``: preference order for ``auto``."""
+    """One op family's backends. ``auto_cpu``/``auto_cuda``: preference order for ``auto``.
+
+    ``auto_order(*args, **kw)``, when set, may return a different order for one call (or None for
+    the default): for a call where a measurement showed the default order's first choice slower.
+    """
 
     name: str
     auto_cpu: Sequence[str] = ("cpp", "torch")
     auto_cuda: Sequence[str] = ("triton", "cuda", "torch")
     impls: Dict[str, _Impl] = field(default_factory=dict)
+    auto_order: Optional[Callable[..., Optional[Sequence[str]]]] = None
 
     def register(self, backend: str, reasons: Callable[..., List[str]] = always):
         """Decorator: ``fn`` implements this op on ``backend``; ``reasons(*args, **kw)`` says why not."""
@@ -206,6 +211,8 @@ class Op:
         tensors = _tensors(args) + _tensors(kwargs.values())
         on_cuda = any(t.device.type == "cuda" for t in tensors)
         order = list(self.auto_cuda if on_cuda else self.auto_cpu)
+        if self.auto_order is not None:
+            order = list(self.auto_order(*args, **kwargs) or order)
         for fallback in ("torch", "reference"):
             if fallback not in order:
                 order.append(fallback)

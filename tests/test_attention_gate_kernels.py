@@ -242,6 +242,25 @@ def test_auto_prefers_cpp_on_cpu():
     assert _op.choose(*args, **kw) == "cpp"
 
 
+def test_auto_takes_torch_for_a_cpu_training_step():
+    """The measured preference (ops.attention_gate._measured_auto_order): a CPU training step with
+    batch-statistics BN goes to torch; the same call without gradients, or in eval, to cpp."""
+    block = make_block(2, 4, 3, 2, training=True)
+    x = torch.randn(1, 4, 5, 5, dtype=F64, requires_grad=True)
+    g = torch.randn(1, 3, 3, 3, dtype=F64)
+    bn = [BatchNormParams.from_module(m) for m in (block.Wx[1], block.Wg[1], block.psi[1])]
+    kw = dict(bn_x=bn[0], bn_g=bn[1], bn_psi=bn[2], out_weight=None, out_bias=None, bn_out=None, training=True,
+              mode="additive", double_sigmoid=False, return_alpha=False)
+    args = (x, g, block.Wx[0].weight, block.Wx[0].bias, block.Wg[0].weight, block.Wg[0].bias,
+            block.psi[0].weight, block.psi[0].bias)
+    from medattn_fast.ops.attention_gate import _op
+
+    assert _op.choose(*args, **kw) == "torch"
+    with torch.no_grad():
+        assert _op.choose(*args, **kw) == "cpp"
+    assert _op.choose(*args, **dict(kw, training=False)) == "cpp"
+
+
 # ---------------------------------------------------------------------------------------------
 # custom ops: opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,17 @@ def test_auto_falls_through_and_logs_reasons(caplog):
     torch.testing.assert_close(op(x), x * 2)
 
 
+def test_auto_order_hook_reorders_one_call():
+    """``Op.auto_order`` (a measured per-call preference) replaces the default order for the calls
+    where it returns one, and leaves the others alone."""
+    op = _toy_op()
+    op.auto_order = lambda x: ("reference", "torch") if x.numel() > 4 else None
+    assert op.choose(torch.randn(8)) == "reference"
+    assert op.choose(torch.randn(3)) == "torch"
+    with medattn_fast.use_backend("torch"):       # a forced backend ignores the preference
+        assert op.choose(torch.randn(8)) == "torch"
+
+
 def test_forced_backend_that_cannot_run_raises_with_reasons():
     op = _toy_op()
     with pytest.raises(B.BackendUnavailable, match="toy: backend 'cpp' cannot run this call: cpp is switched off"):
