@@ -120,3 +120,17 @@ def test_info_lists_backends_with_reasons():
     assert data["torch"] == torch.__version__
     if not torch.cuda.is_available():
         assert "CUDA" in data["backends"]["cuda"] or "cuda" in data["backends"]["cuda"]
+
+
+def test_nn_namespace_exports_the_modules_the_readme_names():
+    """``from medattn_fast.nn import PositionAttention`` (README "Modules") works for every module."""
+    import medattn_fast.nn as mnn
+    from medattn_fast.nn import attention, attention_gate, mtunet
+
+    for name in ("PositionAttention", "ChannelAttention", "DualAttention", "AttentionGate", "WindowAttention",
+                 "ExternalAttention", "GaussianAxialAttention"):
+        cls = getattr(mnn, name)
+        assert issubclass(cls, torch.nn.Module)
+        assert cls is getattr({"AttentionGate": attention_gate}.get(name) or
+                              (mtunet if hasattr(mtunet, name) else attention), name)
+    assert sorted(mnn.__all__) == sorted(set(mnn.__all__))
