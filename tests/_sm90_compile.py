@@ -1,0 +1,219 @@
+r"""Compile every Triton kernel of the package for an H100 (sm_90) on a machine without a GPU.
+
+The Triton interpreter (``TRITON_INTERPRET=1``, the CPU test suite) runs the kernels' Python, not
+their compilation: it accepts what the GPU compiler rejects (``tl.dot`` operand dtypes or shapes,
+constexpr misuse, shared memory beyond the card's 227 KiB, ...). This script drives the real
+compiler instead. It installs an offline driver that reports an sm_90 target and lets Triton
+lower every kernel through TTIR → TTGIR → LLVM → PTX → cubin (``ptxas`` ships with the triton
+wheel); loading and launching are no-ops, so the CPU tensors are only used for their shapes,
+strides and alignment, and the results are garbage that nothing checks. What it establishes:
+every kernel specialisation the sweep below reaches compiles for sm_90 and fits its shared
+memory. What it cannot: that the kernels run correctly on the GPU (``pytest -m gpu`` does that).
+
+The sweep calls each op's public function forced to the ``triton`` backend, forward and backward,
+in float32, bfloat16 and float16, over the variants the kernels specialise on (epilogues,
+transpose, layouts, pad modes, 2-D/3-D, splits). Run as ``python -m tests._sm90_compile``
+(``-v`` lists every compiled kernel, ``--dtypes float32,bfloat16`` narrows the sweep);
+tests/test_triton_sm90_compile.py runs it in a subprocess, because the interpreter must be off when
+the kernels are defined. Compiled kernels land in Triton's cache (``TRITON_CACHE_DIR``), so a
+second run only re-checks what changed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, List, Tuple
+
+os.environ.pop("TRITON_INTERPRET", None)   # must happen before triton_kernels is imported
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver as triton_driver  # noqa: E402
+
+H100_SHARED_MEMORY = 232448   # bytes a block may opt into on sm_90 (227 KiB)
+COMPILED: List[Tuple[str, int]] = []
+
+
+class _OfflineUtils:
+    def get_device_properties(self, device):
+        return {"max_shared_mem": H100_SHARED_MEMORY, "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32}
+
+    def load_binary(self, name, kernel, shared, device):
+        COMPILED.append((name, shared))
+        return None, None, 0, 0, 1024
+
+    def unload_module(self, module):
+        pass
+
+
+class _NoLaunch:
+    def __init__(self, src, metadata):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        pass
+
+
+class OfflineSm90Driver:
+    """Just enough of a Triton driver to compile for sm_90 and skip loading and launching."""
+
+    def __init__(self):
+        self.utils = _OfflineUtils()
+        self.launcher_cls = _NoLaunch
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def map_python_to_cpp_type(self, ty):
+        from triton.backends.nvidia.driver import ty_to_cpp
+
+        return ty_to_cpp(ty)
+
+
+def _install() -> None:
+    triton_driver.set_active(OfflineSm90Driver())
+    import medattn_fast.backend as B
+
+    # CPU tensors stand in for CUDA ones: the backends' predicates must let them through.
+    def cpu_stands_for_cuda(*tensors):
+        return ["float64 is not a Triton dtype" for t in B._tensors(tensors) if t.dtype == torch.float64][:1]
+
+    B.triton_reasons = cpu_stands_for_cuda
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _leaf(*shape, dtype):
+    return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+
+def _backward(out) -> None:
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward([o for o in outs if o.requires_grad], [torch.ones_like(o) for o in outs if o.requires_grad])
+
+
+def _position(dtype) -> None:
+    import medattn_fast.functional as MF
+
+    for transpose in (False, True):
+        for dk, dv, nq, nk in ((8, 64, 70, 70), (1, 5, 33, 33), (64, 160, 40, 57)):
+            if transpose and nq != nk:
+                continue
+            q, k = _leaf(2, nq, dk, dtype=dtype), _leaf(2, nk, dk, dtype=dtype)
+            v = _leaf(2, nq if transpose else nk, dv, dtype=dtype)
+            _backward(MF.position_attention(q, k, v, scale=0.5, transpose=transpose, backend="triton"))
+    # channel-first storage with both epilogues (DANet's γ·o + x, seed 001's o ⊙ f)
+    q, k, v = _leaf(2, 8, 50, dtype=dtype), _leaf(2, 8, 50, dtype=dtype), _leaf(2, 64, 50, dtype=dtype)
+    gamma, res, mul = _leaf(1, dtype=dtype), _leaf(2, 64, 50, dtype=dtype), _leaf(2, 64, 50, dtype=dtype)
+    _backward(MF.position_attention(q, k, v, layout="channels", gamma=gamma, residual=res, backend="triton"))
+    _backward(MF.position_attention(q, k, v, layout="channels", multiply=mul, transpose=True, backend="triton"))
+
+
+def _channel(dtype) -> None:
+    import medattn_fast.functional as MF
+
+    for negate in (True, False):
+        for shape in ((2, 7, 5, 9), (1, 64, 48, 48)):
+            x = _leaf(*shape, dtype=dtype)
+            gamma = _leaf(1, dtype=dtype)
+            _backward(MF.channel_attention(x, negate=negate, gamma=gamma, residual=x, backend="triton"))
+    x, f = _leaf(2, 16, 6, 6, 6, dtype=dtype), _leaf(2, 16, 6, 6, 6, dtype=dtype)
+    _backward(MF.channel_attention(x, negate=False, multiply=f, backend="triton"))
+
+
+def _gaussian(dtype) -> None:
+    import medattn_fast.functional as MF
+
+    for b, h, w, d in ((2, 7, 7, 256), (1, 5, 9, 70), (12, 2, 2, 1024)):
+        q, k, v = (_leaf(b, h, w, d, dtype=dtype) for _ in range(3))
+        shift = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+        _backward(MF.gaussian_axial_attention(q, k, v, shift, backend="triton"))
+        ax, ay = _leaf(b, h, w, w, dtype=dtype), _leaf(b, w, h, h, dtype=dtype)
+        _backward(MF.gaussian_axial_from_scores(ax, ay, v, shift, backend="triton"))
+
+
+def _window(dtype) -> None:
+    import medattn_fast.functional as MF
+
+    for (h, w, c, heads, ws), pad_mode, layout in (((14, 14, 64, 8, 4), "mtunet", "windows"),
+                                                   ((9, 6, 24, 3, 4), "mask", "grid"),
+                                                   ((5, 7, 32, 2, 3), "mtunet", "padded"),
+                                                   ((16, 16, 256, 2, 8), "mask", "windows")):
+        x = _leaf(2, h, w, c, dtype=dtype)
+        weights = [_leaf(c, c, dtype=dtype) if i % 2 == 0 else _leaf(c, dtype=dtype) for i in range(8)]
+        _backward(MF.window_attention(x, *weights, window_size=ws, num_heads=heads, pad_mode=pad_mode, layout=layout,
+                                      backend="triton"))
+
+
+def _external(dtype) -> None:
+    import medattn_fast.functional as MF
+
+    for b, n, c, heads, slots in ((2, 196, 64, 8, 64), (1, 37, 30, 3, 16), (2, 3136, 256, 8, 64)):
+        x = _leaf(b, n, c, dtype=dtype)
+        wq, bq = _leaf(c, c, dtype=dtype), _leaf(c, dtype=dtype)
+        mk, bk = _leaf(slots, c // heads, dtype=dtype), _leaf(slots, dtype=dtype)
+        mv, bv = _leaf(c // heads, slots, dtype=dtype), _leaf(c // heads, dtype=dtype)
+        wo, bo = _leaf(c, c, dtype=dtype), _leaf(c, dtype=dtype)
+        _backward(MF.external_attention(x, wq, bq, mk, bk, mv, bv, wo, bo, num_heads=heads, backend="triton"))
+
+
+def _gate(dtype) -> None:
+    from medattn_fast.nn import AttentionGate
+
+    for spatial, size, coarse in ((2, (20, 24), (10, 12)), (3, (8, 10, 6), (4, 5, 3)), (2, (9, 9), (9, 9))):
+        for training in (False, True):
+            gate = AttentionGate(8, 12, 4, spatial_dims=spatial, backend="triton").to(dtype).train(training)
+            x, g = _leaf(2, 8, *size, dtype=dtype), _leaf(2, 12, *coarse, dtype=dtype)
+            _backward(gate(x, g))
+
+
+SWEEP: Tuple[Tuple[str, Callable], ...] = (("position_attention", _position), ("channel_attention", _channel),
+                                           ("gaussian_axial", _gaussian), ("window_attention", _window),
+                                           ("external_attention", _external), ("attention_gate", _gate))
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests._sm90_compile", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="list every compiled kernel")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated torch dtypes")
+    args = parser.parse_args(argv)
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    _install()
+    failures = []
+    for name, run in SWEEP:
+        for dtype in dtypes:
+            before = len(COMPILED)
+            try:
+                run(dtype)
+            except Exception as exc:   # report every op, not only the first failure
+                first = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+                failures.append(f"{name} {dtype}: {first}")
+                print(f"FAIL {name:20s} {str(dtype):15s} {first}", flush=True)
+                continue
+            print(f"ok   {name:20s} {str(dtype):15s} {len(COMPILED) - before} new kernel specialisations", flush=True)
+    kernels = sorted(set(COMPILED))
+    if args.verbose:
+        for kernel, shared in kernels:
+            print(f"     {kernel:40s} shared {shared} B")
+    most = max((s for _, s in kernels), default=0)
+    print(f"compiled for sm_90: {len(kernels)} kernel specialisations, largest shared memory {most} B "
+          f"(limit {H100_SHARED_MEMORY}); {len(failures)} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
