@@ -79,8 +79,13 @@ LAYOUTS = ("grid", "padded", "windows")
 
 
 def _num_warps(block_l: int, block_d: int) -> int:
-    # A 16×32 tile is 512 elements: one warp holds it in 16 registers a thread. Untuned.
-    return 1 if block_l * block_d <= 1024 else (2 if block_l * block_d <= 4096 else 4)
+    # One warp per 256 elements of a (BLOCK_L × BLOCK_D) tile, up to 16. From ptxas's register
+    # report for sm_90 (tests/_sm90_compile.py with TRITON_DUMP_PTXAS_LOG=1): the earlier rule
+    # (1/2/4 warps at ≤1024/≤4096/more elements) spilled in float32, whose IEEE dots run on FMAs
+    # (24 KB forward / 75 KB backward spill stores at ws=8, d=128; 616 B backward at MT-UNet's
+    # ws=4, d=128); this one spills nowhere at ws ≤ 5 or d ≤ 64, and 1.6 KB / 4 KB at ws=8, d=128.
+    # Not yet timed on a GPU.
+    return min(16, max(1, block_l * block_d // 256))
 
 
 # ---------------------------------------------------------------------------------------------
