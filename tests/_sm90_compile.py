@@ -8,7 +8,10 @@ lower every kernel through TTIR → TTGIR → LLVM → PTX → cubin (``ptxas`` 
 wheel); loading and launching are no-ops, so the CPU tensors are only used for their shapes,
 strides and alignment, and the results are garbage that nothing checks. What it establishes:
 every kernel specialisation the sweep below reaches compiles for sm_90 and fits its shared
-memory. What it cannot: that the kernels run correctly on the GPU (``pytest -m gpu`` does that).
+memory. It also reads each cubin's resource usage (``cuobjdump -res-usage``, from the wheel too)
+and lists the specialisations that use local memory — register spills, a performance problem to
+look at, not a failure. What it cannot: that the kernels run correctly or fast on the GPU
+(``pytest -m gpu`` and the benchmarks do that).
 
 The sweep calls each op's public function forced to the ``triton`` backend, forward and backward,
 in float32, bfloat16 and float16, over the variants the kernels specialise on (epilogues,
@@ -21,7 +24,10 @@ second run only re-checks what changed.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from typing import Callable, List, Tuple
 
 os.environ.pop("TRITON_INTERPRET", None)   # must happen before triton_kernels is imported
@@ -32,7 +38,21 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver as triton_driver  # noqa: E402
 
 H100_SHARED_MEMORY = 232448   # bytes a block may opt into on sm_90 (227 KiB)
-COMPILED: List[Tuple[str, int]] = []
+COMPILED: List[Tuple[str, int, bytes]] = []   # (kernel name, shared memory bytes, cubin)
+
+
+def resource_usage(cubin: bytes) -> Tuple[int, int]:
+    """(registers per thread, local-memory bytes per thread: spills and stack) of one cubin."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", report)
+    local = sum(int(v) for v in re.findall(r"(?:STACK|LOCAL):(\d+)", report))
+    return (int(regs.group(1)) if regs else -1), local
 
 
 class _OfflineUtils:
@@ -41,7 +61,7 @@ class _OfflineUtils:
                 "warpSize": 32}
 
     def load_binary(self, name, kernel, shared, device):
-        COMPILED.append((name, shared))
+        COMPILED.append((name, shared, bytes(kernel)))
         return None, None, 0, 0, 1024
 
     def unload_module(self, module):
@@ -193,7 +213,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     _install()
-    failures = []
+    failures, spills, shared_most = [], [], 0
     for name, run in SWEEP:
         for dtype in dtypes:
             before = len(COMPILED)
@@ -204,14 +224,19 @@ def main(argv=None) -> int:
                 failures.append(f"{name} {dtype}: {first}")
                 print(f"FAIL {name:20s} {str(dtype):15s} {first}", flush=True)
                 continue
-            print(f"ok   {name:20s} {str(dtype):15s} {len(COMPILED) - before} new kernel specialisations", flush=True)
-    kernels = sorted(set(COMPILED))
-    if args.verbose:
-        for kernel, shared in kernels:
-            print(f"     {kernel:40s} shared {shared} B")
-    most = max((s for _, s in kernels), default=0)
-    print(f"compiled for sm_90: {len(kernels)} kernel specialisations, largest shared memory {most} B "
-          f"(limit {H100_SHARED_MEMORY}); {len(failures)} failures")
+            new = COMPILED[before:]
+            for kernel, shared, cubin in new:
+                regs, local = resource_usage(cubin)
+                shared_most = max(shared_most, shared)
+                if local:
+                    spills.append(f"{name} {dtype} {kernel}: {local} B local memory per thread, {regs} registers")
+                if args.verbose:
+                    print(f"     {kernel:32s} {regs:4d} registers, {local:6d} B local, {shared:6d} B shared")
+            print(f"ok   {name:20s} {str(dtype):15s} {len(new)} new kernel specialisations", flush=True)
+    for line in spills:
+        print(f"spill {line}")
+    print(f"compiled for sm_90: {len(COMPILED)} kernel specialisations, largest shared memory {shared_most} B "
+          f"(limit {H100_SHARED_MEMORY}), {len(spills)} with register spills; {len(failures)} failures")
     return 1 if failures else 0
 
 
