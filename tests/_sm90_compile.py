@@ -180,7 +180,7 @@ def _window(dtype) -> None:
 def _external(dtype) -> None:
     import medattn_fast.functional as MF
 
-    for b, n, c, heads, slots in ((2, 196, 64, 8, 64), (1, 37, 30, 3, 16), (2, 3136, 256, 8, 64)):
+    for b, n, c, heads, slots in ((2, 196, 64, 8, 64), (1, 37, 30, 3, 16), (2, 3136, 256, 8, 64), (2, 49, 1024, 8, 64)):
         x = _leaf(b, n, c, dtype=dtype)
         wq, bq = _leaf(c, c, dtype=dtype), _leaf(c, dtype=dtype)
         mk, bk = _leaf(slots, c // heads, dtype=dtype), _leaf(slots, dtype=dtype)

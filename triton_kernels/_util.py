@@ -73,3 +73,18 @@ def store_tile(base, value, rows, cols, stride_r, stride_c, n_rows, n_cols):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(base + rows[:, None] * stride_r + cols[None, :] * stride_c,
              to_storage(value, base.dtype.element_ty), mask=mask)
+
+
+def multiprocessor_count(device) -> int:
+    """SMs of the GPU the kernels will run on: 1 under the interpreter (its "grid" runs serially),
+    else the CUDA device's count; for a CPU tensor without the interpreter (only the offline compile
+    check, tests/_sm90_compile.py, gets that far) the active Triton driver's."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    if interpreted():
+        return 1
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(0)["multiprocessor_count"])

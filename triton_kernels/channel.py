@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._util import (
-    dot_precision as _precision, interpreted, load_tile as _load_2d, to_storage,
+    dot_precision as _precision, interpreted, load_tile as _load_2d, multiprocessor_count, to_storage,
 )
 
 __all__ = ["ChannelConfig", "default_config", "channel_forward", "channel_backward", "gram"]
@@ -62,18 +62,12 @@ def default_config(channels: int, n: int, dtype: torch.dtype) -> ChannelConfig:
                          num_warps=4 if dtype == torch.float32 else 8, num_stages=3)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _splits(cfg: ChannelConfig, batch: int, channels: int, n: int, device: torch.device) -> int:
     """How many programs share one gram tile's N reduction (each gets whole BLOCK_N chunks)."""
     if cfg.splits is not None:
         return max(1, min(cfg.splits, triton.cdiv(n, cfg.block_n)))
     tiles = batch * triton.cdiv(channels, cfg.block_c) ** 2
-    wanted = triton.cdiv(4 * _num_sms(device), tiles)           # about four waves of programs
+    wanted = triton.cdiv(4 * multiprocessor_count(device), tiles)           # about four waves of programs
     most = max(1, triton.cdiv(n, 4 * cfg.block_n))              # at least four chunks per split
     return max(1, min(wanted, most))
 

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ._util import (
-    dot as _dot, dot_precision as _dot_precision, interpreted,
+    dot as _dot, dot_precision as _dot_precision, interpreted, multiprocessor_count,
     pow2_at_least_16 as _pow2_at_least_16, to_storage,
 )
 
@@ -74,15 +74,21 @@ class ExternalConfig:
     num_warps: int = 4
 
 
-def default_config(n_tokens: int, batch_heads: int, device: torch.device) -> ExternalConfig:
-    """A starting heuristic (untuned): 64-token tiles, and chunks sized so that about 4 programs per
-    SM of an H100 (132 SMs) run; on CPU (interpreter) one chunk per (b, head)."""
-    block_n = 64
+def default_config(n_tokens: int, batch_heads: int, device: torch.device, head_dim: int = 32,
+                   dtype: torch.dtype = torch.float32) -> ExternalConfig:
+    """A starting heuristic (not yet timed on a GPU). Under the interpreter: one chunk of 64-token
+    tiles per (b, head). On a GPU: chunks sized so that about 4 programs per SM run, 8 warps, and
+    16-token tiles for float32 with head dims over 64. The warps and the float32 tile come from
+    ptxas's register report for sm_90 (tests/_sm90_compile.py): float32's IEEE dots run on FMAs, and
+    with 64-token tiles and 4 warps the backward spilled 0.9–1.4 KB per thread at d = 32 and
+    7–14 KB at MT-UNet's bottleneck d = 128; this config spills at most 0.4 KB there."""
+    if interpreted():
+        block_n = 64
+        return ExternalConfig(block_n, triton.cdiv(n_tokens, block_n), 4)
+    block_n = 16 if (dtype == torch.float32 and head_dim > 64) else 64
     n_tiles = triton.cdiv(n_tokens, block_n)
-    if device.type != "cuda":
-        return ExternalConfig(block_n, n_tiles, 4)
-    target_chunks = max(1, triton.cdiv(4 * 132, batch_heads))
-    return ExternalConfig(block_n, max(1, triton.cdiv(n_tiles, target_chunks)), 4)
+    target_chunks = max(1, triton.cdiv(4 * multiprocessor_count(device), batch_heads))
+    return ExternalConfig(block_n, max(1, triton.cdiv(n_tiles, target_chunks)), 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +289,7 @@ def _plan(q: torch.Tensor, key_memory: torch.Tensor, num_heads: int, config: Opt
     if d > MAX_HEAD_DIM or slots > MAX_SLOTS or key_memory.shape[1] != d:
         raise ValueError(f"external kernels: need key_memory (S, d) with d = {d} <= {MAX_HEAD_DIM} and "
                          f"S <= {MAX_SLOTS}, got {tuple(key_memory.shape)}")
-    cfg = config or default_config(n_tokens, batch * num_heads, q.device)
+    cfg = config or default_config(n_tokens, batch * num_heads, q.device, head_dim=d, dtype=q.dtype)
     n_chunks = triton.cdiv(triton.cdiv(n_tokens, cfg.block_n), cfg.tiles_per_chunk)
     # under the interpreter every dot runs on float32 copies, in ieee precision
     precision = "ieee" if interpreted() else _dot_precision(q.dtype)
