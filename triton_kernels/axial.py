@@ -87,7 +87,7 @@ import triton.language as tl
 
 from ._util import (
     dot as _dot_in, dot_f32 as _dot_f32, dot_precision as _dot_precision, interpreted,
-    load_tile as _load_tile, store_tile as _store_tile, to_storage,
+    load_tile as _load_tile, pow2_at_least_16 as _pow2_at_least_16, store_tile as _store_tile, to_storage,
 )
 
 __all__ = ["AxialConfig", "default_config", "MAX_LINE", "axial_forward", "axial_backward"]
@@ -106,10 +106,6 @@ class AxialConfig:
     d_per_program: Optional[int] = None
     num_warps: int = 4
     num_stages: int = 2
-
-
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
 
 
 def default_config(batch: int, height: int, width: int, d: int, dtype: torch.dtype) -> AxialConfig:

@@ -62,7 +62,7 @@ import triton.language as tl
 
 from ._util import (
     dot as _dot, dot_precision as _dot_precision, interpreted, load_tile as _load_2d,
-    store_tile as _store_2d, to_storage,
+    pow2_at_least_16 as _pow2_at_least_16, store_tile as _store_2d, to_storage,
 )
 
 __all__ = ["PositionConfig", "default_config", "position_forward", "position_backward", "MAX_HEAD_DIM"]
@@ -87,20 +87,18 @@ class PositionConfig:
     fp32_probabilities: bool = True
 
 
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def default_config(dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
     """A starting heuristic for an H100 (to be replaced by measured choices).
 
     16-bit inputs: 128×64 score tiles, 8 warps, dv split into 128-wide programs (DANet dv = 512
     gives 4 splits, each recomputing only the dk-wide scores). float32 inputs halve the tiles
-    (twice the registers per element, and ``ieee`` dots run without tensor cores).
+    (twice the registers per element, and ``ieee`` dots run without tensor cores) and keep 8 warps:
+    with 4, ptxas reported up to 360 B per thread spilled in the float32 dq/dk/forward kernels on
+    sm_90 (tests/_sm90_compile.py); with 8, 32 B in one dq specialisation.
     """
     dk_pad = _pow2_at_least_16(dk)
     if dtype == torch.float32:
-        return PositionConfig(64, 32, min(64, _pow2_at_least_16(dv)), num_warps=4, num_stages=2)
+        return PositionConfig(64, 32, min(64, _pow2_at_least_16(dv)), num_warps=8, num_stages=2)
     # (fp32_probabilities stays True: the accurate default until the GPU numbers say otherwise.)
     block_m = 128 if dk_pad <= 64 else 64
     return PositionConfig(block_m, 64, min(128, _pow2_at_least_16(dv)), num_warps=8 if block_m == 128 else 4,
