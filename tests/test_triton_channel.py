@@ -12,13 +12,7 @@ import medattn_fast
 from medattn_fast.ops._channel_triton import channel_attention_triton_bwd, channel_attention_triton_fwd
 from medattn_fast.ops.channel import channel_attention
 import triton_kernels.channel as triton_channel
-
-F64 = torch.float64
-EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-
-
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from _tolerance import F64, assert_within_twice, default_device, max_errors, worse
 
 
 def _x(shape, dtype, device, *, channels_last=False, magnitude=0.3):
@@ -31,7 +25,7 @@ def _x(shape, dtype, device, *, channels_last=False, magnitude=0.3):
 
 def _case(shape, *, epilogue, dtype, device=None, channels_last=False):
     """Leaves and kwargs. ``danet``: γ·o + x (residual is x itself); ``seed001``: o ⊙ x."""
-    device = device or _device()
+    device = device or default_device()
     x = _x(shape, dtype, device, channels_last=channels_last)
     if epilogue == "danet":
         gamma = torch.randn(1, device=device, dtype=dtype, requires_grad=True)
@@ -52,22 +46,15 @@ def _run(leaves, make_kw, negate, backend, cotangent, dtype=None):
     return [out, *torch.autograd.grad(out, leaves, cotangent.to(out.dtype))]
 
 
-def _max_err(results, reference):
-    return [(r.double() - ref).abs().max().item() for r, ref in zip(results, reference)]
-
-
 def _compare(leaves, make_kw, negate, dtype):
     cot = torch.randn(leaves[0].shape, device=leaves[0].device, dtype=F64)
     reference = _run(leaves, make_kw, negate, "reference", cot, dtype=F64)
-    base = _max_err(_run(leaves, make_kw, negate, "torch", cot), reference)
+    base = max_errors(_run(leaves, make_kw, negate, "torch", cot), reference)
     if dtype != torch.float32:
-        ref_errs = _max_err(_run(leaves, make_kw, negate, "reference", cot), reference)
-        base = [max(a, b) for a, b in zip(base, ref_errs)]
+        base = worse(base, max_errors(_run(leaves, make_kw, negate, "reference", cot), reference))
     fused = _run(leaves, make_kw, negate, "triton", cot)
     assert fused[0].dtype == dtype and fused[0].shape == leaves[0].shape
-    for i, (err, b, ref) in enumerate(zip(_max_err(fused, reference), base, reference)):
-        bound = 2 * b + EPS[dtype] * max(1.0, ref.abs().max().item())
-        assert err <= bound, f"tensor {i} (0 = output, then grads): error {err:.3g} > bound {bound:.3g}"
+    assert_within_twice(fused, base, reference, dtype, ["output"] + [f"grad {i}" for i in range(len(leaves))])
 
 
 SHAPES = [

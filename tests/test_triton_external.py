@@ -14,20 +14,15 @@ import medattn_fast
 import triton_kernels.external as triton_external
 from medattn_fast.ops._external_triton import external_attention_triton_bwd, external_attention_triton_fwd
 from medattn_fast.ops.external import external_attention
+from _tolerance import F64, assert_within_twice, default_device, max_errors, worse
 
-F64 = torch.float64
-EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 NAMES = ["x", "query_weight", "query_bias", "key_memory", "key_bias", "value_memory", "value_bias", "proj_weight",
          "proj_bias"]
 
 
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _leaves(B, N, C, heads, d, S, Co, *, biases=True, device=None):
     """Fresh random x and parameters in float64, scaled like nn.Linear's init (unit-size scores)."""
-    device = device or _device()
+    device = device or default_device()
     A = heads * d
 
     def r(*shape, scale=1.0):
@@ -47,24 +42,18 @@ def _run(leaves, heads, backend, cotangent, dtype):
     return [out, *torch.autograd.grad(out, present, cotangent.to(out.dtype))]
 
 
-def _max_err(results, reference):
-    return [(r.double() - ref).abs().max().item() for r, ref in zip(results, reference)]
-
-
 def _compare(leaves, heads, dtype):
     with torch.no_grad():
         ref_out = external_attention(*leaves, num_heads=heads, backend="reference")
     cot = torch.randn(ref_out.shape, dtype=F64, device=ref_out.device)
     reference = _run(leaves, heads, "reference", cot, F64)
-    base = _max_err(_run(leaves, heads, "torch", cot, dtype), reference)
+    base = max_errors(_run(leaves, heads, "torch", cot, dtype), reference)
     if dtype != torch.float32:
-        base = [max(a, b) for a, b in zip(base, _max_err(_run(leaves, heads, "reference", cot, dtype), reference))]
+        base = worse(base, max_errors(_run(leaves, heads, "reference", cot, dtype), reference))
     fused = _run(leaves, heads, "triton", cot, dtype)
     assert fused[0].dtype == dtype and fused[0].shape == reference[0].shape
     names = ["output"] + [n for n, t in zip(NAMES, leaves) if t is not None]
-    for name, err, b, ref in zip(names, _max_err(fused, reference), base, reference):
-        bound = 2 * b + EPS[dtype] * max(1.0, ref.abs().max().item())
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch/reference error {b:.3g})"
+    assert_within_twice(fused, base, reference, dtype, names)
     if leaves[4] is not None:   # the key bias cancels in the token softmax: exactly zero here
         assert torch.count_nonzero(fused[NAMES.index("key_bias") + 1]) == 0
 

@@ -26,24 +26,16 @@ from medattn_fast.ops._gaussian_axial_triton import (
     gaussian_axial_triton_scores_bwd,
     gaussian_axial_triton_scores_fwd,
 )
+from _tolerance import F64, assert_within_twice, default_device, max_errors, worse
 
-F64 = torch.float64
-# Slack per dtype, relative to the largest reference value: float32, a few roundoffs accumulated in
-# a different (chunked) order; 16-bit, one unit in the last place (both results are rounded to the
-# dtype and may land on either side).
-EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 # (B, H, W, D): H ≠ W both ways, primes, B = 1, D = 1, odd D, D over one 64-wide chunk, a 1-pixel line.
 SHAPES = [(2, 5, 7, 3), (1, 7, 3, 1), (1, 3, 3, 13), (1, 1, 4, 6), (1, 6, 2, 70)]
 
 
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _leaves(entry, batch, height, width, d, device=None):
     """float64 masters: the three tensor inputs of ``entry``, shift θ > 0 and GaussianTrans's bias."""
-    device = device or _device()
+    device = device or default_device()
     if entry == "qkv":
         # q scaled so the scores have unit variance, as in a trained block (no 1/√D in the op).
         tensors = [torch.randn(batch, height, width, d, dtype=F64, device=device) / d ** 0.5,
@@ -67,10 +59,6 @@ def _run(entry, leaves, backend, cotangent, dtype):
     return [out, *grads]
 
 
-def _max_err(results, reference):
-    return [(r.double() - ref).abs().max().item() for r, ref in zip(results, reference)]
-
-
 def _compare(entry, leaves, dtype):
     """triton vs torch (and the reference loop in ``dtype``) vs the float64 reference loop.
 
@@ -82,10 +70,9 @@ def _compare(entry, leaves, dtype):
     leaves = [t.to(dtype).to(F64) for t in leaves]
     cot = torch.randn(leaves[2].shape, dtype=F64, device=leaves[2].device).to(dtype).to(F64)
     reference = _run(entry, leaves, "reference", cot, F64)
-    yardstick = _max_err(_run(entry, leaves, "torch", cot, dtype), reference)
+    yardstick = max_errors(_run(entry, leaves, "torch", cot, dtype), reference)
     if dtype != torch.float32:
-        loop = _max_err(_run(entry, leaves, "reference", cot, dtype), reference)
-        yardstick = [max(a, b) for a, b in zip(yardstick, loop)]
+        yardstick = worse(yardstick, max_errors(_run(entry, leaves, "reference", cot, dtype), reference))
     fused = _run(entry, leaves, "triton", cot, dtype)
     assert fused[0].dtype == dtype and fused[0].shape == reference[0].shape
     for grad, leaf in zip(fused[1:], leaves):
@@ -93,10 +80,7 @@ def _compare(entry, leaves, dtype):
     # the bias cancels in both softmaxes: its gradient is exactly zero, not rounding noise
     assert torch.equal(fused[5], torch.zeros_like(fused[5]))
     names = ["out", *(("q", "k") if entry == "qkv" else ("atten_x", "atten_y")), "v", "shift"]
-    for name, err, base, ref in zip(names, _max_err(fused[:5], reference[:5]), yardstick, reference):
-        bound = 2 * base + EPS[dtype] * max(1.0, ref.abs().max().item())
-        assert err <= bound, \
-            f"{entry} {tuple(leaves[2].shape)} {dtype}: {name} error {err:.3g} > bound {bound:.3g}"
+    assert_within_twice(fused[:5], yardstick, reference[:5], dtype, names, f"{entry} {tuple(leaves[2].shape)} {dtype}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,17 +18,7 @@ import medattn_fast
 from medattn_fast.ops._position_triton import position_attention_triton_bwd, position_attention_triton_fwd
 from medattn_fast.ops.position import position_attention
 import triton_kernels.position as triton_position
-
-
-F64 = torch.float64
-# Slack per dtype, relative to the largest reference value: float32, a few roundoffs accumulated over
-# the N·dv-term reductions (dγ, D_i) in a different (blocked, online-softmax) order; 16-bit, one unit in
-# the last place, since both results are rounded to the dtype and may land on either side.
-EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-
-
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from _tolerance import F64, assert_within_twice, default_device, max_errors, worse
 
 
 def _make(batch, n, d, channels_first, dtype, device):
@@ -42,7 +32,7 @@ def _make(batch, n, d, channels_first, dtype, device):
 
 def _case(batch, nq, nk, dk, dv, *, transpose, layout, epilogue, dtype, device=None):
     """Leaves and keyword arguments of one call; the epilogue is DANet's γ·o + x or seed 001's o ⊙ f."""
-    device = device or _device()
+    device = device or default_device()
     cf = layout == "channels"
     n_out = nk if transpose else nq
     q = _make(batch, nq, dk, cf, dtype, device)
@@ -71,17 +61,6 @@ def _run(leaves, kw, backend, cotangent, dtype=None):
     return [out, *grads]
 
 
-def _max_err(results, reference):
-    return [(r.double() - ref).abs().max().item() for r, ref in zip(results, reference)]
-
-
-def _assert_within(fused, torch_errs, reference, dtype, what):
-    fused_errs = _max_err(fused, reference)
-    for i, (err, base, ref) in enumerate(zip(fused_errs, torch_errs, reference)):
-        bound = 2 * base + EPS[dtype] * max(1.0, ref.abs().max().item())
-        assert err <= bound, f"{what}: tensor {i} (0 = output, then grads) error {err:.3g} > bound {bound:.3g}"
-
-
 def _compare(leaves, kw, dtype):
     """triton vs torch vs float64 reference, output and every gradient."""
     ref_out = position_attention(*[t.detach().double() for t in leaves[:3]], backend="reference",
@@ -89,15 +68,15 @@ def _compare(leaves, kw, dtype):
                                     for n, t in kw.items()})
     cot = torch.randn(ref_out.shape, device=ref_out.device, dtype=F64)
     reference = _run(leaves, kw, "reference", cot, dtype=F64)
-    torch_errs = _max_err(_run(leaves, kw, "torch", cot), reference)
+    torch_errs = max_errors(_run(leaves, kw, "torch", cot), reference)
     if dtype != torch.float32:   # in float32 the reference backend is as exact as the torch one
-        ref_errs = _max_err(_run(leaves, kw, "reference", cot), reference)
-        torch_errs = [max(a, b) for a, b in zip(torch_errs, ref_errs)]
+        torch_errs = worse(torch_errs, max_errors(_run(leaves, kw, "reference", cot), reference))
     fused = _run(leaves, kw, "triton", cot)
     assert fused[0].dtype == dtype and fused[0].shape == reference[0].shape
     for g, leaf in zip(fused[1:], leaves):
         assert g.shape == leaf.shape
-    _assert_within(fused, torch_errs, reference, dtype, "triton vs float64 reference")
+    names = ["output"] + [f"grad {i}" for i in range(len(leaves))]
+    assert_within_twice(fused, torch_errs, reference, dtype, names, "triton vs float64 reference")
 
 
 SHAPES = [  # (B, Nq, Nk, dk, dv)

@@ -14,21 +14,16 @@ import torch
 import medattn_fast
 from medattn_fast.ops._window_triton import window_attention_triton_bwd, window_attention_triton_fwd
 from medattn_fast.ops.window import window_attention
+from _tolerance import F64, assert_within_twice, default_device, max_errors, worse
 
-F64 = torch.float64
-EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 NAMES = ["x", "query_weight", "query_bias", "key_weight", "key_bias", "value_weight", "value_bias", "proj_weight",
          "proj_bias"]
-
-
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _leaves(B, H, W, C, heads, d, Co, *, biases="all", device=None):
     """Fresh random x and parameters in float64 (weights scaled so the softmaxes are not one-hot).
     ``biases``: "all", "none", or "no_key" (nn.WindowAttention's key projection has none)."""
-    device = device or _device()
+    device = device or default_device()
     A = heads * d
 
     def r(*shape, scale=1.0):
@@ -53,25 +48,19 @@ def _run(leaves, kw, backend, cotangent, dtype):
     return [out, *grads]
 
 
-def _max_err(results, reference):
-    return [(r.double() - ref).abs().max().item() for r, ref in zip(results, reference)]
-
-
 def _compare(leaves, dtype, **kw):
     """triton vs the float64 reference, bounded by torch's (and, 16-bit, the reference's) own error."""
     with torch.no_grad():
         ref_out = window_attention(*leaves, backend="reference", **kw)
     cot = torch.randn(ref_out.shape, dtype=F64, device=ref_out.device)
     reference = _run(leaves, kw, "reference", cot, F64)
-    base = _max_err(_run(leaves, kw, "torch", cot, dtype), reference)
+    base = max_errors(_run(leaves, kw, "torch", cot, dtype), reference)
     if dtype != torch.float32:
-        base = [max(a, b) for a, b in zip(base, _max_err(_run(leaves, kw, "reference", cot, dtype), reference))]
+        base = worse(base, max_errors(_run(leaves, kw, "reference", cot, dtype), reference))
     fused = _run(leaves, kw, "triton", cot, dtype)
     assert fused[0].dtype == dtype and fused[0].shape == reference[0].shape
     names = ["output"] + [n for n, t in zip(NAMES, leaves) if t is not None]
-    for name, err, b, ref in zip(names, _max_err(fused, reference), base, reference):
-        bound = 2 * b + EPS[dtype] * max(1.0, ref.abs().max().item())
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch/reference error {b:.3g})"
+    assert_within_twice(fused, base, reference, dtype, names)
 
 
 @pytest.mark.parametrize("layout", ["grid", "padded", "windows"])
