@@ -32,7 +32,7 @@ from typing import Callable, Dict
 import torch
 
 import medattn_fast
-from bench.harness import Case, with_backend
+from bench.harness import Case, with_backend, within
 from medattn_fast.compat.mtunet import GaussianTrans as CompatGaussianTrans
 from medattn_fast.compat.mtunet import MTUNet as CompatMTUNet
 from medattn_fast.models import MTUNet as CleanMTUNet
@@ -62,18 +62,6 @@ def _with_vectorised_gaussian(ref: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _autocast(fn: Callable, device: torch.device) -> Callable:
-    """Provider calling ``fn`` under bfloat16 autocast (keeps ``__self__`` for the harness)."""
-    def run(*args):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return fn(*args)
-
-    owner = getattr(fn, "__self__", None)
-    if isinstance(owner, torch.nn.Module):
-        run.__self__ = owner
-    return run
-
-
 def _setup(batch: int, train: bool, amp: bool = False):
     def setup(device: torch.device, dtype: torch.dtype):
         torch.manual_seed(0)
@@ -94,7 +82,9 @@ def _setup(batch: int, train: bool, amp: bool = False):
             "reference-vec": vectorised.forward,
         }
         if amp:
-            providers = {name: _autocast(fn, device) for name, fn in providers.items()}
+            # bfloat16 autocast (float32 weights), as a mixed-precision training step runs
+            providers = {name: within(fn, lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+                         for name, fn in providers.items()}
         return (x,), providers
 
     return setup

@@ -154,19 +154,24 @@ def time_fn(fn: Callable, inputs: tuple, mode: str, device: torch.device, cotang
     return statistics.median(times)
 
 
-def with_backend(fn: Callable, backend: str) -> Callable:
-    """Provider calling ``fn`` (a module or a function) under ``medattn_fast.use_backend(backend)``.
-    Keeps the module visible as ``__self__`` so the harness frees its ``.grad`` between modes."""
-    import medattn_fast
-
+def within(fn: Callable, context: Callable) -> Callable:
+    """Provider calling ``fn`` (a module or a function) inside ``with context():``. Keeps the module
+    visible as ``__self__`` so the harness frees its ``.grad`` between modes."""
     def run(*args):
-        with medattn_fast.use_backend(backend):
+        with context():
             return fn(*args)
 
     owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
     if isinstance(owner, torch.nn.Module):
         run.__self__ = owner
     return run
+
+
+def with_backend(fn: Callable, backend: str) -> Callable:
+    """Provider calling ``fn`` under ``medattn_fast.use_backend(backend)`` (see :func:`within`)."""
+    import medattn_fast
+
+    return within(fn, lambda: medattn_fast.use_backend(backend))
 
 
 def _zero_module_grads(providers: Dict[str, Callable]) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -36,8 +37,6 @@ def dot_precision(dtype) -> str:
     """``input_precision`` of the kernels' dots: float32 inputs must not silently drop to TF32
     (PyTorch's float32 matmuls do not either); 16-bit inputs use the tensor cores (TF32 for the
     float32 operands such as probabilities)."""
-    import torch
-
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -79,8 +78,6 @@ def multiprocessor_count(device) -> int:
     """SMs of the GPU the kernels will run on: 1 under the interpreter (its "grid" runs serially),
     else the CUDA device's count; for a CPU tensor without the interpreter (only the offline compile
     check, tests/_sm90_compile.py, gets that far) the active Triton driver's."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     if interpreted():
