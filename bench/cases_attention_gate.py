@@ -6,7 +6,7 @@ BN folds into the convolutions; train needs batch statistics and updates the run
 
 Providers: ``reference`` (the seeds' AttentionBlock module), ``torch`` / ``auto`` / ``cpp`` /
 ``triton`` / ``cuda`` (:class:`medattn_fast.nn.AttentionGate` forced to that backend / on the
-default choice; the fused ones only in additive cases),
+default choice),
 ``compile`` (``torch.compile`` of the reference module), ``grid`` cases compare Oktay's
 GridAttentionBlock (output ``W_y``; its α is not part of the timed output). All providers share
 the reference module's parameter and buffer objects.
@@ -87,6 +87,12 @@ def _setup_grid(batch: int, cx: int, size: Tuple[int, ...], training: bool):
     def setup(device: torch.device, dtype: torch.dtype):
         ref = GridAttentionBlock(cx, cg, cint, spatial_dims=nd, sub_sample_factor=2)
         ref = ref.to(device=device, dtype=dtype).train(training)
+        with torch.no_grad():  # a trained-looking BN state for W's BN (folded in eval)
+            bn = ref.W[1]
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0.0, 0.1)
+            bn.running_mean.normal_(0.0, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
 
         def gate(backend):
             m = AttentionGate(cx, cg, cint, spatial_dims=nd, mode="grid", sub_sample_factor=2, backend=backend)
@@ -104,6 +110,8 @@ def _setup_grid(batch: int, cx: int, size: Tuple[int, ...], training: bool):
             "compile": lambda x, g: compiled(x, g)[0],
             "auto": auto_gate.forward,
         }
+        for fused in ("cpp", "triton", "cuda"):  # each raises BackendUnavailable where it cannot run
+            providers[fused] = gate(fused).forward
         return (x, g), providers
 
     return setup

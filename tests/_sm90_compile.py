@@ -197,6 +197,13 @@ def _gate(dtype) -> None:
             gate = AttentionGate(8, 12, 4, spatial_dims=spatial, backend="triton").to(dtype).train(training)
             x, g = _leaf(2, 8, *size, dtype=dtype), _leaf(2, 12, *coarse, dtype=dtype)
             _backward(gate(x, g))
+    # grid mode: the logits pass on θ·x and the output pass (70 channels: two 64-channel blocks)
+    for spatial, size, coarse in ((2, (20, 24), (10, 12)), (3, (8, 10, 6), (4, 5, 3))):
+        for training in (False, True):
+            gate = AttentionGate(70, 12, 35, spatial_dims=spatial, mode="grid", backend="triton")
+            gate = gate.to(dtype).train(training)
+            x, g = _leaf(2, 70, *size, dtype=dtype), _leaf(2, 12, *coarse, dtype=dtype)
+            _backward(gate(x, g))
 
 
 SWEEP: Tuple[Tuple[str, Callable], ...] = (("position_attention", _position), ("channel_attention", _channel),
@@ -210,11 +217,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests._sm90_compile", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="list every compiled kernel")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated torch dtypes")
+    parser.add_argument("--op", action="append", choices=[name for name, _ in SWEEP],
+                        help="only these ops (repeatable); default: all")
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     _install()
     failures, spills, shared_most = [], [], 0
     for name, run in SWEEP:
+        if args.op and name not in args.op:
+            continue
         for dtype in dtypes:
             before = len(COMPILED)
             try:

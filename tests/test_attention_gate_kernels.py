@@ -215,14 +215,6 @@ def test_cpp_deterministic_across_thread_counts():
         assert torch.equal(a, b)
 
 
-def test_predicates_refuse_grid_mode_with_reason():
-    block = R.GridAttentionBlock(4, 6, 2, spatial_dims=2, sub_sample_factor=2).to(F64)
-    x, g = torch.randn(1, 4, 8, 8, dtype=F64), torch.randn(1, 6, 4, 4, dtype=F64)
-    with pytest.raises(medattn_fast.BackendUnavailable, match="additive gate only, got mode='grid'"):
-        MF.attention_gate(x, g, block.theta.weight, None, block.phi.weight, block.phi.bias, block.psi.weight,
-                          block.psi.bias, mode="grid", backend="cpp")
-
-
 def test_triton_predicate_refuses_float64_with_reason():
     block = make_block(2, 4, 3, 2, training=False)
     x, g = torch.randn(1, 4, 5, 5, dtype=F64), torch.randn(1, 3, 3, 3, dtype=F64)
@@ -374,6 +366,162 @@ def test_triton_block_size_sweep_matches_cpp(block_p):
 
 
 # ---------------------------------------------------------------------------------------------
+# grid mode (Oktay's GridAttentionBlock): logits pass on θ·x, fused output pass
+# ---------------------------------------------------------------------------------------------
+
+def grid_call(module: R.GridAttentionBlock, x, g, backend):
+    return MF.attention_gate(
+        x, g, module.theta.weight, None, module.phi.weight, module.phi.bias, module.psi.weight, module.psi.bias,
+        out_weight=module.W[0].weight, out_bias=module.W[0].bias, bn_out=BatchNormParams.from_module(module.W[1]),
+        training=module.training, mode="grid", return_alpha=True, backend=backend)
+
+
+def compare_grid(backend, x_size, g_size, factor, *, batch=2, cx=5, cg=6, ci=3, training, dtype=F64, tol=TIGHT,
+                 channels_last=False, reference_dtype=None, device="cpu"):
+    """``backend`` against ``reference`` on twin GridAttentionBlocks: out, α, every gradient, every buffer."""
+    nd = len(x_size)
+    ref = R.GridAttentionBlock(cx, cg, ci, spatial_dims=nd, sub_sample_factor=factor)
+    ref = randomize(ref).to(device=device, dtype=reference_dtype or dtype).train(training)
+    twin = copy.deepcopy(ref).to(dtype)
+    x = torch.randn(batch, cx, *x_size, device=device, dtype=dtype)
+    g = torch.randn(batch, cg, *g_size, device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
+    cots = torch.randn(batch, cx, *x_size, device=device, dtype=dtype), torch.randn(batch, 1, *x_size, device=device,
+                                                                                     dtype=dtype)
+    cast = (lambda t: t.to(reference_dtype)) if reference_dtype else (lambda t: t)
+
+    def one(module, x, g, backend, cots):
+        x, g = x.detach().clone().requires_grad_(), g.detach().clone().requires_grad_()
+        out, alpha = grid_call(module, x, g, backend)
+        grads = torch.autograd.grad((out, alpha), [x, g, *module.parameters()], cots)
+        return [out.detach(), alpha.detach(), *grads]
+
+    want = one(ref, cast(x), cast(g), "reference", [cast(c) for c in cots])
+    got = one(twin, x, g, backend, cots)
+    if channels_last:
+        assert got[0].stride() == x.stride(), "out keeps x's memory format"
+    names = ["out", "alpha", "grad x", "grad g"] + [f"grad {n}" for n, _ in ref.named_parameters()]
+    for name, w, o in zip(names, want, got):
+        torch.testing.assert_close(o.to(w.dtype), w, **tol, msg=lambda m: f"{backend} grid {name}: {m}")
+    for (name, a), (_, b) in zip(ref.named_buffers(), twin.named_buffers()):
+        torch.testing.assert_close(b.to(a.dtype), a, **tol, msg=lambda m: f"{backend} grid buffer {name}: {m}")
+
+
+GRID_GEOMETRIES = {
+    # x spatial, g spatial, sub_sample_factor
+    "2d-odd": ((9, 11), (3, 4), 2),             # coarse grid (4, 5), g upsampled to it, α upsampled to x
+    "2d-anisotropic": ((7, 12), (3, 4), (2, 3)),
+    "2d-same-grid": ((8, 10), (4, 5), 2),       # Sg == coarse grid
+    "3d-odd": ((5, 6, 7), (2, 3, 3), 2),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("geometry", list(GRID_GEOMETRIES))
+def test_cpp_grid_matches_reference(geometry, training):
+    compare_grid("cpp", *GRID_GEOMETRIES[geometry], training=training)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_cpp_grid_channels_last_many_channels(training):
+    """More channels than one 16-lane block and positions than one 64-position tile, channels_last."""
+    compare_grid("cpp", (17, 15), (4, 5), 2, cx=19, cg=5, ci=7, training=training, channels_last=True)
+
+
+def test_cpp_grid_every_batch_norm():
+    """Grid mode with a BN after every projection (the op allows one on θ, φ and ψ too; Oktay's
+    block has only ``W``'s): batch statistics in training, the running-stat updates."""
+    cx, cg, ci = 4, 3, 3
+    x, g = torch.randn(2, cx, 9, 8, dtype=F64), torch.randn(2, cg, 3, 4, dtype=F64)
+    base = [torch.randn(ci, cx, 2, 2, dtype=F64), torch.randn(ci, dtype=F64), torch.randn(ci, cg, 1, 1, dtype=F64),
+            torch.randn(ci, dtype=F64), torch.randn(1, ci, 1, 1, dtype=F64), torch.randn(1, dtype=F64),
+            torch.randn(cx, cx, 1, 1, dtype=F64), torch.randn(cx, dtype=F64)]
+    norms = [randomize(torch.nn.BatchNorm2d(c).to(F64)) for c in (ci, ci, 1, cx)]
+    results = {}
+    for backend in ("reference", "cpp"):
+        ps = [p.clone().requires_grad_() for p in base]
+        mods = copy.deepcopy(norms)
+        bn = dict(zip(("bn_x", "bn_g", "bn_psi", "bn_out"), map(BatchNormParams.from_module, mods)))
+        xr, gr = x.clone().requires_grad_(), g.clone().requires_grad_()
+        out, alpha = _functional(backend, xr, gr, ps[:6], out_weight=ps[6], out_bias=ps[7], training=True,
+                                 mode="grid", **bn)
+        weights = torch.arange(out.numel(), dtype=F64).view_as(out).sin()
+        grads = torch.autograd.grad((out * weights).sum() + alpha.square().sum(),
+                                    [xr, gr, *ps, *(p for m in mods for p in m.parameters())])
+        results[backend] = [out, alpha, *grads, *(b.clone() for m in mods for b in m.buffers())]
+    for w, o in zip(results["reference"], results["cpp"]):
+        torch.testing.assert_close(o, w, **TIGHT)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("geometry", ["2d-odd", "3d-odd"])
+def test_triton_interpreter_grid_matches_reference(geometry, training):
+    compare_grid("triton", *GRID_GEOMETRIES[geometry], training=training, dtype=torch.float32, tol=F32,
+                 reference_dtype=F64)
+
+
+@pytest.mark.parametrize("block_p", [16, 64])
+def test_triton_project_sweep_matches_cpp(block_p):
+    """The output pass with more channels than one 64-channel block (two K and two output blocks)."""
+    import triton_kernels.gate as TG
+    from medattn_fast import _build
+
+    ext = _build.load("cpu", "attention_gate")
+    x = torch.randn(2, 70, 5, 7).to(memory_format=torch.channels_last)
+    alpha, W, b = torch.rand(2, 1, 5, 7), torch.randn(70, 70) / 8, torch.randn(70)
+    torch.testing.assert_close(TG.gate_project(x, alpha, W, b, block_p=block_p), ext.gate_project(x, alpha, W, b),
+                               **F32)
+    go = torch.randn(2, 70, 5, 7)
+    for got, want in zip(TG.gate_project_backward(x, alpha, W, go, block_p=block_p),
+                         ext.gate_project_backward(x, alpha, W, go)):
+        torch.testing.assert_close(got, want, **F32)
+
+
+def _project_samples(dtype):
+    x = torch.randn(2, 5, 7, 9, dtype=dtype, requires_grad=True)
+    acc = F64 if dtype == F64 else torch.float32
+    alpha = torch.rand(2, 1, 7, 9, dtype=acc, requires_grad=True)
+    W, b = torch.randn(5, 5, dtype=acc, requires_grad=True), torch.randn(5, dtype=acc, requires_grad=True)
+    return (x, alpha, W, b)
+
+
+def test_opcheck_cpp_project():
+    kernels = K.KERNELS["cpp"]
+    x, alpha, W, b = _project_samples(F64)
+    torch.library.opcheck(kernels.project, (x, alpha, W, b))
+    assert torch.autograd.gradcheck(kernels.project, (x, alpha, W, b))
+
+
+def test_opcheck_triton_project():
+    torch.library.opcheck(K.KERNELS["triton"].project, _project_samples(torch.float32),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_compile_fullgraph_twice_no_recompile_cpp_grid():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    block = randomize(R.GridAttentionBlock(6, 4, 3, sub_sample_factor=2)).train(True)
+    eager_block = copy.deepcopy(block)
+    compiled = torch.compile(lambda x, g: grid_call(block, x, g, "cpp"), backend=counter, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(2, 6, 9, 10, requires_grad=True)
+        g = torch.randn(2, 4, 3, 4, requires_grad=True)
+        out, alpha = compiled(x, g)
+        grads = torch.autograd.grad(out.sum() + alpha.sum(), (x, g))
+        xe, ge = x.detach().clone().requires_grad_(), g.detach().clone().requires_grad_()
+        out_e, alpha_e = grid_call(eager_block, xe, ge, "cpp")
+        grads_e = torch.autograd.grad(out_e.sum() + alpha_e.sum(), (xe, ge))
+        for a, b in zip((out, alpha, *grads), (out_e, alpha_e, *grads_e)):
+            torch.testing.assert_close(a, b, **F32)
+    for a, b in zip(block.buffers(), eager_block.buffers()):
+        torch.testing.assert_close(a, b, **F32)
+    assert counter.frame_count == 1
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU (-m gpu)
 # ---------------------------------------------------------------------------------------------
 
@@ -400,6 +548,34 @@ def test_gpu_matches_pytorch_error(backend, dtype, training, geometry):
     fused = run(low_fused, x.to(dtype), g.to(dtype), backend, cot.to(dtype), alpha_cot.to(dtype))
     for e, t, f in zip([exact[0], exact[1], *exact[2]], [torch_low[0], torch_low[1], *torch_low[2]],
                        [fused[0], fused[1], *fused[2]]):
+        torch_err = (t.double() - e).abs().max()
+        fused_err = (f.double() - e).abs().max()
+        assert fused_err <= 2 * torch_err + GPU_TOL[dtype] * e.abs().max(), (fused_err, torch_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("nd", [2, 3])
+def test_gpu_grid_matches_pytorch_error(backend, nd, dtype, training):
+    """Grid mode: error vs float64 at most twice PyTorch's own in the same dtype."""
+    xs, gs = ((33, 30), (8, 7)) if nd == 2 else ((9, 10, 11), (2, 3, 3))
+    ref64 = randomize(R.GridAttentionBlock(32, 48, 16, spatial_dims=nd, sub_sample_factor=2))
+    ref64 = ref64.to(device="cuda", dtype=F64).train(training)
+    x = torch.randn(2, 32, *xs, device="cuda", dtype=F64)
+    g = torch.randn(2, 48, *gs, device="cuda", dtype=F64)
+    cots = torch.randn_like(x), torch.randn(2, 1, *xs, device="cuda", dtype=F64)
+
+    def one(module, backend, dtype):
+        module = copy.deepcopy(module).to(dtype)
+        xl, gl = (t.to(dtype).requires_grad_() for t in (x, g))
+        out, alpha = grid_call(module, xl, gl, backend)
+        grads = torch.autograd.grad((out, alpha), [xl, gl, *module.parameters()], [c.to(dtype) for c in cots])
+        return [out, alpha, *grads]
+
+    exact, torch_low, fused = one(ref64, "reference", F64), one(ref64, "reference", dtype), one(ref64, backend, dtype)
+    for e, t, f in zip(exact, torch_low, fused):
         torch_err = (t.double() - e).abs().max()
         fused_err = (f.double() - e).abs().max()
         assert fused_err <= 2 * torch_err + GPU_TOL[dtype] * e.abs().max(), (fused_err, torch_err)

@@ -22,6 +22,18 @@ turn — a loop over Ci of a (Cx × BLOCK_P) multiply-reduce — so ``a`` exists
                        da (B, Ci, *S) float32, and per-program partial sums of dq·relu(a_i) and dq
                        (the gradients of w and c; summed on the host in program order).
 
+Grid mode (Oktay's gate: α computed on a strided grid by the kernels above run on θ·x, then
+upsampled to x's resolution, α (B, 1, *S) float32) ends with an output transform, fused here::
+
+    out[:, p] = α[p]·(W·x[:, p]) + b        W (Co, Cx): the ``W`` conv with its BN folded
+
+* ``_project_kernel``          one program = BLOCK_O output channels × BLOCK_P positions; a ``tl.dot``
+                               loop over Cx blocks, the α scale and bias as the epilogue (α⊙x is
+                               never stored: W·(α⊙x) = α·(W·x), α being one value per position).
+* ``_project_backward_kernel`` one program = BLOCK_P positions × all Cx channels, a Cx block at a
+                               time: t = Wᵀ·grad_out (dot loop over Co blocks), grad_x = α·t and
+                               ∂α = Σ_c t·x (complete per program, so no atomics).
+
 x, grad_out and out may have any strides (channels-first or channels_last); float32, bfloat16 and
 float16 in, float32 accumulation. Launch functions allocate their results and do no autograd.
 """
@@ -33,9 +45,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import to_storage
+from ._util import INTERPRETED, dot, dot_precision, pow2_at_least_16, to_storage
 
-__all__ = ["gate_forward", "gate_logits", "gate_backward", "default_block_p", "MAX_CHANNELS"]
+__all__ = ["gate_forward", "gate_logits", "gate_backward", "gate_project", "gate_project_backward",
+           "default_block_p", "MAX_CHANNELS"]
 
 MAX_CHANNELS = 1024  # the x tile (Cx padded to a power of two × BLOCK_P) lives in registers
 
@@ -182,6 +195,76 @@ def _backward_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, go_ptr, galpha_
     tl.store(gx_ptr + gx_off, to_storage(gx, gx_ptr.dtype.element_ty), mask=tile_mask)
 
 
+@triton.jit
+def _project_kernel(x_ptr, w_ptr, b_ptr, alpha_ptr, out_ptr, Cx, Co, H, W, S,
+                    sxb, sxc, sxd, sxh, sxw, sob, soc, sod, soh, sow,
+                    PRECISION: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_P: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < S
+    w = p % W
+    h = (p // W) % H
+    d = p // (W * H)
+    x_spatial = (d * sxd + h * sxh + w * sxw).to(tl.int64)
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    omask = o < Co
+    acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, Cx, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < Cx
+        x_tile = tl.load(x_ptr + b * sxb + k[:, None].to(tl.int64) * sxc + x_spatial[None, :],
+                         mask=kmask[:, None] & pmask[None, :], other=0.0)
+        w_tile = tl.load(w_ptr + o[:, None] * Cx + k[None, :], mask=omask[:, None] & kmask[None, :], other=0.0)
+        # W is float32 (folded); it meets x in x's dtype, as a 16-bit convolution's weights do
+        acc += dot(w_tile.to(x_tile.dtype), x_tile, PRECISION, INTERPRETED)
+    alpha = tl.load(alpha_ptr + b * S + p, mask=pmask, other=0.0)
+    bias = tl.load(b_ptr + o, mask=omask, other=0.0)
+    out = acc * alpha[None, :] + bias[:, None]
+    o_off = b * sob + o[:, None].to(tl.int64) * soc + (d * sod + h * soh + w * sow)[None, :].to(tl.int64)
+    tl.store(out_ptr + o_off, to_storage(out, out_ptr.dtype.element_ty), mask=omask[:, None] & pmask[None, :])
+
+
+@triton.jit
+def _project_backward_kernel(x_ptr, w_ptr, alpha_ptr, go_ptr, gx_ptr, galpha_ptr, Cx, Co, H, W, S,
+                             sxb, sxc, sxd, sxh, sxw, sgb, sgc, sgd, sgh, sgw, sxgb, sxgc, sxgd, sxgh, sxgw,
+                             PRECISION: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_P: tl.constexpr):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < S
+    w = p % W
+    h = (p // W) % H
+    d = p // (W * H)
+    x_spatial = (d * sxd + h * sxh + w * sxw).to(tl.int64)
+    go_spatial = (d * sgd + h * sgh + w * sgw).to(tl.int64)
+    gx_spatial = (d * sxgd + h * sxgh + w * sxgw).to(tl.int64)
+    alpha = tl.load(alpha_ptr + b * S + p, mask=pmask, other=0.0)
+    grad_alpha = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for k0 in range(0, Cx, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < Cx
+        t = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+        for o0 in range(0, Co, BLOCK_O):
+            o = o0 + tl.arange(0, BLOCK_O)
+            omask = o < Co
+            go = tl.load(go_ptr + b * sgb + o[:, None].to(tl.int64) * sgc + go_spatial[None, :],
+                         mask=omask[:, None] & pmask[None, :], other=0.0)
+            # Wᵀ block (BLOCK_K, BLOCK_O)
+            wt = tl.load(w_ptr + o[None, :] * Cx + k[:, None], mask=kmask[:, None] & omask[None, :], other=0.0)
+            t += dot(wt.to(go.dtype), go, PRECISION, INTERPRETED)
+        tile_mask = kmask[:, None] & pmask[None, :]
+        x_tile = tl.load(x_ptr + b * sxb + k[:, None].to(tl.int64) * sxc + x_spatial[None, :],
+                         mask=tile_mask, other=0.0).to(tl.float32)
+        grad_alpha += tl.sum(t * x_tile, axis=0)
+        tl.store(gx_ptr + b * sxgb + k[:, None].to(tl.int64) * sxgc + gx_spatial[None, :],
+                 to_storage(t * alpha[None, :], gx_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(galpha_ptr + b * S + p, grad_alpha, mask=pmask)
+
+
 # ---------------------------------------------------------------------------------------------
 # launches
 # ---------------------------------------------------------------------------------------------
@@ -286,3 +369,66 @@ def gate_backward(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alph
         BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
     sums = partials.sum(0)
     return grad_x, grad_a, sums[:ci].clone(), sums[ci:].clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# grid mode's output transform
+# ---------------------------------------------------------------------------------------------
+
+def _projection_geometry(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor):
+    if weight.dtype != torch.float32 or alpha.dtype != torch.float32:
+        raise TypeError(f"triton attention_gate project: weight and alpha must be float32, got "
+                        f"{weight.dtype} and {alpha.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"triton attention_gate project: weight must be (Co, {x.shape[1]}), got "
+                         f"{tuple(weight.shape)}")
+    expected = (x.shape[0], 1, *x.shape[2:])
+    if tuple(alpha.shape) != expected:
+        raise ValueError(f"triton attention_gate project: alpha must be {expected}, got {tuple(alpha.shape)}")
+    fine = tuple(x.shape[2:]) if x.dim() == 5 else (1, *x.shape[2:])
+    return fine[1], fine[2], fine[0] * fine[1] * fine[2]
+
+
+def _projection_config(cx: int, co: int, dtype: torch.dtype, block_p: Optional[int], backward: bool):
+    """(BLOCK_O, BLOCK_K, BLOCK_P, num_warps). float32 dots run on the FMA units with their operand
+    tiles in registers: 32-wide K (and O, in the backward's three-tile loop) blocks; 8 warps. On
+    sm_90 (tests/_sm90_compile.py) 64-wide blocks on 4 warps spilled 168 B (forward) and 992 B
+    (backward) per thread in float32, 224 B in the 16-bit backward; this configuration spills none."""
+    wide = 32 if dtype == torch.float32 else 64
+    block_o = min(wide if backward else 64, pow2_at_least_16(co))
+    block_k = min(wide, pow2_at_least_16(cx))
+    return block_o, block_k, block_p or 64, 8
+
+
+def gate_project(x, alpha, weight, bias, *, block_p: Optional[int] = None):
+    """``out[:, p] = alpha[p]·(weight·x[:, p]) + bias`` (B, Co, *S) in x's dtype (x's memory format
+    when Co == Cx); alpha (B, 1, *S), weight (Co, Cx), bias (Co,) or None, float32."""
+    H, W, S = _projection_geometry(x, alpha, weight)
+    batch, cx, co = x.shape[0], x.shape[1], weight.shape[0]
+    weight, alpha = weight.contiguous(), alpha.contiguous()
+    bias = weight.new_zeros(co) if bias is None else bias.reshape(co).to(torch.float32).contiguous()
+    out = torch.empty_like(x) if co == cx else x.new_empty((batch, co, *x.shape[2:]))
+    block_o, block_k, block_p, warps = _projection_config(cx, co, x.dtype, block_p, backward=False)
+    grid = (triton.cdiv(S, block_p), triton.cdiv(co, block_o), batch)
+    _project_kernel[grid](x, weight, bias, alpha, out, cx, co, H, W, S, *_strides5(x), *_strides5(out),
+                          PRECISION=dot_precision(x.dtype), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p,
+                          num_warps=warps)
+    return out
+
+
+def gate_project_backward(x, alpha, weight, grad_out, *, block_p: Optional[int] = None):
+    """``(grad_x like x, grad_alpha (B, 1, *S) float32)`` of :func:`gate_project`."""
+    H, W, S = _projection_geometry(x, alpha, weight)
+    batch, cx, co = x.shape[0], x.shape[1], weight.shape[0]
+    if tuple(grad_out.shape) != (batch, co, *x.shape[2:]) or grad_out.dtype != x.dtype:
+        raise ValueError(f"triton attention_gate project: grad_out must be {(batch, co, *x.shape[2:])} of "
+                         f"{x.dtype}, got {tuple(grad_out.shape)} of {grad_out.dtype}")
+    weight, alpha = weight.contiguous(), alpha.contiguous()
+    grad_x = torch.empty_like(x)
+    grad_alpha = torch.empty(alpha.shape, device=x.device, dtype=torch.float32)
+    block_o, block_k, block_p, warps = _projection_config(cx, co, x.dtype, block_p, backward=True)
+    _project_backward_kernel[(triton.cdiv(S, block_p), batch)](
+        x, weight, alpha, grad_out, grad_x, grad_alpha, cx, co, H, W, S,
+        *_strides5(x), *_strides5(grad_out), *_strides5(grad_x),
+        PRECISION=dot_precision(x.dtype), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
+    return grad_x, grad_alpha

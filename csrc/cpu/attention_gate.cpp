@@ -1,4 +1,4 @@
-// Attention U-Net gate (additive form), fused C++ CPU kernels.
+// Attention U-Net gate (additive form, and grid form's output pass), fused C++ CPU kernels.
 //
 // The Python side (medattn_fast/ops/_attention_gate_kernels.py) folds every normalisation it can
 // into the three projections and computes the coarse gating map G = BN_g(W_g·g) (B, Ci, *Sg) with
@@ -17,6 +17,9 @@
 //                  it writes da (B, Ci, *S) in the accumulation type (the caller turns it into the
 //                  gradients of W, b and G with one GEMM and the interpolation's adjoint) and the
 //                  per-tile partial sums of dq·relu(a) and dq (the gradients of w and c).
+//   gate_project   grid mode's output transform on the upsampled map α: out = α·(W·x) + b per
+//                  position (Oktay's `W` conv with its BN folded), α⊙x never stored;
+//   gate_project_backward  its grad_x = α·Wᵀ·grad_out and ∂α = (Wᵀ·grad_out)·x.
 //
 // Work is split into tiles of kTile consecutive positions of one batch element. A tile gathers
 // its x values (any strides, any float dtype) into a small position-major float/double buffer and
@@ -128,6 +131,9 @@ struct Args {
   Strides gxs;
   acc_t* grad_a = nullptr;    // (B, Ci, S) contiguous
   acc_t* partials = nullptr;  // (tiles, Ci + 1): Σ dq·relu(a), then Σ dq
+  // grid mode's output transform (project_tiles): Ci plays C_out, weight/weight_t/bias are W_out's
+  const acc_t* scale = nullptr;  // α (B, 1, S) contiguous
+  acc_t* grad_scale = nullptr;   // ∂α (B, 1, S) contiguous
 
   int64_t tiles_per_batch() const { return (S + kTile - 1) / kTile; }
 };
@@ -416,6 +422,71 @@ MEDATTN_INLINE void backward_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, i
   }
 }
 
+// Grid mode's output transform on the upsampled attention map α (B, 1, *S):
+//   out[:, p] = α[p]·(W·x[:, p]) + b          (W: C_out × Cx; Oktay's W conv with its BN folded)
+// W·(α⊙x) = α·(W·x) because α is one value per position, so α⊙x is never stored either.
+template <typename scalar_t, typename acc_t>
+MEDATTN_INLINE void project_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, int64_t hi) {
+  const int64_t Cx = A.Cx, Co = A.Ci, CoP = A.CiP;
+  std::vector<acc_t> xt(kTile * Cx), zt(kTile * CoP);
+  std::vector<int64_t> off(kTile);
+  const int64_t tpb = A.tiles_per_batch();
+  TileCoords tc;
+  const TileLayout XL = A.xs.c == 1 ? TileLayout{Cx, 1} : TileLayout{1, kTile};
+  for (int64_t t = lo; t < hi; ++t) {
+    const int64_t b = t / tpb, s0 = (t % tpb) * kTile, n = std::min(kTile, A.S - s0);
+    tc.fill(s0, n, A.H, A.W);
+    position_offsets(tc, n, A.xs, off.data());
+    gather_tile(A.x + b * A.xs.b, A.xs.c, off.data(), n, Cx, xt.data(), XL);
+    std::fill(zt.begin(), zt.end(), static_cast<acc_t>(0));
+    tile_gemm(xt.data(), XL, Cx, A.weight_t, CoP, zt.data(), n);  // z = x·Wᵀ
+    const acc_t* alpha = A.scale + b * A.S + s0;
+    for (int64_t p = 0; p < n; ++p) {
+      acc_t* row = zt.data() + p * CoP;
+      const acc_t k = alpha[p];
+#pragma omp simd
+      for (int64_t o = 0; o < Co; ++o) row[o] = k * row[o] + A.bias[o];
+    }
+    position_offsets(tc, n, A.os, off.data());
+    scatter_tile(A.out + b * A.os.b, A.os.c, off.data(), n, Co, zt.data(), TileLayout{CoP, 1},
+                 static_cast<const acc_t*>(nullptr));
+  }
+}
+
+// Its backward: t[p] = Wᵀ·grad_out[:, p] (Cx), grad_x[:, p] = α[p]·t[p], ∂α[p] = t[p]·x[:, p].
+template <typename scalar_t, typename acc_t>
+MEDATTN_INLINE void project_backward_tiles(const Args<scalar_t, acc_t>& A, int64_t lo, int64_t hi) {
+  const int64_t Cx = A.Cx, CxP = A.CxP, Co = A.Ci, CoP = A.CiP;
+  std::vector<acc_t> xt(kTile * Cx), gt(kTile * CoP), tt(kTile * CxP);
+  std::vector<int64_t> off(kTile);
+  const int64_t tpb = A.tiles_per_batch();
+  TileCoords tc;
+  const TileLayout XL = A.xs.c == 1 ? TileLayout{Cx, 1} : TileLayout{1, kTile};
+  const TileLayout GL{CoP, 1};
+  for (int64_t t = lo; t < hi; ++t) {
+    const int64_t b = t / tpb, s0 = (t % tpb) * kTile, n = std::min(kTile, A.S - s0);
+    tc.fill(s0, n, A.H, A.W);
+    position_offsets(tc, n, A.xs, off.data());
+    gather_tile(A.x + b * A.xs.b, A.xs.c, off.data(), n, Cx, xt.data(), XL);
+    position_offsets(tc, n, A.gos, off.data());
+    gather_tile(A.grad_out + b * A.gos.b, A.gos.c, off.data(), n, Co, gt.data(), GL);
+    std::fill(tt.begin(), tt.end(), static_cast<acc_t>(0));
+    tile_gemm(gt.data(), GL, Co, A.weight, CxP, tt.data(), n);  // t = grad_out·W
+    const acc_t* alpha = A.scale + b * A.S + s0;
+    acc_t* grad_alpha = A.grad_scale + b * A.S + s0;
+    for (int64_t p = 0; p < n; ++p) {
+      const acc_t* trow = tt.data() + p * CxP;
+      const acc_t* xr = xt.data() + p * XL.rs;
+      acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < Cx; ++c) dot += trow[c] * xr[c * XL.cs];
+      grad_alpha[p] = dot;
+    }
+    position_offsets(tc, n, A.gxs, off.data());
+    scatter_tile(A.grad_x + b * A.gxs.b, A.gxs.c, off.data(), n, Cx, tt.data(), TileLayout{CxP, 1}, alpha);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // instruction-set dispatch
 // ------------------------------------------------------------------------------------------------
@@ -425,6 +496,8 @@ using TileFn = void (*)(const Args<scalar_t, acc_t>&, int64_t, int64_t);
 
 MEDATTN_ISA_VARIANTS(forward_tiles, Args)
 MEDATTN_ISA_VARIANTS(backward_tiles, Args)
+MEDATTN_ISA_VARIANTS(project_tiles, Args)
+MEDATTN_ISA_VARIANTS(project_backward_tiles, Args)
 
 // ------------------------------------------------------------------------------------------------
 // host functions
@@ -614,6 +687,103 @@ std::vector<at::Tensor> gate_backward(const at::Tensor& x, const at::Tensor& G, 
   return {grad_x, grad_a, grad_psi, grad_psi_bias};
 }
 
+// Grid mode's output transform: weight (Co, Cx), bias (Co) and alpha (B, 1, *S) in the
+// accumulation dtype; the shapes, the zero-padded operands of the tile products and the Args.
+struct Projection {
+  at::Tensor weight, weight_t, bias, alpha;
+  int64_t Co, CoP, CxP;
+};
+
+Projection prepare_projection(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu(), "attention_gate project (cpp): expected CPU tensors, got ", x.device());
+  TORCH_CHECK(x.dim() == 4 || x.dim() == 5, "attention_gate project (cpp): x must be (B, Cx, *S), got ",
+              x.sizes());
+  const auto acc = acc_dtype_of(x.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.scalar_type() == acc,
+              "attention_gate project (cpp): weight must be (Co, Cx) of dtype ", acc, ", got ", weight.sizes(), " ",
+              weight.scalar_type());
+  std::vector<int64_t> a_shape = alpha_shape(x);
+  TORCH_CHECK(alpha.sizes() == at::IntArrayRef(a_shape) && alpha.scalar_type() == acc,
+              "attention_gate project (cpp): alpha must be ", at::IntArrayRef(a_shape), " of dtype ", acc,
+              ", got ", alpha.sizes(), " ", alpha.scalar_type());
+  Projection R;
+  R.Co = weight.size(0);
+  R.CoP = round_up(R.Co, kLanes);
+  R.CxP = round_up(x.size(1), kLanes);
+  R.weight = at::zeros({R.CoP, R.CxP}, weight.options());
+  R.weight.narrow(0, 0, R.Co).narrow(1, 0, x.size(1)).copy_(weight);
+  R.weight_t = at::zeros({x.size(1), R.CoP}, weight.options());
+  R.weight_t.narrow(1, 0, R.Co).copy_(weight.t());
+  R.bias = at::zeros({R.CoP}, weight.options());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == R.Co && bias->scalar_type() == acc,
+                "attention_gate project (cpp): bias must hold Co values of dtype ", acc);
+    R.bias.narrow(0, 0, R.Co).copy_(bias->reshape({R.Co}));
+  }
+  R.alpha = alpha.contiguous();
+  return R;
+}
+
+template <typename scalar_t, typename acc_t>
+Args<scalar_t, acc_t> projection_args(const Projection& R, const at::Tensor& x) {
+  Args<scalar_t, acc_t> A;
+  const bool three_d = x.dim() == 5;
+  A.B = x.size(0), A.Cx = x.size(1), A.Ci = R.Co;
+  A.D = three_d ? x.size(2) : 1;
+  A.H = x.size(three_d ? 3 : 2);
+  A.W = x.size(three_d ? 4 : 3);
+  A.S = A.D * A.H * A.W;
+  A.CxP = R.CxP, A.CiP = R.CoP;
+  A.x = x.data_ptr<scalar_t>();
+  A.xs = strides_of(x);
+  A.weight = R.weight.data_ptr<acc_t>();
+  A.weight_t = R.weight_t.data_ptr<acc_t>();
+  A.bias = R.bias.data_ptr<acc_t>();
+  A.scale = R.alpha.data_ptr<acc_t>();
+  return A;
+}
+
+// out (B, Co, *S) in x's dtype (x's memory format when Co == Cx) = α·(W·x) + b per position.
+at::Tensor gate_project(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias) {
+  Projection R = prepare_projection(x, alpha, weight, bias);
+  std::vector<int64_t> o_shape(x.sizes().begin(), x.sizes().end());
+  o_shape[1] = R.Co;
+  at::Tensor out = R.Co == x.size(1) ? at::empty_like(x) : at::empty(o_shape, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_gate_project", [&] {
+    using acc_t = acc_type<scalar_t>;
+    auto A = projection_args<scalar_t, acc_t>(R, x);
+    A.out = out.data_ptr<scalar_t>();
+    A.os = strides_of(out);
+    run_tiles<scalar_t, acc_t>(project_tiles_for<scalar_t, acc_t>(runtime_isa()), A);
+  });
+  return out;
+}
+
+// -> grad_x (like x), grad_alpha (B, 1, *S) in the accumulation dtype.
+std::vector<at::Tensor> gate_project_backward(const at::Tensor& x, const at::Tensor& alpha,
+                                              const at::Tensor& weight, const at::Tensor& grad_out) {
+  Projection R = prepare_projection(x, alpha, weight, c10::nullopt);
+  TORCH_CHECK(grad_out.dim() == x.dim() && grad_out.size(0) == x.size(0) && grad_out.size(1) == R.Co &&
+                  grad_out.scalar_type() == x.scalar_type(),
+              "attention_gate project (cpp): grad_out must be (B, Co, *S) of x's dtype, got ", grad_out.sizes());
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_alpha = at::empty(alpha_shape(x), x.options().dtype(acc_dtype_of(x.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_gate_project_backward",
+                                  [&] {
+    using acc_t = acc_type<scalar_t>;
+    auto A = projection_args<scalar_t, acc_t>(R, x);
+    A.grad_out = grad_out.data_ptr<scalar_t>();
+    A.gos = strides_of(grad_out);
+    A.grad_x = grad_x.data_ptr<scalar_t>();
+    A.gxs = strides_of(grad_x);
+    A.grad_scale = grad_alpha.data_ptr<acc_t>();
+    run_tiles<scalar_t, acc_t>(project_backward_tiles_for<scalar_t, acc_t>(runtime_isa()), A);
+  });
+  return {grad_x, grad_alpha};
+}
+
 }  // namespace
 }  // namespace attention_gate
 }  // namespace medattn
@@ -621,9 +791,11 @@ std::vector<at::Tensor> gate_backward(const at::Tensor& x, const at::Tensor& G, 
 namespace ag = medattn::attention_gate;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused Attention U-Net gate (additive form), C++ CPU kernels";
+  m.doc() = "Fused Attention U-Net gate (additive and grid forms), C++ CPU kernels";
   m.def("gate_forward", &ag::gate_forward, "out, alpha = fused gate (folded parameters)");
   m.def("gate_logits", &ag::gate_logits, "q = w·relu(W·x + b + up(G)) + c, (B, 1, *S)");
   m.def("gate_backward", &ag::gate_backward, "grad_x, grad_a, grad_psi, grad_psi_bias");
+  m.def("gate_project", &ag::gate_project, "out = alpha·(W·x) + b per position (grid mode's output conv)");
+  m.def("gate_project_backward", &ag::gate_project_backward, "grad_x, grad_alpha of gate_project");
   m.def("gate_isa", &medattn::isa_name, "The instruction set the attention_gate kernels dispatch to");
 }

@@ -1,4 +1,4 @@
-// Attention U-Net gate (additive form), fused CUDA kernels.
+// Attention U-Net gate (additive form, and grid form's output pass), fused CUDA kernels.
 //
 // Same contract as csrc/cpu/attention_gate.cpp (the Python side folds the normalisations and
 // computes the coarse gating map G (B, Ci, *Sg) in the accumulation dtype). Per position p:
@@ -16,6 +16,14 @@
 // a second shared tile, and the products dq·relu(a_i) go to a shared (Ci+1) × P buffer that Ci+1
 // threads sum serially: the per-block partials are deterministic, and they are added on the host
 // side in block order.
+//
+// Grid mode's output transform on the upsampled attention map α (B, 1, *S) (the Python side runs
+// the logits pass above on θ·x and upsamples α):
+//   gate_project           out[:, p] = α[p]·(W·x[:, p]) + b     (W: Co × Cx, BN folded)
+//   gate_project_backward  grad_x[:, p] = α[p]·Wᵀ·grad_out[:, p],  ∂α[p] = (Wᵀ·grad_out[:, p])·x[:, p]
+// Same blocking: one thread per position, the x (and grad_out) tiles and the result tile staged in
+// shared memory for coalesced loads and stores; W is read through the cache (every thread of a warp
+// reads the same W entry at the same time, a broadcast).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -262,6 +270,69 @@ __global__ void backward_kernel(const scalar_t* __restrict__ x, Strides xs, cons
   store_tile(grad_x + b * gxs.b, gxs, n, s0, P, gx_s, static_cast<const acc_t*>(nullptr));
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// grid mode's output pass
+// ------------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+__global__ void project_kernel(const scalar_t* __restrict__ x, Strides xs, const acc_t* __restrict__ weight,
+                               const acc_t* __restrict__ bias, const acc_t* __restrict__ alpha, Dims n, int64_t Co,
+                               scalar_t* __restrict__ out, Strides os) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* x_s = reinterpret_cast<acc_t*>(smem_raw);  // Cx × P
+  const int P = blockDim.x;
+  acc_t* o_s = x_s + n.Cx * P;                        // Co × P
+  const int t = threadIdx.x;
+  const int64_t b = blockIdx.y;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * P;
+  load_tile(x + b * xs.b, xs, n, s0, P, x_s);
+  __syncthreads();
+  const int64_t s = s0 + t;
+  const acc_t a = s < n.S ? alpha[b * n.S + s] : acc_t(0);
+  for (int64_t o = 0; o < Co; ++o) {
+    const acc_t* w_row = weight + o * n.Cx;
+    acc_t z = acc_t(0);
+    for (int64_t c = 0; c < n.Cx; ++c) z += w_row[c] * x_s[c * P + t];
+    o_s[o * P + t] = a * z + bias[o];
+  }
+  __syncthreads();
+  Dims out_dims = n;
+  out_dims.Cx = Co;
+  store_tile(out + b * os.b, os, out_dims, s0, P, o_s, static_cast<const acc_t*>(nullptr));
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void project_backward_kernel(const scalar_t* __restrict__ x, Strides xs,
+                                        const acc_t* __restrict__ weight, const acc_t* __restrict__ alpha, Dims n,
+                                        int64_t Co, const scalar_t* __restrict__ grad_out, Strides gos,
+                                        scalar_t* __restrict__ grad_x, Strides gxs, acc_t* __restrict__ grad_alpha) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* x_s = reinterpret_cast<acc_t*>(smem_raw);  // Cx × P: x, then grad_x in place
+  const int P = blockDim.x;
+  acc_t* g_s = x_s + n.Cx * P;                        // Co × P
+  const int t = threadIdx.x;
+  const int64_t b = blockIdx.y;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * P;
+  load_tile(x + b * xs.b, xs, n, s0, P, x_s);
+  Dims go_dims = n;
+  go_dims.Cx = Co;
+  load_tile(grad_out + b * gos.b, gos, go_dims, s0, P, g_s);
+  __syncthreads();
+  const int64_t s = s0 + t;
+  const acc_t a = s < n.S ? alpha[b * n.S + s] : acc_t(0);
+  acc_t d_alpha = acc_t(0);
+  for (int64_t c = 0; c < n.Cx; ++c) {
+    acc_t v = acc_t(0);  // (Wᵀ·grad_out)[c]
+    for (int64_t o = 0; o < Co; ++o) v += weight[o * n.Cx + c] * g_s[o * P + t];
+    d_alpha += v * x_s[c * P + t];
+    x_s[c * P + t] = a * v;  // each thread owns its column of the tile
+  }
+  if (s < n.S) grad_alpha[b * n.S + s] = d_alpha;
+  __syncthreads();
+  store_tile(grad_x + b * gxs.b, gxs, n, s0, P, x_s, static_cast<const acc_t*>(nullptr));
+}
+
 // ------------------------------------------------------------------------------------------------
 // host side
 // ------------------------------------------------------------------------------------------------
@@ -417,6 +488,99 @@ std::vector<at::Tensor> gate_backward(const at::Tensor& x, const at::Tensor& G_i
   return {grad_x, grad_a, grad_psi, grad_psi_bias};
 }
 
+// Grid mode's output pass: positions per block from the shared tiles (Cx + Co channels × P).
+int pick_projection_block(int64_t channels, size_t elem, size_t* smem) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  for (int P : {128, 64, 32}) {
+    const size_t bytes = elem * static_cast<size_t>(channels) * P;
+    if (bytes <= static_cast<size_t>(limit)) {
+      *smem = bytes;
+      return P;
+    }
+  }
+  TORCH_CHECK(false, "attention_gate project (cuda): ", channels,
+              " channels (x + output) need more shared memory than this device offers");
+  return 0;
+}
+
+void check_projection(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& weight) {
+  TORCH_CHECK(x.is_cuda(), "attention_gate project (cuda): expected CUDA tensors, got ", x.device());
+  TORCH_CHECK(x.dim() == 4 || x.dim() == 5, "attention_gate project (cuda): x must be (B, Cx, *S), got ", x.sizes());
+  const auto acc = acc_dtype_of(x.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.scalar_type() == acc &&
+                  weight.device() == x.device(),
+              "attention_gate project (cuda): weight must be (Co, Cx) of dtype ", acc, " on x's device, got ",
+              weight.sizes());
+  TORCH_CHECK(alpha.sizes() == at::IntArrayRef(with_channels(x, 1)) && alpha.scalar_type() == acc &&
+                  alpha.device() == x.device(),
+              "attention_gate project (cuda): alpha must be (B, 1, *S) of dtype ", acc, ", got ", alpha.sizes());
+}
+
+Dims projection_dims(const at::Tensor& x) {
+  Dims n = dims_of(x, x);
+  n.Ci = 0, n.Dg = n.Hg = n.Wg = n.Sg = 1;
+  return n;
+}
+
+at::Tensor gate_project(const at::Tensor& x, const at::Tensor& alpha_in, const at::Tensor& weight_in,
+                        const c10::optional<at::Tensor>& bias_in) {
+  check_projection(x, alpha_in, weight_in);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor alpha = alpha_in.contiguous(), weight = weight_in.contiguous();
+  const int64_t Co = weight.size(0);
+  const at::Tensor bias = bias_in.has_value() ? bias_in->reshape({Co}).contiguous() : at::zeros({Co}, weight.options());
+  TORCH_CHECK(bias.scalar_type() == weight.scalar_type(), "attention_gate project (cuda): bias must match weight");
+  const Dims n = projection_dims(x);
+  at::Tensor out = Co == n.Cx ? at::empty_like(x) : at::empty(with_channels(x, Co), x.options());
+  if (n.S == 0 || x.size(0) == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_gate_cuda_project", [&] {
+    using acc_t = acc_type<scalar_t>;
+    size_t smem = 0;
+    const int P = pick_projection_block(n.Cx + Co, sizeof(acc_t), &smem);
+    auto kernel = project_kernel<scalar_t, acc_t>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    const dim3 grid(static_cast<unsigned>((n.S + P - 1) / P), static_cast<unsigned>(x.size(0)));
+    kernel<<<grid, P, smem, c10::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), strides_of(x), weight.data_ptr<acc_t>(), bias.data_ptr<acc_t>(),
+        alpha.data_ptr<acc_t>(), n, Co, out.data_ptr<scalar_t>(), strides_of(out));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::vector<at::Tensor> gate_project_backward(const at::Tensor& x, const at::Tensor& alpha_in,
+                                              const at::Tensor& weight_in, const at::Tensor& grad_out) {
+  check_projection(x, alpha_in, weight_in);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor alpha = alpha_in.contiguous(), weight = weight_in.contiguous();
+  const int64_t Co = weight.size(0);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(with_channels(x, Co)) && grad_out.scalar_type() == x.scalar_type() &&
+                  grad_out.device() == x.device(),
+              "attention_gate project (cuda): grad_out must be (B, Co, *S) of x's dtype, got ", grad_out.sizes());
+  const Dims n = projection_dims(x);
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_alpha = at::empty(with_channels(x, 1), x.options().dtype(acc_dtype_of(x.scalar_type())));
+  if (n.S == 0 || x.size(0) == 0) return {grad_x, grad_alpha};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_gate_cuda_project_backward",
+                                  [&] {
+    using acc_t = acc_type<scalar_t>;
+    size_t smem = 0;
+    const int P = pick_projection_block(n.Cx + Co, sizeof(acc_t), &smem);
+    auto kernel = project_backward_kernel<scalar_t, acc_t>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    const dim3 grid(static_cast<unsigned>((n.S + P - 1) / P), static_cast<unsigned>(x.size(0)));
+    kernel<<<grid, P, smem, c10::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), strides_of(x), weight.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(), n, Co,
+        grad_out.data_ptr<scalar_t>(), strides_of(grad_out), grad_x.data_ptr<scalar_t>(), strides_of(grad_x),
+        grad_alpha.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x, grad_alpha};
+}
+
 }  // namespace
 }  // namespace attention_gate_cuda
 }  // namespace medattn
@@ -424,8 +588,10 @@ std::vector<at::Tensor> gate_backward(const at::Tensor& x, const at::Tensor& G_i
 namespace agc = medattn::attention_gate_cuda;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused Attention U-Net gate (additive form), CUDA kernels";
+  m.doc() = "Fused Attention U-Net gate (additive and grid forms), CUDA kernels";
   m.def("gate_forward", &agc::gate_forward, "out, alpha = fused gate (folded parameters)");
   m.def("gate_logits", &agc::gate_logits, "q = w·relu(W·x + b + up(G)) + c, (B, 1, *S)");
   m.def("gate_backward", &agc::gate_backward, "grad_x, grad_a, grad_psi, grad_psi_bias");
+  m.def("gate_project", &agc::gate_project, "out = alpha·(W·x) + b per position (grid mode's output conv)");
+  m.def("gate_project_backward", &agc::gate_project_backward, "grad_x, grad_alpha of gate_project");
 }

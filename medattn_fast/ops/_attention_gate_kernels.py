@@ -1,4 +1,4 @@
-r"""Fused backends (``cpp``, ``triton``, ``cuda``) of the additive attention gate.
+r"""Fused backends (``cpp``, ``triton``, ``cuda``) of the attention gate, additive and grid modes.
 
 Every backend runs the same plan; only the three kernels differ (``csrc/cpu/attention_gate.cpp``,
 ``triton_kernels/gate.py``, ``csrc/cuda/attention_gate.cu``). With x (B, Cx, *S), g (B, Cg, *Sg):
@@ -31,6 +31,21 @@ documented mix: fused kernels for the passes over x, matmuls for the parameter g
 
 The kernels take G, W̃, b̃, w̃, c̃ in the accumulation dtype (float32, or float64 for float64 x) and
 x in its own dtype with any strides; ``out`` has x's dtype and memory format, α x's dtype.
+
+**Grid mode** (Oktay's gate), on the same kernels plus one:
+
+1. ``θ·x``, the k×k stride-k convolution, is an ordinary op: a GEMM over the k^d patches whose
+   output is Cx·Πk / C_int times smaller than x (8× in 2-D at Oktay's C_int = Cx/2, k = 2).
+2. The logits pass above runs on the coarse grid with ``x := θ·x`` and ``W_x = I`` (C_int² extra
+   multiply-adds per coarse position, a fraction C_int / (Cx·Πk) of θ's own), so ``up(φ·g)``,
+   ``a`` and ``relu(a)`` are never stored; α' = σ(BN_ψ(q)) (B, 1, *S') and ``α = up(α', S)`` are
+   one channel each (1/Cx of x).
+3. ``gate_project`` is one pass over x for the output transform,
+   ``out = BN_out(W_out·(α⊙x)) = α·(W̃·x) + b̃`` (α is a scalar per position, so α⊙x is never
+   stored; BN folded in eval, with batch statistics ``F.batch_norm`` normalises the pass's
+   output). Without an output transform ``out = α⊙x`` is already one elementwise pass.
+   Its backward kernel returns ``grad_x = α·W̃ᵀ·grad_out`` and ``∂α = Σ_c (W̃ᵀ·grad_out)·x``;
+   ``∂W̃`` (one GEMM) and ``∂b̃`` are ordinary ops.
 """
 from __future__ import annotations
 
@@ -157,7 +172,59 @@ def make_kernels(backend: str, launch: SimpleNamespace) -> SimpleNamespace:
 
     forward_op.register_autograd(_forward_backward, setup_context=_setup)
     logits_op.register_autograd(_logits_backward, setup_context=_setup)
-    return SimpleNamespace(forward=forward_op, logits=logits_op, backward=backward_op)
+    return SimpleNamespace(forward=forward_op, logits=logits_op, backward=backward_op,
+                           project=_make_projection(prefix, launch))
+
+
+def _make_projection(prefix: str, launch: SimpleNamespace):
+    """``medattn::attention_gate_<backend>_project``: grid mode's output transform
+    ``out = α·(W·x) + b`` (α (B, 1, *S) and W (Co, Cx), b (Co,) in the accumulation dtype).
+
+    Backward: the kernel gives ``grad_x = α·Wᵀ·grad_out`` and ``∂α = Σ_c (Wᵀ·grad_out)·x``;
+    ``∂W = Σ_p α·grad_out·xᵀ`` (one GEMM) and ``∂b = Σ_p grad_out`` are ordinary ops.
+    """
+
+    @torch.library.custom_op(f"{prefix}_project", mutates_args=())
+    def project_op(x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return launch.project(x, alpha, weight, bias)
+
+    @project_op.register_fake
+    def _(x, alpha, weight, bias):
+        return torch.empty_like(x) if weight.shape[0] == x.shape[1] else x.new_empty(
+            (x.shape[0], weight.shape[0], *x.shape[2:]))
+
+    @torch.library.custom_op(f"{prefix}_project_backward", mutates_args=())
+    def project_backward_op(x: Tensor, alpha: Tensor, weight: Tensor, grad_out: Tensor) -> Tuple[Tensor, Tensor]:
+        grad_x, grad_alpha = launch.project_backward(x, alpha, weight, grad_out)
+        return grad_x, grad_alpha
+
+    @project_backward_op.register_fake
+    def _(x, alpha, weight, grad_out):
+        return torch.empty_like(x), torch.empty_like(alpha)
+
+    def _setup(ctx, inputs, output):
+        x, alpha, weight, _bias = inputs
+        ctx.save_for_backward(x, alpha, weight)
+
+    def _backward(ctx, grad_out):
+        x, alpha, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_out = grad_out.to(x.dtype)
+        grad_x = grad_alpha = grad_w = grad_b = None
+        if need[0] or need[1]:
+            grad_x, grad_alpha = project_backward_op(x, alpha, weight, grad_out)
+        batch, co = grad_out.shape[:2]
+        flat_go = grad_out.reshape(batch, co, -1).to(weight.dtype)
+        if need[2]:
+            scaled = flat_go * alpha.reshape(batch, 1, -1)
+            flat_x = x.reshape(batch, x.shape[1], -1).to(weight.dtype)
+            grad_w = torch.bmm(scaled, flat_x.transpose(1, 2)).sum(0)
+        if need[3]:
+            grad_b = flat_go.sum((0, 2))
+        return (grad_x if need[0] else None, grad_alpha if need[1] else None, grad_w, grad_b)
+
+    project_op.register_autograd(_backward, setup_context=_setup)
+    return project_op
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,9 +293,73 @@ def _fold_stats(weight: Tensor, bias: Tensor, bn: AG.BatchNormParams, mean: Tens
     return weight * scale[:, None], shift
 
 
+def _normalised_x_branch(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_x, training: bool):
+    """(W̃, b̃) of ``BN_x(W·x + b)`` with running or batch statistics (weight (Ci, Cx) in acc)."""
+    bias = bias.to(weight.dtype) if bias is not None else weight.new_zeros(weight.shape[0])
+    if _uses_batch_stats(bn_x, training):
+        mean_u, var_u = _projected_moments(x, weight, bias)
+        if training:
+            _update_running(bn_x, mean_u, var_u, x.numel() // x.shape[1])
+        return _fold_stats(weight, bias, bn_x, mean_u, var_u)
+    if bn_x is not None:
+        return AG._fold(weight, bias, bn_x)
+    return weight, bias
+
+
+def _output_transform(kernels: SimpleNamespace, x: Tensor, alpha: Tensor, out_weight, out_bias, bn_out,
+                      training: bool) -> Tensor:
+    """Grid mode's ``BN_out(W_out·(α⊙x))`` as the fused ``α·(W̃·x) + b̃`` (BN folded in eval; with
+    batch statistics the BN normalises the fused pass's output, exactly as after the conv)."""
+    acc = alpha.dtype
+    weight = out_weight.reshape(out_weight.shape[0], x.shape[1]).to(acc)
+    bias = out_bias.to(acc) if out_bias is not None else weight.new_zeros(weight.shape[0])
+    fold = AG._foldable(bn_out, training)
+    if fold:
+        weight, bias = AG._fold(weight, bias, bn_out)
+    out = kernels.project(x, alpha, weight, bias)
+    return out if fold else AG._batch_norm(out, bn_out, training)
+
+
+def _fused_grid_gate(kernels: SimpleNamespace, x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias,
+                     *, bn_x, bn_g, bn_psi, out_weight, out_bias, bn_out, training, double_sigmoid, return_alpha):
+    """Oktay's grid gate: the additive gate's logits pass on the strided grid, then one fused pass
+    over x for ``α⊙x`` and the output transform."""
+    acc = _acc(x.dtype)
+    cint = wx_weight.shape[0]
+    # θ·x: the strided k×k convolution is a GEMM over the k^d patches that shrinks x by Cx·Πk / C_int
+    # (8× for Oktay's C_int = Cx/2, k = 2 in 2-D), an ordinary op; the logits kernel then runs the
+    # additive gate on the coarse grid with W_x = I (C_int² multiply-adds per coarse position, a
+    # fraction Ci / (Cx·Πk) of θ's own), so relu(θ·x + up(φ·g)) is never stored.
+    theta = AG._conv(x, wx_weight, None, AG._kernel(wx_weight, x.dim() - 2))
+    G = AG._project(g, wg_weight, wg_bias, bn_g, training).to(acc).contiguous()
+    weight, bias = _normalised_x_branch(theta, torch.eye(cint, dtype=acc, device=x.device), wx_bias, bn_x, training)
+    psi = psi_weight.reshape(1, cint).to(acc)
+    psi_b = psi_bias.to(acc) if psi_bias is not None else psi.new_zeros(1)
+    batch_stats = _uses_batch_stats(bn_psi, training)
+    if bn_psi is not None and not batch_stats:
+        psi, psi_b = AG._fold(psi, psi_b, bn_psi)
+    q = kernels.logits(theta, G, weight, bias, psi.reshape(cint), psi_b.reshape(1))
+    # batch statistics: the BN normalises q in x's dtype, as it would the ψ conv's output
+    alpha = torch.sigmoid(AG._batch_norm(q.to(x.dtype), bn_psi, training) if batch_stats else q)
+    if double_sigmoid:
+        alpha = torch.sigmoid(alpha)
+    if alpha.shape[2:] != x.shape[2:]:
+        alpha = AG._upsample(alpha, x.shape[2:])  # one channel: 1/Cx of x's traffic
+    if out_weight is None:
+        out = x * alpha.to(x.dtype)
+    else:
+        out = _output_transform(kernels, x, alpha.to(acc).contiguous(), out_weight, out_bias, bn_out, training)
+    return (out, alpha.to(x.dtype)) if return_alpha else out
+
+
 def fused_gate(kernels: SimpleNamespace, x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias, *,
                bn_x, bn_g, bn_psi, out_weight, out_bias, bn_out, training, mode, double_sigmoid, return_alpha):
-    """The additive gate on a fused backend (arguments as ``ops.attention_gate``'s backends)."""
+    """The gate on a fused backend (arguments as ``ops.attention_gate``'s backends)."""
+    if mode == "grid":
+        return _fused_grid_gate(kernels, x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias,
+                                bn_x=bn_x, bn_g=bn_g, bn_psi=bn_psi, out_weight=out_weight, out_bias=out_bias,
+                                bn_out=bn_out, training=training, double_sigmoid=double_sigmoid,
+                                return_alpha=return_alpha)
     acc = _acc(x.dtype)
     cint, cx = wx_weight.shape[0], x.shape[1]
 
@@ -236,15 +367,7 @@ def fused_gate(kernels: SimpleNamespace, x, g, wx_weight, wx_bias, wg_weight, wg
     G = AG._project(g, wg_weight, wg_bias, bn_g, training).to(acc).contiguous()
 
     # 2. the x branch's BN folded into W_x, with running or batch statistics
-    weight = wx_weight.reshape(cint, cx).to(acc)
-    bias = wx_bias.to(acc) if wx_bias is not None else weight.new_zeros(cint)
-    if _uses_batch_stats(bn_x, training):
-        mean_u, var_u = _projected_moments(x, weight, bias)
-        if training:
-            _update_running(bn_x, mean_u, var_u, x.numel() // cx)
-        weight, bias = _fold_stats(weight, bias, bn_x, mean_u, var_u)
-    elif bn_x is not None:
-        weight, bias = AG._fold(weight, bias, bn_x)
+    weight, bias = _normalised_x_branch(x, wx_weight.reshape(cint, cx).to(acc), wx_bias, bn_x, training)
 
     psi = psi_weight.reshape(1, cint).to(acc)
     psi_b = psi_bias.to(acc) if psi_bias is not None else psi.new_zeros(1)
@@ -265,17 +388,8 @@ def fused_gate(kernels: SimpleNamespace, x, g, wx_weight, wx_bias, wg_weight, wg
     return (out, alpha) if return_alpha else out
 
 
-def _additive_only(*_args, mode="additive", **_kwargs):
-    if mode != "additive":
-        return [f"the fused kernels implement the additive gate only, got mode={mode!r}"]
-    return []
-
-
 def _register(backend: str, kernels_of: Callable[[], SimpleNamespace], reasons: Callable) -> None:
-    def predicate(*args, **kwargs):
-        return _additive_only(*args, **kwargs) + list(reasons(*args, **kwargs))
-
-    @AG._op.register(backend, reasons=predicate)
+    @AG._op.register(backend, reasons=reasons)
     def _impl(x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias, *, bn_x, bn_g, bn_psi,
               out_weight, out_bias, bn_out, training, mode, double_sigmoid, return_alpha):
         return fused_gate(kernels_of(), x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias,
@@ -298,6 +412,8 @@ def _extension_launch(kind: str) -> SimpleNamespace:
         forward=lambda *a: tuple(ext().gate_forward(*a)),
         logits=lambda *a: ext().gate_logits(*a),
         backward=lambda *a: tuple(ext().gate_backward(*a)),
+        project=lambda *a: ext().gate_project(*a),
+        project_backward=lambda *a: tuple(ext().gate_project_backward(*a)),
     )
 
 
@@ -311,6 +427,8 @@ def _triton_launch() -> SimpleNamespace:
         forward=lambda *a: mod().gate_forward(*a),
         logits=lambda *a: mod().gate_logits(*a),
         backward=lambda *a: mod().gate_backward(*a),
+        project=lambda *a: mod().gate_project(*a),
+        project_backward=lambda *a: mod().gate_project_backward(*a),
     )
 
 

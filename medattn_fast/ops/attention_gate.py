@@ -34,8 +34,8 @@ Backends:
     mode needs the batch statistics of each projection, so it runs conv → ``F.batch_norm``
     (which performs the exact running-stat update) per branch.
 
-Fused kernels (``triton``/``cuda``/``cpp``) plug in by registering on ``_op`` with a ``reasons``
-predicate; they receive the same validated arguments as the two backends here.
+Fused kernels (``triton``/``cuda``/``cpp``, both modes, see ``_attention_gate_kernels.py``) plug in by registering on ``_op`` with a ``reasons`` predicate; they receive the
+same validated arguments as the two backends here.
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def _measured_auto_order(*args, training=False, bn_x=None, bn_g=None, bn_psi=Non
     return ("torch", "cpp") if batch_stats and wants_grad else None
 
 
-# auto order: CPU cpp -> torch (torch first for a training step, see above), CUDA triton -> cuda -> torch
+# auto order: CPU cpp -> torch (torch first for an additive training step, see above), CUDA triton -> cuda -> torch
 _op = B.op(OP, auto_order=_measured_auto_order)
 
 
