@@ -44,6 +44,7 @@ sizes. Results go to ``bench/results/<device-key>__loss_curves.json`` and ``.csv
 ``bench.run``'s files (device, torch and triton versions)::
 
     python -m bench.loss_curves [--steps 20] [--size small|real] [--model DAUNet ...] [--device cpu]
+                                [--dtype float64]
 """
 from __future__ import annotations
 
@@ -176,8 +177,9 @@ def twins(device: torch.device, size: str = "small", names: Sequence[str] = MODE
                        (side, side), f"channels={widths}; reference = the same network under backend 'reference'")
 
 
-def phantom_batches(twin: Twin, steps: int, device: torch.device, seed: int = 0) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """``steps`` batches ``(image (B, C, *S) float32, label (B, *S) int64)`` of seeded phantoms."""
+def phantom_batches(twin: Twin, steps: int, device: torch.device, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` batches ``(image (B, C, *S) dtype, label (B, *S) int64)`` of seeded phantoms."""
     from medattn_fast.data import PhantomDataset
 
     data = PhantomDataset(steps * twin.batch, twin.spatial_size, num_classes=twin.num_classes,
@@ -185,7 +187,7 @@ def phantom_batches(twin: Twin, steps: int, device: torch.device, seed: int = 0)
     out = []
     for t in range(steps):
         items = [data[t * twin.batch + i] for i in range(twin.batch)]
-        image = torch.stack([torch.as_tensor(im) for im, _ in items]).to(device)
+        image = torch.stack([torch.as_tensor(im) for im, _ in items]).to(device=device, dtype=dtype)
         label = torch.stack([torch.as_tensor(lb) for _, lb in items]).to(device)
         out.append((image, label))
     return out
@@ -209,12 +211,12 @@ def train_curve(model: nn.Module, batches, *, lr: float, momentum: float, seed: 
     return losses
 
 
-def perturbed_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+def perturbed_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A copy of ``model`` with every floating parameter multiplied by ``1 + ε·u``, ``u ~ U(−1, 1)``
-    elementwise, ε the float32 machine epsilon: the size of a float32 rounding of the weights."""
+    elementwise, ε the machine epsilon of ``dtype``: the size of one rounding of the weights."""
     twin = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
-    eps = torch.finfo(torch.float32).eps
+    eps = torch.finfo(dtype).eps
     with torch.no_grad():
         for p in twin.parameters():
             if p.is_floating_point():
@@ -224,7 +226,7 @@ def perturbed_copy(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def compare(twin: Twin, steps: int, device: torch.device, *, lr: float = 0.01, momentum: float = 0.9,
-            seed: int = 0, noise_floor: bool = True) -> Dict[str, object]:
+            seed: int = 0, noise_floor: bool = True, dtype: torch.dtype = torch.float32) -> Dict[str, object]:
     """Both loss curves of ``twin`` over ``steps`` steps and their largest relative difference.
 
     ``noise_floor``: also train a copy of the reference whose weights differ by one float32 rounding
@@ -233,9 +235,16 @@ def compare(twin: Twin, steps: int, device: torch.device, *, lr: float = 0.01, m
     training amplifies rounding quickly (MSGANet's channel attention: softmax of energies ``X Xᵀ`` in
     the thousands, where a relative rounding of 1e-7 moves a logit by 1e-4) diverge from their twin
     as much as from their own perturbed copy; the two numbers side by side tell such noise from a bug.
+
+    ``dtype=torch.float64`` trains both twins (and the perturbed copy, perturbed by one float64
+    rounding) in double precision: there a difference of the order of float32 rounding would be a
+    difference in the math, not in the summation order.
     """
-    batches = phantom_batches(twin, steps, device, seed)
-    perturbed = perturbed_copy(twin.reference, seed) if noise_floor else None
+    if dtype != torch.float32:
+        twin.reference.to(dtype)
+        twin.fast.to(dtype)
+    batches = phantom_batches(twin, steps, device, seed, dtype)
+    perturbed = perturbed_copy(twin.reference, seed, dtype) if noise_floor else None
     t0 = time.perf_counter()
     reference = train_curve(twin.reference, batches, lr=lr, momentum=momentum, seed=seed)
     t1 = time.perf_counter()
@@ -250,7 +259,7 @@ def compare(twin: Twin, steps: int, device: torch.device, *, lr: float = 0.01, m
     return {
         "model": twin.name, "config": twin.config, "batch": twin.batch,
         "input": [twin.in_channels, *twin.spatial_size], "classes": twin.num_classes,
-        "steps": steps, "optimizer": f"SGD lr={lr} momentum={momentum}", "dtype": "float32",
+        "steps": steps, "optimizer": f"SGD lr={lr} momentum={momentum}", "dtype": str(dtype).replace("torch.", ""),
         "reference_loss": reference, "fast_loss": fast,
         "max_rel_diff": max(rel), "max_rel_diff_step": rel.index(max(rel)),
         "reference_s": t1 - t0, "fast_s": t2 - t1, **(noise or {}),
@@ -271,6 +280,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="network sizes (default: real on CUDA, small on CPU)")
     ap.add_argument("--model", action="append", choices=MODELS, help="only these networks; repeatable")
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                    help="float64: the exact-math check (results file gets a __float64 suffix)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
 
@@ -280,16 +291,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     size = args.size or ("real" if device.type == "cuda" else "small")
     records = []
     for twin in twins(device, size, args.model or MODELS):
-        record = compare(twin, args.steps, device, lr=args.lr)
+        record = compare(twin, args.steps, device, lr=args.lr, dtype=getattr(torch, args.dtype))
         records.append(record)
         print(f"{twin.name:<20} loss {record['reference_loss'][0]:.4f} -> {record['reference_loss'][-1]:.4f} "
               f"(reference) / {record['fast_loss'][-1]:.4f} (fast); max rel diff {record['max_rel_diff']:.2e} "
-              f"at step {record['max_rel_diff_step']} (fp32 noise floor {record['noise_rel_diff']:.2e}); "
+              f"at step {record['max_rel_diff_step']} ({args.dtype} noise floor {record['noise_rel_diff']:.2e}); "
               f"{record['reference_s']:.1f} s vs {record['fast_s']:.1f} s",
               flush=True)
         del twin
     env = environment()
-    name = device_key(env) + "__loss_curves"
+    name = device_key(env) + "__loss_curves" + ("" if args.dtype == "float32" else f"__{args.dtype}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.loss_curves " + " ".join(sys.argv[1:] if argv is None else argv)

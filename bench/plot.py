@@ -21,8 +21,8 @@ Inputs are the ``bench/results/*.json`` files of :mod:`bench.run` (``{"environme
   ``(B, C, dtype, mode)``: x is the number of positions N = H·W (the map's side squared; labelled
   with the map, log scale), y the peak MiB (log scale) — the N×N matrix makes the reference's curve
   twice as steep as an O(N) provider's.
-* ``loss_curves__<device key>.png`` — the 20-step loss curves of each network and its reference
-  twin (:mod:`bench.loss_curves`), with their largest relative difference.
+* ``loss_curves__<device key>[__float64].png`` — the 20-step loss curves of each network and its
+  reference twin (:mod:`bench.loss_curves`), with their largest relative difference.
 
 Each figure's title names the device and the versions (torch, triton, CUDA) from the records.
 Drawing is :mod:`bench._raster` (rectangles, lines, a 5×7 bitmap font at 2×) and
@@ -400,7 +400,7 @@ def draw_loss_curves(title: str, subtitle: str, records: Sequence[dict]) -> Tupl
     for r in records:
         panel = {"reference": [(float(t), v) for t, v in enumerate(r["reference_loss"])],
                  "fast": [(float(t), v) for t, v in enumerate(r["fast_loss"])]}
-        noise = f"  (fp32 noise {r['noise_rel_diff']:.1e})" if "noise_rel_diff" in r else ""
+        noise = f"  ({r.get('dtype', 'float32')} noise {r['noise_rel_diff']:.1e})" if "noise_rel_diff" in r else ""
         panels.append((f"{r['model']}  B={r['batch']} {'x'.join(map(str, r['input']))}  "
                        f"max rel diff {r['max_rel_diff']:.1e}{noise}", panel))
     return draw_line_panels(title, subtitle, panels, x_log=False, y_log=False, x_name="step",
@@ -426,9 +426,11 @@ def make_figures(results: Path, out: Path, device_filter: Optional[str] = None) 
     for f in files:
         env = environment_line(f.environment)
         if f.records:  # bench.loss_curves
+            dtype = f.records[0].get("dtype", "float32")
             pixels, _ = draw_loss_curves(f"Loss curves, fast network vs reference twin ({f.records[0]['steps']} steps, "
-                                      f"{f.records[0]['optimizer']}, float32)", env, f.records)
-            written.append(write_png(out / f"loss_curves__{f.device_key}.png", pixels))
+                                      f"{f.records[0]['optimizer']}, {dtype})", env, f.records)
+            suffix = "" if dtype == "float32" else f"__{dtype}"
+            written.append(write_png(out / f"loss_curves__{f.device_key}{suffix}.png", pixels))
             continue
         ops = list(dict.fromkeys(r["op"] for r in f.rows))
         families = [(op, [op]) for op in ops if op not in MODEL_OPS]

@@ -163,6 +163,10 @@ def _takes_return_attention(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------
 # loss and metric
 # --------------------------------------------------------------------------------------------
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class DiceCELoss(nn.Module):
     r"""``ce_weight · CE(logits, y) + dice_weight · (1 − mean_{b, k≥1} Dice_{b,k})``.
 
@@ -173,7 +177,7 @@ class DiceCELoss(nn.Module):
         Dice_{b,k} = (2 Σ_s p_{b,k,s} g_{b,k,s} + ε) / (Σ_s p_{b,k,s} + Σ_s g_{b,k,s} + ε)
 
     ``ε = smooth`` keeps an absent class that is not predicted at Dice ≈ 1. Computed in float32
-    whatever the dtype of the logits (autocast-safe). Shapes: logits ``(B, K, *S)``, target
+    for 16-bit logits (autocast-safe), in float64 for float64 logits. Shapes: logits ``(B, K, *S)``, target
     ``(B, *S)`` int64 in ``0 … K-1``; returns a scalar. With K = 1 there is no foreground: the loss is
     the CE alone.
     """
@@ -186,12 +190,12 @@ class DiceCELoss(nn.Module):
         if logits.dim() < 3 or target.shape != logits.shape[:1] + logits.shape[2:]:
             raise ValueError(f"DiceCELoss: expected logits (B, K, *S) and target (B, *S), got "
                              f"{tuple(logits.shape)} and {tuple(target.shape)}")
-        ce = F.cross_entropy(logits.float(), target)
+        ce = F.cross_entropy(_at_least_float32(logits), target)
         return self.ce_weight * ce + self.dice_weight * self.dice_term(logits, target)
 
     def dice_term(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``1 − mean_{b, k≥1} Dice_{b,k}`` alone (0 when there is no foreground class)."""
-        logits = logits.float()
+        logits = _at_least_float32(logits)
         num_classes = logits.shape[1]
         if num_classes < 2:
             return logits.new_zeros(())

@@ -225,14 +225,15 @@ def test_dice_ce_loss_matches_the_formula():
     logits = torch.randn(3, 4, 5, 7, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 4, (3, 5, 7))
     loss = T.DiceCELoss(smooth=1e-5)(logits, target)
-    probs = logits.detach().float().softmax(1)
-    expected = torch.nn.functional.cross_entropy(logits.detach().float(), target)
+    probs = logits.detach().softmax(1)  # float64 logits: the loss is computed in float64
+    expected = torch.nn.functional.cross_entropy(logits.detach(), target)
     dice_terms = []
     for b in range(3):
         for k in range(1, 4):
-            p, g = probs[b, k], (target[b] == k).float()
+            p, g = probs[b, k], (target[b] == k).double()
             dice_terms.append((2 * (p * g).sum() + 1e-5) / (p.sum() + g.sum() + 1e-5))
     expected = expected + 1 - torch.stack(dice_terms).mean()
+    assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
