@@ -81,6 +81,13 @@ def _eval_bytes(batch: int, cx: int, size: Tuple[int, ...], dtype_bytes: int) ->
     return 2.0 * batch * cx * math.prod(size) * dtype_bytes
 
 
+def _bytes_moved(batch: int, cx: int, size: Tuple[int, ...]) -> Callable[[torch.dtype], float]:
+    """The eval gate's bytes-moved limit in a dtype (the harness turns it into GB/s and a fraction
+    of the measured copy bandwidth: the issue's "within 1.5× of the bytes-moved limit" is
+    ``of copy >= 67%``)."""
+    return lambda dtype: _eval_bytes(batch, cx, size, torch.empty((), dtype=dtype).element_size())
+
+
 def _setup_grid(batch: int, cx: int, size: Tuple[int, ...], training: bool):
     cg, cint, nd = 2 * cx, cx // 2, len(size)
 
@@ -131,7 +138,8 @@ def cases(device: torch.device) -> List[Case]:
         for training in (False, True):
             out.append(Case(op="attention_gate", shape=_shape(batch, cx, size, training),
                             setup=_setup_additive(batch, cx, size, training),
-                            flops=_additive_flops(batch, cx, 2 * cx, cx // 2, size), dtypes=dtypes))
+                            flops=_additive_flops(batch, cx, 2 * cx, cx // 2, size), dtypes=dtypes,
+                            bytes_moved=None if training else _bytes_moved(batch, cx, size)))
     if device.type == "cuda":  # the fused kernels' acceptance shapes (issue "Fused attention gate")
         for batch, cx, size in [(8, 64, (224, 224)), (8, 64, (512, 512)), (2, 32, (64, 64, 64)),
                                 (2, 32, (128, 128, 128))]:
@@ -144,7 +152,8 @@ def cases(device: torch.device) -> List[Case]:
                 out.append(Case(op="attention_gate", shape="fused " + _shape(batch, cx, size, training),
                                 setup=_setup_additive(batch, cx, size, training),
                                 flops=_additive_flops(batch, cx, 2 * cx, cx // 2, size),
-                                dtypes=(torch.float32, torch.bfloat16), devices=("cuda",), note=note))
+                                dtypes=(torch.float32, torch.bfloat16), devices=("cuda",), note=note,
+                                bytes_moved=None if training else _bytes_moved(batch, cx, size)))
     for batch, cx, size in grid:
         for training in (False, True):
             out.append(Case(op="attention_gate", shape=_shape(batch, cx, size, training, "grid"),

@@ -39,6 +39,9 @@ class Case:
     reference: str = "reference"
     devices: Sequence[str] = ("cpu", "cuda")
     note: str = ""
+    # compulsory bytes of one forward in a dtype (each input read once, each output written once):
+    # fwd/no-grad rows then report GB/s and its fraction of the device's measured copy bandwidth
+    bytes_moved: Optional[Callable[[torch.dtype], float]] = None
 
 
 @dataclass
@@ -246,7 +249,27 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, providers_fil
         if row.median_ms and case.flops:
             mult = {"fwd": 1.0, "no-grad": 1.0, "fwd+bwd": 3.0}[row.mode]
             row.tflops = case.flops * mult / (row.median_ms * 1e-3) / 1e12
+        if row.median_ms and case.bytes_moved and row.mode in ("fwd", "no-grad"):
+            gbps = case.bytes_moved(dtype) / (row.median_ms * 1e-3) / 1e9
+            row.extra["GB/s"] = gbps
+            row.extra["of_copy"] = gbps / copy_bandwidth(device)
     return rows
+
+
+_COPY_GBPS: Dict[str, float] = {}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """The device's measured copy bandwidth in GB/s (bytes read + bytes written) of a tensor far
+    larger than the caches (1 GiB on CUDA, 256 MiB on CPU), median after warm-up; once per run."""
+    key = str(device)
+    if key not in _COPY_GBPS:
+        numel = (2**28 if device.type == "cuda" else 2**26)
+        src = torch.randn(numel, device=device)
+        dst = torch.empty_like(src)
+        ms = time_fn(lambda a: dst.copy_(a), (src,), "no-grad", device, min_time_s=0.3)
+        _COPY_GBPS[key] = 2 * numel * src.element_size() / (ms * 1e-3) / 1e9
+    return _COPY_GBPS[key]
 
 
 def time_interleaved(entries, inputs: tuple, mode: str, device: torch.device, rounds: int = 15,
@@ -306,6 +329,12 @@ def speedups(rows: List[Row], baseline: str = "reference") -> Dict[Tuple, float]
     return out
 
 
+def _bandwidth(row: Row) -> str:
+    if "GB/s" not in row.extra:
+        return ""
+    return f"{row.extra['GB/s']:.0f} GB/s = {row.extra['of_copy']:.0%} of copy"
+
+
 def format_table(rows: List[Row]) -> str:
     sp = speedups(rows)
     header = f"{'op':<20}{'shape':<34}{'dtype':<9}{'mode':<9}{'provider':<11}{'ms':>10}{'x ref':>8}{'peak MiB':>10}{'max err':>10}{'TFLOP/s':>9}  status"
@@ -318,6 +347,6 @@ def format_table(rows: List[Row]) -> str:
             f"{(f'{sp[key]:.1f}' if key in sp else '-'):>8}"
             f"{(f'{r.peak_mib:.1f}' if r.peak_mib is not None else '-'):>10}"
             f"{(f'{r.max_err:.1e}' if r.max_err is not None and math.isfinite(r.max_err) else ('-' if r.max_err is None else 'nan')):>10}"
-            f"{(f'{r.tflops:.3f}' if r.tflops is not None else '-'):>9}  {r.status if r.status != 'ok' else ''}"
+            f"{(f'{r.tflops:.3f}' if r.tflops is not None else '-'):>9}  {r.status if r.status != 'ok' else _bandwidth(r)}"
         )
     return "\n".join(lines)

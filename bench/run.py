@@ -62,6 +62,7 @@ def main(argv=None):
 
     import torch
 
+    from bench import harness
     from bench.harness import environment, format_table, run_case
 
     device = torch.device(args.device)
@@ -86,6 +87,8 @@ def main(argv=None):
                                  interleave=args.interleave)
     print(format_table(rows))
     env = environment()
+    if str(device) in harness._COPY_GBPS:  # measured for a case with bytes_moved
+        env["copy_GBps"] = f"{harness._COPY_GBPS[str(device)]:.1f}"
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{env['device']}_torch{env['torch']}_triton{env['triton']}").strip("-")
     name = slug + "__" + "-".join(chosen) + (f"__{args.tag}" if args.tag else "")
     out = Path(args.out)
