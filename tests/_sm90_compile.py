@@ -192,10 +192,12 @@ def _external(dtype) -> None:
 def _gate(dtype) -> None:
     from medattn_fast.nn import AttentionGate
 
-    for spatial, size, coarse in ((2, (20, 24), (10, 12)), (3, (8, 10, 6), (4, 5, 3)), (2, (9, 9), (9, 9))):
+    # the benchmarks' widths (Cx = 64 in 2-D, 32 in 3-D: 64- and 32-channel x tiles) and a narrow one
+    for cx, spatial, size, coarse in ((64, 2, (20, 24), (10, 12)), (32, 3, (8, 10, 6), (4, 5, 3)),
+                                      (8, 2, (9, 9), (9, 9))):
         for training in (False, True):
-            gate = AttentionGate(8, 12, 4, spatial_dims=spatial, backend="triton").to(dtype).train(training)
-            x, g = _leaf(2, 8, *size, dtype=dtype), _leaf(2, 12, *coarse, dtype=dtype)
+            gate = AttentionGate(cx, 2 * cx, cx // 2, spatial_dims=spatial, backend="triton").to(dtype).train(training)
+            x, g = _leaf(2, cx, *size, dtype=dtype), _leaf(2, 2 * cx, *coarse, dtype=dtype)
             _backward(gate(x, g))
     # grid mode: the logits pass on θ·x and the output pass (70 channels: two 64-channel blocks)
     for spatial, size, coarse in ((2, (20, 24), (10, 12)), (3, (8, 10, 6), (4, 5, 3))):

@@ -269,9 +269,16 @@ def _project_backward_kernel(x_ptr, w_ptr, alpha_ptr, go_ptr, gx_ptr, galpha_ptr
 # launches
 # ---------------------------------------------------------------------------------------------
 
+GATE_WARPS = 8
+
+
 def default_block_p(channels: int) -> int:
-    """Positions per program: about 4096 tile elements (Cx padded) per program, 16..128."""
-    return max(16, min(128, 4096 // triton.next_power_of_2(channels)))
+    """Positions per program: about 1024 tile elements (Cx padded) per program, 16..128, on
+    ``GATE_WARPS`` warps. Chosen from ptxas's report on sm_90 (tests/_sm90_compile.py) at the
+    benchmarks' widths (Cx = 64 in 2-D, 32 in 3-D): with 4096 elements on 4 warps, triton 3.6 (the
+    GPU machine's version) spilled 1.6-5.4 KB per thread in both kernels (triton 3.9: none); with
+    1024 on 8 warps, at most 8 B under 3.6 and none under 3.9. Not yet timed on a GPU."""
+    return max(16, min(128, 1024 // triton.next_power_of_2(channels)))
 
 
 def _strides5(t: torch.Tensor) -> Tuple[int, int, int, int, int]:
@@ -321,7 +328,7 @@ def _launch_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid, logits, b
     _forward_kernel[grid](x, G, weight, bias, psi, psi_bias, out, alpha, q,
                           cx, ci, *fine, *coarse, *scales, *_strides5(x), *_strides5(out),
                           IS_3D=three_d, LOGITS=logits, DOUBLE_SIGMOID=bool(double_sigmoid),
-                          BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
+                          BLOCK_C=block_c, BLOCK_P=block_p, num_warps=GATE_WARPS)
     return q if logits else (out, alpha)
 
 
@@ -366,7 +373,7 @@ def gate_backward(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alph
         cx, ci, *fine, *coarse, *scales, *_strides5(x), *_strides5(go), *_strides5(grad_x),
         IS_3D=three_d, FROM_LOGITS=from_logits, HAS_GRAD_OUT=grad_out is not None,
         HAS_GRAD_ALPHA=grad_alpha is not None, DOUBLE_SIGMOID=bool(double_sigmoid),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=GATE_WARPS)
     sums = partials.sum(0)
     return grad_x, grad_a, sums[:ci].clone(), sums[ci:].clone()
 
@@ -391,12 +398,12 @@ def _projection_geometry(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Ten
 
 def _projection_config(cx: int, co: int, dtype: torch.dtype, block_p: Optional[int], backward: bool):
     """(BLOCK_O, BLOCK_K, BLOCK_P, num_warps). float32 dots run on the FMA units with their operand
-    tiles in registers: 32-wide K (and O, in the backward's three-tile loop) blocks; 8 warps. On
-    sm_90 (tests/_sm90_compile.py) 64-wide blocks on 4 warps spilled 168 B (forward) and 992 B
-    (backward) per thread in float32, 224 B in the 16-bit backward; this configuration spills none."""
-    wide = 32 if dtype == torch.float32 else 64
-    block_o = min(wide if backward else 64, pow2_at_least_16(co))
-    block_k = min(wide, pow2_at_least_16(cx))
+    tiles in registers: 32-wide K blocks in float32, and 32-wide blocks in the backward's
+    three-tile loop; 8 warps. On sm_90 (tests/_sm90_compile.py) 64-wide blocks on 4 warps spilled
+    168 B (forward) and 992 B (backward) per thread in float32 and 224 B in the 16-bit backward
+    (triton 3.9); 64-wide 16-bit backward blocks on 8 warps still spilled 72 B under triton 3.6."""
+    block_o = min(32 if backward else 64, pow2_at_least_16(co))
+    block_k = min(32 if backward or dtype == torch.float32 else 64, pow2_at_least_16(cx))
     return block_o, block_k, block_p or 64, 8
 
 
