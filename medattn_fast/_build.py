@@ -142,6 +142,9 @@ def load(kind: str, family: str) -> ModuleType:
     return _modules[(kind, family)]
 
 
+# Dispatch asks this inside code that torch.compile traces: evaluated once at trace time (it builds
+# the extension on a first call, under locks dynamo cannot trace) and kept in the graph as a constant.
+@torch.compiler.assume_constant_result
 def unavailable_reason(kind: str, family: str) -> Optional[str]:
     """None when the extension is loaded (building it now if needed), else why it is not."""
     key = (kind, family)

@@ -17,6 +17,22 @@ def test_import_builds_nothing():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_fullgraph_compile_as_the_first_call_loads_the_extension():
+    """A fresh process whose first fused call is inside ``torch.compile(fullgraph=True)``: dispatch
+    asks whether the cpp extension is available, which loads it under locks dynamo cannot trace —
+    evaluated once at trace time (``assume_constant_result``), not a graph break."""
+    code = (
+        "import torch, medattn_fast.functional as MF\n"
+        "from medattn_fast import _build\n"
+        "assert not _build._modules\n"
+        "x = torch.randn(1, 8, 6, 6); y = torch.randn(1, 8, 6, 6)\n"
+        "f = torch.compile(lambda x: MF.channel_attention(x, backend='cpp'), backend='aot_eager', fullgraph=True)\n"
+        "torch.testing.assert_close(f(x), MF.channel_attention(x, backend='reference'))\n"
+        "torch.testing.assert_close(f(y), MF.channel_attention(y, backend='reference'))\n"
+        "assert ('cpu', 'channel') in _build._modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+
+
 def test_cpu_extension_builds_and_a_stale_lock_does_not_block(tmp_path, monkeypatch):
     """A build killed mid-way leaves torch's baton file behind; the next build must not wait on it."""
     assert _build.unavailable_reason("cpu", "gaussian_axial") is None
