@@ -298,32 +298,33 @@ def test_gradcheck_cpp_custom_ops():
     assert torch.autograd.gradcheck(kernels.logits, tensors)
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_compile_fullgraph_twice_no_recompile_cpp(training):
+def assert_compiles_once_and_matches_eager(gate, block, x_shape, g_shape):
+    """``torch.compile(fullgraph=True)`` of ``gate(block, x, g, "cpp")`` on fresh inputs of one
+    shape, twice: one compilation, and out, α, the gradients and the BN buffers equal eager's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
-    block = make_block(2, 6, 4, 3, training=training, dtype=torch.float32)
     eager_block = copy.deepcopy(block)
-
-    def fn(x, g):
-        return call(block, x, g, "cpp")
-
-    compiled = torch.compile(fn, backend=counter, fullgraph=True)
-    for _ in range(2):  # fresh inputs of the same shape: one compilation
-        x = torch.randn(2, 6, 7, 9, requires_grad=True)
-        g = torch.randn(2, 4, 3, 4, requires_grad=True)
+    compiled = torch.compile(lambda x, g: gate(block, x, g, "cpp"), backend=counter, fullgraph=True)
+    for _ in range(2):
+        x, g = torch.randn(*x_shape, requires_grad=True), torch.randn(*g_shape, requires_grad=True)
         out, alpha = compiled(x, g)
         grads = torch.autograd.grad(out.sum() + alpha.sum(), (x, g))
         xe, ge = x.detach().clone().requires_grad_(), g.detach().clone().requires_grad_()
-        out_e, alpha_e = call(eager_block, xe, ge, "cpp")
+        out_e, alpha_e = gate(eager_block, xe, ge, "cpp")
         grads_e = torch.autograd.grad(out_e.sum() + alpha_e.sum(), (xe, ge))
         for a, b in zip((out, alpha, *grads), (out_e, alpha_e, *grads_e)):
             torch.testing.assert_close(a, b, **F32)
     for a, b in zip(block.buffers(), eager_block.buffers()):
         torch.testing.assert_close(a, b, **F32)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_compile_fullgraph_twice_no_recompile_cpp(training):
+    block = make_block(2, 6, 4, 3, training=training, dtype=torch.float32)
+    assert_compiles_once_and_matches_eager(call, block, (2, 6, 7, 9), (2, 4, 3, 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,26 +500,8 @@ def test_opcheck_triton_project():
 
 
 def test_compile_fullgraph_twice_no_recompile_cpp_grid():
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
     block = randomize(R.GridAttentionBlock(6, 4, 3, sub_sample_factor=2)).train(True)
-    eager_block = copy.deepcopy(block)
-    compiled = torch.compile(lambda x, g: grid_call(block, x, g, "cpp"), backend=counter, fullgraph=True)
-    for _ in range(2):
-        x = torch.randn(2, 6, 9, 10, requires_grad=True)
-        g = torch.randn(2, 4, 3, 4, requires_grad=True)
-        out, alpha = compiled(x, g)
-        grads = torch.autograd.grad(out.sum() + alpha.sum(), (x, g))
-        xe, ge = x.detach().clone().requires_grad_(), g.detach().clone().requires_grad_()
-        out_e, alpha_e = grid_call(eager_block, xe, ge, "cpp")
-        grads_e = torch.autograd.grad(out_e.sum() + alpha_e.sum(), (xe, ge))
-        for a, b in zip((out, alpha, *grads), (out_e, alpha_e, *grads_e)):
-            torch.testing.assert_close(a, b, **F32)
-    for a, b in zip(block.buffers(), eager_block.buffers()):
-        torch.testing.assert_close(a, b, **F32)
-    assert counter.frame_count == 1
+    assert_compiles_once_and_matches_eager(grid_call, block, (2, 6, 9, 10), (2, 4, 3, 4))
 
 
 # ---------------------------------------------------------------------------------------------

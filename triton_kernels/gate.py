@@ -54,6 +54,14 @@ MAX_CHANNELS = 1024  # the x tile (Cx padded to a power of two × BLOCK_P) lives
 
 
 @triton.jit
+def _positions(pid, S, H, W, BLOCK_P: tl.constexpr):
+    """The program's BLOCK_P consecutive positions of the flattened (D, H, W) grid: flat index,
+    in-range mask and (d, h, w)."""
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    return p, p < S, p // (W * H), (p // W) % H, p % W
+
+
+@triton.jit
 def _axis(pos, scale, size_in):
     """ATen's linear source index (align_corners=False): low index, high index, high weight."""
     src = scale * (pos.to(tl.float32) + 0.5) - 0.5
@@ -92,11 +100,7 @@ def _forward_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, out_ptr, alpha_p
     b = tl.program_id(1).to(tl.int64)
     S = D * H * W
     Sg = Dg * Hg * Wg
-    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < S
-    w = p % W
-    h = (p // W) % H
-    d = p // (W * H)
+    p, pmask, d, h, w = _positions(pid, S, H, W, BLOCK_P)
     ch = tl.arange(0, BLOCK_C)
     cmask = ch < Cx
     tile_mask = cmask[:, None] & pmask[None, :]
@@ -135,11 +139,7 @@ def _backward_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, go_ptr, galpha_
     b = tl.program_id(1).to(tl.int64)
     S = D * H * W
     Sg = Dg * Hg * Wg
-    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < S
-    w = p % W
-    h = (p // W) % H
-    d = p // (W * H)
+    p, pmask, d, h, w = _positions(pid, S, H, W, BLOCK_P)
     ch = tl.arange(0, BLOCK_C)
     cmask = ch < Cx
     tile_mask = cmask[:, None] & pmask[None, :]
@@ -203,11 +203,7 @@ def _project_kernel(x_ptr, w_ptr, b_ptr, alpha_ptr, out_ptr, Cx, Co, H, W, S,
     pid_p = tl.program_id(0)
     pid_o = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < S
-    w = p % W
-    h = (p // W) % H
-    d = p // (W * H)
+    p, pmask, d, h, w = _positions(pid_p, S, H, W, BLOCK_P)
     x_spatial = (d * sxd + h * sxh + w * sxw).to(tl.int64)
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     omask = o < Co
@@ -234,11 +230,7 @@ def _project_backward_kernel(x_ptr, w_ptr, alpha_ptr, go_ptr, gx_ptr, galpha_ptr
                              BLOCK_P: tl.constexpr):
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < S
-    w = p % W
-    h = (p // W) % H
-    d = p // (W * H)
+    p, pmask, d, h, w = _positions(pid_p, S, H, W, BLOCK_P)
     x_spatial = (d * sxd + h * sxh + w * sxw).to(tl.int64)
     go_spatial = (d * sgd + h * sgh + w * sgw).to(tl.int64)
     gx_spatial = (d * sxgd + h * sxgh + w * sxgw).to(tl.int64)
