@@ -83,24 +83,23 @@ stage_verify() {
     return $STATUS
 }
 
-stage_bench_ops() {
-    local dir="$PWD/build/gpu-results/ops"
+bench_families() {  # $1: stage, then the case families (bench/cases_<family>.py) to run on cuda
+    local stage="$1" dir="$PWD/build/gpu-results/$1"
+    shift
     mkdir -p "$dir"
-    for op in position channel attention_gate gaussian_axial window external; do
+    for op in "$@"; do
         "$PY" -m bench.run --op "$op" --device cuda --quick --out "$dir" --tag gpu || STATUS=1
     done
-    results_tarball bench-ops "$dir"
+    results_tarball "$stage" "$dir"
     return $STATUS
 }
 
+stage_bench_ops() {
+    bench_families bench-ops position channel attention_gate gaussian_axial window external
+}
+
 stage_bench_models() {
-    local dir="$PWD/build/gpu-results/models"
-    mkdir -p "$dir"
-    for op in models mtunet_model attention_unet_model; do
-        "$PY" -m bench.run --op "$op" --device cuda --quick --out "$dir" --tag gpu || STATUS=1
-    done
-    results_tarball bench-models "$dir"
-    return $STATUS
+    bench_families bench-models models mtunet_model attention_unet_model
 }
 
 stage_loss_curves() {
