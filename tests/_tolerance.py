@@ -9,6 +9,7 @@ on either side.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -22,6 +23,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def gpu_device() -> torch.device:
+    """The device of the ``-m gpu`` tests: CUDA; with ``MEDATTN_GPU_TEST_DEVICE=cpu`` the CPU, a dry
+    run of those tests' own logic (shapes, tolerances, calls) with the Triton kernels under the
+    interpreter — float32/bfloat16 only, and the ``cuda`` backend cannot run there — so that a GPU
+    lease is not spent finding a broken test."""
+    return torch.device(os.environ.get("MEDATTN_GPU_TEST_DEVICE", "cuda"))
 
 
 def max_errors(results: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> List[float]:

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from _tolerance import F64, assert_within_twice, max_errors, worse
+from _tolerance import F64, assert_within_twice, gpu_device, max_errors, worse
 
 import medattn_fast
 import medattn_fast.functional as MF
@@ -544,10 +544,10 @@ def assert_within_pytorch_error(block64, gate, x, g, cots, backend, dtype):
 @pytest.mark.parametrize("geometry", ["2d-odd", "3d-odd"])
 def test_gpu_matches_pytorch_error(backend, dtype, training, geometry):
     nd, xs, gs = GEOMETRIES[geometry]
-    block64 = make_block(nd, 32, 48, 16, training=training, device="cuda")
-    x = torch.randn(2, 32, *xs, device="cuda", dtype=F64)
-    g = torch.randn(2, 48, *gs, device="cuda", dtype=F64)
-    cots = torch.randn_like(x), torch.randn(2, 1, *xs, device="cuda", dtype=F64)
+    block64 = make_block(nd, 32, 48, 16, training=training, device=gpu_device())
+    x = torch.randn(2, 32, *xs, device=gpu_device(), dtype=F64)
+    g = torch.randn(2, 48, *gs, device=gpu_device(), dtype=F64)
+    cots = torch.randn_like(x), torch.randn(2, 1, *xs, device=gpu_device(), dtype=F64)
     assert_within_pytorch_error(block64, call, x, g, cots, backend, dtype)
 
 
@@ -559,8 +559,8 @@ def test_gpu_matches_pytorch_error(backend, dtype, training, geometry):
 def test_gpu_grid_matches_pytorch_error(backend, nd, dtype, training):
     xs, gs = ((33, 30), (8, 7)) if nd == 2 else ((9, 10, 11), (2, 3, 3))
     block64 = randomize(R.GridAttentionBlock(32, 48, 16, spatial_dims=nd, sub_sample_factor=2))
-    block64 = block64.to(device="cuda", dtype=F64).train(training)
-    x = torch.randn(2, 32, *xs, device="cuda", dtype=F64)
-    g = torch.randn(2, 48, *gs, device="cuda", dtype=F64)
-    cots = torch.randn_like(x), torch.randn(2, 1, *xs, device="cuda", dtype=F64)
+    block64 = block64.to(device=gpu_device(), dtype=F64).train(training)
+    x = torch.randn(2, 32, *xs, device=gpu_device(), dtype=F64)
+    g = torch.randn(2, 48, *gs, device=gpu_device(), dtype=F64)
+    cots = torch.randn_like(x), torch.randn(2, 1, *xs, device=gpu_device(), dtype=F64)
     assert_within_pytorch_error(block64, grid_call, x, g, cots, backend, dtype)

@@ -12,7 +12,7 @@ import medattn_fast
 from medattn_fast.ops._channel_triton import channel_attention_triton_bwd, channel_attention_triton_fwd
 from medattn_fast.ops.channel import channel_attention
 import triton_kernels.channel as triton_channel
-from _tolerance import F64, assert_within_twice, default_device, max_errors, worse
+from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors, worse
 
 
 def _x(shape, dtype, device, *, channels_last=False, magnitude=0.3):
@@ -190,18 +190,18 @@ def test_gpu_danet_shapes_within_twice_pytorch_error(dtype, negate):
     """C = 512 at 32×32 and a 3-D prime-sized map (split N reduction), all gradients."""
     for shape in ((2, 512, 32, 32), (1, 67, 11, 13, 7)):
         leaves, make_kw = _case(shape, epilogue="danet" if negate else "seed001", dtype=dtype,
-                                device=torch.device("cuda"))
+                                device=gpu_device())
         _compare(leaves, make_kw, negate, dtype)
 
 
 @pytest.mark.gpu
 def test_gpu_fp16_large_map_is_finite():
     """fp16 at C = 512, 128²: the original's fp16 energy overflows (NaN); E accumulates in float32 here."""
-    x = torch.randn(1, 512, 128, 128, device="cuda", dtype=torch.float16)
-    out = channel_attention(x, gamma=torch.ones(1, device="cuda", dtype=torch.float16), residual=x,
+    x = torch.randn(1, 512, 128, 128, device=gpu_device(), dtype=torch.float16)
+    out = channel_attention(x, gamma=torch.ones(1, device=gpu_device(), dtype=torch.float16), residual=x,
                             backend="triton")
     assert torch.isfinite(out).all()
-    ref = channel_attention(x.float(), gamma=torch.ones(1, device="cuda"), residual=x.float(), backend="torch")
+    ref = channel_attention(x.float(), gamma=torch.ones(1, device=gpu_device()), residual=x.float(), backend="torch")
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 

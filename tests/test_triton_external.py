@@ -14,7 +14,7 @@ import medattn_fast
 import triton_kernels.external as triton_external
 from medattn_fast.ops._external_triton import external_attention_triton_bwd, external_attention_triton_fwd
 from medattn_fast.ops.external import external_attention
-from _tolerance import F64, assert_within_twice, default_device, max_errors, worse
+from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors, worse
 
 NAMES = ["x", "query_weight", "query_bias", "key_memory", "key_bias", "value_memory", "value_bias", "proj_weight",
          "proj_bias"]
@@ -173,7 +173,7 @@ def test_compiles_fullgraph_without_recompiles():
 def test_gpu_mtunet_shapes_within_twice_torch_error(dtype):
     """MEAttention at MT-UNet's levels (32 heads, S = 64): 28² tokens with C = 256 (d = 32), 7²
     with C = 1024 (d = 128), and a prime token count with an odd head dim."""
-    cuda = torch.device("cuda")
+    cuda = gpu_device()
     _compare(_leaves(2, 784, 256, 32, 32, 64, 256, device=cuda), 32, dtype)
     _compare(_leaves(2, 49, 1024, 32, 128, 64, 1024, device=cuda), 32, dtype)
     _compare(_leaves(3, 1031, 40, 5, 24, 64, 40, biases=False, device=cuda), 5, dtype)
@@ -181,8 +181,8 @@ def test_gpu_mtunet_shapes_within_twice_torch_error(dtype):
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
-    leaves = _leaves(4, 3136, 256, 32, 32, 64, 256, device=torch.device("cuda"))
-    cot = torch.randn(4, 3136, 256, dtype=F64, device="cuda")
+    leaves = _leaves(4, 3136, 256, 32, 32, 64, 256, device=gpu_device())
+    cot = torch.randn(4, 3136, 256, dtype=F64, device=gpu_device())
     first, second = (_run(leaves, 32, "triton", cot, torch.bfloat16) for _ in range(2))
     for a, b in zip(first, second):
         assert torch.equal(a, b)

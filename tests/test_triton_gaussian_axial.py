@@ -26,7 +26,7 @@ from medattn_fast.ops._gaussian_axial_triton import (
     gaussian_axial_triton_scores_bwd,
     gaussian_axial_triton_scores_fwd,
 )
-from _tolerance import F64, assert_within_twice, default_device, max_errors, worse
+from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors, worse
 
 
 # (B, H, W, D): H ≠ W both ways, primes, B = 1, D = 1, odd D, D over one 64-wide chunk, a 1-pixel line.
@@ -252,15 +252,15 @@ GPU_SHAPES = [(12, 7, 7, 256), (12, 4, 4, 512), (12, 2, 2, 1024), (12, 7, 7, 512
 @pytest.mark.parametrize("entry", ["qkv", "scores"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}_H{}_W{}_D{}".format(*s))
 def test_gpu_mtunet_shapes_within_twice_torch_error(shape, entry, dtype):
-    _compare(entry, _leaves(entry, *shape, device=torch.device("cuda")), dtype)
+    _compare(entry, _leaves(entry, *shape, device=gpu_device()), dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("entry", ["qkv", "scores"])
 def test_gpu_backward_is_deterministic(entry):
     """No atomics anywhere: two backward passes agree bit for bit (shift's gradient included)."""
-    leaves = _leaves(entry, 12, 7, 7, 512, device=torch.device("cuda"))
-    cot = torch.randn(leaves[2].shape, dtype=F64, device="cuda")
+    leaves = _leaves(entry, 12, 7, 7, 512, device=gpu_device())
+    cot = torch.randn(leaves[2].shape, dtype=F64, device=gpu_device())
     first = _run(entry, leaves, "triton", cot, torch.bfloat16)
     second = _run(entry, leaves, "triton", cot, torch.bfloat16)
     for a, b in zip(first, second):
@@ -270,10 +270,10 @@ def test_gpu_backward_is_deterministic(entry):
 @pytest.mark.gpu
 def test_gpu_auto_prefers_triton_and_falls_through_for_long_lines():
     op = medattn_fast.backend.op("gaussian_axial")
-    shift = torch.tensor(0.2, device="cuda")
-    q = torch.randn(12, 7, 7, 256, device="cuda")
+    shift = torch.tensor(0.2, device=gpu_device())
+    q = torch.randn(12, 7, 7, 256, device=gpu_device())
     assert op.choose(q, q, q, shift, bias=None) == "triton"
-    long = torch.randn(1, 1, 130, 2, device="cuda")
+    long = torch.randn(1, 1, 130, 2, device=gpu_device())
     assert op.choose(long, long, long, shift, bias=None) != "triton"
     torch.testing.assert_close(MF.gaussian_axial_attention(long, long, long, shift),
                                MF.gaussian_axial_attention(long, long, long, shift, backend="torch"))

@@ -18,7 +18,7 @@ import medattn_fast
 from medattn_fast.ops._position_triton import position_attention_triton_bwd, position_attention_triton_fwd
 from medattn_fast.ops.position import position_attention
 import triton_kernels.position as triton_position
-from _tolerance import F64, assert_within_twice, default_device, max_errors, worse
+from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors, worse
 
 
 def _make(batch, n, d, channels_first, dtype, device):
@@ -220,17 +220,17 @@ def test_compiles_fullgraph_without_recompiles():
 def test_gpu_danet_shapes_within_twice_torch_error(dtype, transpose):
     """DANet PAM at 32×32 (C=512: dk=64, dv=512) and a prime-N strided case, all gradients."""
     leaves, kw = _case(2, 1024, 1024, 64, 512, transpose=transpose, layout="channels", epilogue="all",
-                       dtype=dtype, device=torch.device("cuda"))
+                       dtype=dtype, device=gpu_device())
     _compare(leaves, kw, dtype)
     leaves, kw = _case(3, 1031, 997 if not transpose else 1031, 1, 24, transpose=transpose, layout="channels",
-                       epilogue="gamma_residual", dtype=dtype, device=torch.device("cuda"))
+                       epilogue="gamma_residual", dtype=dtype, device=gpu_device())
     _compare(leaves, kw, dtype)
 
 
 @pytest.mark.gpu
 def test_gpu_memory_is_linear_in_tokens():
     """fwd+bwd at 128×128 tokens (N = 16384, C = 512) stays far below one N×N float32 matrix."""
-    dev = torch.device("cuda")
+    dev = gpu_device()
     leaves, kw = _case(1, 16384, 16384, 64, 512, transpose=False, layout="channels", epilogue="gamma_residual",
                        dtype=torch.bfloat16, device=dev)
     torch.cuda.synchronize()

@@ -14,7 +14,7 @@ import torch
 import medattn_fast
 from medattn_fast.ops._window_triton import window_attention_triton_bwd, window_attention_triton_fwd
 from medattn_fast.ops.window import window_attention
-from _tolerance import F64, assert_within_twice, default_device, max_errors, worse
+from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors, worse
 
 NAMES = ["x", "query_weight", "query_bias", "key_weight", "key_bias", "value_weight", "value_bias", "proj_weight",
          "proj_bias"]
@@ -168,7 +168,7 @@ def test_compiles_fullgraph_without_recompiles():
 def test_gpu_mtunet_shapes_within_twice_torch_error(pad_mode, dtype):
     """MT-UNet levels at 224²: 28² C=256 (d=32, no padding) and 7² C=1024 (d=128, padded to 8²),
     8 heads, 4x4 windows; plus an H != W grid with ws = 8."""
-    cuda = torch.device("cuda")
+    cuda = gpu_device()
     _compare(_leaves(2, 28, 28, 256, 8, 32, 256, device=cuda), dtype, window_size=4, num_heads=8,
              pad_mode=pad_mode, layout="windows")
     _compare(_leaves(2, 7, 7, 1024, 8, 128, 1024, device=cuda), dtype, window_size=4, num_heads=8,
@@ -179,9 +179,9 @@ def test_gpu_mtunet_shapes_within_twice_torch_error(pad_mode, dtype):
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
-    leaves = _leaves(4, 14, 14, 512, 8, 64, 512, device=torch.device("cuda"))
+    leaves = _leaves(4, 14, 14, 512, 8, 64, 512, device=gpu_device())
     kw = dict(window_size=4, num_heads=8, pad_mode="mtunet", layout="windows")
-    cot = torch.randn(4, 4, 4, 16, 512, dtype=F64, device="cuda")
+    cot = torch.randn(4, 4, 4, 16, 512, dtype=F64, device=gpu_device())
     first, second = (_run(leaves, kw, "triton", cot, torch.bfloat16) for _ in range(2))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
