@@ -192,7 +192,8 @@ def test_from_original_attention_block_leejunhyun(training):
 
 def test_compat_classes_registry():
     assert C.COMPAT_CLASSES == {"AttentionBlock": C.AttentionBlock, "AttentionUpBlock": C.AttentionUpBlock,
-                                "Attention_block": C.Attention_block}
+                                "Attention_block": C.Attention_block, "GridAttentionBlock2D": C.GridAttentionBlock2D,
+                                "GridAttentionBlock3D": C.GridAttentionBlock3D}
     for name, cls in C.COMPAT_CLASSES.items():
         assert cls.__name__ == name and callable(getattr(cls, "from_original"))
 
@@ -215,3 +216,77 @@ def test_convert_swaps_every_gate_and_keeps_outputs(training):
              "torch")
     run_pair(original["block3d"], model["block3d"],
              (torch.randn(2, 4, 3, 5, 4, dtype=F64), torch.randn(2, 6, 2, 3, 2, dtype=F64)), "torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Oktay's grid gate: GridAttentionBlock2D / 3D
+# ---------------------------------------------------------------------------------------------
+
+class GridAttentionBlock2D(R.GridAttentionBlock):
+    """Stands in for Oktay's class of that name: the reference's module tree and keys are the
+    original's (reference/attention_gate.py)."""
+
+
+class GridAttentionBlock3D(R.GridAttentionBlock):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, spatial_dims=3, **kwargs)
+
+
+def run_grid_pair(original, twin, x, g, backend):
+    """(W_y, α) of both, then every gradient and buffer, for one pair of cotangents."""
+    xa, ga, xb, gb = (t.clone().requires_grad_() for t in (x, g, x, g))
+    expected = original(xa, ga)
+    with medattn_fast.use_backend(backend):
+        got = twin(xb, gb)
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, **TOL)
+    cots = [torch.randn_like(e) for e in expected]
+    torch.autograd.backward(expected, cots)
+    torch.autograd.backward(got, cots)
+    torch.testing.assert_close(xb.grad, xa.grad, **TOL)
+    torch.testing.assert_close(gb.grad, ga.grad, **TOL)
+    for (name, a), (_, b) in zip(original.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, **TOL, msg=lambda m: f"grad {name}: {m}")
+    for (name, a), (_, b) in zip(original.named_buffers(), twin.named_buffers()):
+        torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"buffer {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ("reference", "torch", "cpp"))
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_grid_attention_block_matches_oktay(spatial_dims, training, backend):
+    if spatial_dims == 2:
+        original, cls = GridAttentionBlock2D(4, 6, 3, sub_sample_factor=(2, 3)), C.GridAttentionBlock2D
+        x, g = torch.randn(2, 4, 9, 11, dtype=F64), torch.randn(2, 6, 3, 2, dtype=F64)
+        twin = cls(4, 6, 3, sub_sample_factor=(2, 3))
+    else:
+        original, cls = GridAttentionBlock3D(3, 5, sub_sample_factor=2), C.GridAttentionBlock3D
+        x, g = torch.randn(2, 3, 5, 6, 7, dtype=F64), torch.randn(2, 5, 2, 3, 3, dtype=F64)
+        twin = cls(3, 5, sub_sample_factor=2)
+    original = randomize(original).double().train(training)
+    assert set(twin.state_dict()) == set(original.state_dict())
+    twin.load_state_dict(original.state_dict(), strict=True)
+    run_grid_pair(original, twin.double().train(training), x, g, backend)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_convert_swaps_grid_blocks(training):
+    from medattn_fast.convert import convert
+
+    model = randomize(torch.nn.ModuleDict({"g2": GridAttentionBlock2D(4, 6, 2, sub_sample_factor=2),
+                                           "g3": GridAttentionBlock3D(3, 5, 2, sub_sample_factor=2)}))
+    model = model.double().train(training)
+    original = copy.deepcopy(model)
+    report = convert(model, families=["attention_unet"])
+    assert len(report) == 2
+    assert type(model["g2"]) is C.GridAttentionBlock2D and type(model["g3"]) is C.GridAttentionBlock3D
+    assert model["g2"].sub_sample_factor == (2, 2) and model["g2"].training == training
+    run_grid_pair(original["g2"], model["g2"], torch.randn(2, 4, 9, 8, dtype=F64), torch.randn(2, 6, 3, 4, dtype=F64),
+                  "cpp")
+    run_grid_pair(original["g3"], model["g3"], torch.randn(1, 3, 6, 5, 4, dtype=F64),
+                  torch.randn(1, 5, 3, 2, 2, dtype=F64), "cpp")
+
+
+def test_grid_block_refuses_other_modes():
+    with pytest.raises(ValueError, match="only mode 'concatenation'.*got 'concatenation_debug'"):
+        C.GridAttentionBlock2D(4, 6, mode="concatenation_debug")

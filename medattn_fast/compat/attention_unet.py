@@ -9,6 +9,10 @@
   used, as in the original), ``attention``, ``conv_bn1``, ``conv_bn2``; ``forward(x, x_skip)``.
 * ``Attention_block(F_g, F_l, F_int)`` — LeeJunHyun; keys ``W_g``, ``W_x``, ``psi``;
   ``forward(g, x)``.
+* ``GridAttentionBlock2D`` / ``GridAttentionBlock3D(in_channels, gating_channels,
+  inter_channels=None, mode="concatenation", sub_sample_factor)`` — Oktay's grid gate
+  (Attention-Gated-Networks); keys ``W.{0,1}``, ``theta``, ``phi``, ``psi``; ``forward(x, g)``
+  returns ``(W_y, α)`` with α upsampled to x, as the original.
 
 Each loads the original's (or :mod:`medattn_fast.reference.attention_gate`'s) ``state_dict`` with
 ``strict=True`` and gives the same outputs, gradients and BN running statistics in ``train()``
@@ -25,9 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as MF
+from ..reference.attention_gate import GridAttentionBlock as _ReferenceGridBlock
 from ._adopt import adopt
 
-__all__ = ["AttentionBlock", "AttentionUpBlock", "Attention_block", "ConvBatchNorm", "COMPAT_CLASSES"]
+__all__ = ["AttentionBlock", "AttentionUpBlock", "Attention_block", "ConvBatchNorm", "GridAttentionBlock2D",
+           "GridAttentionBlock3D", "COMPAT_CLASSES"]
 
 
 def _layers(spatial_dims: int):
@@ -214,8 +220,55 @@ class Attention_block(nn.Module):  # noqa: N801 - the original's name
         return adopt(new, module)
 
 
+class _GridAttentionBlock(_ReferenceGridBlock):
+    r"""Oktay's grid gate (``_GridAttentionBlockND``, mode ``"concatenation"``), fast inside.
+
+    The module tree and keys are the reference's (:class:`medattn_fast.reference.attention_gate.
+    GridAttentionBlock`, which documents the original's math and quirks); ``forward`` runs
+    :func:`medattn_fast.functional.attention_gate` in ``mode="grid"``:
+    x (B, Cx, *S), g (B, Cg, *Sg) with Sg <= S // sub_sample_factor -> ``(W_y (B, Cx, *S),
+    α (B, 1, *S))``.
+    """
+
+    SPATIAL_DIMS = 2
+
+    def __init__(self, in_channels: int, gating_channels: int, inter_channels: Optional[int] = None,
+                 mode: str = "concatenation", sub_sample_factor=2):
+        if mode != "concatenation":
+            raise ValueError(f"{type(self).__name__}: only mode 'concatenation' (Oktay's Attention U-Net gate) "
+                             f"is implemented, got {mode!r}")
+        super().__init__(in_channels, gating_channels, inter_channels, spatial_dims=self.SPATIAL_DIMS,
+                         sub_sample_factor=sub_sample_factor)
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor):
+        return MF.attention_gate(
+            x, g, self.theta.weight, self.theta.bias, self.phi.weight, self.phi.bias, self.psi.weight,
+            self.psi.bias, out_weight=self.W[0].weight, out_bias=self.W[0].bias, bn_out=_bn(self.W[1]),
+            training=self.training, mode="grid", return_alpha=True)
+
+    @classmethod
+    def from_original(cls, module: nn.Module) -> "_GridAttentionBlock":
+        """The twin of an original ``GridAttentionBlock{2,3}D`` (channels and the sub-sampling
+        factor from its θ conv)."""
+        theta, phi = module.theta, module.phi
+        new = cls(theta.in_channels, phi.in_channels, theta.out_channels, sub_sample_factor=tuple(theta.kernel_size))
+        _mirror_layers(new.W, module.W)
+        return adopt(new, module)
+
+
+class GridAttentionBlock2D(_GridAttentionBlock):
+    SPATIAL_DIMS = 2
+
+
+class GridAttentionBlock3D(_GridAttentionBlock):
+    SPATIAL_DIMS = 3
+
+
 COMPAT_CLASSES = {
     "AttentionBlock": AttentionBlock,
     "AttentionUpBlock": AttentionUpBlock,
     "Attention_block": Attention_block,
+    "GridAttentionBlock2D": GridAttentionBlock2D,
+    "GridAttentionBlock3D": GridAttentionBlock3D,
 }
