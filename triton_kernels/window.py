@@ -148,6 +148,20 @@ def _window_probs(q, k, in_window, real, qk_scale, PRECISION: tl.constexpr, UPCA
 
 
 @triton.jit
+def _window_attention(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, in_window, real, feats, hd, d, A,
+                      sqb, sqh, sqw, sqc, qk_scale, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """This (window, head)'s q, k, v tiles and its probabilities P (the backward recomputes P
+    exactly as the forward computes it)."""
+    q = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, hd, d, sqb, sqh, sqw, sqc, HAS_BIAS)
+    k = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, A + hd, d, sqb, sqh, sqw, sqc,
+                   HAS_BIAS)
+    v = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, 2 * A + hd, d, sqb, sqh, sqw, sqc,
+                   HAS_BIAS)
+    return q, k, v, _window_probs(q, k, in_window, real, qk_scale, PRECISION, UPCAST, MASK_KEYS)
+
+
+@triton.jit
 def _window_forward_kernel(qkv_ptr, bias_ptr, o_ptr,
                            sqb, sqh, sqw, sqc, sob, sowi, sowj, soti, sotj, soc,
                            H, W, pad_h, pad_w, n_win_w, d, A, qk_scale,
@@ -163,12 +177,8 @@ def _window_forward_kernel(qkv_ptr, bias_ptr, o_ptr,
     feats = tl.arange(0, BLOCK_D)
     from_x = real | corner
     hd = head * d
-    q = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, hd, d, sqb, sqh, sqw, sqc, HAS_BIAS)
-    k = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, A + hd, d, sqb, sqh, sqw, sqc,
-                   HAS_BIAS)
-    v = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, 2 * A + hd, d, sqb, sqh, sqw, sqc,
-                   HAS_BIAS)
-    p = _window_probs(q, k, in_window, real, qk_scale, PRECISION, UPCAST, MASK_KEYS)
+    q, k, v, p = _window_attention(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, in_window, real, feats,
+                                   hd, d, A, sqb, sqh, sqw, sqc, qk_scale, HAS_BIAS, PRECISION, UPCAST, MASK_KEYS)
     o = _dot_f32(p, v, PRECISION, UPCAST)
     rows = in_window
     if not STORE_PADDED:
@@ -217,12 +227,8 @@ def _window_backward_kernel(qkv_ptr, bias_ptr, do_ptr, dqkv_ptr, corner_ptr, bia
     fmask = feats < d
     from_x = real | corner
     hd = head * d
-    q = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, hd, d, sqb, sqh, sqw, sqc, HAS_BIAS)
-    k = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, A + hd, d, sqb, sqh, sqw, sqc,
-                   HAS_BIAS)
-    v = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, 2 * A + hd, d, sqb, sqh, sqw, sqc,
-                   HAS_BIAS)
-    p = _window_probs(q, k, in_window, real, qk_scale, PRECISION, UPCAST, MASK_KEYS)
+    q, k, v, p = _window_attention(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, in_window, real, feats,
+                                   hd, d, A, sqb, sqh, sqw, sqc, qk_scale, HAS_BIAS, PRECISION, UPCAST, MASK_KEYS)
     rows = in_window
     if not STORE_PADDED:
         rows = real   # the grid layout holds no padded position: their output gradient is 0
