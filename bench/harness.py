@@ -272,6 +272,11 @@ def copy_bandwidth(device: torch.device) -> float:
     return _COPY_GBPS[key]
 
 
+def measured_copy_bandwidth(device: torch.device) -> Optional[float]:
+    """The copy bandwidth :func:`copy_bandwidth` measured in this run, or None (no case needed it)."""
+    return _COPY_GBPS.get(str(device))
+
+
 def time_interleaved(entries, inputs: tuple, mode: str, device: torch.device, rounds: int = 15,
                      min_batch_s: float = 0.02) -> List[float]:
     """Median ms per call of each ``(fn, cotangent)``, timed round-robin: every round times every

@@ -62,8 +62,7 @@ def main(argv=None):
 
     import torch
 
-    from bench import harness
-    from bench.harness import environment, format_table, run_case
+    from bench.harness import environment, format_table, measured_copy_bandwidth, run_case
 
     device = torch.device(args.device)
     families = discover()
@@ -87,8 +86,9 @@ def main(argv=None):
                                  interleave=args.interleave)
     print(format_table(rows))
     env = environment()
-    if str(device) in harness._COPY_GBPS:  # measured for a case with bytes_moved
-        env["copy_GBps"] = f"{harness._COPY_GBPS[str(device)]:.1f}"
+    copy_gbps = measured_copy_bandwidth(device)  # measured for a case with bytes_moved
+    if copy_gbps is not None:
+        env["copy_GBps"] = f"{copy_gbps:.1f}"
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{env['device']}_torch{env['torch']}_triton{env['triton']}").strip("-")
     name = slug + "__" + "-".join(chosen) + (f"__{args.tag}" if args.tag else "")
     out = Path(args.out)
