@@ -23,6 +23,13 @@ def _seed_and_backend():
     medattn_fast.set_backend(None)
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """torch dtypes read as ``float32``/``bfloat16``/``float16`` in test ids (not ``dtype0``)."""
+    if isinstance(val, torch.dtype):
+        return str(val).replace("torch.", "")
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     # MEDATTN_GPU_TEST_DEVICE=cpu: the dry run of the GPU tests (tests/_tolerance.py, gpu_device)
     if torch.cuda.is_available() or os.environ.get("MEDATTN_GPU_TEST_DEVICE") == "cpu":
