@@ -416,6 +416,7 @@ GRID_GEOMETRIES = {
     "2d-anisotropic": ((7, 12), (3, 4), (2, 3)),
     "2d-same-grid": ((8, 10), (4, 5), 2),       # Sg == coarse grid
     "3d-odd": ((5, 6, 7), (2, 3, 3), 2),
+    "3d-full-depth-g": ((6, 4, 5), (2, 2, 5), 2),   # g deeper than the grid (3, 2, 2): downsampled in depth
 }
 
 
@@ -457,7 +458,7 @@ def test_cpp_grid_every_batch_norm():
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("geometry", ["2d-odd", "3d-odd"])
+@pytest.mark.parametrize("geometry", ["2d-odd", "3d-odd", "3d-full-depth-g"])
 def test_triton_interpreter_grid_matches_reference(geometry, training):
     compare_grid("triton", *GRID_GEOMETRIES[geometry], training=training, dtype=torch.float32, tol=F32,
                  reference_dtype=F64)

@@ -191,11 +191,13 @@ def test_from_original_attention_block_leejunhyun(training):
 
 
 def test_compat_classes_registry():
-    assert C.COMPAT_CLASSES == {"AttentionBlock": C.AttentionBlock, "AttentionUpBlock": C.AttentionUpBlock,
-                                "Attention_block": C.Attention_block, "GridAttentionBlock2D": C.GridAttentionBlock2D,
+    assert C.COMPAT_CLASSES == {"AttentionBlock": (C.AttentionBlock, C.MonaiAttentionBlock),
+                                "AttentionUpBlock": C.AttentionUpBlock, "Attention_block": C.Attention_block,
+                                "GridAttentionBlock2D": C.GridAttentionBlock2D,
                                 "GridAttentionBlock3D": C.GridAttentionBlock3D}
     for name, cls in C.COMPAT_CLASSES.items():
-        assert cls.__name__ == name and callable(getattr(cls, "from_original"))
+        for twin in cls if isinstance(cls, tuple) else (cls,):
+            assert callable(getattr(twin, "from_original"))
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -290,3 +292,92 @@ def test_convert_swaps_grid_blocks(training):
 def test_grid_block_refuses_other_modes():
     with pytest.raises(ValueError, match="only mode 'concatenation'.*got 'concatenation_debug'"):
         C.GridAttentionBlock2D(4, 6, mode="concatenation_debug")
+
+
+class GridNet3D(torch.nn.Module):
+    """Oktay's ``unet_grid_attention_3D`` in miniature (a restatement): the encoder pools by
+    (2, 2, 1), so the gating signal keeps the input's depth while each gate's strided θ grid halves
+    it — g is downsampled along depth and upsampled along height and width."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv3d
+        self.conv3 = torch.nn.Sequential(conv(2, 4, 3, padding=1), torch.nn.BatchNorm3d(4), torch.nn.ReLU())
+        self.conv4 = torch.nn.Sequential(conv(4, 6, 3, padding=1), torch.nn.BatchNorm3d(6), torch.nn.ReLU())
+        self.center = torch.nn.Sequential(conv(6, 8, 3, padding=1), torch.nn.BatchNorm3d(8), torch.nn.ReLU())
+        self.gating = torch.nn.Sequential(conv(8, 6, 1), torch.nn.BatchNorm3d(6), torch.nn.ReLU())
+        self.pool = torch.nn.MaxPool3d(kernel_size=(2, 2, 1))
+        self.attentionblock3 = GridAttentionBlock3D(4, 6, 4, sub_sample_factor=(2, 2, 2))
+        self.attentionblock4 = GridAttentionBlock3D(6, 6, 6, sub_sample_factor=(2, 2, 2))
+
+    def forward(self, x):
+        conv3 = self.conv3(x)
+        conv4 = self.conv4(self.pool(conv3))
+        gating = self.gating(self.center(self.pool(conv4)))
+        g_conv4, att4 = self.attentionblock4(conv4, gating)
+        g_conv3, att3 = self.attentionblock3(conv3, gating)
+        return g_conv3, att3, g_conv4, att4
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpp"))
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_convert_grid_network_with_a_full_depth_gating_signal(training, backend):
+    from medattn_fast.convert import convert
+
+    model = randomize(GridNet3D()).double().train(training)
+    original = copy.deepcopy(model)
+    report = convert(model, families=["attention_unet"])
+    assert [p for p, _, _ in report.swapped] == ["attentionblock3", "attentionblock4"]
+    x = torch.randn(2, 2, 8, 8, 5, dtype=F64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = original(xa)
+    with medattn_fast.use_backend(backend):
+        got = model(xb)
+    assert expected[0].shape == (2, 4, 8, 8, 5)
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, **TOL)
+    cots = [torch.randn_like(e) for e in expected]
+    torch.autograd.backward(expected, cots)
+    torch.autograd.backward(got, cots)
+    torch.testing.assert_close(xb.grad, xa.grad, **TOL)
+    for (name, a), (_, b) in zip(original.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, **TOL, msg=lambda m: f"grad {name}: {m}")
+    for (name, a), (_, b) in zip(original.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"buffer {name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["concatenation_debug", "concatenation_residual"])
+def test_convert_skips_oktays_other_modes(mode):
+    from medattn_fast.convert import convert
+
+    model = torch.nn.ModuleDict({"gate": GridAttentionBlock3D(3, 5, 2, sub_sample_factor=2, mode=mode)})
+    report = convert(model)
+    assert len(report) == 0 and type(model["gate"]) is GridAttentionBlock3D
+    (path, _, why), = report.skipped
+    assert path == "gate" and f"mode {mode!r} is not reproduced" in why
+    x, g = torch.randn(1, 3, 4, 4, 4), torch.randn(1, 5, 2, 2, 2)
+    out, alpha = model["gate"](x, g)   # the restatement's own mode still runs
+    if mode == "concatenation_residual":   # a softmax over the coarse positions, upsampled
+        assert alpha.shape == (1, 1, 4, 4, 4) and float(alpha.detach().max()) < 1
+
+
+def test_convert_monai_attention_unet():
+    """MONAI's AttentionBlock shares the seeds' class name; convert swaps it for its own twin.
+    (The restatement's code is ours, not MONAI's: it is vouched for with trust=; real MONAI 1.6.1 is
+    recognised by its code fingerprint.)"""
+    from _monai_attention_unet import AttentionBlock as MonaiBlock, AttentionUnet
+    from medattn_fast.convert import convert
+
+    torch.manual_seed(0)
+    model = randomize(AttentionUnet(2, 1, 2, channels=(4, 8, 16), strides=(2, 2))).double()
+    refused = convert(copy.deepcopy(model))
+    assert len(refused) == 0 and all("code fingerprint" in why for _, _, why in refused.skipped)
+    for training in (False, True):
+        model.train(training)
+        original = copy.deepcopy(model)
+        converted = copy.deepcopy(model)
+        report = convert(converted, trust=[MonaiBlock])
+        assert [p for p, _, _ in report.swapped] == ["model.1.attention", "model.1.submodule.1.attention"]
+        assert type(converted.model[1].attention) is C.MonaiAttentionBlock
+        assert converted.state_dict().keys() == original.state_dict().keys()
+        run_pair(original, converted, (torch.randn(2, 1, 12, 8, dtype=F64),), "cpp")

@@ -74,3 +74,131 @@ def test_convert_families_filter_and_bad_arguments():
         medattn_fast.convert(net, families=["resnet"])
     with pytest.raises(TypeError, match="argument 'model' must be a torch.nn.Module, got str"):
         medattn_fast.convert("not a model")
+
+
+# ---------------------------------------------------------------------------------------------
+# the swap keeps what a training script holds (as SyncBatchNorm.convert_sync_batchnorm does)
+# ---------------------------------------------------------------------------------------------
+
+def _gate_net():
+    from medattn_fast.reference import attention_gate as ref_gate
+
+    net = nn.ModuleDict({"gate": ref_gate.AttentionBlock(4, 6, 3), "pam": ref_danet.PAM_Module(16)}).double()
+    with torch.no_grad():
+        net["pam"].gamma.fill_(0.5)
+    return net
+
+
+def test_convert_keeps_parameter_objects_flags_and_an_optimizer_trains_them():
+    net = _gate_net().train()
+    params_before = {name: p for name, p in net.named_parameters()}
+    buffers_before = {name: b for name, b in net.named_buffers()}
+    net["gate"].Wg[0].bias.requires_grad_(False)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    report = medattn_fast.convert(net)
+
+    assert [p for p, _, _ in report.swapped] == ["gate", "pam"]
+    assert type(net["gate"]).__module__ == "medattn_fast.compat.attention_unet"
+    for name, p in net.named_parameters():
+        assert p is params_before[name], name
+    for name, b in net.named_buffers():
+        assert b is buffers_before[name], name
+    assert net["gate"].Wx is not None and not net["gate"].Wg[0].bias.requires_grad
+    assert net.training and net["gate"].training and net["gate"].Wx[1].training
+    snapshot = {name: p.detach().clone() for name, p in net.named_parameters()}
+    x, g = torch.randn(2, 4, 6, 5, dtype=torch.float64), torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    loss = net["gate"](x, g).square().sum() + net["pam"](torch.randn(2, 16, 3, 4, dtype=torch.float64)).sum()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    moved = {name for name, p in net.named_parameters() if not torch.equal(p, snapshot[name])}
+    assert {"gate.Wx.0.weight", "gate.Wg.0.weight", "gate.psi.0.weight", "pam.query_conv.weight",
+            "pam.gamma"} <= moved
+    assert "gate.Wg.0.bias" not in moved   # frozen before convert: still frozen
+
+
+def test_convert_keeps_the_swapped_modules_hooks():
+    net = _gate_net().eval()
+    calls = []
+    handle = net["gate"].register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    net["gate"].register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    medattn_fast.convert(net)
+    x, g = torch.randn(1, 4, 5, 5, dtype=torch.float64), torch.randn(1, 6, 2, 2, dtype=torch.float64)
+    net["gate"](x, g)
+    assert calls == ["pre", "AttentionBlock"] and type(net["gate"]).__module__.startswith("medattn_fast.compat")
+    handle.remove()   # the user's handle still removes the hook from the swapped module
+    net["gate"](x, g)
+    assert calls == ["pre", "AttentionBlock", "pre"]
+
+
+def test_convert_skips_a_block_whose_submodules_carry_hooks():
+    net = _gate_net()
+    net["gate"].Wx[0].register_forward_hook(lambda m, args, out: None)
+    report = medattn_fast.convert(net)
+    assert [p for p, _, _ in report.swapped] == ["pam"]
+    assert report.skipped[0][0] == "gate" and "Wx.0" in report.skipped[0][2] and "hooks" in report.skipped[0][2]
+
+
+def test_convert_dry_run_reports_and_changes_nothing():
+    net = _gate_net()
+    before = [type(m) for m in net.modules()]
+    report = medattn_fast.convert(net, dry_run=True)
+    assert [type(m) for m in net.modules()] == before
+    assert report.dry_run and len(report) == 2 and str(report).startswith("convert: would swap 2 module(s)")
+
+
+class CAM_Module(nn.Module):  # noqa: N801 - a public 3-D fork of DANet's CAM: same single gamma
+    def __init__(self, in_dim):
+        super().__init__()
+        self.chanel_in = in_dim
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, x):
+        m_batchsize, C, depth, height, width = x.size()
+        proj_query = x.view(m_batchsize, C, -1)
+        energy = torch.bmm(proj_query, proj_query.permute(0, 2, 1))
+        energy_new = torch.max(energy, -1, keepdim=True)[0].expand_as(energy) - energy
+        out = torch.bmm(self.softmax(energy_new), proj_query).view(m_batchsize, C, depth, height, width)
+        return self.gamma * out + x
+
+
+def test_convert_skips_a_fork_whose_forward_differs_and_says_why():
+    net = nn.Sequential(CAM_Module(8), ref_danet.CAM_Module(8))
+    report = medattn_fast.convert(net)
+    assert [p for p, _, _ in report.swapped] == ["1"] and type(net[0]) is CAM_Module
+    (path, cls, why), = report.skipped
+    assert path == "0" and cls.endswith("CAM_Module") and "code fingerprint" in why and "trust=" in why
+    x = torch.randn(2, 8, 3, 4, 5)
+    net[0].gamma.data.fill_(0.3)
+    assert net[0](x).shape == x.shape   # still the fork's own 3-D forward
+
+
+def test_code_fingerprint_ignores_comments_docstrings_and_layout_only():
+    from medattn_fast.convert import code_fingerprint
+
+    class A(nn.Module):
+        def forward(self, x):
+            """doc"""
+            return x * 2  # comment
+
+    class B(nn.Module):
+        def forward(self,   x):
+
+            return x   *   2
+
+    class C(nn.Module):
+        def forward(self, x):
+            return x * 3
+
+    assert code_fingerprint(A) == code_fingerprint(B) != code_fingerprint(C)
+    assert code_fingerprint(ref_danet.CAM_Module) != code_fingerprint(CAM_Module)
+
+
+def test_convert_trust_argument():
+    net = nn.Sequential(PAM_Module())
+    report = medattn_fast.convert(net, trust=[PAM_Module])   # vouched for, but its structure is not PAM's
+    assert len(report) == 0 and "from_original refused it" in report.skipped[0][2]
+    with pytest.raises(TypeError, match="argument 'trust' must hold nn.Module classes"):
+        medattn_fast.convert(net, trust=["PAM_Module"])

@@ -1,14 +1,21 @@
-"""The last step of every compat class's ``from_original``."""
+"""The last step of every compat class's ``from_original``, and the hand-over ``convert`` does."""
 from __future__ import annotations
 
 from torch import nn
+
+# Every hook table of an nn.Module (forward, backward, state_dict): handed over as the very same
+# dict objects, so the handles the user holds can still remove them.
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+                "_is_full_backward_hook", "_state_dict_hooks", "_state_dict_pre_hooks",
+                "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 def adopt(new: nn.Module, original: nn.Module) -> nn.Module:
     """Finish ``new`` (a compat module built with ``original``'s constructor arguments): move it to
     the original's device and floating dtype, load the original's state_dict with ``strict=True``
     (a different parameter structure raises here: not the class we took it for), and copy every
-    submodule's training flag by name."""
+    submodule's training flag by name. ``new`` owns copies: ``original`` is left untouched."""
     ref = next((t for t in list(original.parameters()) + list(original.buffers()) if t.is_floating_point()), None)
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype)
@@ -16,4 +23,58 @@ def adopt(new: nn.Module, original: nn.Module) -> nn.Module:
     flags = {name: m.training for name, m in original.named_modules()}
     for name, m in new.named_modules():
         m.training = flags.get(name, original.training)
+    return new
+
+
+def hooked_submodules(module: nn.Module) -> list:
+    """Paths of ``module``'s descendants (not itself) that carry forward or backward hooks: a fused
+    forward reads their parameters without calling them, so those hooks would no longer run."""
+    found = []
+    for path, m in module.named_modules():
+        if path and any(getattr(m, table, None) for table in _HOOK_TABLES[:7]):
+            found.append(path)
+    return found
+
+
+def graft(new: nn.Module, original: nn.Module) -> nn.Module:
+    """Make ``new`` (``adopt``-ed from ``original``) hold ``original``'s own objects, as
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: every submodule of the same class at the
+    same path (and no module of this package below it) is ``original``'s instance itself; every other Parameter and buffer is ``original``'s
+    Parameter/tensor object (so an optimizer built before the swap still trains it, and
+    ``requires_grad``, device and dtype are the original's); the hook tables of ``original`` become
+    ``new``'s (same dict objects: existing handles still remove them); training flags follow.
+
+    Raises ValueError when a Parameter or buffer of ``new`` has no counterpart of the same kind and
+    shape in ``original`` (``adopt``'s strict load makes that a bug, not a user error).
+    """
+    def walk(n_mod: nn.Module, o_mod: nn.Module, prefix: str) -> None:
+        for name, n_child in list(n_mod._modules.items()):
+            o_child = o_mod._modules.get(name)
+            if n_child is None or o_child is None:
+                continue
+            # the original's instance itself, unless the twin's subtree holds modules of ours (a
+            # Sequential of fast blocks must not become the Sequential of slow ones)
+            if type(o_child) is type(n_child) and not any(
+                    type(m).__module__.startswith("medattn_fast.") for m in n_child.modules()):
+                n_mod._modules[name] = o_child
+            else:
+                walk(n_child, o_child, f"{prefix}{name}.")
+        for table in ("_parameters", "_buffers"):
+            n_tab, o_tab = getattr(n_mod, table), getattr(o_mod, table)
+            for name, t in list(n_tab.items()):
+                if t is None:
+                    continue
+                o = o_tab.get(name)
+                if o is None or o.shape != t.shape:
+                    if table == "_buffers" and name in n_mod._non_persistent_buffers_set:
+                        continue  # the compat module's own working buffer (not in any state_dict)
+                    raise ValueError(f"graft: {prefix}{name} of {type(new).__name__} has no {table[1:-1]} of shape "
+                                     f"{tuple(t.shape)} in {type(original).__name__}")
+                n_tab[name] = o
+        n_mod.training = o_mod.training
+
+    walk(new, original, "")
+    for table in _HOOK_TABLES:
+        if table in original.__dict__:
+            object.__setattr__(new, table, original.__dict__[table])
     return new

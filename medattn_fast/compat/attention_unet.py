@@ -9,6 +9,9 @@
   used, as in the original), ``attention``, ``conv_bn1``, ``conv_bn2``; ``forward(x, x_skip)``.
 * ``Attention_block(F_g, F_l, F_int)`` — LeeJunHyun; keys ``W_g``, ``W_x``, ``psi``;
   ``forward(g, x)``.
+* ``MonaiAttentionBlock(spatial_dims, f_int, f_g, f_l)`` — MONAI's ``AttentionBlock`` (same
+  name as the seeds' class: :func:`medattn_fast.convert` tells them apart); keys ``W_g.0.conv``,
+  ``W_g.1``, ``W_x.*``, ``psi.*``; ``forward(g, x)``.
 * ``GridAttentionBlock2D`` / ``GridAttentionBlock3D(in_channels, gating_channels,
   inter_channels=None, mode="concatenation", sub_sample_factor)`` — Oktay's grid gate
   (Attention-Gated-Networks); keys ``W.{0,1}``, ``theta``, ``phi``, ``psi``; ``forward(x, g)``
@@ -33,7 +36,7 @@ from ..reference.attention_gate import GridAttentionBlock as _ReferenceGridBlock
 from ._adopt import adopt
 
 __all__ = ["AttentionBlock", "AttentionUpBlock", "Attention_block", "ConvBatchNorm", "GridAttentionBlock2D",
-           "GridAttentionBlock3D", "COMPAT_CLASSES"]
+           "GridAttentionBlock3D", "MonaiAttentionBlock", "COMPAT_CLASSES"]
 
 
 def _layers(spatial_dims: int):
@@ -46,6 +49,55 @@ def _layers(spatial_dims: int):
 
 def _bn(module: nn.Module) -> MF.BatchNormParams:
     return MF.BatchNormParams.from_module(module)
+
+
+def _expect_conv(conv, what: str, *, kernel_is_stride: bool = False, bias: Optional[bool] = None) -> nn.Module:
+    """Refuse (ValueError) a projection we do not reproduce: ``conv`` must be a plain Conv2d/3d,
+    1×1 with stride 1 (or, ``kernel_is_stride``, Oktay's θ: kernel = stride), no padding, no
+    dilation, one group; ``bias`` True/False requires/forbids a bias."""
+    if type(conv) not in (nn.Conv2d, nn.Conv3d):   # a subclass may compute otherwise (weight standardisation ...)
+        raise ValueError(f"{what} must be an nn.Conv2d/nn.Conv3d, got {type(conv).__name__}")
+    nd = conv.weight.dim() - 2
+    kernel = tuple(conv.kernel_size)
+    ok = (tuple(conv.stride) == kernel if kernel_is_stride else kernel == (1,) * nd and tuple(conv.stride) == (1,) * nd)
+    ok = ok and all(p == 0 for p in conv.padding) and tuple(conv.dilation) == (1,) * nd and conv.groups == 1
+    ok = ok and conv.padding_mode == "zeros"
+    if not ok:
+        expected = "kernel = stride" if kernel_is_stride else "a 1×1 kernel, stride 1"
+        raise ValueError(f"{what} must be a convolution with {expected}, no padding, dilation 1 and one group, "
+                         f"got {conv!r}")
+    if bias is not None and (conv.bias is not None) != bias:
+        raise ValueError(f"{what} must be built with bias={bias}, got bias={conv.bias is not None}")
+    return conv
+
+
+def _expect_type(module, what: str, kinds) -> None:
+    if not isinstance(module, kinds):
+        names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+        raise ValueError(f"{what} must be {names}, got {type(module).__name__}")
+
+
+def _monai_conv(layer: nn.Module, what: str) -> nn.Module:
+    """The conv inside MONAI's ``Convolution(..., conv_only=True)``: a Sequential whose only child
+    is ``conv`` (conv_only drops the norm/dropout/activation block)."""
+    children = dict(layer.named_children())
+    if set(children) != {"conv"}:
+        raise ValueError(f"{what} must be MONAI's Convolution(conv_only=True) (one child 'conv'), got children "
+                         f"{sorted(children)}")
+    return children["conv"]
+
+
+def _expect_gate_layers(module: nn.Module, x_name: str, g_name: str, monai: bool = False) -> None:
+    """The additive gate's layers: (1×1 conv, BN) projections and ψ = (1×1 conv to 1 channel, BN(1),
+    Sigmoid); ``monai``: each conv wrapped in MONAI's ``Convolution``."""
+    for name in (x_name, g_name, "psi"):
+        seq = getattr(module, name)
+        _expect_type(seq, name, nn.Sequential)
+        if len(seq) != (3 if name == "psi" else 2):
+            raise ValueError(f"{name} must hold {3 if name == 'psi' else 2} layers, got {len(seq)}")
+        _expect_conv(_monai_conv(seq[0], f"{name}.0") if monai else seq[0], f"{name}.0")
+        _expect_type(seq[1], f"{name}.1", nn.modules.batchnorm._BatchNorm)
+    _expect_type(module.psi[2], "psi.2", nn.Sigmoid)
 
 
 def _mirror_layers(new_seq: nn.Sequential, old_seq: nn.Sequential) -> None:
@@ -70,6 +122,8 @@ class AttentionBlock(nn.Module):
     (0 Conv, 1 BN, 2 Sigmoid). The modules hold the parameters; ``forward`` hands them to
     :func:`medattn_fast.functional.attention_gate` (BN folded into the convs in eval mode).
     """
+
+    ORIGINAL_CODE = frozenset()   # the seeds' own code: only its restatement is known (MONAI's has its twin)
 
     def __init__(self, in_channels_x: int, in_channels_g: int, int_channels: int, *, spatial_dims: int = 2,
                  double_sigmoid: bool = False):
@@ -97,6 +151,7 @@ class AttentionBlock(nn.Module):
         ``double_sigmoid`` attribute when it has one (the reference module does), else from the
         ``double_sigmoid`` argument (default False).
         """
+        _expect_gate_layers(module, "Wx", "Wg")
         conv_x, conv_g = module.Wx[0], module.Wg[0]
         if double_sigmoid is None:
             double_sigmoid = bool(getattr(module, "double_sigmoid", False))
@@ -171,6 +226,7 @@ class AttentionUpBlock(nn.Module):
         gate's double sigmoid as in :meth:`AttentionBlock.from_original`)."""
         if double_sigmoid is None:
             double_sigmoid = bool(getattr(module.attention, "double_sigmoid", False))
+        _expect_gate_layers(module.attention, "Wx", "Wg")
         new = cls(module.upsample.in_channels, module.upsample.out_channels, double_sigmoid=double_sigmoid)
         for name in ("Wx", "Wg", "psi"):
             _mirror_layers(getattr(new.attention, name), getattr(module.attention, name))
@@ -213,10 +269,65 @@ class Attention_block(nn.Module):  # noqa: N801 - the original's name
     @classmethod
     def from_original(cls, module: nn.Module) -> "Attention_block":
         """The twin of an original ``Attention_block`` (F_g, F_l, F_int and 2-D/3-D from its convs)."""
+        _expect_gate_layers(module, "W_x", "W_g")
+        _expect_type(module.relu, "relu", nn.ReLU)
         conv_g, conv_x = module.W_g[0], module.W_x[0]
         new = cls(conv_g.in_channels, conv_x.in_channels, conv_x.out_channels, spatial_dims=conv_x.weight.dim() - 2)
         for name in ("W_g", "W_x", "psi"):
             _mirror_layers(getattr(new, name), getattr(module, name))
+        return adopt(new, module)
+
+
+class _ConvOnly(nn.Module):
+    """MONAI's ``Convolution(..., conv_only=True)`` as far as its keys go: one child ``conv``."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+
+class MonaiAttentionBlock(nn.Module):
+    r"""MONAI's attention gate (``monai.networks.nets.attentionunet.AttentionBlock``), fast inside.
+
+    ``forward(g, x)``: ``ψ = σ(BN(psi·relu(BN(W_g·g) + BN(W_x·x))))``, returns ``x ⊙ ψ`` — the
+    additive gate. Shapes: g (B, f_g, *S), x (B, f_l, *S) -> (B, f_l, *S) (MONAI needs g at x's
+    size; a smaller g is also accepted here and interpolated). Keys as MONAI's: ``W_g.0.conv``,
+    ``W_g.1`` (BN), ``W_x.0.conv``, ``W_x.1``, ``psi.0.conv``, ``psi.1``, ``psi.2`` (Sigmoid); the
+    constructor is MONAI's ``(spatial_dims, f_int, f_g, f_l, dropout=0.0)`` (MONAI builds its
+    convs with ``conv_only=True``, which drops the dropout: so does this).
+    """
+
+    ORIGINAL_CODE = frozenset({"ee94b85d34483440"})   # MONAI 1.6.1's AttentionBlock (convert's fingerprint)
+    REFERENCE_NAMES = ()
+
+    def __init__(self, spatial_dims: int, f_int: int, f_g: int, f_l: int, dropout=0.0):
+        super().__init__()
+        conv, norm = _layers(spatial_dims)
+        self.spatial_dims = spatial_dims
+        self.W_g = nn.Sequential(_ConvOnly(conv(f_g, f_int, kernel_size=1)), norm(f_int))
+        self.W_x = nn.Sequential(_ConvOnly(conv(f_l, f_int, kernel_size=1)), norm(f_int))
+        self.psi = nn.Sequential(_ConvOnly(conv(f_int, 1, kernel_size=1)), norm(1), nn.Sigmoid())
+        self.relu = nn.ReLU()
+
+    def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return MF.attention_gate(
+            x, g, self.W_x[0].conv.weight, self.W_x[0].conv.bias, self.W_g[0].conv.weight, self.W_g[0].conv.bias,
+            self.psi[0].conv.weight, self.psi[0].conv.bias, bn_x=_bn(self.W_x[1]), bn_g=_bn(self.W_g[1]),
+            bn_psi=_bn(self.psi[1]), training=self.training,
+        )
+
+    @classmethod
+    def from_original(cls, module: nn.Module) -> "MonaiAttentionBlock":
+        """The twin of a MONAI ``AttentionBlock`` (f_int, f_g, f_l and 2-D/3-D from its convs)."""
+        _expect_gate_layers(module, "W_x", "W_g", monai=True)
+        _expect_type(module.relu, "relu", nn.ReLU)
+        conv_g, conv_x = module.W_g[0].conv, module.W_x[0].conv
+        new = cls(conv_x.weight.dim() - 2, conv_x.out_channels, conv_g.in_channels, conv_x.in_channels)
+        for name in ("W_g", "W_x", "psi"):
+            new_seq, old_seq = getattr(new, name), getattr(module, name)
+            if old_seq[0].conv.bias is None:
+                new_seq[0].conv.register_parameter("bias", None)
+            new_seq[1] = copy.deepcopy(old_seq[1])
         return adopt(new, module)
 
 
@@ -226,11 +337,15 @@ class _GridAttentionBlock(_ReferenceGridBlock):
     The module tree and keys are the reference's (:class:`medattn_fast.reference.attention_gate.
     GridAttentionBlock`, which documents the original's math and quirks); ``forward`` runs
     :func:`medattn_fast.functional.attention_gate` in ``mode="grid"``:
-    x (B, Cx, *S), g (B, Cg, *Sg) with Sg <= S // sub_sample_factor -> ``(W_y (B, Cx, *S),
-    α (B, 1, *S))``.
+    x (B, Cx, *S), g (B, Cg, *Sg) of any spatial size (resampled to the strided grid
+    S // sub_sample_factor, as the original does) -> ``(W_y (B, Cx, *S), α (B, 1, *S))``.
+
+    Only the original's mode ``"concatenation"`` is reproduced; ``from_original`` refuses the
+    others (``concatenation_debug``: softplus; ``concatenation_residual``: a softmax over positions).
     """
 
     SPATIAL_DIMS = 2
+    REFERENCE_NAMES = ("GridAttentionBlock",)   # the restatement in medattn_fast.reference
 
     def __init__(self, in_channels: int, gating_channels: int, inter_channels: Optional[int] = None,
                  mode: str = "concatenation", sub_sample_factor=2):
@@ -250,8 +365,24 @@ class _GridAttentionBlock(_ReferenceGridBlock):
     @classmethod
     def from_original(cls, module: nn.Module) -> "_GridAttentionBlock":
         """The twin of an original ``GridAttentionBlock{2,3}D`` (channels and the sub-sampling
-        factor from its θ conv)."""
+        factor from its θ conv). Raises ValueError for another mode or other layers."""
+        mode = getattr(module, "mode", "concatenation")
+        if mode != "concatenation":
+            raise ValueError(f"mode {mode!r} is not reproduced (only 'concatenation', the Attention U-Net gate)")
         theta, phi = module.theta, module.phi
+        _expect_conv(theta, "theta", kernel_is_stride=True, bias=False)
+        if theta.weight.dim() - 2 != cls.SPATIAL_DIMS:
+            raise ValueError(f"theta must be a {cls.SPATIAL_DIMS}-D convolution, got {type(theta).__name__}")
+        _expect_conv(phi, "phi", bias=True)
+        _expect_conv(module.psi, "psi", bias=True)
+        _expect_type(module.W, "W", nn.Sequential)
+        if len(module.W) != 2:
+            raise ValueError(f"W must hold 2 layers (conv, BN), got {len(module.W)}")
+        _expect_conv(module.W[0], "W.0")
+        _expect_type(module.W[1], "W.1", nn.modules.batchnorm._BatchNorm)
+        upsample_mode = getattr(module, "upsample_mode", None)
+        if upsample_mode not in (None, "bilinear" if cls.SPATIAL_DIMS == 2 else "trilinear"):
+            raise ValueError(f"upsample_mode {upsample_mode!r} is not reproduced for a {cls.SPATIAL_DIMS}-D gate")
         new = cls(theta.in_channels, phi.in_channels, theta.out_channels, sub_sample_factor=tuple(theta.kernel_size))
         _mirror_layers(new.W, module.W)
         return adopt(new, module)
@@ -266,9 +397,10 @@ class GridAttentionBlock3D(_GridAttentionBlock):
 
 
 COMPAT_CLASSES = {
-    "AttentionBlock": AttentionBlock,
+    "AttentionBlock": (AttentionBlock, MonaiAttentionBlock),
     "AttentionUpBlock": AttentionUpBlock,
     "Attention_block": Attention_block,
+    # MONAI's gate shares the seeds' class name: the code fingerprint and the layers pick the twin
     "GridAttentionBlock2D": GridAttentionBlock2D,
     "GridAttentionBlock3D": GridAttentionBlock3D,
 }

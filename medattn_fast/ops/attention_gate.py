@@ -9,8 +9,8 @@ Math (``mode="additive"``: seeds 000/001, LeeJunHyun, MONAI)::
 
 ``mode="grid"`` (Oktay's GridAttentionBlock): ``W_x`` is a strided conv (kernel = stride = k,
 given by ``wx_weight``'s kernel shape), so ``a`` and α' live on the coarse grid S' = floor(S / k);
-g is upsampled to S' (Sg <= S'), α = up(α', S), and ``out = α ⊙ x``. Both modes may end with an
-output transform ``out = BN_out(W_out·out)`` (Oktay's ``W``).
+g is resampled to S' (any Sg, up- or down-sampled per axis, as Oktay's gate does), α = up(α', S),
+and ``out = α ⊙ x``. Both modes may end with an output transform ``out = BN_out(W_out·out)`` (Oktay's ``W``).
 
 ``up`` is bilinear (2-D) / trilinear (3-D) interpolation with ``align_corners=False``; it is the
 identity when the sizes already agree. Every BN is optional (``None``: no normalisation); each is
@@ -314,10 +314,11 @@ def _check(x, g, wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias, *
     _check_bn("bn_psi", bn_psi, 1, "1")
     _check_bn("bn_out", bn_out, cx, "Cx")
 
-    # the gating signal is never larger than the grid the gate is computed on
-    if any(sg > s for sg, s in zip(g.shape[2:], grid)):
-        where = "x's spatial size" if mode == "additive" else f"the coarse grid S // stride = {grid}"
-        raise ValueError(f"{OP}: argument 'g' must have spatial size <= {where} per dimension "
+    # additive: the gating signal is never larger than x. grid: any size, resampled to the grid S'
+    # as Oktay's gate does (unet_grid_attention_3D pools by (2, 2, 1): g keeps x's full depth
+    # while the strided θ grid halves it, so g is downsampled along that axis)
+    if mode == "additive" and any(sg > s for sg, s in zip(g.shape[2:], grid)):
+        raise ValueError(f"{OP}: argument 'g' must have spatial size <= x's spatial size per dimension "
                          f"(B, Cg, *Sg) with Sg <= {grid}, got shape {tuple(g.shape)}")
 
     tensors = {"x": x, "g": g, "wx_weight": wx_weight, "wx_bias": wx_bias, "wg_weight": wg_weight,
@@ -356,7 +357,7 @@ def attention_gate(x: Tensor, g: Tensor, wx_weight: Tensor, wx_bias: Optional[Te
     Args:
         x: (B, Cx, *S) skip-connection features, S = (H, W) or (D, H, W).
         g: (B, Cg, *Sg) gating signal, same rank as x, Sg <= S per dimension (``mode="grid"``:
-            Sg <= S' = S // stride).
+            any Sg, linearly resampled to the grid S' = S // stride).
         wx_weight, wx_bias: W_x, (C_int, Cx, 1, 1[, 1]) or (C_int, Cx); bias (C_int,) or None.
             ``mode="grid"``: θ, (C_int, Cx, *k) applied with stride k (Oktay: no bias).
         wg_weight, wg_bias: W_g, (C_int, Cg, 1...) or (C_int, Cg); (C_int,) or None.

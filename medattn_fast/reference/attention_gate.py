@@ -185,6 +185,10 @@ class GridAttentionBlock(nn.Module):
         out = BN(Conv1x1(α ⊙ x))   (``W``, with bias)            (B, in_channels, *S)
 
     returns ``(out, α)``. ``spatial_dims`` = 2 (GridAttentionBlock2D) or 3 (GridAttentionBlock3D).
+    The original's two other modes: ``"concatenation_debug"`` takes softplus instead of the ReLU,
+    ``"concatenation_residual"`` a softmax of ψ over the coarse positions instead of the sigmoid.
+    g may have any spatial size: it is resampled to S' (Oktay's ``unet_grid_attention_3D`` pools
+    by (2, 2, 1), so its g keeps x's depth while θ halves it: g is downsampled along that axis).
 
     Keys: ``W.0`` conv, ``W.1`` BN, ``theta.weight`` (no bias), ``phi.{weight,bias}``,
     ``psi.{weight,bias}``.
@@ -203,9 +207,15 @@ class GridAttentionBlock(nn.Module):
       torch's defaults.
     """
 
+    MODES = ("concatenation", "concatenation_debug", "concatenation_residual")
+
     def __init__(self, in_channels: int, gating_channels: int, inter_channels: Union[int, None] = None, *,
-                 spatial_dims: int = 2, sub_sample_factor: Union[int, Sequence[int]] = 2):
+                 spatial_dims: int = 2, sub_sample_factor: Union[int, Sequence[int]] = 2,
+                 mode: str = "concatenation"):
         super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
         conv, norm, self.upsample_mode = _layers(spatial_dims)
         if isinstance(sub_sample_factor, int):
             sub_sample_factor = (sub_sample_factor,) * spatial_dims
@@ -225,8 +235,15 @@ class GridAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         theta_x = self.theta(x)
         phi_g = F.interpolate(self.phi(g), size=theta_x.shape[2:], mode=self.upsample_mode, align_corners=False)
-        f = F.relu(theta_x + phi_g, inplace=True)
-        sigm_psi_f = torch.sigmoid(self.psi(f))
+        if self.mode == "concatenation_debug":
+            f = F.softplus(theta_x + phi_g)
+        else:
+            f = F.relu(theta_x + phi_g, inplace=True)
+        if self.mode == "concatenation_residual":   # a softmax over the positions, not a sigmoid
+            psi_f = self.psi(f)
+            sigm_psi_f = F.softmax(psi_f.view(psi_f.shape[0], 1, -1), dim=2).view(psi_f.shape)
+        else:
+            sigm_psi_f = torch.sigmoid(self.psi(f))
         sigm_psi_f = F.interpolate(sigm_psi_f, size=x.shape[2:], mode=self.upsample_mode, align_corners=False)
         y = sigm_psi_f.expand_as(x) * x
         return self.W(y), sigm_psi_f
