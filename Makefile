@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -n 2
 
 bench: $(STAMP)
 	$(VPY) -m medattn_fast.cli bench

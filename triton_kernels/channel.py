@@ -38,7 +38,8 @@ from ._util import (
     dot_precision as _precision, interpreted, load_tile as _load_2d, multiprocessor_count, to_storage,
 )
 
-__all__ = ["ChannelConfig", "default_config", "channel_forward", "channel_backward", "gram"]
+__all__ = ["ChannelConfig", "default_config", "channel_forward", "channel_backward", "gram", "row_softmax",
+           "SOFTMAX_BLOCK_MAX"]
 
 
 @dataclass(frozen=True)
@@ -199,11 +200,18 @@ def gram(u: torch.Tensor, v: torch.Tensor, config: Optional[ChannelConfig] = Non
     return parts[:, 0] if splits == 1 else parts.sum(dim=1)
 
 
-def _softmax(energy: torch.Tensor, negate: bool) -> torch.Tensor:
-    batch, n_ch, _ = energy.shape
+# Widest column block of the row softmax: rows longer than this run the online max/sum over
+# several blocks (the tests size one case past it).
+SOFTMAX_BLOCK_MAX = 1024
+
+
+def row_softmax(energy: torch.Tensor, negate: bool) -> torch.Tensor:
+    """``softmax(±energy)`` over the last dim of a contiguous float32 (B, R, C) tensor (R = C for
+    the channel attention map), one row per program."""
+    batch, rows, n_ch = energy.shape
     attention = torch.empty_like(energy)
-    block = min(1024, max(16, triton.next_power_of_2(n_ch)))
-    _softmax_kernel[(batch * n_ch,)](energy, attention, n_ch, NEGATE=negate, BLOCK=block)
+    block = min(SOFTMAX_BLOCK_MAX, max(16, triton.next_power_of_2(n_ch)))
+    _softmax_kernel[(batch * rows,)](energy, attention, n_ch, NEGATE=negate, BLOCK=block)
     return attention
 
 
@@ -237,7 +245,7 @@ def channel_forward(x: torch.Tensor, *, negate: bool, gamma: Optional[torch.Tens
     batch, n_ch, n_pos = x.shape
     cfg = config if config is not None else default_config(n_ch, n_pos, x.dtype)
     energy = gram(x, x, cfg)
-    attention = _softmax(energy, negate)
+    attention = row_softmax(energy, negate)
     out = x.new_empty(batch, n_ch, n_pos)
     has_epilogue = gamma is not None or residual is not None or multiply is not None
     # float32 o: dγ = Σ ∂L/∂out ⊙ o ⊙ f is a long sum; a 16-bit o would add its rounding noise to it.

@@ -136,6 +136,11 @@ MEDATTN_INLINE void store_panel(const acc_t* src, int64_t ld_src, Line<scalar_t>
 // small dense kernels on a line (L ≤ a few hundred, D up to thousands)
 // ------------------------------------------------------------------------------------------------
 
+// Width of the D blocks of gemm_nn (64 floats / 32 doubles: one block of X rows stays in L1), and
+// the size of gemm_nn_block's stack accumulators, which hold at most one block.
+template <typename acc_t>
+constexpr int kFeatureBlock = 256 / static_cast<int>(sizeof(acc_t));
+
 // Y[m, :] (+)= Σ_n A(m, n) X[n, :] for m < M, n < N, over `width` columns starting at column 0 of
 // the panels. A(m, n) = A[m * a_rs + n * a_cs] (so a transposed A is a stride swap). Two output rows
 // share every load of X; `kWidth` > 0 fixes the width at compile time so the accumulators live in
@@ -143,7 +148,7 @@ MEDATTN_INLINE void store_panel(const acc_t* src, int64_t ld_src, Line<scalar_t>
 template <typename acc_t, bool kAccumulate, int kWidth>
 MEDATTN_INLINE void gemm_nn_block(int64_t M, int64_t N, int64_t width, const acc_t* A, int64_t a_rs, int64_t a_cs,
                                   const acc_t* X, int64_t ldx, acc_t* Y, int64_t ldy) {
-  constexpr int kMax = kWidth > 0 ? kWidth : 256 / static_cast<int>(sizeof(acc_t));
+  constexpr int kMax = kWidth > 0 ? kWidth : kFeatureBlock<acc_t>;
   const int64_t w = kWidth > 0 ? kWidth : width;
   int64_t m = 0;
   for (; m + 2 <= M; m += 2) {
@@ -194,7 +199,7 @@ MEDATTN_INLINE void gemm_nn_block(int64_t M, int64_t N, int64_t width, const acc
 template <typename acc_t, bool kAccumulate>
 MEDATTN_INLINE void gemm_nn(int64_t M, int64_t N, int64_t D, const acc_t* A, int64_t a_rs, int64_t a_cs,
                             const acc_t* X, int64_t ldx, acc_t* Y, int64_t ldy) {
-  constexpr int kBlock = 256 / static_cast<int>(sizeof(acc_t));  // 64 floats / 32 doubles
+  constexpr int kBlock = kFeatureBlock<acc_t>;
   int64_t d0 = 0;
   for (; d0 + kBlock <= D; d0 += kBlock)
     gemm_nn_block<acc_t, kAccumulate, kBlock>(M, N, kBlock, A, a_rs, a_cs, X + d0, ldx, Y + d0, ldy);
@@ -739,4 +744,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("shift"),
         pybind11::arg("lse_rows"), pybind11::arg("lse_cols"));
   m.def("gaussian_axial_isa", &medattn::isa_name, "The instruction set the gaussian_axial kernels dispatch to");
+  // The kernels' own size constants, read by the tests that must reach every path they switch.
+  m.attr("FEATURE_BLOCK_FLOAT") = ga::kFeatureBlock<float>;
+  m.attr("FEATURE_BLOCK_DOUBLE") = ga::kFeatureBlock<double>;
 }

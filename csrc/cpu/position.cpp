@@ -675,4 +675,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("transpose"), pybind11::arg("need_multiply_grad"), pybind11::arg("block_q"),
         pybind11::arg("block_k"));
   m.def("position_isa", &medattn::isa_name, "The instruction set the position kernels dispatch to");
+  // The kernels' own size constants, read by the tests that must reach every path they switch.
+  m.attr("KEY_GROUPS") = pos::kKeyGroups;
 }
