@@ -12,6 +12,10 @@ Every backend runs the same plan; only the three kernels differ (``csrc/cpu/atte
    ``var_u = diag(W_x·Cov_x·W_xᵀ)`` with ``Cov_x = Σ x xᵀ / N − mean_x mean_xᵀ`` (one Gram GEMM,
    accumulated in float32/float64) — so ``u`` itself is never materialised. The running
    statistics are then updated as ``nn.BatchNorm`` does (unbiased variance into ``running_var``).
+   For a ``SyncBatchNorm`` in a process group, Σx, Σxxᵀ and the count are all-reduced over the
+   group first (one collective forward, one for their gradients backward), on every backend; the
+   other BNs (G, ψ, the output transform) go through ``attention_gate._batch_norm``, which does
+   the same with Σu, Σu².
 3. **The fused pass** over x:
 
    * ψ-BN folded (eval): ``gate_forward`` computes, per position,
@@ -250,36 +254,27 @@ class _ChannelGram(torch.autograd.Function):
         return torch.matmul(grad + grad.transpose(0, 1), flat)
 
 
-def _projected_moments(x: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
-    """Mean and biased variance over (B, *S) of each channel of ``u = W·x + b``, without ``u``.
+def _projected_moments(x: Tensor, weight: Tensor, bias: Tensor, group=None):
+    """Mean and biased variance over (B, *S) of each channel of ``u = W·x + b``, without ``u``,
+    and the number of values per channel they cover.
 
     ``mean_u = W·mean_x + b``, ``var_u = diag(W·Cov_x·Wᵀ)``; ``Cov_x`` from one Gram GEMM in the
     accumulation dtype. Differentiable (the gradient through the statistics is autograd of these
-    small ops).
+    small ops). With a process ``group`` (a SyncBatchNorm), Σx, the Gram matrix Σxxᵀ and the count
+    are summed over its ranks in one all_reduce (its backward all-reduces their gradients once),
+    so the moments are the whole distributed batch's.
     """
     batch, channels = x.shape[:2]
     flat = x.reshape(batch, channels, -1).to(weight.dtype)
     count = flat.shape[0] * flat.shape[2]
-    mean_x = flat.sum((0, 2)) / count
-    gram = _ChannelGram.apply(flat) / count
-    cov = gram - torch.outer(mean_x, mean_x)
+    total, gram = flat.sum((0, 2)), _ChannelGram.apply(flat)
+    if group is not None:
+        (total, gram), count = AG.all_reduce_sums([total, gram], count, group)
+    mean_x = total / count
+    cov = gram / count - torch.outer(mean_x, mean_x)
     mean_u = weight @ mean_x + bias
     var_u = ((weight @ cov) * weight).sum(1).clamp_min(0)
-    return mean_u, var_u
-
-
-def _update_running(bn: AG.BatchNormParams, mean: Tensor, var: Tensor, count: int) -> None:
-    """``nn.BatchNorm``'s running-statistics update from batch moments (biased ``var``)."""
-    if bn.running_mean is None:
-        return
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    with torch.no_grad():
-        unbiased = var.detach() * (count / max(count - 1, 1))
-        bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
-        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+    return mean_u, var_u, count
 
 
 def _fold_stats(weight: Tensor, bias: Tensor, bn: AG.BatchNormParams, mean: Tensor, var: Tensor):
@@ -297,9 +292,9 @@ def _normalised_x_branch(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_x
     """(W̃, b̃) of ``BN_x(W·x + b)`` with running or batch statistics (weight (Ci, Cx) in acc)."""
     bias = bias.to(weight.dtype) if bias is not None else weight.new_zeros(weight.shape[0])
     if _uses_batch_stats(bn_x, training):
-        mean_u, var_u = _projected_moments(x, weight, bias)
+        mean_u, var_u, count = _projected_moments(x, weight, bias, bn_x.process_group if training else None)
         if training:
-            _update_running(bn_x, mean_u, var_u, x.numel() // x.shape[1])
+            AG.update_running_stats(bn_x, mean_u, var_u, count)
         return _fold_stats(weight, bias, bn_x, mean_u, var_u)
     if bn_x is not None:
         return AG._fold(weight, bias, bn_x)

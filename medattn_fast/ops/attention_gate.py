@@ -19,7 +19,10 @@ mode it normalises with the batch statistics (biased variance) and updates ``run
 ``running_var`` in place with ``momentum`` (the unbiased variance goes into the running estimate),
 and increments ``num_batches_tracked`` (``momentum=None``: cumulative average); in eval mode it
 uses the running statistics (a BN built with ``track_running_stats=False`` uses batch statistics
-in both modes, as torch does).
+in both modes, as torch does). A ``torch.nn.SyncBatchNorm`` (``BatchNormParams.process_group``)
+takes its training-mode batch moments over every rank of its process group, as SyncBatchNorm
+does — one all_reduce of the per-channel sums forward, one of their gradients backward — on
+every backend, with gloo on CPU as with NCCL.
 
 Backends:
 
@@ -62,7 +65,9 @@ class BatchNormParams(NamedTuple):
 
     ``weight``/``bias`` (C,) or None (``affine=False``); ``running_mean``/``running_var`` (C,) or
     None (``track_running_stats=False``), updated in place in training mode;
-    ``num_batches_tracked`` 0-dim int64 or None, incremented in place in training mode.
+    ``num_batches_tracked`` 0-dim int64 or None, incremented in place in training mode;
+    ``process_group``: None (statistics of this process's batch), or the ``torch.distributed``
+    group across which training-mode batch statistics are synchronised (a ``SyncBatchNorm``).
     """
 
     weight: Optional[Tensor]
@@ -72,12 +77,17 @@ class BatchNormParams(NamedTuple):
     num_batches_tracked: Optional[Tensor] = None
     momentum: Optional[float] = 0.1
     eps: float = 1e-5
+    process_group: Optional[object] = None
 
     @classmethod
     def from_module(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> "BatchNormParams":
-        """Views (not copies) of an ``nn.BatchNorm{1,2,3}d``'s parameters and buffers."""
+        """Views (not copies) of an ``nn.BatchNorm{1,2,3}d``'s parameters and buffers.
+
+        A ``torch.nn.SyncBatchNorm`` inside an initialised process group of more than one rank
+        gives ``process_group`` (its own group, or the default one), as SyncBatchNorm itself
+        decides: training-mode batch statistics are then reduced across that group."""
         return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                   bn.momentum, bn.eps)
+                   bn.momentum, bn.eps, _sync_group(bn))
 
     def tensors(self) -> List[Tensor]:
         return [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
@@ -125,10 +135,103 @@ def _upsample(t: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(t, size=tuple(size), mode=_interp_mode(t.dim() - 2), align_corners=False)
 
 
+def _sync_group(bn: torch.nn.Module):
+    """The group a ``SyncBatchNorm`` synchronises over in training (None when it would not: not a
+    SyncBatchNorm, no initialised process group, or a group of one rank)."""
+    if not isinstance(bn, torch.nn.SyncBatchNorm):
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group if bn.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """``all_reduce(SUM)`` over a process group, differentiable: the backward all-reduces the
+    gradient (every rank's loss depends on the summed statistics), as SyncBatchNorm's backward
+    reduces its gradient sums."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = t.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sums(parts: Sequence[Tensor], count: int, group) -> Tuple[List[Tensor], Tensor]:
+    """Sum ``parts`` (same dtype) and the element ``count`` over ``group`` in one collective:
+    returns the summed parts (reshaped) and the total count (a 0-dim tensor of their dtype)."""
+    ref = parts[0]
+    flat = torch.cat([p.reshape(-1) for p in parts] + [ref.new_full((1,), float(count))])
+    total = _AllReduceSum.apply(flat, group)
+    out, start = [], 0
+    for p in parts:
+        out.append(total[start:start + p.numel()].view(p.shape))
+        start += p.numel()
+    return out, total[-1]
+
+
+def update_running_stats(bn: BatchNormParams, mean: Tensor, var: Tensor, count) -> None:
+    """``nn.BatchNorm``'s running-statistics update from batch moments (biased ``var``, over
+    ``count`` values per channel): the unbiased variance goes into ``running_var``."""
+    if bn.running_mean is None:
+        return
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    count = float(count)
+    with torch.no_grad():
+        unbiased = var.detach() * (count / max(count - 1, 1))
+        bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def _sync_batch_norm(t: Tensor, bn: BatchNormParams) -> Tensor:
+    """Training-mode BatchNorm with the batch moments of every rank of ``bn.process_group``, as
+    ``torch.nn.SyncBatchNorm`` computes them (and on CPU with gloo too, where SyncBatchNorm itself
+    refuses to run): one all_reduce of the per-channel sums Σt, Σt² and the count forward; the
+    backward (autograd of the normalisation) all-reduces the gradients of those sums once.
+    The moments are accumulated in float32 (float64 stays)."""
+    acc = torch.promote_types(t.dtype, torch.float32)
+    channels = t.shape[1]
+    dims = [0, *range(2, t.dim())]
+    ta = t.to(acc)
+    (total, total_sq), count = all_reduce_sums([ta.sum(dims), (ta * ta).sum(dims)], t.numel() // channels,
+                                               bn.process_group)
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0)
+    update_running_stats(bn, mean, var, count)
+    shape = (1, channels) + (1,) * (t.dim() - 2)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(acc)
+    return (ta * scale.view(shape) + shift.view(shape)).to(t.dtype)
+
+
 def _batch_norm(t: Tensor, bn: Optional[BatchNormParams], training: bool) -> Tensor:
-    """``nn.BatchNorm{2,3}d.forward`` on ``t``, including the in-place buffer updates."""
+    """``nn.BatchNorm{2,3}d.forward`` on ``t``, including the in-place buffer updates
+    (``SyncBatchNorm``'s, with batch moments over its process group, when ``bn.process_group``)."""
     if bn is None:
         return t
+    if training and bn.process_group is not None:
+        return _sync_batch_norm(t, bn)
     tracks = bn.running_mean is not None
     factor = 0.0 if bn.momentum is None else bn.momentum
     if training and tracks and bn.num_batches_tracked is not None:
