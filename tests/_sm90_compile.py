@@ -139,6 +139,15 @@ def _position(dtype) -> None:
     gamma, res, mul = _leaf(1, dtype=dtype), _leaf(2, 64, 50, dtype=dtype), _leaf(2, 64, 50, dtype=dtype)
     _backward(MF.position_attention(q, k, v, layout="channels", gamma=gamma, residual=res, backend="triton"))
     _backward(MF.position_attention(q, k, v, layout="channels", multiply=mul, transpose=True, backend="triton"))
+    # the variants bench/gpu_check.sh times beside the default: dq by atomics; 16-bit P and dS
+    switches = [{"MEDATTN_POSITION_BWD": "fused"}] + ([{"MEDATTN_POSITION_P16": "1"}] if dtype != torch.float32 else [])
+    for switch in switches:
+        os.environ.update(switch)
+        try:
+            _backward(MF.position_attention(q, k, v, layout="channels", gamma=gamma, residual=res, backend="triton"))
+        finally:
+            for name in switch:
+                os.environ.pop(name)
 
 
 def _channel(dtype) -> None:

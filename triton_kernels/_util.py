@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -33,11 +34,93 @@ def pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
+
+
+def _torch_allows_tf32() -> bool:
+    """Whether PyTorch's own float32 matmuls may use TF32: ``set_float32_matmul_precision("high")``
+    or ``"medium"``, ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or the legacy
+    ``allow_tf32 = True``. (Reading the legacy flag raises once the two APIs were mixed: then the
+    new one has the say.)"""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the legacy spellings are deprecated in newer torch
+        matmul = torch.backends.cuda.matmul
+        explicit = getattr(matmul, "fp32_precision", "none")
+        if explicit != "none":
+            return explicit == "tf32"
+        if torch.get_float32_matmul_precision() in ("high", "medium"):
+            return True
+        try:
+            return bool(matmul.allow_tf32)
+        except RuntimeError:
+            return False
+
+
+def fp32_precision() -> str:
+    """How the kernels multiply float32 tiles, read at every launch:
+
+    * ``"tf32x3"`` (the default): each operand split as ``a = a_hi + a_lo`` with ``a_hi`` rounded to
+      TF32 (10 mantissa bits) and ``a_lo = tf32(a - a_hi)``, then ``a_lo·b_hi + a_hi·b_lo + a_hi·b_hi``
+      as three TF32 tensor-core products accumulated in float32 (``a_lo·b_lo`` ~2⁻²² relative is
+      dropped). Its error vs float64 stays at float32 level (within the float32 tests' bound, about
+      the IEEE product's: tests/test_fp32_precision.py) for 3x the tensor-core work of one TF32
+      product — several times the rate of FMA-only ``ieee`` on Hopper. Used whenever PyTorch's
+      own float32 matmuls do not allow TF32 (its default ``"highest"``, or ``fp32_precision =
+      "ieee"``): what those promise is float32 accuracy, and this keeps it.
+    * ``"ieee"``: plain float32 FMAs, no tensor cores: ``MEDATTN_FP32_PRECISION=ieee`` (bit-level
+      IEEE products, e.g. to compare against a CPU run).
+    * ``"tf32"``: one TF32 product (~2⁻¹¹ relative per operand): what PyTorch's own float32 matmuls
+      do once TF32 is allowed (``set_float32_matmul_precision("high")``, ``fp32_precision =
+      "tf32"``, ``allow_tf32 = True``), so it follows that setting; or
+      ``MEDATTN_FP32_PRECISION=tf32``.
+
+    ``MEDATTN_FP32_PRECISION`` (one of the three) overrides PyTorch's setting.
+    """
+    forced = os.environ.get("MEDATTN_FP32_PRECISION", "").strip().lower()
+    if forced:
+        if forced not in FP32_PRECISIONS:
+            raise ValueError(f"MEDATTN_FP32_PRECISION must be one of {FP32_PRECISIONS}, got {forced!r}")
+        return forced
+    return "tf32" if _torch_allows_tf32() else "tf32x3"
+
+
 def dot_precision(dtype) -> str:
-    """``input_precision`` of the kernels' dots: float32 inputs must not silently drop to TF32
-    (PyTorch's float32 matmuls do not either); 16-bit inputs use the tensor cores (TF32 for the
-    float32 operands such as probabilities)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """``PRECISION`` of the kernels' dots for inputs of ``dtype``: float32 as :func:`fp32_precision`
+    says; 16-bit inputs multiply natively on the tensor cores, and the float32 operands that meet
+    them (probabilities, score gradients) go in as TF32."""
+    return fp32_precision() if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def round_tf32(x):
+    """float32 ``x`` rounded to TF32 (10 explicit mantissa bits; to nearest, ties away from zero, as
+    ``cvt.rna.tf32.f32``), kept in a float32: the tensor cores then multiply it exactly."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def mma(a, b, PRECISION: tl.constexpr):
+    """a @ b accumulated in float32. ``PRECISION``: ``tl.dot``'s ``input_precision``, or "tf32x3" for
+    float32 tiles (see :func:`fp32_precision`): split into TF32 parts explicitly, so the products
+    are exact on the tensor cores and under the interpreter alike (whose tl.dot ignores the input
+    precision and multiplies in float32), and both compute the same sums. Under the interpreter a
+    "tf32" product rounds its operands to TF32 first, as the tensor cores do."""
+    if PRECISION == "tf32x3":
+        a_hi = round_tf32(a)
+        b_hi = round_tf32(b)
+        a_lo = round_tf32(a - a_hi)
+        b_lo = round_tf32(b - b_hi)
+        acc = tl.dot(a_lo, b_hi, input_precision="tf32")     # small terms first
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    elif PRECISION == "tf32" and INTERPRETED:
+        # the GPU's TF32 product, emulated: operands rounded to TF32 (a no-op for 16-bit values)
+        return tl.dot(round_tf32(a), round_tf32(b), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -46,17 +129,17 @@ def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     (exact for 16-bit inputs, whose products fit float32) — the interpreter's tl.dot misreads
     bfloat16 operands in triton 3.9."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+        return mma(a.to(tl.float32), b.to(tl.float32), PRECISION)
+    return mma(a, b, PRECISION)
 
 
 @triton.jit
 def dot_f32(p, x, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """p @ x for a float32 tile p (probabilities, score gradients) and an input-dtype tile x: p keeps
-    its float32 value and x is widened (TF32 dots for 16-bit inputs, IEEE for float32)."""
-    if UPCAST:
-        return tl.dot(p, x.to(tl.float32), input_precision="ieee")
-    return tl.dot(p, x.to(tl.float32), input_precision=PRECISION)
+    """p @ x for a float32 tile p (probabilities, score gradients) and an input-dtype tile x: x is
+    widened, p enters as TF32 for 16-bit inputs (``PRECISION`` "tf32") and as
+    :func:`fp32_precision` says for float32 ones. (``UPCAST``: unused, x is widened anyway; kept
+    so that every dot helper takes the same arguments.)"""
+    return mma(p, x.to(tl.float32), PRECISION)
 
 
 @triton.jit

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._util import (
-    dot_precision as _precision, interpreted, load_tile as _load_2d, multiprocessor_count, to_storage,
+    dot_precision as _precision, interpreted, mma as _mma, load_tile as _load_2d, multiprocessor_count, to_storage,
 )
 
 __all__ = ["ChannelConfig", "default_config", "channel_forward", "channel_backward", "gram", "row_softmax",
@@ -97,9 +97,9 @@ def _gram_kernel(u_ptr, v_ptr, p_ptr, sub, suc, sun, svb, svc, svn,
         u = _load_2d(u_ptr + b * sub, ci, pos, suc, sun, n_ch, n_pos)
         v_t = _load_2d(v_ptr + b * svb, pos, cj, svn, svc, n_pos, n_ch)
         if NATIVE:
-            acc += tl.dot(u, v_t, input_precision=PRECISION)
+            acc += _mma(u, v_t, PRECISION)
         else:
-            acc += tl.dot(u.to(tl.float32), v_t.to(tl.float32), input_precision=PRECISION)
+            acc += _mma(u.to(tl.float32), v_t.to(tl.float32), PRECISION)
     out = p_ptr + (b * splits + split) * n_ch * n_ch
     mask = (ci[:, None] < n_ch) & (cj[None, :] < n_ch)
     tl.store(out + ci[:, None] * n_ch + cj[None, :], acc, mask=mask)
@@ -151,11 +151,11 @@ def _mix_kernel(w1_ptr, r1_ptr, w2_ptr, r2_ptr, o_ptr, out_ptr, gamma_ptr, res_p
         ks = start + tl.arange(0, BLOCK_K)
         w = _load_2d(w1_ptr + b * sw1b, rows, ks, sw1i, sw1c, n_ch, n_ch).to(tl.float32)
         r = _load_2d(r1_ptr + b * sr1b, ks, pos, sr1c, sr1n, n_ch, n_pos).to(tl.float32)
-        acc += tl.dot(w, r, input_precision=PRECISION)
+        acc += _mma(w, r, PRECISION)
         if HAS_SECOND:
             w = _load_2d(w2_ptr + b * sw2b, rows, ks, sw2i, sw2c, n_ch, n_ch).to(tl.float32)
             r = _load_2d(r2_ptr + b * sr2b, ks, pos, sr2c, sr2n, n_ch, n_pos).to(tl.float32)
-            acc += tl.dot(w, r, input_precision=PRECISION)
+            acc += _mma(w, r, PRECISION)
     mask = (rows[:, None] < n_ch) & (pos[None, :] < n_pos)
     if STORE_O:
         tl.store(o_ptr + b * sob + rows[:, None] * soc + pos[None, :] * son,
@@ -181,7 +181,8 @@ def gram(u: torch.Tensor, v: torch.Tensor, config: Optional[ChannelConfig] = Non
          precision: Optional[str] = None) -> torch.Tensor:
     """U Vᵀ per batch element: u, v (B, C, N) any strides/dtypes -> (B, C, C) float32 (contiguous).
 
-    ``precision``: of the float32 dots ("ieee"/"tf32"; default: ieee unless both are 16-bit).
+    ``precision``: of the float32 dots ("tf32x3"/"ieee"/"tf32"; default: ``_util.fp32_precision()``
+    unless both are 16-bit).
     """
     batch, n_ch, n_pos = u.shape
     cfg = config if config is not None else default_config(n_ch, n_pos, u.dtype)

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ._util import (
-    dot as _dot, dot_precision as _dot_precision, interpreted, multiprocessor_count,
+    dot as _dot, dot_precision as _dot_precision, interpreted, mma as _mma, multiprocessor_count,
     pow2_at_least_16 as _pow2_at_least_16, to_storage,
 )
 
@@ -97,7 +97,7 @@ def default_config(n_tokens: int, batch_heads: int, device: torch.device, head_d
 @triton.jit
 def _dot_f32(p, x, PRECISION: tl.constexpr):
     """p @ x for a float32 tile p: x is widened, p keeps its value."""
-    return tl.dot(p, x.to(tl.float32), input_precision=PRECISION)
+    return _mma(p, x.to(tl.float32), PRECISION)
 
 
 @triton.jit
@@ -291,8 +291,8 @@ def _plan(q: torch.Tensor, key_memory: torch.Tensor, num_heads: int, config: Opt
                          f"S <= {MAX_SLOTS}, got {tuple(key_memory.shape)}")
     cfg = config or default_config(n_tokens, batch * num_heads, q.device, head_dim=d, dtype=q.dtype)
     n_chunks = triton.cdiv(triton.cdiv(n_tokens, cfg.block_n), cfg.tiles_per_chunk)
-    # under the interpreter every dot runs on float32 copies, in ieee precision
-    precision = "ieee" if interpreted() else _dot_precision(q.dtype)
+    # (under the interpreter 16-bit dots run on float32 copies; float32 ones split as on the GPU)
+    precision = _dot_precision(q.dtype)
     blocks = dict(BLOCK_N=cfg.block_n, BLOCK_D=_pow2_at_least_16(d), BLOCK_S=_pow2_at_least_16(slots),
                   PRECISION=precision, UPCAST=interpreted(), num_warps=cfg.num_warps)
     return batch, n_tokens, d, slots, cfg, n_chunks, blocks

@@ -30,6 +30,7 @@ block; dk is padded to a power of two ≥ 16, the minimum ``tl.dot`` size):
                                dv and D of transpose=True (R = g)
 * ``_grad_out_kernel``         g = γ · ∂L/∂out ⊙ f, D partials (transpose=False), df, dγ partials
 * ``_dq_kernel``, ``_dk_kernel`` dS recomputed per tile; dP contracted over dv in BLOCK_DV chunks
+* ``_dk_dq_kernel``            the ``fused`` backward variant: dS once per tile, dq by atomics
 
 dv (up to C = 1024 for DANet) is split across programs (grid axis 2, ``block_dv`` wide) in every
 kernel that produces a dv-wide result; each split recomputes the scores, which costs
@@ -41,9 +42,12 @@ contraction (dq, dk) loop over dv chunks instead.
 Precision: scores, softmax statistics and every accumulator are float32. By default P and dS enter
 their dots in float32 (TF32 for 16-bit inputs, ``PositionConfig.fp32_probabilities``), which keeps
 the errors within 2× of PyTorch's float32-accumulating composite; rounding them to bf16/fp16 (flash
-attention's choice) doubles the tensor-core rate of those dots and is one switch away. The
-pre-epilogue output saved for backward is float32. Not yet written, to be weighed on a GPU: a
-fused dK/dV kernel for small dv (one pass instead of two), dq by atomics, autotuned configs.
+attention's choice) doubles the tensor-core rate of those dots and is one switch away
+(``MEDATTN_POSITION_P16=1``, or ``fp32_probabilities=False`` in a config). float32 inputs multiply
+as ``_util.fp32_precision()`` says (three TF32 products by default: float32 accuracy on the tensor
+cores). The pre-epilogue output saved for backward is float32. dq by atomics is the ``fused``
+backward variant (``MEDATTN_POSITION_BWD=fused``). Not yet written, to be weighed on a GPU: a
+fused dK/dV kernel for small dv (one pass instead of two), autotuned configs.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) the dots run on float32 copies and bfloat16 stores round
 explicitly (``_util``): the interpreter's bfloat16 dot and cast are wrong in triton 3.9.
@@ -53,7 +57,8 @@ allocate their results; they do no autograd (see ``medattn_fast/ops/_position_tr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
@@ -61,11 +66,12 @@ import triton
 import triton.language as tl
 
 from ._util import (
-    dot as _dot, dot_precision as _dot_precision, interpreted, load_tile as _load_2d,
+    dot as _dot, dot_f32 as _dot_f32, dot_precision as _dot_precision, interpreted, load_tile as _load_2d,
     pow2_at_least_16 as _pow2_at_least_16, store_tile as _store_2d, to_storage,
 )
 
-__all__ = ["PositionConfig", "default_config", "position_forward", "position_backward", "MAX_HEAD_DIM"]
+__all__ = ["PositionConfig", "default_config", "position_forward", "position_backward", "MAX_HEAD_DIM",
+           "BACKWARD_VARIANTS"]
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256   # dk is held whole in registers (padded to a power of two)
@@ -118,13 +124,9 @@ def _dot_p(p, x, PRECISION: tl.constexpr, UPCAST: tl.constexpr, P_FP32: tl.const
     """p @ x for a float32 probability (or dS) tile p. ``P_FP32``: p keeps its float32 value and x
     is widened (TF32 dots for 16-bit inputs: p rounded to 11 bits); otherwise p is rounded to x's
     dtype (bf16: 8 bits) for full-rate 16-bit dots, as flash attention does."""
-    if UPCAST:
-        if P_FP32:
-            return tl.dot(p, x.to(tl.float32), input_precision="ieee")
-        return tl.dot(p.to(x.dtype).to(tl.float32), x.to(tl.float32), input_precision="ieee")
     if P_FP32:
-        return tl.dot(p, x.to(tl.float32), input_precision=PRECISION)
-    return tl.dot(p.to(x.dtype), x, input_precision=PRECISION)
+        return _dot_f32(p, x, PRECISION, UPCAST)
+    return _dot(p.to(x.dtype), x, PRECISION, UPCAST)
 
 
 @triton.jit
@@ -381,6 +383,44 @@ def _dk_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dk_ptr,
     _store_2d(dk_ptr + b * sdb, acc * scale, keys, dks, sdn, sdd, n_k, d_k)
 
 
+@triton.jit
+def _dk_dq_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dk_ptr, dq_ptr,
+                  sqb, sqn, sqd, skb, skn, skd, sab, san, sad, scb, scn, scd, sdb, sdn, sdd,
+                  n_q, n_k, d_k, d_v, qk_scale, scale,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  P_FP32: tl.constexpr):
+    """``_dk_kernel`` that also adds each tile's dq_i += s Σ_j dS_ij k_j into a float32 (B, Nq, dk)
+    buffer with atomics: dS (and its dv-long dP contraction) computed once instead of in both the
+    dq and the dk kernel, at the price of Nk / BLOCK_N atomic adds per dq element and a summation
+    order that varies from run to run (not bitwise deterministic)."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dks = tl.arange(0, BLOCK_DK)
+    k = _load_2d(k_ptr + b * skb, keys, dks, skn, skd, n_k, d_k)
+    acc = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    for start in range(0, n_q, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q_t = _load_2d(q_ptr + b * sqb, dks, rows, sqd, sqn, d_k, n_q)
+        s_t = _dot(k, q_t, PRECISION, UPCAST) * qk_scale
+        lse = tl.load(lse_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
+        delta = tl.load(delta_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
+        p_t = tl.where(rows[None, :] < n_q, tl.exp2(s_t - lse[None, :]), 0.0)
+        dp_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for c0 in range(0, d_v, BLOCK_DV):
+            cols = c0 + tl.arange(0, BLOCK_DV)
+            c = _load_2d(c_ptr + b * scb, keys, cols, scn, scd, n_k, d_v)
+            a_t = _load_2d(a_ptr + b * sab, cols, rows, sad, san, d_v, n_q)
+            dp_t += _dot(c, a_t.to(c.dtype), PRECISION, UPCAST)
+        ds_t = p_t * (dp_t - delta[None, :])
+        acc += _dot_p(ds_t, tl.trans(q_t), PRECISION, UPCAST, P_FP32)
+        dq_tile = _dot_p(tl.trans(ds_t), k, PRECISION, UPCAST, P_FP32) * scale                 # (M, DK)
+        dq_mask = (rows[:, None] < n_q) & (dks[None, :] < d_k)
+        tl.atomic_add(dq_ptr + (b * n_q + rows[:, None]) * d_k + dks[None, :], dq_tile, mask=dq_mask)
+    _store_2d(dk_ptr + b * sdb, acc * scale, keys, dks, sdn, sdd, n_k, d_k)
+
+
 # ---------------------------------------------------------------------------------------------
 # launch functions
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +429,26 @@ def _strides(t: Optional[torch.Tensor]) -> Tuple[int, int, int]:
 
 
 def _resolve(config: Optional[PositionConfig], dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
-    return config if config is not None else default_config(dk, dv, dtype)
+    """``config``, else :func:`default_config` with the ``MEDATTN_POSITION_P16=1`` switch applied:
+    16-bit inputs feed P and dS to their dots rounded to bf16/fp16 (flash attention's choice, full
+    tensor-core rate) instead of as TF32 — a variant to time against the default, not the default."""
+    if config is not None:
+        return config
+    cfg = default_config(dk, dv, dtype)
+    if dtype != torch.float32 and os.environ.get("MEDATTN_POSITION_P16", "0") not in ("", "0"):
+        cfg = replace(cfg, fp32_probabilities=False)
+    return cfg
+
+
+BACKWARD_VARIANTS = ("separate", "fused")
+
+
+def _backward_variant(variant: Optional[str]) -> str:
+    variant = variant or os.environ.get("MEDATTN_POSITION_BWD", "") or "separate"
+    if variant not in BACKWARD_VARIANTS:
+        raise ValueError(f"position_backward: variant (or MEDATTN_POSITION_BWD) must be one of "
+                         f"{BACKWARD_VARIANTS}, got {variant!r}")
+    return variant
 
 
 def _alloc_out(batch: int, n: int, dv: int, like: torch.Tensor, channels_first: bool) -> torch.Tensor:
@@ -469,7 +528,8 @@ def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
 def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       o: torch.Tensor, lse: torch.Tensor, *, scale: float, transpose: bool,
                       gamma: Optional[torch.Tensor] = None, multiply: Optional[torch.Tensor] = None,
-                      need_multiply_grad: bool = True, config: Optional[PositionConfig] = None
+                      need_multiply_grad: bool = True, config: Optional[PositionConfig] = None,
+                      variant: Optional[str] = None
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor],
                                  Optional[torch.Tensor]]:
     """Gradients ``(dq, dk, dv, dγ, df)`` of the fused forward (dγ, df None when absent).
@@ -478,6 +538,9 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     before the epilogue (``out`` itself when there is no γ/f/x). ``lse``: the forward's lse2.
     The residual's gradient is ``grad_out`` itself and is not computed here.
     dq, dk, dv have the strides of q, k, v when those are dense (``torch.empty_like``).
+    ``variant`` (default ``MEDATTN_POSITION_BWD``, else "separate"): "separate" recomputes dS in a
+    dq kernel and a dk kernel (deterministic); "fused" computes it once and adds dq with atomics
+    (``_dk_dq_kernel``) — the faster candidate on a GPU, timed side by side by bench/gpu_check.sh.
     """
     batch, n_q, d_k = q.shape
     n_k = k.shape[1]
@@ -532,6 +595,13 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
     # 3. query and key gradients, dS recomputed tile by tile.
     operands = (*row_operand.stride(), *col_operand.stride())
+    if _backward_variant(variant) == "fused":
+        dq_sum = torch.zeros(batch, n_q, d_k, device=q.device, dtype=torch.float32)
+        _dk_dq_kernel[(triton.cdiv(n_k, cfg.block_n), batch)](
+            q, k, row_operand, col_operand, lse, delta, dk, dq_sum, *q.stride(), *k.stride(), *operands,
+            *dk.stride(), n_q, n_k, d_k, d_v, qk_scale, float(scale), **blocks)
+        dq.copy_(dq_sum)
+        return dq, dk, dv, d_gamma, d_mul
     _dq_kernel[(triton.cdiv(n_q, cfg.block_m), batch)](
         q, k, row_operand, col_operand, lse, delta, dq, *q.stride(), *k.stride(), *operands, *dq.stride(),
         n_q, n_k, d_k, d_v, qk_scale, float(scale), **blocks)
