@@ -538,7 +538,7 @@ def gaussian_cases(device: torch.device, shapes: Shapes) -> List[Case]:
 
 
 def _token_block_case(device: torch.device, section: str, label: str, make_original: Callable[[int], torch.nn.Module],
-                      batch: int, tokens: int, channels: int, tiny: bool) -> Case:
+                      batch: int, tokens: int, channels: int, tiny: bool, forward_flops: float) -> Case:
     """An MT-UNet token block ((B, N, C) -> (B, N, C)): its drop-in on ``triton`` vs the original."""
     def build(dtype):
         original = make_original(channels).to(device=device, dtype=dtype)
@@ -547,22 +547,32 @@ def _token_block_case(device: torch.device, section: str, label: str, make_origi
         return (x,), {"triton": _on(fast, "triton"), "original": original}, (original, fast)
 
     return Case(section, label, build, dtypes=(torch.bfloat16, torch.float32), modes=("fwd", "fwd+bwd"),
-                estimate_s=2 if tiny else 8)
+                flops=lambda mode: forward_flops * (1 if mode == "fwd" else 3), estimate_s=2 if tiny else 8,
+                note="flops: projections + attention products (fwd); 3x for fwd+bwd")
 
 
 def window_cases(device: torch.device, shapes: Shapes) -> List[Case]:
     from medattn_fast.reference.mtunet import WinAttention
 
+    def flops(b, side, c, window=4):   # q/k/v and output projections, q·kᵀ and p·v in each 16-token window
+        tokens = b * (-(-side // window) * window) ** 2
+        return tokens * (8.0 * c * c + 4.0 * window * window * c)
+
     return [_token_block_case(device, "window", f"window B={b} {side}x{side} C={c} ws=4 h=8",
-                              lambda c: WinAttention({"win_size": 4, "head": 8}, c), b, side * side, c, shapes.tiny)
+                              lambda c: WinAttention({"win_size": 4, "head": 8}, c), b, side * side, c, shapes.tiny,
+                              flops(b, side, c))
             for b, side, c in shapes.window]
 
 
 def external_cases(device: torch.device, shapes: Shapes) -> List[Case]:
     from medattn_fast.reference.mtunet import MTUNET_CONFIGS, MEAttention
 
+    def flops(b, n, c, slots=64, inner_per_channel=4):   # MEAttention: in/out Linear, x·M_kᵀ, a·M_vᵀ
+        inner = inner_per_channel * c
+        return 2.0 * b * n * (c * inner + 2 * inner * slots + inner * c)
+
     return [_token_block_case(device, "external", f"external B={b} N={n} C={c}",
-                              lambda c: MEAttention(c, MTUNET_CONFIGS), b, n, c, shapes.tiny)
+                              lambda c: MEAttention(c, MTUNET_CONFIGS), b, n, c, shapes.tiny, flops(b, n, c))
             for b, n, c in shapes.external]
 
 
@@ -584,6 +594,7 @@ def mtunet_cases(device: torch.device, shapes: Shapes) -> List[Case]:
 
     return [Case("mtunet", f"MT-UNet train step B={batch} {side}x{side}", build, dtypes=(torch.float32,),
                  modes=("fwd+bwd",), estimate_s=3 if shapes.tiny else 45, fused=("auto",),
+                 flops=lambda mode: 80.75e9 * batch * (1 if mode == "fwd" else 3),   # MTUNet(9) forward, 224²
                  note="train-mode BN, logits fwd+bwd", timed_in_dry_run=False)]
 
 

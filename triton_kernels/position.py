@@ -30,7 +30,7 @@ block; dk is padded to a power of two ≥ 16, the minimum ``tl.dot`` size):
                                dv and D of transpose=True (R = g)
 * ``_grad_out_kernel``         g = γ · ∂L/∂out ⊙ f, D partials (transpose=False), df, dγ partials
 * ``_dq_kernel``, ``_dk_kernel`` dS recomputed per tile; dP contracted over dv in BLOCK_DV chunks
-* ``_dk_dq_kernel``            the ``fused`` backward variant: dS once per tile, dq by atomics
+  (``_dk_kernel`` with ``DQ_ATOMIC``: the ``fused`` backward variant, dS once per tile, dq by atomics)
 
 dv (up to C = 1024 for DANet) is split across programs (grid axis 2, ``block_dv`` wide) in every
 kernel that produces a dv-wide result; each split recomputes the scores, which costs
@@ -91,6 +91,10 @@ class PositionConfig:
     # errors then stay within 2x of the float32-accumulating torch backend), at half the tensor-core
     # rate for those dots. False is flash attention's choice; which to ship is a GPU measurement.
     fp32_probabilities: bool = True
+    # Width of the dv chunks the dq/dk kernels contract dP = a·cᵀ over (0: block_dv). Narrower
+    # chunks hold fewer registers (float32's three-TF32 split keeps hi and lo copies of each).
+    block_dv_chunk: int = 0
+    block_m_dq: int = 0         # query rows per dq program (0: block_m)
 
 
 def default_config(dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
@@ -98,13 +102,16 @@ def default_config(dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
 
     16-bit inputs: 128×64 score tiles, 8 warps, dv split into 128-wide programs (DANet dv = 512
     gives 4 splits, each recomputing only the dk-wide scores). float32 inputs halve the tiles
-    (twice the registers per element, and ``ieee`` dots run without tensor cores) and keep 8 warps:
-    with 4, ptxas reported up to 360 B per thread spilled in the float32 dq/dk/forward kernels on
-    sm_90 (tests/_sm90_compile.py); with 8, 32 B in one dq specialisation.
+    (twice the registers per element) and keep 8 warps: with 4, ptxas reported up to 360 B per
+    thread spilled in the float32 dq/dk/forward kernels on sm_90 (tests/_sm90_compile.py). Their
+    three-TF32 dots hold hi and lo copies of each operand: with 64-row dq programs and 64-wide dP
+    chunks the dq kernel then spilled up to 176 B per thread at dk = 64 (triton 3.6), so dq takes
+    32 query rows per program and dq/dk contract dP in 32-wide chunks (no spills under 3.6).
     """
     dk_pad = _pow2_at_least_16(dk)
     if dtype == torch.float32:
-        return PositionConfig(64, 32, min(64, _pow2_at_least_16(dv)), num_warps=8, num_stages=2)
+        return PositionConfig(64, 32, min(64, _pow2_at_least_16(dv)), num_warps=8, num_stages=2,
+                              block_dv_chunk=min(32, _pow2_at_least_16(dv)), block_m_dq=32)
     # (fp32_probabilities stays True: the accurate default until the GPU numbers say otherwise.)
     block_m = 128 if dk_pad <= 64 else 64
     return PositionConfig(block_m, 64, min(128, _pow2_at_least_16(dv)), num_warps=8 if block_m == 128 else 4,
@@ -352,47 +359,17 @@ def _dq_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dq_ptr,
 
 
 @triton.jit
-def _dk_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dk_ptr,
+def _dk_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dk_ptr, dq_ptr,
                sqb, sqn, sqd, skb, skn, skd, sab, san, sad, scb, scn, scd, sdb, sdn, sdd,
                n_q, n_k, d_k, d_v, qk_scale, scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
                BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                P_FP32: tl.constexpr):
-    """dk_j = s Σ_i P_ij (dP_ij − D_i) q_i with dP_ij = a_i·c_j, built transposed (keys, queries)."""
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dks = tl.arange(0, BLOCK_DK)
-    k = _load_2d(k_ptr + b * skb, keys, dks, skn, skd, n_k, d_k)
-    acc = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
-    for start in range(0, n_q, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        q_t = _load_2d(q_ptr + b * sqb, dks, rows, sqd, sqn, d_k, n_q)
-        s_t = _dot(k, q_t, PRECISION, UPCAST) * qk_scale
-        lse = tl.load(lse_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
-        delta = tl.load(delta_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
-        p_t = tl.where(rows[None, :] < n_q, tl.exp2(s_t - lse[None, :]), 0.0)
-        dp_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for c0 in range(0, d_v, BLOCK_DV):
-            cols = c0 + tl.arange(0, BLOCK_DV)
-            c = _load_2d(c_ptr + b * scb, keys, cols, scn, scd, n_k, d_v)
-            a_t = _load_2d(a_ptr + b * sab, cols, rows, sad, san, d_v, n_q)
-            dp_t += _dot(c, a_t.to(c.dtype), PRECISION, UPCAST)
-        ds_t = p_t * (dp_t - delta[None, :])
-        acc += _dot_p(ds_t, tl.trans(q_t), PRECISION, UPCAST, P_FP32)
-    _store_2d(dk_ptr + b * sdb, acc * scale, keys, dks, sdn, sdd, n_k, d_k)
+               P_FP32: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+    """dk_j = s Σ_i P_ij (dP_ij − D_i) q_i with dP_ij = a_i·c_j, built transposed (keys, queries).
 
-
-@triton.jit
-def _dk_dq_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dk_ptr, dq_ptr,
-                  sqb, sqn, sqd, skb, skn, skd, sab, san, sad, scb, scn, scd, sdb, sdn, sdd,
-                  n_q, n_k, d_k, d_v, qk_scale, scale,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                  P_FP32: tl.constexpr):
-    """``_dk_kernel`` that also adds each tile's dq_i += s Σ_j dS_ij k_j into a float32 (B, Nq, dk)
-    buffer with atomics: dS (and its dv-long dP contraction) computed once instead of in both the
-    dq and the dk kernel, at the price of Nk / BLOCK_N atomic adds per dq element and a summation
+    ``DQ_ATOMIC`` (the ``fused`` backward): also add each tile's dq_i += s Σ_j dS_ij k_j into a
+    float32 (B, Nq, dk) buffer with atomics — dS and its dv-long dP contraction computed once
+    instead of again in ``_dq_kernel``, for Nk / BLOCK_N atomic adds per dq element and a summation
     order that varies from run to run (not bitwise deterministic)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -415,9 +392,10 @@ def _dk_dq_kernel(q_ptr, k_ptr, a_ptr, c_ptr, lse_ptr, delta_ptr, dk_ptr, dq_ptr
             dp_t += _dot(c, a_t.to(c.dtype), PRECISION, UPCAST)
         ds_t = p_t * (dp_t - delta[None, :])
         acc += _dot_p(ds_t, tl.trans(q_t), PRECISION, UPCAST, P_FP32)
-        dq_tile = _dot_p(tl.trans(ds_t), k, PRECISION, UPCAST, P_FP32) * scale                 # (M, DK)
-        dq_mask = (rows[:, None] < n_q) & (dks[None, :] < d_k)
-        tl.atomic_add(dq_ptr + (b * n_q + rows[:, None]) * d_k + dks[None, :], dq_tile, mask=dq_mask)
+        if DQ_ATOMIC:
+            dq_tile = _dot_p(tl.trans(ds_t), k, PRECISION, UPCAST, P_FP32) * scale              # (M, DK)
+            dq_mask = (rows[:, None] < n_q) & (dks[None, :] < d_k)
+            tl.atomic_add(dq_ptr + (b * n_q + rows[:, None]) * d_k + dks[None, :], dq_tile, mask=dq_mask)
     _store_2d(dk_ptr + b * sdb, acc * scale, keys, dks, sdn, sdd, n_k, d_k)
 
 
@@ -540,7 +518,7 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     dq, dk, dv have the strides of q, k, v when those are dense (``torch.empty_like``).
     ``variant`` (default ``MEDATTN_POSITION_BWD``, else "separate"): "separate" recomputes dS in a
     dq kernel and a dk kernel (deterministic); "fused" computes it once and adds dq with atomics
-    (``_dk_dq_kernel``) — the faster candidate on a GPU, timed side by side by bench/gpu_check.sh.
+    (``_dk_kernel`` with ``DQ_ATOMIC``) — the faster candidate on a GPU, timed side by side by bench/gpu_check.sh.
     """
     batch, n_q, d_k = q.shape
     n_k = k.shape[1]
@@ -595,17 +573,19 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
     # 3. query and key gradients, dS recomputed tile by tile.
     operands = (*row_operand.stride(), *col_operand.stride())
+    blocks = dict(blocks, BLOCK_DV=cfg.block_dv_chunk or cfg.block_dv)   # dq/dk: the dP contraction's chunk
     if _backward_variant(variant) == "fused":
         dq_sum = torch.zeros(batch, n_q, d_k, device=q.device, dtype=torch.float32)
-        _dk_dq_kernel[(triton.cdiv(n_k, cfg.block_n), batch)](
+        _dk_kernel[(triton.cdiv(n_k, cfg.block_n), batch)](
             q, k, row_operand, col_operand, lse, delta, dk, dq_sum, *q.stride(), *k.stride(), *operands,
-            *dk.stride(), n_q, n_k, d_k, d_v, qk_scale, float(scale), **blocks)
+            *dk.stride(), n_q, n_k, d_k, d_v, qk_scale, float(scale), DQ_ATOMIC=True, **blocks)
         dq.copy_(dq_sum)
         return dq, dk, dv, d_gamma, d_mul
-    _dq_kernel[(triton.cdiv(n_q, cfg.block_m), batch)](
+    block_m_dq = cfg.block_m_dq or cfg.block_m
+    _dq_kernel[(triton.cdiv(n_q, block_m_dq), batch)](
         q, k, row_operand, col_operand, lse, delta, dq, *q.stride(), *k.stride(), *operands, *dq.stride(),
-        n_q, n_k, d_k, d_v, qk_scale, float(scale), **blocks)
+        n_q, n_k, d_k, d_v, qk_scale, float(scale), **dict(blocks, BLOCK_M=block_m_dq))
     _dk_kernel[(triton.cdiv(n_k, cfg.block_n), batch)](
-        q, k, row_operand, col_operand, lse, delta, dk, *q.stride(), *k.stride(), *operands, *dk.stride(),
-        n_q, n_k, d_k, d_v, qk_scale, float(scale), **blocks)
+        q, k, row_operand, col_operand, lse, delta, dk, dummy, *q.stride(), *k.stride(), *operands, *dk.stride(),
+        n_q, n_k, d_k, d_v, qk_scale, float(scale), DQ_ATOMIC=False, **blocks)
     return dq, dk, dv, d_gamma, d_mul
