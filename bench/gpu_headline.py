@@ -532,7 +532,8 @@ def gaussian_cases(device: torch.device, shapes: Shapes) -> List[Case]:
 
         out.append(Case("gaussian_axial", f"GaussianTrans B={batch} {grid}x{grid} D={d}", build,
                         dtypes=(torch.float32,), modes=("fwd", "fwd+bwd"),
-                        flops=lambda mode, b=batch, g=grid, d=d: b * g * g * 2 * g * (2.0 * d + 5) * (1 if mode == "fwd" else 3),
+                        flops=lambda mode, b=batch, g=grid, d=d:
+                            b * g * g * 2 * g * (2.0 * d + 5) * (1 if mode == "fwd" else 3),
                         estimate_s=3 if shapes.tiny else 15))
     return out
 

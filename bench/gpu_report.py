@@ -183,7 +183,8 @@ def ratios(rows: Sequence[Dict[str, str]]) -> List[str]:
     groups: Dict[Tuple[str, str, str], Dict[str, float]] = {}
     for r in rows:
         if r.get("status") == "ok" and r.get("section") != "ceiling" and r.get("ms"):
-            groups.setdefault((r["case"].replace(" flex", ""), r["dtype"], r["mode"]), {})[r["provider"]] = float(r["ms"])
+            key = (r["case"].replace(" flex", ""), r["dtype"], r["mode"])
+            groups.setdefault(key, {})[r["provider"]] = float(r["ms"])
     lines = []
     for (case, dtype, mode), times in groups.items():
         ours = {p: t for p, t in times.items() if p not in BASELINES}

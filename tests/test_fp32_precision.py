@@ -38,15 +38,17 @@ def test_precision_default_override_and_pytorch_setting(monkeypatch, no_tf32):
     assert _util.fp32_precision() == "tf32x3"                   # PyTorch's default "highest"
     assert _util.dot_precision(torch.float32) == "tf32x3"
     assert _util.dot_precision(torch.bfloat16) == "tf32"
+    assert _util.fp32_precision(split_default=False) == "ieee"  # kernels whose tiles spill with the split
     torch.set_float32_matmul_precision("high")                  # TF32 allowed: one TF32 product
     assert _util.fp32_precision() == "tf32"
     torch.set_float32_matmul_precision("medium")
-    assert _util.fp32_precision() == "tf32"
+    assert _util.fp32_precision() == "tf32" and _util.fp32_precision(split_default=False) == "tf32"
     torch.set_float32_matmul_precision("highest")
     assert _util.fp32_precision() == "tf32x3"
     for value in ("ieee", "tf32x3", "tf32", " IEEE "):
         monkeypatch.setenv("MEDATTN_FP32_PRECISION", value)
         assert _util.fp32_precision() == value.strip().lower()  # the variable wins over PyTorch
+        assert _util.fp32_precision(split_default=False) == value.strip().lower()
     monkeypatch.setenv("MEDATTN_FP32_PRECISION", "fp64")
     with pytest.raises(ValueError, match="MEDATTN_FP32_PRECISION must be one of .* got 'fp64'"):
         _util.fp32_precision()

@@ -79,6 +79,7 @@ def test_switches_reach_the_launch_and_bad_values_are_refused(monkeypatch):
     explicit = triton_position.PositionConfig()
     assert triton_position._resolve(explicit, 64, 512, torch.bfloat16) is explicit     # a config wins
     monkeypatch.setenv("MEDATTN_POSITION_BWD", "atomic")
-    with pytest.raises(ValueError, match=r"MEDATTN_POSITION_BWD\) must be one of \('separate', 'fused'\), got 'atomic'"):
+    with pytest.raises(ValueError,
+                       match=r"MEDATTN_POSITION_BWD\) must be one of \('separate', 'fused'\), got 'atomic'"):
         triton_position._backward_variant(None)
     assert triton_position._backward_variant("fused") == "fused"

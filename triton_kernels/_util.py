@@ -58,7 +58,7 @@ def _torch_allows_tf32() -> bool:
             return False
 
 
-def fp32_precision() -> str:
+def fp32_precision(split_default: bool = True) -> str:
     """How the kernels multiply float32 tiles, read at every launch:
 
     * ``"tf32x3"`` (the default): each operand split as ``a = a_hi + a_lo`` with ``a_hi`` rounded to
@@ -77,20 +77,27 @@ def fp32_precision() -> str:
       ``MEDATTN_FP32_PRECISION=tf32``.
 
     ``MEDATTN_FP32_PRECISION`` (one of the three) overrides PyTorch's setting.
+
+    ``split_default=False``: a kernel whose float32 tiles were sized for FMA dots and spill with
+    the split's hi/lo copies (window, external, Gaussian axial, gate: KBs per thread on sm_90,
+    tests/_sm90_compile.py) keeps ``"ieee"`` as its default until its tiles are re-tuned on a GPU;
+    the variable and PyTorch's TF32 setting still apply.
     """
     forced = os.environ.get("MEDATTN_FP32_PRECISION", "").strip().lower()
     if forced:
         if forced not in FP32_PRECISIONS:
             raise ValueError(f"MEDATTN_FP32_PRECISION must be one of {FP32_PRECISIONS}, got {forced!r}")
         return forced
-    return "tf32" if _torch_allows_tf32() else "tf32x3"
+    if _torch_allows_tf32():
+        return "tf32"
+    return "tf32x3" if split_default else "ieee"
 
 
-def dot_precision(dtype) -> str:
+def dot_precision(dtype, split_default: bool = True) -> str:
     """``PRECISION`` of the kernels' dots for inputs of ``dtype``: float32 as :func:`fp32_precision`
     says; 16-bit inputs multiply natively on the tensor cores, and the float32 operands that meet
     them (probabilities, score gradients) go in as TF32."""
-    return fp32_precision() if dtype == torch.float32 else "tf32"
+    return fp32_precision(split_default) if dtype == torch.float32 else "tf32"
 
 
 @triton.jit

@@ -292,7 +292,7 @@ def _plan(q: torch.Tensor, key_memory: torch.Tensor, num_heads: int, config: Opt
     cfg = config or default_config(n_tokens, batch * num_heads, q.device, head_dim=d, dtype=q.dtype)
     n_chunks = triton.cdiv(triton.cdiv(n_tokens, cfg.block_n), cfg.tiles_per_chunk)
     # (under the interpreter 16-bit dots run on float32 copies; float32 ones split as on the GPU)
-    precision = _dot_precision(q.dtype)
+    precision = _dot_precision(q.dtype, split_default=False)
     blocks = dict(BLOCK_N=cfg.block_n, BLOCK_D=_pow2_at_least_16(d), BLOCK_S=_pow2_at_least_16(slots),
                   PRECISION=precision, UPCAST=interpreted(), num_warps=cfg.num_warps)
     return batch, n_tokens, d, slots, cfg, n_chunks, blocks
