@@ -78,10 +78,10 @@ def fp32_precision(split_default: bool = True) -> str:
 
     ``MEDATTN_FP32_PRECISION`` (one of the three) overrides PyTorch's setting.
 
-    ``split_default=False``: a kernel whose float32 tiles were sized for FMA dots and spill with
-    the split's hi/lo copies (window, external, Gaussian axial, gate: KBs per thread on sm_90,
-    tests/_sm90_compile.py) keeps ``"ieee"`` as its default until its tiles are re-tuned on a GPU;
-    the variable and PyTorch's TF32 setting still apply.
+    ``split_default=False``: a kernel whose float32 tiles spill more with the split's hi/lo copies
+    than with FMA dots keeps ``"ieee"`` as its default until its tiles are re-tuned on a GPU (the
+    external-attention backward: 168 B per thread spilled with ieee, 744 B with the split, triton
+    3.6 on sm_90, tests/_sm90_compile.py); the variable and PyTorch's TF32 setting still apply.
     """
     forced = os.environ.get("MEDATTN_FP32_PRECISION", "").strip().lower()
     if forced:

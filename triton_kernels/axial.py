@@ -346,8 +346,7 @@ def axial_forward(v: torch.Tensor, shift: torch.Tensor, *, q: Optional[torch.Ten
             *(_pixel_stat_strides(lse, axis) if lse is not None else (0, 0, 0)),
             n_lines, length, d, d_per_program,
             FROM_SCORES=from_scores, ACCUMULATE=not first, STORE_LSE=lse is not None,
-            BLOCK_L=block_l, BLOCK_D=cfg.block_d, PRECISION=_dot_precision(v.dtype, split_default=False),
-            UPCAST=interpreted(),
+            BLOCK_L=block_l, BLOCK_D=cfg.block_d, PRECISION=_dot_precision(v.dtype), UPCAST=interpreted(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse_rows, lse_cols
 
@@ -409,8 +408,7 @@ def axial_backward(grad_out: torch.Tensor, v: torch.Tensor, shift: torch.Tensor,
             *_line_strides(dv, axis), *d_scores.stride(),
             n_lines, length, d, d_per_program,
             FROM_SCORES=from_scores, ACCUMULATE=not first,
-            BLOCK_L=block_l, BLOCK_D=cfg.block_d, PRECISION=_dot_precision(v.dtype, split_default=False),
-            UPCAST=interpreted(),
+            BLOCK_L=block_l, BLOCK_D=cfg.block_d, PRECISION=_dot_precision(v.dtype), UPCAST=interpreted(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         offset += batch * n_lines
     d_shift = shift_partials.sum(dtype=torch.float64).to(shift.dtype).reshape(shift.shape)

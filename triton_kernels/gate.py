@@ -410,8 +410,7 @@ def gate_project(x, alpha, weight, bias, *, block_p: Optional[int] = None):
     block_o, block_k, block_p, warps = _projection_config(cx, co, x.dtype, block_p, backward=False)
     grid = (triton.cdiv(S, block_p), triton.cdiv(co, block_o), batch)
     _project_kernel[grid](x, weight, bias, alpha, out, cx, co, H, W, S, *_strides5(x), *_strides5(out),
-                          PRECISION=dot_precision(x.dtype, split_default=False),
-                          BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
+                          PRECISION=dot_precision(x.dtype), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
     return out
 
 
@@ -429,6 +428,5 @@ def gate_project_backward(x, alpha, weight, grad_out, *, block_p: Optional[int] 
     _project_backward_kernel[(triton.cdiv(S, block_p), batch)](
         x, weight, alpha, grad_out, grad_x, grad_alpha, cx, co, H, W, S,
         *_strides5(x), *_strides5(grad_out), *_strides5(grad_x),
-        PRECISION=dot_precision(x.dtype, split_default=False),
-        BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
+        PRECISION=dot_precision(x.dtype), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
     return grad_x, grad_alpha

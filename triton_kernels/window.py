@@ -313,8 +313,7 @@ def window_forward(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], *, windo
         H, W, pad_h, pad_w, n_w, d, A, LOG2E / d ** 0.5,
         WS=window_size, BLOCK_L=block_l, BLOCK_D=block_d, MTUNET=pad_mode == "mtunet",
         MASK_KEYS=pad_mode == "mask", STORE_PADDED=layout != "grid", HAS_BIAS=qkv_bias is not None,
-        PRECISION=_dot_precision(qkv.dtype, split_default=False), UPCAST=interpreted(),
-        num_warps=_num_warps(block_l, block_d))
+        PRECISION=_dot_precision(qkv.dtype), UPCAST=interpreted(), num_warps=_num_warps(block_l, block_d))
     return o
 
 
@@ -356,8 +355,7 @@ def window_backward(grad_o: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[
         H, W, pad_h, pad_w, n_w, n_windows, d, A, LOG2E / d ** 0.5, 1.0 / d ** 0.5,
         WS=window_size, BLOCK_L=block_l, BLOCK_D=block_d, MTUNET=has_corner, MASK_KEYS=pad_mode == "mask",
         STORE_PADDED=layout != "grid", HAS_BIAS=qkv_bias is not None,
-        PRECISION=_dot_precision(qkv.dtype, split_default=False), UPCAST=interpreted(),
-        num_warps=_num_warps(block_l, block_d))
+        PRECISION=_dot_precision(qkv.dtype), UPCAST=interpreted(), num_warps=_num_warps(block_l, block_d))
     if corner is not None:
         # Sources may be real tokens of other windows: one deterministic slice add, in float32.
         corner, r0 = _fold_clamped(corner, 1, H, pad_h)
