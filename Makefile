@@ -1,13 +1,15 @@
 # `make test` and `make bench` work on a fresh clone on a machine that has only Python:
 # they create .venv, install torch (unless a torch >= 2.6 is already importable), the package
-# editable with its test extra, then run.
+# editable with its test and bench (matplotlib) extras, then run.
+# make bench       the headline set (whole networks and one row per op, original vs fast) in minutes
+# make bench-full  every benchmark case, provider, mode and dtype (python -m bench.run --all)
 PYTHON       ?= python3
 TORCH_VERSION ?= 2.13.0
 VENV         := .venv
 VPY          := $(VENV)/bin/python
 STAMP        := $(VENV)/.installed
 
-.PHONY: test bench build venv clean gpu-test
+.PHONY: test bench bench-full build venv clean gpu-test
 
 venv: $(STAMP)
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@$(VPY) -c "import torch, sys; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(0 if v >= (2, 6) else 1)" 2>/dev/null \
 	  || $(VPY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -m pip install -q -e ".[test,bench]"
 	@touch $(STAMP)
 
 test: $(STAMP)
@@ -23,6 +25,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m medattn_fast.cli bench
+
+bench-full: $(STAMP)
+	$(VPY) -m medattn_fast.cli bench --all
 
 build: $(STAMP)
 	$(VPY) -m medattn_fast.cli build

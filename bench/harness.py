@@ -4,7 +4,9 @@ A case (``bench/cases_<family>.py``) supplies ``setup(device, dtype) -> (inputs,
 fresh random inputs and one callable per provider (``reference``, ``torch``, ``compile``, ``auto``,
 each fused backend, peers such as ``sdpa``/``flex``). For each provider and mode the harness records
 
-* median time after warm-up: CUDA events on GPU, ``time.perf_counter`` on CPU;
+* median time after warm-up: ``triton.testing.do_bench`` on GPU (it flushes the L2 cache between
+  calls and frees the inputs' ``.grad``; CUDA events when triton is absent), ``time.perf_counter``
+  on CPU;
 * peak memory above what was live before the call: ``torch.cuda.max_memory_allocated`` on GPU;
   on CPU the peak resident set (``VmHWM`` after resetting it through ``/proc/self/clear_refs``),
   which tracks live tensors only when glibc returns freed blocks at once — ``bench.run`` sets
@@ -134,27 +136,112 @@ def _run_once(fn: Callable, inputs: tuple, mode: str, cotangent: Optional[torch.
     return out
 
 
+def _gpu_median_ms(fn: Callable, inputs: tuple, mode: str, cotangent, warmup_ms: float, rep_ms: float) -> float:
+    """Median ms of one call on CUDA: ``triton.testing.do_bench`` (L2 flushed before each call,
+    input grads set to None), or CUDA events around each call when triton cannot be imported."""
+    grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        return float(do_bench(lambda: _run_once(fn, inputs, mode, cotangent), warmup=max(1, int(warmup_ms)),
+                              rep=max(1, int(rep_ms)), grad_to_none=grads or None, return_mode="median"))
+    for _ in range(3):
+        _run_once(fn, inputs, mode, cotangent)
+    torch.cuda.synchronize()
+    times: List[float] = []
+    budget_start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - budget_start < rep_ms * 1e-3 and len(times) < 200):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        _run_once(fn, inputs, mode, cotangent)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def time_fn(fn: Callable, inputs: tuple, mode: str, device: torch.device, cotangent=None,
             warmup: int = 2, min_time_s: float = 0.5, max_reps: int = 50) -> float:
-    """Median milliseconds of ``fn`` in ``mode`` after ``warmup`` calls."""
+    """Median milliseconds of ``fn`` in ``mode`` after ``warmup`` calls (on CUDA:
+    :func:`_gpu_median_ms` over ``min_time_s``)."""
+    if device.type == "cuda":
+        return _gpu_median_ms(fn, inputs, mode, cotangent, warmup_ms=25 * warmup, rep_ms=1e3 * min_time_s)
     for _ in range(warmup):
         _run_once(fn, inputs, mode, cotangent)
-    _sync(device)
     times: List[float] = []
     budget_start = time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - budget_start < min_time_s and len(times) < max_reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            _run_once(fn, inputs, mode, cotangent)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            _run_once(fn, inputs, mode, cotangent)
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        _run_once(fn, inputs, mode, cotangent)
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+@dataclass
+class Measurement:
+    median_ms: float
+    peak_mib: Optional[float]
+    output: torch.Tensor
+    calls: int
+
+
+def measure_within_budget(providers: Dict[str, Callable], inputs: tuple, mode: str, device: torch.device,
+                          budget_s: float, min_rounds: int = 1, max_rounds: int = 15,
+                          min_batch_s: float = 0.02) -> Dict[str, Measurement]:
+    """Time, peak memory and output of each provider in about ``budget_s`` seconds, the providers
+    interleaved round-robin (drifting load on a shared machine hits them alike).
+
+    Per provider: a warm-up call (its output is the one compared), a call under
+    :class:`PeakMemory` that also sizes the batch of calls lasting ``min_batch_s``, then rounds —
+    each times one batch of every provider — as many as the budget left allows, between
+    ``min_rounds`` and ``max_rounds``. The median is over the timed call and the rounds'
+    per-call times, so a network step of seconds needs three calls, an op of milliseconds gets
+    fifteen rounds of many calls."""
+    start = time.perf_counter()
+    names = list(providers)
+    outputs, cots, first, peaks, samples = {}, {}, {}, {}, {}
+    for name in names:
+        fn = providers[name]
+        if mode == "no-grad":
+            with torch.no_grad():
+                out = fn(*inputs)
+        else:
+            out = fn(*inputs)
+        cots[name] = torch.randn_like(out) if mode == "fwd+bwd" else None
+        if cots[name] is not None and out.requires_grad:
+            out.backward(cots[name])
+        outputs[name] = out.detach()
+        for t in inputs:
+            if isinstance(t, torch.Tensor):
+                t.grad = None
+        _zero_module_grads(providers)
+        _sync(device)
+        with PeakMemory(device) as pm:
+            t0 = time.perf_counter()
+            _run_once(fn, inputs, mode, cots[name])
+            _sync(device)
+            first[name] = time.perf_counter() - t0
+        _zero_module_grads(providers)
+        peaks[name] = None if pm.peak is None else pm.peak / 2**20
+        samples[name] = [first[name] * 1e3]
+    reps = {n: max(1, int(min_batch_s / max(first[n], 1e-6))) for n in names}
+    per_round = sum(first[n] * reps[n] for n in names)
+    left = budget_s - (time.perf_counter() - start)
+    rounds = int(min(max_rounds, max(min_rounds, left // max(per_round, 1e-6))))
+    for _ in range(rounds):
+        for name in names:
+            fn = providers[name]
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                _run_once(fn, inputs, mode, cots[name])
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) * 1e3 / reps[name])
+        _zero_module_grads(providers)
+    return {n: Measurement(statistics.median(samples[n]), peaks[n], outputs[n], 1 + reps[n] * rounds)
+            for n in names}
 
 
 def within(fn: Callable, context: Callable) -> Callable:

@@ -40,8 +40,8 @@ The twins, built as the model benchmarks build them (``bench/cases_models.py``,
 
 Sizes: ``--size small`` (the default off CUDA) trains tiny widths at 32²–64² so that all five
 networks take a few minutes on a CPU; ``--size real`` (the default on CUDA) the networks' working
-sizes. Results go to ``bench/results/<device-key>__loss_curves.json`` and ``.csv``, keyed like
-``bench.run``'s files (device, torch and triton versions)::
+sizes. Results go to ``bench/results/loss_curves[-float64]_<device>.json`` and ``.csv``, named like
+``bench.run``'s files (the device, torch and triton versions are inside)::
 
     python -m bench.loss_curves [--steps 20] [--size small|real] [--model DAUNet ...] [--device cpu]
                                 [--dtype float64]
@@ -53,7 +53,6 @@ import copy
 import csv
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -266,11 +265,6 @@ def compare(twin: Twin, steps: int, device: torch.device, *, lr: float = 0.01, m
     }
 
 
-def device_key(env: Dict[str, str]) -> str:
-    """``bench.run``'s file-name key: device, torch and triton versions."""
-    return re.sub(r"[^A-Za-z0-9.]+", "-", f"{env['device']}_torch{env['torch']}_triton{env['triton']}").strip("-")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.loss_curves", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -300,7 +294,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               flush=True)
         del twin
     env = environment()
-    name = device_key(env) + "__loss_curves" + ("" if args.dtype == "float32" else f"__{args.dtype}")
+    from bench.run import device_slug
+
+    name = "loss_curves" + ("" if args.dtype == "float32" else f"-{args.dtype}") + f"_{device_slug(env)}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.loss_curves " + " ".join(sys.argv[1:] if argv is None else argv)

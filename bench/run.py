@@ -1,7 +1,15 @@
-"""Run the benchmark cases and write CSV/JSON under bench/results/, keyed by device and versions.
+"""Run the benchmarks and write CSV/JSON under bench/results/ (and figures under bench/figures/).
 
+    python -m bench.run                 the headline set (bench/headline.py): whole networks and one
+                                        row per op, original vs fast, ~3 min on a 2-core CPU, a summary
+    python -m bench.run --all           every case, provider, mode and dtype of bench/cases_*.py
     python -m bench.run [--op position ...] [--provider torch ...] [--mode fwd+bwd]
                         [--dtype float32] [--shape TEXT] [--quick] [--interleave] [--out bench/results]
+                                        those cases only (a filter implies --all's case set)
+
+Files: ``<what>_<device>.{json,csv}``, ``<what>`` = ``headline``, ``all`` or the ops chosen, then
+``-<tag>`` if given; ``<device>`` = ``cpu`` or the GPU's model (``h100``). Each JSON records the device, the
+versions, the command and the date.
 """
 from __future__ import annotations
 
@@ -29,7 +37,9 @@ def _ensure_malloc_env(argv):
     if all(os.environ.get(k) == v for k, v in _MALLOC_ENV.items()):
         return
     env = dict(os.environ, **_MALLOC_ENV)
-    sys.exit(subprocess.call([sys.executable, "-m", "bench.run", *argv], env=env, cwd=str(ROOT)))
+    # the checkout first on the path, the caller's directory kept (relative --out stays theirs)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    sys.exit(subprocess.call([sys.executable, "-m", "bench.run", *argv], env=env))
 
 
 def discover():
@@ -44,8 +54,10 @@ def discover():
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    _ensure_malloc_env(argv)
     ap = argparse.ArgumentParser(prog="medattn-fast bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--all", action="store_true", help="every case (the full run), not the headline set")
     ap.add_argument("--op", action="append", help="case family (file bench/cases_<op>.py); repeatable")
     ap.add_argument("--provider", action="append", help="only these providers; repeatable")
     ap.add_argument("--mode", action="append", help="fwd, fwd+bwd, no-grad; repeatable")
@@ -56,15 +68,18 @@ def main(argv=None):
     ap.add_argument("--interleave", action="store_true",
                     help="time the providers of a case round-robin (robust ratios on a shared machine)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--figures", default=str(ROOT / "bench" / "figures"), help="where the headline figure goes")
     ap.add_argument("--tag", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
-    _ensure_malloc_env(argv)
 
     import torch
 
+    device = torch.device(args.device)
+    full = args.all or any((args.op, args.provider, args.mode, args.dtype, args.shape))
+    if not full:
+        return _headline(args, argv, device)
     from bench.harness import environment, format_table, measured_copy_bandwidth, run_case
 
-    device = torch.device(args.device)
     families = discover()
     chosen = args.op or sorted(families)
     unknown = [o for o in chosen if o not in families]
@@ -89,21 +104,76 @@ def main(argv=None):
     copy_gbps = measured_copy_bandwidth(device)  # measured for a case with bytes_moved
     if copy_gbps is not None:
         env["copy_GBps"] = f"{copy_gbps:.1f}"
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{env['device']}_torch{env['torch']}_triton{env['triton']}").strip("-")
-    name = slug + "__" + "-".join(chosen) + (f"__{args.tag}" if args.tag else "")
-    out = Path(args.out)
+    what = ("all" if not args.op else "-".join(chosen)) + (f"-{args.tag}" if args.tag else "")
+    write_results(Path(args.out), what, env, rows, argv)
+    return 0
+
+
+def device_slug(env) -> str:
+    """``cpu``, or the GPU's model in lower case (``h100``, ``a100``; ``cuda`` if none is found)."""
+    if not env.get("cuda"):
+        return "cpu"
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Za-z]*)\b", env.get("device", ""))
+    return m.group(1).lower() if m else "cuda"
+
+
+def write_results(out: Path, what: str, env, rows, argv) -> Path:
+    """``out/<what>_<device>.json`` and ``.csv``; returns the path without suffix."""
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": env, "command": "python -m bench.run " + " ".join(argv),
+    stem = out / f"{re.sub(r'[^A-Za-z0-9_]+', '-', what).strip('-')}_{device_slug(env)}"
+    payload = {"environment": env, "command": " ".join(["python -m bench.run", *argv]).strip(),
                "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": [dataclasses.asdict(r) for r in rows]}
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
-    with open(out / f"{name}.csv", "w", newline="") as f:
+    Path(f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.writer(f)
         fields = [f.name for f in dataclasses.fields(rows[0])] if rows else []
         w.writerow(fields)
         for r in rows:
             w.writerow([getattr(r, k) for k in fields])
-    print(f"wrote {out / name}.json and .csv")
-    return 0
+    print(f"wrote {stem}.json and .csv")
+    return stem
+
+
+def _headline(args, argv, device) -> int:
+    from bench import headline
+    from bench.harness import environment
+
+    env = environment()
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "python") if env.get(k))
+    print(f"medattn-fast bench: the headline set on {env['device']} ({env['threads']} threads; {versions}); "
+          f"`make bench-full` runs every case", flush=True)
+    cases = headline.headline_cases(device)
+    progress = headline.Progress([c.budget_s for c in cases])
+    rows = headline.run(device, cases, progress=progress, budget_scale=0.3 if args.quick else 1.0)
+    elapsed = progress.finish()
+    print(f"\nTraining step (forward + backward), float32, original vs fast with the same weights; "
+          f"speedup = original time / fast time, memory = fast peak / original peak ({device.type}"
+          f"{' resident set' if device.type == 'cpu' else ''}), max err = max |fast - original| of the output.")
+    for line in headline.summary_lines(rows):
+        print(line)
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = f", load average {os.getloadavg()[0]:.1f} on {env['cpus']} CPUs"
+    print(f"{env['device']}, {versions}; {format_duration(elapsed)} in all{load}")
+    missing = headline.unavailable_backends()
+    if missing:
+        print("not run on this device: " + "; ".join(f"{k} ({v})" for k, v in missing.items()))
+    env["wall_s"] = f"{elapsed:.0f}"
+    stem = write_results(Path(args.out), "headline" + (f"-{args.tag}" if args.tag else ""), env, rows, argv)
+    try:
+        from bench.plot import headline_figure
+    except ImportError as exc:  # matplotlib is the optional `bench` extra
+        print(f"no figure: {exc} (pip install 'medattn-fast[bench]')")
+    else:
+        figure = headline_figure(Path(str(stem) + ".json"), Path(args.figures))
+        print(f"wrote {figure}")
+    return 0 if all(r.status == "ok" for r in rows) else 1
+
+
+def format_duration(seconds: float) -> str:
+    from bench.headline import format_duration as fmt
+
+    return fmt(seconds)
 
 
 def _cuda():

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,15 +35,17 @@ def _verify(args) -> int:
     return 1 if failed else 0
 
 
-def _bench(args, rest) -> int:
+def _bench(rest) -> int:
+    """``python -m bench.run`` of the source checkout this package was installed from (editable
+    install or ``PYTHONPATH``): the benchmark cases are not part of the installed package."""
     root = Path(__file__).resolve().parent.parent
-    if not (root / "bench" / "run.py").exists():
-        print("medattn-fast bench needs a source checkout (bench/ is not installed)", file=sys.stderr)
+    if not (root / "bench" / "run.py").is_file():
+        print("medattn-fast bench needs a source checkout (the benchmark cases in bench/ are not installed "
+              "with the package): clone the repository and run `make bench` there", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(root))
-    from bench.run import main
-
-    return main(rest)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    return subprocess.call([sys.executable, "-m", "bench.run", *rest], env=env)
 
 
 def _build(args) -> int:
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--backend", action="append", help="only this backend (repeatable)")
     p.add_argument("--dtype", action="append", help="float64, float32, bfloat16, float16 (repeatable)")
-    sub.add_parser("bench", help="run the benchmarks (options: see `medattn-fast bench -- --help`)", add_help=False)
+    sub.add_parser("bench", help="the headline benchmark in minutes; --all: every case (options: `medattn-fast bench --help`; needs a source checkout)", add_help=False)
     sub.add_parser("build", help="build the csrc extensions ahead of time")
     from .train import add_arguments as add_train_arguments  # the flags live beside the loop they configure
 
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
         rest = argv[1:]
         if rest and rest[0] == "--":
             rest = rest[1:]
-        return _bench(None, rest)
+        return _bench(rest)
     args = ap.parse_args(argv)
     return {"info": _info, "verify": _verify, "build": _build, "train": _train}[args.cmd](args)
 

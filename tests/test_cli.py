@@ -49,8 +49,8 @@ def test_bench_writes_csv_and_json(tmp_path):
          "--provider", "reference", "--provider", "torch", "--mode", "fwd", "--quick", "--out", str(tmp_path)],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    files = sorted(p.suffix for p in tmp_path.iterdir())
-    assert files == [".csv", ".json"]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["gaussian_axial_cpu.csv", "gaussian_axial_cpu.json"]
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert data["environment"]["torch"] == torch.__version__
     rows = [r for r in data["rows"] if r["status"] == "ok"]
