@@ -142,6 +142,11 @@ def _headline(args, argv, device) -> int:
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "python") if env.get(k))
     print(f"medattn-fast bench: the headline set on {env['device']} ({env['threads']} threads; {versions}); "
           f"`make bench-full` runs every case", flush=True)
+    from medattn_fast.backend import info
+
+    if device.type == "cpu" and "not built yet" in info()["backends"]["cpp"]:
+        print("the C++ CPU kernels build on first use (minutes, once per torch version; `make build` does it "
+              "ahead of time)", flush=True)
     cases = headline.headline_cases(device)
     progress = headline.Progress([c.budget_s for c in cases])
     rows = headline.run(device, cases, progress=progress, budget_scale=0.3 if args.quick else 1.0)

@@ -14,11 +14,14 @@ TINY = "GaussianTrans_B and 7x7 and no-grad and (reference or torch)"
 
 
 def _pytest_bench(tmp_path, *args, env=None):
-    cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+    extra_env = env or {}
+    # a plain pytest process: no xdist (pytest-benchmark turns itself off under it), nothing of the
+    # outer run's PYTEST_* variables
+    cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--benchmark-only",
            "--benchmark-warmup=off", "--benchmark-min-rounds=2", "--benchmark-max-time=0.05",
            f"--benchmark-storage=file://{tmp_path / 'storage'}", *args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
-               **(env or {}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(extra_env, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
 
 
