@@ -1,4 +1,4 @@
-"""attention_gate, fused backends (ops/_attention_gate_kernels.py): ``cpp`` (csrc/cpu) in float64
+"""attention_gate, fused backends (ops/_attention_gate_<backend>.py): ``cpp`` (csrc/cpu) in float64
 with tight tolerances, ``triton`` under the interpreter in float32 on tiny shapes, and on a GPU
 (``-m gpu``) ``triton`` and ``cuda`` in float32/bfloat16/float16.
 
@@ -16,7 +16,7 @@ from _tolerance import F64, assert_within_twice, gpu_device, max_errors, worse
 import medattn_fast
 import medattn_fast.functional as MF
 from medattn_fast.functional import BatchNormParams
-from medattn_fast.ops import _attention_gate_kernels as K
+from medattn_fast.ops import _attention_gate_cpp, _attention_gate_triton
 from medattn_fast.reference import attention_gate as R
 
 TIGHT = dict(rtol=1e-9, atol=1e-11)
@@ -267,7 +267,7 @@ def _op_samples(backend, dtype, device="cpu"):
               torch.randn(3, dtype=acc, device=device, requires_grad=True),
               torch.randn(1, dtype=acc, device=device, requires_grad=True)]
     d = [t.detach() for t in (x, G, *params)]
-    kernels = K.KERNELS[backend]
+    kernels = {"cpp": _attention_gate_cpp.KERNELS, "triton": _attention_gate_triton.KERNELS}[backend]
     return {
         "forward": (kernels.forward, (x, G, *params, True)),
         "logits": (kernels.logits, (x, G, *params)),
@@ -294,7 +294,7 @@ def test_gradcheck_cpp_custom_ops():
     """Finite differences of both fused ops on a tiny case (x 1×3×4×5, G 1×2×2×3, double sigmoid)."""
     leaf = lambda *shape: torch.randn(*shape, dtype=F64, requires_grad=True)  # noqa: E731
     tensors = (leaf(1, 3, 4, 5), leaf(1, 2, 2, 3), leaf(2, 3), leaf(2), leaf(2), leaf(1))
-    kernels = K.KERNELS["cpp"]
+    kernels = _attention_gate_cpp.KERNELS
     assert torch.autograd.gradcheck(lambda *ts: kernels.forward(*ts, True), tensors)
     assert torch.autograd.gradcheck(kernels.logits, tensors)
 
@@ -490,14 +490,14 @@ def _project_samples(dtype):
 
 
 def test_opcheck_cpp_project():
-    kernels = K.KERNELS["cpp"]
+    kernels = _attention_gate_cpp.KERNELS
     x, alpha, W, b = _project_samples(F64)
     torch.library.opcheck(kernels.project, (x, alpha, W, b))
     assert torch.autograd.gradcheck(kernels.project, (x, alpha, W, b))
 
 
 def test_opcheck_triton_project():
-    torch.library.opcheck(K.KERNELS["triton"].project, _project_samples(torch.float32),
+    torch.library.opcheck(_attention_gate_triton.KERNELS.project, _project_samples(torch.float32),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

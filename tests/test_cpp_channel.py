@@ -1,7 +1,7 @@
 """Channel attention, ``cpp`` backend (csrc/cpu/channel.cpp): forward and every gradient against the
 original's arithmetic in float64 (both signs, every epilogue, 1-3 spatial dims, C = 1, strided x),
 low precision against the torch backend's own error, float16 overflow, gradcheck, opcheck,
-torch.compile, the compat modules (DANet CAM, seed 001 3-D)."""
+torch.compile, the compat modules (DANet CAM, Multi-Scale Guided Attention 3-D)."""
 import pytest
 import torch
 
@@ -100,11 +100,11 @@ def test_cpp_custom_ops_pass_opcheck():
     f = torch.randn(2, 5, 4, 3, dtype=F64, requires_grad=True)
     residual = torch.randn(2, 5, 4, 3, dtype=F64, requires_grad=True)
     for args in ((x, gamma, residual, f, True, True, False), (x, gamma, None, None, False, True, True)):
-        torch.library.opcheck(torch.ops.medattn.channel_attention_cpp_fwd.default, args)
-        out, o, attention = torch.ops.medattn.channel_attention_cpp_fwd(*args)
+        torch.library.opcheck(torch.ops.medattn.channel_cpp_fwd.default, args)
+        out, o, attention = torch.ops.medattn.channel_cpp_fwd(*args)
         bwd = (torch.randn_like(out), x.detach(), o, attention, gamma.detach(),
                None if args[3] is None else args[3].detach(), args[4], True, args[6])
-        torch.library.opcheck(torch.ops.medattn.channel_attention_cpp_bwd.default, bwd)
+        torch.library.opcheck(torch.ops.medattn.channel_cpp_bwd.default, bwd)
 
 
 def test_cpp_compiles_fullgraph_once():

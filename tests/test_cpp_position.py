@@ -120,12 +120,12 @@ def test_cpp_custom_ops_pass_opcheck(transpose):
     for t in (q, k, v):
         t.requires_grad_(True)
     args = (q, k, v, gamma, residual, multiply, 0.7, transpose, True, True, 4, 3)
-    torch.library.opcheck(torch.ops.medattn.position_attention_cpp_fwd.default, args)
-    out, o, lse = torch.ops.medattn.position_attention_cpp_fwd(*args)
-    grad_out = torch.randn_like(out).transpose(1, 2)
+    torch.library.opcheck(torch.ops.medattn.position_cpp_fwd.default, args)
+    out, o, lse = torch.ops.medattn.position_cpp_fwd(*args)
+    grad_out = torch.randn_like(out)                                          # token-major, channel-first strides
     bwd_args = (grad_out, q.detach(), k.detach(), v.detach(), o, lse, gamma.detach(), multiply.detach(), 0.7,
                 transpose, True, 4, 3)
-    torch.library.opcheck(torch.ops.medattn.position_attention_cpp_bwd.default, bwd_args)
+    torch.library.opcheck(torch.ops.medattn.position_cpp_bwd.default, bwd_args)
 
 
 def test_cpp_compiles_fullgraph_once():

@@ -8,7 +8,7 @@ import torch
 
 import medattn_fast.functional as MF
 from medattn_fast.backend import BackendUnavailable
-from medattn_fast.ops._attention_gate_kernels import cuda_shared_memory_reasons
+from medattn_fast.ops._attention_gate_cuda import cuda_shared_memory_reasons
 from medattn_fast.reference.attention_gate import AttentionBlock
 from _tolerance import gpu_device
 

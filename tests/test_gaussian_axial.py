@@ -1,6 +1,6 @@
 """Gaussian-weighted axial attention (MT-UNet GaussianTrans): torch and cpp backends vs the loop.
 
-Every fast path is compared to the seed-faithful per-pixel loop (medattn_fast.reference.
+Every fast path is compared to the original's per-pixel loop (medattn_fast.reference.
 gaussian_trans) on fresh random inputs: forward, the gradients of every input and of ``shift``,
 and the ``bias`` gradient, which must be exactly zero (it cancels in both softmaxes).
 """
@@ -12,6 +12,7 @@ import torch
 import medattn_fast
 import medattn_fast.functional as MF
 from medattn_fast import BackendUnavailable
+from medattn_fast.ops import _gaussian_axial_cpp as GC
 from medattn_fast.ops import gaussian_axial as GA
 from medattn_fast.reference.gaussian_trans import (
     GaussianTrans,
@@ -237,13 +238,13 @@ def _opcheck_samples():
     q, k, _ = _qkv_inputs(2, 3, 4, 5)
     shift, bias = _scalars()
     cot = torch.randn(2, 3, 4, 5, dtype=F64)
-    _, lse_rows, lse_cols = GA.gaussian_axial_qkv_op(q.detach(), k.detach(), v.detach(), shift.detach(), None)
+    _, lse_rows, lse_cols = GC.gaussian_axial_cpp_qkv_fwd(q.detach(), k.detach(), v.detach(), shift.detach(), None)
     d = lambda *ts: tuple(t.detach() for t in ts)  # noqa: E731
     return {
-        "scores": (GA.gaussian_axial_scores_op, (ax, ay, v, shift, bias)),
-        "scores_backward": (GA.gaussian_axial_scores_backward_op, (cot,) + d(ax, ay, v, shift)),
-        "qkv": (GA.gaussian_axial_qkv_op, (q, k, v, shift, None)),
-        "qkv_backward": (GA.gaussian_axial_qkv_backward_op, (cot,) + d(q, k, v, shift, lse_rows, lse_cols)),
+        "scores": (GC.gaussian_axial_cpp_scores_fwd, (ax, ay, v, shift, bias)),
+        "scores_backward": (GC.gaussian_axial_cpp_scores_bwd, (cot,) + d(ax, ay, v, shift)),
+        "qkv": (GC.gaussian_axial_cpp_qkv_fwd, (q, k, v, shift, None)),
+        "qkv_backward": (GC.gaussian_axial_cpp_qkv_bwd, (cot,) + d(q, k, v, shift, lse_rows, lse_cols)),
     }
 
 
@@ -402,10 +403,10 @@ def test_cpp_eager_path_equals_the_custom_op_bit_for_bit(entry):
     B, H, W, D = 2, 5, 7, 6
     if entry == "scores":
         inputs = [torch.randn(B, H, W, W), torch.randn(B, W, H, H), torch.randn(B, H, W, D)]
-        eager, op = GA._ScoresEager.apply, GA.gaussian_axial_scores_op
+        eager, op = GC._ScoresEager.apply, GC.gaussian_axial_cpp_scores_fwd
     else:
         inputs = [torch.randn(B, H, W, D) for _ in range(3)]
-        eager, op = GA._QkvEager.apply, lambda *a: GA.gaussian_axial_qkv_op(*a)[0]
+        eager, op = GC._QkvEager.apply, lambda *a: GC.gaussian_axial_cpp_qkv_fwd(*a)[0]
     shift, bias = torch.tensor([0.4]), torch.tensor([-0.2])
     cot = torch.randn(B, H, W, D)
     results = []

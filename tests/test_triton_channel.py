@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import medattn_fast
-from medattn_fast.ops._channel_triton import channel_attention_triton_bwd, channel_attention_triton_fwd
+from medattn_fast.ops._channel_triton import channel_triton_bwd, channel_triton_fwd
 from medattn_fast.ops.channel import channel_attention
 import triton_kernels.channel as triton_channel
 from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors
@@ -158,11 +158,11 @@ def test_opcheck_forward_and_backward_ops():
     x = _x((1, 5, 3, 4), torch.float32, torch.device("cpu"))
     gamma = torch.randn(1, requires_grad=True)
     fwd_args = (x, gamma, x, None, True, True)
-    torch.library.opcheck(channel_attention_triton_fwd, fwd_args,
+    torch.library.opcheck(channel_triton_fwd, fwd_args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    out, o, attention = channel_attention_triton_fwd(x.detach(), gamma.detach(), x.detach(), None, True, True)
+    out, o, attention = channel_triton_fwd(x.detach(), gamma.detach(), x.detach(), None, True, True)
     bwd_args = (torch.randn_like(out), x.detach(), o, attention, gamma.detach(), None, True, False)
-    torch.library.opcheck(channel_attention_triton_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(channel_triton_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compiles_fullgraph_without_recompiles():

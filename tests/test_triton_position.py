@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import medattn_fast
-from medattn_fast.ops._position_triton import position_attention_triton_bwd, position_attention_triton_fwd
+from medattn_fast.ops._position_triton import position_triton_bwd, position_triton_fwd
 from medattn_fast.ops.position import position_attention
 import triton_kernels.position as triton_position
 from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors
@@ -183,13 +183,13 @@ def test_opcheck_forward_and_backward_ops():
     gamma = torch.randn(1, requires_grad=True)
     residual = torch.randn(1, 17, 5, requires_grad=True)
     fwd_args = (q, k, v, gamma, residual, None, 0.5, False, False, True)
-    torch.library.opcheck(position_attention_triton_fwd, fwd_args,
+    torch.library.opcheck(position_triton_fwd, fwd_args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    out, o, lse = position_attention_triton_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a
+    out, o, lse = position_triton_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a
                                                   for a in fwd_args))
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), o, lse, gamma.detach(), None,
                 0.5, False, False)
-    torch.library.opcheck(position_attention_triton_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(position_triton_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compiles_fullgraph_without_recompiles():

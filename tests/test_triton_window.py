@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import medattn_fast
-from medattn_fast.ops._window_triton import window_attention_triton_bwd, window_attention_triton_fwd
+from medattn_fast.ops._window_triton import window_triton_bwd, window_triton_fwd
 from medattn_fast.ops.window import window_attention
 from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors
 
@@ -135,10 +135,10 @@ def test_opcheck_forward_and_backward_ops():
     bias = torch.randn(12, requires_grad=True)
     for pad_mode, layout in (("mtunet", "windows"), ("mask", "grid")):
         args = (qkv, bias, 2, 2, pad_mode, layout)
-        torch.library.opcheck(window_attention_triton_fwd, args,
+        torch.library.opcheck(window_triton_fwd, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-        o = window_attention_triton_fwd(qkv.detach(), bias.detach(), 2, 2, pad_mode, layout)
-        torch.library.opcheck(window_attention_triton_bwd,
+        o = window_triton_fwd(qkv.detach(), bias.detach(), 2, 2, pad_mode, layout)
+        torch.library.opcheck(window_triton_bwd,
                               (torch.randn_like(o), qkv.detach(), bias.detach(), 2, 2, pad_mode, layout),
                               test_utils=("test_schema", "test_faketensor"))
 

@@ -1,6 +1,6 @@
-r"""Fused Triton kernels of the additive attention gate (Attention U-Net, DESIGN.md op 1), 2-D/3-D.
+r"""Fused Triton kernels of the additive attention gate (Attention U-Net), 2-D/3-D.
 
-The caller (``medattn_fast/ops/_attention_gate_kernels.py``) folds the normalisations into the
+The caller (``medattn_fast.ops.attention_gate.fused_gate``) folds the normalisations into the
 projections and computes the coarse gating map ``G`` (B, Ci, *Sg) (float32, contiguous). Per
 position p of x (B, Cx, *S), with ``up`` the bilinear/trilinear, ``align_corners=False`` sampling
 of G at p (computed on the fly from p's coordinates, exactly as ATen's ``upsample_*``)::

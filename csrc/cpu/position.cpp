@@ -1,10 +1,10 @@
-// Position attention (DESIGN.md op 2), flash-style fused C++ CPU kernels.
+// Position attention, flash-style fused C++ CPU kernels.
 //
 // Math, per batch b (heads folded into B), queries i < Nq, keys j < Nk, s = scale:
 //
 //   S_ij = s · q_i·k_j,   lse_i = log Σ_j exp S_ij,   P_ij = exp(S_ij − lse_i)
 //   transpose=False (DANet PAM):   o_i = Σ_j P_ij v_j          (v: Nk rows, o: Nq rows)
-//   transpose=True  (seed 001):    o_j = Σ_i P_ij v_i          (v: Nq rows, o: Nk rows)
+//   transpose=True  (guided):      o_j = Σ_i P_ij v_i          (v: Nq rows, o: Nk rows)
 //   out = γ · (o ⊙ f) + x          (each part optional: gamma, multiply = f, residual = x)
 //
 // Memory is O(N·d): the scores only ever exist as one (block_q × block_k) tile per thread, and
@@ -493,8 +493,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bo
               "position_attention (cpp): q, k, v must share a dtype");
 }
 
-// -> (out storage ((B, dv, n_out) when channels_first, else (B, n_out, dv)), o (B, n_out, dv) or
-// empty, lse (B, Nq) float32/float64 or empty).
+// -> (out (B, n_out, dv) token-major, a view of channel-first (B, dv, n_out) storage when channels_first,
+// o (B, n_out, dv) or empty, lse (B, Nq) float32/float64 or empty).
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& residual,
                                 const c10::optional<at::Tensor>& multiply, double scale, bool transpose,
@@ -538,7 +538,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       if (transpose) run(forward_columns_for<scalar_t, T>(isa), p, B * p.key_blocks());
     });
   }
-  return {storage, o, save_lse ? lse : at::empty({0}, lse.options())};
+  return {out, o, save_lse ? lse : at::empty({0}, lse.options())};
 }
 
 // -> [dq, dk, dv, dγ (gamma's shape) or empty, df (B, n_out, dv) or empty].

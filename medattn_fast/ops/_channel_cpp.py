@@ -1,6 +1,6 @@
 r"""The ``cpp`` backend of channel attention: custom ops around ``csrc/cpu/channel.cpp``.
 
-* ``medattn::channel_attention_cpp_fwd(x, gamma?, residual?, multiply?, negate, save, residual_is_x)
+* ``medattn::channel_cpp_fwd(x, gamma?, residual?, multiply?, negate, save, residual_is_x)
   -> (out, o, attention)`` — ``out`` shaped like x (contiguous, x's dtype); ``o`` the pre-epilogue
   output (B, C, N) in x's dtype, kept only when a gradient is wanted and there is a multiply f
   (dγ is computed from the C×C matrices otherwise); ``attention`` the (B, C, C) softmax in float32
@@ -8,7 +8,7 @@ r"""The ``cpp`` backend of channel attention: custom ops around ``csrc/cpu/chann
   ``residual_is_x``: the residual is x itself (DANet's ``γ·o + x``; ``residual`` is then None), so
   the forward is one GEMM writing ``x + γ A X`` and backward adds the residual's gradient inside
   dx's GEMM instead of a separate autograd accumulation.
-* ``medattn::channel_attention_cpp_bwd`` — dx (the attention path, plus g when residual_is_x),
+* ``medattn::channel_cpp_bwd`` — dx (the attention path, plus g when residual_is_x),
   dγ, df.
 
 Both are one opaque node under ``torch.compile(fullgraph=True)``; ``torch.library.opcheck`` checks
@@ -24,9 +24,8 @@ from torch import Tensor
 
 from .. import backend as B
 
-__all__ = ["channel_attention_cpp_fwd", "channel_attention_cpp_bwd"]
+__all__ = ["channel_cpp_fwd", "channel_cpp_bwd"]
 
-_op = B.op("channel_attention")
 
 
 def _ext():
@@ -43,8 +42,8 @@ def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return like.new_empty((0,), dtype=dtype)
 
 
-@torch.library.custom_op("medattn::channel_attention_cpp_fwd", mutates_args=())
-def channel_attention_cpp_fwd(x: Tensor, gamma: Optional[Tensor], residual: Optional[Tensor],
+@torch.library.custom_op("medattn::channel_cpp_fwd", mutates_args=())
+def channel_cpp_fwd(x: Tensor, gamma: Optional[Tensor], residual: Optional[Tensor],
                               multiply: Optional[Tensor], negate: bool, save: bool,
                               residual_is_x: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """out = γ · (softmax(∓X Xᵀ) X ⊙ f) + residual (x itself when residual_is_x), shaped like x."""
@@ -52,7 +51,7 @@ def channel_attention_cpp_fwd(x: Tensor, gamma: Optional[Tensor], residual: Opti
     return out, o, attention
 
 
-@channel_attention_cpp_fwd.register_fake
+@channel_cpp_fwd.register_fake
 def _(x, gamma, residual, multiply, negate, save, residual_is_x):
     keep_o = save and multiply is not None
     batch, channels = x.shape[0], x.shape[1]
@@ -62,8 +61,8 @@ def _(x, gamma, residual, multiply, negate, save, residual_is_x):
     return x.new_empty(x.shape), o, attention
 
 
-@torch.library.custom_op("medattn::channel_attention_cpp_bwd", mutates_args=())
-def channel_attention_cpp_bwd(grad_out: Tensor, x: Tensor, o: Tensor, attention: Tensor, gamma: Optional[Tensor],
+@torch.library.custom_op("medattn::channel_cpp_bwd", mutates_args=())
+def channel_cpp_bwd(grad_out: Tensor, x: Tensor, o: Tensor, attention: Tensor, gamma: Optional[Tensor],
                               multiply: Optional[Tensor], negate: bool, need_multiply_grad: bool,
                               residual_is_x: bool) -> List[Tensor]:
     """dx (contiguous like x; the residual's g included when residual_is_x), dγ (gamma's shape), df or empty."""
@@ -71,7 +70,7 @@ def channel_attention_cpp_bwd(grad_out: Tensor, x: Tensor, o: Tensor, attention:
                                                   need_multiply_grad, residual_is_x))
 
 
-@channel_attention_cpp_bwd.register_fake
+@channel_cpp_bwd.register_fake
 def _(grad_out, x, o, attention, gamma, multiply, negate, need_multiply_grad, residual_is_x):
     return [x.new_empty(x.shape), gamma.new_empty(gamma.shape) if gamma is not None else _empty(x),
             x.new_empty(x.shape) if (multiply is not None and need_multiply_grad) else _empty(x)]
@@ -88,20 +87,24 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_o, _grad_attention):
     x, o, attention, gamma, multiply = ctx.saved_tensors
     need_mul = multiply is not None and ctx.needs_input_grad[3]
-    dx, d_gamma, d_mul = channel_attention_cpp_bwd(grad_out, x, o, attention, gamma, multiply, ctx.negate, need_mul,
+    dx, d_gamma, d_mul = channel_cpp_bwd(grad_out, x, o, attention, gamma, multiply, ctx.negate, need_mul,
                                                    ctx.residual_is_x)
     return (dx, d_gamma if gamma is not None else None, grad_out if ctx.has_residual else None,
             d_mul if need_mul else None, None, None, None)
 
 
-channel_attention_cpp_fwd.register_autograd(_backward, setup_context=_setup_context)
+channel_cpp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@_op.register("cpp", reasons=B.cpp_predicate("channel"))
 def _cpp(x, *, negate, gamma, residual, multiply):
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gamma, residual, multiply))
     residual_is_x = residual is x
-    out, _o, _attention = channel_attention_cpp_fwd(x, gamma, None if residual_is_x else residual, multiply,
+    out, _o, _attention = channel_cpp_fwd(x, gamma, None if residual_is_x else residual, multiply,
                                                     bool(negate), wants_grad, residual_is_x)
     return out
+
+
+def register(op: B.Op) -> None:
+    """Adds the ``cpp`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
+    op.register("cpp", reasons=B.cpp_predicate("channel"))(_cpp)

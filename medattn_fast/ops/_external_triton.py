@@ -4,15 +4,15 @@ The backend is three steps; only the middle one is a custom op, the Linear layer
 and their gradients are ordinary autograd::
 
     q   = x W_qᵀ + b_q                                                   (B, N, heads·d)
-    y   = medattn::external_attention_triton_fwd(q, M_k, b_k?, M_v, b_v?)  both softmaxes fused,
+    y   = medattn::external_triton_fwd(q, M_k, b_k?, M_v, b_v?)  both softmaxes fused,
                                                                          the N × S matrix never stored
     out = y W_oᵀ + b_o
 
-* ``medattn::external_attention_triton_fwd(q, key_memory, key_bias?, value_memory, value_bias?,
+* ``medattn::external_triton_fwd(q, key_memory, key_bias?, value_memory, value_bias?,
   num_heads, save) -> (y, lse2)``: ``lse2`` (B·heads, S) float32 column statistics (empty when no
   gradient is wanted). ``key_bias`` is an input only so that it gets its exact gradient, 0: it adds
   a per-slot constant over the tokens the softmax runs over and never reaches the kernels.
-* ``medattn::external_attention_triton_bwd(grad_y, q, key_memory, value_memory, lse2, num_heads,
+* ``medattn::external_triton_bwd(grad_y, q, key_memory, value_memory, lse2, num_heads,
   value_bias_grad) -> [dq, dM_k, dM_v, db_v]`` (db_v empty unless asked).
 
 Reasons the backend cannot run a call: the generic Triton ones (device, dtype), a head dim or a
@@ -28,7 +28,6 @@ from torch import Tensor
 
 from .. import backend as B
 
-_op = B.op("external_attention")
 
 # triton_kernels.external's limits, repeated so that no triton import is needed here
 _MAX_HEAD_DIM = 128
@@ -42,8 +41,8 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("medattn::external_attention_triton_fwd", mutates_args=())
-def external_attention_triton_fwd(q: Tensor, key_memory: Tensor, key_bias: Optional[Tensor], value_memory: Tensor,
+@torch.library.custom_op("medattn::external_triton_fwd", mutates_args=())
+def external_triton_fwd(q: Tensor, key_memory: Tensor, key_bias: Optional[Tensor], value_memory: Tensor,
                                   value_bias: Optional[Tensor], num_heads: int, save: bool
                                   ) -> Tuple[Tensor, Tensor]:
     """y (B, N, heads·d) and the float32 column statistics lse2 (B·heads, S) (empty unless ``save``)."""
@@ -52,14 +51,14 @@ def external_attention_triton_fwd(q: Tensor, key_memory: Tensor, key_bias: Optio
     return y, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
 
-@external_attention_triton_fwd.register_fake
+@external_triton_fwd.register_fake
 def _(q, key_memory, key_bias, value_memory, value_bias, num_heads, save):
     lse_shape = (q.shape[0] * num_heads, key_memory.shape[0]) if save else (0,)
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("medattn::external_attention_triton_bwd", mutates_args=())
-def external_attention_triton_bwd(grad_y: Tensor, q: Tensor, key_memory: Tensor, value_memory: Tensor,
+@torch.library.custom_op("medattn::external_triton_bwd", mutates_args=())
+def external_triton_bwd(grad_y: Tensor, q: Tensor, key_memory: Tensor, value_memory: Tensor,
                                   lse: Tensor, num_heads: int, value_bias_grad: bool) -> List[Tensor]:
     """[dq, dM_k, dM_v, db_v (empty unless ``value_bias_grad``)]."""
     dq, dmk, dmv, dbv = _kernels().external_backward(grad_y, q, key_memory, value_memory, lse,
@@ -67,7 +66,7 @@ def external_attention_triton_bwd(grad_y: Tensor, q: Tensor, key_memory: Tensor,
     return [dq, dmk, dmv, dbv if dbv is not None else q.new_empty((0,))]
 
 
-@external_attention_triton_bwd.register_fake
+@external_triton_bwd.register_fake
 def _(grad_y, q, key_memory, value_memory, lse, num_heads, value_bias_grad):
     d = value_memory.shape[0]
     return [q.new_empty(q.shape), key_memory.new_empty(key_memory.shape), value_memory.new_empty(value_memory.shape),
@@ -85,13 +84,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_lse):
     q, key_memory, value_memory, lse, key_bias = ctx.saved_tensors
-    dq, dmk, dmv, dbv = external_attention_triton_bwd(grad_y, q, key_memory, value_memory, lse, ctx.num_heads,
+    dq, dmk, dmv, dbv = external_triton_bwd(grad_y, q, key_memory, value_memory, lse, ctx.num_heads,
                                                       ctx.has_value_bias)
     d_key_bias = torch.zeros_like(key_bias) if key_bias is not None else None   # cancels in the softmax
     return dq, dmk, d_key_bias, dmv, (dbv if ctx.has_value_bias else None), None, None
 
 
-external_attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+external_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton_reasons(x, query_weight, query_bias, key_memory, key_bias, value_memory, value_bias, proj_weight,
@@ -111,7 +110,6 @@ def _triton_reasons(x, query_weight, query_bias, key_memory, key_bias, value_mem
     return reasons
 
 
-@_op.register("triton", reasons=_triton_reasons)
 def _triton(x, query_weight, query_bias, key_memory, key_bias, value_memory, value_bias, proj_weight, proj_bias,
             *, num_heads):
     """Query GEMM, fused external attention core, output GEMM (see the module docstring)."""
@@ -119,6 +117,11 @@ def _triton(x, query_weight, query_bias, key_memory, key_bias, value_memory, val
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, query_weight, query_bias, key_memory, key_bias, value_memory,
                                                     value_bias))
-    y, _lse = external_attention_triton_fwd(q, key_memory, key_bias, value_memory, value_bias, int(num_heads),
+    y, _lse = external_triton_fwd(q, key_memory, key_bias, value_memory, value_bias, int(num_heads),
                                             wants_grad)
     return F.linear(y, proj_weight, proj_bias)
+
+
+def register(op: B.Op) -> None:
+    """Adds the ``triton`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
+    op.register("triton", reasons=_triton_reasons)(_triton)

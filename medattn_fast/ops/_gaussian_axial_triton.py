@@ -30,9 +30,6 @@ from torch import Tensor
 from .. import backend as B
 from .gaussian_axial import _with_inert_bias
 
-_op_qkv = B.op("gaussian_axial")
-_op_scores = B.op("gaussian_axial_from_scores")
-
 _MAX_LINE = 128   # triton_kernels.axial.MAX_LINE, repeated so that no triton import is needed here
 
 
@@ -147,11 +144,15 @@ def _scores_reasons(atten_x, atten_y, v, shift, *, bias=None) -> List[str]:
     return B.triton_reasons(atten_x, atten_y, v) + _line_reasons(v.shape[1], v.shape[2])
 
 
-@_op_qkv.register("triton", reasons=_qkv_reasons)
 def _triton_qkv(q, k, v, shift, *, bias=None):
     return gaussian_axial_triton_qkv_fwd(q, k, v, _with_inert_bias(shift, bias))[0]
 
 
-@_op_scores.register("triton", reasons=_scores_reasons)
 def _triton_scores(atten_x, atten_y, v, shift, *, bias=None):
     return gaussian_axial_triton_scores_fwd(atten_x, atten_y, v, _with_inert_bias(shift, bias))
+
+
+def register(op_qkv: B.Op, op_scores: B.Op) -> None:
+    """Adds the ``triton`` backend to both dispatchers of the family (called by ``medattn_fast.ops``)."""
+    op_qkv.register("triton", reasons=_qkv_reasons)(_triton_qkv)
+    op_scores.register("triton", reasons=_scores_reasons)(_triton_scores)

@@ -3,13 +3,13 @@ r"""The ``cpp`` backend of position attention: custom ops around ``csrc/cpu/posi
 Two ``torch.library`` custom ops, so the fused path is one opaque node under
 ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` can check it:
 
-* ``medattn::position_attention_cpp_fwd(q, k, v, gamma?, residual?, multiply?, scale, transpose,
-  channels_first, save, block_q, block_k) -> (out, o, lse)`` — ``out`` in its storage layout
-  ((B, dv, n_out) when channels_first, else (B, n_out, dv)); ``o`` the pre-epilogue output
+* ``medattn::position_cpp_fwd(q, k, v, gamma?, residual?, multiply?, scale, transpose,
+  channels_first, save, block_q, block_k) -> (out, o, lse)`` — ``out`` token-major (B, n_out, dv),
+  a view of channel-first (B, dv, n_out) storage when ``channels_first``; ``o`` the pre-epilogue output
   (B, n_out, dv), kept only when there is an epilogue and a gradient is wanted (empty otherwise);
   ``lse`` the (B, Nq) row log-sum-exp in float32 (float64 for float64 inputs; empty when no
   gradient is wanted).
-* ``medattn::position_attention_cpp_bwd`` — dq, dk, dv, dγ, df (empty tensors for absent ones).
+* ``medattn::position_cpp_bwd`` — dq, dk, dv, dγ, df (empty tensors for absent ones).
 
 Backward keeps q, k, v, (o), lse and γ/f: O(N·d) memory, never an Nq×Nk matrix; the kernels hold
 one (block_q × block_k) score tile per thread. ``block_q`` (query rows per tile) is the public
@@ -25,9 +25,8 @@ from torch import Tensor
 
 from .. import backend as B
 
-__all__ = ["DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_K", "position_attention_cpp_fwd", "position_attention_cpp_bwd"]
+__all__ = ["DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_K", "position_cpp_fwd", "position_cpp_bwd"]
 
-_op = B.op("position_attention")
 
 # Tile of the kernels: block_q query rows × block_k keys, in float32 64 KiB per tile — two tiles
 # (probabilities and their gradient) stay in L2 beside the operand blocks.
@@ -51,24 +50,24 @@ def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return like.new_empty(_EMPTY, dtype=dtype)
 
 
-@torch.library.custom_op("medattn::position_attention_cpp_fwd", mutates_args=())
-def position_attention_cpp_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Optional[Tensor],
+@torch.library.custom_op("medattn::position_cpp_fwd", mutates_args=())
+def position_cpp_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Optional[Tensor],
                                residual: Optional[Tensor], multiply: Optional[Tensor], scale: float,
                                transpose: bool, channels_first: bool, save: bool, block_q: int,
                                block_k: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused forward; q, k, v, residual, multiply are token-major (views of any strides)."""
     has_epilogue = gamma is not None or residual is not None or multiply is not None
-    storage, o, lse = _ext().position_attention_forward(
+    out, o, lse = _ext().position_attention_forward(
         q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save and has_epilogue, save,
         block_q, block_k)
-    return storage, o, lse
+    return out, o, lse
 
 
-@position_attention_cpp_fwd.register_fake
+@position_cpp_fwd.register_fake
 def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save, block_q, block_k):
     batch, n_q, _ = q.shape
     n_out, d_v = (k.shape[1] if transpose else n_q), v.shape[2]
-    out = q.new_empty((batch, d_v, n_out) if channels_first else (batch, n_out, d_v))
+    out = q.new_empty(batch, d_v, n_out).transpose(1, 2) if channels_first else q.new_empty(batch, n_out, d_v)
     has_epilogue = gamma is not None or residual is not None or multiply is not None
     o = q.new_empty((batch, n_out, d_v)) if (save and has_epilogue) else _empty(q)
     stats = _stats_dtype(q.dtype)
@@ -76,8 +75,8 @@ def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save
     return out, o, lse
 
 
-@torch.library.custom_op("medattn::position_attention_cpp_bwd", mutates_args=())
-def position_attention_cpp_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+@torch.library.custom_op("medattn::position_cpp_bwd", mutates_args=())
+def position_cpp_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                                gamma: Optional[Tensor], multiply: Optional[Tensor], scale: float,
                                transpose: bool, need_multiply_grad: bool, block_q: int,
                                block_k: int) -> List[Tensor]:
@@ -86,7 +85,7 @@ def position_attention_cpp_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
                                                    need_multiply_grad, block_q, block_k))
 
 
-@position_attention_cpp_bwd.register_fake
+@position_cpp_bwd.register_fake
 def _(grad_out, q, k, v, o, lse, gamma, multiply, scale, transpose, need_multiply_grad, block_q, block_k):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(gamma) if gamma is not None else _empty(q),
@@ -95,22 +94,20 @@ def _(grad_out, q, k, v, o, lse, gamma, multiply, scale, transpose, need_multipl
 
 def _setup_context(ctx, inputs, output):
     q, k, v, gamma, residual, multiply, scale, transpose, channels_first, _save, block_q, block_k = inputs
-    storage, o, lse = output
+    out, o, lse = output
     ctx.mark_non_differentiable(o, lse)
     has_epilogue = gamma is not None or residual is not None or multiply is not None
     # Without an epilogue the output itself is o.
-    ctx.save_for_backward(q, k, v, o if has_epilogue else storage, lse, gamma, multiply)
-    ctx.scale, ctx.transpose, ctx.channels_first = scale, transpose, channels_first
+    ctx.save_for_backward(q, k, v, o if has_epilogue else out, lse, gamma, multiply)
+    ctx.scale, ctx.transpose = scale, transpose
     ctx.block_q, ctx.block_k = block_q, block_k
-    ctx.has_epilogue, ctx.has_residual = has_epilogue, residual is not None
+    ctx.has_residual = residual is not None
 
 
-def _backward(ctx, grad_storage, _grad_o, _grad_lse):
-    q, k, v, saved_o, lse, gamma, multiply = ctx.saved_tensors
-    grad_out = grad_storage.transpose(1, 2) if ctx.channels_first else grad_storage
-    o = saved_o if ctx.has_epilogue else (saved_o.transpose(1, 2) if ctx.channels_first else saved_o)
+def _backward(ctx, grad_out, _grad_o, _grad_lse):
+    q, k, v, o, lse, gamma, multiply = ctx.saved_tensors
     need_multiply_grad = multiply is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, d_gamma, d_mul = position_attention_cpp_bwd(
+    dq, dk, dv, d_gamma, d_mul = position_cpp_bwd(
         grad_out, q, k, v, o, lse, gamma, multiply, ctx.scale, ctx.transpose, need_multiply_grad,
         ctx.block_q, ctx.block_k)
     return (dq, dk, dv, d_gamma if gamma is not None else None,
@@ -118,15 +115,19 @@ def _backward(ctx, grad_storage, _grad_o, _grad_lse):
             None, None, None, None, None, None)
 
 
-position_attention_cpp_fwd.register_autograd(_backward, setup_context=_setup_context)
+position_cpp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@_op.register("cpp", reasons=B.cpp_predicate("position"))
 def _cpp(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
-    """Token-major views in, the token-major view of the output out; ``chunk_size`` = block_q."""
+    """Token-major views in and out (``channels_first``: the output's storage); ``chunk_size`` = block_q."""
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, gamma, residual, multiply))
-    storage, _o, _lse = position_attention_cpp_fwd(
+    out, _o, _lse = position_cpp_fwd(
         q, k, v, gamma, residual, multiply, float(scale), bool(transpose), bool(channels_first), wants_grad,
         int(chunk_size or DEFAULT_BLOCK_Q), DEFAULT_BLOCK_K)
-    return storage.transpose(1, 2) if channels_first else storage
+    return out
+
+
+def register(op: B.Op) -> None:
+    """Adds the ``cpp`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
+    op.register("cpp", reasons=B.cpp_predicate("position"))(_cpp)

@@ -3,12 +3,12 @@ r"""The ``triton`` backend of position attention: custom ops around ``triton_ker
 Two ``torch.library`` custom ops, so the fused path is one opaque node under
 ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` can check it:
 
-* ``medattn::position_attention_triton_fwd(q, k, v, gamma?, residual?, multiply?, scale, transpose,
-  channels_first, save) -> (out, o, lse2)`` — ``out`` in its storage layout ((B, dv, n_out) when
-  channels_first); ``o`` the pre-epilogue output (float32; saved only when there is an epilogue and a
-  gradient is wanted; an empty tensor otherwise); ``lse2`` the (B, Nq) float32 base-2 row
-  log-sum-exp (empty when no gradient is wanted).
-* ``medattn::position_attention_triton_bwd`` — dq, dk, dv, dγ, df (empty tensors for absent ones).
+* ``medattn::position_triton_fwd(q, k, v, gamma?, residual?, multiply?, scale, transpose,
+  channels_first, save) -> (out, o, lse2)`` — ``out`` token-major (B, n_out, dv), a view of
+  channel-first (B, dv, n_out) storage when ``channels_first``; ``o`` the pre-epilogue output
+  (float32; saved only when there is an epilogue and a gradient is wanted; an empty tensor
+  otherwise); ``lse2`` the (B, Nq) float32 base-2 row log-sum-exp (empty when no gradient is wanted).
+* ``medattn::position_triton_bwd`` — dq, dk, dv, dγ, df (empty tensors for absent ones).
 
 The backward keeps q, k, v, (o), lse2 and γ/f: O(N·d) memory, never the N×N matrix.
 Launches are plain Triton launches inside the custom ops (not ``triton_op``/``wrap_triton``), so
@@ -23,7 +23,6 @@ from torch import Tensor
 
 from .. import backend as B
 
-_op = B.op("position_attention")
 
 _EMPTY = (0,)
 _MAX_DK = 256   # triton_kernels.position.MAX_HEAD_DIM, repeated so that no triton import is needed here
@@ -39,8 +38,8 @@ def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return like.new_empty(_EMPTY, dtype=dtype)
 
 
-@torch.library.custom_op("medattn::position_attention_triton_fwd", mutates_args=())
-def position_attention_triton_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Optional[Tensor],
+@torch.library.custom_op("medattn::position_triton_fwd", mutates_args=())
+def position_triton_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Optional[Tensor],
                                   residual: Optional[Tensor], multiply: Optional[Tensor], scale: float,
                                   transpose: bool, channels_first: bool, save: bool
                                   ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -48,24 +47,23 @@ def position_attention_triton_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Option
     out, o, lse = _kernels().position_forward(
         q, k, v, scale=scale, transpose=transpose, gamma=gamma, residual=residual, multiply=multiply,
         channels_first=channels_first, save_for_backward=save)
-    storage = out.transpose(1, 2) if channels_first else out
-    return (storage, o if o is not None else _empty(q),
+    return (out, o if o is not None else _empty(q),
             lse if lse is not None else _empty(q, torch.float32))
 
 
-@position_attention_triton_fwd.register_fake
+@position_triton_fwd.register_fake
 def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save):
     batch, n_q, _ = q.shape
     n_out, d_v = (k.shape[1] if transpose else n_q), v.shape[2]
-    out = q.new_empty((batch, d_v, n_out) if channels_first else (batch, n_out, d_v))
+    out = q.new_empty(batch, d_v, n_out).transpose(1, 2) if channels_first else q.new_empty(batch, n_out, d_v)
     has_epilogue = gamma is not None or residual is not None or multiply is not None
     o = q.new_empty((batch, n_out, d_v), dtype=torch.float32) if (save and has_epilogue) else _empty(q)
     lse = q.new_empty((batch, n_q), dtype=torch.float32) if save else _empty(q, torch.float32)
     return out, o, lse
 
 
-@torch.library.custom_op("medattn::position_attention_triton_bwd", mutates_args=())
-def position_attention_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+@torch.library.custom_op("medattn::position_triton_bwd", mutates_args=())
+def position_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                                   gamma: Optional[Tensor], multiply: Optional[Tensor], scale: float,
                                   transpose: bool, need_multiply_grad: bool) -> List[Tensor]:
     """dq, dk, dv, dγ, df; ``grad_out`` and ``o`` token-major (B, n_out, dv), any strides."""
@@ -76,7 +74,7 @@ def position_attention_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
             d_mul if d_mul is not None else _empty(q)]
 
 
-@position_attention_triton_bwd.register_fake
+@position_triton_bwd.register_fake
 def _(grad_out, q, k, v, o, lse, gamma, multiply, scale, transpose, need_multiply_grad):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(gamma) if gamma is not None else _empty(q),
@@ -85,23 +83,19 @@ def _(grad_out, q, k, v, o, lse, gamma, multiply, scale, transpose, need_multipl
 
 def _setup_context(ctx, inputs, output):
     q, k, v, gamma, residual, multiply, scale, transpose, channels_first, _save = inputs
-    storage, o, lse = output
+    out, o, lse = output
     ctx.mark_non_differentiable(o, lse)
     has_epilogue = gamma is not None or residual is not None or multiply is not None
     # Without an epilogue the output itself is o.
-    saved_o = o if has_epilogue else storage
-    ctx.save_for_backward(q, k, v, saved_o, lse, gamma, multiply)
-    ctx.scale, ctx.transpose, ctx.channels_first = scale, transpose, channels_first
-    ctx.has_epilogue = has_epilogue
+    ctx.save_for_backward(q, k, v, o if has_epilogue else out, lse, gamma, multiply)
+    ctx.scale, ctx.transpose = scale, transpose
     ctx.has_residual = residual is not None
 
 
-def _backward(ctx, grad_storage, _grad_o, _grad_lse):
-    q, k, v, saved_o, lse, gamma, multiply = ctx.saved_tensors
-    grad_out = grad_storage.transpose(1, 2) if ctx.channels_first else grad_storage
-    o = saved_o if ctx.has_epilogue else (saved_o.transpose(1, 2) if ctx.channels_first else saved_o)
+def _backward(ctx, grad_out, _grad_o, _grad_lse):
+    q, k, v, o, lse, gamma, multiply = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dq, dk, dv, d_gamma, d_mul = position_attention_triton_bwd(
+    dq, dk, dv, d_gamma, d_mul = position_triton_bwd(
         grad_out, q, k, v, o, lse, gamma, multiply, ctx.scale, ctx.transpose,
         multiply is not None and need[5])
     return (dq, dk, dv, d_gamma if gamma is not None else None,
@@ -109,7 +103,7 @@ def _backward(ctx, grad_storage, _grad_o, _grad_lse):
             None, None, None, None)
 
 
-position_attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+position_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton_reasons(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
@@ -119,11 +113,15 @@ def _triton_reasons(q, k, v, *, scale, transpose, gamma, residual, multiply, chu
     return reasons
 
 
-@_op.register("triton", reasons=_triton_reasons)
 def _triton(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
-    """Token-major views in, the token-major view of the output out (``chunk_size`` is unused)."""
+    """Token-major views in and out (``channels_first``: the output's storage; ``chunk_size`` unused)."""
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, gamma, residual, multiply))
-    storage, _o, _lse = position_attention_triton_fwd(q, k, v, gamma, residual, multiply, float(scale),
-                                                      bool(transpose), bool(channels_first), wants_grad)
-    return storage.transpose(1, 2) if channels_first else storage
+    out, _o, _lse = position_triton_fwd(q, k, v, gamma, residual, multiply, float(scale), bool(transpose),
+                                        bool(channels_first), wants_grad)
+    return out
+
+
+def register(op: B.Op) -> None:
+    """Adds the ``triton`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
+    op.register("triton", reasons=_triton_reasons)(_triton)

@@ -4,12 +4,12 @@ The backend is three steps; only the middle one is a custom op, the GEMMs stay A
 their gradients are ordinary autograd::
 
     qkv = x [W_q; W_k; W_v]ᵀ + [b_q; b_k; b_v]      one GEMM on the unpadded grid (B, H, W, 3A)
-    o   = medattn::window_attention_triton_fwd(qkv, qkv_bias, ...)     windows, heads, padding
+    o   = medattn::window_triton_fwd(qkv, qkv_bias, ...)     windows, heads, padding
     out = o W_oᵀ + b_o                               one GEMM, in the requested layout
 
-* ``medattn::window_attention_triton_fwd(qkv, qkv_bias?, window_size, num_heads, pad_mode, layout)
+* ``medattn::window_triton_fwd(qkv, qkv_bias?, window_size, num_heads, pad_mode, layout)
   -> o``; the bias is an input because zero-padded tokens' q/k/v *are* the biases.
-* ``medattn::window_attention_triton_bwd(grad_o, qkv, qkv_bias?, ...) -> [dqkv, dqkv_bias]``
+* ``medattn::window_triton_bwd(grad_o, qkv, qkv_bias?, ...) -> [dqkv, dqkv_bias]``
   (``dqkv_bias`` empty without a bias): probabilities recomputed, nothing saved but the inputs.
 
 MT-UNet's DlightConv aggregation is not fused into the kernel's epilogue: it reads the windows
@@ -30,7 +30,6 @@ from torch import Tensor
 
 from .. import backend as B
 
-_op = B.op("window_attention")
 
 # triton_kernels.window's limits, repeated so that no triton import is needed here
 _MAX_HEAD_DIM = 128
@@ -53,22 +52,22 @@ def _layout_shape(batch, H, W, channels, ws, layout):
     return (batch, hp // ws, wp // ws, ws * ws, channels)
 
 
-@torch.library.custom_op("medattn::window_attention_triton_fwd", mutates_args=())
-def window_attention_triton_fwd(qkv: Tensor, qkv_bias: Optional[Tensor], window_size: int, num_heads: int,
+@torch.library.custom_op("medattn::window_triton_fwd", mutates_args=())
+def window_triton_fwd(qkv: Tensor, qkv_bias: Optional[Tensor], window_size: int, num_heads: int,
                                 pad_mode: str, layout: str) -> Tensor:
     """o (heads concatenated) in ``layout`` from the (B, H, W, 3A) projection."""
     return _kernels().window_forward(qkv, qkv_bias, window_size=window_size, num_heads=num_heads,
                                      pad_mode=pad_mode, layout=layout)
 
 
-@window_attention_triton_fwd.register_fake
+@window_triton_fwd.register_fake
 def _(qkv, qkv_bias, window_size, num_heads, pad_mode, layout):
     batch, H, W, three_a = qkv.shape
     return qkv.new_empty(_layout_shape(batch, H, W, three_a // 3, window_size, layout))
 
 
-@torch.library.custom_op("medattn::window_attention_triton_bwd", mutates_args=())
-def window_attention_triton_bwd(grad_o: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], window_size: int,
+@torch.library.custom_op("medattn::window_triton_bwd", mutates_args=())
+def window_triton_bwd(grad_o: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], window_size: int,
                                 num_heads: int, pad_mode: str, layout: str) -> List[Tensor]:
     """[dqkv (B, H, W, 3A), dqkv_bias (3A,) — the zero-padded tokens' share; empty without a bias]."""
     dqkv, d_bias = _kernels().window_backward(grad_o, qkv, qkv_bias, window_size=window_size,
@@ -76,7 +75,7 @@ def window_attention_triton_bwd(grad_o: Tensor, qkv: Tensor, qkv_bias: Optional[
     return [dqkv, d_bias if d_bias is not None else qkv.new_empty((0,))]
 
 
-@window_attention_triton_bwd.register_fake
+@window_triton_bwd.register_fake
 def _(grad_o, qkv, qkv_bias, window_size, num_heads, pad_mode, layout):
     return [qkv.new_empty(qkv.shape),
             qkv_bias.new_empty(qkv_bias.shape) if qkv_bias is not None else qkv.new_empty((0,))]
@@ -90,11 +89,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_o):
     qkv, qkv_bias = ctx.saved_tensors
-    dqkv, d_bias = window_attention_triton_bwd(grad_o, qkv, qkv_bias, *ctx.config)
+    dqkv, d_bias = window_triton_bwd(grad_o, qkv, qkv_bias, *ctx.config)
     return dqkv, (d_bias if qkv_bias is not None else None), None, None, None, None
 
 
-window_attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+window_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton_reasons(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias, proj_weight,
@@ -113,7 +112,6 @@ def _triton_reasons(x, query_weight, query_bias, key_weight, key_bias, value_wei
     return reasons
 
 
-@_op.register("triton", reasons=_triton_reasons)
 def _triton(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias, proj_weight, proj_bias,
             *, window_size, num_heads, pad_mode, layout):
     """Projection GEMM, fused window attention core, output GEMM (see the module docstring)."""
@@ -124,5 +122,10 @@ def _triton(x, query_weight, query_bias, key_weight, key_bias, value_weight, val
         A = query_weight.shape[0]
         qkv_bias = torch.cat([b if b is not None else query_weight.new_zeros(A) for b in biases])
     qkv = F.linear(x, qkv_weight, qkv_bias)   # (B, H, W, 3A): the unpadded grid only
-    o = window_attention_triton_fwd(qkv, qkv_bias, int(window_size), int(num_heads), pad_mode, layout)
+    o = window_triton_fwd(qkv, qkv_bias, int(window_size), int(num_heads), pad_mode, layout)
     return F.linear(o, proj_weight, proj_bias)
+
+
+def register(op: B.Op) -> None:
+    """Adds the ``triton`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
+    op.register("triton", reasons=_triton_reasons)(_triton)

@@ -1,8 +1,8 @@
-r"""Channel attention (DESIGN.md op 3): C×C attention between the channels of a feature map.
+r"""Channel attention: C×C attention between the channels of a feature map.
 
     E = X Xᵀ                      (B, C, C), contraction over the N = prod(S) positions
     A = softmax(−E)               negate=True  (DANet CAM: softmax(rowmax(E) − E), identical)
-    A = softmax(E)                negate=False (seed 001's ChannelAttentionModule)
+    A = softmax(E)                negate=False (ChannelAttentionModule of Multi-Scale Guided Attention)
     o = A X,   out = γ · (o ⊙ f) + x   (``gamma``, ``multiply`` = f, ``residual`` = x; all optional)
 
 DANet writes the softmax argument as ``rowmax(E) − E``; softmax is shift invariant per row, so this
@@ -18,7 +18,10 @@ and the C×C matrices, O(C·N + C²)). Fused backends register on ``_op`` with t
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from .. import backend as B
 from . import _validate as V
@@ -79,22 +82,28 @@ def _torch(x, *, negate, gamma, residual, multiply):
 
 
 @B.autocast_entry()
-def channel_attention(x, *, negate=True, gamma=None, residual=None, multiply=None, backend=None):
+def channel_attention(x: Tensor, *, negate: bool = True, gamma: Optional[Tensor] = None,
+                      residual: Optional[Tensor] = None, multiply: Optional[Tensor] = None,
+                      backend: Optional[str] = None) -> Tensor:
     r"""C×C channel attention: ``out = γ · (softmax(∓X Xᵀ) X ⊙ multiply) + residual``.
+
+    ``E = X Xᵀ`` (B, C, C), contracted over the N = prod(S) positions; ``A = softmax(−E)``
+    (``negate=True``: DANet's channel attention module, CAM, Fu et al., CVPR 2019, which writes
+    ``softmax(rowmax(E) − E)``, the same by shift invariance) or ``A = softmax(E)``
+    (``negate=False``: the channel attention of Multi-Scale Guided Attention, Sinha & Dolz 2020);
+    ``o = A X``. E, the softmax and A X accumulate in float32 for float16/bfloat16 inputs, so
+    large maps do not overflow where the original's float16 E does.
 
     Args:
         x: (B, C, *S) with S one to three spatial dims (any strides); N = prod(S).
         negate: True for DANet's ``softmax(rowmax(E) − E) = softmax(−E)``, False for ``softmax(E)``.
         gamma: 0-dim or (1,) tensor (DANet's learnable scale), or None.
         residual, multiply: tensors shaped like x, or None.
-        backend: force a backend for this call.
+        backend: force a backend for this call (``"reference"``, ``"torch"``, ``"cpp"``,
+            ``"triton"``); default: the one in force (see :mod:`medattn_fast.backend`).
 
     Returns:
         A tensor shaped like x, in x's dtype (E accumulated in float32 for float16/bfloat16).
     """
     _check(x, negate, gamma, residual, multiply)
     return _op(x, negate=negate, gamma=gamma, residual=residual, multiply=multiply, backend=backend)
-
-
-from . import _channel_triton  # noqa: E402,F401  (registers the triton backend)
-from . import _channel_cpp  # noqa: E402,F401  (registers the cpp backend)

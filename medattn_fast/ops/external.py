@@ -1,4 +1,4 @@
-r"""External attention (MT-UNet ``MEAttention``, EANet): DESIGN.md op 6.
+r"""External attention (MT-UNet ``MEAttention``, EANet).
 
 Two learnable memories shared by every token replace the keys and values of self-attention, so the
 cost is linear in the number of tokens N. Per head h (width d, memory of S slots)::
@@ -14,7 +14,7 @@ M_k, M_v are shared across heads (MT-UNet: d = dim/head, S = 64). ``b_q`` and ``
 effect on the output (each adds a per-slot constant over the tokens the softmax runs over); they are
 accepted so checkpoints' parameters keep their places, and their gradients are 0.
 
-Backends: ``reference`` (a loop over heads, the seed math), ``torch`` (vectorised: heads stay a
+Backends: ``reference`` (a loop over heads, the original's math), ``torch`` (vectorised: heads stay a
 dimension of the (B, N, heads, d) view of the projection — no permute copies — and every step is
 one batched op), ``triton`` (``_external_triton.py``: the Linear GEMMs around fused kernels
 that never store the N × S matrix; preferred by ``auto`` on CUDA).
@@ -74,7 +74,7 @@ def _check(x, query_weight, query_bias, key_memory, key_bias, value_memory, valu
 @_op.register("reference")
 def _reference(x, query_weight, query_bias, key_memory, key_bias, value_memory, value_bias, proj_weight,
                proj_bias, *, num_heads):
-    """The seed math, one head at a time."""
+    """The original's math, one head at a time."""
     q = F.linear(x, query_weight, query_bias)  # (B, N, heads·d)
     d = q.shape[-1] // num_heads
     heads = []
@@ -113,7 +113,9 @@ def external_attention(x: torch.Tensor, query_weight: torch.Tensor, query_bias: 
                        value_bias: Optional[torch.Tensor], proj_weight: torch.Tensor,
                        proj_bias: Optional[torch.Tensor], *, num_heads: int,
                        backend: Optional[str] = None) -> torch.Tensor:
-    r"""Multi-head external attention with double normalisation (MT-UNet ``MEAttention``).
+    r"""Multi-head external attention with double normalisation: MT-UNet's ``MEAttention`` (Wang et
+    al., ICASSP 2022), after EANet's external attention (Guo et al., "Beyond Self-attention:
+    External Attention using Two Linear Layers", 2021). Linear in the number of tokens N.
 
     Per head h: ``a = softmax_N(q_h M_kᵀ + b_k)``, ``a ← a / (1e-9 + Σ_S a)``,
     ``y_h = a M_vᵀ + b_v``; ``out = concat_h(y_h) W_oᵀ + b_o`` with ``q = x W_qᵀ + b_q`` split
@@ -138,6 +140,3 @@ def external_attention(x: torch.Tensor, query_weight: torch.Tensor, query_bias: 
            num_heads)
     return _op(x, query_weight, query_bias, key_memory, key_bias, value_memory, value_bias, proj_weight,
                proj_bias, num_heads=num_heads, backend=backend)
-
-
-from . import _external_triton  # noqa: E402,F401  (registers the triton backend)

@@ -1,4 +1,4 @@
-r"""Gaussian-weighted axial attention (MT-UNet ``GaussianTrans``; DESIGN.md op 4).
+r"""Gaussian-weighted axial attention (MT-UNet ``GaussianTrans``).
 
 For batch b and pixel (r, c) of an H×W grid, with θ = ``shift``::
 
@@ -101,7 +101,7 @@ def _with_inert_bias(shift: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# reference backend: the seed's per-pixel loop
+# reference backend: the original's per-pixel loop
 # ---------------------------------------------------------------------------------------------
 
 def _detached(bias: Optional[Tensor]) -> Optional[Tensor]:
@@ -163,181 +163,17 @@ def _torch_qkv(q, k, v, shift, *, bias=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# cpp backend: fused C++ kernels as custom ops
-# ---------------------------------------------------------------------------------------------
-
-def _ext():
-    from .. import _build
-
-    return _build.load("cpu", "gaussian_axial")
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _bias_grad(ctx, shift: Tensor) -> Optional[Tensor]:
-    """The bias cancels in both softmaxes: its gradient is exactly zero (None when absent)."""
-    if ctx.bias_spec is None:
-        return None
-    shape, dtype = ctx.bias_spec
-    return shift.new_zeros(shape, dtype=dtype)  # bias lives on shift's device (validated)
-
-
-# --- from scores ---
-
-@torch.library.custom_op("medattn::gaussian_axial_scores", mutates_args=())
-def gaussian_axial_scores_op(atten_x: Tensor, atten_y: Tensor, v: Tensor, shift: Tensor,
-                             bias: Optional[Tensor]) -> Tensor:
-    """Fused forward from scores. ``bias`` is accepted only to hand it its (zero) gradient."""
-    return _ext().gaussian_axial_scores_forward(atten_x, atten_y, v, shift)
-
-
-@gaussian_axial_scores_op.register_fake
-def _(atten_x, atten_y, v, shift, bias):
-    return v.new_empty(v.shape)
-
-
-@torch.library.custom_op("medattn::gaussian_axial_scores_backward", mutates_args=())
-def gaussian_axial_scores_backward_op(grad_out: Tensor, atten_x: Tensor, atten_y: Tensor, v: Tensor,
-                                      shift: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of atten_x, atten_y, v and shift (shift's: a fixed-order, deterministic sum)."""
-    gx, gy, gv, gs = _ext().gaussian_axial_scores_backward(grad_out, atten_x, atten_y, v, shift)
-    return gx, gy, gv, gs
-
-
-@gaussian_axial_scores_backward_op.register_fake
-def _(grad_out, atten_x, atten_y, v, shift):
-    return atten_x.new_empty(atten_x.shape), atten_y.new_empty(atten_y.shape), v.new_empty(v.shape), \
-        shift.new_empty(shift.shape)
-
-
-def _scores_setup_context(ctx, inputs, output):
-    atten_x, atten_y, v, shift, bias = inputs
-    ctx.save_for_backward(atten_x, atten_y, v, shift)
-    ctx.bias_spec = None if bias is None else (bias.shape, bias.dtype)
-
-
-def _scores_backward(ctx, grad_out):
-    atten_x, atten_y, v, shift = ctx.saved_tensors
-    gx, gy, gv, gs = gaussian_axial_scores_backward_op(grad_out, atten_x, atten_y, v, shift)
-    return gx, gy, gv, gs, _bias_grad(ctx, shift)
-
-
-gaussian_axial_scores_op.register_autograd(_scores_backward, setup_context=_scores_setup_context)
-
-
-# --- from q, k, v ---
-
-@torch.library.custom_op("medattn::gaussian_axial_qkv", mutates_args=())
-def gaussian_axial_qkv_op(q: Tensor, k: Tensor, v: Tensor, shift: Tensor,
-                          bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """Fused forward from q, k, v -> (out, row log-sum-exp (B,H,W), column log-sum-exp (B,H,W)).
-
-    The per-pixel softmax statistics are all the backward keeps besides the inputs.
-    """
-    out, lse_rows, lse_cols = _ext().gaussian_axial_qkv_forward(q, k, v, shift)
-    return out, lse_rows, lse_cols
-
-
-@gaussian_axial_qkv_op.register_fake
-def _(q, k, v, shift, bias):
-    stats = q.new_empty(q.shape[:3], dtype=_stats_dtype(q.dtype))
-    return q.new_empty(q.shape), stats, stats.new_empty(stats.shape)
-
-
-@torch.library.custom_op("medattn::gaussian_axial_qkv_backward", mutates_args=())
-def gaussian_axial_qkv_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, shift: Tensor,
-                                   lse_rows: Tensor, lse_cols: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of q, k, v and shift, recomputing the probabilities from the saved statistics."""
-    gq, gk, gv, gs = _ext().gaussian_axial_qkv_backward(grad_out, q, k, v, shift, lse_rows, lse_cols)
-    return gq, gk, gv, gs
-
-
-@gaussian_axial_qkv_backward_op.register_fake
-def _(grad_out, q, k, v, shift, lse_rows, lse_cols):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), shift.new_empty(shift.shape)
-
-
-def _qkv_setup_context(ctx, inputs, output):
-    q, k, v, shift, bias = inputs
-    _, lse_rows, lse_cols = output
-    ctx.mark_non_differentiable(lse_rows, lse_cols)
-    ctx.save_for_backward(q, k, v, shift, lse_rows, lse_cols)
-    ctx.bias_spec = None if bias is None else (bias.shape, bias.dtype)
-
-
-def _qkv_backward(ctx, grad_out, _grad_lse_rows, _grad_lse_cols):
-    q, k, v, shift, lse_rows, lse_cols = ctx.saved_tensors
-    gq, gk, gv, gs = gaussian_axial_qkv_backward_op(grad_out, q, k, v, shift, lse_rows, lse_cols)
-    return gq, gk, gv, gs, _bias_grad(ctx, shift)
-
-
-gaussian_axial_qkv_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
-
-
-_cpp_reasons = B.cpp_predicate("gaussian_axial")
-
-
-# --- eager fast path ---
-# The custom ops above are what torch.compile traces (and what opcheck checks). In eager mode their
-# dispatch — custom-op wrappers around the forward and the backward, a Python autograd node —
-# costs ~250 µs per forward+backward, a quarter of the whole call at MT-UNet's sizes (the kernels
-# themselves take ~0.7 ms at B=2, 14×14, D=512). Eager calls therefore go through this plain
-# autograd.Function around the same extension functions (same results, bit for bit: tested).
-
-class _ScoresEager(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, atten_x, atten_y, v, shift, bias):
-        ctx.save_for_backward(atten_x, atten_y, v, shift)
-        ctx.bias_spec = None if bias is None else (bias.shape, bias.dtype)
-        return _ext().gaussian_axial_scores_forward(atten_x, atten_y, v, shift)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        atten_x, atten_y, v, shift = ctx.saved_tensors
-        gx, gy, gv, gs = _ext().gaussian_axial_scores_backward(grad_out, atten_x, atten_y, v, shift)
-        return gx, gy, gv, gs, _bias_grad(ctx, shift)
-
-
-class _QkvEager(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, shift, bias):
-        out, lse_rows, lse_cols = _ext().gaussian_axial_qkv_forward(q, k, v, shift)
-        ctx.save_for_backward(q, k, v, shift, lse_rows, lse_cols)
-        ctx.bias_spec = None if bias is None else (bias.shape, bias.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, shift, lse_rows, lse_cols = ctx.saved_tensors
-        gq, gk, gv, gs = _ext().gaussian_axial_qkv_backward(grad_out, q, k, v, shift, lse_rows,
-                                                            lse_cols)
-        return gq, gk, gv, gs, _bias_grad(ctx, shift)
-
-
-@_op_scores.register("cpp", reasons=_cpp_reasons)
-def _cpp_scores(atten_x, atten_y, v, shift, *, bias=None):
-    if torch.compiler.is_compiling():
-        return gaussian_axial_scores_op(atten_x, atten_y, v, shift, bias)
-    return _ScoresEager.apply(atten_x, atten_y, v, shift, bias)
-
-
-@_op_qkv.register("cpp", reasons=_cpp_reasons)
-def _cpp_qkv(q, k, v, shift, *, bias=None):
-    if torch.compiler.is_compiling():
-        return gaussian_axial_qkv_op(q, k, v, shift, bias)[0]
-    return _QkvEager.apply(q, k, v, shift, bias)
-
-
-# ---------------------------------------------------------------------------------------------
 # public functions
 # ---------------------------------------------------------------------------------------------
 
 @B.autocast_entry()
 def gaussian_axial_attention(q: Tensor, k: Tensor, v: Tensor, shift: Tensor, *, bias: Optional[Tensor] = None,
                              backend: Optional[str] = None) -> Tensor:
-    r"""Gaussian-weighted axial attention from q, k, v.
+    r"""Gaussian-weighted axial attention from q, k, v: MT-UNet's ``GaussianTrans`` (Wang et al.,
+    "Mixed Transformer U-Net for Medical Image Segmentation", ICASSP 2022), fused.
+
+    Each pixel attends to its own row and its own column, with a Gaussian distance penalty
+    θ·(distance)² on the logits; MT-UNet's single-head scores q·k (no 1/√D).
 
     ``out[b,r,c] = Σ_j softmax_j(q[b,r,c]·k[b,r,j] − θ(j−c)²) v[b,r,j]
     + Σ_i softmax_i(q[b,r,c]·k[b,i,c] − θ(i−r)²) v[b,i,c]``, θ = ``shift``.
@@ -362,7 +198,8 @@ def gaussian_axial_attention(q: Tensor, k: Tensor, v: Tensor, shift: Tensor, *, 
 @B.autocast_entry()
 def gaussian_axial_from_scores(atten_x: Tensor, atten_y: Tensor, v: Tensor, shift: Tensor, *,
                                bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
-    r"""Gaussian-weighted axial attention from precomputed scores (GaussianTrans's interface).
+    r"""Gaussian-weighted axial attention from precomputed scores: the interface of MT-UNet's
+    ``GaussianTrans`` (Wang et al., ICASSP 2022), which receives the row and column scores.
 
     ``out[b,r,c] = Σ_j softmax_j(atten_x[b,r,c,j] − θ(j−c)²) v[b,r,j]
     + Σ_i softmax_i(atten_y[b,c,r,i] − θ(i−r)²) v[b,i,c]``, θ = ``shift``.
@@ -380,6 +217,3 @@ def gaussian_axial_from_scores(atten_x: Tensor, atten_y: Tensor, v: Tensor, shif
     """
     _check_scores(atten_x, atten_y, v, shift, bias)
     return _op_scores(atten_x, atten_y, v, shift, bias=bias, backend=backend)
-
-
-from . import _gaussian_axial_triton  # noqa: E402,F401  (registers the triton backend)

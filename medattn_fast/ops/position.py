@@ -1,7 +1,8 @@
-r"""Position attention (DESIGN.md op 2): softmax attention over tokens without the N×N matrix.
+r"""Position attention: softmax attention over tokens without the N×N matrix.
 
-    o_i = Σ_j softmax_j(s · q_i·k_j) v_j                       (transpose=False, DANet PAM)
-    o_j = Σ_i A_ij v_i,   A_ij = softmax_j(s · q_i·k_j)         (transpose=True, seed 001's V @ A)
+    o_i = Σ_j softmax_j(s · q_i·k_j) v_j                (transpose=False: DANet's PAM, Fu et al., CVPR 2019)
+    o_j = Σ_i A_ij v_i,   A_ij = softmax_j(s · q_i·k_j)  (transpose=True: the V @ A of Multi-Scale Guided
+                                                         Attention, Sinha & Dolz 2020)
 
 then the optional epilogue ``out = γ · (o ⊙ f) + x`` (``gamma``, ``multiply`` = f, ``residual`` = x;
 each part is skipped when its argument is None).
@@ -11,7 +12,7 @@ Layouts. ``layout="tokens"``: q (B, Nq, dk), k (B, Nk, dk), v (B, Nk, dv) -> (B,
 -> (B, dv, Nq); they are read through transposed *views* (strides), never permuted into copies,
 and the output is written channel-first directly. ``residual``/``multiply`` have the output's
 shape in the chosen layout. With ``transpose=True`` the roles of the token counts swap: v has Nq
-rows and the output Nk (Nq == Nk for seed 001's self-attention). Heads go into the batch dim.
+rows and the output Nk (Nq == Nk for the guided self-attention's V @ A). Heads go into the batch dim.
 
 Backends (``medattn_fast.backend``): ``reference`` materialises the (B, Nq, Nk) softmax in the
 input dtype, exactly like the originals; ``torch`` is chunked over queries, flash-attention style:
@@ -27,6 +28,7 @@ import numbers
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from .. import backend as B
 from . import _validate as V
@@ -143,9 +145,8 @@ class _ChunkedAttention(torch.autograd.Function):
         nk, dv = k.shape[1], v.shape[2]
         n_out = nk if transpose else nq
         k_c, v_c = k.to(dtype), v.to(dtype)  # no copy for float32/float64
-        # The output is allocated in the caller's layout; ``out_t`` is its token-major view.
-        out = q.new_empty((batch, dv, n_out) if channels_first else (batch, n_out, dv))
-        out_t = out.transpose(1, 2) if channels_first else out
+        # Token-major, allocated in the caller's memory layout (channel-first storage when asked).
+        out = q.new_empty(batch, dv, n_out).transpose(1, 2) if channels_first else q.new_empty(batch, n_out, dv)
         if transpose:
             # Column accumulation needs each row's normaliser first: pass 1 computes the LSE,
             # pass 2 adds every chunk's Pᵀ v into the (B, Nk, dv) accumulator.
@@ -157,7 +158,7 @@ class _ChunkedAttention(torch.autograd.Function):
                 stop = min(start + chunk, nq)
                 p = _scores(q[:, start:stop], k_c, scale, dtype).sub_(lse[:, start:stop, None]).exp_()
                 acc_t.baddbmm_(v_c[:, start:stop].transpose(1, 2), p)
-            out_t.copy_(acc_t.transpose(1, 2))
+            out.copy_(acc_t.transpose(1, 2))
             ctx.save_for_backward(q, k, v, lse)
         else:
             lse = torch.empty(batch, nq, dtype=dtype, device=q.device)
@@ -167,10 +168,10 @@ class _ChunkedAttention(torch.autograd.Function):
                 row_max = s.amax(dim=-1, keepdim=True)
                 p = s.sub_(row_max).exp_()                      # in place: one block per chunk
                 denom = p.sum(dim=-1, keepdim=True)
-                out_t[:, start:stop] = torch.bmm(p, v_c).div_(denom)
+                out[:, start:stop] = torch.bmm(p, v_c).div_(denom)
                 lse[:, start:stop] = (row_max + denom.log()).squeeze(-1)
             ctx.save_for_backward(q, k, v, lse, out)
-        ctx.scale, ctx.transpose, ctx.chunk, ctx.channels_first = scale, transpose, chunk, channels_first
+        ctx.scale, ctx.transpose, ctx.chunk = scale, transpose, chunk
         return out
 
     @staticmethod
@@ -184,7 +185,7 @@ class _ChunkedAttention(torch.autograd.Function):
         dtype = lse.dtype
         batch, nq, _ = q.shape
         k_c, v_c = k.to(dtype), v.to(dtype)
-        g = (grad_out.transpose(1, 2) if ctx.channels_first else grad_out).to(dtype)  # (B, n_out, dv)
+        g = grad_out.to(dtype)                                                  # (B, n_out, dv)
         grad_q = torch.empty(q.shape, dtype=dtype, device=q.device)
         # Key/value gradients sum over every chunk; they are accumulated transposed, (B, d, Nk),
         # so each GEMM writes a wide block (a tall (Nk, dk) output with dk = C/8 is slow).
@@ -194,9 +195,8 @@ class _ChunkedAttention(torch.autograd.Function):
         else:
             grad_v_t = torch.zeros(batch, v.shape[2], v.shape[1], dtype=dtype, device=q.device)
         if not transpose:
-            out_t = out.transpose(1, 2) if ctx.channels_first else out
             # D_i = Σ_j P_ij dP_ij = g_i · o_i: the softmax-backward row term, without P.
-            row_term = (g * out_t.to(dtype)).sum(dim=-1)                       # (B, Nq)
+            row_term = (g * out.to(dtype)).sum(dim=-1)                       # (B, Nq)
         for start in range(0, nq, chunk):
             stop = min(start + chunk, nq)
             q_rows = q[:, start:stop].to(dtype)
@@ -230,8 +230,7 @@ class _ChunkedAttention(torch.autograd.Function):
 def _torch(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
     n_keys = k.shape[1]
     chunk = chunk_size or default_chunk_size(q.shape[0], q.shape[1], n_keys)
-    out = _ChunkedAttention.apply(q, k, v, float(scale), transpose, chunk, channels_first)
-    o = out.transpose(1, 2) if channels_first else out
+    o = _ChunkedAttention.apply(q, k, v, float(scale), transpose, chunk, channels_first)
     return _epilogue(o, gamma, residual, multiply)
 
 
@@ -239,27 +238,39 @@ def _torch(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, 
 # public entry point
 # ---------------------------------------------------------------------------------------------
 @B.autocast_entry()
-def position_attention(q, k, v, *, scale=1.0, transpose=False, layout="tokens", gamma=None,
-                       residual=None, multiply=None, chunk_size: Optional[int] = None, backend=None):
-    r"""Softmax attention over tokens, never storing the N×N matrix on the ``torch`` backend.
+def position_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float = 1.0, transpose: bool = False,
+                       layout: str = "tokens", gamma: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                       multiply: Optional[Tensor] = None, chunk_size: Optional[int] = None,
+                       backend: Optional[str] = None) -> Tensor:
+    r"""Softmax attention over tokens, never storing the N×N matrix (except on ``reference``).
 
-    ``o_i = Σ_j softmax_j(scale · q_i·k_j) v_j``; ``transpose=True``: ``o_j = Σ_i A_ij v_i`` with
-    ``A_ij = softmax_j(scale · q_i·k_j)`` (seed 001's ``V @ A``). Then
-    ``out = gamma · (o ⊙ multiply) + residual`` (each part optional).
+    ``o_i = Σ_j softmax_j(scale · q_i·k_j) v_j`` — DANet's position attention module (PAM, Fu et
+    al., CVPR 2019), non-local blocks, cross-attention. With ``transpose=True``,
+    ``o_j = Σ_i A_ij v_i`` with ``A_ij = softmax_j(scale · q_i·k_j)``: the ``V @ A`` of the
+    position attention of Multi-Scale Guided Attention (Sinha & Dolz 2020), which multiplies by the
+    row-normalised A without transposing it. Then the optional epilogue
+    ``out = gamma · (o ⊙ multiply) + residual``: DANet's ``γ·o + x`` and the guided attention's
+    multiplicative ``o ⊙ f``.
 
     Args:
         q, k, v: ``layout="tokens"``: (B, Nq, dk), (B, Nk, dk), (B, Nk, dv) [transpose: v (B, Nq, dv)];
             ``layout="channels"``: (B, dk, Nq), (B, dk, Nk), (B, dv, Nk) [transpose: v (B, dv, Nq)].
-            Any strides. Heads go into B.
+            One floating dtype and device, any strides. Heads go into B; dk ≠ dv and Nq ≠ Nk
+            are allowed.
         scale: multiplies the scores (1 for DANet, 1/√dk for transformer attention).
-        gamma: 0-dim or (1,) tensor, DANet's learnable output scale.
-        residual, multiply: tensors with the output's shape in the chosen layout.
-        chunk_size: query rows per block on the ``torch`` backend (default: a 16 MiB score block).
-        backend: force a backend for this call (default: the one in force, see ``medattn_fast.backend``).
+        transpose: ``o = Aᵀ v`` instead of ``A v`` (see above).
+        layout: ``"tokens"`` (token-major) or ``"channels"`` (channel-first, as 1×1 conv outputs
+            come, read through strides, never copied; the output is written channel-first).
+        gamma: 0-dim or (1,) tensor, DANet's learnable output scale, or None.
+        residual, multiply: tensors with the output's shape in the chosen layout, or None.
+        chunk_size: query rows per block on the ``torch`` and ``cpp`` backends (default: a
+            16 MiB score block on ``torch``, 64 rows on ``cpp``).
+        backend: force a backend for this call (``"reference"``, ``"torch"``, ``"cpp"``,
+            ``"triton"``); default: the one in force (see :mod:`medattn_fast.backend`).
 
     Returns:
         (B, Nq, dv) for tokens [(B, Nk, dv) with transpose], (B, dv, Nq) for channels
-        [(B, dv, Nk) with transpose], in the input dtype.
+        [(B, dv, Nk) with transpose], in the input dtype (float16/bfloat16 accumulate in float32).
     """
     _check(q, k, v, scale, transpose, layout, gamma, residual, multiply, chunk_size)
     channels_first = layout == "channels"
@@ -271,7 +282,3 @@ def position_attention(q, k, v, *, scale=1.0, transpose=False, layout="tokens", 
     out = _op(q, k, v, scale=scale, transpose=transpose, gamma=gamma, residual=residual,
               multiply=multiply, chunk_size=chunk_size, channels_first=channels_first, backend=backend)
     return out.transpose(1, 2) if channels_first else out
-
-
-from . import _position_triton  # noqa: E402,F401  (registers the triton backend)
-from . import _position_cpp  # noqa: E402,F401  (registers the cpp backend)

@@ -1,4 +1,4 @@
-r"""Window attention (MT-UNet ``WinAttention`` + ``Attention``, Swin-like): DESIGN.md op 5.
+r"""Window attention (MT-UNet ``WinAttention`` + ``Attention``, Swin-like).
 
 Tokens on a grid (B, H, W, C) are padded up to multiples of the window size ws, cut into
 (Hp/ws)·(Wp/ws) windows of L = ws² tokens, and each window runs multi-head softmax attention on
@@ -26,7 +26,7 @@ Output ``layout``:
 * ``"windows"`` (B, Hp/ws, Wp/ws, ws·ws, Co): the original WinAttention's own output layout
   (tokens row-major inside each window), which MT-UNet's DlightConv consumes.
 
-Backends: ``reference`` (explicit loops over windows and heads, the seed math), ``torch``
+Backends: ``reference`` (explicit loops over windows and heads, the original's math), ``torch``
 (vectorised: the grid is partitioned with one reshape of a permuted view, q/k/v come from one GEMM
 with the three weights concatenated, and every window and head is one batch of small matmuls);
 ``triton`` (``_window_triton.py``: the same GEMMs around a fused per-window kernel that pads,
@@ -129,7 +129,7 @@ def _corner_source(n: int, pad: int, device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# reference backend: the seed math, one window and one head at a time
+# reference backend: the original's math, one window and one head at a time
 # ---------------------------------------------------------------------------------------------
 
 def _reference_pad(x: torch.Tensor, ws: int, pad_mode: str) -> torch.Tensor:
@@ -249,7 +249,8 @@ def window_attention(x: torch.Tensor, query_weight: torch.Tensor, query_bias: Op
                      proj_bias: Optional[torch.Tensor], *, window_size: int, num_heads: int,
                      pad_mode: str = "mtunet", layout: str = "grid",
                      backend: Optional[str] = None) -> torch.Tensor:
-    r"""Multi-head attention inside ws×ws windows, then the output projection (MT-UNet WinAttention).
+    r"""Multi-head attention inside ws×ws windows, then the output projection: MT-UNet's
+    ``WinAttention`` (Wang et al., ICASSP 2022; Swin-style windows without shift).
 
     Per window and head: ``o_h = softmax(q_h k_hᵀ / sqrt(d)) v_h`` with q, k, v the Linear
     projections of the window's tokens; ``out = concat_h(o_h) W_oᵀ + b_o``. Every weight is in
@@ -278,6 +279,3 @@ def window_attention(x: torch.Tensor, query_weight: torch.Tensor, query_bias: Op
     return _op(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias, proj_weight,
                proj_bias, window_size=window_size, num_heads=num_heads, pad_mode=pad_mode, layout=layout,
                backend=backend)
-
-
-from . import _window_triton  # noqa: E402,F401  (registers the triton backend)
