@@ -1,4 +1,4 @@
-"""Benchmark cases of the Attention U-Net gate (DESIGN.md op 1).
+"""Benchmark cases of the Attention U-Net gate.
 
 Shapes are one decoder level of Attention U-Net: skip x (B, Cx, *S), gating signal g from the
 level below (B, 2·Cx, *S/2), C_int = Cx/2. Eval and train mode are separate cases: eval is where
@@ -125,7 +125,7 @@ def _setup_grid(batch: int, cx: int, size: Tuple[int, ...], training: bool):
 
 
 def cases(device: torch.device) -> List[Case]:
-    if device.type == "cuda":  # the real networks' sizes (DESIGN.md: 2-D 224²/512², 3-D 64³/128³)
+    if device.type == "cuda":  # the real networks' sizes (2-D 224²/512², 3-D 64³/128³)
         additive = [(2, 64, (224, 224)), (2, 64, (512, 512)), (1, 32, (64, 64, 64)), (1, 32, (128, 128, 128))]
         grid = [(2, 64, (224, 224)), (1, 32, (64, 64, 64))]
         dtypes = (torch.float32, torch.bfloat16, torch.float16)

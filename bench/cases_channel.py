@@ -1,6 +1,6 @@
-"""Benchmark cases of channel attention (DESIGN.md op 3): DANet's ``CAM_Module`` (B=2, C=256,
-48×48; the DANet head's inter width at 1/8 of a 384² image) and seed 001's
-``ChannelAttentionModule`` at the same size.
+"""Benchmark cases of channel attention: DANet's ``CAM_Module`` (B=2, C=256,
+48×48; the DANet head's inter width at 1/8 of a 384² image) and the ``ChannelAttentionModule`` of
+Multi-Scale Guided Attention (Sinha & Dolz 2020) at the same size.
 
 Providers: ``reference`` (the original module), ``torch`` / ``auto`` (the compat module forced to
 the torch backend / on the default choice), ``compile`` (``torch.compile`` of the reference),

@@ -1,4 +1,4 @@
-"""Benchmark cases of external attention (DESIGN.md op 6; MT-UNet MEAttention).
+"""Benchmark cases of external attention (MT-UNet MEAttention).
 
 Shapes are MT-UNet's mixed-transformer levels; 32 heads (4 · 8), memories of 64 slots, expansion 4
 (head dim = C/8). At 224² input: N = 784 tokens (28²) with C = 256 (encoder 0) and C = 512

@@ -1,4 +1,4 @@
-"""Benchmark cases of Gaussian-weighted axial attention (DESIGN.md op 4, MT-UNet GaussianTrans).
+"""Benchmark cases of Gaussian-weighted axial attention (MT-UNet GaussianTrans).
 
 * The issue's acceptance row: ``GaussianTrans`` at B=2 on a 14×14 grid with D=512, fwd+bwd,
   through ``medattn_fast.compat.mtunet.GaussianTrans`` (auto backend). Target: auto/cpp fwd+bwd

@@ -1,8 +1,8 @@
-"""Benchmark cases of position attention (DESIGN.md op 2).
+"""Benchmark cases of position attention.
 
 * DANet's ``PAM_Module`` at the head of DANet on a 96×96 feature map (B=2, C=64, N=9216; the
   issue's acceptance row: fwd+bwd peak memory of the fast module under 25% of the original's).
-* seed 001's ``PositionAttentionModule`` (the ``V @ A`` variant, transpose=True) at 64×64.
+* Multi-Scale Guided Attention's ``PositionAttentionModule`` (the ``V @ A`` variant, transpose=True) at 64×64.
 
 Providers: ``reference`` (the original module), ``torch`` / ``auto`` (the compat module forced to
 the torch backend / on the default choice), ``compile`` (``torch.compile`` of the reference),

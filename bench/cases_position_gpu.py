@@ -1,4 +1,4 @@
-"""GPU benchmark cases of position attention (DESIGN.md op 2) at DANet head sizes, with the peers.
+"""GPU benchmark cases of position attention at DANet head sizes, with the peers.
 
 B=8, C=512 (dk = C/8 = 64, dv = 512), feature maps 32², 64², 128² and 32³ (N = 1024 … 32768);
 float32 and bfloat16; CUDA only (``python -m bench.run --op position_gpu``).

@@ -1,4 +1,4 @@
-"""Benchmark cases of window attention (DESIGN.md op 5; MT-UNet WinAttention).
+"""Benchmark cases of window attention (MT-UNet WinAttention).
 
 Shapes are MT-UNet's mixed-transformer levels, 4×4 windows, 8 heads. At 224² input: 28² tokens
 with C = 256 (encoder 0, no padding) and C = 512 (decoder 1), 14² with C = 512 (encoder 1 and

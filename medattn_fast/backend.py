@@ -1,9 +1,9 @@
 """Backend choice and per-op dispatch.
 
-Backends (see DESIGN.md):
+Backends:
 
 =============  ==========================================================================
-``reference``  the seed math (``medattn_fast.reference``): slow, obvious, the oracle
+``reference``  the original's math (``medattn_fast.reference``): slow, obvious, the oracle
 ``torch``      vectorised composite of PyTorch ops (memory-lean where it can be)
 ``triton``     fused Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
 ``cuda``       fused CUDA C++ kernels from ``csrc/cuda`` (built lazily)

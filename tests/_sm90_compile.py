@@ -134,7 +134,7 @@ def _position(dtype) -> None:
             q, k = _leaf(2, nq, dk, dtype=dtype), _leaf(2, nk, dk, dtype=dtype)
             v = _leaf(2, nq if transpose else nk, dv, dtype=dtype)
             _backward(MF.position_attention(q, k, v, scale=0.5, transpose=transpose, backend="triton"))
-    # channel-first storage with both epilogues (DANet's γ·o + x, seed 001's o ⊙ f)
+    # channel-first storage with both epilogues (DANet's γ·o + x, the guided attention's o ⊙ f)
     q, k, v = _leaf(2, 8, 50, dtype=dtype), _leaf(2, 8, 50, dtype=dtype), _leaf(2, 64, 50, dtype=dtype)
     gamma, res, mul = _leaf(1, dtype=dtype), _leaf(2, 64, 50, dtype=dtype), _leaf(2, 64, 50, dtype=dtype)
     _backward(MF.position_attention(q, k, v, layout="channels", gamma=gamma, residual=res, backend="triton"))

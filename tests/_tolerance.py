@@ -1,4 +1,4 @@
-"""The tolerance rule of the fused-kernel tests (DESIGN.md "Testing"), in one place.
+"""The tolerance rule of the fused-kernel tests, in one place.
 
 A fused backend's error against the float64 reference may be at most twice PyTorch's own error in
 the same dtype — the worse of the ``torch`` backend (float32 accumulation) and, for 16-bit inputs,

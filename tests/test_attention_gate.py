@@ -1,4 +1,4 @@
-"""attention_gate (DESIGN.md op 1): every backend vs the seed modules of
+"""attention_gate: every backend vs the original modules of
 medattn_fast.reference.attention_gate, forward, every gradient and the BN running statistics."""
 import copy
 

@@ -1,4 +1,4 @@
-"""Channel attention (DESIGN.md op 3): torch backend vs the original's arithmetic, forward and
+"""Channel attention: torch backend vs the original's arithmetic, forward and
 every gradient, both signs, epilogues, 1-3 spatial dims, float16 overflow, bad inputs; nn module."""
 import pytest
 import torch

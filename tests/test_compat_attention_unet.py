@@ -60,7 +60,7 @@ def strict_twin(cls, original, *args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
-# AttentionBlock (seeds 000/001)
+# AttentionBlock (the widely copied Attention U-Net blocks)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -90,7 +90,7 @@ def test_attention_block_state_dict_keys():
 
 
 # ---------------------------------------------------------------------------------------------
-# AttentionUpBlock (seeds 000/001)
+# AttentionUpBlock (the widely copied Attention U-Net blocks)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -168,7 +168,7 @@ def test_from_original_double_sigmoid_argument_for_classes_without_the_flag():
     flagless = torch.nn.Module()  # same submodules, no ``double_sigmoid`` attribute
     flagless.Wx, flagless.Wg, flagless.psi = (copy.deepcopy(m) for m in (original.Wx, original.Wg, original.psi))
     flagless.eval()
-    assert not C.AttentionBlock.from_original(flagless).double_sigmoid  # default: seed 000
+    assert not C.AttentionBlock.from_original(flagless).double_sigmoid  # default: the single sigmoid
     twin = C.AttentionBlock.from_original(flagless, double_sigmoid=True)
     assert twin.double_sigmoid
     run_pair(original, twin, (torch.randn(2, 3, 5, 5, dtype=F64), torch.randn(2, 3, 2, 2, dtype=F64)), "torch")

@@ -1,4 +1,4 @@
-"""compat.danet (PAM_Module, CAM_Module, DANetHead) against the seed-faithful originals: strict
+"""compat.danet (PAM_Module, CAM_Module, DANetHead) against the originals (faithful reimplementations): strict
 loading, same outputs and gradients (inputs and every parameter, BN running stats in train mode),
 from_original, and nn.DualAttention against DANetHead."""
 import pytest

@@ -1,4 +1,5 @@
-"""compat.guided_attention (seed 001) against the seed-faithful originals, 2D and 3D: strict
+"""compat.guided_attention (Multi-Scale Guided Attention) against the
+originals, 2D and 3D: strict
 loading, same outputs and gradients (inputs, every conv weight, BN running stats in train mode),
 the quirks (V @ A, unused pam), from_original, bad inputs."""
 import pytest

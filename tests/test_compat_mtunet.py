@@ -1,4 +1,4 @@
-"""compat.mtunet: the originals' classes (seed-faithful references) and their fast twins load the same
+"""compat.mtunet: the originals' classes (faithful to the original references) and their fast twins load the same
 state_dicts strictly and give the same outputs and parameter gradients, fp64, eval and train."""
 from pathlib import Path
 

@@ -1,7 +1,7 @@
 """Full attention networks: DAUNet, CrossAttentionUNet, MSGANet.
 
 Each fast network is checked against its reference twin (``with_blocks("reference")``: the
-seed-faithful attention modules, the same weights) in float64, in eval and train mode: logits, the
+faithful to the original attention modules, the same weights) in float64, in eval and train mode: logits, the
 input gradient, every parameter gradient and (train) the BatchNorm running statistics. Plus shapes
 (2-D, 3-D, H != W, B = 1), the input-size and argument errors, a few optimiser steps with a falling
 loss, MSGANet's losses and the backbone weight loading. Configurations are tiny on purpose.

@@ -1,5 +1,5 @@
 """window_attention and external_attention (MT-UNet WinAttention / MEAttention): the torch backend
-against the reference backend and the seed-faithful modules, forward and every gradient, fp64."""
+against the reference backend and the original modules, forward and every gradient, fp64."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""MT-UNet as a whole network: the seed-faithful reference MTUNet, its compat twin (strict original
+"""MT-UNet as a whole network: the reference MTUNet (faithful to the original), its compat twin (strict original
 keys, same outputs and gradients) and the clean models.MTUNet (any size, 1/3 channels, low
 precision, training, loading original checkpoints)."""
 from pathlib import Path

@@ -1,6 +1,6 @@
-"""Position attention (DESIGN.md op 2): the torch backend against the materialising reference,
+"""Position attention: the torch backend against the materialising reference,
 forward and every gradient, odd shapes, both layouts, the transpose variant, epilogues, low
-precision, memory (no N×N tensor in forward or backward), bad inputs; nn modules and seed 004."""
+precision, memory (no N×N tensor in forward or backward), bad inputs; nn modules and CrossAttentionUNet's blocks."""
 import math
 
 import pytest

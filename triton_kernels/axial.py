@@ -1,4 +1,4 @@
-r"""Fused Triton kernels of Gaussian-weighted axial attention (MT-UNet GaussianTrans; DESIGN.md op 4).
+r"""Fused Triton kernels of Gaussian-weighted axial attention (MT-UNet GaussianTrans).
 
 Math, for batch b and pixel (r, c) of an H×W grid, θ = ``shift`` (all statistics in float32)::
 

@@ -1,4 +1,4 @@
-r"""Fused Triton kernels of channel attention (DESIGN.md op 3), forward and backward.
+r"""Fused Triton kernels of channel attention, forward and backward.
 
 Math, per batch element, X (C, N) (any strides; N = prod of the spatial dims):
 

@@ -1,4 +1,4 @@
-r"""Fused Triton kernels of external attention's core (DESIGN.md op 6; MT-UNet MEAttention, EANet),
+r"""Fused Triton kernels of external attention's core (MT-UNet MEAttention, EANet),
 forward and backward. The N × S attention matrix is never stored, in either direction.
 
 Per batch b and head h (q_h = the head's d columns of the query projection, N tokens, S slots)::

@@ -1,4 +1,4 @@
-r"""Fused Triton kernels of position attention (DESIGN.md op 2), forward and backward.
+r"""Fused Triton kernels of position attention, forward and backward.
 
 Math (``s`` = scale; all statistics in float32):
 

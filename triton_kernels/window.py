@@ -1,4 +1,4 @@
-r"""Fused Triton kernels of window attention's core (DESIGN.md op 5; MT-UNet WinAttention), forward
+r"""Fused Triton kernels of window attention's core (MT-UNet WinAttention), forward
 and backward.
 
 The q/k/v projections and the output projection stay GEMMs (``medattn_fast/ops/_window_triton.py``).

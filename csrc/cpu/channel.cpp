@@ -1,4 +1,4 @@
-// Channel attention (DESIGN.md op 3), C++ CPU forward and backward.
+// Channel attention, C++ CPU forward and backward.
 //
 // Math, per batch, X the (C × N) feature matrix (N = prod of the spatial dims):
 //

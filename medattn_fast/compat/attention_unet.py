@@ -3,9 +3,9 @@
 
     from medattn_fast.compat.attention_unet import AttentionBlock, AttentionUpBlock, Attention_block
 
-* ``AttentionBlock(in_channels_x, in_channels_g, int_channels)`` — seeds 000/001; keys
+* ``AttentionBlock(in_channels_x, in_channels_g, int_channels)`` — the widely copied blocks; keys
   ``Wx.{0,1}``, ``Wg.{0,1}``, ``psi.{0,1}``; ``forward(x, g)``; g interpolated to x's size.
-* ``AttentionUpBlock(in_channels, out_channels)`` — seeds 000/001; keys ``upsample`` (built, never
+* ``AttentionUpBlock(in_channels, out_channels)`` — the widely copied blocks; keys ``upsample`` (built, never
   used, as in the original), ``attention``, ``conv_bn1``, ``conv_bn2``; ``forward(x, x_skip)``.
 * ``Attention_block(F_g, F_l, F_int)`` — LeeJunHyun; keys ``W_g``, ``W_x``, ``psi``;
   ``forward(g, x)``.
@@ -110,10 +110,10 @@ def _mirror_layers(new_seq: nn.Sequential, old_seq: nn.Sequential) -> None:
 
 
 class AttentionBlock(nn.Module):
-    r"""Seeds 000/001 attention gate, fast inside.
+    r"""The widely copied Attention U-Net gate, fast inside.
 
     ``α = σ(BN(psi·relu(BN(Wx·x) + up(BN(Wg·g)))))`` (σ applied twice with
-    ``double_sigmoid=True``, seed 001), returns ``α ⊙ x``.
+    ``double_sigmoid=True``: the widely copied variant), returns ``α ⊙ x``.
 
     Shapes: x (B, in_channels_x, *S), g (B, in_channels_g, *Sg) with Sg <= S -> (B, in_channels_x, *S).
     ``spatial_dims=3`` for volumes (trilinear interpolation).
@@ -147,7 +147,7 @@ class AttentionBlock(nn.Module):
         """The twin of an original ``AttentionBlock``: channel counts and 2-D/3-D read from its
         convs, parameters and buffers loaded strictly, device, dtype and training mode copied.
 
-        Seed 001's extra sigmoid is not visible in the parameters: it is taken from the module's
+        The extra sigmoid of one widely copied variant is not visible in the parameters: it is taken from the module's
         ``double_sigmoid`` attribute when it has one (the reference module does), else from the
         ``double_sigmoid`` argument (default False).
         """
@@ -194,7 +194,7 @@ class ConvBatchNorm(nn.Module):
 
 
 class AttentionUpBlock(nn.Module):
-    r"""Seeds 000/001 decoder block, fast gate inside.
+    r"""The widely copied Attention U-Net decoder block, fast gate inside.
 
     ``forward(x, x_skip)``: x (B, in_channels, *Sc) coarse decoder features, x_skip
     (B, out_channels, *S) encoder features, Sc <= S -> (B, out_channels, *S)::

@@ -1,5 +1,5 @@
-"""Seed 001's ``PositionAttentionModule``, ``ChannelAttentionModule`` and ``GuidedAttentionModule``
-with the original names, constructor signatures and state_dict keys, fast inside::
+"""Multi-Scale Guided Attention's (Sinha & Dolz 2020) ``PositionAttentionModule``,
+``ChannelAttentionModule`` and ``GuidedAttentionModule`` with the original names, constructor signatures and state_dict keys, fast inside::
 
     from medattn_fast.compat.guided_attention import GuidedAttentionModule
 

@@ -4,7 +4,7 @@ input-size validation, and the ``blocks="fast"|"reference"`` switch.
 
 **Fast and reference twins.** Each of these models takes ``blocks="fast"`` (the default: the
 memory-lean attention modules of :mod:`medattn_fast.compat` / :mod:`medattn_fast.nn`) or
-``blocks="reference"`` (the seed-faithful oracles of :mod:`medattn_fast.reference`, which
+``blocks="reference"`` (the faithful oracles of :mod:`medattn_fast.reference`, which
 materialise the N×N / C×C matrices). The two are built so that their ``state_dict`` keys and
 shapes are identical; :meth:`BlocksSwitchMixin.with_blocks` makes the twin of a model with the same
 weights, buffers, training mode, device and dtype. This is how tests and benchmarks compare the

@@ -1,7 +1,7 @@
-r"""CrossAttentionUNet (seed 004): a U-Net with squeeze-excitation channel attention in every
-conv block, multi-head self-attention after the deepest encoder stages and multi-head
-cross-attention on the skip connections (decoder queries attend to the skip features). 2-D or 3-D,
-logits out.
+r"""CrossAttentionUNet (this package's design, no public original): a U-Net with squeeze-excitation
+channel attention in every conv block, multi-head self-attention after the deepest encoder stages
+and multi-head cross-attention on the skip connections (decoder queries attend to the skip
+features). 2-D or 3-D, logits out.
 
 Architecture for ``channels = (c_0, …, c_L)`` and ``strides = (s_0, …, s_{L-1})``::
 
@@ -17,7 +17,7 @@ Architecture for ``channels = (c_0, …, c_L)`` and ``strides = (s_0, …, s_{L-
     head        1×1 conv (c_0 -> out_channels)                             -> logits (B, out_channels, *S)
 
 ``SEBlock`` = two ``conv3×3 → norm → ReLU (→ dropout)`` units followed by squeeze-excitation
-``x · σ(W₂ relu(W₁ mean_S(x)))`` (reduction ``se_reduction``). The attention layers are seed 004's
+``x · σ(W₂ relu(W₁ mean_S(x)))`` (reduction ``se_reduction``). The attention layers are
 pre-norm layers over the N = prod(S) pixels as tokens: ``t + proj(MHA(LN(t)))`` (self) and
 ``t + proj(MHA(LN_x(t), LN_s(s)))`` (cross), softmax(QKᵀ/√d)V per head.
 
@@ -97,7 +97,7 @@ class _DecoderLevel(nn.Module):
 
 
 class CrossAttentionUNet(BlocksSwitchMixin, nn.Module):
-    """U-Net with SE channel attention, deep self-attention and skip cross-attention (seed 004).
+    """U-Net with SE channel attention, deep self-attention and skip cross-attention.
 
     Args:
         spatial_dims: 2 or 3.

@@ -33,7 +33,7 @@ spatial axes into one changes nothing in the math.
 
 **Reference vs fast** (``blocks=``): ``"fast"`` (default) uses
 :class:`medattn_fast.compat.danet.PAM_Module`/``CAM_Module`` (the N×N attention is never stored, E
-is accumulated in float32); ``"reference"`` the seed-faithful
+is accumulated in float32); ``"reference"`` the faithful
 :class:`medattn_fast.reference.danet.PAM_Module`/``CAM_Module``. Same parameter names and shapes,
 so :meth:`DAUNet.with_blocks` (``reference_version()`` / ``fast_version()``) moves a trained model
 between them; ``medattn_fast.convert(DAUNet(blocks="reference"))`` also turns the reference
@@ -137,7 +137,7 @@ class DAUNet(BlocksSwitchMixin, nn.Module):
         norm: ``"batch"`` or ``"instance"`` (affine) in every conv block and attention stem.
         dropout: elementwise dropout after each conv unit of the U-Net blocks (0: none built).
         attention_reduction: the dual attention's inner width is ``C // attention_reduction``.
-        blocks: ``"fast"`` (compat PAM/CAM, memory-lean) or ``"reference"`` (seed-faithful).
+        blocks: ``"fast"`` (compat PAM/CAM, memory-lean) or ``"reference"`` (faithful to the original).
 
     forward: x (B, in_channels, *S), every S_d divisible by the product of the strides along d
     (else ValueError) -> logits (B, out_channels, *S).

@@ -44,7 +44,7 @@ checkpoints therefore do not load here.
 
 **Reference vs fast** (``blocks=``): ``"fast"`` (default) uses
 :class:`medattn_fast.compat.danet.PAM_Module`/``CAM_Module`` (no N×N matrix, float32 energy),
-``"reference"`` the seed-faithful :mod:`medattn_fast.reference.danet` ones; same keys, and
+``"reference"`` the faithful :mod:`medattn_fast.reference.danet` ones; same keys, and
 :meth:`MSGANet.with_blocks` (``reference_version()`` / ``fast_version()``) moves the weights.
 """
 from __future__ import annotations

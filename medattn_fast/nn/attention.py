@@ -1,4 +1,4 @@
-"""Position, channel and dual attention modules, and seed 004's attention blocks, built on
+"""Position, channel and dual attention modules, and the attention blocks of CrossAttentionUNet, built on
 :func:`medattn_fast.functional.position_attention` / :func:`~medattn_fast.functional.channel_attention`.
 
 Every module here takes 2D (B, C, H, W) and 3D (B, C, D, H, W) feature maps alike (the 1×1
@@ -150,7 +150,7 @@ class DualAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# seed 004's blocks (parameter names shared with medattn_fast.reference.cross_attention)
+# CrossAttentionUNet's blocks (parameter names shared with medattn_fast.reference.cross_attention)
 # ---------------------------------------------------------------------------------------------
 class SEChannelAttention(nn.Module):
     """Squeeze-excitation: ``x · σ(fc2(relu(fc1(mean over space of x))))``,

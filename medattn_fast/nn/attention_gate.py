@@ -17,9 +17,9 @@ def _bn(module: Optional[nn.Module]) -> Optional[MF.BatchNormParams]:
 
 
 class AttentionGate(nn.Module):
-    r"""Attention gate of Attention U-Net, 2-D or 3-D (DESIGN.md op 1).
+    r"""Attention gate of Attention U-Net, 2-D or 3-D.
 
-    ``mode="additive"`` (Oktay et al. as most code bases write it; seeds 000/001, LeeJunHyun)::
+    ``mode="additive"`` (Oktay et al. as most code bases write it: the widely copied blocks, LeeJunHyun, MONAI)::
 
         α   = σ(BN(ψ·relu(BN(W_x·x) + up(BN(W_g·g)))))        (B, 1, *S)
         out = α ⊙ x                                          (B, x_channels, *S)
@@ -36,7 +36,7 @@ class AttentionGate(nn.Module):
         mode: ``"additive"`` or ``"grid"``.
         sub_sample_factor: grid mode: the stride s of θ (an int or one per spatial dim).
         output_transform: add the ``BN(W_out·)`` output conv; default: only in grid mode.
-        double_sigmoid: apply the sigmoid twice (reproduces seed 001).
+        double_sigmoid: apply the sigmoid twice (reproduces a widely copied Attention U-Net implementation).
         return_alpha: ``forward`` returns ``(out, alpha)`` by default.
         backend: force a backend for every call of this module (default: the global choice).
 

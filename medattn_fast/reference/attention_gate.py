@@ -1,9 +1,9 @@
-"""Seed-faithful attention gates of Attention U-Net (DESIGN.md op 1): the oracle.
+"""Faithful attention gates of Attention U-Net: the oracle.
 
 Four originals, reimplemented module for module so that their ``state_dict`` keys and their
 numbers are the originals' own:
 
-* :class:`AttentionBlock` / :class:`AttentionUpBlock` — seeds 000/001 (the widely copied
+* :class:`AttentionBlock` / :class:`AttentionUpBlock` — the widely copied
   "Attention U-Net from scratch" blocks; constructor ``(in_channels_x, in_channels_g,
   int_channels)``), gating signal resampled to the skip connection's size.
 * :class:`Attention_block` — LeeJunHyun/Image_Segmentation ``network.py``: same gate, argument
@@ -36,7 +36,7 @@ def _layers(spatial_dims: int):
 
 
 class AttentionBlock(nn.Module):
-    r"""Additive attention gate of seeds 000/001.
+    r"""Additive attention gate of the widely copied Attention U-Net blocks.
 
     ``x1 = BN(Conv1x1(x))``, ``g1 = up(BN(Conv1x1(g)))``, ``α = σ(BN(Conv1x1(relu(x1 + g1))))``,
     returns ``α ⊙ x``.
@@ -54,7 +54,7 @@ class AttentionBlock(nn.Module):
       ``align_corners=False``. The interpolation is called even when the sizes already agree (it
       is the identity then). Nothing stops ``Sg > S`` (it would downsample); the gate op's
       contract restricts itself to ``Sg <= S``.
-    * ``double_sigmoid=True`` reproduces seed 001, which applies ``nn.Sigmoid()`` once more to
+    * ``double_sigmoid=True`` reproduces the widely copied variant which applies ``nn.Sigmoid()`` once more to
       ``psi``'s output (already a sigmoid), so α lies in (0.5, 0.731) instead of (0, 1).
     * The ReLU is a fresh ``nn.ReLU()`` built inside ``forward`` (no ``relu`` submodule, no key).
     """
@@ -93,8 +93,8 @@ class ConvBatchNorm(nn.Module):
 
 
 class AttentionUpBlock(nn.Module):
-    r"""Decoder block of seeds 000/001: gate the skip connection with the coarse decoder features,
-    upsample those features, concatenate, two conv blocks.
+    r"""Decoder block of the widely copied Attention U-Net blocks: gate the skip connection with
+    the coarse decoder features, upsample those features, concatenate, two conv blocks.
 
     ``forward(x, x_skip)``: x (B, in_channels, *Sc) from the previous (coarser) decoder stage,
     x_skip (B, out_channels, *S) from the encoder. Returns (B, out_channels, *S)::
@@ -120,7 +120,7 @@ class AttentionUpBlock(nn.Module):
       parameters are in the state_dict — but never used: x is upsampled by bilinear
       interpolation instead; its gradient is always None.
     * ``int(out_channels / 2)`` is 0 for ``out_channels = 1`` (a gate with no channels): kept.
-    * ``double_sigmoid`` passes through to the gate (seed 001).
+    * ``double_sigmoid`` passes through to the gate (the widely copied variant).
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, double_sigmoid: bool = False):

@@ -1,7 +1,7 @@
-"""Seed 004's attention blocks, reference versions: ``SEChannelAttention``,
+"""CrossAttentionUNet's attention blocks, reference versions: ``SEChannelAttention``,
 ``SelfAttentionLayer`` and ``SkipCrossAttentionLayer``.
 
-No public original was given for seed 004, so these are a clean design (documented here) and the
+CrossAttentionUNet has no public original, so these are a clean design (documented here) and the
 oracle for the fast versions in :mod:`medattn_fast.nn.attention`, which share the parameter names
 (a state_dict moves between the two with ``strict=True``). Attention is plain
 ``softmax(Q Kᵀ / √d) V`` with the (B, heads, Nq, Nk) matrix materialised. Device-agnostic, any

@@ -1,4 +1,4 @@
-"""DANet's dual attention, seed-faithful (Fu et al., "Dual Attention Network for Scene
+"""DANet's dual attention, faithful to the original (Fu et al., "Dual Attention Network for Scene
 Segmentation", CVPR 2019; the public code's ``PAM_Module``, ``CAM_Module`` and ``DANetHead``).
 
 These modules are the oracle the fast paths are checked against: they materialise the N×N

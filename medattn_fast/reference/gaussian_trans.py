@@ -1,6 +1,6 @@
-"""Seed-faithful MT-UNet ``GaussianTrans``: Gaussian-weighted axial attention as a per-pixel loop.
+"""Faithful MT-UNet ``GaussianTrans``: Gaussian-weighted axial attention as a per-pixel loop.
 
-This is the oracle of the ``gaussian_axial`` op family (DESIGN.md op 4). It reproduces the
+This is the oracle of the ``gaussian_axial`` op family. It reproduces the
 original's math and evaluation order pixel by pixel and is slow on purpose: never optimise it.
 
 Math, for every batch b and pixel (r, c) of an H×W grid (θ = ``shift``, β = ``bias``)::
@@ -91,7 +91,7 @@ def gaussian_trans_loop(atten_x: torch.Tensor, atten_y: torch.Tensor, value: tor
 
 
 class GaussianTrans(nn.Module):
-    """MT-UNet's ``GaussianTrans``, seed-faithful and device-agnostic.
+    """MT-UNet's ``GaussianTrans``, faithful to the original and device-agnostic.
 
     Parameters (names and initialisation as in the original, so checkpoints load):
         ``bias``: ``-|randn(1)|`` (cancels in the softmaxes; kept for the checkpoints),

@@ -1,5 +1,5 @@
-"""Seed 001's guided attention blocks, seed-faithful: ``PositionAttentionModule``,
-``ChannelAttentionModule`` and ``GuidedAttentionModule``.
+"""The guided attention blocks of Multi-Scale Guided Attention (Sinha & Dolz 2020), faithful to the
+original: ``PositionAttentionModule``, ``ChannelAttentionModule`` and ``GuidedAttentionModule``.
 
 The oracle for :mod:`medattn_fast.compat.guided_attention`. The N×N and C×C matrices are
 materialised in the input dtype exactly as the original does. Device-agnostic, never optimised.

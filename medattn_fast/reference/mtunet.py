@@ -1,5 +1,5 @@
 """MT-UNet's blocks (Wang et al., "Mixed Transformer U-Net for medical image segmentation", ICASSP
-2022; Dootmaan/MT-UNet, ``MTUNet.py``), seed-faithful: the oracle the fast paths are checked against.
+2022; Dootmaan/MT-UNet, ``MTUNet.py``), faithful to the original: the oracle the fast paths are checked against.
 
 Same class names, constructor signatures, attribute names (hence ``state_dict`` keys) and math as
 the original, with two deliberate differences, both device plumbing and neither numerical:
