@@ -7,8 +7,8 @@
                         [--dtype float32] [--shape TEXT] [--quick] [--interleave] [--out bench/results]
                                         those cases only (a filter implies --all's case set)
 
-Files: ``<what>_<device>.{json,csv}``, ``<what>`` = ``headline``, ``all`` or the ops chosen, then
-``-<tag>`` if given; ``<device>`` = ``cpu`` or the GPU's model (``h100``). Each JSON records the device, the
+Files: ``<what>_<device>.{json,csv}``, ``<what>`` = ``--tag`` if given, else ``headline``, ``all`` or
+the ops chosen; ``<device>`` = ``cpu`` or the GPU's model (``h100``). Each JSON records the device, the
 versions, the command and the date.
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main(argv=None):
     copy_gbps = measured_copy_bandwidth(device)  # measured for a case with bytes_moved
     if copy_gbps is not None:
         env["copy_GBps"] = f"{copy_gbps:.1f}"
-    what = ("all" if not args.op else "-".join(chosen)) + (f"-{args.tag}" if args.tag else "")
+    what = args.tag or ("all" if not args.op else "-".join(chosen))
     write_results(Path(args.out), what, env, rows, argv)
     return 0
 
@@ -142,11 +142,13 @@ def _headline(args, argv, device) -> int:
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "python") if env.get(k))
     print(f"medattn-fast bench: the headline set on {env['device']} ({env['threads']} threads; {versions}); "
           f"`make bench-full` runs every case", flush=True)
-    from medattn_fast.backend import info
+    from medattn_fast import _build
 
-    if device.type == "cpu" and "not built yet" in info()["backends"]["cpp"]:
-        print("the C++ CPU kernels build on first use (minutes, once per torch version; `make build` does it "
-              "ahead of time)", flush=True)
+    unbuilt = [f for f in _build.families("cpu")
+               if not (_build.build_dir() / _build.module_name("cpu", f) / f"{_build.module_name('cpu', f)}.so").is_file()]
+    if device.type == "cpu" and unbuilt:
+        print(f"the C++ CPU kernels ({', '.join(unbuilt)}) build on first use: minutes, once per torch version "
+              f"(`make build` does it ahead of time)", flush=True)
     cases = headline.headline_cases(device)
     progress = headline.Progress([c.budget_s for c in cases])
     rows = headline.run(device, cases, progress=progress, budget_scale=0.3 if args.quick else 1.0)
@@ -164,7 +166,7 @@ def _headline(args, argv, device) -> int:
     if missing:
         print("not run on this device: " + "; ".join(f"{k} ({v})" for k, v in missing.items()))
     env["wall_s"] = f"{elapsed:.0f}"
-    stem = write_results(Path(args.out), "headline" + (f"-{args.tag}" if args.tag else ""), env, rows, argv)
+    stem = write_results(Path(args.out), args.tag or "headline", env, rows, argv)
     try:
         from bench.plot import headline_figure
     except ImportError as exc:  # matplotlib is the optional `bench` extra
