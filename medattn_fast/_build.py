@@ -6,15 +6,18 @@ has CUDA and nvcc exists). Each source holds its own ``PYBIND11_MODULE``; header
 families (``csrc/<kind>/*.h``) are on the include path. Separate modules keep a compiler error in
 one family from disabling the others, and rebuild only what changed. They are compiled with ninja
 through ``torch.utils.cpp_extension.load`` on first use, into ``$MEDATTN_BUILD_DIR`` (default
-``~/.cache/medattn_fast``) under a directory keyed by the torch, CUDA and Python versions, so one
-cache serves several environments.
+``~/.cache/medattn_fast``; any writable folder) under a directory keyed by the torch, CUDA and
+Python versions, so one cache serves several environments. The sources are found in an installed
+wheel (``medattn_fast/_csrc``), an editable install and a plain checkout alike.
 
 Locking: torch's own build lock is a plain file ("baton") that a killed build leaves behind, after
 which every later build waits on it forever. We take an ``fcntl`` lock first — the kernel releases
 it when its holder dies — and, holding it, delete any baton left by a dead build.
 
-A failed build warns once with the compiler's message; the backend predicates then report the
-failure and ``auto`` falls back to the ``torch`` backend.
+A problem of the installation (sources or ninja or nvcc missing, a failed build: compiler
+output included) warns once, naming the backend and the fix; the backend predicates then report
+it and ``auto`` falls back to the ``torch`` backend. Facts that are not problems (no kernel of a
+kind for a family, a torch without CUDA, ``MEDATTN_NO_BUILD=1``) stay silent.
 """
 from __future__ import annotations
 
@@ -29,7 +32,18 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _find_csrc() -> Path:
+    """The C++/CUDA sources: ``medattn_fast/_csrc`` in an installed wheel (the build maps the
+    repository's top-level ``csrc/`` there), else ``csrc/`` beside the package (a checkout, or an
+    editable install, whose ``medattn_fast`` is the checkout's folder)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "_csrc"
+    return installed if installed.is_dir() else package.parent / "csrc"
+
+
+CSRC = _find_csrc()
 KINDS = ("cpu", "cuda")
 _SUFFIX = {"cpu": ".cpp", "cuda": ".cu"}
 
@@ -70,26 +84,53 @@ def module_name(kind: str, family: str) -> str:
     return f"medattn_{kind}_{family}"
 
 
-def _precondition(kind: str, family: Optional[str] = None) -> Optional[str]:
-    """Why ``kind`` (``family``) cannot even be attempted here (None: it can)."""
+_BACKEND_NAME = {"cpu": "cpp", "cuda": "cuda"}
+
+
+def _blocker(kind: str, family: Optional[str] = None) -> Optional[Tuple[str, Optional[str]]]:
+    """Why ``kind`` (``family``) cannot even be attempted here, and the fix when it is a problem of
+    this installation (a missing file or tool) rather than a fact (no kernel of that kind exists, a
+    torch without CUDA). None: it can be attempted."""
     _check_kind(kind)
     if not CSRC.is_dir():
-        return f"csrc sources not found at {CSRC}"
+        return (f"csrc sources not found at {CSRC}",
+                "reinstall medattn-fast from a wheel or sdist of this version (they ship medattn_fast/_csrc), "
+                "or run it from a source checkout")
     if kind == "cuda":
         if torch.version.cuda is None:
-            return "this torch has no CUDA support, CUDA sources skipped"
+            return "this torch has no CUDA support, CUDA sources skipped", None
         from torch.utils.cpp_extension import CUDA_HOME
 
         if CUDA_HOME is None:
-            return "CUDA toolkit (nvcc) not found, CUDA sources skipped"
+            return ("CUDA toolkit (nvcc) not found, CUDA sources skipped",
+                    f"install the CUDA toolkit {torch.version.cuda} (torch's) and set CUDA_HOME")
     if family is not None and not source(kind, family).is_file():
-        return f"no {kind} kernel for {family} ({source(kind, family).relative_to(CSRC.parent)} does not exist)"
+        return f"no {kind} kernel for {family} ({source(kind, family).relative_to(CSRC.parent)} does not exist)", None
     if shutil.which("ninja") is None:
         try:
             import ninja  # noqa: F401
         except ImportError:
-            return "ninja is not installed"
+            return "ninja is not installed", "pip install ninja"
     return None
+
+
+def _precondition(kind: str, family: Optional[str] = None) -> Optional[str]:
+    """Why ``kind`` (``family``) cannot even be attempted here (None: it can)."""
+    blocker = _blocker(kind, family)
+    return blocker[0] if blocker else None
+
+
+_warned = set()
+
+
+def _warn_once(kind: str, what: str, fix: str, details: str = "") -> None:
+    """One RuntimeWarning per (kind, problem): the first ``auto`` call that falls back says so."""
+    if (kind, what) in _warned:
+        return
+    _warned.add((kind, what))
+    backend = _BACKEND_NAME[kind]
+    warnings.warn(f"medattn_fast: {what}; the {backend!r} backend is unavailable and 'auto' falls back to "
+                  f"the next backend ('torch' on CPU). Fix: {fix}{details}", RuntimeWarning, stacklevel=3)
 
 
 def _flags(kind: str) -> Dict[str, list]:
@@ -157,27 +198,27 @@ def unavailable_reason(kind: str, family: str) -> Optional[str]:
             return None
         if key in _failures:
             return _failures[key]
-        pre = _precondition(kind, family)
-        if pre:
-            _failures[key] = pre
-            return pre
+        blocker = _blocker(kind, family)
+        if blocker:
+            _failures[key], fix = blocker
+            if fix:
+                _warn_once(kind, blocker[0], fix)
+            return _failures[key]
         if os.environ.get("MEDATTN_NO_BUILD", "0") not in ("", "0"):
             _failures[key] = "building csrc is disabled (MEDATTN_NO_BUILD=1)"
             return _failures[key]
         try:
             _modules[key] = _build(kind, family)
             return None
-        except Exception as exc:  # a compiler error: warn once, fall back
+        except Exception as exc:  # a compiler error (or an unwritable cache): warn once, fall back
             msg = str(exc)
             if len(msg) > 4000:
                 msg = "...\n" + msg[-4000:]
             _failures[key] = f"the {kind} extension of {family} failed to build: {msg}"
-            warnings.warn(
-                f"medattn_fast: building the {kind} extension of {family} failed; the 'auto' backend "
-                f"falls back to 'torch'. Compiler output:\n{msg}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            _warn_once(kind, f"building the {kind} extension of {family} failed",
+                       "a C++17 compiler with OpenMP (g++) on PATH and a writable build cache "
+                       f"(MEDATTN_BUILD_DIR, now {build_dir()}); MEDATTN_NO_BUILD=1 turns the build off",
+                       f". Compiler output:\n{msg}")
             return _failures[key]
 
 

@@ -46,6 +46,7 @@ def test_cpu_extension_builds_and_a_stale_lock_does_not_block(tmp_path, monkeypa
 def test_failed_build_warns_once_and_auto_falls_back(monkeypatch):
     monkeypatch.setattr(_build, "_modules", {})
     monkeypatch.setattr(_build, "_failures", {})
+    monkeypatch.setattr(_build, "_warned", set())
 
     def broken(kind, family):
         raise RuntimeError("error: expected ';' before '}' token")

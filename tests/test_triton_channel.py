@@ -12,7 +12,7 @@ import torch
 import medattn_fast
 from medattn_fast.ops._channel_triton import channel_triton_bwd, channel_triton_fwd
 from medattn_fast.ops.channel import channel_attention
-import triton_kernels.channel as triton_channel
+import medattn_fast.triton_kernels.channel as triton_channel
 from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors
 
 

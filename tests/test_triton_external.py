@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import medattn_fast
-import triton_kernels.external as triton_external
+import medattn_fast.triton_kernels.external as triton_external
 from medattn_fast.ops._external_triton import external_triton_bwd, external_triton_fwd
 from medattn_fast.ops.external import external_attention
 from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors

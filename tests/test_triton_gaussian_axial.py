@@ -17,7 +17,7 @@ import torch
 
 import medattn_fast
 import medattn_fast.functional as MF
-import triton_kernels.axial as triton_axial
+import medattn_fast.triton_kernels.axial as triton_axial
 from medattn_fast.ops._gaussian_axial_triton import (
     gaussian_axial_triton_qkv_bwd,
     gaussian_axial_triton_qkv_fwd,

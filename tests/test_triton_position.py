@@ -15,7 +15,7 @@ import torch
 import medattn_fast
 from medattn_fast.ops._position_triton import position_triton_bwd, position_triton_fwd
 from medattn_fast.ops.position import position_attention
-import triton_kernels.position as triton_position
+import medattn_fast.triton_kernels.position as triton_position
 from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors
 
 

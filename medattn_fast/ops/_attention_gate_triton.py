@@ -11,7 +11,7 @@ __all__ = ["KERNELS", "register"]
 
 
 def _kernels():
-    from triton_kernels import gate   # imported on first use: triton is optional
+    from ..triton_kernels import gate   # imported on first use: triton is optional
 
     return gate
 

@@ -22,7 +22,7 @@ from .. import backend as B
 
 
 def _kernels():
-    from triton_kernels import channel as kernels   # imported on first use: triton is optional
+    from ..triton_kernels import channel as kernels   # imported on first use: triton is optional
 
     return kernels
 

@@ -34,7 +34,7 @@ _MAX_LINE = 128   # triton_kernels.axial.MAX_LINE, repeated so that no triton im
 
 
 def _kernels():
-    from triton_kernels import axial as kernels   # imported on first use: triton is optional
+    from ..triton_kernels import axial as kernels   # imported on first use: triton is optional
 
     return kernels
 

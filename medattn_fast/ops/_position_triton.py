@@ -29,7 +29,7 @@ _MAX_DK = 256   # triton_kernels.position.MAX_HEAD_DIM, repeated so that no trit
 
 
 def _kernels():
-    from triton_kernels import position as kernels   # imported on first use: triton is optional
+    from ..triton_kernels import position as kernels   # imported on first use: triton is optional
 
     return kernels
 

@@ -38,7 +38,7 @@ _MAX_GRID_AXIS = 65535
 
 
 def _kernels():
-    from triton_kernels import window as kernels   # imported on first use: triton is optional
+    from ..triton_kernels import window as kernels   # imported on first use: triton is optional
 
     return kernels
 
