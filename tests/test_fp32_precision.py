@@ -14,7 +14,7 @@ import triton.language as tl
 
 from medattn_fast.ops.channel import channel_attention
 from medattn_fast.ops.position import position_attention
-from triton_kernels import _util
+from medattn_fast.triton_kernels import _util
 from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors
 
 

@@ -28,7 +28,7 @@ import torch
 import medattn_fast.functional as MF
 from medattn_fast import _build
 from medattn_fast.ops import _position_cpp
-import triton_kernels.channel as triton_channel
+import medattn_fast.triton_kernels.channel as triton_channel
 
 from _compare import assert_matches_reference, results
 from _tolerance import assert_within_twice

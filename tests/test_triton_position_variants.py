@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from medattn_fast.ops.position import position_attention
-import triton_kernels.position as triton_position
+import medattn_fast.triton_kernels.position as triton_position
 from _tolerance import EPS, F64, default_device, max_errors, worse
 
 
