@@ -276,14 +276,16 @@ def headline_figure(results_json: Path, out_dir: Path) -> Path:
     ys = list(range(len(pairs)))
     for ax, values, title, unit in ((ax_speed, [p[1] for p in pairs], "training step speedup (original / fast time)", "×"),
                                     (ax_mem, [p[2] for p in pairs], "peak memory, fast / original", "×")):
-        shown = [v for v in values if v]
+        floor = 0.01  # a peak below 1% of the original's (the CPU reading counts 4 KiB pages) is drawn there
+        shown = [max(v, floor) for v in values if v is not None]
         for y, v in zip(ys, values):
-            if not v:
+            if v is None:
                 continue
-            left, width = (1.0, v - 1.0) if v >= 1 else (v, 1.0 - v)
+            drawn = max(v, floor)
+            left, width = (1.0, drawn - 1.0) if drawn >= 1 else (drawn, 1.0 - drawn)
             good = v >= 1 if ax is ax_speed else v <= 1
             ax.barh(y, width, left=left, height=0.65, color="#2ca02c" if good else "#d62728")
-            ax.text(max(v, 1.0) * 1.04, y, ratio_label(v), va="center", fontsize=8)
+            ax.text(max(drawn, 1.0) * 1.04, y, ratio_label(v) if v >= floor else f"<{floor:g}×", va="center", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlim(min(shown + [1.0]) / 1.5, max(shown + [1.0]) * 1.8)
         _log_axis(ax.xaxis, unit)
