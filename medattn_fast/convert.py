@@ -30,6 +30,7 @@ tables, so existing handles still remove them) and every training flag. The oute
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -118,6 +119,7 @@ def _methods(cls: type) -> Dict[str, object]:
     return found
 
 
+@functools.lru_cache(maxsize=None)
 def code_fingerprint(cls: type) -> Optional[str]:
     """A 16-hex-digit hash of ``cls``'s code (see the module docstring), or None when its source
     cannot be read (a class built by ``exec`` or in an interactive session)."""
@@ -221,7 +223,7 @@ def _twin(child: nn.Module, candidates: Sequence[type], trusted: bool) -> Tuple[
     """(the compat twin of ``child``, "") or (None, the reason it is not swapped)."""
     cls = type(child)
     name = cls.__name__
-    reasons = []
+    reasons, unknown_code = [], 0
     fp = None if trusted else code_fingerprint(cls)
     if not trusted and fp is None:
         return None, (f"the source of {_qualified(cls)} cannot be read, so its code cannot be checked against "
@@ -232,6 +234,7 @@ def _twin(child: nn.Module, candidates: Sequence[type], trusted: bool) -> Tuple[
             if fp not in known:
                 reasons.append(f"{target.__name__}: code fingerprint {fp} is none of the versions it reproduces "
                                f"({', '.join(sorted(set(known.values()))) or 'none'})")
+                unknown_code += 1
                 continue
         try:
             new = target.from_original(child)
@@ -240,7 +243,7 @@ def _twin(child: nn.Module, candidates: Sequence[type], trusted: bool) -> Tuple[
                            + f"{type(exc).__name__}: {exc}".splitlines()[0])
             continue
         return new, ""
-    if not trusted and len(reasons) == len(candidates):
+    if unknown_code == len(candidates):
         reasons.append(f"pass trust=[{name}] to vouch for a class of your own")
     return None, "; ".join(reasons)
 
