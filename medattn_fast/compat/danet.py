@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import functional as MF
+from ..reference import danet as R
 from ._adopt import adopt
 
 __all__ = ["PAM_Module", "CAM_Module", "DANetHead", "COMPAT_CLASSES"]
@@ -33,22 +34,12 @@ def _check_input(name: str, x) -> None:
         raise ValueError(f"{name}: input must be (B, C, H, W), got shape {tuple(x.shape)}")
 
 
-class PAM_Module(nn.Module):  # noqa: N801 (the original's name)
-    """Position attention ``γ · V softmax(Qᵀ K)ᵀ + x`` without the N×N matrix.
+class PAM_Module(R.PAM_Module):  # noqa: N801 (the original's name)
+    """Position attention ``γ · V softmax(Qᵀ K)ᵀ + x`` without the N×N matrix; the original's
+    modules and keys (:class:`medattn_fast.reference.danet.PAM_Module`)."""
 
-    Keys: ``gamma`` (1,), ``query_conv``/``key_conv`` (in_dim/8, in_dim, 1, 1) + bias,
-    ``value_conv`` (in_dim, in_dim, 1, 1) + bias.
-    """
-
-    def __init__(self, in_dim: int):
-        super().__init__()
-        self.chanel_in = in_dim
-        self.query_conv = nn.Conv2d(in_dim, in_dim // 8, kernel_size=1)
-        self.key_conv = nn.Conv2d(in_dim, in_dim // 8, kernel_size=1)
-        self.value_conv = nn.Conv2d(in_dim, in_dim, kernel_size=1)
-        self.gamma = nn.Parameter(torch.zeros(1))
-        # chunk_size=None: the backend's default block (16 MiB of scores on the torch backend).
-        self.chunk_size = None
+    # query rows per block; None: the backend's default (16 MiB of scores on the torch backend)
+    chunk_size = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(type(self).__name__, x)
@@ -63,13 +54,8 @@ class PAM_Module(nn.Module):  # noqa: N801 (the original's name)
         return adopt(cls(module.value_conv.weight.shape[1]), module)
 
 
-class CAM_Module(nn.Module):  # noqa: N801
-    """Channel attention ``γ · softmax(−X Xᵀ) X + x`` (float32 energy). Keys: ``gamma`` (1,)."""
-
-    def __init__(self, in_dim: int):
-        super().__init__()
-        self.chanel_in = in_dim
-        self.gamma = nn.Parameter(torch.zeros(1))
+class CAM_Module(R.CAM_Module):  # noqa: N801
+    """Channel attention ``γ · softmax(−X Xᵀ) X + x`` (float32 energy); the original's keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(type(self).__name__, x)
@@ -81,44 +67,17 @@ class CAM_Module(nn.Module):  # noqa: N801
         return adopt(cls(getattr(module, "chanel_in", 0)), module)
 
 
-def _conv_bn_relu(cin: int, cout: int, norm_layer) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), norm_layer(cout), nn.ReLU())
+class DANetHead(R.DANetHead):
+    """DANet's head on the fast PAM/CAM; returns ``(fused, position_only, channel_only)``, the
+    original's modules and keys (:class:`medattn_fast.reference.danet.DANetHead`) and its order of
+    evaluation (the three Dropout2d draws match it under one random seed)."""
 
-
-def _classifier(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout2d(0.1, False), nn.Conv2d(cin, cout, 1))
-
-
-class DANetHead(nn.Module):
-    """DANet's head with the fast PAM/CAM; returns ``(fused, position_only, channel_only)``.
-
-    Keys (inter = in_channels // 4): ``conv5a``/``conv5c`` (3×3 conv in->inter, norm, ReLU), ``sa``
-    (PAM), ``sc`` (CAM), ``conv51``/``conv52`` (3×3 conv inter->inter, norm, ReLU),
-    ``conv6``/``conv7``/``conv8`` (Dropout2d(0.1) at index 0, 1×1 conv inter->out at index 1).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, norm_layer=nn.BatchNorm2d):
-        super().__init__()
-        inter_channels = in_channels // 4
-        self.conv5a = _conv_bn_relu(in_channels, inter_channels, norm_layer)
-        self.conv5c = _conv_bn_relu(in_channels, inter_channels, norm_layer)
-        self.sa = PAM_Module(inter_channels)
-        self.sc = CAM_Module(inter_channels)
-        self.conv51 = _conv_bn_relu(inter_channels, inter_channels, norm_layer)
-        self.conv52 = _conv_bn_relu(inter_channels, inter_channels, norm_layer)
-        self.conv6 = _classifier(inter_channels, out_channels)
-        self.conv7 = _classifier(inter_channels, out_channels)
-        self.conv8 = _classifier(inter_channels, out_channels)
+    position_module = PAM_Module
+    channel_module = CAM_Module
 
     def forward(self, x: torch.Tensor):
         _check_input(type(self).__name__, x)
-        # The original's order of evaluation, so that the three Dropout2d draws match it under
-        # one random seed: position branch and its classifier, channel branch and its, then fused.
-        sa_conv = self.conv51(self.sa(self.conv5a(x)))
-        sa_output = self.conv6(sa_conv)
-        sc_conv = self.conv52(self.sc(self.conv5c(x)))
-        sc_output = self.conv7(sc_conv)
-        return self.conv8(sa_conv + sc_conv), sa_output, sc_output
+        return super().forward(x)
 
     @classmethod
     def from_original(cls, module: nn.Module) -> "DANetHead":

@@ -1,5 +1,7 @@
 """Multi-Scale Guided Attention's (Sinha & Dolz 2020) ``PositionAttentionModule``,
-``ChannelAttentionModule`` and ``GuidedAttentionModule`` with the original names, constructor signatures and state_dict keys, fast inside::
+``ChannelAttentionModule`` and ``GuidedAttentionModule`` with the original names, constructor
+signatures and state_dict keys — subclasses of :mod:`medattn_fast.reference.guided_attention`'s
+classes, so the keys hold by construction — fast inside::
 
     from medattn_fast.compat.guided_attention import GuidedAttentionModule
 
@@ -20,18 +22,14 @@ import torch
 from torch import nn
 
 from .. import functional as MF
+from ..reference import guided_attention as R
 from ._adopt import adopt
 
 __all__ = ["PositionAttentionModule", "ChannelAttentionModule", "GuidedAttentionModule", "COMPAT_CLASSES"]
 
 
-def _conv(spatial_dims: int):
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-
-
-def _check_input(name: str, x, spatial_dims: int, arg: str = "F") -> None:
+def _check_input(module: nn.Module, x, arg: str = "F") -> None:
+    name, spatial_dims = type(module).__name__, module.spatial_dims
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: argument '{arg}' must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != spatial_dims + 2:
@@ -40,21 +38,24 @@ def _check_input(name: str, x, spatial_dims: int, arg: str = "F") -> None:
                          f"got shape {tuple(x.shape)}")
 
 
-class PositionAttentionModule(nn.Module):
+class _SpatialDims:
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3, from the convolutions (the original's constructor does not keep it)."""
+        return next(m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))).weight.dim() - 2
+
+    @classmethod
+    def _adopt(cls, module: nn.Module, conv: nn.Module, *channels: int):
+        return adopt(cls(*channels, spatial_dims=conv.weight.dim() - 2), module)
+
+
+class PositionAttentionModule(_SpatialDims, R.PositionAttentionModule):
     """``output_conv(F3 * F)``, ``F3 = V @ softmax(Qᵀ K)`` (column-weighted, no N×N matrix)."""
 
-    def __init__(self, in_channels: int, spatial_dims: int = 2):
-        super().__init__()
-        conv = _conv(spatial_dims)
-        self.spatial_dims = spatial_dims
-        self.first_branch_conv = conv(in_channels, int(in_channels / 8), kernel_size=1)
-        self.second_branch_conv = conv(in_channels, int(in_channels / 8), kernel_size=1)
-        self.third_branch_conv = conv(in_channels, in_channels, kernel_size=1)
-        self.output_conv = conv(in_channels, in_channels, kernel_size=1)
-        self.chunk_size = None
+    chunk_size = None   # query rows per block; None: the backend's default
 
     def forward(self, F: torch.Tensor) -> torch.Tensor:  # noqa: N803
-        _check_input(type(self).__name__, F, self.spatial_dims)
+        _check_input(self, F)
         attended = MF.position_attention(
             self.first_branch_conv(F).flatten(2), self.second_branch_conv(F).flatten(2),
             self.third_branch_conv(F).flatten(2), transpose=True, layout="channels",
@@ -64,56 +65,37 @@ class PositionAttentionModule(nn.Module):
 
     @classmethod
     def from_original(cls, module: nn.Module) -> "PositionAttentionModule":
-        w = module.third_branch_conv.weight
-        return adopt(cls(w.shape[1], spatial_dims=w.dim() - 2), module)
+        return cls._adopt(module, module.third_branch_conv, module.third_branch_conv.weight.shape[1])
 
 
-class ChannelAttentionModule(nn.Module):
+class ChannelAttentionModule(_SpatialDims, R.ChannelAttentionModule):
     """``output_conv(F3 * F)``, ``F3 = softmax(X Xᵀ) X`` (E accumulated in float32)."""
 
-    def __init__(self, in_channels: int, spatial_dims: int = 2):
-        super().__init__()
-        self.spatial_dims = spatial_dims
-        self.output_conv = _conv(spatial_dims)(in_channels, in_channels, kernel_size=1)
-
     def forward(self, F: torch.Tensor) -> torch.Tensor:  # noqa: N803
-        _check_input(type(self).__name__, F, self.spatial_dims)
+        _check_input(self, F)
         return self.output_conv(MF.channel_attention(F, negate=False, multiply=F))
 
     @classmethod
     def from_original(cls, module: nn.Module) -> "ChannelAttentionModule":
-        w = module.output_conv.weight
-        return adopt(cls(w.shape[1], spatial_dims=w.dim() - 2), module)
+        return cls._adopt(module, module.output_conv, module.output_conv.weight.shape[1])
 
 
-class GuidedAttentionModule(nn.Module):
+class GuidedAttentionModule(_SpatialDims, R.GuidedAttentionModule):
     """``attention_map_conv(_F * cam(_F)) * F`` with ``_F = cat(F, F_ms)``; ``pam`` built, unused.
     Needs in_channels_Fms == in_channels_F (or one of them 1) for the final product, like the original."""
 
-    def __init__(self, in_channels_F: int, in_channels_Fms: int, spatial_dims: int = 2):  # noqa: N803
-        super().__init__()
-        in_channels = in_channels_F + in_channels_Fms
-        self.spatial_dims = spatial_dims
-        self.pam = PositionAttentionModule(in_channels, spatial_dims)
-        self.cam = ChannelAttentionModule(in_channels, spatial_dims)
-        self.attention_map_conv = nn.Sequential(
-            _conv(spatial_dims)(in_channels, in_channels_Fms, kernel_size=1),
-            (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(in_channels_Fms),
-            nn.ReLU(),
-        )
+    position_module = PositionAttentionModule
+    channel_module = ChannelAttentionModule
 
     def forward(self, F: torch.Tensor, F_ms: torch.Tensor) -> torch.Tensor:  # noqa: N803
-        name = type(self).__name__
-        _check_input(name, F, self.spatial_dims, "F")
-        _check_input(name, F_ms, self.spatial_dims, "F_ms")
-        joint = torch.cat((F, F_ms), dim=1)
-        return self.attention_map_conv(joint * self.cam(joint)) * F
+        _check_input(self, F, "F")
+        _check_input(self, F_ms, "F_ms")
+        return super().forward(F, F_ms)
 
     @classmethod
     def from_original(cls, module: nn.Module) -> "GuidedAttentionModule":
         w = module.attention_map_conv[0].weight           # (Fms, F + Fms, 1, 1[, 1])
-        fms, total = w.shape[0], w.shape[1]
-        return adopt(cls(total - fms, fms, spatial_dims=w.dim() - 2), module)
+        return cls._adopt(module, module.attention_map_conv[0], w.shape[1] - w.shape[0], w.shape[0])
 
 
 COMPAT_CLASSES = {

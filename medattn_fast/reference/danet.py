@@ -87,15 +87,21 @@ def _classifier(cin: int, cout: int) -> nn.Sequential:
 class DANetHead(nn.Module):
     """The DANet head: two conv-BN-ReLU stems (C -> C/4), PAM on one and CAM on the other, a
     conv-BN-ReLU after each, and three 1×1 classifiers (behind Dropout2d(0.1)) on the position
-    branch, the channel branch and their sum. Returns ``(fused, position_only, channel_only)``."""
+    branch, the channel branch and their sum. Returns ``(fused, position_only, channel_only)``.
+
+    ``position_module``/``channel_module``: the classes built for ``sa``/``sc`` (a subclass with a
+    fast forward swaps them, keeping the keys)."""
+
+    position_module = PAM_Module
+    channel_module = CAM_Module
 
     def __init__(self, in_channels: int, out_channels: int, norm_layer=nn.BatchNorm2d):
         super().__init__()
         inter_channels = in_channels // 4
         self.conv5a = _conv_bn_relu(in_channels, inter_channels, norm_layer)
         self.conv5c = _conv_bn_relu(in_channels, inter_channels, norm_layer)
-        self.sa = PAM_Module(inter_channels)
-        self.sc = CAM_Module(inter_channels)
+        self.sa = self.position_module(inter_channels)
+        self.sc = self.channel_module(inter_channels)
         self.conv51 = _conv_bn_relu(inter_channels, inter_channels, norm_layer)
         self.conv52 = _conv_bn_relu(inter_channels, inter_channels, norm_layer)
         self.conv6 = _classifier(inter_channels, out_channels)

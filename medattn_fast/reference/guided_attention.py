@@ -85,13 +85,17 @@ class ChannelAttentionModule(nn.Module):
 
 class GuidedAttentionModule(nn.Module):
     """``attention_map_conv(_F * cam(_F)) * F`` with ``_F = cat(F, F_ms)``; ``pam`` is built but
-    unused (see the module doc). attention_map_conv = 1×1 conv (-> in_channels_Fms) -> BN -> ReLU."""
+    unused (see the module doc). attention_map_conv = 1×1 conv (-> in_channels_Fms) -> BN -> ReLU.
+    ``position_module``/``channel_module``: the classes built for ``pam``/``cam``."""
+
+    position_module = PositionAttentionModule
+    channel_module = ChannelAttentionModule
 
     def __init__(self, in_channels_F: int, in_channels_Fms: int, spatial_dims: int = 2):  # noqa: N803
         super().__init__()
         in_channels = in_channels_F + in_channels_Fms
-        self.pam = PositionAttentionModule(in_channels, spatial_dims)
-        self.cam = ChannelAttentionModule(in_channels, spatial_dims)
+        self.pam = self.position_module(in_channels, spatial_dims)
+        self.cam = self.channel_module(in_channels, spatial_dims)
         self.attention_map_conv = nn.Sequential(
             _conv(spatial_dims)(in_channels, in_channels_Fms, kernel_size=1),
             _batch_norm(spatial_dims)(in_channels_Fms),
