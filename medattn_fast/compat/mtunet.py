@@ -16,20 +16,26 @@ ones without effect, so checkpoints load with ``strict=True``. What changes is i
 * ``CSAttention``: the 1×1 ``queeze`` conv runs channel-last on the cropped grid and is split in
   its [global, local] halves, so the concatenation and the layout permutes are never materialised.
 
-Every class has ``from_original(module)``: build the twin of an original instance (constructor
+Every class here is a subclass of its namesake in :mod:`medattn_fast.reference.mtunet`, which
+builds each container's children by name from the module of the container's own class: the module
+tree, the construction order (one seed, the original's initial weights) and the keys are the
+reference's by construction; only the forwards are replaced. Every class has
+``from_original(module)``: build the twin of an original instance (constructor
 arguments inferred from it), load its state_dict strictly, keep its device, dtype and training mode.
 :data:`COMPAT_CLASSES` maps the original class names to these classes (used by ``convert``).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as MF
+from ..reference import mtunet as R
+from ..reference.mtunet import MTUNET_CONFIGS
 from ..nn.mtunet import merge_windows, window_aggregation
 from ._adopt import adopt
 
@@ -45,16 +51,6 @@ __all__ = [
     "COMPAT_CLASSES",
 ]
 
-# The original's module-level ``configs`` (Synapse model); EAmodule's default.
-MTUNET_CONFIGS: Dict[str, object] = {
-    "win_size": 4,
-    "head": 8,
-    "axis": [28, 16, 8],
-    "encoder": [256, 512],
-    "bottleneck": 1024,
-    "decoder": [1024, 512],
-    "decoder_stem": [(256, 512), (256, 256), (128, 64), 32],
-}
 
 # The original upsamples the global branch by a hard-coded 4 (UpsamplingBilinear2d(scale_factor=4)).
 _GLOBAL_UPSAMPLE = 4
@@ -98,7 +94,7 @@ class _FromOriginal:
 # GaussianTrans
 # ---------------------------------------------------------------------------------------------
 
-class GaussianTrans(_FromOriginal, nn.Module):
+class GaussianTrans(_FromOriginal, R.GaussianTrans):
     r"""MT-UNet's ``GaussianTrans()``: ``forward((x, atten_x, atten_y, value))`` -> (B, H, W, D).
 
     ``out[r,c] = Σ_j softmax_j(atten_x[r,c,j] − θ(j−c)² − β) v[r,j] + Σ_i softmax_i(atten_y[c,r,i] − θ(i−r)² − β) v[i,c]``
@@ -106,12 +102,6 @@ class GaussianTrans(_FromOriginal, nn.Module):
     gradient is 0). x (B, H, W, C) only carries the grid size, as in the original; atten_x
     (B, H, W, W), atten_y (B, W, H, H), value (B, H, W, D). Unlike the original, H ≠ W works.
     """
-
-    def __init__(self):
-        super().__init__()
-        self.bias = nn.Parameter(-torch.abs(torch.randn(1)))
-        self.shift = nn.Parameter(torch.abs(torch.randn(1)))
-        self.softmax = nn.Softmax(dim=-1)  # the original's attribute (no parameters)
 
     @classmethod
     def _init_args(cls, module):
@@ -132,7 +122,7 @@ class GaussianTrans(_FromOriginal, nn.Module):
 # Attention (window mode and axial-scores mode)
 # ---------------------------------------------------------------------------------------------
 
-class Attention(_FromOriginal, nn.Module):
+class Attention(_FromOriginal, R.Attention):
     r"""MT-UNet's ``Attention(dim, configs, axial=False)``.
 
     ``axial=False``: x (..., win, dim) -> (..., win, dim), multi-head softmax attention over the
@@ -145,19 +135,6 @@ class Attention(_FromOriginal, nn.Module):
     contiguous copies. ``out`` exists but is not used in this mode (as in the original).
     ``key_layer.bias`` has no effect in either mode.
     """
-
-    def __init__(self, dim, configs, axial=False):
-        super().__init__()
-        self.axial = axial
-        self.dim = dim
-        self.num_head = configs["head"]
-        self.attention_head_size = int(self.dim / configs["head"])
-        self.all_head_size = self.num_head * self.attention_head_size
-        self.query_layer = nn.Linear(self.dim, self.all_head_size)
-        self.key_layer = nn.Linear(self.dim, self.all_head_size)
-        self.value_layer = nn.Linear(self.dim, self.all_head_size)
-        self.out = nn.Linear(self.dim, self.dim)
-        self.softmax = nn.Softmax(dim=-1)  # the original's attribute (no parameters)
 
     @classmethod
     def _init_args(cls, module):
@@ -197,18 +174,13 @@ class Attention(_FromOriginal, nn.Module):
 # WinAttention, DlightConv
 # ---------------------------------------------------------------------------------------------
 
-class WinAttention(_FromOriginal, nn.Module):
+class WinAttention(_FromOriginal, R.WinAttention):
     r"""MT-UNet's ``WinAttention(configs, dim)``: tokens (b, n, c), n = h·h -> (b, p, p, ws², c).
 
     The original's padding exactly (zeros on the right/bottom strips, the bottom-right corner a copy
     of x's last block, padded tokens unmasked), via ``window_attention(pad_mode="mtunet",
     layout="windows")``, on x's own device (no ``.cuda()``).
     """
-
-    def __init__(self, configs, dim):
-        super().__init__()
-        self.window_size = configs["win_size"]
-        self.attention = Attention(dim, configs)
 
     @classmethod
     def _init_args(cls, module):
@@ -223,14 +195,9 @@ class WinAttention(_FromOriginal, nn.Module):
                                    pad_mode="mtunet", layout="windows")
 
 
-class DlightConv(_FromOriginal, nn.Module):
+class DlightConv(_FromOriginal, R.DlightConv):
     r"""MT-UNet's ``DlightConv(dim, configs)``: windows (b, p, p, win, c) -> (b, p, p, c),
     ``Σ_win softmax(linear(mean_win(x))) · x`` (the weighted sum as one batched matmul)."""
-
-    def __init__(self, dim, configs):
-        super().__init__()
-        self.linear = nn.Linear(dim, configs["win_size"] * configs["win_size"])
-        self.softmax = nn.Softmax(dim=-1)  # the original's attribute (no parameters)
 
     @classmethod
     def _init_args(cls, module):
@@ -253,7 +220,7 @@ class DlightConv(_FromOriginal, nn.Module):
 # CSAttention
 # ---------------------------------------------------------------------------------------------
 
-class CSAttention(_FromOriginal, nn.Module):
+class CSAttention(_FromOriginal, R.CSAttention):
     r"""MT-UNet's ``CSAttention(dim, configs)``: tokens (b, n, c), n = h·h -> (b, n, c).
 
     local = windows of WinAttention on the padded (R, R) grid; global = GaussianTrans of the axial
@@ -262,15 +229,6 @@ class CSAttention(_FromOriginal, nn.Module):
     cropped to h × h. ``global_atten.out`` is kept (checkpoints) but never called, as in the
     original. ``queeze`` runs channel-last on the cropped grid, as two halves of its weight.
     """
-
-    def __init__(self, dim, configs):
-        super().__init__()
-        self.win_atten = WinAttention(configs, dim)
-        self.dlightconv = DlightConv(dim, configs)
-        self.global_atten = Attention(dim, configs, axial=True)
-        self.gaussiantrans = GaussianTrans()
-        self.up = nn.UpsamplingBilinear2d(scale_factor=_GLOBAL_UPSAMPLE)  # the original's attribute
-        self.queeze = nn.Conv2d(2 * dim, dim, 1)
 
     @classmethod
     def _init_args(cls, module):
@@ -306,22 +264,11 @@ class CSAttention(_FromOriginal, nn.Module):
 # MEAttention, EAmodule
 # ---------------------------------------------------------------------------------------------
 
-class MEAttention(_FromOriginal, nn.Module):
+class MEAttention(_FromOriginal, R.MEAttention):
     r"""MT-UNet's ``MEAttention(dim, configs)``: (B, N, dim) -> (B, N, dim), external attention
     with 4·head heads, memories of 64 slots, softmax over tokens then over slots
     (:func:`~medattn_fast.functional.external_attention`). ``query_liner.bias`` and
     ``linear_0.bias`` have no effect (kept for the checkpoints)."""
-
-    def __init__(self, dim, configs):
-        super().__init__()
-        self.num_heads = configs["head"]
-        self.coef = 4
-        self.query_liner = nn.Linear(dim, dim * self.coef)
-        self.num_heads = self.coef * self.num_heads
-        self.k = 256 // self.coef
-        self.linear_0 = nn.Linear(dim * self.coef // self.num_heads, self.k)
-        self.linear_1 = nn.Linear(self.k, dim * self.coef // self.num_heads)
-        self.proj = nn.Linear(dim * self.coef, dim)
 
     @classmethod
     def _init_args(cls, module):
@@ -337,7 +284,7 @@ class MEAttention(_FromOriginal, nn.Module):
                                      self.proj.weight, self.proj.bias, num_heads=self.num_heads)
 
 
-class EAmodule(_FromOriginal, nn.Module):
+class EAmodule(_FromOriginal, R.EAmodule):
     r"""MT-UNet's mixed transformer module ``EAmodule(dim)``: (B, N, dim) -> (B, N, dim).
 
     ``x = x + CSAttention(SlayerNorm(x))``; ``x = x + EAttention(ElayerNorm(x))`` (LayerNorm eps
@@ -345,22 +292,12 @@ class EAmodule(_FromOriginal, nn.Module):
     dict (:data:`MTUNET_CONFIGS`). ``ElayerNorm.bias`` has no effect (kept for the checkpoints).
     """
 
-    def __init__(self, dim, configs=MTUNET_CONFIGS):
-        super().__init__()
-        self.SlayerNorm = nn.LayerNorm(dim, eps=1e-6)
-        self.ElayerNorm = nn.LayerNorm(dim, eps=1e-6)
-        self.CSAttention = CSAttention(dim, configs)
-        self.EAttention = MEAttention(dim, configs)
-
     @classmethod
     def _init_args(cls, module):
         win = module.CSAttention.win_atten
         return (module.SlayerNorm.normalized_shape[0],), {
             "configs": {"win_size": win.window_size, "head": win.attention.num_head}}
 
-    def forward(self, x):
-        x = x + self.CSAttention(self.SlayerNorm(x))
-        return x + self.EAttention(self.ElayerNorm(x))
 
 
 COMPAT_CLASSES = {
@@ -379,8 +316,9 @@ COMPAT_CLASSES = {
 # ---------------------------------------------------------------------------------------------
 #
 # The CNN parts (ConvBNReLU, DoubleConv, U_encoder, U_decoder, DecoderStem, Stem) are plain
-# convolutions with nothing to fuse; they are here so that ``MTUNet`` and its pieces keep the
-# original's names and keys. They are left out of COMPAT_CLASSES: swapping them would change
+# convolutions with nothing to fuse: the reference's classes, named here so that the reference
+# containers (which build their children by name from the module of their own class) build this
+# module's classes at every level. They are left out of COMPAT_CLASSES: swapping them would change
 # nothing, and their generic names (``DoubleConv``, ``Stem``) match other networks' classes.
 # encoder_block, decoder_block and MTUNet are in it (they hold the mixed-transformer modules).
 
@@ -408,16 +346,9 @@ def _configs_of(ea: nn.Module) -> Dict[str, object]:
     return {"win_size": win.window_size, "head": win.attention.num_head}
 
 
-class ConvBNReLU(_FromOriginal, nn.Module):
+class ConvBNReLU(_FromOriginal, R.ConvBNReLU):
     """MT-UNet's ``ConvBNReLU(c_in, c_out, kernel_size, stride=1, padding=1, activation=True)``:
     Conv2d (no bias) -> BatchNorm2d -> ReLU (skipped when ``activation=False``)."""
-
-    def __init__(self, c_in, c_out, kernel_size, stride=1, padding=1, activation=True):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel_size=kernel_size, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU()
-        self.activation = activation
 
     @classmethod
     def _init_args(cls, module):
@@ -425,99 +356,48 @@ class ConvBNReLU(_FromOriginal, nn.Module):
         return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 bool(module.activation)), {}
 
-    def forward(self, x):
-        x = self.bn(self.conv(x))
-        return torch.relu(x) if self.activation else x
 
 
-class DoubleConv(_FromOriginal, nn.Module):
+class DoubleConv(_FromOriginal, R.DoubleConv):
     """MT-UNet's ``DoubleConv(cin, cout)``: h = ConvBN(ConvBNReLU(x)) (3×3 each), then
     ``relu(h + BN(conv1x1(h)))``."""
-
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.conv = nn.Sequential(
-            ConvBNReLU(cin, cout, 3, 1, padding=1),
-            ConvBNReLU(cout, cout, 3, stride=1, padding=1, activation=False),
-        )
-        self.conv1 = nn.Conv2d(cout, cout, 1)
-        self.relu = nn.ReLU()
-        self.bn = nn.BatchNorm2d(cout)
 
     @classmethod
     def _init_args(cls, module):
         return (module.conv[0].conv.in_channels, module.conv[0].conv.out_channels), {}
 
-    def forward(self, x):
-        h = self.conv(x)
-        return torch.relu(h + self.bn(self.conv1(h)))
 
 
-class U_encoder(_FromOriginal, nn.Module):
+class U_encoder(_FromOriginal, R.U_encoder):
     """MT-UNet's CNN encoder: (B, 3, H, W) -> ((B, 256, H/8, W/8), [f1 (64, H), f2 (128, H/2),
     f3 (256, H/4)]): DoubleConv then 2×2 max-pool, three times."""
 
-    def __init__(self):
-        super().__init__()
-        self.res1 = DoubleConv(3, 64)
-        self.pool1 = nn.MaxPool2d(2)
-        self.res2 = DoubleConv(64, 128)
-        self.pool2 = nn.MaxPool2d(2)
-        self.res3 = DoubleConv(128, 256)
-        self.pool3 = nn.MaxPool2d(2)
-
     @classmethod
     def _init_args(cls, module):
         return (), {}
 
-    def forward(self, x):
-        features = []
-        for res, pool in ((self.res1, self.pool1), (self.res2, self.pool2), (self.res3, self.pool3)):
-            x = res(x)
-            features.append(x)
-            x = pool(x)
-        return x, features
 
 
-class U_decoder(_FromOriginal, nn.Module):
+class U_decoder(_FromOriginal, R.U_decoder):
     """MT-UNet's CNN decoder: (B, 512, H/8, W/8), [f1, f2, f3] -> (B, 64, H, W); each stage
     ``res_i(cat[skip, trans_i(x)])`` (the skip first)."""
 
-    def __init__(self):
-        super().__init__()
-        self.trans1 = nn.ConvTranspose2d(512, 256, 2, stride=2)
-        self.res1 = DoubleConv(512, 256)
-        self.trans2 = nn.ConvTranspose2d(256, 128, 2, stride=2)
-        self.res2 = DoubleConv(256, 128)
-        self.trans3 = nn.ConvTranspose2d(128, 64, 2, stride=2)
-        self.res3 = DoubleConv(128, 64)
-
     @classmethod
     def _init_args(cls, module):
         return (), {}
 
-    def forward(self, x, feature):
-        x = self.res1(torch.cat((feature[2], self.trans1(x)), dim=1))
-        x = self.res2(torch.cat((feature[1], self.trans2(x)), dim=1))
-        return self.res3(torch.cat((feature[0], self.trans3(x)), dim=1))
 
 
-class DecoderStem(_FromOriginal, nn.Module):
+class DecoderStem(_FromOriginal, R.DecoderStem):
     """MT-UNet's ``DecoderStem()``: :class:`U_decoder` nested as ``block``."""
 
-    def __init__(self):
-        super().__init__()
-        self.block = U_decoder()
-
     @classmethod
     def _init_args(cls, module):
         return (), {}
 
-    def forward(self, x, features):
-        return self.block(x, features)
 
 
-class Stem(_FromOriginal, nn.Module):
+class Stem(_FromOriginal, R.Stem):
     r"""MT-UNet's ``Stem()``: (B, 3, H, W) -> (tokens (B, N, 256), [f1, f2, f3]).
 
     :class:`U_encoder`, the 1×1 ``trans_dim`` ConvBNReLU, row-major tokens plus
@@ -529,9 +409,8 @@ class Stem(_FromOriginal, nn.Module):
 
     def __init__(self, *, num_tokens=_EMBED_TOKENS):
         super().__init__()
-        self.model = U_encoder()
-        self.trans_dim = ConvBNReLU(256, 256, 1, 1, 0)
-        self.position_embedding = nn.Parameter(torch.zeros((1, num_tokens, _EMBED_DIM)))
+        if num_tokens != _EMBED_TOKENS:
+            self.position_embedding = nn.Parameter(torch.zeros((1, num_tokens, _EMBED_DIM)))
 
     @classmethod
     def _init_args(cls, module):
@@ -548,19 +427,11 @@ class Stem(_FromOriginal, nn.Module):
         return x.permute(0, 2, 3, 1).reshape(B, H * W, C) + self.position_embedding, features
 
 
-class encoder_block(_FromOriginal, nn.Module):
+class encoder_block(_FromOriginal, R.encoder_block):
     r"""MT-UNet's ``encoder_block(dim)``: tokens (B, h·h, dim) -> ((B, 2·dim, h/2, h/2), skip
     (B, dim, h, h)): two fast :class:`EAmodule`, then the stride-2 2×2 ConvBNReLU. The skip is a
     channel-first view of the tokens, as in the original. ``configs`` defaults to
     :data:`MTUNET_CONFIGS` (the original's module-level dict)."""
-
-    def __init__(self, dim, configs=MTUNET_CONFIGS):
-        super().__init__()
-        self.block = nn.ModuleList([
-            EAmodule(dim, configs),
-            EAmodule(dim, configs),
-            ConvBNReLU(dim, dim * 2, 2, stride=2, padding=0),
-        ])
 
     @classmethod
     def _init_args(cls, module):
@@ -574,7 +445,7 @@ class encoder_block(_FromOriginal, nn.Module):
         return self.block[2](skip), skip
 
 
-class decoder_block(_FromOriginal, nn.Module):
+class decoder_block(_FromOriginal, R.decoder_block):
     r"""MT-UNet's ``decoder_block(dim, flag)``: (B, dim, h, w), skip -> tokens (B, 4hw, C).
 
     ``flag=False``: up (ConvTranspose2d dim -> dim/2), 1×1 conv of ``cat[x, skip]`` -> dim/2, two
@@ -583,23 +454,6 @@ class decoder_block(_FromOriginal, nn.Module):
     on the halves of its weight (no concatenation), without it one channel-last concatenation
     (no extra permute copy).
     """
-
-    def __init__(self, dim, flag, configs=MTUNET_CONFIGS):
-        super().__init__()
-        self.flag = flag
-        if not self.flag:
-            self.block = nn.ModuleList([
-                nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2, padding=0),
-                nn.Conv2d(dim, dim // 2, kernel_size=1, stride=1),
-                EAmodule(dim // 2, configs),
-                EAmodule(dim // 2, configs),
-            ])
-        else:
-            self.block = nn.ModuleList([
-                nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2, padding=0),
-                EAmodule(dim, configs),
-                EAmodule(dim, configs),
-            ])
 
     @classmethod
     def _init_args(cls, module):
@@ -632,7 +486,7 @@ class decoder_block(_FromOriginal, nn.Module):
         return self.block[first + 1](self.block[first](tokens))
 
 
-class MTUNet(_FromOriginal, nn.Module):
+class MTUNet(_FromOriginal, R.MTUNet):
     r"""MT-UNet (Dootmaan/MT-UNet ``MTUNet(out_ch=4)``): (B, 3 or 1, 224, 224) -> (B, out_ch, 224, 224).
 
     The original's modules, keys (487 for ``MTUNet(9)``) and math, on the fast blocks:
@@ -649,24 +503,13 @@ class MTUNet(_FromOriginal, nn.Module):
     """
 
     def __init__(self, out_ch=4, configs=MTUNET_CONFIGS, *, num_tokens=_EMBED_TOKENS):
-        super().__init__()
         side = math.isqrt(num_tokens)
         if side * side != num_tokens or side % _TOKEN_STRIDE != 0:
             raise ValueError(f"MTUNet: num_tokens must be s·s with s a multiple of {_TOKEN_STRIDE} (two stride-2 "
                              f"stages follow), got {num_tokens}")
-        # built in the original's order (so one seed gives the original's initial weights)
-        self.stem = Stem(num_tokens=num_tokens)
-        self.encoder = nn.ModuleList()
-        self.bottleneck = nn.Sequential(EAmodule(configs["bottleneck"], configs),
-                                        EAmodule(configs["bottleneck"], configs))
-        self.decoder = nn.ModuleList()
-        self.decoder_stem = DecoderStem()
-        for dim in configs["encoder"]:
-            self.encoder.append(encoder_block(dim, configs))
-        for dim in configs["decoder"][:-1]:
-            self.decoder.append(decoder_block(dim, False, configs))
-        self.decoder.append(decoder_block(configs["decoder"][-1], True, configs))
-        self.SegmentationHead = nn.Conv2d(64, out_ch, 1)
+        super().__init__(out_ch, configs)   # the original's modules in its order: one seed, its weights
+        if num_tokens != _EMBED_TOKENS:
+            self.stem.position_embedding = nn.Parameter(torch.zeros((1, num_tokens, _EMBED_DIM)))
 
     @classmethod
     def _init_args(cls, module):

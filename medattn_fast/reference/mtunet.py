@@ -29,6 +29,7 @@ Quirks reproduced on purpose (each is also named in the docstring of the class t
 from __future__ import annotations
 
 import math
+import sys
 from typing import Dict
 
 import torch
@@ -63,6 +64,17 @@ __all__ = [
 ]
 
 
+def _block(owner: nn.Module, name: str) -> type:
+    """The class ``name`` of the module that defines ``type(owner)`` (this one's otherwise).
+
+    Every container below builds its children through this, so a module that defines subclasses
+    with the same names — :mod:`medattn_fast.compat.mtunet`, fast forwards — gets its own classes
+    at every level of the tree, in the original's order and with the original's keys, by
+    construction.
+    """
+    return getattr(sys.modules[type(owner).__module__], name, None) or globals()[name]
+
+
 def _square_side(n: int) -> int:
     # The original computes int(np.sqrt(n)); math.isqrt equals it for every n below 2**52.
     return math.isqrt(n)
@@ -92,8 +104,8 @@ class DoubleConv(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
         self.conv = nn.Sequential(
-            ConvBNReLU(cin, cout, 3, 1, padding=1),
-            ConvBNReLU(cout, cout, 3, stride=1, padding=1, activation=False),
+            _block(self, "ConvBNReLU")(cin, cout, 3, 1, padding=1),
+            _block(self, "ConvBNReLU")(cout, cout, 3, stride=1, padding=1, activation=False),
         )
         self.conv1 = nn.Conv2d(cout, cout, 1)
         self.relu = nn.ReLU()
@@ -230,7 +242,7 @@ class WinAttention(nn.Module):
     def __init__(self, configs, dim):
         super().__init__()
         self.window_size = configs["win_size"]
-        self.attention = Attention(dim, configs)
+        self.attention = _block(self, "Attention")(dim, configs)
 
     def forward(self, x):
         b, n, c = x.shape
@@ -284,10 +296,10 @@ class CSAttention(nn.Module):
 
     def __init__(self, dim, configs):
         super().__init__()
-        self.win_atten = WinAttention(configs, dim)
-        self.dlightconv = DlightConv(dim, configs)
-        self.global_atten = Attention(dim, configs, axial=True)
-        self.gaussiantrans = GaussianTrans()
+        self.win_atten = _block(self, "WinAttention")(configs, dim)
+        self.dlightconv = _block(self, "DlightConv")(dim, configs)
+        self.global_atten = _block(self, "Attention")(dim, configs, axial=True)
+        self.gaussiantrans = _block(self, "GaussianTrans")()
         self.up = nn.UpsamplingBilinear2d(scale_factor=4)
         self.queeze = nn.Conv2d(2 * dim, dim, 1)
 
@@ -324,8 +336,8 @@ class EAmodule(nn.Module):
         super().__init__()
         self.SlayerNorm = nn.LayerNorm(dim, eps=1e-6)
         self.ElayerNorm = nn.LayerNorm(dim, eps=1e-6)
-        self.CSAttention = CSAttention(dim, configs)
-        self.EAttention = MEAttention(dim, configs)
+        self.CSAttention = _block(self, "CSAttention")(dim, configs)
+        self.EAttention = _block(self, "MEAttention")(dim, configs)
 
     def forward(self, x):
         h = x
@@ -379,11 +391,11 @@ class U_encoder(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.res1 = DoubleConv(3, 64)
+        self.res1 = _block(self, "DoubleConv")(3, 64)
         self.pool1 = nn.MaxPool2d(2)
-        self.res2 = DoubleConv(64, 128)
+        self.res2 = _block(self, "DoubleConv")(64, 128)
         self.pool2 = nn.MaxPool2d(2)
-        self.res3 = DoubleConv(128, 256)
+        self.res3 = _block(self, "DoubleConv")(128, 256)
         self.pool3 = nn.MaxPool2d(2)
 
     def forward(self, x):
@@ -410,11 +422,11 @@ class U_decoder(nn.Module):
     def __init__(self):
         super().__init__()
         self.trans1 = nn.ConvTranspose2d(512, 256, 2, stride=2)
-        self.res1 = DoubleConv(512, 256)
+        self.res1 = _block(self, "DoubleConv")(512, 256)
         self.trans2 = nn.ConvTranspose2d(256, 128, 2, stride=2)
-        self.res2 = DoubleConv(256, 128)
+        self.res2 = _block(self, "DoubleConv")(256, 128)
         self.trans3 = nn.ConvTranspose2d(128, 64, 2, stride=2)
-        self.res3 = DoubleConv(128, 64)
+        self.res3 = _block(self, "DoubleConv")(128, 64)
 
     def forward(self, x, feature):
         x = self.res1(torch.cat((feature[2], self.trans1(x)), dim=1))  # (B, 256, H/4, W/4)
@@ -428,7 +440,7 @@ class DecoderStem(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.block = U_decoder()
+        self.block = _block(self, "U_decoder")()
 
     def forward(self, x, features):
         return self.block(x, features)
@@ -444,8 +456,8 @@ class Stem(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.model = U_encoder()
-        self.trans_dim = ConvBNReLU(256, 256, 1, 1, 0)
+        self.model = _block(self, "U_encoder")()
+        self.trans_dim = _block(self, "ConvBNReLU")(256, 256, 1, 1, 0)
         self.position_embedding = nn.Parameter(torch.zeros((1, 784, 256)))
 
     def forward(self, x):
@@ -468,9 +480,9 @@ class encoder_block(nn.Module):
     def __init__(self, dim, configs=DEFAULT_CONFIGS):
         super().__init__()
         self.block = nn.ModuleList([
-            EAmodule(dim, configs),
-            EAmodule(dim, configs),
-            ConvBNReLU(dim, dim * 2, 2, stride=2, padding=0),
+            _block(self, "EAmodule")(dim, configs),
+            _block(self, "EAmodule")(dim, configs),
+            _block(self, "ConvBNReLU")(dim, dim * 2, 2, stride=2, padding=0),
         ])
 
     def forward(self, x):
@@ -502,14 +514,14 @@ class decoder_block(nn.Module):
             self.block = nn.ModuleList([
                 nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2, padding=0),
                 nn.Conv2d(dim, dim // 2, kernel_size=1, stride=1),
-                EAmodule(dim // 2, configs),
-                EAmodule(dim // 2, configs),
+                _block(self, "EAmodule")(dim // 2, configs),
+                _block(self, "EAmodule")(dim // 2, configs),
             ])
         else:
             self.block = nn.ModuleList([
                 nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2, padding=0),
-                EAmodule(dim, configs),
-                EAmodule(dim, configs),
+                _block(self, "EAmodule")(dim, configs),
+                _block(self, "EAmodule")(dim, configs),
             ])
 
     def forward(self, x, skip):
@@ -547,17 +559,17 @@ class MTUNet(nn.Module):
 
     def __init__(self, out_ch=4, configs=DEFAULT_CONFIGS):
         super().__init__()
-        self.stem = Stem()
+        self.stem = _block(self, "Stem")()
         self.encoder = nn.ModuleList()
-        self.bottleneck = nn.Sequential(EAmodule(configs["bottleneck"], configs),
-                                        EAmodule(configs["bottleneck"], configs))
+        self.bottleneck = nn.Sequential(_block(self, "EAmodule")(configs["bottleneck"], configs),
+                                        _block(self, "EAmodule")(configs["bottleneck"], configs))
         self.decoder = nn.ModuleList()
-        self.decoder_stem = DecoderStem()
+        self.decoder_stem = _block(self, "DecoderStem")()
         for dim in configs["encoder"]:
-            self.encoder.append(encoder_block(dim, configs))
+            self.encoder.append(_block(self, "encoder_block")(dim, configs))
         for dim in configs["decoder"][:-1]:
-            self.decoder.append(decoder_block(dim, False, configs))
-        self.decoder.append(decoder_block(configs["decoder"][-1], True, configs))
+            self.decoder.append(_block(self, "decoder_block")(dim, False, configs))
+        self.decoder.append(_block(self, "decoder_block")(configs["decoder"][-1], True, configs))
         self.SegmentationHead = nn.Conv2d(64, out_ch, 1)
 
     def forward(self, x):
