@@ -5,6 +5,11 @@ Every module here takes 2D (B, C, H, W) and 3D (B, C, D, H, W) feature maps alik
 projections are stored as (out, in) matrices and applied over the flattened positions), except
 :class:`DualAttention`, whose 3×3 convs need ``spatial_dims`` at construction.
 
+Constructors take, keyword-only and in this order, ``spatial_dims`` (where the module needs it),
+the module's own options, then ``backend`` (forces a backend for every call of the module; default:
+the one in force), ``device`` and ``dtype`` (where the parameters are created, as torch.nn's
+factory keywords).
+
 For the originals' class names and state_dict keys use :mod:`medattn_fast.compat`.
 """
 from __future__ import annotations
@@ -41,10 +46,10 @@ class Pointwise(nn.Module):
     """A 1×1 convolution for any number of spatial dims: (B, Cin, *S) -> (B, Cout, N) channel-first,
     N = prod(S) (flattened, ready for ``layout="channels"``). ``weight`` (Cout, Cin), ``bias`` (Cout,)."""
 
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, *, device=None, dtype=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
         # The default initialisation of a 1×1 nn.Conv2d with the same fan-in.
         bound = 1.0 / math.sqrt(in_channels) if in_channels > 0 else 0.0
         nn.init.uniform_(self.weight, -bound, bound)
@@ -64,21 +69,22 @@ class PositionAttention(nn.Module):
     of ``chunk_size`` query rows, recomputed in backward). x: (B, C, H, W) or (B, C, D, H, W).
     """
 
-    def __init__(self, channels: int, reduction: int = 8, chunk_size: Optional[int] = None):
+    def __init__(self, channels: int, reduction: int = 8, *, chunk_size: Optional[int] = None,
+                 backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         inner = max(1, channels // reduction)
         self.channels = channels
-        self.chunk_size = chunk_size
-        self.query = Pointwise(channels, inner)
-        self.key = Pointwise(channels, inner)
-        self.value = Pointwise(channels, channels)
-        self.gamma = nn.Parameter(torch.zeros(1))
+        self.chunk_size, self.backend = chunk_size, backend
+        self.query = Pointwise(channels, inner, device=device, dtype=dtype)
+        self.key = Pointwise(channels, inner, device=device, dtype=dtype)
+        self.value = Pointwise(channels, channels, device=device, dtype=dtype)
+        self.gamma = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_feature_map(type(self).__name__, x, self.channels)
         out = MF.position_attention(
             self.query(x), self.key(x), self.value(x), layout="channels",
-            gamma=self.gamma, residual=x.flatten(2), chunk_size=self.chunk_size,
+            gamma=self.gamma, residual=x.flatten(2), chunk_size=self.chunk_size, backend=self.backend,
         )
         return out.reshape(x.shape)
 
@@ -87,26 +93,26 @@ class ChannelAttention(nn.Module):
     r"""DANet's channel attention: ``out = γ · softmax(−X Xᵀ) X + x`` (``negate=False``:
     ``softmax(X Xᵀ)``). E accumulates in float32, so float16 does not overflow. γ starts at 0."""
 
-    def __init__(self, negate: bool = True):
+    def __init__(self, *, negate: bool = True, backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
-        self.negate = negate
-        self.gamma = nn.Parameter(torch.zeros(1))
+        self.negate, self.backend = negate, backend
+        self.gamma = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_feature_map(type(self).__name__, x)
-        return MF.channel_attention(x, negate=self.negate, gamma=self.gamma, residual=x)
+        return MF.channel_attention(x, negate=self.negate, gamma=self.gamma, residual=x, backend=self.backend)
 
 
-def _conv_norm_relu(cin, cout, spatial_dims, norm_layer):
+def _conv_norm_relu(cin, cout, spatial_dims, norm_layer, factory):
     conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-    norm = norm_layer or (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)
-    return nn.Sequential(conv(cin, cout, 3, padding=1, bias=False), norm(cout), nn.ReLU())
+    norm = norm_layer(cout) if norm_layer else (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(cout, **factory)
+    return nn.Sequential(conv(cin, cout, 3, padding=1, bias=False, **factory), norm, nn.ReLU())
 
 
-def _classifier(cin, cout, spatial_dims, dropout):
+def _classifier(cin, cout, spatial_dims, dropout, factory):
     conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
     drop = nn.Dropout2d(dropout) if spatial_dims == 2 else nn.Dropout3d(dropout)
-    return nn.Sequential(drop, conv(cin, cout, 1))
+    return nn.Sequential(drop, conv(cin, cout, 1, **factory))
 
 
 class DualAttention(nn.Module):
@@ -120,22 +126,24 @@ class DualAttention(nn.Module):
     Returns ``(fused, position_only, channel_only)`` logits, each (B, out_channels, *S).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2, norm_layer=None,
-                 dropout: float = 0.1, chunk_size: Optional[int] = None):
+    def __init__(self, in_channels: int, out_channels: int, *, spatial_dims: int = 2, norm_layer=None,
+                 dropout: float = 0.1, chunk_size: Optional[int] = None, backend: Optional[str] = None,
+                 device=None, dtype=None):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"DualAttention: spatial_dims must be 2 or 3, got {spatial_dims!r}")
         inter = in_channels // 4
+        factory = dict(device=device, dtype=dtype)
         self.spatial_dims = spatial_dims
-        self.position_stem = _conv_norm_relu(in_channels, inter, spatial_dims, norm_layer)
-        self.channel_stem = _conv_norm_relu(in_channels, inter, spatial_dims, norm_layer)
-        self.position = PositionAttention(inter, chunk_size=chunk_size)
-        self.channel = ChannelAttention()
-        self.position_conv = _conv_norm_relu(inter, inter, spatial_dims, norm_layer)
-        self.channel_conv = _conv_norm_relu(inter, inter, spatial_dims, norm_layer)
-        self.classify_position = _classifier(inter, out_channels, spatial_dims, dropout)
-        self.classify_channel = _classifier(inter, out_channels, spatial_dims, dropout)
-        self.classify_fused = _classifier(inter, out_channels, spatial_dims, dropout)
+        self.position_stem = _conv_norm_relu(in_channels, inter, spatial_dims, norm_layer, factory)
+        self.channel_stem = _conv_norm_relu(in_channels, inter, spatial_dims, norm_layer, factory)
+        self.position = PositionAttention(inter, chunk_size=chunk_size, backend=backend, **factory)
+        self.channel = ChannelAttention(backend=backend, **factory)
+        self.position_conv = _conv_norm_relu(inter, inter, spatial_dims, norm_layer, factory)
+        self.channel_conv = _conv_norm_relu(inter, inter, spatial_dims, norm_layer, factory)
+        self.classify_position = _classifier(inter, out_channels, spatial_dims, dropout, factory)
+        self.classify_channel = _classifier(inter, out_channels, spatial_dims, dropout, factory)
+        self.classify_fused = _classifier(inter, out_channels, spatial_dims, dropout, factory)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if x.dim() != self.spatial_dims + 2:
@@ -156,11 +164,11 @@ class SEChannelAttention(nn.Module):
     """Squeeze-excitation: ``x · σ(fc2(relu(fc1(mean over space of x))))``,
     fc1: C -> max(1, C // reduction). Any number of spatial dims."""
 
-    def __init__(self, channels: int, reduction: int = 16):
+    def __init__(self, channels: int, reduction: int = 16, *, device=None, dtype=None):
         super().__init__()
         hidden = max(1, channels // reduction)
-        self.fc1 = nn.Linear(channels, hidden)
-        self.fc2 = nn.Linear(hidden, channels)
+        self.fc1 = nn.Linear(channels, hidden, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, channels, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.flatten(2).mean(-1)))))
@@ -184,10 +192,11 @@ def _check_heads(channels: int, heads: int) -> None:
         raise ValueError(f"heads must be a positive divisor of the channels ({channels}), got {heads}")
 
 
-def _attend(q, k, v, heads, chunk_size):
+def _attend(q, k, v, heads, chunk_size, backend):
     d = q.shape[-1] // heads
     out = MF.position_attention(_heads_to_batch(q, heads), _heads_to_batch(k, heads),
-                                _heads_to_batch(v, heads), scale=1.0 / math.sqrt(d), chunk_size=chunk_size)
+                                _heads_to_batch(v, heads), scale=1.0 / math.sqrt(d), chunk_size=chunk_size,
+                                backend=backend)
     return _batch_to_heads(out, heads)
 
 
@@ -196,21 +205,23 @@ class SelfAttentionLayer(nn.Module):
     ``t + proj(MHA(LN(t)))`` on the (B, N, C) tokens of x (B, C, *S); the N×N attention is never
     stored. Parameters: ``norm``, ``to_q``, ``to_k``, ``to_v``, ``proj``."""
 
-    def __init__(self, channels: int, heads: int = 8, chunk_size: Optional[int] = None):
+    def __init__(self, channels: int, heads: int = 8, *, chunk_size: Optional[int] = None,
+                 backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         _check_heads(channels, heads)
-        self.heads, self.chunk_size = heads, chunk_size
-        self.norm = nn.LayerNorm(channels)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.proj = nn.Linear(channels, channels)
+        factory = dict(device=device, dtype=dtype)
+        self.heads, self.chunk_size, self.backend = heads, chunk_size, backend
+        self.norm = nn.LayerNorm(channels, **factory)
+        self.to_q = nn.Linear(channels, channels, **factory)
+        self.to_k = nn.Linear(channels, channels, **factory)
+        self.to_v = nn.Linear(channels, channels, **factory)
+        self.proj = nn.Linear(channels, channels, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_feature_map(type(self).__name__, x, self.norm.normalized_shape[0])
         tokens = x.flatten(2).transpose(1, 2)
         h = self.norm(tokens)
-        attended = _attend(self.to_q(h), self.to_k(h), self.to_v(h), self.heads, self.chunk_size)
+        attended = _attend(self.to_q(h), self.to_k(h), self.to_v(h), self.heads, self.chunk_size, self.backend)
         return (tokens + self.proj(attended)).transpose(1, 2).reshape(x.shape)
 
 
@@ -219,16 +230,18 @@ class SkipCrossAttentionLayer(nn.Module):
     queries from x (B, Cx, *Sx) and keys/values from skip (B, Cs, *Ss); Sx ≠ Ss allowed (Nq ≠ Nk).
     Parameters: ``norm_x``, ``norm_skip``, ``to_q``, ``to_k``, ``to_v``, ``proj``."""
 
-    def __init__(self, channels_x: int, channels_skip: int, heads: int = 8, chunk_size: Optional[int] = None):
+    def __init__(self, channels_x: int, channels_skip: int, heads: int = 8, *, chunk_size: Optional[int] = None,
+                 backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         _check_heads(channels_x, heads)
-        self.heads, self.chunk_size = heads, chunk_size
-        self.norm_x = nn.LayerNorm(channels_x)
-        self.norm_skip = nn.LayerNorm(channels_skip)
-        self.to_q = nn.Linear(channels_x, channels_x)
-        self.to_k = nn.Linear(channels_skip, channels_x)
-        self.to_v = nn.Linear(channels_skip, channels_x)
-        self.proj = nn.Linear(channels_x, channels_x)
+        factory = dict(device=device, dtype=dtype)
+        self.heads, self.chunk_size, self.backend = heads, chunk_size, backend
+        self.norm_x = nn.LayerNorm(channels_x, **factory)
+        self.norm_skip = nn.LayerNorm(channels_skip, **factory)
+        self.to_q = nn.Linear(channels_x, channels_x, **factory)
+        self.to_k = nn.Linear(channels_skip, channels_x, **factory)
+        self.to_v = nn.Linear(channels_skip, channels_x, **factory)
+        self.proj = nn.Linear(channels_x, channels_x, **factory)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
@@ -239,5 +252,5 @@ class SkipCrossAttentionLayer(nn.Module):
         tokens = x.flatten(2).transpose(1, 2)
         hx = self.norm_x(tokens)
         hs = self.norm_skip(skip.flatten(2).transpose(1, 2))
-        attended = _attend(self.to_q(hx), self.to_k(hs), self.to_v(hs), self.heads, self.chunk_size)
+        attended = _attend(self.to_q(hx), self.to_k(hs), self.to_v(hs), self.heads, self.chunk_size, self.backend)
         return (tokens + self.proj(attended)).transpose(1, 2).reshape(x.shape)

@@ -2,6 +2,7 @@
 :func:`medattn_fast.functional.attention_gate`."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -39,6 +40,7 @@ class AttentionGate(nn.Module):
         double_sigmoid: apply the sigmoid twice (reproduces a widely copied Attention U-Net implementation).
         return_alpha: ``forward`` returns ``(out, alpha)`` by default.
         backend: force a backend for every call of this module (default: the global choice).
+        device, dtype: where the parameters are created (torch.nn's factory keywords).
 
     ``forward(x, g, return_alpha=None)`` returns ``out`` or ``(out, alpha)``. In ``train()`` mode
     the BNs use batch statistics and update their running statistics; in ``eval()`` they are
@@ -48,14 +50,15 @@ class AttentionGate(nn.Module):
     def __init__(self, x_channels: int, g_channels: int, inter_channels: int, *, spatial_dims: int = 2,
                  mode: str = "additive", sub_sample_factor: Union[int, Sequence[int]] = 2,
                  output_transform: Optional[bool] = None, double_sigmoid: bool = False,
-                 return_alpha: bool = False, backend: Optional[str] = None):
+                 return_alpha: bool = False, backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"AttentionGate: spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if mode not in ("additive", "grid"):
             raise ValueError(f"AttentionGate: mode must be 'additive' or 'grid', got {mode!r}")
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+        factory = dict(device=device, dtype=dtype)
+        conv = functools.partial(nn.Conv2d if spatial_dims == 2 else nn.Conv3d, **factory)
+        norm = functools.partial(nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d, **factory)
         self.mode = mode
         self.spatial_dims = spatial_dims
         self.double_sigmoid = bool(double_sigmoid)

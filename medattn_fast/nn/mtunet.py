@@ -77,8 +77,9 @@ class WindowAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, window_size: int = 4, *, pad_mode: str = "mtunet",
-                 layout: str = "grid"):
+                 layout: str = "grid", backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
+        factory = dict(device=device, dtype=dtype)
         if dim % num_heads != 0:
             raise ValueError(f"WindowAttention: dim={dim} must be divisible by num_heads={num_heads}")
         if pad_mode not in PAD_MODES:
@@ -86,17 +87,17 @@ class WindowAttention(nn.Module):
         if layout not in LAYOUTS:
             raise ValueError(f"WindowAttention: layout must be one of {LAYOUTS}, got {layout!r}")
         self.dim, self.num_heads, self.window_size = dim, num_heads, window_size
-        self.pad_mode, self.layout = pad_mode, layout
-        self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(dim, dim, bias=False)
-        self.value = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
+        self.pad_mode, self.layout, self.backend = pad_mode, layout, backend
+        self.query = nn.Linear(dim, dim, **factory)
+        self.key = nn.Linear(dim, dim, bias=False, **factory)
+        self.value = nn.Linear(dim, dim, **factory)
+        self.proj = nn.Linear(dim, dim, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return MF.window_attention(
             x, self.query.weight, self.query.bias, self.key.weight, None, self.value.weight, self.value.bias,
             self.proj.weight, self.proj.bias, window_size=self.window_size, num_heads=self.num_heads,
-            pad_mode=self.pad_mode, layout=self.layout)
+            pad_mode=self.pad_mode, layout=self.layout, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
@@ -109,10 +110,10 @@ class WindowAggregation(nn.Module):
     ``p = softmax(score(mean of the window))`` over the ws² tokens, ``out = Σ p · token``
     (MT-UNet's DlightConv)."""
 
-    def __init__(self, dim: int, window_size: int = 4):
+    def __init__(self, dim: int, window_size: int = 4, *, device=None, dtype=None):
         super().__init__()
         self.window_size = window_size
-        self.score = nn.Linear(dim, window_size * window_size)
+        self.score = nn.Linear(dim, window_size * window_size, device=device, dtype=dtype)
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         L = self.window_size ** 2
@@ -133,17 +134,18 @@ class GaussianAxialAttention(nn.Module):
     (:func:`medattn_fast.functional.gaussian_axial_attention`).
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, *, backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
-        self.dim = dim
-        self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(dim, dim, bias=False)
-        self.value = nn.Linear(dim, dim)
-        self.shift = nn.Parameter(torch.randn(1).abs())
+        factory = dict(device=device, dtype=dtype)
+        self.dim, self.backend = dim, backend
+        self.query = nn.Linear(dim, dim, **factory)
+        self.key = nn.Linear(dim, dim, bias=False, **factory)
+        self.value = nn.Linear(dim, dim, **factory)
+        self.shift = nn.Parameter(torch.randn(1, **factory).abs())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_grid("GaussianAxialAttention", x, self.dim)
-        return MF.gaussian_axial_attention(self.query(x), self.key(x), self.value(x), self.shift)
+        return MF.gaussian_axial_attention(self.query(x), self.key(x), self.value(x), self.shift, backend=self.backend)
 
 
 class LocalGlobalAttention(nn.Module):
@@ -158,13 +160,16 @@ class LocalGlobalAttention(nn.Module):
     4. out    = fuse([global, local]) (a 1×1 projection 2·dim -> dim), cropped to H × W.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, window_size: int = 4, *, pad_mode: str = "mtunet"):
+    def __init__(self, dim: int, num_heads: int = 8, window_size: int = 4, *, pad_mode: str = "mtunet",
+                 backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
+        factory = dict(device=device, dtype=dtype)
         self.dim, self.window_size = dim, window_size
-        self.local = WindowAttention(dim, num_heads, window_size, pad_mode=pad_mode, layout="windows")
-        self.aggregate = WindowAggregation(dim, window_size)
-        self.global_attention = GaussianAxialAttention(dim)
-        self.fuse = nn.Linear(2 * dim, dim)
+        self.local = WindowAttention(dim, num_heads, window_size, pad_mode=pad_mode, layout="windows",
+                                     backend=backend, **factory)
+        self.aggregate = WindowAggregation(dim, window_size, **factory)
+        self.global_attention = GaussianAxialAttention(dim, backend=backend, **factory)
+        self.fuse = nn.Linear(2 * dim, dim, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_grid("LocalGlobalAttention", x, self.dim)
@@ -190,17 +195,19 @@ class ExternalAttention(nn.Module):
     (it could not change the output: it is constant over the tokens the softmax runs over).
     """
 
-    def __init__(self, dim: int, num_heads: int = 32, memory_size: int = 64, expansion: int = 4):
+    def __init__(self, dim: int, num_heads: int = 32, memory_size: int = 64, expansion: int = 4, *,
+                 backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
+        factory = dict(device=device, dtype=dtype)
         inner = dim * expansion
         if inner % num_heads != 0:
             raise ValueError(f"ExternalAttention: expansion·dim={inner} must be divisible by num_heads={num_heads}")
-        self.dim, self.num_heads = dim, num_heads
+        self.dim, self.num_heads, self.backend = dim, num_heads, backend
         head_dim = inner // num_heads
-        self.query = nn.Linear(dim, inner, bias=False)
-        self.memory_key = nn.Linear(head_dim, memory_size, bias=False)
-        self.memory_value = nn.Linear(memory_size, head_dim)
-        self.proj = nn.Linear(inner, dim)
+        self.query = nn.Linear(dim, inner, bias=False, **factory)
+        self.memory_key = nn.Linear(head_dim, memory_size, bias=False, **factory)
+        self.memory_value = nn.Linear(memory_size, head_dim, **factory)
+        self.proj = nn.Linear(inner, dim, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[-1] != self.dim:
@@ -209,7 +216,7 @@ class ExternalAttention(nn.Module):
         tokens = x.reshape(x.shape[0], -1, self.dim)
         out = MF.external_attention(tokens, self.query.weight, None, self.memory_key.weight, None,
                                     self.memory_value.weight, self.memory_value.bias, self.proj.weight,
-                                    self.proj.bias, num_heads=self.num_heads)
+                                    self.proj.bias, num_heads=self.num_heads, backend=self.backend)
         return out.view(x.shape)
 
 
@@ -221,12 +228,15 @@ class MixedTransformerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, window_size: int = 4, *, external_heads: Optional[int] = None,
-                 memory_size: int = 64, expansion: int = 4, pad_mode: str = "mtunet"):
+                 memory_size: int = 64, expansion: int = 4, pad_mode: str = "mtunet", backend: Optional[str] = None,
+                 device=None, dtype=None):
         super().__init__()
-        self.norm_attention = nn.LayerNorm(dim, eps=1e-6)
-        self.attention = LocalGlobalAttention(dim, num_heads, window_size, pad_mode=pad_mode)
-        self.norm_external = nn.LayerNorm(dim, eps=1e-6, bias=False)
-        self.external = ExternalAttention(dim, external_heads or expansion * num_heads, memory_size, expansion)
+        factory = dict(device=device, dtype=dtype)
+        self.norm_attention = nn.LayerNorm(dim, eps=1e-6, **factory)
+        self.attention = LocalGlobalAttention(dim, num_heads, window_size, pad_mode=pad_mode, backend=backend, **factory)
+        self.norm_external = nn.LayerNorm(dim, eps=1e-6, bias=False, **factory)
+        self.external = ExternalAttention(dim, external_heads or expansion * num_heads, memory_size, expansion,
+                                          backend=backend, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.norm_attention(x))
