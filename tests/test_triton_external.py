@@ -2,7 +2,7 @@
 (x, the query projection, both memories and their biases, the output projection) against the
 float64 reference, under the Triton interpreter on CPU (fp32, bf16) and on CUDA (``-m gpu``).
 
-Tolerance (DESIGN.md): the fused path may be at most 2x as far from the float64 reference as the
+Tolerance: the fused path may be at most 2x as far from the float64 reference as the
 ``reference`` backend run in the same dtype (never another backend), plus one unit of
 slack per dtype (relative to the largest reference value) for the different summation order.
 Shapes stay tiny: the interpreter runs every program in Python.

@@ -2,7 +2,7 @@
 (q, k, v or atten_x, atten_y, v; shift; bias, exactly zero) against the float64 reference loop, under
 the Triton interpreter on CPU (fp32, bf16) and on CUDA (``-m gpu``, also fp16 and MT-UNet's shapes).
 
-Tolerances are tied to PyTorch's own error in the same dtype (DESIGN.md): the fused kernels may be
+Tolerances are tied to PyTorch's own error in the same dtype: the fused kernels may be
 at most 2× as far from the float64 reference as the ``reference`` backend (the original's loop)
 run in that dtype — never another backend, whose bug would widen the bound — plus one unit of
 slack for the different summation order. All backends see the same inputs rounded to the dtype, and so does the float64

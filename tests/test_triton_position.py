@@ -1,6 +1,6 @@
 """Position attention, ``triton`` backend (triton_kernels/position.py): forward and every gradient
 against the float64 reference, under the Triton interpreter on CPU (fp32, bf16) and on CUDA
-(``-m gpu``). Tolerances are tied to PyTorch's own error in the same dtype (DESIGN.md): the fused
+(``-m gpu``). Tolerances are tied to PyTorch's own error in the same dtype: the fused
 kernels may be at most 2× as far from the float64 reference as the ``reference`` backend (the
 originals' arithmetic) run in that dtype — never another backend, whose bug would widen the bound —
 plus a small epsilon for the different (online-softmax, blocked) summation order. The bfloat16
@@ -29,7 +29,7 @@ def _make(batch, n, d, channels_first, dtype, device):
 
 
 def _case(batch, nq, nk, dk, dv, *, transpose, layout, epilogue, dtype, device=None):
-    """Leaves and keyword arguments of one call; the epilogue is DANet's γ·o + x or seed 001's o ⊙ f."""
+    """Leaves and keyword arguments of one call; the epilogue is DANet's γ·o + x or the guided attention's o ⊙ f."""
     device = device or default_device()
     cf = layout == "channels"
     n_out = nk if transpose else nq
@@ -99,7 +99,7 @@ def test_triton_matches_reference_fp32(shape, layout, transpose):
 @pytest.mark.parametrize("epilogue", ["gamma_residual", "multiply"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["AV", "VA"])
 def test_triton_epilogues_fp32(epilogue, transpose):
-    """DANet's γ·o + x and seed 001's o ⊙ f alone, with the gradients of γ, x and f."""
+    """DANet's γ·o + x and the guided attention's o ⊙ f alone, with the gradients of γ, x and f."""
     leaves, kw = _case(2, 23, 23, 2, 12, transpose=transpose, layout="channels", epilogue=epilogue,
                        dtype=torch.float32)
     _compare(leaves, kw, torch.float32)
