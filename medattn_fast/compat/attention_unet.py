@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as MF
+from ..reference import attention_gate as R
 from ..reference.attention_gate import GridAttentionBlock as _ReferenceGridBlock
 from ._adopt import adopt
 
@@ -109,8 +110,8 @@ def _mirror_layers(new_seq: nn.Sequential, old_seq: nn.Sequential) -> None:
     new_seq[1] = copy.deepcopy(old_seq[1])
 
 
-class AttentionBlock(nn.Module):
-    r"""The widely copied Attention U-Net gate, fast inside.
+class AttentionBlock(R.AttentionBlock):
+    r"""The widely copied Attention U-Net gate, fast inside (the reference's modules and keys).
 
     ``α = σ(BN(psi·relu(BN(Wx·x) + up(BN(Wg·g)))))`` (σ applied twice with
     ``double_sigmoid=True``: the widely copied variant), returns ``α ⊙ x``.
@@ -124,16 +125,6 @@ class AttentionBlock(nn.Module):
     """
 
     ORIGINAL_CODE = frozenset()   # the seeds' own code: only its restatement is known (MONAI's has its twin)
-
-    def __init__(self, in_channels_x: int, in_channels_g: int, int_channels: int, *, spatial_dims: int = 2,
-                 double_sigmoid: bool = False):
-        super().__init__()
-        conv, norm = _layers(spatial_dims)
-        self.spatial_dims = spatial_dims
-        self.double_sigmoid = bool(double_sigmoid)
-        self.Wx = nn.Sequential(conv(in_channels_x, int_channels, kernel_size=1), norm(int_channels))
-        self.Wg = nn.Sequential(conv(in_channels_g, int_channels, kernel_size=1), norm(int_channels))
-        self.psi = nn.Sequential(conv(int_channels, 1, kernel_size=1), norm(1), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return MF.attention_gate(
@@ -162,18 +153,12 @@ class AttentionBlock(nn.Module):
         return adopt(new, module)
 
 
-class ConvBatchNorm(nn.Module):
+class ConvBatchNorm(R.ConvBatchNorm):
     """``relu(BN(Conv3x3(x)))``, padding 1 — the seeds' conv block, keys ``conv.*``, ``batchnorm.*``.
 
     Eval mode folds the BN into the convolution (one pass instead of three); training mode runs
     conv → batch norm (batch statistics, running-stat update) → ReLU like the original.
     """
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.batchnorm = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.batchnorm
@@ -193,7 +178,7 @@ class ConvBatchNorm(nn.Module):
         return F.conv2d(x, weight, shift.to(x.dtype), padding=self.conv.padding).relu_()
 
 
-class AttentionUpBlock(nn.Module):
+class AttentionUpBlock(R.AttentionUpBlock):
     r"""The widely copied Attention U-Net decoder block, fast gate inside.
 
     ``forward(x, x_skip)``: x (B, in_channels, *Sc) coarse decoder features, x_skip
@@ -206,13 +191,8 @@ class AttentionUpBlock(nn.Module):
     checkpoints load, and — as in the original — never used.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, double_sigmoid: bool = False):
-        super().__init__()
-        self.upsample = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.attention = AttentionBlock(out_channels, in_channels, int(out_channels / 2),
-                                        double_sigmoid=double_sigmoid)
-        self.conv_bn1 = ConvBatchNorm(in_channels + out_channels, out_channels)
-        self.conv_bn2 = ConvBatchNorm(out_channels, out_channels)
+    gate_module = AttentionBlock
+    conv_module = ConvBatchNorm
 
     def forward(self, x: torch.Tensor, x_skip: torch.Tensor) -> torch.Tensor:
         gated = self.attention(x_skip, x)

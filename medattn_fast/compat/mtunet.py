@@ -39,17 +39,7 @@ from ..reference.mtunet import MTUNET_CONFIGS
 from ..nn.mtunet import merge_windows, window_aggregation
 from ._adopt import adopt
 
-__all__ = [
-    "MTUNET_CONFIGS",
-    "GaussianTrans",
-    "Attention",
-    "WinAttention",
-    "DlightConv",
-    "CSAttention",
-    "MEAttention",
-    "EAmodule",
-    "COMPAT_CLASSES",
-]
+__all__ = [name for name in R.__all__ if name != "DEFAULT_CONFIGS"] + ["COMPAT_CLASSES"]
 
 
 # The original upsamples the global branch by a hard-coded 4 (UpsamplingBilinear2d(scale_factor=4)).
@@ -322,17 +312,6 @@ COMPAT_CLASSES = {
 # nothing, and their generic names (``DoubleConv``, ``Stem``) match other networks' classes.
 # encoder_block, decoder_block and MTUNet are in it (they hold the mixed-transformer modules).
 
-__all__ += [
-    "ConvBNReLU",
-    "DoubleConv",
-    "U_encoder",
-    "U_decoder",
-    "DecoderStem",
-    "Stem",
-    "encoder_block",
-    "decoder_block",
-    "MTUNet",
-]
 
 # The original's Stem: a (1, 784, 256) position embedding, i.e. a 28×28 token grid (224² input).
 _EMBED_TOKENS, _EMBED_DIM = 784, 256

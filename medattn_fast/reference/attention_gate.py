@@ -123,13 +123,18 @@ class AttentionUpBlock(nn.Module):
     * ``double_sigmoid`` passes through to the gate (the widely copied variant).
     """
 
+    # the classes built for ``attention`` and ``conv_bn1/2`` (a subclass with fast forwards swaps
+    # them, keeping the keys)
+    gate_module = AttentionBlock
+    conv_module = ConvBatchNorm
+
     def __init__(self, in_channels: int, out_channels: int, *, double_sigmoid: bool = False):
         super().__init__()
         self.upsample = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.attention = AttentionBlock(out_channels, in_channels, int(out_channels / 2),
-                                        double_sigmoid=double_sigmoid)
-        self.conv_bn1 = ConvBatchNorm(in_channels + out_channels, out_channels)
-        self.conv_bn2 = ConvBatchNorm(out_channels, out_channels)
+        self.attention = self.gate_module(out_channels, in_channels, int(out_channels / 2),
+                                          double_sigmoid=double_sigmoid)
+        self.conv_bn1 = self.conv_module(in_channels + out_channels, out_channels)
+        self.conv_bn2 = self.conv_module(out_channels, out_channels)
 
     def forward(self, x: torch.Tensor, x_skip: torch.Tensor) -> torch.Tensor:
         x_attention = self.attention(x_skip, x)
