@@ -29,6 +29,8 @@ from .ops.channel import channel_attention
 from .ops.external import external_attention
 from .ops.gaussian_axial import gaussian_axial_attention, gaussian_axial_from_scores
 from .ops.position import position_attention
+from .ops.window import LAYOUTS as WINDOW_LAYOUTS
+from .ops.window import PAD_MODES as WINDOW_PAD_MODES
 from .ops.window import window_attention
 
 __all__ = [
@@ -40,4 +42,6 @@ __all__ = [
     "external_attention",
     "attention_gate",
     "BatchNormParams",
+    "WINDOW_LAYOUTS",
+    "WINDOW_PAD_MODES",
 ]

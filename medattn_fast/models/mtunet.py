@@ -74,8 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.mtunet import MixedTransformerBlock
-from ..ops.window import PAD_MODES
+from ..nn.mtunet import PAD_MODES, MixedTransformerBlock
 
 __all__ = [
     "MTUNet",

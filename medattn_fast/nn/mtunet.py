@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as MF
-from ..ops.window import LAYOUTS, PAD_MODES
+from ..functional import WINDOW_LAYOUTS as LAYOUTS
+from ..functional import WINDOW_PAD_MODES as PAD_MODES
 
 __all__ = [
     "WindowAttention",
@@ -72,7 +73,7 @@ class WindowAttention(nn.Module):
     x (B, H, W, dim) -> ``layout`` "grid" (B, H, W, dim), "padded" (B, Hp, Wp, dim) or "windows"
     (B, Hp/ws, Wp/ws, ws², dim); H, W are padded up to multiples of ws by ``pad_mode`` ("mtunet":
     the original's zeros + copied corner, unmasked; "mask": zeros, padded keys masked). See
-    :func:`medattn_fast.ops.window.window_attention`. The key projection has no bias: a key bias
+    :func:`medattn_fast.functional.window_attention`. The key projection has no bias: a key bias
     adds q·b_k to every score of a row and cancels in the softmax.
     """
 
