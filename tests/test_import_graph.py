@@ -34,6 +34,12 @@ def _resolve(module: str, is_package: bool, level: int, target: str) -> str:
     return ".".join(base + ([target] if target else []))
 
 
+def _unalias(module: str) -> str:
+    """The top-level ``triton_kernels/`` folder is imported as ``medattn_fast.triton_kernels``."""
+    prefix = "medattn_fast.triton_kernels"
+    return module[len("medattn_fast."):] if module == prefix or module.startswith(prefix + ".") else module
+
+
 def import_graph() -> Dict[str, Set[str]]:
     """Module -> the package modules it imports (``from pkg import sub`` counts as ``pkg.sub``)."""
     modules = _modules()
@@ -43,9 +49,9 @@ def import_graph() -> Dict[str, Set[str]]:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             targets: List[str] = []
             if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
+                targets = [_unalias(alias.name) for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = _resolve(name, is_package, node.level, node.module or "")
+                base = _unalias(_resolve(name, is_package, node.level, node.module or ""))
                 for alias in node.names:
                     sub = f"{base}.{alias.name}"
                     targets.append(sub if sub in modules else base)
