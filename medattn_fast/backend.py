@@ -13,7 +13,15 @@ Backends:
 ``auto`` (the default) picks, per op and per call, the first backend of the op's preference list
 for the device of the call that can run it. Every backend of an op has a predicate returning the
 reasons it cannot run a call; a forced backend that cannot run raises :class:`BackendUnavailable`
-listing them, while ``auto`` falls through and logs them at DEBUG.
+listing them, while ``auto`` falls through and logs them at DEBUG (a problem of the installation,
+such as missing C++ sources or a failed build, is also warned about once by ``_build``).
+
+Export. ONNX cannot carry our ``medattn::`` custom ops, so while ``torch.onnx.export`` runs
+(``torch.onnx.is_in_onnx_export()``, true for the dynamo exporter) and inside :func:`portable`,
+every op runs its ``export_backend``: a plain-ATen path with no Python loop over data-dependent
+counts, which the exporter lowers to standard ONNX ops with symbolic batch and spatial sizes.
+``torch.export.export`` on its own keeps the fused custom ops (loading such a program needs
+``import medattn_fast`` first, which registers them).
 
 Select with :func:`set_backend`, the context manager :func:`use_backend` or ``MEDATTN_BACKEND``.
 """
@@ -37,6 +45,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # The context variable wins over the process-wide choice, which wins over the environment.
 _ctx_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("medattn_backend", default=None)
 _global_backend: Optional[str] = None
+_ctx_portable: contextvars.ContextVar[bool] = contextvars.ContextVar("medattn_portable", default=False)
 
 
 class BackendUnavailable(RuntimeError):
@@ -73,6 +82,26 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _ctx_backend.reset(token)
+
+
+@contextlib.contextmanager
+def portable() -> Iterator[None]:
+    """Context manager: every op runs its export-friendly plain-ATen path (see the module docstring).
+
+    Automatic under ``torch.onnx.export``; use it around ``torch.export.export`` when the program
+    goes on to a runtime that cannot load the ``medattn::`` custom ops (ONNX, TensorRT, ExecuTorch).
+    """
+    token = _ctx_portable.set(True)
+    try:
+        yield
+    finally:
+        _ctx_portable.reset(token)
+
+
+@torch.compiler.assume_constant_result  # read once at trace time, like get_backend
+def exporting_portable() -> bool:
+    """True while ``torch.onnx.export`` runs or inside :func:`portable`."""
+    return _ctx_portable.get() or torch.onnx.is_in_onnx_export()
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +200,9 @@ class Op:
 
     ``auto_order(*args, **kw)``, when set, may return a different order for one call (or None for
     the default): for a call where a measurement showed the default order's first choice slower.
+    ``export_backend``: the backend every call runs while exporting (:func:`exporting_portable`),
+    whatever backend is in force: plain ATen ops only, no Python loop over a count that depends
+    on the input's shape (it would bake the example's sizes into the graph).
     """
 
     name: str
@@ -178,6 +210,7 @@ class Op:
     auto_cuda: Sequence[str] = ("triton", "cuda", "torch")
     impls: Dict[str, _Impl] = field(default_factory=dict)
     auto_order: Optional[Callable[..., Optional[Sequence[str]]]] = None
+    export_backend: str = "torch"
 
     def register(self, backend: str, reasons: Callable[..., List[str]] = always):
         """Decorator: ``fn`` implements this op on ``backend``; ``reasons(*args, **kw)`` says why not."""
@@ -201,6 +234,10 @@ class Op:
 
     def choose(self, *args, backend: Optional[str] = None, **kwargs) -> str:
         backend = _check_name(backend) if backend is not None else get_backend()
+        if exporting_portable():
+            if backend not in ("auto", self.export_backend):
+                log.debug("%s: exporting, runs %s instead of %s", self.name, self.export_backend, backend)
+            return self.export_backend
         if backend != "auto":
             reasons = self.why_not(backend, *args, **kwargs)
             if reasons:

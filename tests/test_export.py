@@ -1,0 +1,173 @@
+"""Export for deployment: every model through ``torch.onnx.export(..., dynamo=True)`` with a symbolic
+batch size and symbolic spatial sizes, run in ONNX Runtime at two batch sizes and a second spatial
+size against PyTorch's own outputs (the fused backends ``auto`` picks, float32, ≤ 1e-4 relative);
+``torch.export`` with save/load in a fresh process; the drop-ins of ``medattn_fast.compat``.
+
+Small shapes: the exporter's cost is per graph node, not per pixel.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import medattn_fast.export as E
+from medattn_fast import backend as B
+from medattn_fast.models import AttentionUNet, CrossAttentionUNet, DAUNet, MSGANet, MTUNet
+
+ort = pytest.importorskip("onnxruntime", reason="the onnx extra (pip install medattn-fast[onnx]) is not installed")
+pytest.importorskip("onnxscript", reason="the onnx extra (pip install medattn-fast[onnx]) is not installed")
+
+RTOL = 1e-4
+
+# name -> (model factory, example input shape, another spatial size, spatial multiple)
+MODELS = {
+    "AttentionUNet2d": (lambda: AttentionUNet(2, 1, 3, channels=(4, 8, 16), strides=(2, 2)), (2, 1, 16, 16),
+                        (12, 8), 1),
+    "AttentionUNet3d": (lambda: AttentionUNet(3, 1, 2, channels=(4, 8), strides=(2,)), (2, 1, 8, 8, 8), (4, 6, 8), 1),
+    "DAUNet": (lambda: DAUNet(2, 2, 3, channels=(8, 16, 32), strides=(2, 2), attention_at=("bottleneck", "skip-1"),
+                              attention_reduction=2), (2, 2, 16, 16), (8, 12), 1),
+    "CrossAttentionUNet": (lambda: CrossAttentionUNet(2, 2, 3, channels=(4, 8, 16), strides=(2, 2), heads=2,
+                                                      se_reduction=4), (2, 2, 16, 16), (8, 12), 1),
+    "MSGANet": (lambda: MSGANet(1, 3, 8, backbone_widths=(8, 8, 16, 16), backbone_depths=(1, 1, 1, 1)),
+                (2, 1, 64, 64), (32, 64), 32),
+    "MTUNet": (lambda: MTUNet(1, 3, base_channels=4, num_heads=4), (2, 1, 32, 32), (64, 32), 32),
+}
+
+
+def _randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter moved off its initial value (DANet's γ starts at 0, which would hide the
+    attention branch), eval mode."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_exports_to_onnx_and_matches_in_onnxruntime(name):
+    torch.manual_seed(0)
+    make, shape, other_spatial, multiple = MODELS[name]
+    model = _randomised(make())
+    x = torch.randn(shape)
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False,
+                                dynamic_shapes=E.dynamic_shapes(x, multiple_of=multiple))
+    graph = program.model_proto.graph
+    assert not [n.op_type for n in graph.node if n.domain.startswith("medattn")], "a custom op reached the ONNX graph"
+    dims = graph.input[0].type.tensor_type.shape.dim
+    symbolic = [i for i, d in enumerate(dims) if d.dim_param]
+    assert symbolic == [0] + list(range(2, len(shape))), f"symbolic input dims {symbolic} of {len(shape)}"
+
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    for batch, spatial in ((shape[0], shape[2:]), (3, shape[2:]), (1, other_spatial)):
+        xi = torch.randn(batch, shape[1], *spatial)
+        with torch.no_grad():
+            expected = _first(model(xi))  # PyTorch as it runs: the fused backends auto picks
+        got = torch.from_numpy(session.run(None, {input_name: xi.numpy()})[0])
+        assert got.shape == expected.shape
+        assert _rel(got, expected) <= RTOL, (name, batch, spatial, _rel(got, expected))
+
+
+def test_torch_export_keeps_the_fused_ops_and_round_trips_through_save_and_load(tmp_path):
+    """``torch.export`` keeps the ``medattn::`` custom ops (the fused C++ kernels on CPU); the saved
+    program loads and runs in a fresh process once ``medattn_fast`` is imported."""
+    torch.manual_seed(0)
+    model = _randomised(DAUNet(2, 2, 3, channels=(8, 16), strides=(2,), attention_at=("bottleneck",),
+                               attention_reduction=2))
+    x = torch.randn(2, 2, 8, 12)
+    program = torch.export.export(model, (x,), dynamic_shapes=E.dynamic_shapes(x))
+    custom = {str(n.target) for n in program.graph.nodes if str(n.target).startswith("medattn.")}
+    fused = B.registered_ops()["position_attention"].choose(x.new_empty(1, 4, 2), x.new_empty(1, 4, 2),
+                                                           x.new_empty(1, 4, 2), scale=1.0, transpose=False,
+                                                           gamma=None, residual=None, multiply=None,
+                                                           chunk_size=None, channels_first=False) == "cpp"
+    assert custom or not fused, "auto picks the cpp backend but no medattn:: op is in the exported graph"
+    path = tmp_path / "daunet.pt2"
+    torch.export.save(program, path)
+    x2 = torch.randn(3, 2, 16, 8)
+    with torch.no_grad():
+        torch.save({"x": x2, "expected": model(x2)}, tmp_path / "io.pt")
+    code = ("import sys, torch, medattn_fast\n"
+            "program = torch.export.load(sys.argv[1])\n"
+            "io = torch.load(sys.argv[2])\n"
+            "got = program.module()(io['x'])\n"
+            "torch.testing.assert_close(got, io['expected'], rtol=1e-5, atol=1e-6)\n")
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "io.pt")], check=True, timeout=600)
+
+
+def test_exporting_routes_every_op_to_its_export_backend():
+    """While the ONNX exporter runs (``torch.onnx.is_in_onnx_export()``, true for the dynamo
+    exporter) or inside ``portable()``, a forced backend gives way to the op's plain-ATen path."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((torch.onnx.is_in_onnx_export(), B.exporting_portable()))
+            return x * 2
+
+    torch.onnx.export(Probe(), (torch.randn(2, 3),), dynamo=True, verbose=False)
+    assert seen and all(flags == (True, True) for flags in seen), seen
+    q = torch.randn(1, 4, 2)
+    kwargs = dict(scale=1.0, transpose=False, gamma=None, residual=None, multiply=None, chunk_size=None,
+                  channels_first=False)
+    op = B.registered_ops()["position_attention"]
+    assert not B.exporting_portable()
+    with E.portable():
+        assert B.exporting_portable()
+        assert op.choose(q, q, q, backend="cpp", **kwargs) == op.export_backend == "reference"
+        assert B.registered_ops()["window_attention"].export_backend == "torch"
+
+
+def test_dynamic_shapes_bad_arguments():
+    with pytest.raises(TypeError, match="argument 'example' must be a"):
+        E.dynamic_shapes([1, 2])
+    with pytest.raises(ValueError, match="multiples of multiple_of=32"):
+        E.dynamic_shapes(torch.randn(1, 1, 48, 64), multiple_of=32)
+    with pytest.raises(ValueError, match="argument 'multiple_of' must be a positive int"):
+        E.dynamic_shapes(torch.randn(1, 1, 64, 64), multiple_of=0)
+
+
+def _compat_cases():
+    from medattn_fast.compat import attention_unet as AU
+    from medattn_fast.compat import danet as D
+    from medattn_fast.compat import guided_attention as G
+
+    x16 = (2, 16, 6, 10)
+    yield "PAM_Module", lambda: D.PAM_Module(16), [x16]
+    yield "CAM_Module", lambda: D.CAM_Module(16), [x16]
+    yield "DANetHead", lambda: D.DANetHead(16, 3), [x16]
+    yield "PositionAttentionModule", lambda: G.PositionAttentionModule(16), [x16]
+    yield "ChannelAttentionModule", lambda: G.ChannelAttentionModule(16), [x16]
+    yield "GuidedAttentionModule", lambda: G.GuidedAttentionModule(16, 8), [x16, (2, 8, 6, 10)]
+    yield "Attention_block", lambda: AU.Attention_block(8, 6, 4), [(2, 8, 6, 10), (2, 6, 6, 10)]
+    yield "AttentionBlock", lambda: AU.AttentionBlock(6, 8, 4), [(2, 6, 8, 8), (2, 8, 4, 4)]
+    yield "GridAttentionBlock2D", lambda: AU.GridAttentionBlock2D(6, 8), [(2, 6, 8, 8), (2, 8, 4, 4)]
+
+
+@pytest.mark.parametrize("name,make,shapes", list(_compat_cases()), ids=[c[0] for c in _compat_cases()])
+def test_compat_drop_in_exports_to_onnx_and_matches_in_onnxruntime(name, make, shapes):
+    """The drop-ins with a dynamic batch size (and dynamic spatial sizes for one input)."""
+    torch.manual_seed(0)
+    model = _randomised(make())
+    inputs = tuple(torch.randn(s) for s in shapes)
+    dims = [{0: torch.export.Dim.AUTO} for _ in shapes]
+    if len(shapes) == 1:
+        dims[0].update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
+    program = torch.onnx.export(model, inputs, dynamo=True, verbose=False, dynamic_shapes=tuple(dims))
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    for batch in (shapes[0][0], 3):
+        feed = tuple(torch.randn(batch, *s[1:]) for s in shapes)
+        with torch.no_grad():
+            expected = _first(model(*feed))
+        got = torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, feed)})[0])
+        assert got.shape == expected.shape and _rel(got, expected) <= RTOL, (name, batch, _rel(got, expected))
