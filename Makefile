@@ -1,15 +1,17 @@
 # `make test` and `make bench` work on a fresh clone on a machine that has only Python:
 # they create .venv, install torch (unless a torch >= 2.6 is already importable), the package
-# editable with its test and bench (matplotlib) extras, then run.
+# editable with its test, bench (matplotlib) and onnx extras, then run.
 # make bench       the headline set (whole networks and one row per op, original vs fast) in minutes
 # make bench-full  every benchmark case, provider, mode and dtype (python -m bench.run --all)
+# make ci-wheel    the wheel built, installed into a fresh venv outside the tree and used from
+#                  there (.ci/wheel; .ci/run runs it after the tests)
 PYTHON       ?= python3
 TORCH_VERSION ?= 2.13.0
 VENV         := .venv
 VPY          := $(VENV)/bin/python
 STAMP        := $(VENV)/.installed
 
-.PHONY: test bench bench-full build venv clean gpu-test
+.PHONY: test bench bench-full build venv clean gpu-test ci-wheel
 
 venv: $(STAMP)
 
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@$(VPY) -c "import torch, sys; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(0 if v >= (2, 6) else 1)" 2>/dev/null \
 	  || $(VPY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(VPY) -m pip install -q -e ".[test,bench]"
+	$(VPY) -m pip install -q -e ".[test,bench,onnx]"
 	@touch $(STAMP)
 
 test: $(STAMP)
@@ -31,6 +33,9 @@ bench-full: $(STAMP)
 
 build: $(STAMP)
 	$(VPY) -m medattn_fast.cli build
+
+ci-wheel: $(STAMP)
+	bash .ci/wheel $(VPY)
 
 gpu-test: $(STAMP)
 	$(VPY) -m pytest -q -m gpu
