@@ -144,10 +144,10 @@ def _compat_cases():
     x16 = (2, 16, 6, 10)
     yield "PAM_Module", lambda: D.PAM_Module(16), [x16]
     yield "CAM_Module", lambda: D.CAM_Module(16), [x16]
-    yield "DANetHead", lambda: D.DANetHead(16, 3), [x16]
+    yield "DANetHead", lambda: D.DANetHead(64, 3), [(2, 64, 6, 10)]   # PAM at 64 / 4 / 8 = 2 key channels
     yield "PositionAttentionModule", lambda: G.PositionAttentionModule(16), [x16]
     yield "ChannelAttentionModule", lambda: G.ChannelAttentionModule(16), [x16]
-    yield "GuidedAttentionModule", lambda: G.GuidedAttentionModule(16, 8), [x16, (2, 8, 6, 10)]
+    yield "GuidedAttentionModule", lambda: G.GuidedAttentionModule(8, 8), [(2, 8, 6, 10), (2, 8, 6, 10)]
     yield "Attention_block", lambda: AU.Attention_block(8, 6, 4), [(2, 8, 6, 10), (2, 6, 6, 10)]
     yield "AttentionBlock", lambda: AU.AttentionBlock(6, 8, 4), [(2, 6, 8, 8), (2, 8, 4, 4)]
     yield "GridAttentionBlock2D", lambda: AU.GridAttentionBlock2D(6, 8), [(2, 6, 8, 8), (2, 8, 4, 4)]
