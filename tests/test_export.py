@@ -31,7 +31,8 @@ MODELS = {
                                                       se_reduction=4), (2, 2, 16, 16), (8, 12), 1),
     "MSGANet": (lambda: MSGANet(1, 3, 8, backbone_widths=(8, 8, 16, 16), backbone_depths=(1, 1, 1, 1)),
                 (2, 1, 64, 64), (32, 64), 32),
-    "MTUNet": (lambda: MTUNet(1, 3, base_channels=4, num_heads=4), (2, 1, 32, 32), (64, 32), 32),
+    # 64²: at 32² the deepest token grid is 1×1, which the exporter specialises
+    "MTUNet": (lambda: MTUNet(1, 3, base_channels=4, num_heads=4), (2, 1, 64, 64), (96, 64), 32),
 }
 
 
