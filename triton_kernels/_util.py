@@ -81,7 +81,9 @@ def fp32_precision(split_default: bool = True) -> str:
     ``split_default=False``: a kernel whose float32 tiles spill more with the split's hi/lo copies
     than with FMA dots keeps ``"ieee"`` as its default until its tiles are re-tuned on a GPU (the
     external-attention backward: 168 B per thread spilled with ieee, 744 B with the split, triton
-    3.6 on sm_90, tests/_sm90_compile.py); the variable and PyTorch's TF32 setting still apply.
+    3.6 on sm_90, tests/_sm90_compile.py), and the attention gate's output projection, where the
+    split missed the float32 bound on a gradient that cancels to 0; the variable and PyTorch's TF32
+    setting still apply.
     """
     forced = os.environ.get("MEDATTN_FP32_PRECISION", "").strip().lower()
     if forced:

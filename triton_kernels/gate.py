@@ -47,6 +47,15 @@ import triton.language as tl
 
 from ._util import INTERPRETED, dot, dot_precision, pow2_at_least_16, to_storage
 
+
+def _output_precision(dtype):
+    """The output projection's float32 dots stay FMA-only ``ieee`` by default (PyTorch's TF32
+    setting and ``MEDATTN_FP32_PRECISION`` still apply): with the three-TF32 split, the gradient of
+    a conv bias that a training-mode BatchNorm cancels (exactly 0) came out at 2.5e-5 against the
+    float32 bound of 2e-5 (Oktay's 3-D grid gate, tests/test_attention_gate_kernels.py), and the
+    pass is bandwidth-bound (a K of Cx per output), so tensor cores buy little there."""
+    return dot_precision(dtype, split_default=False)
+
 __all__ = ["gate_forward", "gate_logits", "gate_backward", "gate_project", "gate_project_backward",
            "default_block_p", "MAX_CHANNELS"]
 
@@ -410,7 +419,7 @@ def gate_project(x, alpha, weight, bias, *, block_p: Optional[int] = None):
     block_o, block_k, block_p, warps = _projection_config(cx, co, x.dtype, block_p, backward=False)
     grid = (triton.cdiv(S, block_p), triton.cdiv(co, block_o), batch)
     _project_kernel[grid](x, weight, bias, alpha, out, cx, co, H, W, S, *_strides5(x), *_strides5(out),
-                          PRECISION=dot_precision(x.dtype), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
+                          PRECISION=_output_precision(x.dtype), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
     return out
 
 
@@ -428,5 +437,5 @@ def gate_project_backward(x, alpha, weight, grad_out, *, block_p: Optional[int] 
     _project_backward_kernel[(triton.cdiv(S, block_p), batch)](
         x, weight, alpha, grad_out, grad_x, grad_alpha, cx, co, H, W, S,
         *_strides5(x), *_strides5(grad_out), *_strides5(grad_x),
-        PRECISION=dot_precision(x.dtype), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
+        PRECISION=_output_precision(x.dtype), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
     return grad_x, grad_alpha
