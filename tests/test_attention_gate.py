@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from _helpers import randomize_batch_norms
 
 import medattn_fast
 import medattn_fast.functional as MF
@@ -19,20 +20,6 @@ BACKENDS = ("reference", "torch")
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-def randomize_batch_norms(module: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial BN state (random affine, running statistics, batch counter): the defaults
-    (γ=1, β=0, μ=0, σ²=1) would hide a wrong fold or a missing running-stat update."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.copy_(torch.randn_like(m.weight))
-                m.bias.copy_(torch.randn_like(m.bias))
-                m.running_mean.copy_(torch.randn_like(m.running_mean))
-                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
-                m.num_batches_tracked.fill_(3)
-    return module
-
 
 def gate_call(module: R.AttentionBlock, x, g, *, backend, return_alpha=False):
     """MF.attention_gate with the parameters and buffers of a (reference) AttentionBlock."""

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from _helpers import randomize_batch_norms
 from _tolerance import F64, assert_within_twice, gpu_device, max_errors, worse
 
 import medattn_fast
@@ -27,19 +28,6 @@ F32 = dict(rtol=2e-5, atol=2e-5)
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def randomize(module: torch.nn.Module) -> torch.nn.Module:
-    """Random BN affine and running statistics (the defaults would hide a wrong fold)."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.copy_(torch.randn_like(m.weight))
-                m.bias.copy_(torch.randn_like(m.bias))
-                m.running_mean.copy_(torch.randn_like(m.running_mean))
-                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
-                m.num_batches_tracked.fill_(3)
-    return module
-
-
 def call(module: R.AttentionBlock, x, g, backend, **extra):
     return MF.attention_gate(
         x, g, module.Wx[0].weight, module.Wx[0].bias, module.Wg[0].weight, module.Wg[0].bias,
@@ -51,7 +39,7 @@ def call(module: R.AttentionBlock, x, g, backend, **extra):
 
 def make_block(nd, cx, cg, ci, *, training, dtype=F64, double_sigmoid=False, device="cpu"):
     block = R.AttentionBlock(cx, cg, ci, spatial_dims=nd, double_sigmoid=double_sigmoid)
-    return randomize(block).to(device=device, dtype=dtype).train(training)
+    return randomize_batch_norms(block).to(device=device, dtype=dtype).train(training)
 
 
 def run(module, x, g, backend, out_cot, alpha_cot, **extra):
@@ -161,7 +149,7 @@ def test_cpp_batch_norm_variants(variant):
         out = []
         for c in (ci, ci, 1):
             bn = torch.nn.BatchNorm2d(c, track_running_stats=tracking, momentum=momentum).to(F64)
-            out.append(randomize(bn) if tracking else bn)
+            out.append(randomize_batch_norms(bn) if tracking else bn)
         return out
 
     if variant == "no-bn-no-bias":
@@ -383,7 +371,7 @@ def compare_grid(backend, x_size, g_size, factor, *, batch=2, cx=5, cg=6, ci=3, 
     """``backend`` against ``reference`` on twin GridAttentionBlocks: out, α, every gradient, every buffer."""
     nd = len(x_size)
     ref = R.GridAttentionBlock(cx, cg, ci, spatial_dims=nd, sub_sample_factor=factor)
-    ref = randomize(ref).to(device=device, dtype=reference_dtype or dtype).train(training)
+    ref = randomize_batch_norms(ref).to(device=device, dtype=reference_dtype or dtype).train(training)
     twin = copy.deepcopy(ref).to(dtype)
     x = torch.randn(batch, cx, *x_size, device=device, dtype=dtype)
     g = torch.randn(batch, cg, *g_size, device=device, dtype=dtype)
@@ -440,7 +428,7 @@ def test_cpp_grid_every_batch_norm():
     base = [torch.randn(ci, cx, 2, 2, dtype=F64), torch.randn(ci, dtype=F64), torch.randn(ci, cg, 1, 1, dtype=F64),
             torch.randn(ci, dtype=F64), torch.randn(1, ci, 1, 1, dtype=F64), torch.randn(1, dtype=F64),
             torch.randn(cx, cx, 1, 1, dtype=F64), torch.randn(cx, dtype=F64)]
-    norms = [randomize(torch.nn.BatchNorm2d(c).to(F64)) for c in (ci, ci, 1, cx)]
+    norms = [randomize_batch_norms(torch.nn.BatchNorm2d(c).to(F64)) for c in (ci, ci, 1, cx)]
     results = {}
     for backend in ("reference", "cpp"):
         ps = [p.clone().requires_grad_() for p in base]
@@ -502,7 +490,7 @@ def test_opcheck_triton_project():
 
 
 def test_compile_fullgraph_twice_no_recompile_cpp_grid():
-    block = randomize(R.GridAttentionBlock(6, 4, 3, sub_sample_factor=2)).train(True)
+    block = randomize_batch_norms(R.GridAttentionBlock(6, 4, 3, sub_sample_factor=2)).train(True)
     assert_compiles_once_and_matches_eager(grid_call, block, (2, 6, 9, 10), (2, 4, 3, 4))
 
 
@@ -559,7 +547,7 @@ def test_gpu_matches_pytorch_error(backend, dtype, training, geometry):
 @pytest.mark.parametrize("nd", [2, 3])
 def test_gpu_grid_matches_pytorch_error(backend, nd, dtype, training):
     xs, gs = ((33, 30), (8, 7)) if nd == 2 else ((9, 10, 11), (2, 3, 3))
-    block64 = randomize(R.GridAttentionBlock(32, 48, 16, spatial_dims=nd, sub_sample_factor=2))
+    block64 = randomize_batch_norms(R.GridAttentionBlock(32, 48, 16, spatial_dims=nd, sub_sample_factor=2))
     block64 = block64.to(device=gpu_device(), dtype=F64).train(training)
     x = torch.randn(2, 32, *xs, device=gpu_device(), dtype=F64)
     g = torch.randn(2, 48, *gs, device=gpu_device(), dtype=F64)

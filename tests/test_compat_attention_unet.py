@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from _helpers import randomize_batch_norms
 
 import medattn_fast
 from medattn_fast.compat import attention_unet as C
@@ -15,16 +16,7 @@ BACKENDS = ("reference", "torch")
 
 
 def randomize(module: torch.nn.Module) -> torch.nn.Module:
-    """Random BN affine parameters and running statistics (the defaults would hide fold errors)."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.normal_()
-                m.bias.normal_()
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 1.5)
-                m.num_batches_tracked.fill_(7)
-    return module
+    return randomize_batch_norms(module, batches_tracked=7)
 
 
 def run_pair(original, twin, inputs, backend):

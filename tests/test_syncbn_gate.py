@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import randomize_batch_norms
 
 import medattn_fast
 from medattn_fast.compat import attention_unet as C
@@ -35,14 +36,7 @@ def _gate(kind: str, dtype: torch.dtype) -> torch.nn.Module:
         gate = C.AttentionBlock(3, 5, 4)
     else:
         gate = C.GridAttentionBlock3D(3, 5, 4, sub_sample_factor=2)
-    for m in gate.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.normal_()
-                m.bias.normal_()
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 1.5)
-    return gate.to(dtype).train()
+    return randomize_batch_norms(gate, batches_tracked=None).to(dtype).train()
 
 
 def _inputs(kind: str, dtype: torch.dtype):

@@ -1,5 +1,9 @@
-"""The last step of every compat class's ``from_original``, and the hand-over ``convert`` does."""
+"""``from_original`` of the compat classes (:class:`FromOriginal`, :func:`adopt`) and the
+hand-over ``convert`` does (:func:`graft`)."""
 from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Tuple
 
 from torch import nn
 
@@ -24,6 +28,52 @@ def adopt(new: nn.Module, original: nn.Module) -> nn.Module:
     for name, m in new.named_modules():
         m.training = flags.get(name, original.training)
     return new
+
+
+# layers whose settings (eps, momentum, affine, the class itself: BatchNorm, SyncBatchNorm, a
+# GroupNorm given as norm_layer ...) no constructor argument carries: copied from the original
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def mirror_layers(new: nn.Module, original: nn.Module) -> None:
+    """Give ``new`` (built with ``original``'s constructor arguments) what those arguments do not
+    say: a convolution the original has without bias loses its bias, and every normalisation layer
+    becomes a copy of the original's at the same path."""
+    originals = dict(original.named_modules())
+    for path, m in list(new.named_modules()):
+        o = originals.get(path)
+        if not path or o is None:
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd) and m.bias is not None and getattr(o, "bias", 0) is None:
+            m.register_parameter("bias", None)
+        elif isinstance(m, _NORMS):
+            parent, _, name = path.rpartition(".")
+            new.get_submodule(parent)._modules[name] = copy.deepcopy(o)
+
+
+class FromOriginal:
+    """``from_original(module)`` for a compat class: the twin of an instance of the original class
+    of the same name. A subclass reads the constructor arguments off the original in
+    ``_init_args(module, **options) -> (args, kwargs)`` (and raises ValueError for a structure it
+    does not reproduce); the rest is shared: build, :func:`mirror_layers`, :func:`adopt`."""
+
+    @classmethod
+    def _init_args(cls, module: nn.Module, **options: Any) -> Tuple[tuple, Dict[str, Any]]:
+        raise NotImplementedError(f"{cls.__name__} does not say how to read its constructor arguments")
+
+    @classmethod
+    def from_original(cls, module: nn.Module, **options: Any):
+        """The fast twin of ``module``: constructor arguments read off it, its normalisation
+        layers and bias-free convolutions mirrored, its state_dict loaded strictly, its device,
+        dtype and training flags kept; ``module`` itself is left untouched."""
+        try:
+            args, kwargs = cls._init_args(module, **options)
+        except (AttributeError, KeyError, IndexError) as exc:
+            raise TypeError(f"{cls.__name__}.from_original: {type(module).__name__} does not have the structure "
+                            f"of the original {cls.__name__} ({type(exc).__name__}: {exc})") from exc
+        new = cls(*args, **kwargs)
+        mirror_layers(new, module)
+        return adopt(new, module)
 
 
 def hooked_submodules(module: nn.Module) -> list:

@@ -1,20 +1,13 @@
 """Multi-Scale Guided Attention's (Sinha & Dolz 2020) ``PositionAttentionModule``,
-``ChannelAttentionModule`` and ``GuidedAttentionModule`` with the original names, constructor
-signatures and state_dict keys — subclasses of :mod:`medattn_fast.reference.guided_attention`'s
-classes, so the keys hold by construction — fast inside::
+``ChannelAttentionModule`` and ``GuidedAttentionModule``, fast inside::
 
     from medattn_fast.compat.guided_attention import GuidedAttentionModule
 
-``spatial_dims`` (keyword, default 2) picks Conv2d/BatchNorm2d or Conv3d/BatchNorm3d, as in
-:mod:`medattn_fast.reference.guided_attention`; ``from_original`` reads it off the weights.
-
-* ``PositionAttentionModule``: the original's ``V @ A`` (A row-softmaxed, *not* transposed) is
-  ``position_attention(..., transpose=True)``; the N×N matrix is never stored and the ``F3 * F``
-  product is the op's ``multiply`` epilogue.
-* ``ChannelAttentionModule``: ``channel_attention(F, negate=False, multiply=F)`` (softmax of E
-  itself, E in float32).
-* ``GuidedAttentionModule``: like the original, only ``cam`` is used; ``pam`` is built (its
-  parameters load and save) and never called.
+Each class is a subclass of its namesake in :mod:`medattn_fast.reference.guided_attention` (the
+math, the shapes, ``spatial_dims`` and the original's quirks are documented there): constructor,
+module tree and state_dict keys are the original's; only ``forward`` is replaced, with the N×N
+and C×C matrices never formed in the input dtype. ``from_original`` reads ``spatial_dims`` off
+the weights.
 """
 from __future__ import annotations
 
@@ -23,7 +16,7 @@ from torch import nn
 
 from .. import functional as MF
 from ..reference import guided_attention as R
-from ._adopt import adopt
+from ._adopt import FromOriginal
 
 __all__ = ["PositionAttentionModule", "ChannelAttentionModule", "GuidedAttentionModule", "COMPAT_CLASSES"]
 
@@ -38,19 +31,15 @@ def _check_input(module: nn.Module, x, arg: str = "F") -> None:
                          f"got shape {tuple(x.shape)}")
 
 
-class _SpatialDims:
-    @property
-    def spatial_dims(self) -> int:
-        """2 or 3, from the convolutions (the original's constructor does not keep it)."""
-        return next(m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))).weight.dim() - 2
-
-    @classmethod
-    def _adopt(cls, module: nn.Module, conv: nn.Module, *channels: int):
-        return adopt(cls(*channels, spatial_dims=conv.weight.dim() - 2), module)
+def _args(conv: nn.Module, *channels: int):
+    """Constructor arguments: the channel counts, and spatial_dims from ``conv``'s weight."""
+    return channels, {"spatial_dims": conv.weight.dim() - 2}
 
 
-class PositionAttentionModule(_SpatialDims, R.PositionAttentionModule):
-    """``output_conv(F3 * F)``, ``F3 = V @ softmax(Qᵀ K)`` (column-weighted, no N×N matrix)."""
+class PositionAttentionModule(FromOriginal, R.PositionAttentionModule):
+    """:class:`medattn_fast.reference.guided_attention.PositionAttentionModule` without the N×N
+    matrix: the untransposed ``V @ A`` is ``position_attention(..., transpose=True)`` and the
+    ``F3 * F`` product its ``multiply`` epilogue."""
 
     chunk_size = None   # query rows per block; None: the backend's default
 
@@ -64,25 +53,26 @@ class PositionAttentionModule(_SpatialDims, R.PositionAttentionModule):
         return self.output_conv(attended.reshape(F.shape))
 
     @classmethod
-    def from_original(cls, module: nn.Module) -> "PositionAttentionModule":
-        return cls._adopt(module, module.third_branch_conv, module.third_branch_conv.weight.shape[1])
+    def _init_args(cls, module):
+        return _args(module.third_branch_conv, module.third_branch_conv.weight.shape[1])
 
 
-class ChannelAttentionModule(_SpatialDims, R.ChannelAttentionModule):
-    """``output_conv(F3 * F)``, ``F3 = softmax(X Xᵀ) X`` (E accumulated in float32)."""
+class ChannelAttentionModule(FromOriginal, R.ChannelAttentionModule):
+    """:class:`medattn_fast.reference.guided_attention.ChannelAttentionModule` as one
+    ``channel_attention(F, negate=False, multiply=F)`` call (E accumulated in float32)."""
 
     def forward(self, F: torch.Tensor) -> torch.Tensor:  # noqa: N803
         _check_input(self, F)
         return self.output_conv(MF.channel_attention(F, negate=False, multiply=F))
 
     @classmethod
-    def from_original(cls, module: nn.Module) -> "ChannelAttentionModule":
-        return cls._adopt(module, module.output_conv, module.output_conv.weight.shape[1])
+    def _init_args(cls, module):
+        return _args(module.output_conv, module.output_conv.weight.shape[1])
 
 
-class GuidedAttentionModule(_SpatialDims, R.GuidedAttentionModule):
-    """``attention_map_conv(_F * cam(_F)) * F`` with ``_F = cat(F, F_ms)``; ``pam`` built, unused.
-    Needs in_channels_Fms == in_channels_F (or one of them 1) for the final product, like the original."""
+class GuidedAttentionModule(FromOriginal, R.GuidedAttentionModule):
+    """:class:`medattn_fast.reference.guided_attention.GuidedAttentionModule` on the fast
+    ``pam``/``cam`` (``pam`` built, never called, as in the original)."""
 
     position_module = PositionAttentionModule
     channel_module = ChannelAttentionModule
@@ -93,9 +83,9 @@ class GuidedAttentionModule(_SpatialDims, R.GuidedAttentionModule):
         return super().forward(F, F_ms)
 
     @classmethod
-    def from_original(cls, module: nn.Module) -> "GuidedAttentionModule":
+    def _init_args(cls, module):
         w = module.attention_map_conv[0].weight           # (Fms, F + Fms, 1, 1[, 1])
-        return cls._adopt(module, module.attention_map_conv[0], w.shape[1] - w.shape[0], w.shape[0])
+        return _args(module.attention_map_conv[0], w.shape[1] - w.shape[0], w.shape[0])
 
 
 COMPAT_CLASSES = {

@@ -5,9 +5,11 @@ numbers are the originals' own:
 
 * :class:`AttentionBlock` / :class:`AttentionUpBlock` — the widely copied
   "Attention U-Net from scratch" blocks; constructor ``(in_channels_x, in_channels_g,
-  int_channels)``), gating signal resampled to the skip connection's size.
+  int_channels)``, gating signal resampled to the skip connection's size.
 * :class:`Attention_block` — LeeJunHyun/Image_Segmentation ``network.py``: same gate, argument
   order ``forward(g, x)``, no resampling.
+* :class:`MonaiAttentionBlock` — MONAI's ``AttentionBlock``: LeeJunHyun's gate with MONAI's
+  constructor and keys.
 * :class:`GridAttentionBlock` — Oktay's ``GridAttentionBlock2D/3D`` (Attention-Gated-Networks,
   mode ``'concatenation'``): strided θ on x, attention computed on the coarse grid, then
   upsampled, then an output transform ``W`` (conv + BN).
@@ -17,13 +19,15 @@ originals compute it) and device-agnostic. Nothing of ``medattn_fast`` is import
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AttentionBlock", "AttentionUpBlock", "ConvBatchNorm", "Attention_block", "GridAttentionBlock"]
+__all__ = ["AttentionBlock", "AttentionUpBlock", "ConvBatchNorm", "Attention_block", "MonaiAttentionBlock",
+           "GridAttentionBlock"]
 
 
 def _layers(spatial_dims: int):
@@ -150,7 +154,8 @@ class Attention_block(nn.Module):  # noqa: N801 - the original's name
     ``forward(g, x)`` — note the order: gating signal first. ``g1 = BN(Conv1x1(g))``,
     ``x1 = BN(Conv1x1(x))``, ``ψ = σ(BN(Conv1x1(relu(g1 + x1))))``, returns ``x ⊙ ψ``.
 
-    Shapes: g (B, F_g, *S), x (B, F_l, *S) -> (B, F_l, *S). 2-D only (as the original).
+    Shapes: g (B, F_g, *S), x (B, F_l, *S) -> (B, F_l, *S). The original is 2-D;
+    ``spatial_dims=3`` (keyword) builds the 3-D variant several forks use.
 
     Keys: ``W_g`` = (0 Conv, 1 BN), ``W_x`` = (0 Conv, 1 BN), ``psi`` = (0 Conv F_int→1,
     1 BN(1), 2 Sigmoid); ``relu`` is ReLU(inplace=True) (no parameters).
@@ -160,14 +165,13 @@ class Attention_block(nn.Module):  # noqa: N801 - the original's name
     holds it).
     """
 
-    def __init__(self, F_g: int, F_l: int, F_int: int):  # noqa: N803 - the original's names
+    def __init__(self, F_g: int, F_l: int, F_int: int, *, spatial_dims: int = 2):  # noqa: N803 - the original's names
         super().__init__()
-        self.W_g = nn.Sequential(nn.Conv2d(F_g, F_int, kernel_size=1, stride=1, padding=0, bias=True),
-                                 nn.BatchNorm2d(F_int))
-        self.W_x = nn.Sequential(nn.Conv2d(F_l, F_int, kernel_size=1, stride=1, padding=0, bias=True),
-                                 nn.BatchNorm2d(F_int))
-        self.psi = nn.Sequential(nn.Conv2d(F_int, 1, kernel_size=1, stride=1, padding=0, bias=True),
-                                 nn.BatchNorm2d(1), nn.Sigmoid())
+        conv, norm, _ = _layers(spatial_dims)
+        self.spatial_dims = spatial_dims
+        self.W_g = nn.Sequential(conv(F_g, F_int, kernel_size=1, stride=1, padding=0, bias=True), norm(F_int))
+        self.W_x = nn.Sequential(conv(F_l, F_int, kernel_size=1, stride=1, padding=0, bias=True), norm(F_int))
+        self.psi = nn.Sequential(conv(F_int, 1, kernel_size=1, stride=1, padding=0, bias=True), norm(1), nn.Sigmoid())
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -176,6 +180,24 @@ class Attention_block(nn.Module):  # noqa: N801 - the original's name
         psi = self.relu(g1 + x1)
         psi = self.psi(psi)
         return x * psi
+
+
+class MonaiAttentionBlock(Attention_block):
+    r"""MONAI's attention gate (``monai.networks.nets.attentionunet.AttentionBlock``): the math and
+    ``forward(g, x)`` of :class:`Attention_block`, MONAI's constructor ``(spatial_dims, f_int, f_g,
+    f_l, dropout=0.0)``.
+
+    Each 1×1 conv sits in MONAI's ``Convolution(..., conv_only=True)``, an ``nn.Sequential`` whose
+    only child is ``conv`` (conv_only also drops the dropout: ``dropout`` has no effect), so the
+    keys are ``W_g.0.conv.*``, ``W_g.1.*`` (BN), ``W_x.0.conv.*``, ``W_x.1.*``, ``psi.0.conv.*``,
+    ``psi.1.*``; ``relu`` is not in place. MONAI needs g at x's size.
+    """
+
+    def __init__(self, spatial_dims: int, f_int: int, f_g: int, f_l: int, dropout=0.0):
+        super().__init__(f_g, f_l, f_int, spatial_dims=spatial_dims)
+        for projection in (self.W_g, self.W_x, self.psi):
+            projection[0] = nn.Sequential(OrderedDict(conv=projection[0]))
+        self.relu = nn.ReLU()
 
 
 class GridAttentionBlock(nn.Module):

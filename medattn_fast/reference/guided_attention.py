@@ -4,8 +4,8 @@ original: ``PositionAttentionModule``, ``ChannelAttentionModule`` and ``GuidedAt
 The oracle for :mod:`medattn_fast.compat.guided_attention`. The N×N and C×C matrices are
 materialised in the input dtype exactly as the original does. Device-agnostic, never optimised.
 
-The public original is 3D (``nn.Conv3d``/``nn.BatchNorm3d``); here ``spatial_dims`` picks 2
-(``nn.Conv2d``, the default) or 3 (``nn.Conv3d``), keeping the constructor
+The public original is 3D (``nn.Conv3d``/``nn.BatchNorm3d``); here ``spatial_dims`` (kept as an
+attribute) picks 2 (``nn.Conv2d``, the default) or 3 (``nn.Conv3d``), keeping the constructor
 ``PositionAttentionModule(in_channels)`` compatible. The state_dict keys do not depend on it, the
 weight shapes do ((C', C, 1, 1) vs (C', C, 1, 1, 1)).
 
@@ -33,17 +33,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention_gate import _layers
+
 __all__ = ["PositionAttentionModule", "ChannelAttentionModule", "GuidedAttentionModule"]
-
-
-def _conv(spatial_dims: int):
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-
-
-def _batch_norm(spatial_dims: int):
-    return nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
 
 
 class PositionAttentionModule(nn.Module):
@@ -51,7 +43,8 @@ class PositionAttentionModule(nn.Module):
 
     def __init__(self, in_channels: int, spatial_dims: int = 2):
         super().__init__()
-        conv = _conv(spatial_dims)
+        conv, _, _ = _layers(spatial_dims)
+        self.spatial_dims = spatial_dims
         self.first_branch_conv = conv(in_channels, int(in_channels / 8), kernel_size=1)
         self.second_branch_conv = conv(in_channels, int(in_channels / 8), kernel_size=1)
         self.third_branch_conv = conv(in_channels, in_channels, kernel_size=1)
@@ -74,7 +67,8 @@ class ChannelAttentionModule(nn.Module):
 
     def __init__(self, in_channels: int, spatial_dims: int = 2):
         super().__init__()
-        self.output_conv = _conv(spatial_dims)(in_channels, in_channels, kernel_size=1)
+        self.spatial_dims = spatial_dims
+        self.output_conv = _layers(spatial_dims)[0](in_channels, in_channels, kernel_size=1)
 
     def forward(self, F: torch.Tensor) -> torch.Tensor:  # noqa: N803
         feats = F.reshape(F.size(0), F.size(1), -1)                                         # (B, C, N)
@@ -93,14 +87,13 @@ class GuidedAttentionModule(nn.Module):
 
     def __init__(self, in_channels_F: int, in_channels_Fms: int, spatial_dims: int = 2):  # noqa: N803
         super().__init__()
+        conv, norm, _ = _layers(spatial_dims)
         in_channels = in_channels_F + in_channels_Fms
+        self.spatial_dims = spatial_dims
         self.pam = self.position_module(in_channels, spatial_dims)
         self.cam = self.channel_module(in_channels, spatial_dims)
-        self.attention_map_conv = nn.Sequential(
-            _conv(spatial_dims)(in_channels, in_channels_Fms, kernel_size=1),
-            _batch_norm(spatial_dims)(in_channels_Fms),
-            nn.ReLU(),
-        )
+        self.attention_map_conv = nn.Sequential(conv(in_channels, in_channels_Fms, kernel_size=1),
+                                                norm(in_channels_Fms), nn.ReLU())
 
     def forward(self, F: torch.Tensor, F_ms: torch.Tensor) -> torch.Tensor:  # noqa: N803
         joint = torch.cat((F, F_ms), dim=1)
