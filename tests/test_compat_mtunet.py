@@ -178,7 +178,7 @@ def test_win_attention_non_square_token_count_raises():
 
 
 def test_win_attention_wrong_channels_raises():
-    with pytest.raises(ValueError, match=r"WinAttention: input must have shape \(B, N, C\) = \(\*, \*, 8\), got \(1, 16, 6\)"):
+    with pytest.raises(ValueError, match=r"WinAttention: argument 'x' must have shape \(B, N, C\) = \(\*, \*, 8\), got \(1, 16, 6\)"):
         C.WinAttention(CFG, 8)(torch.randn(1, 16, 6))
 
 
@@ -209,5 +209,5 @@ def test_attention_axial_wrong_rank_raises():
 
 
 def test_me_attention_wrong_input_raises():
-    with pytest.raises(ValueError, match=r"MEAttention: input must have shape \(B, N, C\) = \(\*, \*, 16\), got \(2, 4, 4, 16\)"):
+    with pytest.raises(ValueError, match=r"MEAttention: argument 'x' must have shape \(B, N, C\) = \(\*, \*, 16\), got \(2, 4, 4, 16\)"):
         C.MEAttention(16, CFG)(torch.randn(2, 4, 4, 16))

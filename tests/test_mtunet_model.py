@@ -350,6 +350,6 @@ def test_compat_mtunet_bad_num_tokens():
 
 def test_compat_decoder_block_bad_skip():
     block = C.decoder_block(16, False, CFG)
-    with pytest.raises(ValueError, match=r"decoder_block: argument 'skip' must have shape \(2, 8, 6, 6\), "
-                                         r"got \(2, 8, 5, 5\)"):
+    with pytest.raises(ValueError, match=r"decoder_block: argument 'skip' must have shape \(B, C_skip, 2h, 2w\) = "
+                                         r"\(2, 8, 6, 6\), got \(2, 8, 5, 5\)"):
         block(torch.randn(2, 16, 3, 3), torch.randn(2, 8, 5, 5))

@@ -39,6 +39,7 @@ __all__ = [
     "MixedTransformerBlock",
     "window_aggregation",
     "merge_windows",
+    "fuse_local_global",
 ]
 
 
@@ -65,6 +66,23 @@ def merge_windows(windows: torch.Tensor) -> torch.Tensor:
     Bn, nH, nW, L, C = windows.shape
     ws = int(round(L ** 0.5))
     return windows.view(Bn, nH, nW, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(Bn, nH * ws, nW * ws, C)
+
+
+def fuse_local_global(windows: torch.Tensor, glob: torch.Tensor, size, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], *, scale: int) -> torch.Tensor:
+    r"""MT-UNet's fusion of the two branches: ``fuse(cat[up(glob), local])`` cropped to ``size``.
+
+    windows (B, nH, nW, ws², C) (the local branch), glob (B, nH, nW, C) (the global branch on the
+    grid of windows), weight (C_out, 2C), bias (C_out,) or None, size = (H, W) -> (B, H, W, C_out).
+    ``up`` is bilinear ×``scale`` with align_corners=True. The concatenation is never built: two
+    channel-last GEMMs on the halves of the weight, on the cropped grid.
+    """
+    H, W = size
+    local = merge_windows(windows)[:, :H, :W]  # (B, H, W, C), strided view
+    glob = F.interpolate(glob.permute(0, 3, 1, 2), scale_factor=scale, mode="bilinear", align_corners=True)
+    glob = glob.permute(0, 2, 3, 1)[:, :H, :W]
+    w_global, w_local = weight.split(local.shape[-1], dim=1)
+    return F.linear(glob, w_global) + F.linear(local, w_local, bias)
 
 
 class WindowAttention(nn.Module):
@@ -174,16 +192,9 @@ class LocalGlobalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_grid("LocalGlobalAttention", x, self.dim)
-        H, W = x.shape[1], x.shape[2]
         windows = self.local(x)  # (B, nH, nW, ws², dim)
-        local = merge_windows(windows)[:, :H, :W]  # (B, H, W, dim)
-        tokens = self.aggregate(windows)  # (B, nH, nW, dim)
-        glob = self.global_attention(tokens).permute(0, 3, 1, 2)  # channel-first view for interpolate
-        glob = F.interpolate(glob, scale_factor=self.window_size, mode="bilinear", align_corners=True)
-        glob = glob.permute(0, 2, 3, 1)[:, :H, :W]  # (B, H, W, dim)
-        # fuse(cat[global, local]) without materialising the concatenation
-        w_global, w_local = self.fuse.weight.split(self.dim, dim=1)
-        return F.linear(glob, w_global) + F.linear(local, w_local, self.fuse.bias)
+        glob = self.global_attention(self.aggregate(windows))  # (B, nH, nW, dim)
+        return fuse_local_global(windows, glob, x.shape[1:3], self.fuse.weight, self.fuse.bias, scale=self.window_size)
 
 
 class ExternalAttention(nn.Module):
