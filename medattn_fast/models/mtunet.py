@@ -26,36 +26,14 @@ the original's learned embedding and its outputs.
 
 **Original checkpoints.** :meth:`MTUNet.from_original_state_dict` builds the model from an
 original ``MTUNet(out_ch)`` state_dict (487 keys for the Synapse model) through
-:func:`convert_original_state_dict`, whose key map is:
-
-=========================================  ==================================================
-original                                   here
-=========================================  ==================================================
-``stem.position_embedding`` (1, N, C)      ``position_embedding`` (1, √N, √N, C)
-``stem.model.res{i}.*`` (DoubleConv)       ``encoder_convs.{i-1}.*`` (ResidualDoubleConv)
-``stem.trans_dim.{conv,bn}``               ``token_projection.{conv,norm}``
-``encoder.{s}.block.{0,1}.*`` (EAmodule)   ``encoder.{s}.blocks.{0,1}.*`` (MixedTransformerBlock)
-``encoder.{s}.block.2.{conv,bn}``          ``encoder.{s}.downsample.{conv,norm}``
-``bottleneck.{0,1}.*``                     ``bottleneck.{0,1}.*``
-``decoder.{s}.block.0``                    ``decoder.{s}.upsample``
-``decoder.0.block.1`` (1×1 conv)           ``decoder.0.project`` (Linear; weight (o, i, 1, 1) -> (o, i))
-``decoder.0.block.{2,3}``                  ``decoder.0.blocks.{0,1}``
-``decoder.1.block.{1,2}``                  ``decoder.1.blocks.{0,1}``
-``decoder_stem.block.trans{i}``            ``decoder_convs.{i-1}.upsample``
-``decoder_stem.block.res{i}.*``            ``decoder_convs.{i-1}.conv.*``
-``SegmentationHead``                       ``head``
-DoubleConv ``conv.0.{conv,bn}``            ``conv1.{conv,norm}``
-DoubleConv ``conv.1.{conv,bn}``            ``conv2.{conv,norm}``
-DoubleConv ``conv1``, ``bn``               ``pointwise``, ``pointwise_norm``
-EAmodule ``SlayerNorm``, ``ElayerNorm``    ``norm_attention``, ``norm_external`` (weight only)
-``CSAttention.win_atten.attention.*``      ``attention.local.{query,key,value,proj}`` (``out`` -> ``proj``)
-``CSAttention.dlightconv.linear``          ``attention.aggregate.score``
-``CSAttention.global_atten.{q,k,v}_layer`` ``attention.global_attention.{query,key,value}``
-``CSAttention.gaussiantrans.shift``        ``attention.global_attention.shift``
-``CSAttention.queeze`` (1×1 conv)          ``attention.fuse`` (Linear)
-``EAttention.{query_liner,linear_0}``      ``external.{query,memory_key}`` (weights only)
-``EAttention.{linear_1,proj}``             ``external.{memory_value,proj}``
-=========================================  ==================================================
+:func:`convert_original_state_dict`. The key map renames the original's modules to the ones above
+(``stem.model.res{i}`` -> ``encoder_convs.{i-1}``, ``stem.trans_dim`` -> ``token_projection``,
+``encoder.{s}.block.{0,1}`` -> ``encoder.{s}.blocks``, ``block.2`` -> ``downsample``, the
+decoder's ``block.0`` -> ``upsample`` and 1×1 ``block.1`` -> ``project``, ``decoder_stem.block`` ->
+``decoder_convs``, ``SegmentationHead`` -> ``head``, EAmodule -> MixedTransformerBlock with the
+names of :mod:`medattn_fast.nn.mtunet`; the rules are ``_MIXED_BLOCK_RULES``,
+``_DOUBLE_CONV_RULES`` and ``_map_key`` below), stores the position embedding on its grid
+(1, √N, √N, C), and turns the 1×1 convs that became Linear layers from (o, i, 1, 1) to (o, i).
 
 Dropped (they cannot change the output; :data:`DROPPED_ORIGINAL_PARAMETERS`): per mixed-transformer
 module ``ElayerNorm.bias``, both ``key_layer.bias``, ``global_atten.out.*`` (never called),

@@ -10,21 +10,8 @@ the original, with two deliberate differences, both device plumbing and neither 
 * ``EAmodule`` reads the original's module-level ``configs`` dict; here that dict is
   :data:`MTUNET_CONFIGS` and is the default of a ``configs`` argument.
 
-Quirks reproduced on purpose (each is also named in the docstring of the class that has it):
-
-* ``WinAttention`` assumes a square token grid (n = h·w, h = int(sqrt(n))) and pads h up to a
-  multiple of ``win_size`` with zeros on the right/bottom strips and a copy of x's last block in the
-  bottom-right corner; padded tokens are not masked. It returns the *windowed* layout
-  (b, h/ws, w/ws, ws·ws, c), not a token sequence.
-* ``CSAttention.global_atten.out`` is built but never called (its parameters get no gradient).
-* Parameters that exist but cannot change the output (their gradient is exactly 0 up to rounding):
-  ``GaussianTrans.bias`` (a constant inside both softmaxes), the ``key_layer.bias`` of both the
-  window and the axial ``Attention`` (q·b_k is constant over the keys a softmax runs over),
-  ``MEAttention.query_liner.bias`` and ``MEAttention.linear_0.bias`` (constant over the tokens the
-  softmax of external attention runs over), and ``EAmodule.ElayerNorm.bias`` (it reaches the
-  external attention only through ``query_liner``, so it is constant over tokens too).
-* LayerNorm eps is 1e-6; the global branch is upsampled with ``UpsamplingBilinear2d(scale_factor=4)``
-  (align_corners=True) whatever ``win_size`` is; ``queeze`` concatenates [global, local].
+The original's quirks are reproduced on purpose; each is named in the docstring of the class that
+has it (and the ones that tie the whole network to 224² in the comment above :class:`U_encoder`).
 """
 from __future__ import annotations
 
@@ -49,19 +36,9 @@ MTUNET_CONFIGS: Dict[str, object] = {
 }
 DEFAULT_CONFIGS = MTUNET_CONFIGS
 
-__all__ = [
-    "MTUNET_CONFIGS",
-    "DEFAULT_CONFIGS",
-    "ConvBNReLU",
-    "DoubleConv",
-    "MEAttention",
-    "Attention",
-    "WinAttention",
-    "DlightConv",
-    "GaussianTrans",
-    "CSAttention",
-    "EAmodule",
-]
+__all__ = ["MTUNET_CONFIGS", "DEFAULT_CONFIGS", "ConvBNReLU", "DoubleConv", "MEAttention", "Attention",
+           "WinAttention", "DlightConv", "GaussianTrans", "CSAttention", "EAmodule", "U_encoder", "U_decoder",
+           "DecoderStem", "Stem", "encoder_block", "decoder_block", "MTUNet"]
 
 
 def _block(owner: nn.Module, name: str) -> type:
@@ -369,16 +346,6 @@ class EAmodule(nn.Module):
 # the default of a ``configs`` argument, as for EAmodule); the CNN widths (64/128/256, the
 # 256-channel, 784-token embedding, the 512-channel input of the CNN decoder) are hard-coded in
 # the original and so here, which fixes configs["encoder"][0] = 256 and configs["decoder"][-1] = 512.
-
-__all__ += [
-    "U_encoder",
-    "U_decoder",
-    "DecoderStem",
-    "Stem",
-    "encoder_block",
-    "decoder_block",
-    "MTUNet",
-]
 
 
 class U_encoder(nn.Module):
