@@ -2,10 +2,10 @@
 
 One training step (mode ``fwd+bwd``: forward, backward of a random cotangent through every
 parameter) and inference (``no-grad``, eval mode) per network, the reference twin against the fast
-one with the same weights: ``reference`` is ``model.with_blocks("reference")`` (the seed-faithful
-attention modules, N×N / C×C matrices materialised), ``fast`` the default network (memory-lean
-attention on the default backend choice), ``torch`` the fast network forced to the ``torch``
-backend. The error column is the max abs difference of the logits vs the reference twin.
+one with the same weights: ``reference`` is :func:`bench.twins.reference_twin` of the model (its
+attention modules swapped for the faithful ones, N×N / C×C matrices materialised), ``fast`` the
+network (memory-lean attention on the default backend choice), ``torch`` the fast network forced
+to the ``torch`` backend. The error column is the max abs difference of the logits vs the reference twin.
 
 MSGANet's training step times its full objective (:func:`medattn_fast.models.msganet_loss`: the
 8 deep-supervision cross-entropies, the guided and the reconstruction MSEs), so its ``fwd+bwd``
@@ -23,6 +23,7 @@ from typing import Callable, Dict, List
 import torch
 
 from bench.harness import Case, with_backend
+from bench.twins import reference_twin
 from medattn_fast.models import CrossAttentionUNet, DAUNet, MSGANet, msganet_loss
 
 MODES = ("fwd+bwd", "no-grad")
@@ -38,7 +39,7 @@ def _randomise(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _providers(fast: torch.nn.Module, output: Callable) -> Dict[str, Callable]:
-    reference = fast.reference_version()
+    reference, _ = reference_twin(fast)
     return {
         "reference": lambda *a: output(reference, *a),
         "fast": lambda *a: output(fast, *a),

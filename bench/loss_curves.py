@@ -1,6 +1,6 @@
 r"""End-to-end check: the fast networks train exactly like their reference twins.
 
-For every full network of :mod:`medattn_fast.models` a *reference twin* (the seed-faithful
+For every full network of :mod:`medattn_fast.models` a *reference twin* (the faithful
 attention blocks, N×N / C×C matrices materialised, the originals' loops) and the *fast* network
 start from the same weights and are trained, side by side, on the same phantom batches
 (:class:`medattn_fast.data.PhantomDataset`) for ``steps`` steps in float32. Per step ``t``::
@@ -22,8 +22,8 @@ sign-random updates, and the comparison would measure that noise instead of the 
 The twins, built as the model benchmarks build them (``bench/cases_models.py``,
 ``cases_mtunet_model.py``, ``cases_attention_unet_model.py``):
 
-* ``DAUNet``, ``CrossAttentionUNet``, ``MSGANet``: ``fast.reference_version()``
-  (``with_blocks("reference")``: same class, seed-faithful blocks, the fast one's state_dict);
+* ``DAUNet``, ``CrossAttentionUNet``, ``MSGANet``: :func:`bench.twins.reference_twin` of the fast
+  network (a copy with its attention modules swapped for the faithful ones, same weights);
   attention gammas set to 0.5 so that PAM/CAM contribute from the first step (0 at init makes them
   the identity).
 * ``MTUNet``: the reference is ``medattn_fast.reference.mtunet.MTUNet`` (the original's modules;
@@ -126,6 +126,7 @@ def _mtunet_twin(side: int, classes: int, device, embedding_std: float = 0.02):
 def twins(device: torch.device, size: str = "small", names: Sequence[str] = MODELS, seed: int = 0) -> Iterator[Twin]:
     """The twins of ``names`` (built one at a time, seeded) at ``size`` ``"tiny"`` (the tests),
     ``"small"`` (CPU runs) or ``"real"`` (the networks' working sizes; CUDA)."""
+    from bench.twins import reference_twin
     from medattn_fast.models import AttentionUNet, CrossAttentionUNet, DAUNet, MSGANet, MTUNet
 
     if size not in ("tiny", "small", "real"):
@@ -147,15 +148,15 @@ def twins(device: torch.device, size: str = "small", names: Sequence[str] = MODE
         if name == "DAUNet":
             fast = _gammas(DAUNet(2, 1, classes, channels=widths, strides=strides,
                                   attention_at=("bottleneck", "skip-1"))).to(device)
-            yield Twin(name, fast.reference_version(), fast, batch, 1, classes, (side, side),
+            yield Twin(name, reference_twin(fast)[0], fast, batch, 1, classes, (side, side),
                        f"channels={widths} PAM+CAM at bottleneck+skip-1")
         elif name == "CrossAttentionUNet":
             fast = CrossAttentionUNet(2, 1, classes, channels=widths, strides=strides, heads=4).to(device)
-            yield Twin(name, fast.reference_version(), fast, batch, 1, classes, (side, side), f"channels={widths}")
+            yield Twin(name, reference_twin(fast)[0], fast, batch, 1, classes, (side, side), f"channels={widths}")
         elif name == "MSGANet":
             base, backbone = spec["msga"]
             fast = _gammas(MSGANet(1, classes, base, backbone_widths=backbone)).to(device)
-            yield Twin(name, fast.reference_version(), fast, batch, 1, classes, (side, side),
+            yield Twin(name, reference_twin(fast)[0], fast, batch, 1, classes, (side, side),
                        f"base={base} backbone={backbone}")
         elif name == "MTUNet" and size == "tiny":
             # the original's widths are fixed (79M parameters, tens of seconds a step on a CPU): the

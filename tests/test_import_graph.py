@@ -101,3 +101,13 @@ def test_import_graph_is_acyclic():
 def test_the_checker_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_models_are_built_on_nn_only():
+    """The full networks use the clean modules of medattn_fast.nn, never the drop-ins (compat) or the
+    oracle (reference): their reference twins are built outside them (bench/twins.py)."""
+    graph = import_graph()
+    models = [m for m in graph if m == "medattn_fast.models" or m.startswith("medattn_fast.models.")]
+    assert len(models) > 3
+    forbidden = {m: sorted(t for t in graph[m] if t.split(".")[1] in ("compat", "reference")) for m in models}
+    assert not {m: t for m, t in forbidden.items() if t}, forbidden

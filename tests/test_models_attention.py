@@ -1,8 +1,9 @@
 """Full attention networks: DAUNet, CrossAttentionUNet, MSGANet.
 
-Each fast network is checked against its reference twin (``with_blocks("reference")``: the
-faithful to the original attention modules, the same weights) in float64, in eval and train mode: logits, the
-input gradient, every parameter gradient and (train) the BatchNorm running statistics. Plus shapes
+Each fast network is checked against its reference twin (``bench.twins.reference_twin``: a copy
+whose attention modules are the faithful, materialising ones of ``medattn_fast.reference``, holding
+the same weights) in float64, in eval and train mode: logits, the input gradient, every parameter
+gradient and (train) the BatchNorm running statistics. Plus shapes
 (2-D, 3-D, H != W, B = 1), the input-size and argument errors, a few optimiser steps with a falling
 loss, MSGANet's losses and the backbone weight loading. Configurations are tiny on purpose.
 """
@@ -11,8 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import medattn_fast
-from medattn_fast.models import CrossAttentionUNet, DAUNet, MSGANet, MSGANetOutputs, msganet_loss
+from bench.twins import PlanarCAM, PlanarPAM, reference_twin
+from medattn_fast import nn as fast_nn
+from medattn_fast.models import AttentionUNet, CrossAttentionUNet, DAUNet, MSGANet, MSGANetOutputs, msganet_loss
+from medattn_fast.reference import cross_attention as reference_cross
+from medattn_fast.reference import danet as reference_danet
 
 F64 = dict(rtol=1e-9, atol=1e-10)
 
@@ -49,20 +53,21 @@ def _run(model, x, cotangent_seed=1):
 
 def _assert_twins_agree(fast, x, training: bool):
     fast = _randomise(fast.double()).train(training)
-    reference = fast.reference_version()
-    assert reference.blocks == "reference" and fast.blocks == "fast"
-    assert {k: v.shape for k, v in reference.state_dict().items()} == {k: v.shape for k, v in fast.state_dict().items()}
+    reference, names = reference_twin(fast)
+    assert set(names.values()) == {n for n, _ in reference.named_parameters()}
     out_f, gx_f, grads_f, buf_f = _run(fast, x)
     out_r, gx_r, grads_r, buf_r = _run(reference, x)
     for a, b in zip(out_f, out_r):
         torch.testing.assert_close(a, b, **F64)
     torch.testing.assert_close(gx_f, gx_r, **F64)
-    assert grads_f.keys() == grads_r.keys()
-    for name in grads_r:
-        if grads_r[name] is None:
+    assert grads_f.keys() == names.keys()
+    for name, twin_name in names.items():
+        if grads_r[twin_name] is None:
             assert grads_f[name] is None, name
         else:
-            torch.testing.assert_close(grads_f[name], grads_r[name], **F64, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(grads_f[name], grads_r[twin_name].reshape(grads_f[name].shape), **F64,
+                                       msg=lambda m: f"{name}: {m}")
+    assert buf_f.keys() == buf_r.keys()
     for name in buf_r:
         torch.testing.assert_close(buf_f[name], buf_r[name], **F64, msg=lambda m: f"{name}: {m}")
 
@@ -110,13 +115,37 @@ def test_daunet_fast_matches_reference(spatial_dims, size, training):
     _assert_twins_agree(model, x, training)
 
 
-def test_daunet_convert_turns_reference_into_fast():
-    reference = _randomise(_daunet(blocks="reference").double()).eval()
-    fast = reference.fast_version()
-    report = medattn_fast.convert(reference)
-    assert len(report) == 4   # PAM and CAM at the bottleneck and at skip-1
-    x = torch.randn(2, 2, 8, 12, dtype=torch.float64)
-    torch.testing.assert_close(reference(x), fast(x), **F64)
+_SWAPPED = {fast_nn.PositionAttention: PlanarPAM, fast_nn.ChannelAttention: PlanarCAM,
+            fast_nn.SEChannelAttention: reference_cross.SEChannelAttention,
+            fast_nn.SelfAttentionLayer: reference_cross.SelfAttentionLayer,
+            fast_nn.SkipCrossAttentionLayer: reference_cross.SkipCrossAttentionLayer}
+
+
+@pytest.mark.parametrize("build", [lambda: _daunet(3), lambda: _cross_unet(), lambda: _msganet()],
+                         ids=["DAUNet", "CrossAttentionUNet", "MSGANet"])
+def test_reference_twin_holds_the_reference_modules(build):
+    """Where the fast network has an attention module of medattn_fast.nn, the twin has the reference
+    one (DANet's PAM/CAM, the reference cross-attention blocks), and no module of medattn_fast.nn is left."""
+    fast = build()
+    twin, _ = reference_twin(fast)
+    fast_modules, twin_modules = dict(fast.named_modules()), dict(twin.named_modules())
+    attention = {path: type(m) for path, m in fast_modules.items() if type(m) in _SWAPPED}
+    assert attention
+    reference_classes = (reference_danet.PAM_Module, reference_danet.CAM_Module, reference_cross.SEChannelAttention,
+                         reference_cross.SelfAttentionLayer, reference_cross.SkipCrossAttentionLayer)
+    for path, cls in attention.items():
+        assert type(twin_modules[path]) is _SWAPPED[cls] and isinstance(twin_modules[path], reference_classes), path
+    assert not [p for p, m in twin_modules.items() if type(m).__module__.startswith("medattn_fast.nn")]
+
+
+def test_reference_twin_refuses_modules_without_reference():
+    with pytest.raises(TypeError, match=r"reference_twin: .*\.AttentionGate\) has no reference counterpart"):
+        reference_twin(AttentionUNet(2, 1, 2, (8, 16), (2,)))
+    with pytest.raises(TypeError, match=r"PositionAttention\(16\) has 4 query channels; DANet's PAM_Module has "
+                                        r"channels // 8 = 2"):
+        reference_twin(torch.nn.Sequential(fast_nn.PositionAttention(16, reduction=4)))
+    with pytest.raises(TypeError, match=r"ChannelAttention\(negate=False\) has no reference counterpart"):
+        reference_twin(torch.nn.Sequential(fast_nn.ChannelAttention(negate=False)))
 
 
 def test_daunet_trains():
@@ -149,8 +178,6 @@ def test_daunet_bad_arguments():
         _daunet(attention_at=("skip-1",), attention_reduction=4)
     with pytest.raises(ValueError, match=r"DAUNet: argument 'strides' must have len\(channels\) - 1 = 2 entries, got 1"):
         DAUNet(2, 1, 2, channels=(8, 16, 32), strides=(2,))
-    with pytest.raises(ValueError, match="DAUNet: argument 'blocks' must be one of .*got 'slow'"):
-        _daunet(blocks="slow")
     with pytest.raises(ValueError, match="DAUNet: argument 'norm' must be one of .*got 'layer'"):
         _daunet(norm="layer")
 

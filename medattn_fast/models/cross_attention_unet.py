@@ -21,12 +21,11 @@ Architecture for ``channels = (c_0, …, c_L)`` and ``strides = (s_0, …, s_{L-
 pre-norm layers over the N = prod(S) pixels as tokens: ``t + proj(MHA(LN(t)))`` (self) and
 ``t + proj(MHA(LN_x(t), LN_s(s)))`` (cross), softmax(QKᵀ/√d)V per head.
 
-**Reference vs fast** (``blocks=``): ``"fast"`` (default) builds the blocks of
-:mod:`medattn_fast.nn.attention` (attention through
-:func:`medattn_fast.functional.position_attention`: the N×N matrix is never stored),
-``"reference"`` those of :mod:`medattn_fast.reference.cross_attention` (the (B, heads, Nq, Nk)
-matrix materialised). Same parameter names and shapes; :meth:`CrossAttentionUNet.with_blocks`
-(``reference_version()`` / ``fast_version()``) moves a model between them with its weights.
+The blocks are :mod:`medattn_fast.nn.attention`'s (attention through
+:func:`medattn_fast.functional.position_attention`: the N×N matrix is never stored); the tests and
+benchmarks compare the model with a twin holding the same weights in
+:mod:`medattn_fast.reference.cross_attention`'s blocks (the (B, heads, Nq, Nk) matrix
+materialised), built by swapping them (``bench/twins.py`` in the repository).
 """
 from __future__ import annotations
 
@@ -35,18 +34,13 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..nn import attention as _fast
-from ..reference import cross_attention as _reference
-from ._unet_parts import (BlocksSwitchMixin, ConvBlock, IntOrSeq, check_blocks, check_channels_strides,
-                          check_input, check_spatial_dims, conv_layer, conv_transpose_layer, total_stride)
+from ..nn.attention import SEChannelAttention, SelfAttentionLayer, SkipCrossAttentionLayer
+from ._unet_parts import (ConvBlock, IntOrSeq, check_input, check_unet, conv_layer, conv_transpose_layer,
+                          total_stride)
 
 __all__ = ["CrossAttentionUNet"]
 
 _NAME = "CrossAttentionUNet"
-
-
-def _seed004(blocks: str):
-    return _fast if blocks == "fast" else _reference
 
 
 def _check_level_count(name: str, value: Optional[int], depth: int) -> int:
@@ -61,10 +55,10 @@ class _SEBlock(nn.Module):
     """ConvBlock then squeeze-excitation. Keys: ``conv.*``, ``se.fc1``, ``se.fc2``."""
 
     def __init__(self, spatial_dims: int, cin: int, cout: int, stride, *, norm: str, dropout: float,
-                 se_reduction: int, blocks: str):
+                 se_reduction: int):
         super().__init__()
         self.conv = ConvBlock(_NAME, spatial_dims, cin, cout, stride, norm=norm, dropout=dropout)
-        self.se = _seed004(blocks).SEChannelAttention(cout, se_reduction)
+        self.se = SEChannelAttention(cout, se_reduction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.se(self.conv(x))
@@ -96,7 +90,7 @@ class _DecoderLevel(nn.Module):
         return self.block(torch.cat([skip, up], dim=1))
 
 
-class CrossAttentionUNet(BlocksSwitchMixin, nn.Module):
+class CrossAttentionUNet(nn.Module):
     """U-Net with SE channel attention, deep self-attention and skip cross-attention.
 
     Args:
@@ -111,7 +105,6 @@ class CrossAttentionUNet(BlocksSwitchMixin, nn.Module):
             None: all of them; 0 none).
         se_reduction: squeeze-excitation reduction (hidden width ``max(1, C // se_reduction)``).
         norm: ``"batch"`` or ``"instance"``. dropout: elementwise, after each conv unit.
-        blocks: ``"fast"`` or ``"reference"`` (see the module docstring).
 
     forward: x (B, in_channels, *S), every S_d divisible by the product of the strides along d
     (else ValueError) -> logits (B, out_channels, *S).
@@ -120,11 +113,9 @@ class CrossAttentionUNet(BlocksSwitchMixin, nn.Module):
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2,
                  channels: Sequence[int] = (32, 64, 128, 256), strides: Sequence[IntOrSeq] = (2, 2, 2), *,
                  heads: int = 4, self_attention_levels: int = 2, cross_attention_levels: Optional[int] = None,
-                 se_reduction: int = 16, norm: str = "batch", dropout: float = 0.0, blocks: str = "fast"):
+                 se_reduction: int = 16, norm: str = "batch", dropout: float = 0.0):
         super().__init__()
-        check_spatial_dims(_NAME, spatial_dims)
-        check_blocks(_NAME, blocks)
-        channels, strides = check_channels_strides(_NAME, channels, strides, spatial_dims)
+        channels, strides = check_unet(_NAME, spatial_dims, channels, strides, dropout)
         depth = len(strides)
         n_self = _check_level_count("self_attention_levels", self_attention_levels, depth)
         n_cross = _check_level_count("cross_attention_levels", cross_attention_levels, depth)
@@ -136,27 +127,22 @@ class CrossAttentionUNet(BlocksSwitchMixin, nn.Module):
         if bad:
             raise ValueError(f"{_NAME}: argument 'heads' ({heads}) must divide the channels of every attention "
                              f"level, got channels {bad} that it does not divide")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{_NAME}: argument 'dropout' must be in [0, 1), got {dropout!r}")
-        self._config = dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
-                            channels=channels, strides=strides, heads=heads, self_attention_levels=n_self,
-                            cross_attention_levels=n_cross, se_reduction=se_reduction, norm=norm, dropout=dropout)
-        self.spatial_dims, self.in_channels, self.blocks = spatial_dims, in_channels, blocks
+        self.spatial_dims, self.in_channels, self.heads = spatial_dims, in_channels, heads
+        self.self_attention_levels, self.cross_attention_levels = n_self, n_cross
         self.divisor = total_stride(strides, spatial_dims)
-        seed = _seed004(blocks)
 
         def se_block(cin: int, cout: int, stride=1) -> nn.Module:
             return _SEBlock(spatial_dims, cin, cout, stride, norm=norm, dropout=dropout,
-                            se_reduction=se_reduction, blocks=blocks)
+                            se_reduction=se_reduction)
 
         self.stem = se_block(in_channels, channels[0])
         self.encoder = nn.ModuleList(
             _EncoderLevel(se_block(channels[l], channels[l + 1], strides[l]),
-                          seed.SelfAttentionLayer(channels[l + 1], heads) if l >= depth - n_self else None)
+                          SelfAttentionLayer(channels[l + 1], heads) if l >= depth - n_self else None)
             for l in range(depth))
         self.decoder = nn.ModuleList(
             _DecoderLevel(spatial_dims, channels[l], channels[l + 1], strides[l],
-                          seed.SkipCrossAttentionLayer(channels[l], channels[l], heads) if l >= depth - n_cross
+                          SkipCrossAttentionLayer(channels[l], channels[l], heads) if l >= depth - n_cross
                           else None,
                           se_block(2 * channels[l], channels[l]))
             for l in range(depth))
@@ -173,5 +159,5 @@ class CrossAttentionUNet(BlocksSwitchMixin, nn.Module):
         return self.head(h)
 
     def extra_repr(self) -> str:
-        return (f"blocks={self.blocks!r}, heads={self._config['heads']}, self_attention_levels="
-                f"{self._config['self_attention_levels']}, cross_attention_levels={self._config['cross_attention_levels']}")
+        return (f"heads={self.heads}, self_attention_levels={self.self_attention_levels}, "
+                f"cross_attention_levels={self.cross_attention_levels}")

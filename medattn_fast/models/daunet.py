@@ -27,17 +27,11 @@ with DANet's ``PAM: γ·V softmax(QᵀK)ᵀ + x`` (Q, K with inter/8 channels) a
 the sum; here the sum is projected back to C channels and added to the block's input, so a block
 with γ = 0 (the initial state) is a plain residual conv block and the U-Net trains from the start.
 PAM needs inter ≥ 8 (its query/key have inter // 8 channels): a ValueError says so at
-construction. In 3-D the (B, C, D, H, W) map enters PAM/CAM as the (B, C, D·H, W) view: both
-modules only use 1×1 convs and global attention over all N = D·H·W positions, so folding two
-spatial axes into one changes nothing in the math.
-
-**Reference vs fast** (``blocks=``): ``"fast"`` (default) uses
-:class:`medattn_fast.compat.danet.PAM_Module`/``CAM_Module`` (the N×N attention is never stored, E
-is accumulated in float32); ``"reference"`` the faithful
-:class:`medattn_fast.reference.danet.PAM_Module`/``CAM_Module``. Same parameter names and shapes,
-so :meth:`DAUNet.with_blocks` (``reference_version()`` / ``fast_version()``) moves a trained model
-between them; ``medattn_fast.convert(DAUNet(blocks="reference"))`` also turns the reference
-network into the fast one (it swaps every ``PAM_Module``/``CAM_Module``).
+construction. PAM and CAM are :class:`medattn_fast.nn.PositionAttention` and
+:class:`~medattn_fast.nn.ChannelAttention`, which take 2-D and 3-D maps alike (attention over all
+N = prod(S) positions; the N×N matrix is never stored, E is accumulated in float32). The tests and
+benchmarks compare the model with a twin holding the same weights in DANet's original, materialising
+modules, built outside the model by swapping these two (``bench/twins.py`` in the repository).
 """
 from __future__ import annotations
 
@@ -46,65 +40,46 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..compat import danet as _fast_danet
-from ..reference import danet as _reference_danet
-from ._unet_parts import (BlocksSwitchMixin, ConvBlock, IntOrSeq, check_blocks, check_channels_strides,
-                          check_input, check_spatial_dims, conv_layer, conv_transpose_layer, norm_layer,
-                          total_stride)
+from ..nn.attention import ChannelAttention, PositionAttention
+from ._unet_parts import (ConvBlock, IntOrSeq, check_input, check_unet, conv_layer, conv_norm_relu,
+                          conv_transpose_layer, total_stride)
 
 __all__ = ["DAUNet", "DualAttentionBlock"]
 
 _NAME = "DAUNet"
 
 
-def _danet_modules(blocks: str):
-    module = _fast_danet if blocks == "fast" else _reference_danet
-    return module.PAM_Module, module.CAM_Module
-
-
-def _conv_norm_relu(spatial_dims: int, cin: int, cout: int, norm: str) -> nn.Sequential:
-    return nn.Sequential(conv_layer(spatial_dims)(cin, cout, 3, padding=1, bias=False),
-                         norm_layer(_NAME, norm, spatial_dims, cout), nn.ReLU(inplace=True))
-
-
 class DualAttentionBlock(nn.Module):
     """DANet's position and channel attention as a residual feature block: ``x + project(p + c)``
-    (see the module docstring). x: (B, channels, *S) -> same shape.
+    (see the module docstring). x: (B, channels, *S), 2-D or 3-D -> same shape.
 
-    Keys: ``position_stem``/``channel_stem`` (3×3 conv ``.0``, norm ``.1``), ``position`` (PAM:
-    ``gamma``, ``query_conv``, ``key_conv``, ``value_conv``), ``channel`` (CAM: ``gamma``),
-    ``position_conv``/``channel_conv``, ``project`` (1×1 conv with bias).
+    Keys: ``position_stem``/``channel_stem`` (3×3 conv ``.0``, norm ``.1``), ``position``
+    (PositionAttention: ``gamma``, ``query``, ``key``, ``value``), ``channel`` (ChannelAttention:
+    ``gamma``), ``position_conv``/``channel_conv``, ``project`` (1×1 conv with bias).
     """
 
-    def __init__(self, channels: int, spatial_dims: int = 2, *, reduction: int = 4, norm: str = "batch",
-                 blocks: str = "fast"):
+    def __init__(self, channels: int, spatial_dims: int = 2, *, reduction: int = 4, norm: str = "batch"):
         super().__init__()
-        check_blocks(_NAME, blocks)
         inter = channels // reduction
         if inter < 8:
             raise ValueError(f"{_NAME}: dual attention on {channels} channels with attention_reduction={reduction} "
                              f"gives {inter} inner channels; position attention needs at least 8 "
                              f"(its query/key have inner // 8 channels)")
-        pam, cam = _danet_modules(blocks)
-        self.position_stem = _conv_norm_relu(spatial_dims, channels, inter, norm)
-        self.channel_stem = _conv_norm_relu(spatial_dims, channels, inter, norm)
-        self.position = pam(inter)
-        self.channel = cam(inter)
-        self.position_conv = _conv_norm_relu(spatial_dims, inter, inter, norm)
-        self.channel_conv = _conv_norm_relu(spatial_dims, inter, inter, norm)
+
+        def conv(cin: int) -> nn.Sequential:
+            return nn.Sequential(*conv_norm_relu(_NAME, spatial_dims, cin, inter, norm))
+
+        self.position_stem = conv(channels)
+        self.channel_stem = conv(channels)
+        self.position = PositionAttention(inter)   # reduction 8: DANet's inter // 8 query/key channels
+        self.channel = ChannelAttention()          # negate=True: DANet's softmax(rowmax(E) − E)
+        self.position_conv = conv(inter)
+        self.channel_conv = conv(inter)
         self.project = conv_layer(spatial_dims)(inter, channels, 1)
 
-    @staticmethod
-    def _planar(attention: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Run a 2-D PAM/CAM on a 2-D or 3-D map; 3-D goes through the (B, C, D·H, W) view."""
-        if x.dim() == 4:
-            return attention(x)
-        b, c, d, h, w = x.shape
-        return attention(x.reshape(b, c, d * h, w)).reshape(x.shape)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        position = self.position_conv(self._planar(self.position, self.position_stem(x)))
-        channel = self.channel_conv(self._planar(self.channel, self.channel_stem(x)))
+        position = self.position_conv(self.position(self.position_stem(x)))
+        channel = self.channel_conv(self.channel(self.channel_stem(x)))
         return x + self.project(position + channel)
 
 
@@ -124,7 +99,7 @@ class _DecoderLevel(nn.Module):
         return self.block(torch.cat([skip, self.upconv(lower)], dim=1))
 
 
-class DAUNet(BlocksSwitchMixin, nn.Module):
+class DAUNet(nn.Module):
     """U-Net with DANet dual attention at the bottleneck and optionally at the deepest skips.
 
     Args:
@@ -137,7 +112,6 @@ class DAUNet(BlocksSwitchMixin, nn.Module):
         norm: ``"batch"`` or ``"instance"`` (affine) in every conv block and attention stem.
         dropout: elementwise dropout after each conv unit of the U-Net blocks (0: none built).
         attention_reduction: the dual attention's inner width is ``C // attention_reduction``.
-        blocks: ``"fast"`` (compat PAM/CAM, memory-lean) or ``"reference"`` (faithful to the original).
 
     forward: x (B, in_channels, *S), every S_d divisible by the product of the strides along d
     (else ValueError) -> logits (B, out_channels, *S).
@@ -146,11 +120,9 @@ class DAUNet(BlocksSwitchMixin, nn.Module):
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2,
                  channels: Sequence[int] = (32, 64, 128, 256), strides: Sequence[IntOrSeq] = (2, 2, 2), *,
                  attention_at: Sequence[str] = ("bottleneck",), norm: str = "batch", dropout: float = 0.0,
-                 attention_reduction: int = 4, blocks: str = "fast"):
+                 attention_reduction: int = 4):
         super().__init__()
-        check_spatial_dims(_NAME, spatial_dims)
-        check_blocks(_NAME, blocks)
-        channels, strides = check_channels_strides(_NAME, channels, strides, spatial_dims)
+        channels, strides = check_unet(_NAME, spatial_dims, channels, strides, dropout)
         depth = len(strides)
         if isinstance(attention_at, str):
             attention_at = (attention_at,)
@@ -158,16 +130,11 @@ class DAUNet(BlocksSwitchMixin, nn.Module):
         bad = [a for a in attention_at if a not in allowed]
         if bad:
             raise ValueError(f"{_NAME}: argument 'attention_at' entries must be among {allowed}, got {bad!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{_NAME}: argument 'dropout' must be in [0, 1), got {dropout!r}")
-        self._config = dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
-                            channels=channels, strides=strides, attention_at=tuple(attention_at), norm=norm,
-                            dropout=dropout, attention_reduction=attention_reduction)
-        self.spatial_dims, self.in_channels, self.blocks = spatial_dims, in_channels, blocks
+        self.spatial_dims, self.in_channels, self.attention_at = spatial_dims, in_channels, tuple(attention_at)
         self.divisor = total_stride(strides, spatial_dims)
 
         def attention(c: int) -> nn.Module:
-            return DualAttentionBlock(c, spatial_dims, reduction=attention_reduction, norm=norm, blocks=blocks)
+            return DualAttentionBlock(c, spatial_dims, reduction=attention_reduction, norm=norm)
 
         self.stem = ConvBlock(_NAME, spatial_dims, in_channels, channels[0], norm=norm, dropout=dropout)
         self.encoder = nn.ModuleList(
@@ -194,4 +161,4 @@ class DAUNet(BlocksSwitchMixin, nn.Module):
         return self.head(h)
 
     def extra_repr(self) -> str:
-        return f"blocks={self.blocks!r}, attention_at={self._config['attention_at']!r}"
+        return f"attention_at={self.attention_at!r}"

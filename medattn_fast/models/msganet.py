@@ -42,10 +42,10 @@ configurable (the original hard-codes F = 64 and 5 classes). Modules the origina
 calls (``conv6_*``, ``conv7_*``, ``attention1..4``, ``refine1..4``) are not built; the original's
 checkpoints therefore do not load here.
 
-**Reference vs fast** (``blocks=``): ``"fast"`` (default) uses
-:class:`medattn_fast.compat.danet.PAM_Module`/``CAM_Module`` (no N×N matrix, float32 energy),
-``"reference"`` the faithful :mod:`medattn_fast.reference.danet` ones; same keys, and
-:meth:`MSGANet.with_blocks` (``reference_version()`` / ``fast_version()``) moves the weights.
+PAM and CAM are :class:`medattn_fast.nn.PositionAttention` and
+:class:`~medattn_fast.nn.ChannelAttention` (no N×N matrix, float32 energy); the tests and
+benchmarks compare the model with a twin in DANet's original modules built by swapping these two
+(``bench/twins.py`` in the repository).
 """
 from __future__ import annotations
 
@@ -56,9 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compat import danet as _fast_danet
-from ..reference import danet as _reference_danet
-from ._unet_parts import BlocksSwitchMixin, check_blocks, check_input
+from ..nn.attention import ChannelAttention, PositionAttention
+from ._unet_parts import check_input
 
 __all__ = ["MSGANet", "MSGANetOutputs", "ResNetBackbone", "msganet_loss"]
 
@@ -174,12 +173,11 @@ class GuidedAttentionStep(nn.Module):
     scales, as in the original). Keys: ``semantic``, ``position.{k}``, ``channel.{k}``,
     ``semantic_proj.{k}``, ``output.{k}`` (k = 0 … 3 for scales 1 … 4)."""
 
-    def __init__(self, channels: int, blocks: str):
+    def __init__(self, channels: int):
         super().__init__()
-        module = _fast_danet if blocks == "fast" else _reference_danet
         self.semantic = SemanticEncoderDecoder(2 * channels)
-        self.position = nn.ModuleList(_AttentionBranch(channels, module.PAM_Module(channels)) for _ in range(_SCALES))
-        self.channel = nn.ModuleList(_AttentionBranch(channels, module.CAM_Module(channels)) for _ in range(_SCALES))
+        self.position = nn.ModuleList(_AttentionBranch(channels, PositionAttention(channels)) for _ in range(_SCALES))
+        self.channel = nn.ModuleList(_AttentionBranch(channels, ChannelAttention()) for _ in range(_SCALES))
         self.semantic_proj = nn.ModuleList(nn.Conv2d(2 * channels, channels, 3, padding=1) for _ in range(_SCALES))
         self.output = nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in range(_SCALES))
 
@@ -250,14 +248,13 @@ def msganet_loss(outputs: MSGANetOutputs, target: torch.Tensor, *, guided_weight
     return {"total": total, "segmentation": segmentation, "guided": guided, "reconstruction": reconstruction}
 
 
-class MSGANet(BlocksSwitchMixin, nn.Module):
+class MSGANet(nn.Module):
     """Multi-scale guided attention network (see the module docstring). 2-D.
 
     Args:
         in_channels, out_channels: image channels in, classes out (logits).
         base_channels: F, the width of the attention heads (the original: 64); PAM needs F ≥ 8.
         backbone_widths, backbone_depths: the ResNet's four stages (default ResNet-18).
-        blocks: ``"fast"`` or ``"reference"`` PAM/CAM.
 
     forward: x (B, in_channels, H, W), H and W divisible by 32 (else ValueError) ->
     :class:`MSGANetOutputs` in train mode, the (B, out_channels, H, W) average of the refined
@@ -265,22 +262,18 @@ class MSGANet(BlocksSwitchMixin, nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 2, base_channels: int = 64, *,
-                 backbone_widths: Sequence[int] = (64, 128, 256, 512), backbone_depths: Sequence[int] = (2, 2, 2, 2),
-                 blocks: str = "fast"):
+                 backbone_widths: Sequence[int] = (64, 128, 256, 512), backbone_depths: Sequence[int] = (2, 2, 2, 2)):
         super().__init__()
-        check_blocks(_NAME, blocks)
         if isinstance(base_channels, bool) or not isinstance(base_channels, int) or base_channels < 8:
             raise ValueError(f"{_NAME}: argument 'base_channels' must be an int >= 8 (position attention has "
                              f"base_channels // 8 query channels), got {base_channels!r}")
-        self._config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
-                            backbone_widths=tuple(backbone_widths), backbone_depths=tuple(backbone_depths))
-        self.in_channels, self.blocks = in_channels, blocks
+        self.in_channels = in_channels
         f = base_channels
         self.backbone = ResNetBackbone(in_channels, backbone_widths, backbone_depths)
         self.reduce = nn.ModuleList(nn.Sequential(*_conv_bn_prelu(w, f, 1)) for w in backbone_widths)
         self.fuse = _multi_conv(_SCALES * f, f)
-        self.step1 = GuidedAttentionStep(f, blocks)
-        self.step2 = GuidedAttentionStep(f, blocks)
+        self.step1 = GuidedAttentionStep(f)
+        self.step2 = GuidedAttentionStep(f)
         self.predict1 = nn.ModuleList(nn.Conv2d(f, out_channels, 1) for _ in range(_SCALES))
         self.predict2 = nn.ModuleList(nn.Conv2d(f, out_channels, 1) for _ in range(_SCALES))
 
