@@ -168,7 +168,7 @@ def test_compat_classes_cover_the_originals():
 
 
 def test_from_original_of_a_foreign_module_raises():
-    with pytest.raises(TypeError, match=r"MEAttention.from_original: Linear does not have the structure of MT-UNet's"):
+    with pytest.raises(TypeError, match=r"MEAttention.from_original: Linear does not have the structure of the original MEAttention"):
         C.MEAttention.from_original(torch.nn.Linear(4, 4))
 
 

@@ -11,9 +11,8 @@ are replaced, with the same inputs and outputs (layouts included), also for para
 effect. The CNN parts (ConvBNReLU, DoubleConv, U_encoder, U_decoder, DecoderStem, Stem) have
 nothing to fuse and are the reference's classes, re-exported.
 
-``from_original(module)`` builds the twin of an original instance (constructor arguments read
-off it), loads its state_dict strictly and keeps its device, dtype and training mode;
-:data:`COMPAT_CLASSES` maps the original class names to these classes (used by ``convert``).
+``from_original(module)`` (:class:`~medattn_fast.compat._adopt.FromOriginal`) builds the twin
+of an original instance; :data:`COMPAT_CLASSES` maps the original class names to these classes (used by ``convert``).
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from ..nn.mtunet import fuse_local_global, window_aggregation
 from ..reference import mtunet as R
 from ..reference.mtunet import (MTUNET_CONFIGS, ConvBNReLU, DecoderStem, DoubleConv,  # noqa: F401 (re-exported)
                                 Stem, U_decoder, U_encoder)
-from ._adopt import adopt
+from ._adopt import FromOriginal
 
 __all__ = [name for name in R.__all__ if name != "DEFAULT_CONFIGS"] + ["COMPAT_CLASSES"]
 
@@ -63,23 +62,7 @@ def _configs_of(module: nn.Module) -> dict:
     return {"win_size": win.window_size, "head": win.attention.num_head}
 
 
-class _FromOriginal:
-    """``from_original``: constructor args read off the original (``_init_args(module) -> (args,
-    kwargs)``), strict state_dict load, same device/dtype/training mode (``adopt``)."""
-
-    @classmethod
-    def from_original(cls, module: nn.Module):
-        """The fast twin of ``module`` (an instance of the original class of the same name)."""
-        try:
-            args, kwargs = cls._init_args(module)
-        except (AttributeError, KeyError, TypeError, IndexError) as exc:
-            raise TypeError(
-                f"{cls.__name__}.from_original: {type(module).__name__} does not have the structure of "
-                f"MT-UNet's {cls.__name__} ({type(exc).__name__}: {exc})") from exc
-        return adopt(cls(*args, **kwargs), module)
-
-
-class GaussianTrans(_FromOriginal, R.GaussianTrans):
+class GaussianTrans(FromOriginal, R.GaussianTrans):
     """Fused :func:`~medattn_fast.functional.gaussian_axial_from_scores` instead of the original's
     Python loop over pixels; H ≠ W works. ``forward((x, atten_x, atten_y, value))`` as the reference."""
 
@@ -98,7 +81,7 @@ class GaussianTrans(_FromOriginal, R.GaussianTrans):
         return MF.gaussian_axial_from_scores(atten_x, atten_y, value, self.shift, bias=self.bias)
 
 
-class Attention(_FromOriginal, R.Attention):
+class Attention(FromOriginal, R.Attention):
     """One GEMM for q/k/v and strided head views instead of permute copies; the axial scores from
     strided views (no contiguous copies). Same two modes, inputs and outputs as the reference."""
 
@@ -130,7 +113,7 @@ class Attention(_FromOriginal, R.Attention):
         return self.out(torch.matmul(probs, v).transpose(-2, -3).flatten(-2))
 
 
-class WinAttention(_FromOriginal, R.WinAttention):
+class WinAttention(FromOriginal, R.WinAttention):
     """One :func:`~medattn_fast.functional.window_attention` call (``pad_mode="mtunet"``: the
     original's padding exactly; ``layout="windows"``) on x's own device, no ``.cuda()``."""
 
@@ -148,7 +131,7 @@ class WinAttention(_FromOriginal, R.WinAttention):
                                    pad_mode="mtunet", layout="windows")
 
 
-class DlightConv(_FromOriginal, R.DlightConv):
+class DlightConv(FromOriginal, R.DlightConv):
     """The softmax-weighted sum over each window as one batched matmul
     (:func:`medattn_fast.nn.mtunet.window_aggregation`)."""
 
@@ -156,7 +139,7 @@ class DlightConv(_FromOriginal, R.DlightConv):
     def _init_args(cls, module):
         win = module.linear.out_features
         if math.isqrt(win) ** 2 != win:
-            raise TypeError(f"linear.out_features = {win} is not win_size²")
+            raise ValueError(f"linear.out_features = {win} is not win_size²")
         return (module.linear.in_features, {"win_size": math.isqrt(win)}), {}
 
     def forward(self, x):
@@ -168,7 +151,7 @@ class DlightConv(_FromOriginal, R.DlightConv):
         return window_aggregation(x, self.linear.weight, self.linear.bias)
 
 
-class CSAttention(_FromOriginal, R.CSAttention):
+class CSAttention(FromOriginal, R.CSAttention):
     """The fast blocks, and ``queeze`` run channel-last on the cropped grid as two GEMMs on the
     halves of its weight (:func:`medattn_fast.nn.mtunet.fuse_local_global`): the concatenation
     and the layout permutes are never materialised. ``global_atten.out`` is kept, never called."""
@@ -194,14 +177,14 @@ class CSAttention(_FromOriginal, R.CSAttention):
         return out.reshape(b, n, c)
 
 
-class MEAttention(_FromOriginal, R.MEAttention):
+class MEAttention(FromOriginal, R.MEAttention):
     """One :func:`~medattn_fast.functional.external_attention` call (no head permutes)."""
 
     @classmethod
     def _init_args(cls, module):
         head, rem = divmod(module.num_heads, module.coef)
         if rem or module.coef != 4:
-            raise TypeError(f"num_heads={module.num_heads}, coef={module.coef} do not come from MEAttention(dim, configs)")
+            raise ValueError(f"num_heads={module.num_heads}, coef={module.coef} do not come from MEAttention(dim, configs)")
         return (module.proj.out_features, {"head": head}), {}
 
     def forward(self, x):
@@ -211,7 +194,7 @@ class MEAttention(_FromOriginal, R.MEAttention):
                                      self.proj.weight, self.proj.bias, num_heads=self.num_heads)
 
 
-class EAmodule(_FromOriginal, R.EAmodule):
+class EAmodule(FromOriginal, R.EAmodule):
     """The reference's forward on the fast :class:`CSAttention` and :class:`MEAttention`."""
 
     @classmethod
@@ -219,7 +202,7 @@ class EAmodule(_FromOriginal, R.EAmodule):
         return (module.SlayerNorm.normalized_shape[0],), {"configs": _configs_of(module)}
 
 
-class encoder_block(_FromOriginal, R.encoder_block):
+class encoder_block(FromOriginal, R.encoder_block):
     """The reference's forward on fast :class:`EAmodule` s; a token count that is not a square
     raises ValueError."""
 
@@ -233,7 +216,7 @@ class encoder_block(_FromOriginal, R.encoder_block):
         return super().forward(x)
 
 
-class decoder_block(_FromOriginal, R.decoder_block):
+class decoder_block(FromOriginal, R.decoder_block):
     """The reference's forward on fast :class:`EAmodule` s; inputs whose shapes do not join raise
     ValueError."""
 
@@ -251,7 +234,7 @@ class decoder_block(_FromOriginal, R.decoder_block):
         return super().forward(x, skip)
 
 
-class MTUNet(_FromOriginal, R.MTUNet):
+class MTUNet(FromOriginal, R.MTUNet):
     r"""MT-UNet (Dootmaan/MT-UNet ``MTUNet(out_ch=4)``): (B, 3 or 1, 224, 224) -> (B, out_ch, 224, 224).
 
     The reference's modules, keys (487 for ``MTUNet(9)``) and forward on the fast blocks. Like the
