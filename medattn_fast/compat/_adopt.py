@@ -54,12 +54,17 @@ def mirror_layers(new: nn.Module, original: nn.Module) -> None:
 class FromOriginal:
     """``from_original(module)`` for a compat class: the twin of an instance of the original class
     of the same name. A subclass reads the constructor arguments off the original in
-    ``_init_args(module, **options) -> (args, kwargs)`` (and raises ValueError for a structure it
-    does not reproduce); the rest is shared: build, :func:`mirror_layers`, :func:`adopt`."""
+    ``_init_args(module, **options) -> (args, kwargs)`` and may refuse (ValueError) layers it does
+    not reproduce in ``_check_layers``; the rest is shared: build, :func:`mirror_layers`, :func:`adopt`."""
 
     @classmethod
     def _init_args(cls, module: nn.Module, **options: Any) -> Tuple[tuple, Dict[str, Any]]:
         raise NotImplementedError(f"{cls.__name__} does not say how to read its constructor arguments")
+
+    @classmethod
+    def _check_layers(cls, new: nn.Module, module: nn.Module) -> None:
+        """Raise ValueError where ``module``'s layers are not those of its twin ``new``. By default
+        nothing is checked here: the strict state_dict load refuses other parameter shapes."""
 
     @classmethod
     def from_original(cls, module: nn.Module, **options: Any):
@@ -72,6 +77,7 @@ class FromOriginal:
             raise TypeError(f"{cls.__name__}.from_original: {type(module).__name__} does not have the structure "
                             f"of the original {cls.__name__} ({type(exc).__name__}: {exc})") from exc
         new = cls(*args, **kwargs)
+        cls._check_layers(new, module)
         mirror_layers(new, module)
         return adopt(new, module)
 

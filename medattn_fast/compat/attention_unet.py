@@ -41,58 +41,43 @@ def _additive_gate(x, g, proj_x: nn.Sequential, proj_g: nn.Sequential, psi: nn.S
                              bn_g=_bn(proj_g[1]), bn_psi=_bn(psi[1]), training=training, double_sigmoid=double_sigmoid)
 
 
-def _expect_conv(conv, what: str, *, kernel_is_stride: bool = False, bias: Optional[bool] = None) -> nn.Module:
-    """Refuse (ValueError) a projection we do not reproduce: ``conv`` must be a plain Conv2d/3d,
-    1×1 with stride 1 (or, ``kernel_is_stride``, Oktay's θ: kernel = stride), no padding, no
-    dilation, one group; ``bias`` True/False requires/forbids a bias."""
-    if type(conv) not in (nn.Conv2d, nn.Conv3d):   # a subclass may compute otherwise (weight standardisation ...)
-        raise ValueError(f"{what} must be an nn.Conv2d/nn.Conv3d, got {type(conv).__name__}")
-    nd = conv.weight.dim() - 2
-    kernel = tuple(conv.kernel_size)
-    ok = (tuple(conv.stride) == kernel if kernel_is_stride else kernel == (1,) * nd and tuple(conv.stride) == (1,) * nd)
-    ok = ok and all(p == 0 for p in conv.padding) and tuple(conv.dilation) == (1,) * nd and conv.groups == 1
-    ok = ok and conv.padding_mode == "zeros"
-    if not ok:
-        expected = "kernel = stride" if kernel_is_stride else "a 1×1 kernel, stride 1"
-        raise ValueError(f"{what} must be a convolution with {expected}, no padding, dilation 1 and one group, "
-                         f"got {conv!r}")
-    if bias is not None and (conv.bias is not None) != bias:
-        raise ValueError(f"{what} must be built with bias={bias}, got bias={conv.bias is not None}")
-    return conv
+def _geometry(conv: nn.Module) -> tuple:
+    return (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
+            conv.groups, conv.padding_mode, tuple(getattr(conv, "output_padding", ())))
 
 
-def _expect_type(module, what: str, kinds) -> None:
-    if not isinstance(module, kinds):
-        names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
-        raise ValueError(f"{what} must be {names}, got {type(module).__name__}")
+class _Gate(FromOriginal):
+    """A gate's fused forward reads its layers' parameters without calling them, so
+    ``from_original`` refuses an original whose layers are not the twin's."""
+
+    @classmethod
+    def _check_layers(cls, new: nn.Module, module: nn.Module) -> None:
+        """Below the root, at every path of the twin: a container holds the same children (MONAI's
+        ``Convolution(conv_only=True)`` just ``conv``), a convolution has the twin's class (a
+        subclass may compute otherwise: weight standardisation ...) and geometry (kernel, stride,
+        padding, dilation, groups) and no bias where the twin has none, a norm is a BatchNorm, any
+        other layer has the twin's class."""
+        originals = dict(module.named_modules())
+        for path, m in new.named_modules():
+            o = originals.get(path)
+            if not path:
+                continue
+            if o is None:
+                raise ValueError(f"{path} is missing")
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if not isinstance(o, nn.modules.batchnorm._BatchNorm):
+                    raise ValueError(f"{path} must be a BatchNorm, got {type(o).__name__}")
+            elif isinstance(m, nn.modules.conv._ConvNd):
+                if type(o) is not type(m) or _geometry(o) != _geometry(m) or (m.bias is None and o.bias is not None):
+                    raise ValueError(f"{path} must be {m!r}, got {o!r}")
+            elif m._modules:
+                if set(o._modules) != set(m._modules):
+                    raise ValueError(f"{path} must hold the layers {sorted(m._modules)}, got {sorted(o._modules)}")
+            elif type(o) is not type(m):
+                raise ValueError(f"{path} must be {type(m).__name__}, got {type(o).__name__}")
 
 
-def _monai_conv(layer: nn.Module, what: str) -> nn.Module:
-    """The conv inside MONAI's ``Convolution(..., conv_only=True)``: a Sequential whose only child
-    is ``conv`` (conv_only drops the norm/dropout/activation block)."""
-    children = dict(layer.named_children())
-    if set(children) != {"conv"}:
-        raise ValueError(f"{what} must be MONAI's Convolution(conv_only=True) (one child 'conv'), got children "
-                         f"{sorted(children)}")
-    return children["conv"]
-
-
-def _expect_gate_layers(module: nn.Module, x_name: str, g_name: str, monai: bool = False):
-    """The additive gate's layers: (1×1 conv, BN) projections and ψ = (1×1 conv to 1 channel, BN(1),
-    Sigmoid); ``monai``: each conv wrapped in MONAI's ``Convolution``. Returns the x and g convs."""
-    convs = {}
-    for name in (x_name, g_name, "psi"):
-        seq = getattr(module, name)
-        _expect_type(seq, name, nn.Sequential)
-        if len(seq) != (3 if name == "psi" else 2):
-            raise ValueError(f"{name} must hold {3 if name == 'psi' else 2} layers, got {len(seq)}")
-        convs[name] = _expect_conv(_monai_conv(seq[0], f"{name}.0") if monai else seq[0], f"{name}.0")
-        _expect_type(seq[1], f"{name}.1", nn.modules.batchnorm._BatchNorm)
-    _expect_type(module.psi[2], "psi.2", nn.Sigmoid)
-    return convs[x_name], convs[g_name]
-
-
-class AttentionBlock(FromOriginal, R.AttentionBlock):
+class AttentionBlock(_Gate, R.AttentionBlock):
     """:class:`medattn_fast.reference.attention_gate.AttentionBlock` as one
     :func:`medattn_fast.functional.attention_gate` call.
 
@@ -108,7 +93,7 @@ class AttentionBlock(FromOriginal, R.AttentionBlock):
 
     @classmethod
     def _init_args(cls, module, *, double_sigmoid: Optional[bool] = None):
-        conv_x, conv_g = _expect_gate_layers(module, "Wx", "Wg")
+        conv_x, conv_g = module.Wx[0], module.Wg[0]
         if double_sigmoid is None:
             double_sigmoid = bool(getattr(module, "double_sigmoid", False))
         return ((conv_x.in_channels, conv_g.in_channels, conv_x.out_channels),
@@ -137,7 +122,7 @@ class ConvBatchNorm(R.ConvBatchNorm):
         return F.conv2d(x, weight, shift.to(x.dtype), padding=self.conv.padding).relu_()
 
 
-class AttentionUpBlock(FromOriginal, R.AttentionUpBlock):
+class AttentionUpBlock(_Gate, R.AttentionUpBlock):
     """:class:`medattn_fast.reference.attention_gate.AttentionUpBlock` on the fast gate and conv
     blocks (x is interpolated only when its size differs from the skip's: the identity otherwise).
     ``from_original(module, double_sigmoid=None)`` as :class:`AttentionBlock`'s."""
@@ -153,13 +138,12 @@ class AttentionUpBlock(FromOriginal, R.AttentionUpBlock):
 
     @classmethod
     def _init_args(cls, module, *, double_sigmoid: Optional[bool] = None):
-        _expect_gate_layers(module.attention, "Wx", "Wg")
         if double_sigmoid is None:
             double_sigmoid = bool(getattr(module.attention, "double_sigmoid", False))
         return (module.upsample.in_channels, module.upsample.out_channels), dict(double_sigmoid=double_sigmoid)
 
 
-class Attention_block(FromOriginal, R.Attention_block):  # noqa: N801 - the original's name
+class Attention_block(_Gate, R.Attention_block):  # noqa: N801 - the original's name
     """:class:`medattn_fast.reference.attention_gate.Attention_block` as one
     :func:`medattn_fast.functional.attention_gate` call; unlike the original, a g smaller than x
     is also accepted (interpolated to x's size)."""
@@ -169,12 +153,11 @@ class Attention_block(FromOriginal, R.Attention_block):  # noqa: N801 - the orig
 
     @classmethod
     def _init_args(cls, module):
-        conv_x, conv_g = _expect_gate_layers(module, "W_x", "W_g")
-        _expect_type(module.relu, "relu", nn.ReLU)
+        conv_x, conv_g = module.W_x[0], module.W_g[0]
         return (conv_g.in_channels, conv_x.in_channels, conv_x.out_channels), dict(spatial_dims=conv_x.weight.dim() - 2)
 
 
-class MonaiAttentionBlock(FromOriginal, R.MonaiAttentionBlock):
+class MonaiAttentionBlock(_Gate, R.MonaiAttentionBlock):
     """:class:`medattn_fast.reference.attention_gate.MonaiAttentionBlock` (MONAI's
     ``AttentionBlock``) as one :func:`medattn_fast.functional.attention_gate` call; a g smaller
     than x is also accepted (interpolated to x's size)."""
@@ -187,12 +170,11 @@ class MonaiAttentionBlock(FromOriginal, R.MonaiAttentionBlock):
 
     @classmethod
     def _init_args(cls, module):
-        conv_x, conv_g = _expect_gate_layers(module, "W_x", "W_g", monai=True)
-        _expect_type(module.relu, "relu", nn.ReLU)
+        conv_x, conv_g = module.W_x[0].conv, module.W_g[0].conv
         return (conv_x.weight.dim() - 2, conv_x.out_channels, conv_g.in_channels, conv_x.in_channels), {}
 
 
-class _GridAttentionBlock(FromOriginal, R.GridAttentionBlock):
+class _GridAttentionBlock(_Gate, R.GridAttentionBlock):
     """Oktay's ``GridAttentionBlock2D/3D``: :class:`medattn_fast.reference.attention_gate.
     GridAttentionBlock` (which documents the math and quirks) with the original's constructor
     signature, as one :func:`medattn_fast.functional.attention_gate` call in ``mode="grid"``,
@@ -223,16 +205,8 @@ class _GridAttentionBlock(FromOriginal, R.GridAttentionBlock):
         if mode != "concatenation":
             raise ValueError(f"mode {mode!r} is not reproduced (only 'concatenation', the Attention U-Net gate)")
         theta, phi = module.theta, module.phi
-        _expect_conv(theta, "theta", kernel_is_stride=True, bias=False)
         if theta.weight.dim() - 2 != cls.SPATIAL_DIMS:
             raise ValueError(f"theta must be a {cls.SPATIAL_DIMS}-D convolution, got {type(theta).__name__}")
-        _expect_conv(phi, "phi", bias=True)
-        _expect_conv(module.psi, "psi", bias=True)
-        _expect_type(module.W, "W", nn.Sequential)
-        if len(module.W) != 2:
-            raise ValueError(f"W must hold 2 layers (conv, BN), got {len(module.W)}")
-        _expect_conv(module.W[0], "W.0")
-        _expect_type(module.W[1], "W.1", nn.modules.batchnorm._BatchNorm)
         upsample_mode = getattr(module, "upsample_mode", None)
         if upsample_mode not in (None, "bilinear" if cls.SPATIAL_DIMS == 2 else "trilinear"):
             raise ValueError(f"upsample_mode {upsample_mode!r} is not reproduced for a {cls.SPATIAL_DIMS}-D gate")
