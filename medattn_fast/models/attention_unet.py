@@ -53,7 +53,6 @@ MONAI                                                 here
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -62,20 +61,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.attention_gate import AttentionGate
+from ._unet_parts import IntOrSeq, check_input, check_unet, total_stride
 
 __all__ = ["AttentionUNet"]
 
-IntOrSeq = Union[int, Sequence[int]]
+_NAME = "AttentionUNet"
 
 
-def _per_dim(name: str, value: IntOrSeq, spatial_dims: int, *, odd: bool = False) -> Tuple[int, ...]:
-    """An int or one positive int per spatial dimension -> a tuple of ``spatial_dims`` ints."""
+def _odd_kernel(name: str, value: IntOrSeq, spatial_dims: int) -> Tuple[int, ...]:
+    """An odd positive int or one per spatial dimension -> a tuple of ``spatial_dims`` ints."""
     values = (value,) * spatial_dims if isinstance(value, int) else tuple(value)
-    if (len(values) != spatial_dims or not all(isinstance(v, int) and v >= 1 for v in values)
-            or (odd and any(v % 2 == 0 for v in values))):
-        kind = "odd positive" if odd else "positive"
-        article = "an" if odd else "a"
-        raise ValueError(f"AttentionUNet: argument '{name}' must be {article} {kind} int or {spatial_dims} {kind} "
+    if len(values) != spatial_dims or not all(isinstance(v, int) and v >= 1 and v % 2 for v in values):
+        raise ValueError(f"{_NAME}: argument '{name}' must be an odd positive int or {spatial_dims} odd positive "
                          f"ints, got {value!r}")
     return values
 
@@ -119,7 +116,6 @@ class ConvNormAct(nn.Module):
         conv, conv_t, batch_norm, _ = _layers(spatial_dims)
         padding = tuple((k - 1) // 2 for k in kernel_size)
         if transposed:
-            stride = _per_dim("stride", stride, spatial_dims)
             self.conv = conv_t(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                                output_padding=tuple(s - 1 for s in stride))
         else:
@@ -183,10 +179,8 @@ class DecoderLevel(nn.Module):
 
     def forward(self, lower: torch.Tensor, skip: torch.Tensor, return_attention: bool = False):
         g = self.upconv(lower)
-        if return_attention:
-            gated, alpha = self.gate(skip, g, return_alpha=True)
-        else:
-            gated, alpha = self.gate(skip, g, return_alpha=False), None
+        out = self.gate(skip, g, return_alpha=return_attention)
+        gated, alpha = out if return_attention else (out, None)
         return self.merge(torch.cat((gated, g), dim=1)), alpha
 
 
@@ -217,34 +211,21 @@ class AttentionUNet(nn.Module):
                  strides: Sequence[IntOrSeq], kernel_size: IntOrSeq = 3, up_kernel_size: IntOrSeq = 3,
                  dropout: float = 0.0, *, backend: Optional[str] = None):
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"AttentionUNet: argument 'spatial_dims' must be 2 or 3, got {spatial_dims!r}")
+        # strides beyond len(channels) - 1 entries are ignored, as in MONAI
+        channels, strides = check_unet(_NAME, spatial_dims, channels, tuple(strides)[:len(tuple(channels)) - 1],
+                                       dropout)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"AttentionUNet: argument '{name}' must be a positive int, got {value!r}")
-        channels = tuple(channels)
-        if len(channels) < 2 or not all(isinstance(c, int) and c >= 1 for c in channels):
-            raise ValueError(f"AttentionUNet: argument 'channels' must be at least 2 positive ints, got {channels!r}")
+                raise ValueError(f"{_NAME}: argument '{name}' must be a positive int, got {value!r}")
         if any(c < 2 for c in channels[:-1]):
-            raise ValueError("AttentionUNet: argument 'channels' must be >= 2 at every level but the last "
+            raise ValueError(f"{_NAME}: argument 'channels' must be >= 2 at every level but the last "
                              f"(each gate has channels // 2 intermediate channels), got {channels!r}")
-        levels = len(channels) - 1
-        strides = tuple(strides)
-        if len(strides) < levels:
-            raise ValueError(f"AttentionUNet: argument 'strides' must have len(channels) - 1 = {levels} entries, "
-                             f"got {len(strides)} ({strides!r})")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"AttentionUNet: argument 'dropout' must be in [0, 1), got {dropout!r}")
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.channels = channels
-        self.strides = tuple(_per_dim(f"strides[{i}]", s, spatial_dims) for i, s in enumerate(strides[:levels]))
-        self.kernel_size = _per_dim("kernel_size", kernel_size, spatial_dims, odd=True)
-        self.up_kernel_size = _per_dim("up_kernel_size", up_kernel_size, spatial_dims, odd=True)
-        self.dropout = float(dropout)
-        # the spatial sizes must be multiples of this, per dim
-        self.size_divisor = tuple(math.prod(s[d] for s in self.strides) for d in range(spatial_dims))
+        levels = len(strides)
+        self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
+        self.channels, self.strides, self.dropout = channels, strides, float(dropout)
+        self.kernel_size = _odd_kernel("kernel_size", kernel_size, spatial_dims)
+        self.up_kernel_size = _odd_kernel("up_kernel_size", up_kernel_size, spatial_dims)
+        self.size_divisor = total_stride(strides, spatial_dims)   # the spatial sizes must be multiples of this
 
         conv = _layers(spatial_dims)[0]
         self.stem = ConvBlock(spatial_dims, in_channels, channels[0], self.kernel_size, dropout=self.dropout)
@@ -260,27 +241,11 @@ class AttentionUNet(nn.Module):
         )
         self.out_conv = conv(channels[0], out_channels, kernel_size=1)
 
-    # ------------------------------------------------------------------------------------------
-    def _check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"AttentionUNet: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
-        nd = self.spatial_dims
-        if x.dim() != nd + 2 or x.shape[1] != self.in_channels:
-            want = "(B, C, H, W)" if nd == 2 else "(B, C, D, H, W)"
-            raise ValueError(f"AttentionUNet: argument 'x' must have shape {want} with C = in_channels = "
-                             f"{self.in_channels}, got {tuple(x.shape)}")
-        size = tuple(x.shape[2:])
-        if any(n == 0 for n in x.shape):
-            raise ValueError(f"AttentionUNet: argument 'x' must not have an empty dimension, got {tuple(x.shape)}")
-        if any(n % m for n, m in zip(size, self.size_divisor)):
-            raise ValueError(
-                f"AttentionUNet: argument 'x' must have spatial sizes divisible by the product of the strides "
-                f"{self.size_divisor} (strides={self.strides}), got spatial size {size}"
-            )
-
     def forward(self, x: torch.Tensor, return_attention: bool = False
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
-        self._check_input(x)
+        check_input(_NAME, x, self.in_channels, self.spatial_dims, self.size_divisor)
+        if x.shape[0] == 0:
+            raise ValueError(f"{_NAME}: argument 'x' must not have an empty batch, got shape {tuple(x.shape)}")
         skips = [self.stem(x)]
         for block in self.encoder:
             skips.append(block(skips[-1]))
