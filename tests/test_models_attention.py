@@ -148,9 +148,11 @@ def test_reference_twin_refuses_modules_without_reference():
         reference_twin(torch.nn.Sequential(fast_nn.ChannelAttention(negate=False)))
 
 
-def test_daunet_trains():
-    torch.manual_seed(1)
-    model = _daunet()
+@pytest.mark.parametrize("seed,build", [(1, lambda: _daunet()), (2, lambda: _cross_unet())],
+                         ids=["DAUNet", "CrossAttentionUNet"])
+def test_unet_trains(seed, build):
+    torch.manual_seed(seed)
+    model = build()
     x, target = torch.randn(2, 2, 8, 12), torch.randint(0, 3, (2, 8, 12))
     _train_steps(model, x, target)
 
@@ -209,13 +211,6 @@ def test_cross_attention_unet_attention_placement():
 def test_cross_attention_unet_fast_matches_reference(spatial_dims, size, training):
     x = torch.randn(2, 2, *size, dtype=torch.float64)
     _assert_twins_agree(_cross_unet(spatial_dims), x, training)
-
-
-def test_cross_attention_unet_trains():
-    torch.manual_seed(2)
-    model = _cross_unet()
-    x, target = torch.randn(2, 2, 8, 12), torch.randint(0, 3, (2, 8, 12))
-    _train_steps(model, x, target)
 
 
 def test_cross_attention_unet_bad_input_size():

@@ -5,7 +5,7 @@ input-size validation (messages name the model, the argument, the expected and t
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -98,3 +98,18 @@ class ConvBlock(nn.Sequential):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
         super().__init__(*layers)
+
+
+def encode_decode(x: torch.Tensor, stem: nn.Module, encoder: Sequence[nn.Module], decoder: Sequence[nn.Module],
+                  bottleneck: Optional[nn.Module] = None) -> torch.Tensor:
+    """The U-Net pass: ``f_0 = stem(x)``, ``f_{l+1} = encoder[l](f_l)``, ``h = bottleneck(f_L)`` (or
+    f_L), then deepest first ``h = decoder[l](h, f_l)``; returns the top level's h."""
+    features = [stem(x)]
+    for stage in encoder:
+        features.append(stage(features[-1]))
+    h = features.pop()
+    if bottleneck is not None:
+        h = bottleneck(h)
+    for level in reversed(range(len(decoder))):
+        h = decoder[level](h, features[level])
+    return h

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..nn.attention import SEChannelAttention, SelfAttentionLayer, SkipCrossAttentionLayer
 from ._unet_parts import (ConvBlock, IntOrSeq, check_input, check_unet, conv_layer, conv_transpose_layer,
-                          total_stride)
+                          encode_decode, total_stride)
 
 __all__ = ["CrossAttentionUNet"]
 
@@ -150,13 +150,7 @@ class CrossAttentionUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(_NAME, x, self.in_channels, self.spatial_dims, self.divisor)
-        features = [self.stem(x)]
-        for stage in self.encoder:
-            features.append(stage(features[-1]))
-        h = features.pop()
-        for level in reversed(range(len(self.decoder))):
-            h = self.decoder[level](h, features[level])
-        return self.head(h)
+        return self.head(encode_decode(x, self.stem, self.encoder, self.decoder))
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, self_attention_levels={self.self_attention_levels}, "

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..nn.attention import ChannelAttention, PositionAttention
 from ._unet_parts import (ConvBlock, IntOrSeq, check_input, check_unet, conv_layer, conv_norm_relu,
-                          conv_transpose_layer, total_stride)
+                          conv_transpose_layer, encode_decode, total_stride)
 
 __all__ = ["DAUNet", "DualAttentionBlock"]
 
@@ -150,15 +150,7 @@ class DAUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(_NAME, x, self.in_channels, self.spatial_dims, self.divisor)
-        features = [self.stem(x)]
-        for stage in self.encoder:
-            features.append(stage(features[-1]))
-        h = features.pop()
-        if self.bottleneck_attention is not None:
-            h = self.bottleneck_attention(h)
-        for level in reversed(range(len(self.decoder))):
-            h = self.decoder[level](h, features[level])
-        return self.head(h)
+        return self.head(encode_decode(x, self.stem, self.encoder, self.decoder, self.bottleneck_attention))
 
     def extra_repr(self) -> str:
         return f"attention_at={self.attention_at!r}"
