@@ -108,18 +108,8 @@ class ConvBatchNorm(R.ConvBatchNorm):
         bn = self.batchnorm
         if self.training or bn.running_mean is None:
             return self.relu(bn(self.conv(x)))
-        acc = torch.promote_types(self.conv.weight.dtype, torch.float32)
-        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(acc)
-        shift = -bn.running_mean.to(acc)
-        if self.conv.bias is not None:
-            shift = shift + self.conv.bias.to(acc)
-        shift = shift * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.to(acc)
-        weight = (self.conv.weight.to(acc) * scale.view(-1, 1, 1, 1)).to(x.dtype)
-        return F.conv2d(x, weight, shift.to(x.dtype), padding=self.conv.padding).relu_()
+        weight, bias = _bn(bn).fold(self.conv.weight, self.conv.bias)
+        return F.conv2d(x, weight, bias, padding=self.conv.padding).relu_()
 
 
 class AttentionUpBlock(_Gate, R.AttentionUpBlock):

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import functional as MF
 from ..nn.attention_gate import AttentionGate
 from ._unet_parts import IntOrSeq, check_input, check_unet, total_stride
 
@@ -81,26 +82,6 @@ def _layers(spatial_dims: int):
     if spatial_dims == 2:
         return nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.InstanceNorm2d
     return nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d
-
-
-def _folded(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.modules.batchnorm._BatchNorm,
-            out_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode ``BN(conv(x))`` as one conv: ``W' = γ/√(var+ε)·W`` (scaled along the output-channel
-    dim ``out_dim``: 0 for Conv, 1 for ConvTranspose), ``b' = γ/√(var+ε)·(b − μ) + β``.
-    Computed in at least float32, returned in the weight's dtype."""
-    acc = torch.promote_types(weight.dtype, torch.float32)
-    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(acc)
-    shift = -bn.running_mean.to(acc)
-    if bias is not None:
-        shift = shift + bias.to(acc)
-    shift = shift * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(acc)
-    view = [1] * weight.dim()
-    view[out_dim] = -1
-    return (weight.to(acc) * scale.view(view)).to(weight.dtype), shift.to(weight.dtype)
 
 
 class ConvNormAct(nn.Module):
@@ -129,7 +110,8 @@ class ConvNormAct(nn.Module):
             return F.relu(self.dropout(self.norm(self.conv(x))))
         # Eval: BN folded into the conv weights; dropout is the identity.
         c = self.conv
-        weight, bias = _folded(c.weight, c.bias, self.norm, out_dim=1 if self.transposed else 0)
+        weight, bias = MF.BatchNormParams.from_module(self.norm).fold(c.weight, c.bias,
+                                                                     out_dim=1 if self.transposed else 0)
         if self.transposed:
             fn = F.conv_transpose2d if weight.dim() == 4 else F.conv_transpose3d
             y = fn(x, weight, bias, stride=c.stride, padding=c.padding, output_padding=c.output_padding)

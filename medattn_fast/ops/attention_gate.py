@@ -94,6 +94,25 @@ class BatchNormParams(NamedTuple):
     def tensors(self) -> List[Tensor]:
         return [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
 
+    def fold(self, weight: Tensor, bias: Optional[Tensor], *, out_dim: int = 0) -> Tuple[Tensor, Tensor]:
+        r"""Eval-mode ``BN(conv(x))`` as one conv: ``W' = s·W`` (scaled along the output-channel dim
+        ``out_dim``: 0 for Conv, 1 for ConvTranspose), ``b' = s·(b − μ) + β`` with
+        ``s = γ/√(var + ε)`` (γ = 1, β = 0 without affine). Needs the running statistics; computed
+        in at least float32, returned in the weight's dtype."""
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        scale = torch.rsqrt(self.running_var.to(acc) + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.to(acc)
+        shift = -self.running_mean.to(acc)
+        if bias is not None:
+            shift = shift + bias.to(acc)
+        shift = shift * scale
+        if self.bias is not None:
+            shift = shift + self.bias.to(acc)
+        view = [1] * weight.dim()
+        view[out_dim] = -1
+        return (weight.to(acc) * scale.view(view)).to(weight.dtype), shift.to(weight.dtype)
+
 
 def _measured_auto_order(*args, training=False, bn_x=None, bn_g=None, bn_psi=None, **_kw):
     """``auto``'s order for one call: torch before cpp for a CPU training step with batch statistics.
@@ -279,22 +298,6 @@ def _foldable(bn: Optional[BatchNormParams], training: bool) -> bool:
     return bn is not None and not training and bn.running_mean is not None
 
 
-def _fold(weight: Tensor, bias: Optional[Tensor], bn: BatchNormParams) -> Tuple[Tensor, Tensor]:
-    """Conv weight/bias with an eval-mode BN folded in, computed in float32 (float64 stays)."""
-    acc = torch.promote_types(weight.dtype, torch.float32)
-    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(acc)
-    shift = -bn.running_mean.to(acc)
-    if bias is not None:
-        shift = shift + bias.to(acc)
-    shift = shift * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(acc)
-    w = weight.to(acc) * scale.view(-1, *([1] * (weight.dim() - 1)))
-    return w.to(weight.dtype), shift.to(weight.dtype)
-
-
 def _pointwise(t: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int]) -> Tensor:
     """A 1×1 convolution as a batched matrix product over the flattened positions.
 
@@ -316,7 +319,7 @@ def _project(t: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional[Bat
              stride: Sequence[int] = (1,)) -> Tensor:
     """BN(conv(t)): one convolution with folded weights where the BN allows it."""
     if _foldable(bn, training):
-        weight, bias = _fold(weight, bias, bn)
+        weight, bias = bn.fold(weight, bias)
         return _pointwise(t, weight, bias, stride)
     return _batch_norm(_pointwise(t, weight, bias, stride), bn, training)
 
@@ -830,7 +833,7 @@ def _normalised_x_branch(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_x
             update_running_stats(bn_x, mean_u, var_u, count)
         return _fold_stats(weight, bias, bn_x, mean_u, var_u)
     if bn_x is not None:
-        return _fold(weight, bias, bn_x)
+        return bn_x.fold(weight, bias)
     return weight, bias
 
 
@@ -843,7 +846,7 @@ def _output_transform(kernels: FusedKernels, x: Tensor, alpha: Tensor, out_weigh
     bias = out_bias.to(acc) if out_bias is not None else weight.new_zeros(weight.shape[0])
     fold = _foldable(bn_out, training)
     if fold:
-        weight, bias = _fold(weight, bias, bn_out)
+        weight, bias = bn_out.fold(weight, bias)
     out = kernels.project(x, alpha, weight, bias)
     return out if fold else _batch_norm(out, bn_out, training)
 
@@ -865,7 +868,7 @@ def _fused_grid_gate(kernels: FusedKernels, x, g, wx_weight, wx_bias, wg_weight,
     psi_b = psi_bias.to(acc) if psi_bias is not None else psi.new_zeros(1)
     batch_stats = _uses_batch_stats(bn_psi, training)
     if bn_psi is not None and not batch_stats:
-        psi, psi_b = _fold(psi, psi_b, bn_psi)
+        psi, psi_b = bn_psi.fold(psi, psi_b)
     q = kernels.logits(theta, G, weight, bias, psi.reshape(cint), psi_b.reshape(1))
     # batch statistics: the BN normalises q in x's dtype, as it would the ψ conv's output
     alpha = torch.sigmoid(_batch_norm(q.to(x.dtype), bn_psi, training) if batch_stats else q)
@@ -909,7 +912,7 @@ def fused_gate(kernels: FusedKernels, x, g, wx_weight, wx_bias, wg_weight, wg_bi
         out = x * alpha
     else:
         if bn_psi is not None:
-            psi, psi_b = _fold(psi, psi_b, bn_psi)
+            psi, psi_b = bn_psi.fold(psi, psi_b)
         out, alpha = kernels.forward(x, G, weight, bias, psi.reshape(cint), psi_b.reshape(1), double_sigmoid)
     if out_weight is not None:
         out = _project(out, out_weight, out_bias, bn_out, training)
