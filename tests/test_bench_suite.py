@@ -53,7 +53,10 @@ def test_suite_runs_saves_and_compares_a_tiny_selection(tmp_path):
     # the vectorised torch backend against the per-pixel loop it replaces, fresh random inputs
     assert by_provider["torch"]["extra_info"]["max_err"] < 1e-4
 
-    again = _pytest_bench(tmp_path, "-k", TINY, "--benchmark-compare", "--benchmark-compare-fail=median:1000%",
+    # no --benchmark-compare-fail: a timing threshold is a timed test, and it failed on a loaded
+    # 2-core machine (the torch row's median went from 0.2 to 20 ms); this checks that the suite
+    # saves and compares, not how fast the machine is
+    again = _pytest_bench(tmp_path, "-k", TINY, "--benchmark-compare",
                           env={"MEDATTN_BENCH_FAMILIES": "gaussian_axial"})
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "0001" in again.stdout  # the autosaved first run is the one compared against
