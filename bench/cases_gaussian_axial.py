@@ -22,7 +22,7 @@ From q, k, v also ``flex``: ``torch.compile(flex_attention)`` as a user would wr
 row attention over the B·H rows (sequences of W pixels) plus column attention over the B·W
 columns (sequences of H pixels), each with ``scale=1.0`` and a ``score_mod`` subtracting
 θ(kv_idx − q_idx)², summed (on CPU flex has no backward: only its ``no-grad`` rows run there, the
-others are error rows saying so). (flex cannot take GaussianTrans's precomputed score maps except by
+others are unavailable rows saying so). (flex cannot take GaussianTrans's precomputed score maps except by
 indexing them inside ``score_mod``, which is not how anyone would call it, so the from-scores
 cases have no ``flex`` row.)
 """
@@ -33,6 +33,7 @@ from typing import Callable, Dict, List
 import torch
 
 import medattn_fast.functional as MF
+from medattn_fast import BackendUnavailable
 from bench.harness import Case
 from medattn_fast.compat.mtunet import GaussianTrans as FastGaussianTrans
 from medattn_fast.reference.gaussian_trans import GaussianTrans, gaussian_axial_from_qkv_reference
@@ -85,6 +86,9 @@ def _flex_provider(shift: torch.Tensor) -> Callable:
         return score - shift.reshape(()).to(score.dtype) * dist * dist
 
     def run(q, k, v):
+        if torch.is_grad_enabled() and q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
+            raise BackendUnavailable("flex: FlexAttention has no backward on CPU (torch "
+                                     f"{torch.__version__}); only its no-grad rows run here")
         if not torch.is_grad_enabled():
             # flex refuses inputs that require grad on CPU (no CPU backward), even under no_grad
             q, k, v = q.detach(), k.detach(), v.detach()

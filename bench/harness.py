@@ -322,6 +322,8 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, providers_fil
                 _zero_module_grads(providers)
                 row.peak_mib = None if pm.peak is None else pm.peak / 2**20
                 timed.append((row, fn, cot))
+            except BackendUnavailable as exc:  # a provider that runs some modes only (no backward here)
+                row.status = f"unavailable: {exc}"
             except Exception as exc:
                 row.status = f"error: {type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)
