@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from bench.harness import Row, measure_within_budget
+from medattn_fast._progress import StatusLine, format_duration, progress_bar  # noqa: F401 (format_duration: bench.run)
 
 
 @dataclass
@@ -101,11 +102,6 @@ def headline_cases(device: torch.device) -> List[HeadlineCase]:
 # progress
 # ------------------------------------------------------------------------------------------------
 
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 60}:{seconds % 60:02d}"
-
-
 class Progress:
     """One line per case (or one line rewritten in place on a terminal): ``[i/n] elapsed, ETA,
     the case``. The ETA scales the remaining cases' budgets by how far the finished ones ran over
@@ -113,8 +109,7 @@ class Progress:
 
     def __init__(self, weights: Sequence[float], stream=None):
         self.weights = list(weights)
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
+        self.line = StatusLine(stream or sys.stdout)
         self.start = time.perf_counter()
         self.done = 0
 
@@ -128,25 +123,15 @@ class Progress:
     def begin(self, label: str) -> None:
         n = len(self.weights)
         elapsed = time.perf_counter() - self.start
-        filled = int(20 * self.done / n)
-        bar = "#" * filled + "." * (20 - filled)
-        text = (f"[{bar}] {self.done + 1}/{n}  {format_duration(elapsed)} elapsed, "
-                f"ETA {format_duration(self.eta_s())}  {label}")
-        if self.tty:
-            self.stream.write("\r\033[K" + text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        self.line.show(f"{progress_bar(self.done, n, 20)} {self.done + 1}/{n}  {format_duration(elapsed)} elapsed, "
+                       f"ETA {format_duration(self.eta_s())}  {label}")
 
     def end(self) -> None:
         self.done += 1
 
     def finish(self) -> float:
-        elapsed = time.perf_counter() - self.start
-        if self.tty:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-        return elapsed
+        self.line.close(keep=False)
+        return time.perf_counter() - self.start
 
 
 # ------------------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def _headline(args, argv, device) -> int:
     load = ""
     if hasattr(os, "getloadavg"):
         load = f", load average {os.getloadavg()[0]:.1f} on {env['cpus']} CPUs"
-    print(f"{env['device']}, {versions}; {format_duration(elapsed)} in all{load}")
+    print(f"{env['device']}, {versions}; {headline.format_duration(elapsed)} in all{load}")
     missing = headline.unavailable_backends()
     if missing:
         print("not run on this device: " + "; ".join(f"{k} ({v})" for k, v in missing.items()))
@@ -175,12 +175,6 @@ def _headline(args, argv, device) -> int:
         figure = headline_figure(Path(str(stem) + ".json"), Path(args.figures))
         print(f"wrote {figure}")
     return 0 if all(r.status == "ok" for r in rows) else 1
-
-
-def format_duration(seconds: float) -> str:
-    from bench.headline import format_duration as fmt
-
-    return fmt(seconds)
 
 
 def _cuda():

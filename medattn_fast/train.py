@@ -61,6 +61,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ._progress import StatusLine, progress_bar
+
 __all__ = ["MODELS", "ModelSpec", "TrainConfig", "TrainResult", "DiceCELoss", "training_loss", "dice_counts",
            "dice_scores", "build_model",
            "build_dataset", "train", "main"]
@@ -366,32 +368,21 @@ def _save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
 
 
 class _Progress:
-    """A one-line text progress bar on stderr (rewritten with \\r on a terminal, one line per update
-    otherwise, so that logs stay readable)."""
+    """The training progress line on stderr: bar, step, loss, Dice, throughput and ETA."""
 
     def __init__(self, total: int, start: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.tty = enabled and sys.stderr.isatty()
+        self.total, self.line = total, StatusLine(sys.stderr, enabled=enabled)
         self.start_time, self.start_step = time.perf_counter(), start
 
     def update(self, step: int, loss: float, dice: float, images_per_s: float) -> None:
-        if not self.enabled:
+        if not self.line.enabled:
             return
-        width = 24
-        done = int(width * step / max(self.total, 1))
         remaining = (self.total - step) * (time.perf_counter() - self.start_time) / max(step - self.start_step, 1)
-        line = (f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total} loss {loss:.4f} dice {dice:.3f} "
-                f"{images_per_s:.1f} img/s eta {int(remaining) // 60}m{int(remaining) % 60:02d}s")
-        if self.tty:
-            sys.stderr.write("\r" + line)
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+        self.line.show(f"{progress_bar(step, self.total, 24)} {step}/{self.total} loss {loss:.4f} dice {dice:.3f} "
+                       f"{images_per_s:.1f} img/s eta {int(remaining) // 60}m{int(remaining) % 60:02d}s")
 
     def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        self.line.close(keep=True)
 
 
 def _write_snapshot(path: Path, raw_model: nn.Module, image: torch.Tensor, label: torch.Tensor) -> None:
