@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as MF
+from ..ops import _validate as V
 from ..nn.mtunet import fuse_local_global, window_aggregation
 from ..reference import mtunet as R
 from ..reference.mtunet import (MTUNET_CONFIGS, ConvBNReLU, DecoderStem, DoubleConv,  # noqa: F401 (re-exported)
@@ -47,13 +48,10 @@ def _square_side(name: str, n: int) -> int:
 
 
 def _check_shape(name: str, arg: str, x, names: str, want: Tuple) -> None:
-    """ValueError unless ``x`` is a tensor of shape ``want`` (None: any size), named ``names``."""
-    ok = isinstance(x, torch.Tensor) and x.dim() == len(want) and all(w is None or s == w
-                                                                     for s, w in zip(x.shape, want))
-    if not ok:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        shown = "(" + ", ".join("*" if w is None else str(w) for w in want) + ")"
-        raise ValueError(f"{name}: argument '{arg}' must have shape {names} = {shown}, got {got}")
+    """The ops' input checks (:mod:`medattn_fast.ops._validate`): a floating tensor of shape ``want``
+    (None: any size), its dims named ``names`` in the message."""
+    V.tensor(name, arg, x)
+    V.shape(name, arg, x, want, names)
 
 
 def _configs_of(module: nn.Module) -> dict:
