@@ -31,7 +31,7 @@ from ..reference.mtunet import (MTUNET_CONFIGS, ConvBNReLU, DecoderStem, DoubleC
                                 Stem, U_decoder, U_encoder)
 from ._adopt import FromOriginal
 
-__all__ = [name for name in R.__all__ if name != "DEFAULT_CONFIGS"] + ["COMPAT_CLASSES"]
+__all__ = R.__all__ + ["COMPAT_CLASSES"]
 
 # The original upsamples the global branch by a hard-coded 4 (UpsamplingBilinear2d(scale_factor=4)).
 _GLOBAL_UPSAMPLE = 4

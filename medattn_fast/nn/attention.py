@@ -175,29 +175,29 @@ class SEChannelAttention(nn.Module):
         return x * gate.reshape(*gate.shape, *([1] * (x.dim() - 2)))
 
 
-def _heads_to_batch(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, N, C) -> (B·heads, N, C/heads)."""
-    b, n, c = t.shape
-    return t.reshape(b, n, heads, c // heads).transpose(1, 2).reshape(b * heads, n, c // heads)
-
-
-def _batch_to_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B·heads, N, d) -> (B, N, heads·d)."""
-    bh, n, d = t.shape
-    return t.reshape(bh // heads, heads, n, d).transpose(1, 2).reshape(bh // heads, n, heads * d)
-
-
-def _check_heads(channels: int, heads: int) -> None:
+def _add_attention_projections(layer: nn.Module, channels: int, channels_kv: int, heads: int,
+                               chunk_size: Optional[int], backend: Optional[str], factory: dict) -> None:
+    """``to_q`` (channels -> channels), ``to_k``/``to_v`` (channels_kv -> channels), ``proj``."""
     if heads < 1 or channels % heads:
         raise ValueError(f"heads must be a positive divisor of the channels ({channels}), got {heads}")
+    layer.heads, layer.chunk_size, layer.backend = heads, chunk_size, backend
+    layer.to_q = nn.Linear(channels, channels, **factory)
+    layer.to_k = nn.Linear(channels_kv, channels, **factory)
+    layer.to_v = nn.Linear(channels_kv, channels, **factory)
+    layer.proj = nn.Linear(channels, channels, **factory)
 
 
-def _attend(q, k, v, heads, chunk_size, backend):
-    d = q.shape[-1] // heads
-    out = MF.position_attention(_heads_to_batch(q, heads), _heads_to_batch(k, heads),
-                                _heads_to_batch(v, heads), scale=1.0 / math.sqrt(d), chunk_size=chunk_size,
-                                backend=backend)
-    return _batch_to_heads(out, heads)
+def _attend_residual(layer: nn.Module, x: torch.Tensor, tokens: torch.Tensor, hq: torch.Tensor,
+                     hkv: torch.Tensor) -> torch.Tensor:
+    """``tokens + proj(MHA(hq, hkv))`` back in x's (B, C, *S) shape. The heads go to the batch dim
+    of one :func:`medattn_fast.functional.position_attention` call (softmax(QKᵀ/√d)V, never stored)."""
+    heads, batch = layer.heads, x.shape[0]
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2).flatten(0, 1)    # (B·heads, N, d)
+               for t in (layer.to_q(hq), layer.to_k(hkv), layer.to_v(hkv)))
+    out = MF.position_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), chunk_size=layer.chunk_size,
+                                backend=layer.backend)
+    out = out.unflatten(0, (batch, heads)).transpose(1, 2).flatten(2)         # (B, N, C)
+    return (tokens + layer.proj(out)).transpose(1, 2).reshape(x.shape)
 
 
 class SelfAttentionLayer(nn.Module):
@@ -208,21 +208,15 @@ class SelfAttentionLayer(nn.Module):
     def __init__(self, channels: int, heads: int = 8, *, chunk_size: Optional[int] = None,
                  backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
-        _check_heads(channels, heads)
         factory = dict(device=device, dtype=dtype)
-        self.heads, self.chunk_size, self.backend = heads, chunk_size, backend
         self.norm = nn.LayerNorm(channels, **factory)
-        self.to_q = nn.Linear(channels, channels, **factory)
-        self.to_k = nn.Linear(channels, channels, **factory)
-        self.to_v = nn.Linear(channels, channels, **factory)
-        self.proj = nn.Linear(channels, channels, **factory)
+        _add_attention_projections(self, channels, channels, heads, chunk_size, backend, factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_feature_map(type(self).__name__, x, self.norm.normalized_shape[0])
         tokens = x.flatten(2).transpose(1, 2)
         h = self.norm(tokens)
-        attended = _attend(self.to_q(h), self.to_k(h), self.to_v(h), self.heads, self.chunk_size, self.backend)
-        return (tokens + self.proj(attended)).transpose(1, 2).reshape(x.shape)
+        return _attend_residual(self, x, tokens, h, h)
 
 
 class SkipCrossAttentionLayer(nn.Module):
@@ -233,15 +227,10 @@ class SkipCrossAttentionLayer(nn.Module):
     def __init__(self, channels_x: int, channels_skip: int, heads: int = 8, *, chunk_size: Optional[int] = None,
                  backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
-        _check_heads(channels_x, heads)
         factory = dict(device=device, dtype=dtype)
-        self.heads, self.chunk_size, self.backend = heads, chunk_size, backend
         self.norm_x = nn.LayerNorm(channels_x, **factory)
         self.norm_skip = nn.LayerNorm(channels_skip, **factory)
-        self.to_q = nn.Linear(channels_x, channels_x, **factory)
-        self.to_k = nn.Linear(channels_skip, channels_x, **factory)
-        self.to_v = nn.Linear(channels_skip, channels_x, **factory)
-        self.proj = nn.Linear(channels_x, channels_x, **factory)
+        _add_attention_projections(self, channels_x, channels_skip, heads, chunk_size, backend, factory)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
@@ -250,7 +239,4 @@ class SkipCrossAttentionLayer(nn.Module):
         if skip.shape[0] != x.shape[0]:
             raise ValueError(f"{name}: skip must have batch {x.shape[0]} like x, got shape {tuple(skip.shape)}")
         tokens = x.flatten(2).transpose(1, 2)
-        hx = self.norm_x(tokens)
-        hs = self.norm_skip(skip.flatten(2).transpose(1, 2))
-        attended = _attend(self.to_q(hx), self.to_k(hs), self.to_v(hs), self.heads, self.chunk_size, self.backend)
-        return (tokens + self.proj(attended)).transpose(1, 2).reshape(x.shape)
+        return _attend_residual(self, x, tokens, self.norm_x(tokens), self.norm_skip(skip.flatten(2).transpose(1, 2)))

@@ -11,7 +11,7 @@ the original, with two deliberate differences, both device plumbing and neither 
   :data:`MTUNET_CONFIGS` and is the default of a ``configs`` argument.
 
 The original's quirks are reproduced on purpose; each is named in the docstring of the class that
-has it (and the ones that tie the whole network to 224² in the comment above :class:`U_encoder`).
+has it (those that tie the whole network to 224² in :class:`MTUNet`'s).
 """
 from __future__ import annotations
 
@@ -34,21 +34,16 @@ MTUNET_CONFIGS: Dict[str, object] = {
     "decoder": [1024, 512],
     "decoder_stem": [(256, 512), (256, 256), (128, 64), 32],
 }
-DEFAULT_CONFIGS = MTUNET_CONFIGS
 
-__all__ = ["MTUNET_CONFIGS", "DEFAULT_CONFIGS", "ConvBNReLU", "DoubleConv", "MEAttention", "Attention",
+__all__ = ["MTUNET_CONFIGS", "ConvBNReLU", "DoubleConv", "MEAttention", "Attention",
            "WinAttention", "DlightConv", "GaussianTrans", "CSAttention", "EAmodule", "U_encoder", "U_decoder",
            "DecoderStem", "Stem", "encoder_block", "decoder_block", "MTUNet"]
 
 
 def _block(owner: nn.Module, name: str) -> type:
-    """The class ``name`` of the module that defines ``type(owner)`` (this one's otherwise).
-
-    Every container below builds its children through this, so a module that defines subclasses
-    with the same names — :mod:`medattn_fast.compat.mtunet`, fast forwards — gets its own classes
-    at every level of the tree, in the original's order and with the original's keys, by
-    construction.
-    """
+    """The class ``name`` of the module that defines ``type(owner)`` (this one's otherwise): a module
+    of same-named subclasses (fast forwards) gets its own classes at every level of the tree, in the
+    original's order and with the original's keys."""
     return getattr(sys.modules[type(owner).__module__], name, None) or globals()[name]
 
 
@@ -309,7 +304,7 @@ class EAmodule(nn.Module):
     no effect (see :class:`MEAttention`).
     """
 
-    def __init__(self, dim, configs=DEFAULT_CONFIGS):
+    def __init__(self, dim, configs=MTUNET_CONFIGS):
         super().__init__()
         self.SlayerNorm = nn.LayerNorm(dim, eps=1e-6)
         self.ElayerNorm = nn.LayerNorm(dim, eps=1e-6)
@@ -328,24 +323,6 @@ class EAmodule(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The whole network: CNN stem and decoder, mixed-transformer encoder/bottleneck/decoder, MTUNet
 # ---------------------------------------------------------------------------------------------
-#
-# What ties the original network to 224×224, square, 3-channel input (kept here, on purpose):
-#
-# * 224²: ``Stem.position_embedding`` is a (1, 784, 256) parameter added to the tokens of the
-#   28×28 map the CNN stem makes of a 224² image (3 max-pools: 224/8 = 28); any other size fails
-#   the addition. Sizes also have to survive 3 pools and 2 stride-2 convs and come back through 5
-#   transposed convs: H = W = 32·k, and with the embedding, k = 7.
-# * square: every token <-> grid conversion takes the side as int(sqrt(N)) (encoder_block, MTUNet,
-#   and the blocks above), so an H ≠ W input would be folded into the wrong grid.
-# * 3 channels: ``U_encoder.res1`` takes 3 channels; a 1-channel image is repeated to 3
-#   (``MTUNet.forward``); any other channel count fails in the first conv.
-# * CUDA, fp32: only through the blocks' ``.cuda()`` calls, which are removed here (see the module
-#   docstring); nothing below creates tensors.
-#
-# The constructors read the original's module-level ``configs`` (here :data:`MTUNET_CONFIGS`,
-# the default of a ``configs`` argument, as for EAmodule); the CNN widths (64/128/256, the
-# 256-channel, 784-token embedding, the 512-channel input of the CNN decoder) are hard-coded in
-# the original and so here, which fixes configs["encoder"][0] = 256 and configs["decoder"][-1] = 512.
 
 
 class U_encoder(nn.Module):
@@ -444,7 +421,7 @@ class encoder_block(nn.Module):
     the side is int(sqrt(N)) (square grids only).
     """
 
-    def __init__(self, dim, configs=DEFAULT_CONFIGS):
+    def __init__(self, dim, configs=MTUNET_CONFIGS):
         super().__init__()
         self.block = nn.ModuleList([
             _block(self, "EAmodule")(dim, configs),
@@ -474,7 +451,7 @@ class decoder_block(nn.Module):
     (B, 4hw, dim) -> EAmodules.
     """
 
-    def __init__(self, dim, flag, configs=DEFAULT_CONFIGS):
+    def __init__(self, dim, flag, configs=MTUNET_CONFIGS):
         super().__init__()
         self.flag = flag
         if not self.flag:
@@ -518,13 +495,22 @@ class MTUNet(nn.Module):
         decoder_stem    -> U_decoder with skips f3, f2, f1: (B, 64, 224, 224)
         SegmentationHead-> 1×1 conv, (B, out_ch, 224, 224)
 
-    Quirks (see the comment above :class:`U_encoder`): only 224² works (the position embedding has
-    784 tokens), token grids are taken square (int(sqrt(N))), 1-channel inputs are repeated to 3
-    channels. Submodules are created in the original's order, so a given seed gives the original's
-    initial weights.
+    What ties it to 224×224, square, 3-channel input (kept on purpose):
+
+    * 224²: ``Stem.position_embedding`` is a (1, 784, 256) parameter added to the tokens of the
+      28×28 map the CNN stem makes of a 224² image (3 max-pools); any other size fails the addition.
+      Sizes also have to survive 3 pools and 2 stride-2 convs: H = W = 32·k, and with the embedding, k = 7.
+    * square: every token <-> grid conversion takes the side as int(sqrt(N)), so an H ≠ W input
+      would be folded into the wrong grid.
+    * 3 channels: ``U_encoder.res1`` takes 3; a 1-channel image is repeated to 3, any other count
+      fails in the first conv.
+    * the CNN widths (64/128/256, the 256-channel embedding, the 512-channel input of the CNN
+      decoder) are hard-coded, which fixes configs["encoder"][0] = 256 and configs["decoder"][-1] = 512.
+
+    Submodules are created in the original's order, so a given seed gives the original's initial weights.
     """
 
-    def __init__(self, out_ch=4, configs=DEFAULT_CONFIGS):
+    def __init__(self, out_ch=4, configs=MTUNET_CONFIGS):
         super().__init__()
         self.stem = _block(self, "Stem")()
         self.encoder = nn.ModuleList()
