@@ -26,21 +26,9 @@ the original's learned embedding and its outputs.
 
 **Original checkpoints.** :meth:`MTUNet.from_original_state_dict` builds the model from an
 original ``MTUNet(out_ch)`` state_dict (487 keys for the Synapse model) through
-:func:`convert_original_state_dict`. The key map renames the original's modules to the ones above
-(``stem.model.res{i}`` -> ``encoder_convs.{i-1}``, ``stem.trans_dim`` -> ``token_projection``,
-``encoder.{s}.block.{0,1}`` -> ``encoder.{s}.blocks``, ``block.2`` -> ``downsample``, the
-decoder's ``block.0`` -> ``upsample`` and 1×1 ``block.1`` -> ``project``, ``decoder_stem.block`` ->
-``decoder_convs``, ``SegmentationHead`` -> ``head``, EAmodule -> MixedTransformerBlock with the
-names of :mod:`medattn_fast.nn.mtunet`; the rules are ``_MIXED_BLOCK_RULES``,
-``_DOUBLE_CONV_RULES`` and ``_map_key`` below), stores the position embedding on its grid
-(1, √N, √N, C), and turns the 1×1 convs that became Linear layers from (o, i, 1, 1) to (o, i).
-
-Dropped (they cannot change the output; :data:`DROPPED_ORIGINAL_PARAMETERS`): per mixed-transformer
-module ``ElayerNorm.bias``, both ``key_layer.bias``, ``global_atten.out.*`` (never called),
-``gaussiantrans.bias``, ``EAttention.query_liner.bias`` and ``EAttention.linear_0.bias``. The
-original repeats a 1-channel input to 3 channels; loaded with ``in_channels=1``, the first conv's
-weight is summed over its 3 input channels, which is exactly that (conv of 3 copies of x = conv of
-x with the summed kernel).
+:func:`convert_original_state_dict`; its tables (``_CNN_MODULES``, ``_ENCODER_BLOCK``,
+``_DECODER_BLOCK``, ``_CONV_BN``, ``_DOUBLE_CONV``, ``_MIXED_BLOCK``) rename the original's modules
+to the ones above and drop :data:`DROPPED_ORIGINAL_PARAMETERS` (they cannot change the output).
 """
 from __future__ import annotations
 
@@ -67,7 +55,6 @@ __all__ = [
 
 # 3 max-pools then 2 stride-2 convs: every side must be a multiple of 2**5.
 INPUT_STRIDE = 32
-_STEM_STRIDE = 8
 
 
 class ConvNormAct(nn.Module):
@@ -334,91 +321,82 @@ DROPPED_ORIGINAL_PARAMETERS: Tuple[str, ...] = (
     "EAttention.linear_0.bias",                       # idem
 )
 
-_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
-
-# (pattern, replacement) inside one EAmodule -> MixedTransformerBlock; None: dropped
-_MIXED_BLOCK_RULES = [(re.escape(k), None) for k in DROPPED_ORIGINAL_PARAMETERS] + [
-    (r"SlayerNorm\.(weight|bias)", r"norm_attention.\1"),
-    (r"ElayerNorm\.weight", "norm_external.weight"),
-    (r"CSAttention\.win_atten\.attention\.query_layer\.(weight|bias)", r"attention.local.query.\1"),
-    (r"CSAttention\.win_atten\.attention\.key_layer\.weight", "attention.local.key.weight"),
-    (r"CSAttention\.win_atten\.attention\.value_layer\.(weight|bias)", r"attention.local.value.\1"),
-    (r"CSAttention\.win_atten\.attention\.out\.(weight|bias)", r"attention.local.proj.\1"),
-    (r"CSAttention\.dlightconv\.linear\.(weight|bias)", r"attention.aggregate.score.\1"),
-    (r"CSAttention\.global_atten\.query_layer\.(weight|bias)", r"attention.global_attention.query.\1"),
-    (r"CSAttention\.global_atten\.key_layer\.weight", "attention.global_attention.key.weight"),
-    (r"CSAttention\.global_atten\.value_layer\.(weight|bias)", r"attention.global_attention.value.\1"),
-    (r"CSAttention\.gaussiantrans\.shift", "attention.global_attention.shift"),
-    (r"CSAttention\.queeze\.(weight|bias)", r"attention.fuse.\1"),
-    (r"EAttention\.query_liner\.weight", "external.query.weight"),
-    (r"EAttention\.linear_0\.weight", "external.memory_key.weight"),
-    (r"EAttention\.linear_1\.(weight|bias)", r"external.memory_value.\1"),
-    (r"EAttention\.proj\.(weight|bias)", r"external.proj.\1"),
-]
-
-# inside one DoubleConv -> ResidualDoubleConv
-_DOUBLE_CONV_RULES = [
-    (r"conv\.0\.conv\.weight", "conv1.conv.weight"),
-    (r"conv\.0\.bn\." + _BN, r"conv1.norm.\1"),
-    (r"conv\.1\.conv\.weight", "conv2.conv.weight"),
-    (r"conv\.1\.bn\." + _BN, r"conv2.norm.\1"),
-    (r"conv1\.(weight|bias)", r"pointwise.\1"),
-    (r"bn\." + _BN, r"pointwise_norm.\1"),
-]
+_WEIGHT, _WEIGHT_BIAS = ("weight",), ("weight", "bias")
+_BATCH_NORM = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def _apply(rules, key: str, whole: str) -> Optional[str]:
-    for pattern, repl in rules:
-        m = re.fullmatch(pattern, key)
-        if m:
-            return None if repl is None else m.expand(repl)
-    raise ValueError(f"convert_original_state_dict: unexpected key {whole!r} (not a key of MT-UNet's MTUNet)")
+def _renames(*modules: Tuple[str, str, Tuple[str, ...]]) -> Dict[str, str]:
+    """{original key: key here} from rows (original module, module here, its parameter names)."""
+    return {f"{old}.{name}": f"{new}.{name}" for old, new, names in modules for name in names}
 
 
-def _mixed(prefix: str, rest: str, whole: str) -> Optional[str]:
-    new = _apply(_MIXED_BLOCK_RULES, rest, whole)
-    return None if new is None else prefix + new
+# Inside one original module: the rest of its keys -> the rest of ours (None: dropped). Only the
+# modules are renamed; the parameter names stay.
+_WHOLE = {"weight": "weight", "bias": "bias"}  # a Conv2d / ConvTranspose2d kept as it is
+_CONV_BN = _renames(("conv", "conv", _WEIGHT), ("bn", "norm", _BATCH_NORM))  # ConvBNReLU -> ConvNormAct
+_DOUBLE_CONV = _renames(  # DoubleConv -> ResidualDoubleConv
+    ("conv.0.conv", "conv1.conv", _WEIGHT), ("conv.0.bn", "conv1.norm", _BATCH_NORM),
+    ("conv.1.conv", "conv2.conv", _WEIGHT), ("conv.1.bn", "conv2.norm", _BATCH_NORM),
+    ("conv1", "pointwise", _WEIGHT_BIAS), ("bn", "pointwise_norm", _BATCH_NORM))
+_MIXED_BLOCK = {**dict.fromkeys(DROPPED_ORIGINAL_PARAMETERS), **_renames(  # EAmodule -> MixedTransformerBlock
+    ("SlayerNorm", "norm_attention", _WEIGHT_BIAS),
+    ("ElayerNorm", "norm_external", _WEIGHT),
+    ("CSAttention.win_atten.attention.query_layer", "attention.local.query", _WEIGHT_BIAS),
+    ("CSAttention.win_atten.attention.key_layer", "attention.local.key", _WEIGHT),
+    ("CSAttention.win_atten.attention.value_layer", "attention.local.value", _WEIGHT_BIAS),
+    ("CSAttention.win_atten.attention.out", "attention.local.proj", _WEIGHT_BIAS),
+    ("CSAttention.dlightconv.linear", "attention.aggregate.score", _WEIGHT_BIAS),
+    ("CSAttention.global_atten.query_layer", "attention.global_attention.query", _WEIGHT_BIAS),
+    ("CSAttention.global_atten.key_layer", "attention.global_attention.key", _WEIGHT),
+    ("CSAttention.global_atten.value_layer", "attention.global_attention.value", _WEIGHT_BIAS),
+    ("CSAttention.gaussiantrans", "attention.global_attention", ("shift",)),
+    ("CSAttention.queeze", "attention.fuse", _WEIGHT_BIAS),
+    ("EAttention.query_liner", "external.query", _WEIGHT),
+    ("EAttention.linear_0", "external.memory_key", _WEIGHT),
+    ("EAttention.linear_1", "external.memory_value", _WEIGHT_BIAS),
+    ("EAttention.proj", "external.proj", _WEIGHT_BIAS))}
+
+# The CNN parts (fixed in the original): original module -> (module here, the renames inside).
+_CNN_MODULES = {
+    "stem.trans_dim.": ("token_projection.", _CONV_BN),
+    "SegmentationHead.": ("head.", _WHOLE),
+    **{f"stem.model.res{i + 1}.": (f"encoder_convs.{i}.", _DOUBLE_CONV) for i in range(3)},
+    **{f"decoder_stem.block.trans{i + 1}.": (f"decoder_convs.{i}.upsample.", _WHOLE) for i in range(3)},
+    **{f"decoder_stem.block.res{i + 1}.": (f"decoder_convs.{i}.conv.", _DOUBLE_CONV) for i in range(3)},
+}
+# The transformer stages (as many as the original's configs say): the modules of an original
+# ``encoder.{s}.block`` / ``decoder.{s}.block`` list, index by index, here.
+_ENCODER_BLOCK = (("blocks.0.", _MIXED_BLOCK), ("blocks.1.", _MIXED_BLOCK), ("downsample.", _CONV_BN))
+_DECODER_BLOCK = (("upsample.", _WHOLE), ("blocks.0.", _MIXED_BLOCK), ("blocks.1.", _MIXED_BLOCK))
+_PROJECTED_DECODER_BLOCK = _DECODER_BLOCK[:1] + (("project.", _WHOLE),) + _DECODER_BLOCK[1:]
+
+
+def _locate(key: str, projected_stages) -> Tuple[str, Mapping[str, Optional[str]], str]:
+    """An original key as (its module's prefix here, the renames inside that module, the rest of the key)."""
+    for old, (new, renames) in _CNN_MODULES.items():
+        if key.startswith(old):
+            return new, renames, key[len(old):]
+    m = re.fullmatch(r"bottleneck\.([01])\.(.+)", key)
+    if m:
+        return f"bottleneck.{m[1]}.", _MIXED_BLOCK, m[2]
+    m = re.fullmatch(r"(encoder|decoder)\.(\d+)\.block\.(\d+)\.(.+)", key)
+    if m:
+        block = (_ENCODER_BLOCK if m[1] == "encoder" else
+                 _PROJECTED_DECODER_BLOCK if int(m[2]) in projected_stages else _DECODER_BLOCK)
+        if int(m[3]) < len(block):
+            module, renames = block[int(m[3])]
+            return f"{m[1]}.{m[2]}.{module}", renames, m[4]
+    return "", {}, key
 
 
 def _map_key(key: str, projected_stages) -> Optional[str]:
     """Where the original's ``key`` goes here (None: a parameter without effect, dropped)."""
     if key == "stem.position_embedding":
         return "position_embedding"
-    m = re.fullmatch(r"stem\.model\.res([123])\.(.+)", key)
-    if m:
-        return f"encoder_convs.{int(m[1]) - 1}." + _apply(_DOUBLE_CONV_RULES, m[2], key)
-    m = re.fullmatch(r"stem\.trans_dim\.(conv\.weight|bn\..+)", key)
-    if m:
-        return "token_projection." + m[1].replace("bn.", "norm.", 1)
-    m = re.fullmatch(r"encoder\.(\d+)\.block\.([01])\.(.+)", key)
-    if m:
-        return _mixed(f"encoder.{m[1]}.blocks.{m[2]}.", m[3], key)
-    m = re.fullmatch(r"encoder\.(\d+)\.block\.2\.(conv\.weight|bn\..+)", key)
-    if m:
-        return f"encoder.{m[1]}.downsample." + m[2].replace("bn.", "norm.", 1)
-    m = re.fullmatch(r"bottleneck\.([01])\.(.+)", key)
-    if m:
-        return _mixed(f"bottleneck.{m[1]}.", m[2], key)
-    m = re.fullmatch(r"decoder\.(\d+)\.block\.(\d+)\.(.+)", key)
-    if m:
-        stage, index, rest = int(m[1]), int(m[2]), m[3]
-        first_block = 2 if stage in projected_stages else 1
-        if index == 0 and rest in ("weight", "bias"):
-            return f"decoder.{stage}.upsample.{rest}"
-        if index == 1 and first_block == 2 and rest in ("weight", "bias"):
-            return f"decoder.{stage}.project.{rest}"
-        if first_block <= index <= first_block + 1:
-            return _mixed(f"decoder.{stage}.blocks.{index - first_block}.", rest, key)
-    m = re.fullmatch(r"decoder_stem\.block\.trans([123])\.(weight|bias)", key)
-    if m:
-        return f"decoder_convs.{int(m[1]) - 1}.upsample.{m[2]}"
-    m = re.fullmatch(r"decoder_stem\.block\.res([123])\.(.+)", key)
-    if m:
-        return f"decoder_convs.{int(m[1]) - 1}.conv." + _apply(_DOUBLE_CONV_RULES, m[2], key)
-    m = re.fullmatch(r"SegmentationHead\.(weight|bias)", key)
-    if m:
-        return f"head.{m[1]}"
-    raise ValueError(f"convert_original_state_dict: unexpected key {key!r} (not a key of MT-UNet's MTUNet)")
+    prefix, renames, rest = _locate(key, projected_stages)
+    if rest not in renames:
+        raise ValueError(f"convert_original_state_dict: unexpected key {key!r} (not a key of MT-UNet's MTUNet)")
+    return None if renames[rest] is None else prefix + renames[rest]
 
 
 def _original_hyperparameters(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, object]:
@@ -444,11 +422,13 @@ def _original_hyperparameters(state_dict: Mapping[str, torch.Tensor]) -> Dict[st
 
 def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor], *, in_channels: int = 3
                                 ) -> Dict[str, torch.Tensor]:
-    """Map an original ``MTUNet`` state_dict to this module's keys (see the module docstring).
+    """Map an original ``MTUNet`` state_dict to this module's keys (the tables above).
 
-    Drops :data:`DROPPED_ORIGINAL_PARAMETERS`, reshapes the position embedding to its grid and the
-    1×1 convs that became Linear layers, and for ``in_channels=1`` sums the first conv's kernel over
-    its 3 input channels. Raises ValueError on a key the original does not have.
+    Drops :data:`DROPPED_ORIGINAL_PARAMETERS`, stores the position embedding (1, N, C) on its grid
+    (1, √N, √N, C) and turns the 1×1 convs that became Linear layers from (o, i, 1, 1) to (o, i).
+    The original repeats a 1-channel input to 3 channels; with ``in_channels=1`` the first conv's
+    kernel is summed over its 3 input channels, which is exactly that (a conv of 3 copies of x is
+    the conv of x with the summed kernel). Raises ValueError on a key the original does not have.
     """
     if in_channels not in (1, 3):
         raise ValueError(f"convert_original_state_dict: argument 'in_channels' must be 1 or 3 (the original takes 3 "
