@@ -82,6 +82,22 @@ def test_model_exports_to_onnx_and_matches_in_onnxruntime(name):
         assert _rel(got, expected) <= RTOL, (name, batch, spatial, _rel(got, expected))
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_traces_with_torch_jit_and_runs_another_batch(name):
+    """``torch.jit.trace`` (TorchScript deployment): traced at one batch size, the graph runs a fresh
+    input of another batch size with the eager model's outputs. (Sizes read in Python — MT-UNet's
+    window side — must not break the trace.)"""
+    torch.manual_seed(0)
+    make, shape, _, _ = MODELS[name]
+    model = _randomised(make())
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(shape), check_trace=False)
+        x = torch.randn(3, *shape[1:])
+        expected = _first(model(x))
+        got = _first(traced(x))
+    assert got.shape == expected.shape and _rel(got, expected) <= RTOL, (name, _rel(got, expected))
+
+
 def test_torch_export_keeps_the_fused_ops_and_round_trips_through_save_and_load(tmp_path):
     """``torch.export`` keeps the ``medattn::`` custom ops (the fused C++ kernels on CPU); the saved
     program loads and runs in a fresh process once ``medattn_fast`` is imported."""

@@ -20,6 +20,7 @@ are simply not created here. To load MT-UNet checkpoints use :mod:`medattn_fast.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -64,7 +65,7 @@ def window_aggregation(windows: torch.Tensor, score_weight: torch.Tensor,
 def merge_windows(windows: torch.Tensor) -> torch.Tensor:
     """(B, nH, nW, ws·ws, C) -> (B, nH·ws, nW·ws, C): the windows put back on their grid."""
     Bn, nH, nW, L, C = windows.shape
-    ws = int(round(L ** 0.5))
+    ws = math.isqrt(int(L))  # int(): under torch.jit.trace a size may be a 0-dim tensor
     return windows.view(Bn, nH, nW, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(Bn, nH * ws, nW * ws, C)
 
 
