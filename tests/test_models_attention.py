@@ -22,13 +22,16 @@ F64 = dict(rtol=1e-9, atol=1e-10)
 
 
 def _randomise(model: torch.nn.Module) -> torch.nn.Module:
-    """Nonzero attention gammas (0 at init makes PAM/CAM the identity), BN affine and running
-    statistics away from 1/0, so that every part of the network shows in the outputs."""
+    """Nonzero attention gammas (0 at init makes PAM/CAM the identity), position-attention biases of
+    order 1 (at their default ±1/√C init a query/key bias swap moves the outputs by only ~1e-10), BN
+    affine and running statistics away from 1/0, so that every part of the network shows in the outputs."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("gamma"):
                 p.copy_(torch.randn_like(p))
         for m in model.modules():
+            if isinstance(m, fast_nn.Pointwise) and m.bias is not None:
+                m.bias.normal_(0.0, 1.0)
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0.0, 0.1)

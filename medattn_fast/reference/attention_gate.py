@@ -107,16 +107,10 @@ class AttentionUpBlock(nn.Module):
         x_up  = interpolate(x, S, bilinear, align_corners=False)
         y     = conv_bn2(conv_bn1(cat([x_att, x_up], dim=1)))   # gated skip FIRST
 
-    Followed exactly (the public implementation this seed copies — the "in_channels_x,
-    in_channels_g, int_channels" AttentionBlock with an ``AttentionUpBlock(in_channels,
-    out_channels)`` next to it): ``attention = AttentionBlock(out_channels, in_channels,
-    int(out_channels / 2))`` (so the gate's x is the skip, with out_channels channels, and its
-    gating signal is the decoder input, with in_channels channels, at its coarse size), the
-    concatenation order ``(gated skip, upsampled x)``, ``conv_bn1 = ConvBatchNorm(in_channels +
-    out_channels, out_channels)``, ``conv_bn2 = ConvBatchNorm(out_channels, out_channels)``.
-    The conv blocks are conv 3×3 (padding 1, with bias) → BatchNorm2d → ReLU, the form most
-    copies of this seed define; their keys are ``conv_bn{1,2}.conv.*`` and
-    ``conv_bn{1,2}.batchnorm.*``.
+    Modules as in the public implementation: ``attention = AttentionBlock(out_channels,
+    in_channels, int(out_channels / 2))`` (the gate's x is the skip, its gating signal the coarse
+    decoder input), ``conv_bn1 = ConvBatchNorm(in_channels + out_channels, out_channels)``,
+    ``conv_bn2 = ConvBatchNorm(out_channels, out_channels)`` (the form most copies define).
 
     Quirks reproduced:
 

@@ -1,13 +1,7 @@
 """Faithful MT-UNet ``GaussianTrans``: Gaussian-weighted axial attention as a per-pixel loop.
 
-This is the oracle of the ``gaussian_axial`` op family. It reproduces the
-original's math and evaluation order pixel by pixel and is slow on purpose: never optimise it.
-
-Math, for every batch b and pixel (r, c) of an H×W grid (θ = ``shift``, β = ``bias``)::
-
-    px[j] = softmax_j( atten_x[b, r, c, j] − (θ·(j − c)² + β) )      j ∈ [0, W)
-    py[i] = softmax_i( atten_y[b, c, r, i] − (θ·(i − r)² + β) )      i ∈ [0, H)
-    out[b, r, c, :] = Σ_j px[j] · v[b, r, j, :] + Σ_i py[i] · v[b, i, c, :]
+This is the oracle of the ``gaussian_axial`` op family (the math: :func:`gaussian_trans_loop`). It
+reproduces the original's math and evaluation order pixel by pixel and is slow on purpose: never optimise it.
 
 Quirks of the original (Dootmaan/MT-UNet, ``MTUNet.py``, class ``GaussianTrans``), kept or named:
 
