@@ -174,7 +174,7 @@ def _known_code(compat_cls: type, original_name: str) -> Dict[str, str]:
 def compat_classes(families: Optional[Iterable[str]] = None) -> Dict[str, Tuple[Type[nn.Module], ...]]:
     """Original class name -> candidate compat classes, over the chosen compat families (default: all).
 
-    A name can have several candidates (seeds' and MONAI's ``AttentionBlock``); the code
+    A name can have several candidates (the widely copied and MONAI's ``AttentionBlock``); the code
     fingerprint and ``from_original``'s structural checks decide between them.
     """
     out: Dict[str, Tuple[Type[nn.Module], ...]] = {}

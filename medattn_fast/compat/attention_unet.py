@@ -1,16 +1,14 @@
-"""Drop-in Attention U-Net gates, running :func:`medattn_fast.functional.attention_gate` inside::
+"""Attention U-Net gates (:mod:`medattn_fast.reference.attention_gate`), fast inside (see
+:mod:`medattn_fast.compat`): the widely copied ``AttentionBlock``/``AttentionUpBlock``/``ConvBatchNorm``,
+LeeJunHyun's ``Attention_block``, MONAI's ``AttentionBlock`` (:class:`MonaiAttentionBlock`: same
+class name as the widely copied one, :func:`medattn_fast.convert` tells them apart) and Oktay's
+``GridAttentionBlock2D/3D``::
 
     from medattn_fast.compat.attention_unet import AttentionBlock, AttentionUpBlock, Attention_block
 
-Each class is a subclass of its namesake in :mod:`medattn_fast.reference.attention_gate` (the
-math, shapes, keys and quirks of each original are documented there): the widely copied
-``AttentionBlock``/``AttentionUpBlock``/``ConvBatchNorm``, LeeJunHyun's ``Attention_block``,
-MONAI's ``AttentionBlock`` (:class:`MonaiAttentionBlock`: same class name as the seeds',
-:func:`medattn_fast.convert` tells them apart) and Oktay's ``GridAttentionBlock2D/3D``. Only
-``forward`` is replaced: the whole gate is one op (BN folded into the convs in eval), with the
-same outputs, gradients and BN running statistics in ``train()`` and ``eval()``.
-``from_original(module)`` builds the twin of an existing instance after checking that its layers
-are the ones reproduced (ValueError otherwise).
+The whole gate is one :func:`medattn_fast.functional.attention_gate` call (BN folded into the
+convs in eval), with the same outputs, gradients and BN running statistics in ``train()`` and
+``eval()``. ``from_original`` refuses (ValueError) an original whose layers are not the ones reproduced.
 """
 from __future__ import annotations
 
@@ -86,7 +84,7 @@ class AttentionBlock(_Gate, R.AttentionBlock):
     when it has one (the reference module does), else from the argument (default False).
     """
 
-    ORIGINAL_CODE = frozenset()   # the seeds' own code: only its restatement is known (MONAI's has its twin)
+    ORIGINAL_CODE = frozenset()   # the widely copied blocks: only their restatement is known (MONAI's has its twin)
 
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return _additive_gate(x, g, self.Wx, self.Wg, self.psi, self.training, self.double_sigmoid)
@@ -215,7 +213,7 @@ COMPAT_CLASSES = {
     "AttentionBlock": (AttentionBlock, MonaiAttentionBlock),
     "AttentionUpBlock": AttentionUpBlock,
     "Attention_block": Attention_block,
-    # MONAI's gate shares the seeds' class name: the code fingerprint and the layers pick the twin
+    # MONAI's gate shares the widely copied one's class name: the code fingerprint and the layers pick the twin
     "GridAttentionBlock2D": GridAttentionBlock2D,
     "GridAttentionBlock3D": GridAttentionBlock3D,
 }

@@ -1,11 +1,7 @@
-"""DANet's ``PAM_Module``, ``CAM_Module`` and ``DANetHead``, fast inside. Change one import line::
+"""DANet's ``PAM_Module``, ``CAM_Module`` and ``DANetHead`` (:mod:`medattn_fast.reference.danet`),
+fast inside (see :mod:`medattn_fast.compat`)::
 
     from medattn_fast.compat.danet import PAM_Module, CAM_Module, DANetHead
-
-Each class is a subclass of its namesake in :mod:`medattn_fast.reference.danet` (the math, the
-shapes and the original's quirks are documented there): constructor, module tree and state_dict
-keys are the original's; only ``forward`` is replaced. :data:`COMPAT_CLASSES` maps the original
-class names to these classes for :func:`medattn_fast.convert`.
 """
 from __future__ import annotations
 

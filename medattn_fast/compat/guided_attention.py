@@ -1,13 +1,9 @@
 """Multi-Scale Guided Attention's (Sinha & Dolz 2020) ``PositionAttentionModule``,
-``ChannelAttentionModule`` and ``GuidedAttentionModule``, fast inside::
+``ChannelAttentionModule`` and ``GuidedAttentionModule`` (:mod:`medattn_fast.reference.guided_attention`),
+fast inside (see :mod:`medattn_fast.compat`): the N×N and C×C matrices are never formed in the
+input dtype; ``from_original`` reads ``spatial_dims`` off the weights::
 
     from medattn_fast.compat.guided_attention import GuidedAttentionModule
-
-Each class is a subclass of its namesake in :mod:`medattn_fast.reference.guided_attention` (the
-math, the shapes, ``spatial_dims`` and the original's quirks are documented there): constructor,
-module tree and state_dict keys are the original's; only ``forward`` is replaced, with the N×N
-and C×C matrices never formed in the input dtype. ``from_original`` reads ``spatial_dims`` off
-the weights.
 """
 from __future__ import annotations
 

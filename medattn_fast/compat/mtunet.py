@@ -1,18 +1,12 @@
-"""Drop-in MT-UNet blocks (Dootmaan/MT-UNet, ``MTUNet.py``): the originals' class names,
-constructor signatures and ``state_dict`` keys, fast inside::
+"""MT-UNet's blocks and network (Dootmaan/MT-UNet, ``MTUNet.py``; :mod:`medattn_fast.reference.mtunet`),
+fast inside (see :mod:`medattn_fast.compat`)::
 
     from medattn_fast.compat.mtunet import EAmodule, MTUNet   # was: from MTUNet import ...
 
-Every class is a subclass of its namesake in :mod:`medattn_fast.reference.mtunet` (which holds
-the math, the shapes and the original's quirks). The reference containers build their children by
-name from the module of their own class, so the module tree, the construction order (one seed,
-the original's initial weights) and the keys are the reference's by construction; only forwards
-are replaced, with the same inputs and outputs (layouts included), also for parameters without
-effect. The CNN parts (ConvBNReLU, DoubleConv, U_encoder, U_decoder, DecoderStem, Stem) have
-nothing to fuse and are the reference's classes, re-exported.
-
-``from_original(module)`` (:class:`~medattn_fast.compat._adopt.FromOriginal`) builds the twin
-of an original instance; :data:`COMPAT_CLASSES` maps the original class names to these classes (used by ``convert``).
+The reference containers build their children by name from the module of their own class, so
+these subclasses get each other at every level of the tree. Parameters without effect are kept,
+as in the original. The CNN parts (ConvBNReLU, DoubleConv, U_encoder, U_decoder,
+DecoderStem, Stem) have nothing to fuse and are the reference's classes, re-exported.
 """
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ class AttentionBlock(nn.Module):
 
 
 class ConvBatchNorm(nn.Module):
-    """``relu(BN(Conv3x3(x)))`` with padding 1: the conv block the seeds' ``AttentionUpBlock`` uses
+    """``relu(BN(Conv3x3(x)))`` with padding 1: the conv block the widely copied ``AttentionUpBlock`` uses
     (keys ``conv.{weight,bias}``, ``batchnorm.*``; the ReLU has no parameters)."""
 
     def __init__(self, in_channels: int, out_channels: int):
