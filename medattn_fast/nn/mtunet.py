@@ -1,11 +1,9 @@
 """MT-UNet's blocks as clean modules: channel-last token grids (B, H, W, C), any H and W.
 
 These are the mixed-transformer pieces of MT-UNet under descriptive names, built on
-:mod:`medattn_fast.functional`. They compute the same functions as the originals but are not
-checkpoint-compatible with them: parameters that cannot change the output in the original (the
-key bias of the attentions, the query and memory-key biases of external attention, the bias of the
-LayerNorm in front of it, GaussianTrans's ``bias``, the unused output layer of the axial attention)
-are simply not created here. To load MT-UNet checkpoints use :mod:`medattn_fast.compat.mtunet`.
+:mod:`medattn_fast.functional`. They compute the same functions as the originals but do not
+create the original's parameters that cannot change the output (each class says which), so they
+do not load MT-UNet checkpoints: :mod:`medattn_fast.compat.mtunet` does.
 
 ==========================  ===================================================================
 ``WindowAttention``         multi-head attention inside ws×ws windows (WinAttention + Attention)
@@ -151,7 +149,8 @@ class GaussianAxialAttention(nn.Module):
     ``o[r,c] = Σ_j softmax_j(q[r,c]·k[r,j] − θ(j−c)²) v[r,j] + Σ_i softmax_i(q[r,c]·k[i,c] − θ(i−r)²) v[i,c]``
     with q, k, v Linear projections (single head over all channels, no 1/sqrt(d) scaling) and
     θ = ``shift`` (initialised as MT-UNet does, |N(0, 1)|). H ≠ W works. The scores are never stored
-    (:func:`medattn_fast.functional.gaussian_axial_attention`).
+    (:func:`medattn_fast.functional.gaussian_axial_attention`). Not created: the key bias and
+    GaussianTrans's ``bias`` (both cancel in the softmaxes), the original's never-called ``out`` layer.
     """
 
     def __init__(self, dim: int, *, backend: Optional[str] = None, device=None, dtype=None):
