@@ -62,7 +62,7 @@ from torch import nn
 
 from .. import functional as MF
 from ..nn.attention_gate import AttentionGate
-from ._unet_parts import IntOrSeq, check_input, check_unet, total_stride
+from ._parts import IntOrSeq, check_input, check_positive_int, check_unet, layer, state_dict_misfit, total_stride
 
 __all__ = ["AttentionUNet"]
 
@@ -78,12 +78,6 @@ def _odd_kernel(name: str, value: IntOrSeq, spatial_dims: int) -> Tuple[int, ...
     return values
 
 
-def _layers(spatial_dims: int):
-    if spatial_dims == 2:
-        return nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.InstanceNorm2d
-    return nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d
-
-
 class ConvNormAct(nn.Module):
     """``act(dropout(BN(conv(x))))`` — MONAI's ``Convolution`` with ``adn_ordering="NDA"``, BN, ReLU.
 
@@ -94,14 +88,15 @@ class ConvNormAct(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: Tuple[int, ...],
                  stride: Tuple[int, ...] = 1, *, dropout: float = 0.0, transposed: bool = False):
         super().__init__()
-        conv, conv_t, batch_norm, _ = _layers(spatial_dims)
         padding = tuple((k - 1) // 2 for k in kernel_size)
         if transposed:
-            self.conv = conv_t(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                               output_padding=tuple(s - 1 for s in stride))
+            self.conv = layer("ConvTranspose", spatial_dims)(
+                in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                output_padding=tuple(s - 1 for s in stride))
         else:
-            self.conv = conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
-        self.norm = batch_norm(out_channels)
+            self.conv = layer("Conv", spatial_dims)(in_channels, out_channels, kernel_size, stride=stride,
+                                                    padding=padding)
+        self.norm = layer("BatchNorm", spatial_dims)(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.transposed = transposed
 
@@ -138,9 +133,8 @@ class MergeConv(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, *, dropout: float = 0.0):
         super().__init__()
-        conv, _, _, instance_norm = _layers(spatial_dims)
-        self.conv = conv(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm = instance_norm(out_channels)
+        self.conv = layer("Conv", spatial_dims)(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm = layer("InstanceNorm", spatial_dims)(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.act = nn.PReLU()
 
@@ -196,9 +190,8 @@ class AttentionUNet(nn.Module):
         # strides beyond len(channels) - 1 entries are ignored, as in MONAI
         channels, strides = check_unet(_NAME, spatial_dims, channels, tuple(strides)[:len(tuple(channels)) - 1],
                                        dropout)
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{_NAME}: argument '{name}' must be a positive int, got {value!r}")
+        check_positive_int(_NAME, "in_channels", in_channels)
+        check_positive_int(_NAME, "out_channels", out_channels)
         if any(c < 2 for c in channels[:-1]):
             raise ValueError(f"{_NAME}: argument 'channels' must be >= 2 at every level but the last "
                              f"(each gate has channels // 2 intermediate channels), got {channels!r}")
@@ -209,7 +202,6 @@ class AttentionUNet(nn.Module):
         self.up_kernel_size = _odd_kernel("up_kernel_size", up_kernel_size, spatial_dims)
         self.size_divisor = total_stride(strides, spatial_dims)   # the spatial sizes must be multiples of this
 
-        conv = _layers(spatial_dims)[0]
         self.stem = ConvBlock(spatial_dims, in_channels, channels[0], self.kernel_size, dropout=self.dropout)
         self.encoder = nn.ModuleList(
             ConvBlock(spatial_dims, channels[l], channels[l + 1], self.kernel_size, self.strides[l],
@@ -221,7 +213,7 @@ class AttentionUNet(nn.Module):
                          dropout=self.dropout, backend=backend)
             for l in range(levels)
         )
-        self.out_conv = conv(channels[0], out_channels, kernel_size=1)
+        self.out_conv = layer("Conv", spatial_dims)(channels[0], out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
@@ -302,13 +294,10 @@ class AttentionUNet(nn.Module):
         """
         model = cls(**constructor_kwargs)
         key_map = model.monai_key_map()
-        missing = sorted(set(key_map) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(key_map))
-        if missing or unexpected:
+        misfit = state_dict_misfit(key_map, state_dict, shapes=False)
+        if misfit:
             raise KeyError(f"AttentionUNet.from_monai_state_dict: the checkpoint does not match "
-                           f"AttentionUNet({constructor_kwargs}): missing keys {missing[:8]}"
-                           f"{' …' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                           f"{' …' if len(unexpected) > 8 else ''}")
+                           f"AttentionUNet({constructor_kwargs}): {misfit}")
         # Take the checkpoint's floating dtype and device, so that loading does not round its values.
         reference = next((v for v in state_dict.values() if v.is_floating_point()), None)
         if reference is not None:

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from ..nn.attention import SEChannelAttention, SelfAttentionLayer, SkipCrossAttentionLayer
-from ._unet_parts import (ConvBlock, IntOrSeq, check_input, check_unet, conv_layer, conv_transpose_layer,
-                          encode_decode, total_stride)
+from ._parts import (ConvBlock, IntOrSeq, check_input, check_positive_int, check_unet, encode_decode, layer,
+                     total_stride)
 
 __all__ = ["CrossAttentionUNet"]
 
@@ -79,7 +79,7 @@ class _DecoderLevel(nn.Module):
     def __init__(self, spatial_dims: int, channels: int, lower_channels: int, stride: Tuple[int, ...],
                  cross_attention: Optional[nn.Module], block: nn.Module):
         super().__init__()
-        self.upconv = conv_transpose_layer(spatial_dims)(lower_channels, channels, stride, stride=stride)
+        self.upconv = layer("ConvTranspose", spatial_dims)(lower_channels, channels, stride, stride=stride)
         self.cross_attention = cross_attention
         self.block = block
 
@@ -119,8 +119,7 @@ class CrossAttentionUNet(nn.Module):
         depth = len(strides)
         n_self = _check_level_count("self_attention_levels", self_attention_levels, depth)
         n_cross = _check_level_count("cross_attention_levels", cross_attention_levels, depth)
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-            raise ValueError(f"{_NAME}: argument 'heads' must be a positive int, got {heads!r}")
+        check_positive_int(_NAME, "heads", heads)
         attended = [channels[l + 1] for l in range(depth - n_self, depth)] + \
                    [channels[l] for l in range(depth - n_cross, depth)]
         bad = sorted({c for c in attended if c % heads})
@@ -146,7 +145,7 @@ class CrossAttentionUNet(nn.Module):
                           else None,
                           se_block(2 * channels[l], channels[l]))
             for l in range(depth))
-        self.head = conv_layer(spatial_dims)(channels[0], out_channels, 1)
+        self.head = layer("Conv", spatial_dims)(channels[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(_NAME, x, self.in_channels, self.spatial_dims, self.divisor)

@@ -41,8 +41,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import ChannelAttention, PositionAttention
-from ._unet_parts import (ConvBlock, IntOrSeq, check_input, check_unet, conv_layer, conv_norm_relu,
-                          conv_transpose_layer, encode_decode, total_stride)
+from ._parts import ConvBlock, IntOrSeq, check_input, check_unet, conv_norm_relu, encode_decode, layer, total_stride
 
 __all__ = ["DAUNet", "DualAttentionBlock"]
 
@@ -75,7 +74,7 @@ class DualAttentionBlock(nn.Module):
         self.channel = ChannelAttention()          # negate=True: DANet's softmax(rowmax(E) − E)
         self.position_conv = conv(inter)
         self.channel_conv = conv(inter)
-        self.project = conv_layer(spatial_dims)(inter, channels, 1)
+        self.project = layer("Conv", spatial_dims)(inter, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         position = self.position_conv(self.position(self.position_stem(x)))
@@ -89,7 +88,7 @@ class _DecoderLevel(nn.Module):
     def __init__(self, spatial_dims: int, channels: int, lower_channels: int, stride: Tuple[int, ...],
                  attention: Optional[nn.Module], norm: str, dropout: float):
         super().__init__()
-        self.upconv = conv_transpose_layer(spatial_dims)(lower_channels, channels, stride, stride=stride)
+        self.upconv = layer("ConvTranspose", spatial_dims)(lower_channels, channels, stride, stride=stride)
         self.attention = attention
         self.block = ConvBlock(_NAME, spatial_dims, 2 * channels, channels, norm=norm, dropout=dropout)
 
@@ -146,7 +145,7 @@ class DAUNet(nn.Module):
             _DecoderLevel(spatial_dims, channels[l], channels[l + 1], strides[l],
                           attention(channels[l]) if f"skip-{depth - l}" in attention_at else None, norm, dropout)
             for l in range(depth))
-        self.head = conv_layer(spatial_dims)(channels[0], out_channels, 1)
+        self.head = layer("Conv", spatial_dims)(channels[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(_NAME, x, self.in_channels, self.spatial_dims, self.divisor)

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.attention import ChannelAttention, PositionAttention
-from ._unet_parts import check_input
+from ._parts import check_input, state_dict_misfit
 
 __all__ = ["MSGANet", "MSGANetOutputs", "ResNetBackbone", "msganet_loss"]
 
@@ -322,15 +322,8 @@ class MSGANet(nn.Module):
                 state = {k[len(prefix):]: v for k, v in state.items()}
         ignored = sorted(k for k in state if k.startswith("fc."))
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        own = self.backbone.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        mismatched = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}"
-                      for k in sorted(set(own) & set(state)) if tuple(own[k].shape) != tuple(state[k].shape)]
-        if missing or unexpected or mismatched:
-            raise ValueError(f"{_NAME}.load_backbone_weights: the weights do not fit the backbone: "
-                             f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-                             f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}, "
-                             f"shape mismatches {mismatched[:5]}")
+        misfit = state_dict_misfit(self.backbone.state_dict(), state)
+        if misfit:
+            raise ValueError(f"{_NAME}.load_backbone_weights: the weights do not fit the backbone: {misfit}")
         self.backbone.load_state_dict(state, strict=True)
         return ignored

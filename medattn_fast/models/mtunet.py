@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.mtunet import PAD_MODES, MixedTransformerBlock
+from ._parts import check_positive_int, state_dict_misfit
 
 __all__ = [
     "MTUNet",
@@ -178,8 +179,7 @@ class MTUNet(nn.Module):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
                             ("base_channels", base_channels), ("num_heads", num_heads), ("window_size", window_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MTUNet: argument '{name}' must be a positive int, got {value!r}")
+            check_positive_int("MTUNet", name, value)
         if (4 * base_channels) % num_heads != 0:
             raise ValueError(f"MTUNet: num_heads={num_heads} must divide the first transformer width "
                              f"4·base_channels={4 * base_channels}")
@@ -287,17 +287,9 @@ class MTUNet(nn.Module):
         ``assign=True`` gives the model copies of the checkpoint's tensors (their device and dtype)
         instead of copying into its own (as ``nn.Module.load_state_dict(assign=True)``)."""
         mapped = convert_original_state_dict(state_dict, in_channels=self.in_channels)
-        missing = sorted(set(self.state_dict()) - set(mapped))
-        unexpected = sorted(set(mapped) - set(self.state_dict()))
-        if missing or unexpected:
-            raise ValueError(f"MTUNet.load_original_state_dict: the state_dict does not fit this model: missing "
-                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                             f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-        own = self.state_dict()
-        bad = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}" for k, v in mapped.items()
-               if tuple(v.shape) != tuple(own[k].shape)]
-        if bad:
-            raise ValueError("MTUNet.load_original_state_dict: shapes differ: " + "; ".join(bad[:5]))
+        misfit = state_dict_misfit(self.state_dict(), mapped)
+        if misfit:
+            raise ValueError(f"MTUNet.load_original_state_dict: the state_dict does not fit this model: {misfit}")
         if assign:  # own storage: the mapped tensors may be views of the caller's
             mapped = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in mapped.items()}
         self.load_state_dict(mapped, strict=True, assign=assign)

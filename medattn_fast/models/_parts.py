@@ -1,11 +1,11 @@
-"""Pieces shared by :class:`~medattn_fast.models.DAUNet`, :class:`~medattn_fast.models.CrossAttentionUNet`
-and :class:`~medattn_fast.models.MSGANet`: conv/norm factories, the two-conv U-Net block, and argument and
-input-size validation (messages name the model, the argument, the expected and the received).
+"""Pieces shared by the models of :mod:`medattn_fast.models`: the layer factory, the two-conv U-Net
+block and pass, argument, input-size and state_dict checks (messages name the model, the argument,
+the expected and the received).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -13,6 +13,11 @@ from torch import nn
 NORMS = ("batch", "instance")
 
 IntOrSeq = Union[int, Sequence[int]]
+
+
+def check_positive_int(model: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{model}: argument '{name}' must be a positive int, got {value!r}")
 
 
 def check_unet(model: str, spatial_dims: int, channels: Sequence[int], strides: Sequence[IntOrSeq],
@@ -62,26 +67,23 @@ def check_input(model: str, x, in_channels: int, spatial_dims: int, divisor: Tup
                          f"the strides per dim), got shape {tuple(x.shape)}")
 
 
-def conv_layer(spatial_dims: int):
-    return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-
-
-def conv_transpose_layer(spatial_dims: int):
-    return nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
+def layer(kind: str, spatial_dims: int) -> type:
+    """torch.nn's ``{kind}{spatial_dims}d`` class: ``layer("ConvTranspose", 3)`` is ``nn.ConvTranspose3d``."""
+    return getattr(nn, f"{kind}{spatial_dims}d")
 
 
 def norm_layer(model: str, norm: str, spatial_dims: int, channels: int) -> nn.Module:
     """``"batch"``: BatchNorm; ``"instance"``: InstanceNorm with affine parameters (no running stats)."""
     if norm == "batch":
-        return (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(channels)
+        return layer("BatchNorm", spatial_dims)(channels)
     if norm == "instance":
-        return (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
+        return layer("InstanceNorm", spatial_dims)(channels, affine=True)
     raise ValueError(f"{model}: argument 'norm' must be one of {NORMS}, got {norm!r}")
 
 
 def conv_norm_relu(model: str, spatial_dims: int, cin: int, cout: int, norm: str, stride=1) -> List[nn.Module]:
     """``conv3 → norm → ReLU``; the conv has no bias (the norm follows)."""
-    return [conv_layer(spatial_dims)(cin, cout, 3, stride=stride, padding=1, bias=False),
+    return [layer("Conv", spatial_dims)(cin, cout, 3, stride=stride, padding=1, bias=False),
             norm_layer(model, norm, spatial_dims, cout), nn.ReLU(inplace=True)]
 
 
@@ -113,3 +115,16 @@ def encode_decode(x: torch.Tensor, stem: nn.Module, encoder: Sequence[nn.Module]
     for level in reversed(range(len(decoder))):
         h = decoder[level](h, features[level])
     return h
+
+
+def state_dict_misfit(expected: Mapping[str, object], given: Mapping[str, object], *, shapes: bool = True) -> str:
+    """Why ``given`` does not load strictly where ``expected`` (a state_dict) is:
+    ``"missing [...], unexpected [...], shape mismatches [...]"`` (the first 5 keys of each, "…" when
+    there are more; shapes compared only with ``shapes``), or "" when it fits."""
+    found = {"missing": sorted(set(expected) - set(given)), "unexpected": sorted(set(given) - set(expected))}
+    if shapes:
+        found["shape mismatches"] = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}"
+                                     for k in sorted(set(expected) & set(given)) if expected[k].shape != given[k].shape]
+    if not any(found.values()):
+        return ""
+    return ", ".join(f"{what} {keys[:5]}{'…' if len(keys) > 5 else ''}" for what, keys in found.items())
