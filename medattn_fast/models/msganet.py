@@ -22,16 +22,10 @@ encoder-decoder is two ``(3×3 conv, BN, ReLU)×2 + 2×2 max-pool`` encoders (2F
 ``(3×3 conv, BN, ReLU)×2 + 2×2 transposed conv`` decoders back to 2F at the input size. PAM/CAM
 are DANet's (``γ·V softmax(QᵀK)ᵀ + x``, ``γ·softmax(rowmax(E) − E) X + x``).
 
-**Outputs.** ``forward`` returns, in train mode, an :class:`MSGANetOutputs` (a NamedTuple: the
-8 logit maps, both steps' latents, the semantic modules' inputs and reconstructions) — what
-:func:`msganet_loss` needs; in eval mode the average of the four refined (step-2) logit maps,
-(B, out_channels, H, W), as the original does at inference.
-
-**Losses** (:func:`msganet_loss`, also ``MSGANet.losses``): the original's training objective,
-``Σ_8 CE(prediction, target) + 0.25 · Σ_k MSE(z1_k, z2_k) + 0.1 · Σ_{s,k} MSE(j_k, ĵ_k)``:
-segmentation (cross-entropy of every deep-supervision output), guided (the two steps' latents
-agree), reconstruction (each encoder-decoder reconstructs its input). Nothing is detached, as in
-the original.
+**Outputs.** In train mode ``forward`` returns an :class:`MSGANetOutputs` (the 8 logit maps, both
+steps' latents, the semantic modules' inputs and reconstructions): what :func:`msganet_loss`, the
+original's training objective, needs. In eval mode it returns the average of the four refined
+(step-2) logit maps, as the original does at inference.
 
 **Differences from the original, on purpose.** The backbone is a ResNet written here (basic
 blocks, torchvision's parameter names, default ResNet-18 widths and depths) instead of the
@@ -221,10 +215,11 @@ def msganet_loss(outputs: MSGANetOutputs, target: torch.Tensor, *, guided_weight
                  reconstruction_weight: float = 0.1) -> Dict[str, torch.Tensor]:
     r"""The original training objective of MSGANet.
 
-    ``segmentation = Σ_{8 outputs} CE(prediction, target)``,
-    ``guided = Σ_k MSE(z1_k, z2_k)`` (the two steps' semantic latents),
-    ``reconstruction = Σ_{s, k} MSE(j_k, ĵ_k)`` (8 encoder-decoder reconstructions),
+    ``segmentation = Σ_{8 outputs} CE(prediction, target)`` (every deep-supervision output),
+    ``guided = Σ_k MSE(z1_k, z2_k)`` (the two steps' semantic latents agree),
+    ``reconstruction = Σ_{s, k} MSE(j_k, ĵ_k)`` (each of the 8 encoder-decoders reconstructs its input),
     ``total = segmentation + guided_weight · guided + reconstruction_weight · reconstruction``.
+    Nothing is detached, as in the original.
 
     Args:
         outputs: :class:`MSGANetOutputs` (the model's train-mode output).
