@@ -159,8 +159,7 @@ class MTUNet(nn.Module):
     r"""MT-UNet for 2-D segmentation: x (B, in_channels, H, W) -> logits (B, num_classes, H, W).
 
     H and W: any multiples of 32 (224², 256², 192×256, ...). See the module docstring for the
-    architecture, the position embedding (resampled bicubically to the token grid when it differs
-    from ``embedding_grid``) and the checkpoint key map.
+    architecture, the position embedding and the original checkpoints.
 
     Args:
         in_channels: input channels (1 for CT/MRI slices; the original takes 3 and repeats 1).
@@ -267,10 +266,9 @@ class MTUNet(nn.Module):
         """A model holding the weights of an original ``MTUNet(out_ch)`` state_dict.
 
         num_classes, base_channels, num_heads, window_size and the embedding grid are read from the
-        tensors' shapes; ``in_channels`` is 3 (the original's) or 1 (the first conv's kernel summed
-        over its 3 input channels: the original's repeat of a 1-channel input). With the default
-        ``pad_mode`` the model gives the original's outputs on the original's inputs. The model is
-        on the state_dict's device and dtype (parameters), in training mode as a new module is.
+        tensors' shapes; ``in_channels`` is 3 (the original's) or 1 (see :func:`convert_original_state_dict`).
+        With the default ``pad_mode`` the model gives the original's outputs on the original's inputs.
+        The model is on the state_dict's device and dtype (parameters), in training mode as a new module is.
         """
         hp = _original_hyperparameters(state_dict)
         # built on the meta device and then given copies of the checkpoint's tensors: no random
