@@ -98,6 +98,19 @@ def portable() -> Iterator[None]:
         _ctx_portable.reset(token)
 
 
+def statically_true(condition) -> bool:
+    """A test on sizes that never fixes them: ``condition`` itself when it is a bool (eager); on the
+    symbolic sizes of ``torch.export`` / ``torch.onnx.export``, True only when it holds for every
+    size (no guard is added); on the tensor sizes of ``torch.jit.trace``, False. A shape shortcut
+    taken only when this is True leaves an exported or traced graph valid for every input size."""
+    if isinstance(condition, bool):
+        return condition
+    if isinstance(condition, torch.SymBool):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+        return statically_known_true(condition)
+    return False
+
+
 @torch.compiler.assume_constant_result  # read once at trace time, like get_backend
 def exporting_portable() -> bool:
     """True while ``torch.onnx.export`` runs or inside :func:`portable`."""

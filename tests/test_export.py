@@ -31,9 +31,9 @@ MODELS = {
                                                       se_reduction=4), (2, 2, 16, 16), (8, 12), 1),
     "MSGANet": (lambda: MSGANet(1, 3, 8, backbone_widths=(8, 8, 16, 16), backbone_depths=(1, 1, 1, 1)),
                 (2, 1, 64, 64), (32, 64), 32),
-    # MTUNet: dynamic batch only. With symbolic spatial sizes the window partition's window count
-    # is baked from the example (ONNX Runtime then fails at 96×64): not yet fixed.
-    "MTUNet": (lambda: MTUNet(1, 3, base_channels=4, num_heads=4), (2, 1, 64, 64), None, 32),
+    # MTUNet: exported from a 160×192 example (every window grid has at least 2 windows there, and
+    # the 10×12 grid pads its rows), run at 96×64 (one-window grids, padding at other stages).
+    "MTUNet": (lambda: MTUNet(1, 3, base_channels=4, num_heads=4), (2, 1, 160, 192), (96, 64), 32),
 }
 
 
@@ -96,6 +96,22 @@ def test_model_traces_with_torch_jit_and_runs_another_batch(name):
         expected = _first(model(x))
         got = _first(traced(x))
     assert got.shape == expected.shape and _rel(got, expected) <= RTOL, (name, _rel(got, expected))
+
+
+def test_mtunet_refuses_a_dynamic_spatial_export_from_a_small_example():
+    """From a 64×96 example some window grid has a single window: the exporter would fix that size
+    and the graph would give wrong results at others, so the export is refused; with fixed spatial
+    sizes it goes through."""
+    model = MTUNet(1, 3, base_channels=4, num_heads=4).eval()
+    x = torch.randn(2, 1, 64, 96)
+    with E.portable():
+        with pytest.raises(ValueError, match=r"MTUNet: export with dynamic spatial sizes from an example whose sides "
+                                             r"are at least 160 .*got \(2, 1, 64, 96\)"):
+            torch.export.export(model, (x,), dynamic_shapes=E.dynamic_shapes(x, multiple_of=32))
+        program = torch.export.export(model, (x,), dynamic_shapes=E.dynamic_shapes(x, spatial=False))
+    xi = torch.randn(3, 1, 64, 96)
+    with torch.no_grad():
+        assert _rel(program.module()(xi), model(xi)) <= RTOL
 
 
 def test_torch_export_keeps_the_fused_ops_and_round_trips_through_save_and_load(tmp_path):

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backend import statically_true
 from ..nn.mtunet import PAD_MODES, MixedTransformerBlock
 from ._parts import check_positive_int, state_dict_misfit
 
@@ -217,7 +218,9 @@ class MTUNet(nn.Module):
         """The position embedding on a (grid_h, grid_w) token grid, (1, grid_h, grid_w, 4b):
         the stored one at its own grid, else resampled bicubically (align_corners=False)."""
         pe = self.position_embedding
-        if (grid_h, grid_w) == self.embedding_grid:
+        # An exported or traced graph always resamples (statically_true): at the stored grid bicubic
+        # resampling is the identity, exactly.
+        if statically_true(grid_h == pe.shape[1]) and statically_true(grid_w == pe.shape[2]):
             return pe
         pe = F.interpolate(pe.permute(0, 3, 1, 2), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         return pe.permute(0, 2, 3, 1)
@@ -229,6 +232,16 @@ class MTUNet(nn.Module):
                 or x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0):
             raise ValueError(f"MTUNet: argument 'x' must have shape (B, {self.in_channels}, H, W) with B ≥ 1 and H, W "
                              f"positive multiples of {INPUT_STRIDE}, got {tuple(x.shape)}")
+        if torch.compiler.is_exporting() and not all(isinstance(n, int) for n in x.shape[2:]):
+            # Symbolic sizes (torch.export / torch.onnx.export): where the example has a grid of a
+            # single window the exporter fixes that size, and the graph (which ONNX Runtime runs at
+            # any size) computes wrong results at others. The test below becomes the exported
+            # program's lower bound.
+            side = INPUT_STRIDE * (self.window_size + 1)
+            if not (x.shape[2] >= side and x.shape[3] >= side):
+                raise ValueError(f"MTUNet: export with dynamic spatial sizes from an example whose sides are at least "
+                                 f"{side} (32·(window_size + 1): every window grid then has 2 windows or more), got "
+                                 f"{tuple(int(n) for n in x.shape)}; or export with fixed spatial sizes")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -67,6 +67,16 @@ def merge_windows(windows: torch.Tensor) -> torch.Tensor:
     return windows.view(Bn, nH, nW, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(Bn, nH * ws, nW * ws, C)
 
 
+def _crop(grid: torch.Tensor, H, W) -> torch.Tensor:
+    """grid (B, Hp, Wp, C) -> its top-left (B, H, W, C): a strided view; on the symbolic sizes of
+    an exported graph a gather instead, since a slice that may or may not span the whole dim makes
+    the exporter fix which one it is (and the graph then only holds for sizes like the example's)."""
+    if isinstance(H, int) and isinstance(W, int):
+        return grid[:, :H, :W]
+    return grid.index_select(1, torch.arange(H, device=grid.device)).index_select(
+        2, torch.arange(W, device=grid.device))
+
+
 def fuse_local_global(windows: torch.Tensor, glob: torch.Tensor, size, weight: torch.Tensor,
                       bias: Optional[torch.Tensor], *, scale: int) -> torch.Tensor:
     r"""MT-UNet's fusion of the two branches: ``fuse(cat[up(glob), local])`` cropped to ``size``.
@@ -77,9 +87,9 @@ def fuse_local_global(windows: torch.Tensor, glob: torch.Tensor, size, weight: t
     channel-last GEMMs on the halves of the weight, on the cropped grid.
     """
     H, W = size
-    local = merge_windows(windows)[:, :H, :W]  # (B, H, W, C), strided view
+    local = _crop(merge_windows(windows), H, W)  # (B, H, W, C), strided view
     glob = F.interpolate(glob.permute(0, 3, 1, 2), scale_factor=scale, mode="bilinear", align_corners=True)
-    glob = glob.permute(0, 2, 3, 1)[:, :H, :W]
+    glob = _crop(glob.permute(0, 2, 3, 1), H, W)
     w_global, w_local = weight.split(local.shape[-1], dim=1)
     return F.linear(glob, w_global) + F.linear(local, w_local, bias)
 

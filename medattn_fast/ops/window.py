@@ -53,8 +53,15 @@ LAYOUTS = ("grid", "padded", "windows")
 
 
 def padded_size(n: int, window_size: int) -> int:
-    """``n`` rounded up to a multiple of ``window_size``."""
-    return n + (-n) % window_size
+    """``n`` rounded up to a multiple of ``window_size`` (written as windows · ws, so that a
+    symbolic n under ``torch.export`` gives a size the window reshapes can prove divisible)."""
+    return (n + window_size - 1) // window_size * window_size
+
+
+# The size tests below go through ``known`` (backend.statically_true): the plain test in eager
+# mode; in an exported or traced graph the general path (pad by a size that may be 0, crop to a
+# size that may be the whole grid), valid for every input size instead of the example's.
+known = B.statically_true
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,14 +125,16 @@ def _to_layout(windows: torch.Tensor, layout: str, H: int, W: int, ws: int) -> t
     grid = (windows.view(Bn, nH, nW, ws, ws, Co)
             .permute(0, 1, 3, 2, 4, 5)
             .reshape(Bn, nH * ws, nW * ws, Co))
-    if layout == "padded" or (grid.shape[1] == H and grid.shape[2] == W):
+    if layout == "padded" or (known(grid.shape[1] == H) and known(grid.shape[2] == W)):
         return grid
     return grid[:, :H, :W]
 
 
-def _corner_source(n: int, pad: int, device) -> torch.Tensor:
-    """Indices of x's last ``pad`` rows (or columns), clamped to the grid when n < pad."""
-    return (torch.arange(n - pad, n, device=device)).clamp_min(0)
+def _padded_source(n: int, pad: int, device) -> torch.Tensor:
+    """For each of the n + pad rows (or columns) of the padded grid, the row of x it copies: i for
+    i < n, i − pad below (the corner copies x's last ``pad`` rows), clamped to the grid when n < pad."""
+    i = torch.arange(n + pad, device=device)
+    return torch.where(i < n, i, i - pad).clamp_min(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,19 +193,29 @@ def _reference(x, query_weight, query_bias, key_weight, key_bias, value_weight, 
 
 def _torch_pad(x: torch.Tensor, ws: int, pad_mode: str) -> torch.Tensor:
     Bn, H, W, C = x.shape
-    pad_h, pad_w = (-H) % ws, (-W) % ws
-    if pad_h == 0 and pad_w == 0:
+    pad_h, pad_w = padded_size(H, ws) - H, padded_size(W, ws) - W
+    if known(pad_h == 0) and known(pad_w == 0):
         return x
     if pad_mode == "mask":
         return F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     # mtunet: [x | 0] over [0 | corner], corner = x's last pad_h × pad_w block (gathered, so
     # autograd routes its gradient back to those pixels of x).
-    top = F.pad(x, (0, 0, 0, pad_w))  # (B, H, Wp, C)
-    if pad_h == 0:
-        return top
-    corner = x.index_select(1, _corner_source(H, pad_h, x.device)).index_select(2, _corner_source(W, pad_w, x.device))
-    bottom = F.pad(corner, (0, 0, W, 0))  # zeros under x, the corner under the right strip
-    return torch.cat((top, bottom), dim=1)
+    if isinstance(pad_h, int) and isinstance(pad_w, int):  # eager: pad, and stack the corner below
+        top = F.pad(x, (0, 0, 0, pad_w))  # (B, H, Wp, C)
+        if pad_h == 0:
+            return top
+        corner = x.index_select(1, _padded_source(H, pad_h, x.device)[H:])
+        corner = corner.index_select(2, _padded_source(W, pad_w, x.device)[W:])
+        return torch.cat((top, F.pad(corner, (0, 0, W, 0))), dim=1)  # zeros under x, the corner on the right
+    # Exported or traced graph: no tensor may have a pad-sized dim (the exporter would fix the
+    # pad), so one gather over the whole padded grid and one mask for the two zero strips
+    # (2-3x slower than the eager path above, same values and gradients).
+    rows, cols = _padded_source(H, pad_h, x.device), _padded_source(W, pad_w, x.device)
+    gathered = x.index_select(1, rows).index_select(2, cols)  # (B, Hp, Wp, C)
+    real_rows = torch.arange(H + pad_h, device=x.device) < H
+    real_cols = torch.arange(W + pad_w, device=x.device) < W
+    keep = real_rows[:, None] == real_cols[None, :]  # x itself and the corner
+    return torch.where(keep[..., None], gathered, 0.0)
 
 
 def _key_mask(H: int, W: int, ws: int, device) -> torch.Tensor:
@@ -231,7 +250,7 @@ def _torch(x, query_weight, query_bias, key_weight, key_bias, value_weight, valu
     # batched matmuls beat F.scaled_dot_product_attention here (measured ~5x forward on CPU, whose
     # fused kernels target long sequences and fall back to an unfused path for 6-d batches).
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (B, nH, nW, heads, L, L)
-    if pad_mode == "mask" and (H % ws or W % ws):
+    if pad_mode == "mask" and not (known(H % ws == 0) and known(W % ws == 0)):
         scores = scores.masked_fill(~_key_mask(H, W, ws, x.device), float("-inf"))
     o = torch.matmul(torch.softmax(scores, dim=-1), v)  # (B, nH, nW, heads, L, d)
     o = o.transpose(-2, -3).reshape(Bn, nH, nW, L, A)  # heads concatenated per token
