@@ -100,15 +100,24 @@ def portable() -> Iterator[None]:
 
 def statically_true(condition) -> bool:
     """A test on sizes that never fixes them: ``condition`` itself when it is a bool (eager); on the
-    symbolic sizes of ``torch.export`` / ``torch.onnx.export``, True only when it holds for every
-    size (no guard is added); on the tensor sizes of ``torch.jit.trace``, False. A shape shortcut
+    symbolic sizes of ``torch.export`` (strict or not) / ``torch.onnx.export``, True only when it
+    holds for every size (no guard is added); on the tensor sizes of ``torch.jit.trace``, False. A shape shortcut
     taken only when this is True leaves an exported or traced graph valid for every input size."""
-    if isinstance(condition, bool):
-        return condition
-    if isinstance(condition, torch.SymBool):
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-        return statically_known_true(condition)
-    return False
+    if isinstance(condition, torch.Tensor):
+        return False
+    from torch.fx.experimental.symbolic_shapes import statically_known_true   # a bool as is; traceable by dynamo
+    return statically_known_true(condition)
+
+
+def crop_grid(grid: torch.Tensor, H, W) -> torch.Tensor:
+    """grid (B, Hp, Wp, ...) -> its top-left (B, H, W, ...): a strided view on plain ints; on the
+    symbolic or traced sizes of an exported graph a gather instead, since a slice that may or may
+    not span the whole dim makes the exporter fix which one it is (the graph then only holds for
+    sizes like the example's)."""
+    if isinstance(H, int) and isinstance(W, int):
+        return grid[:, :H, :W]
+    return grid.index_select(1, torch.arange(H, device=grid.device)).index_select(
+        2, torch.arange(W, device=grid.device))
 
 
 @torch.compiler.assume_constant_result  # read once at trace time, like get_backend

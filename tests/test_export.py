@@ -14,6 +14,7 @@ import torch
 import medattn_fast.export as E
 from medattn_fast import backend as B
 from medattn_fast.models import AttentionUNet, CrossAttentionUNet, DAUNet, MSGANet, MTUNet
+from medattn_fast.nn import LocalGlobalAttention
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra (pip install medattn-fast[onnx]) is not installed")
 pytest.importorskip("onnxscript", reason="the onnx extra (pip install medattn-fast[onnx]) is not installed")
@@ -98,15 +99,35 @@ def test_model_traces_with_torch_jit_and_runs_another_batch(name):
     assert got.shape == expected.shape and _rel(got, expected) <= RTOL, (name, _rel(got, expected))
 
 
+@pytest.mark.parametrize("strict", [False, True])   # torch.onnx.export tries both
+def test_local_global_attention_refuses_a_dynamic_export_from_a_single_window_column(strict):
+    """Exported from an 8×4 grid (one column of 4×4 windows) with dynamic sizes, the module's ONNX
+    graph gave 0.4-0.5% relative errors at 12×8 and 8×8 in ONNX Runtime: such an export is refused
+    (dynamo wraps the error in strict mode); with fixed sizes it goes through."""
+    module = LocalGlobalAttention(8, 2, 4).eval()
+    x = torch.randn(2, 8, 4, 8)
+    auto = torch.export.Dim.AUTO
+    with E.portable():
+        with pytest.raises(Exception, match=r"LocalGlobalAttention: export with dynamic sizes from an example with at "
+                                            r"least 2 windows along each dim .*got x of shape "
+                                            r"\((2, 8, 4, 8|s\d+, s\d+, s\d+, 8)\)"):   # dynamo prints the symbols
+            torch.export.export(module, (x,), dynamic_shapes={"x": {0: auto, 1: auto, 2: auto}}, strict=strict)
+        x = x.clone()   # Dim.AUTO leaves dynamic-dim marks on the example tensor itself
+        program = torch.export.export(module, (x,), strict=strict)
+    with torch.no_grad():
+        assert _rel(program.module()(x), module(x)) <= RTOL
+
+
 def test_mtunet_refuses_a_dynamic_spatial_export_from_a_small_example():
-    """From a 64×96 example some window grid has a single window: the exporter would fix that size
-    and the graph would give wrong results at others, so the export is refused; with fixed spatial
-    sizes it goes through."""
+    """From a 64×96 example MT-UNet's 4×6 token grid has a single row of 4×4 windows: the exporter
+    would fix that size and the graph would give wrong results at others, so LocalGlobalAttention
+    refuses it; with fixed spatial sizes the export goes through."""
     model = MTUNet(1, 3, base_channels=4, num_heads=4).eval()
     x = torch.randn(2, 1, 64, 96)
     with E.portable():
-        with pytest.raises(ValueError, match=r"MTUNet: export with dynamic spatial sizes from an example whose sides "
-                                             r"are at least 160 .*got \(2, 1, 64, 96\)"):
+        with pytest.raises(ValueError, match=r"LocalGlobalAttention: export with dynamic sizes from an example with at "
+                                             r"least 2 windows along each dim \(H, W > window_size = 4\), got x of "
+                                             r"shape \(2, 4, 6, 32\)"):
             torch.export.export(model, (x,), dynamic_shapes=E.dynamic_shapes(x, multiple_of=32))
         program = torch.export.export(model, (x,), dynamic_shapes=E.dynamic_shapes(x, spatial=False))
     xi = torch.randn(3, 1, 64, 96)

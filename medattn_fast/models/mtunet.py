@@ -232,16 +232,6 @@ class MTUNet(nn.Module):
                 or x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0):
             raise ValueError(f"MTUNet: argument 'x' must have shape (B, {self.in_channels}, H, W) with B ≥ 1 and H, W "
                              f"positive multiples of {INPUT_STRIDE}, got {tuple(x.shape)}")
-        if torch.compiler.is_exporting() and not all(isinstance(n, int) for n in x.shape[2:]):
-            # Symbolic sizes (torch.export / torch.onnx.export): where the example has a grid of a
-            # single window the exporter fixes that size, and the graph (which ONNX Runtime runs at
-            # any size) computes wrong results at others. The test below becomes the exported
-            # program's lower bound.
-            side = INPUT_STRIDE * (self.window_size + 1)
-            if not (x.shape[2] >= side and x.shape[3] >= side):
-                raise ValueError(f"MTUNet: export with dynamic spatial sizes from an example whose sides are at least "
-                                 f"{side} (32·(window_size + 1): every window grid then has 2 windows or more), got "
-                                 f"{tuple(int(n) for n in x.shape)}; or export with fixed spatial sizes")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

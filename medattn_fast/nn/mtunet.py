@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as MF
+from ..backend import crop_grid, statically_true
 from ..functional import WINDOW_LAYOUTS as LAYOUTS
 from ..functional import WINDOW_PAD_MODES as PAD_MODES
 
@@ -67,16 +68,6 @@ def merge_windows(windows: torch.Tensor) -> torch.Tensor:
     return windows.view(Bn, nH, nW, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(Bn, nH * ws, nW * ws, C)
 
 
-def _crop(grid: torch.Tensor, H, W) -> torch.Tensor:
-    """grid (B, Hp, Wp, C) -> its top-left (B, H, W, C): a strided view; on the symbolic sizes of
-    an exported graph a gather instead, since a slice that may or may not span the whole dim makes
-    the exporter fix which one it is (and the graph then only holds for sizes like the example's)."""
-    if isinstance(H, int) and isinstance(W, int):
-        return grid[:, :H, :W]
-    return grid.index_select(1, torch.arange(H, device=grid.device)).index_select(
-        2, torch.arange(W, device=grid.device))
-
-
 def fuse_local_global(windows: torch.Tensor, glob: torch.Tensor, size, weight: torch.Tensor,
                       bias: Optional[torch.Tensor], *, scale: int) -> torch.Tensor:
     r"""MT-UNet's fusion of the two branches: ``fuse(cat[up(glob), local])`` cropped to ``size``.
@@ -87,9 +78,9 @@ def fuse_local_global(windows: torch.Tensor, glob: torch.Tensor, size, weight: t
     channel-last GEMMs on the halves of the weight, on the cropped grid.
     """
     H, W = size
-    local = _crop(merge_windows(windows), H, W)  # (B, H, W, C), strided view
+    local = crop_grid(merge_windows(windows), H, W)  # (B, H, W, C)
     glob = F.interpolate(glob.permute(0, 3, 1, 2), scale_factor=scale, mode="bilinear", align_corners=True)
-    glob = _crop(glob.permute(0, 2, 3, 1), H, W)
+    glob = crop_grid(glob.permute(0, 2, 3, 1), H, W)
     w_global, w_local = weight.split(local.shape[-1], dim=1)
     return F.linear(glob, w_global) + F.linear(local, w_local, bias)
 
@@ -177,6 +168,15 @@ class GaussianAxialAttention(nn.Module):
         return MF.gaussian_axial_attention(self.query(x), self.key(x), self.value(x), self.shift, backend=self.backend)
 
 
+def _dynamic_and_small(n, window_size: int) -> bool:
+    """Under torch.export (strict or not): ``n`` is a dynamic size (neither bound below is known for
+    every size) and the example's value has a single window (the test adds ``n > window_size`` to
+    the exported program's bounds otherwise)."""
+    if statically_true(n > window_size) or statically_true(n <= window_size):
+        return False  # a fixed size, or one already bounded
+    return not n > window_size
+
+
 class LocalGlobalAttention(nn.Module):
     r"""Local window attention plus global axial attention on the grid of windows (MT-UNet CSAttention).
 
@@ -202,6 +202,13 @@ class LocalGlobalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_grid("LocalGlobalAttention", x, self.dim)
+        if torch.compiler.is_exporting() and any(_dynamic_and_small(n, self.window_size) for n in x.shape[1:3]):
+            # From an example whose grid of windows has a single row or column along a dynamic size,
+            # the exporter fixes that size, and the graph (which ONNX Runtime runs at any size) gave
+            # wrong results at others.
+            raise ValueError(f"LocalGlobalAttention: export with dynamic sizes from an example with at least 2 "
+                             f"windows along each dim (H, W > window_size = {self.window_size}), got x of shape "
+                             f"{tuple(int(n) for n in x.shape)}; or export with fixed sizes")
         windows = self.local(x)  # (B, nH, nW, ws², dim)
         glob = self.global_attention(self.aggregate(windows))  # (B, nH, nW, dim)
         return fuse_local_global(windows, glob, x.shape[1:3], self.fuse.weight, self.fuse.bias, scale=self.window_size)

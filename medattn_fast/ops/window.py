@@ -59,8 +59,8 @@ def padded_size(n: int, window_size: int) -> int:
 
 
 # The size tests below go through ``known`` (backend.statically_true): the plain test in eager
-# mode; in an exported or traced graph the general path (pad by a size that may be 0, crop to a
-# size that may be the whole grid), valid for every input size instead of the example's.
+# mode; in an exported or traced graph the general path (pad by a size that may be 0), valid for
+# every input size instead of the example's.
 known = B.statically_true
 
 
@@ -125,9 +125,7 @@ def _to_layout(windows: torch.Tensor, layout: str, H: int, W: int, ws: int) -> t
     grid = (windows.view(Bn, nH, nW, ws, ws, Co)
             .permute(0, 1, 3, 2, 4, 5)
             .reshape(Bn, nH * ws, nW * ws, Co))
-    if layout == "padded" or (known(grid.shape[1] == H) and known(grid.shape[2] == W)):
-        return grid
-    return grid[:, :H, :W]
+    return grid if layout == "padded" else B.crop_grid(grid, H, W)
 
 
 def _padded_source(n: int, pad: int, device) -> torch.Tensor:
