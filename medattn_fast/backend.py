@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 log = logging.getLogger("medattn_fast")
 
@@ -105,8 +106,7 @@ def statically_true(condition) -> bool:
     taken only when this is True leaves an exported or traced graph valid for every input size."""
     if isinstance(condition, torch.Tensor):
         return False
-    from torch.fx.experimental.symbolic_shapes import statically_known_true   # a bool as is; traceable by dynamo
-    return statically_known_true(condition)
+    return statically_known_true(condition)   # a bool as is; traceable by dynamo
 
 
 def crop_grid(grid: torch.Tensor, H, W) -> torch.Tensor:
