@@ -202,3 +202,85 @@ def test_convert_trust_argument():
     assert len(report) == 0 and "from_original refused it" in report.skipped[0][2]
     with pytest.raises(TypeError, match="argument 'trust' must hold nn.Module classes"):
         medattn_fast.convert(net, trust=["PAM_Module"])
+
+
+# ---------------------------------------------------------------------------------------------
+# from_original refuses an original not built like its twin (the twin's forward would compute
+# something else), in every family; convert() skips such a module and says why
+# ---------------------------------------------------------------------------------------------
+def _fork(name):
+    """(compat class, original with one layer changed in a setting no parameter carries, the error,
+    the original's inputs)."""
+    from medattn_fast.compat import attention_unet as gate, danet, guided_attention as guided, mtunet
+    from medattn_fast.reference import attention_gate as ref_gate, guided_attention as ref_guided
+    from medattn_fast.reference import mtunet as ref_mtunet
+
+    configs = {"win_size": 4, "head": 2}
+    if name == "danet-dilated-stem":
+        module = ref_danet.DANetHead(64, 3)
+        module.conv5a[0] = nn.Conv2d(64, 16, 3, padding=2, dilation=2, bias=False)
+        return danet.DANetHead, module, r"conv5a\.0 must be Conv2d\(64, 16.*padding=\(1, 1\).*got .*dilation=\(2, 2\)", \
+            (torch.randn(2, 64, 9, 11),)
+    if name == "danet-dropout-rate":
+        module = ref_danet.DANetHead(64, 3)
+        module.conv8[0] = nn.Dropout2d(0.5)
+        return danet.DANetHead, module, r"conv8\.0 must be Dropout2d\(p=0\.1.*got Dropout2d\(p=0\.5", \
+            (torch.randn(2, 64, 9, 11),)
+    if name == "guided-leaky-relu":
+        module = ref_guided.GuidedAttentionModule(8, 8)
+        module.attention_map_conv[2] = nn.LeakyReLU(0.2)
+        return guided.GuidedAttentionModule, module, r"attention_map_conv\.2 must be ReLU\(\), got LeakyReLU", \
+            (torch.randn(2, 8, 5, 6), torch.randn(2, 8, 5, 6))
+    if name == "gate-group-norm":
+        module = ref_gate.Attention_block(4, 6, 3)
+        module.psi[1] = nn.GroupNorm(1, 1)
+        return gate.Attention_block, module, r"psi\.1 must be a BatchNorm, got GroupNorm", \
+            (torch.randn(2, 4, 5, 6), torch.randn(2, 6, 5, 6))
+    if name == "mtunet-softmax-dim":
+        module = ref_mtunet.Attention(16, configs)
+        module.softmax = nn.Softmax(dim=-2)
+        return mtunet.Attention, module, r"softmax must be Softmax\(dim=-1\), got Softmax\(dim=-2\)", \
+            (torch.randn(2, 3, 3, 16, 16),)
+    module = ref_mtunet.CSAttention(16, configs)          # "mtunet-upsample-factor"
+    module.up = nn.UpsamplingBilinear2d(scale_factor=2)
+    return mtunet.CSAttention, module, r"up must be UpsamplingBilinear2d\(scale_factor=4\.0.*got .*scale_factor=2\.0", \
+        (torch.randn(2, 64, 16),)
+
+
+FORKS = ["danet-dilated-stem", "danet-dropout-rate", "guided-leaky-relu", "gate-group-norm", "mtunet-softmax-dim",
+         "mtunet-upsample-factor"]
+
+
+@pytest.mark.parametrize("name", FORKS)
+def test_from_original_refuses_a_module_not_built_like_its_twin(name, monkeypatch):
+    torch.manual_seed(0)
+    compat_class, fork, message, inputs = _fork(name)
+    fork = fork.double().train(name == "danet-dropout-rate")
+    inputs = [x.double() for x in inputs]
+
+    with pytest.raises(ValueError, match=message):
+        compat_class.from_original(fork)
+    report = medattn_fast.convert(nn.Sequential(fork))
+    assert "0" not in [path for path, _, _ in report.swapped]
+    assert [why for path, _, why in report.skipped if path == "0"][0].startswith(
+        f"{compat_class.__name__}.from_original refused it: ValueError")
+
+    # the refusal is needed: without the check the twin computes something else than the fork,
+    # answers where the fork itself fails, or fails with an unclear error (a gate reading a
+    # GroupNorm's running statistics)
+    monkeypatch.setattr(compat_class, "_check_layers", classmethod(lambda cls, new, module: None))
+    if name == "gate-group-norm":
+        with pytest.raises(AttributeError, match="'GroupNorm' object has no attribute 'running_mean'"):
+            compat_class.from_original(fork)(*inputs)
+        return
+    twin = compat_class.from_original(fork)
+    torch.manual_seed(1)
+    got = twin(*inputs)
+    torch.manual_seed(1)
+    if name == "mtunet-upsample-factor":
+        with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+            fork(*inputs)
+        return
+    want = fork(*inputs)
+    got, want = (t[0] if isinstance(t, tuple) else t for t in (got, want))
+    assert (got - want).abs().max() > 1e-3

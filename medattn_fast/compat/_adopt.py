@@ -51,20 +51,52 @@ def mirror_layers(new: nn.Module, original: nn.Module) -> None:
             new.get_submodule(parent)._modules[name] = copy.deepcopy(o)
 
 
+def _settings(layer: nn.Module) -> dict:
+    """A layer's settings: its public attributes, but the training flag (copied) and ``inplace``
+    (where an activation writes is not part of the math)."""
+    return {k: v for k, v in vars(layer).items() if not k.startswith("_") and k not in ("training", "inplace")}
+
+
 class FromOriginal:
     """``from_original(module)`` for a compat class: the twin of an instance of the original class
     of the same name. A subclass reads the constructor arguments off the original in
-    ``_init_args(module, **options) -> (args, kwargs)`` and may refuse (ValueError) layers it does
-    not reproduce in ``_check_layers``; the rest is shared: build, :func:`mirror_layers`, :func:`adopt`."""
+    ``_init_args(module, **options) -> (args, kwargs)``; the rest is shared: build,
+    :meth:`_check_layers` (refuses an original not built like the twin), :func:`mirror_layers`,
+    :func:`adopt`."""
 
     @classmethod
     def _init_args(cls, module: nn.Module, **options: Any) -> Tuple[tuple, Dict[str, Any]]:
         raise NotImplementedError(f"{cls.__name__} does not say how to read its constructor arguments")
 
+    # the norms a twin may take from the original: mirror_layers copies them, and the forward calls
+    # them (a twin whose fused forward reads a norm's statistics narrows this to BatchNorm)
+    MIRRORED_NORMS: Tuple[type, ...] = _NORMS
+    NORM_NAMES = "normalisation layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm)"
+
     @classmethod
     def _check_layers(cls, new: nn.Module, module: nn.Module) -> None:
-        """Raise ValueError where ``module``'s layers are not those of its twin ``new``. By default
-        nothing is checked here: the strict state_dict load refuses other parameter shapes."""
+        """Raise ValueError where ``module`` is not built like its twin ``new``, whose forward would
+        then compute something else (a fork: a dilated conv, another dropout rate, a softmax over
+        another dim ...). At every path below the root: a container holds the same children, a norm
+        is one of :attr:`MIRRORED_NORMS`, any other layer has the twin's class and settings (its
+        public attributes but ``inplace``: kernel, stride, padding, dilation, groups, p, dim, ...)
+        and, for a convolution, no bias where the twin has none."""
+        originals = dict(module.named_modules())
+        for path, m in new.named_modules():
+            o = originals.get(path)
+            if not path:
+                continue
+            if o is None:
+                raise ValueError(f"{path} is missing")
+            if isinstance(m, _NORMS):
+                if not isinstance(o, cls.MIRRORED_NORMS):
+                    raise ValueError(f"{path} must be a {cls.NORM_NAMES}, got {type(o).__name__}")
+            elif m._modules:
+                if set(o._modules) != set(m._modules):
+                    raise ValueError(f"{path} must hold the layers {sorted(m._modules)}, got {sorted(o._modules)}")
+            elif (type(o) is not type(m) or _settings(o) != _settings(m)
+                  or (getattr(m, "bias", 0) is None and getattr(o, "bias", None) is not None)):
+                raise ValueError(f"{path} must be {m!r}, got {o!r}")
 
     @classmethod
     def from_original(cls, module: nn.Module, **options: Any):

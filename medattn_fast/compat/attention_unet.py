@@ -39,40 +39,11 @@ def _additive_gate(x, g, proj_x: nn.Sequential, proj_g: nn.Sequential, psi: nn.S
                              bn_g=_bn(proj_g[1]), bn_psi=_bn(psi[1]), training=training, double_sigmoid=double_sigmoid)
 
 
-def _geometry(conv: nn.Module) -> tuple:
-    return (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
-            conv.groups, conv.padding_mode, tuple(getattr(conv, "output_padding", ())))
-
-
 class _Gate(FromOriginal):
-    """A gate's fused forward reads its layers' parameters without calling them, so
-    ``from_original`` refuses an original whose layers are not the twin's."""
+    """A gate's fused forward reads its BatchNorms' statistics without calling them: the
+    original's norms must be BatchNorms."""
 
-    @classmethod
-    def _check_layers(cls, new: nn.Module, module: nn.Module) -> None:
-        """Below the root, at every path of the twin: a container holds the same children (MONAI's
-        ``Convolution(conv_only=True)`` just ``conv``), a convolution has the twin's class (a
-        subclass may compute otherwise: weight standardisation ...) and geometry (kernel, stride,
-        padding, dilation, groups) and no bias where the twin has none, a norm is a BatchNorm, any
-        other layer has the twin's class."""
-        originals = dict(module.named_modules())
-        for path, m in new.named_modules():
-            o = originals.get(path)
-            if not path:
-                continue
-            if o is None:
-                raise ValueError(f"{path} is missing")
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if not isinstance(o, nn.modules.batchnorm._BatchNorm):
-                    raise ValueError(f"{path} must be a BatchNorm, got {type(o).__name__}")
-            elif isinstance(m, nn.modules.conv._ConvNd):
-                if type(o) is not type(m) or _geometry(o) != _geometry(m) or (m.bias is None and o.bias is not None):
-                    raise ValueError(f"{path} must be {m!r}, got {o!r}")
-            elif m._modules:
-                if set(o._modules) != set(m._modules):
-                    raise ValueError(f"{path} must hold the layers {sorted(m._modules)}, got {sorted(o._modules)}")
-            elif type(o) is not type(m):
-                raise ValueError(f"{path} must be {type(m).__name__}, got {type(o).__name__}")
+    MIRRORED_NORMS, NORM_NAMES = (nn.modules.batchnorm._BatchNorm,), "BatchNorm"
 
 
 class AttentionBlock(_Gate, R.AttentionBlock):
