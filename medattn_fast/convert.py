@@ -9,7 +9,9 @@ A module is swapped only when all of these hold, and each refusal is reported wi
    the originals (DANet, Oktay's Attention-Gated-Networks, LeeJunHyun's Image_Segmentation, MONAI
    1.6.1, Multi-Scale-Attention, MT-UNet; :data:`KNOWN_ORIGINALS`) or of this package's own
    restatement (``medattn_fast.reference``). A fork whose forward differs — a 3-D ``CAM_Module``,
-   another gate mode's code — is not swapped. ``trust=[cls]`` vouches for a class of your own.
+   another gate mode's code — is not swapped. So is a module holding a submodule whose code is not
+   one we know where the twin runs a class of ours instead (an edited ``DoubleConv`` inside an
+   original ``MTUNet``). ``trust=[cls]`` vouches for a class of your own.
 2. **Its constructor state is one we reproduce**: ``from_original`` reads the channels, kernel
    sizes, strides, layer types and modes from the module and raises (-> skipped, with its message)
    on anything else (Oktay's ``concatenation_debug``/``_residual`` modes, a conv with padding or
@@ -70,6 +72,13 @@ KNOWN_ORIGINALS: Dict[str, Dict[str, str]] = {
     "encoder_block": {"88a0af46df0f6edb": _MTUNET},
     "decoder_block": {"c2dc741babbb5fe6": _MTUNET},
     "MTUNet": {"f2b72163020797e3": _MTUNET},
+    # the CNN parts, checked inside a swapped MTUNet (they have no compat twin of their own)
+    "ConvBNReLU": {"629c506ef859dc09": _MTUNET},
+    "DoubleConv": {"8b677bc8c0926cbe": _MTUNET},
+    "U_encoder": {"77d232581ddca8ad": _MTUNET},
+    "U_decoder": {"53272f30347ef424": _MTUNET},
+    "DecoderStem": {"82001502d1880bbf": _MTUNET},
+    "Stem": {"6c81751526122959": _MTUNET},
 }
 
 _REFERENCE_MODULES = ("attention_gate", "danet", "guided_attention", "mtunet", "gaussian_trans", "cross_attention")
@@ -219,10 +228,28 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _twin(child: nn.Module, candidates: Sequence[type], trusted: bool) -> Tuple[Optional[nn.Module], str]:
+def _unknown_submodule_code(new: nn.Module, original: nn.Module, trust: Tuple[type, ...]) -> str:
+    """Why ``new`` (a twin of ``original``) would not compute what ``original`` does below its root:
+    a submodule of ``original`` whose code is none we reproduce, where ``new`` runs a class of this
+    package instead; "" when there is none."""
+    originals = dict(original.named_modules())
+    for path, m in new.named_modules():
+        o = originals.get(path)
+        if not path or o is None or type(o) is type(m) or type(o) in trust \
+                or not type(m).__module__.startswith("medattn_fast."):
+            continue
+        fp = code_fingerprint(type(o))
+        if fp is None or fp not in _known_code(type(m), type(o).__name__):
+            return (f"its submodule {path} ({_qualified(type(o))}) has code {fp}, none of the versions "
+                    f"{type(m).__name__} reproduces (pass trust=[{type(o).__name__}] to vouch for it)")
+    return ""
+
+
+def _twin(child: nn.Module, candidates: Sequence[type], trust: Tuple[type, ...]) -> Tuple[Optional[nn.Module], str]:
     """(the compat twin of ``child``, "") or (None, the reason it is not swapped)."""
     cls = type(child)
     name = cls.__name__
+    trusted = cls in trust
     reasons, unknown_code = [], 0
     fp = None if trusted else code_fingerprint(cls)
     if not trusted and fp is None:
@@ -241,6 +268,10 @@ def _twin(child: nn.Module, candidates: Sequence[type], trusted: bool) -> Tuple[
         except Exception as exc:  # noqa: BLE001 - any refusal is reported, never raised
             reasons.append(f"{target.__name__}.from_original refused it: "
                            + f"{type(exc).__name__}: {exc}".splitlines()[0])
+            continue
+        why = _unknown_submodule_code(new, child, trust)
+        if why:
+            reasons.append(f"{target.__name__}: {why}")
             continue
         return new, ""
     if unknown_code == len(candidates):
@@ -283,7 +314,7 @@ def convert(model: nn.Module, *, families: Optional[Iterable[str]] = None, dry_r
                     new, why = None, (f"submodule(s) {', '.join(hooked)} carry forward/backward hooks that the "
                                       f"fused forward would not run")
                 else:
-                    new, why = _twin(child, candidates, cls in trusted)
+                    new, why = _twin(child, candidates, trusted)
                 if new is None:
                     report.skipped.append((path, _qualified(cls), why))
                 else:

@@ -284,3 +284,34 @@ def test_from_original_refuses_a_module_not_built_like_its_twin(name, monkeypatc
     want = fork(*inputs)
     got, want = (t[0] if isinstance(t, tuple) else t for t in (got, want))
     assert (got - want).abs().max() > 1e-3
+
+
+def test_convert_skips_a_module_whose_submodule_code_is_edited(tmp_path, monkeypatch):
+    # a user's copy of MT-UNet's file with ConvBNReLU edited: encoder_block's own code is the
+    # original's, but its twin would run our ConvBNReLU in place of the edited one
+    import importlib
+    import pathlib
+
+    from medattn_fast.reference import mtunet as ref_mtunet
+
+    source = pathlib.Path(ref_mtunet.__file__).read_text()
+    source = source.replace("from .gaussian_trans import", "from medattn_fast.reference.gaussian_trans import")
+    edited = source.replace("            x = self.relu(x)\n        return x", "            x = self.relu(x) * 0.5\n        return x")
+    assert edited != source
+    (tmp_path / "user_mtunet.py").write_text(edited)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user = importlib.import_module("user_mtunet")
+    torch.manual_seed(0)
+    net = nn.Sequential(user.encoder_block(16, {"win_size": 4, "head": 2})).double().eval()
+    x = torch.randn(2, 64, 16, dtype=torch.float64)
+    want = net(x)
+
+    report = medattn_fast.convert(net)
+    why = [why for path, _, why in report.skipped if path == "0"][0]
+    assert "its submodule block.2 (user_mtunet.ConvBNReLU) has code" in why and "trust=[ConvBNReLU]" in why
+    assert [path for path, _, _ in report.swapped] == ["0.block.0", "0.block.1"]   # the EAmodules
+    torch.testing.assert_close(net(x)[0], want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(net(x)[1], want[1], rtol=1e-10, atol=1e-10)
+
+    trusting = nn.Sequential(user.encoder_block(16, {"win_size": 4, "head": 2}))
+    assert [p for p, _, _ in medattn_fast.convert(trusting, trust=[user.ConvBNReLU]).swapped] == ["0"]
