@@ -44,7 +44,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 from torch import nn
 
-from .compat._adopt import graft, hooked_submodules
+from .compat._adopt import graft, hooked_submodules, paired_submodules
 
 FAMILIES = ("attention_unet", "danet", "guided_attention", "mtunet")
 
@@ -232,11 +232,8 @@ def _unknown_submodule_code(new: nn.Module, original: nn.Module, trust: Tuple[ty
     """Why ``new`` (a twin of ``original``) would not compute what ``original`` does below its root:
     a submodule of ``original`` whose code is none we reproduce, where ``new`` runs a class of this
     package instead; "" when there is none."""
-    originals = dict(original.named_modules())
-    for path, m in new.named_modules():
-        o = originals.get(path)
-        if not path or o is None or type(o) is type(m) or type(o) in trust \
-                or not type(m).__module__.startswith("medattn_fast."):
+    for path, m, o in paired_submodules(new, original):
+        if o is None or type(o) is type(m) or type(o) in trust or not type(m).__module__.startswith("medattn_fast."):
             continue
         fp = code_fingerprint(type(o))
         if fp is None or fp not in _known_code(type(m), type(o).__name__):

@@ -3,7 +3,7 @@ hand-over ``convert`` does (:func:`graft`)."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -30,6 +30,13 @@ def adopt(new: nn.Module, original: nn.Module) -> nn.Module:
     return new
 
 
+def paired_submodules(new: nn.Module, original: nn.Module) -> List[Tuple[str, nn.Module, Optional[nn.Module]]]:
+    """``(path, new's submodule, original's submodule at that path or None)`` for every submodule of
+    ``new`` below its root, as a list (the caller may replace modules while it walks)."""
+    originals = dict(original.named_modules())
+    return [(path, m, originals.get(path)) for path, m in new.named_modules() if path]
+
+
 # layers whose settings (eps, momentum, affine, the class itself: BatchNorm, SyncBatchNorm, a
 # GroupNorm given as norm_layer ...) no constructor argument carries: copied from the original
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -39,10 +46,8 @@ def mirror_layers(new: nn.Module, original: nn.Module) -> None:
     """Give ``new`` (built with ``original``'s constructor arguments) what those arguments do not
     say: a convolution the original has without bias loses its bias, and every normalisation layer
     becomes a copy of the original's at the same path."""
-    originals = dict(original.named_modules())
-    for path, m in list(new.named_modules()):
-        o = originals.get(path)
-        if not path or o is None:
+    for path, m, o in paired_submodules(new, original):
+        if o is None:
             continue
         if isinstance(m, nn.modules.conv._ConvNd) and m.bias is not None and getattr(o, "bias", 0) is None:
             m.register_parameter("bias", None)
@@ -81,11 +86,7 @@ class FromOriginal:
         is one of :attr:`MIRRORED_NORMS`, any other layer has the twin's class and settings (its
         public attributes but ``inplace``: kernel, stride, padding, dilation, groups, p, dim, ...)
         and, for a convolution, no bias where the twin has none."""
-        originals = dict(module.named_modules())
-        for path, m in new.named_modules():
-            o = originals.get(path)
-            if not path:
-                continue
+        for path, m, o in paired_submodules(new, module):
             if o is None:
                 raise ValueError(f"{path} is missing")
             if isinstance(m, _NORMS):
@@ -95,7 +96,7 @@ class FromOriginal:
                 if set(o._modules) != set(m._modules):
                     raise ValueError(f"{path} must hold the layers {sorted(m._modules)}, got {sorted(o._modules)}")
             elif (type(o) is not type(m) or _settings(o) != _settings(m)
-                  or (getattr(m, "bias", 0) is None and getattr(o, "bias", None) is not None)):
+                  or (isinstance(m, nn.modules.conv._ConvNd) and m.bias is None and o.bias is not None)):
                 raise ValueError(f"{path} must be {m!r}, got {o!r}")
 
     @classmethod
