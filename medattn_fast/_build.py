@@ -133,15 +133,31 @@ def _warn_once(kind: str, what: str, fix: str, details: str = "") -> None:
                   f"the next backend ('torch' on CPU). Fix: {fix}{details}", RuntimeWarning, stacklevel=3)
 
 
+def torch_cxx_standard() -> str:
+    """The ``-std=c++NN`` flag that the installed torch's own extension build passes: its headers
+    require that standard (torch 2.14's stop with "C++20 or later compatible compiler is
+    required" under C++17). Our flags never name a standard themselves, so they cannot override
+    it; this is for the tools that compile our sources outside ``cpp_extension`` (the nvcc test)."""
+    import inspect
+    import re
+
+    from torch.utils import cpp_extension
+
+    found = re.findall(r"-std=c\+\+(\d+)", inspect.getsource(cpp_extension))
+    return f"-std=c++{max(int(v) for v in found)}" if found else "-std=c++17"
+
+
 def _flags(kind: str) -> Dict[str, list]:
-    cflags = ["-O3", "-std=c++17"]
+    # No -std: torch's cpp_extension passes the standard its headers need, and a later flag of
+    # ours would win over it (an older one breaks the build on a newer torch).
+    cflags = ["-O3"]
     if sys.platform != "win32":
         cflags += ["-fopenmp"] if kind == "cpu" else []
     out = {"extra_cflags": cflags}
     if kind == "cpu" and sys.platform != "win32":
         out["extra_ldflags"] = ["-fopenmp"]
     if kind == "cuda":
-        out["extra_cuda_cflags"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        out["extra_cuda_cflags"] = ["-O3", "--use_fast_math", "-lineinfo"]
     return out
 
 
@@ -216,7 +232,8 @@ def unavailable_reason(kind: str, family: str) -> Optional[str]:
                 msg = "...\n" + msg[-4000:]
             _failures[key] = f"the {kind} extension of {family} failed to build: {msg}"
             _warn_once(kind, f"building the {kind} extension of {family} failed",
-                       "a C++17 compiler with OpenMP (g++) on PATH and a writable build cache "
+                       f"a C++ compiler with OpenMP (g++) that supports {torch_cxx_standard()} (torch's standard) "
+                       "on PATH and a writable build cache "
                        f"(MEDATTN_BUILD_DIR, now {build_dir()}); MEDATTN_NO_BUILD=1 turns the build off",
                        f". Compiler output:\n{msg}")
             return _failures[key]

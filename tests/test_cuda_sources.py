@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from torch.utils.cpp_extension import include_paths
 
+from medattn_fast import _build
+
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 
@@ -36,7 +38,7 @@ def _flags(family: str):
     includes = [*include_paths(), sysconfig.get_paths()["include"], str(ROOT / "csrc"),
                 str(ROOT / "csrc" / "cuda")]
     return ([f"-I{p}" for p in includes] +
-            ["-std=c++17", "-arch=sm_90", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+            [_build.torch_cxx_standard(), "-arch=sm_90", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
              f"-DTORCH_EXTENSION_NAME=medattn_cuda_{family}", "-DTORCH_API_INCLUDE_EXTENSION_H",
              "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
              # as torch.utils.cpp_extension builds CUDA sources
