@@ -208,8 +208,12 @@ def test_low_precision_returns_input_dtype_close_to_fp64(dtype):
 def test_auto_backend_on_cpu_runs_cpp_else_torch():
     ref = randomize_batch_norms(R.AttentionBlock(3, 4, 2)).double().eval()
     x, g = torch.randn(1, 3, 5, 5, dtype=F64), torch.randn(1, 4, 3, 3, dtype=F64)
-    from medattn_fast.ops.attention_gate import _op
-    assert _op.choose(x, g, backend="auto") == ("torch" if _op.why_not("cpp", x, g) else "cpp")
+    from medattn_fast.ops.attention_gate import GateParams, _op
+    params = GateParams(ref.Wx[0].weight, ref.Wx[0].bias, ref.Wg[0].weight, ref.Wg[0].bias, ref.psi[0].weight,
+                        ref.psi[0].bias)
+    options = dict(training=False, mode="additive", double_sigmoid=False, return_alpha=False)
+    assert _op.choose(x, g, params, backend="auto", **options) == (
+        "torch" if _op.why_not("cpp", x, g, params, **options) else "cpp")
     torch.testing.assert_close(gate_call(copy.deepcopy(ref), x, g, backend=None), ref(x, g), **TOL)
 
 

@@ -17,6 +17,7 @@ from _tolerance import F64, assert_within_twice, gpu_device, max_errors, worse
 import medattn_fast
 import medattn_fast.functional as MF
 from medattn_fast.functional import BatchNormParams
+from medattn_fast.ops.attention_gate import GateParams
 from medattn_fast.ops import _attention_gate_cpp, _attention_gate_triton
 from medattn_fast.reference import attention_gate as R
 
@@ -214,10 +215,9 @@ def test_triton_predicate_refuses_float64_with_reason():
 def test_auto_prefers_cpp_on_cpu():
     block = make_block(2, 4, 3, 2, training=False)
     x, g = torch.randn(1, 4, 5, 5, dtype=F64), torch.randn(1, 3, 3, 3, dtype=F64)
-    kw = dict(bn_x=None, bn_g=None, bn_psi=None, out_weight=None, out_bias=None, bn_out=None, training=False,
-              mode="additive", double_sigmoid=False, return_alpha=False)
-    args = (x, g, block.Wx[0].weight, block.Wx[0].bias, block.Wg[0].weight, block.Wg[0].bias,
-            block.psi[0].weight, block.psi[0].bias)
+    kw = dict(training=False, mode="additive", double_sigmoid=False, return_alpha=False)
+    args = (x, g, GateParams(block.Wx[0].weight, block.Wx[0].bias, block.Wg[0].weight, block.Wg[0].bias,
+                             block.psi[0].weight, block.psi[0].bias))
     from medattn_fast.ops.attention_gate import _op
 
     assert _op.choose(*args, **kw) == "cpp"
@@ -230,10 +230,9 @@ def test_auto_takes_torch_for_a_cpu_training_step():
     x = torch.randn(1, 4, 5, 5, dtype=F64, requires_grad=True)
     g = torch.randn(1, 3, 3, 3, dtype=F64)
     bn = [BatchNormParams.from_module(m) for m in (block.Wx[1], block.Wg[1], block.psi[1])]
-    kw = dict(bn_x=bn[0], bn_g=bn[1], bn_psi=bn[2], out_weight=None, out_bias=None, bn_out=None, training=True,
-              mode="additive", double_sigmoid=False, return_alpha=False)
-    args = (x, g, block.Wx[0].weight, block.Wx[0].bias, block.Wg[0].weight, block.Wg[0].bias,
-            block.psi[0].weight, block.psi[0].bias)
+    kw = dict(training=True, mode="additive", double_sigmoid=False, return_alpha=False)
+    args = (x, g, GateParams(block.Wx[0].weight, block.Wx[0].bias, block.Wg[0].weight, block.Wg[0].bias,
+                             block.psi[0].weight, block.psi[0].bias, *bn))
     from medattn_fast.ops.attention_gate import _op
 
     assert _op.choose(*args, **kw) == "torch"

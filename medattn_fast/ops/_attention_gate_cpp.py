@@ -1,11 +1,11 @@
 r"""The ``cpp`` backend of the attention gate: the custom ops ``medattn::attention_gate_cpp_*`` around
-``csrc/cpu/attention_gate.cpp``, declared by :func:`medattn_fast.ops.attention_gate.define_custom_ops` (which lists them);
-the plan around the kernels is :func:`medattn_fast.ops.attention_gate.fused_gate`.
+``csrc/cpu/attention_gate.cpp``, declared by :func:`medattn_fast.ops._attention_gate_fused.define_custom_ops` (which lists them);
+the plan around the kernels is :func:`medattn_fast.ops._attention_gate_fused.fused_gate`.
 """
 from __future__ import annotations
 
 from .. import backend as B
-from . import attention_gate as AG
+from . import _attention_gate_fused as fused
 
 __all__ = ["KERNELS", "register"]
 
@@ -16,9 +16,9 @@ def _kernels():
     return _build.load("cpu", "attention_gate")   # built on first use
 
 
-KERNELS = AG.define_custom_ops("cpp", _kernels)
+KERNELS = fused.define_custom_ops("cpp", _kernels)
 
 
 def register(op: B.Op) -> None:
     """Adds the ``cpp`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("cpp", reasons=B.cpp_predicate("attention_gate"))(AG.fused_backend(KERNELS))
+    op.register("cpp", reasons=B.cpp_predicate("attention_gate"))(fused.fused_backend(KERNELS))

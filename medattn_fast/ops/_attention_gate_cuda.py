@@ -1,6 +1,6 @@
 r"""The ``cuda`` backend of the attention gate: the custom ops ``medattn::attention_gate_cuda_*`` around
-``csrc/cuda/attention_gate.cu``, declared by :func:`medattn_fast.ops.attention_gate.define_custom_ops` (which lists them);
-the plan around the kernels is :func:`medattn_fast.ops.attention_gate.fused_gate`.
+``csrc/cuda/attention_gate.cu``, declared by :func:`medattn_fast.ops._attention_gate_fused.define_custom_ops` (which lists them);
+the plan around the kernels is :func:`medattn_fast.ops._attention_gate_fused.fused_gate`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import backend as B
-from . import attention_gate as AG
+from . import _attention_gate_fused as fused
 
 __all__ = ["KERNELS", "cuda_shared_memory_reasons", "register"]
 
@@ -21,7 +21,7 @@ def _kernels():
     return _build.load("cuda", "attention_gate")   # built on first use
 
 
-KERNELS = AG.define_custom_ops("cuda", _kernels)
+KERNELS = fused.define_custom_ops("cuda", _kernels)
 
 
 # csrc/cuda/attention_gate.cu stages, per block of P >= 32 positions, the x tile (Cx × P; two tiles in
@@ -57,15 +57,13 @@ def cuda_shared_memory_reasons(x: Tensor, wx_weight: Tensor, *, mode: str, out_w
             f"device's {limit} B" for what, need in needs if need > limit]
 
 
-def _cuda_reasons(x, g, wx_weight, *args, mode, out_weight, **kwargs):
-    backward = torch.is_grad_enabled() and any(
-        isinstance(t, Tensor) and t.requires_grad for t in (x, g, wx_weight, *args, out_weight))
-    reasons = cuda_shared_memory_reasons(x, wx_weight, mode=mode, out_weight=out_weight, backward=backward) \
-        if x.device.type == "cuda" else []
-    return reasons or B.cuda_predicate("attention_gate")(x, g, wx_weight, *args, mode=mode, out_weight=out_weight,
-                                                         **kwargs)
+def _cuda_reasons(x, g, params: fused.GateParams, *, mode, **_options):
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, g, *params.tensors()))
+    reasons = cuda_shared_memory_reasons(x, params.wx_weight, mode=mode, out_weight=params.out_weight,
+                                         backward=backward) if x.device.type == "cuda" else []
+    return reasons or B.cuda_predicate("attention_gate")(x, g)
 
 
 def register(op: B.Op) -> None:
     """Adds the ``cuda`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("cuda", reasons=_cuda_reasons)(AG.fused_backend(KERNELS))
+    op.register("cuda", reasons=_cuda_reasons)(fused.fused_backend(KERNELS))

@@ -1,11 +1,11 @@
 r"""The ``triton`` backend of the attention gate: the custom ops ``medattn::attention_gate_triton_*`` around
-``triton_kernels.gate``, declared by :func:`medattn_fast.ops.attention_gate.define_custom_ops` (which lists them);
-the plan around the kernels is :func:`medattn_fast.ops.attention_gate.fused_gate`.
+``triton_kernels.gate``, declared by :func:`medattn_fast.ops._attention_gate_fused.define_custom_ops` (which lists them);
+the plan around the kernels is :func:`medattn_fast.ops._attention_gate_fused.fused_gate`.
 """
 from __future__ import annotations
 
 from .. import backend as B
-from . import attention_gate as AG
+from . import _attention_gate_fused as fused
 
 __all__ = ["KERNELS", "register"]
 
@@ -16,13 +16,13 @@ def _kernels():
     return gate
 
 
-KERNELS = AG.define_custom_ops("triton", _kernels)
+KERNELS = fused.define_custom_ops("triton", _kernels)
 
 
-def _triton_reasons(*args, **kwargs):
-    return B.triton_reasons(*args, *kwargs.values())
+def _triton_reasons(x, g, params: fused.GateParams, **_options):
+    return B.triton_reasons(x, g, *params.tensors())
 
 
 def register(op: B.Op) -> None:
     """Adds the ``triton`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("triton", reasons=_triton_reasons)(AG.fused_backend(KERNELS))
+    op.register("triton", reasons=_triton_reasons)(fused.fused_backend(KERNELS))
