@@ -211,7 +211,7 @@ def test_auto_backend_on_cpu_runs_cpp_else_torch():
     from medattn_fast.ops.attention_gate import GateParams, _op
     params = GateParams(ref.Wx[0].weight, ref.Wx[0].bias, ref.Wg[0].weight, ref.Wg[0].bias, ref.psi[0].weight,
                         ref.psi[0].bias)
-    options = dict(training=False, mode="additive", double_sigmoid=False, return_alpha=False)
+    options = dict(mode="additive", double_sigmoid=False, return_alpha=False)
     assert _op.choose(x, g, params, backend="auto", **options) == (
         "torch" if _op.why_not("cpp", x, g, params, **options) else "cpp")
     torch.testing.assert_close(gate_call(copy.deepcopy(ref), x, g, backend=None), ref(x, g), **TOL)

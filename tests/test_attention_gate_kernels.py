@@ -215,7 +215,7 @@ def test_triton_predicate_refuses_float64_with_reason():
 def test_auto_prefers_cpp_on_cpu():
     block = make_block(2, 4, 3, 2, training=False)
     x, g = torch.randn(1, 4, 5, 5, dtype=F64), torch.randn(1, 3, 3, 3, dtype=F64)
-    kw = dict(training=False, mode="additive", double_sigmoid=False, return_alpha=False)
+    kw = dict(mode="additive", double_sigmoid=False, return_alpha=False)
     args = (x, g, GateParams(block.Wx[0].weight, block.Wx[0].bias, block.Wg[0].weight, block.Wg[0].bias,
                              block.psi[0].weight, block.psi[0].bias))
     from medattn_fast.ops.attention_gate import _op
@@ -230,15 +230,17 @@ def test_auto_takes_torch_for_a_cpu_training_step():
     x = torch.randn(1, 4, 5, 5, dtype=F64, requires_grad=True)
     g = torch.randn(1, 3, 3, 3, dtype=F64)
     bn = [BatchNormParams.from_module(m) for m in (block.Wx[1], block.Wg[1], block.psi[1])]
-    kw = dict(training=True, mode="additive", double_sigmoid=False, return_alpha=False)
-    args = (x, g, GateParams(block.Wx[0].weight, block.Wx[0].bias, block.Wg[0].weight, block.Wg[0].bias,
-                             block.psi[0].weight, block.psi[0].bias, *bn))
+    kw = dict(mode="additive", double_sigmoid=False, return_alpha=False)
+    params = GateParams(block.Wx[0].weight, block.Wx[0].bias, block.Wg[0].weight, block.Wg[0].bias,
+                        block.psi[0].weight, block.psi[0].bias, *bn)
     from medattn_fast.ops.attention_gate import _op
 
-    assert _op.choose(*args, **kw) == "torch"
+    assert _op.choose(x, g, params, **kw) == "torch"
     with torch.no_grad():
-        assert _op.choose(*args, **kw) == "cpp"
-    assert _op.choose(*args, **dict(kw, training=False)) == "cpp"
+        assert _op.choose(x, g, params, **kw) == "cpp"
+    assert _op.choose(x, g, params._replace(
+        bn_x=bn[0]._replace(training=False), bn_g=bn[1]._replace(training=False),
+        bn_psi=bn[2]._replace(training=False)), **kw) == "cpp"
 
 
 # ---------------------------------------------------------------------------------------------

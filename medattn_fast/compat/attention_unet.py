@@ -8,7 +8,8 @@ class name as the widely copied one, :func:`medattn_fast.convert` tells them apa
 
 The whole gate is one :func:`medattn_fast.functional.attention_gate` call (BN folded into the
 convs in eval), with the same outputs, gradients and BN running statistics in ``train()`` and
-``eval()``. ``from_original`` refuses (ValueError) an original whose layers are not the ones reproduced.
+``eval()``, and with every mix of the two: each BN follows its own flag (a frozen BN in a
+``train()`` model keeps its statistics), as in the originals. ``from_original`` refuses (ValueError) an original whose layers are not the ones reproduced.
 """
 from __future__ import annotations
 
@@ -70,14 +71,14 @@ class AttentionBlock(_Gate, R.AttentionBlock):
 
 
 class ConvBatchNorm(R.ConvBatchNorm):
-    """:class:`medattn_fast.reference.attention_gate.ConvBatchNorm` whose eval mode folds the BN
-    into the convolution (one pass instead of three); training mode is the original's."""
+    """:class:`medattn_fast.reference.attention_gate.ConvBatchNorm` whose BN, in eval mode (its own
+    flag), folds into the convolution (one pass instead of three); in training mode it is the original's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bn = self.batchnorm
-        if self.training or bn.running_mean is None:
-            return self.relu(bn(self.conv(x)))
-        weight, bias = _bn(bn).fold(self.conv.weight, self.conv.bias)
+        bn = _bn(self.batchnorm)
+        if bn.uses_batch_stats:   # the BN's own mode, not this block's: a frozen BN folds in a train() model
+            return self.relu(self.batchnorm(self.conv(x)))
+        weight, bias = bn.fold(self.conv.weight, self.conv.bias)
         return F.conv2d(x, weight, bias, padding=self.conv.padding).relu_()
 
 

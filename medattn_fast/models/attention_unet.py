@@ -82,7 +82,8 @@ class ConvNormAct(nn.Module):
     """``act(dropout(BN(conv(x))))`` — MONAI's ``Convolution`` with ``adn_ordering="NDA"``, BN, ReLU.
 
     ``transposed=True`` makes the conv a ConvTranspose with output padding ``stride − 1``, so that it
-    multiplies each spatial size by the stride exactly. In eval mode the BN is folded into the conv.
+    multiplies each spatial size by the stride exactly. A BN in eval mode (its own flag) is folded
+    into the conv, unless a dropout in training mode sits between them.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: Tuple[int, ...],
@@ -101,12 +102,14 @@ class ConvNormAct(nn.Module):
         self.transposed = transposed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or self.norm.running_mean is None:
+        norm = MF.BatchNormParams.from_module(self.norm)
+        # Each submodule in its own mode (a fine-tuned model may hold an eval BN inside a train()
+        # block): the BN folds into the conv only where it uses its running statistics and the
+        # dropout between them is off.
+        if norm.uses_batch_stats or (isinstance(self.dropout, nn.Dropout) and self.dropout.training):
             return F.relu(self.dropout(self.norm(self.conv(x))))
-        # Eval: BN folded into the conv weights; dropout is the identity.
         c = self.conv
-        weight, bias = MF.BatchNormParams.from_module(self.norm).fold(c.weight, c.bias,
-                                                                     out_dim=1 if self.transposed else 0)
+        weight, bias = norm.fold(c.weight, c.bias, out_dim=1 if self.transposed else 0)
         if self.transposed:
             fn = F.conv_transpose2d if weight.dim() == 4 else F.conv_transpose3d
             y = fn(x, weight, bias, stride=c.stride, padding=c.padding, output_padding=c.output_padding)

@@ -42,9 +42,10 @@ class AttentionGate(nn.Module):
         backend: force a backend for every call of this module (default: the global choice).
         device, dtype: where the parameters are created (torch.nn's factory keywords).
 
-    ``forward(x, g, return_alpha=None)`` returns ``out`` or ``(out, alpha)``. In ``train()`` mode
-    the BNs use batch statistics and update their running statistics; in ``eval()`` they are
-    folded into the convolutions by the fast backends.
+    ``forward(x, g, return_alpha=None)`` returns ``out`` or ``(out, alpha)``. Each BN follows its
+    own flag, as an unfused BatchNorm does: in ``train()`` it uses batch statistics and updates its
+    running statistics; in ``eval()`` (also inside a gate in ``train()``, e.g. frozen for
+    fine-tuning) it is folded into its convolution by the fast backends.
     """
 
     def __init__(self, x_channels: int, g_channels: int, inter_channels: int, *, spatial_dims: int = 2,

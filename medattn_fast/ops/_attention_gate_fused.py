@@ -92,6 +92,14 @@ class GateParams(NamedTuple):
     def batch_norms(self) -> List[BatchNormParams]:
         return [bn for bn in (self.bn_x, self.bn_g, self.bn_psi, self.bn_out) if bn is not None]
 
+    def in_mode(self, training: bool) -> "GateParams":
+        """Every BN in its own mode: its ``training`` flag, or ``training`` where it has none."""
+        def mode(bn: Optional[BatchNormParams]) -> Optional[BatchNormParams]:
+            return None if bn is None else bn.in_mode(training)
+
+        return self._replace(bn_x=mode(self.bn_x), bn_g=mode(self.bn_g), bn_psi=mode(self.bn_psi),
+                             bn_out=mode(self.bn_out))
+
     def tensors(self) -> List[Tensor]:
         """Every tensor of the bundle: weights, biases and BatchNorm state."""
         own = [getattr(self, f) for f in ("wx_weight", "wx_bias", "wg_weight", "wg_bias", "psi_weight", "psi_bias",
@@ -355,12 +363,12 @@ def _fold_stats(weight: Tensor, bias: Tensor, bn: BatchNormParams, mean: Tensor,
     return weight * scale[:, None], shift
 
 
-def _normalised_x_branch(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_x, training: bool):
+def _normalised_x_branch(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_x: Optional[BatchNormParams]):
     """(W̃, b̃) of ``BN_x(W·x + b)`` with running or batch statistics (weight (Ci, Cx) in acc)."""
     bias = bias.to(weight.dtype) if bias is not None else weight.new_zeros(weight.shape[0])
-    if uses_batch_stats(bn_x, training):
-        mean_u, var_u, count = _projected_moments(x, weight, bias, bn_x.process_group if training else None)
-        if training:
+    if uses_batch_stats(bn_x):
+        mean_u, var_u, count = _projected_moments(x, weight, bias, bn_x.process_group if bn_x.training else None)
+        if bn_x.training:
             update_running_stats(bn_x, mean_u, var_u, count)
         return _fold_stats(weight, bias, bn_x, mean_u, var_u)
     if bn_x is not None:
@@ -368,21 +376,21 @@ def _normalised_x_branch(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_x
     return weight, bias
 
 
-def _output_transform(kernels: FusedKernels, x: Tensor, alpha: Tensor, p: GateParams, training: bool) -> Tensor:
+def _output_transform(kernels: FusedKernels, x: Tensor, alpha: Tensor, p: GateParams) -> Tensor:
     """Grid mode's ``BN_out(W_out·(α⊙x))`` as the fused ``α·(W̃·x) + b̃`` (BN folded in eval; with
     batch statistics the BN normalises the fused pass's output, exactly as after the conv)."""
     acc = alpha.dtype
     weight = p.out_weight.reshape(p.out_weight.shape[0], x.shape[1]).to(acc)
     bias = p.out_bias.to(acc) if p.out_bias is not None else weight.new_zeros(weight.shape[0])
-    fold = foldable(p.bn_out, training)
+    fold = foldable(p.bn_out)
     if fold:
         weight, bias = p.bn_out.fold(weight, bias)
     out = kernels.project(x, alpha, weight, bias)
-    return out if fold else batch_norm(out, p.bn_out, training)
+    return out if fold else batch_norm(out, p.bn_out)
 
 
-def _fused_grid_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, training: bool,
-                     double_sigmoid: bool, return_alpha: bool) -> Result:
+def _fused_grid_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, double_sigmoid: bool,
+                     return_alpha: bool) -> Result:
     """Oktay's grid gate: the additive gate's logits pass on the strided grid, then one fused pass
     over x for ``α⊙x`` and the output transform."""
     acc = _acc(x.dtype)
@@ -392,16 +400,15 @@ def _fused_grid_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams,
     # additive gate on the coarse grid with W_x = I (C_int² multiply-adds per coarse position, a
     # fraction Ci / (Cx·Πk) of θ's own), so relu(θ·x + up(φ·g)) is never stored.
     theta = conv(x, p.wx_weight, None, kernel_size(p.wx_weight, x.dim() - 2))
-    G = conv_batch_norm(g, p.wg_weight, p.wg_bias, p.bn_g, training).to(acc).contiguous()
-    weight, bias = _normalised_x_branch(theta, torch.eye(cint, dtype=acc, device=x.device), p.wx_bias, p.bn_x,
-                                        training)
+    G = conv_batch_norm(g, p.wg_weight, p.wg_bias, p.bn_g).to(acc).contiguous()
+    weight, bias = _normalised_x_branch(theta, torch.eye(cint, dtype=acc, device=x.device), p.wx_bias, p.bn_x)
     psi, psi_b = _psi(p, acc)
-    batch_stats = uses_batch_stats(p.bn_psi, training)
+    batch_stats = uses_batch_stats(p.bn_psi)
     if p.bn_psi is not None and not batch_stats:
         psi, psi_b = p.bn_psi.fold(psi, psi_b)
     q = kernels.logits(theta, G, weight, bias, psi.reshape(cint), psi_b.reshape(1))
     # batch statistics: the BN normalises q in x's dtype, as it would the ψ conv's output
-    alpha = torch.sigmoid(batch_norm(q.to(x.dtype), p.bn_psi, training) if batch_stats else q)
+    alpha = torch.sigmoid(batch_norm(q.to(x.dtype), p.bn_psi) if batch_stats else q)
     if double_sigmoid:
         alpha = torch.sigmoid(alpha)
     if alpha.shape[2:] != x.shape[2:]:
@@ -409,7 +416,7 @@ def _fused_grid_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams,
     if p.out_weight is None:
         out = x * alpha.to(x.dtype)
     else:
-        out = _output_transform(kernels, x, alpha.to(acc).contiguous(), p, training)
+        out = _output_transform(kernels, x, alpha.to(acc).contiguous(), p)
     return (out, alpha.to(x.dtype)) if return_alpha else out
 
 
@@ -419,26 +426,25 @@ def _psi(p: GateParams, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
     return psi, p.psi_bias.to(acc) if p.psi_bias is not None else psi.new_zeros(1)
 
 
-def fused_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, training: bool, mode: str,
-               double_sigmoid: bool, return_alpha: bool) -> Result:
+def fused_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, mode: str, double_sigmoid: bool,
+               return_alpha: bool) -> Result:
     """The gate on a fused backend (arguments as ``ops.attention_gate``'s backends)."""
     if mode == "grid":
-        return _fused_grid_gate(kernels, x, g, p, training=training, double_sigmoid=double_sigmoid,
-                                return_alpha=return_alpha)
+        return _fused_grid_gate(kernels, x, g, p, double_sigmoid=double_sigmoid, return_alpha=return_alpha)
     acc = _acc(x.dtype)
     cint, cx = p.wx_weight.shape[0], x.shape[1]
 
-    # 1. the coarse branch with ordinary ops (BN folded in eval, batch statistics in training)
-    G = conv_batch_norm(g, p.wg_weight, p.wg_bias, p.bn_g, training).to(acc).contiguous()
+    # 1. the coarse branch with ordinary ops (BN folded in eval, batch statistics in training: per BN)
+    G = conv_batch_norm(g, p.wg_weight, p.wg_bias, p.bn_g).to(acc).contiguous()
 
     # 2. the x branch's BN folded into W_x, with running or batch statistics
-    weight, bias = _normalised_x_branch(x, p.wx_weight.reshape(cint, cx).to(acc), p.wx_bias, p.bn_x, training)
+    weight, bias = _normalised_x_branch(x, p.wx_weight.reshape(cint, cx).to(acc), p.wx_bias, p.bn_x)
     psi, psi_b = _psi(p, acc)
 
     # 3. the fused pass
-    if uses_batch_stats(p.bn_psi, training):
+    if uses_batch_stats(p.bn_psi):
         q = kernels.logits(x, G, weight, bias, psi.reshape(cint), psi_b)
-        alpha = torch.sigmoid(batch_norm(q.to(x.dtype), p.bn_psi, training))
+        alpha = torch.sigmoid(batch_norm(q.to(x.dtype), p.bn_psi))
         if double_sigmoid:
             alpha = torch.sigmoid(alpha)
         out = x * alpha
@@ -447,7 +453,7 @@ def fused_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, tr
             psi, psi_b = p.bn_psi.fold(psi, psi_b)
         out, alpha = kernels.forward(x, G, weight, bias, psi.reshape(cint), psi_b.reshape(1), double_sigmoid)
     if p.out_weight is not None:
-        out = conv_batch_norm(out, p.out_weight, p.out_bias, p.bn_out, training)
+        out = conv_batch_norm(out, p.out_weight, p.out_bias, p.bn_out)
     return (out, alpha) if return_alpha else out
 
 

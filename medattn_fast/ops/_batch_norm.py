@@ -14,6 +14,11 @@ Every function here behaves exactly like ``nn.BatchNorm{1,2,3}d`` (and ``nn.Sync
 * a ``SyncBatchNorm`` (``process_group`` set) takes its training-mode moments over every rank of
   its group: one all_reduce of the per-channel sums forward, one of their gradients backward (also
   on CPU with gloo, where ``nn.SyncBatchNorm`` itself refuses to run).
+
+Which of these a BN does is its own ``training`` flag (:attr:`BatchNormParams.training`), never
+the flag of the module around it: a fine-tuned network whose BatchNorms were put back in
+``eval()`` inside a ``train()`` model keeps its running statistics frozen, as the unfused
+modules do.
 """
 from __future__ import annotations
 
@@ -48,7 +53,9 @@ class BatchNormParams(NamedTuple):
     None (``track_running_stats=False``), updated in place in training mode;
     ``num_batches_tracked`` 0-dim int64 or None, incremented in place in training mode;
     ``process_group``: None (statistics of this process's batch), or the ``torch.distributed``
-    group across which training-mode batch statistics are synchronised (a ``SyncBatchNorm``).
+    group across which training-mode batch statistics are synchronised (a ``SyncBatchNorm``);
+    ``training``: this BN's own mode (``nn.Module.training``: batch statistics and the running-stat
+    update), or None to take the mode the op is called with (``attention_gate(training=...)``).
     """
 
     weight: Optional[Tensor]
@@ -59,6 +66,7 @@ class BatchNormParams(NamedTuple):
     momentum: Optional[float] = 0.1
     eps: float = 1e-5
     process_group: Optional[object] = None
+    training: Optional[bool] = None
 
     @classmethod
     def from_module(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> "BatchNormParams":
@@ -66,9 +74,19 @@ class BatchNormParams(NamedTuple):
 
         A ``torch.nn.SyncBatchNorm`` inside an initialised process group of more than one rank
         gives ``process_group`` (its own group, or the default one), as SyncBatchNorm itself
-        decides: training-mode batch statistics are then reduced across that group."""
+        decides: training-mode batch statistics are then reduced across that group. ``training``
+        is the module's own flag, whatever the flag of the module that holds it."""
         return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                   bn.momentum, bn.eps, _sync_group(bn))
+                   bn.momentum, bn.eps, _sync_group(bn), bn.training)
+
+    def in_mode(self, training: bool) -> "BatchNormParams":
+        """This BN with its mode decided: its own ``training`` flag when it has one, else ``training``."""
+        return self if self.training is not None else self._replace(training=bool(training))
+
+    @property
+    def uses_batch_stats(self) -> bool:
+        """It normalises with this batch's statistics: training mode, or no running statistics."""
+        return bool(self.training) or self.running_mean is None
 
     def tensors(self) -> List[Tensor]:
         return [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
@@ -93,14 +111,15 @@ class BatchNormParams(NamedTuple):
         return (weight.to(acc) * scale.view(view)).to(weight.dtype), shift.to(weight.dtype)
 
 
-def uses_batch_stats(bn: Optional[BatchNormParams], training: bool) -> bool:
-    """The BN normalises with this batch's statistics (training, or no running statistics)."""
-    return bn is not None and (training or bn.running_mean is None)
+def uses_batch_stats(bn: Optional[BatchNormParams]) -> bool:
+    """There is a BN and it normalises with this batch's statistics."""
+    return bn is not None and bn.uses_batch_stats
 
 
-def foldable(bn: Optional[BatchNormParams], training: bool) -> bool:
-    """The BN is an affine map of running statistics here, so it folds into the conv before it."""
-    return bn is not None and not uses_batch_stats(bn, training)
+def foldable(bn: Optional[BatchNormParams]) -> bool:
+    """There is a BN and it is an affine map of its running statistics, so it folds into the conv
+    before it."""
+    return bn is not None and not bn.uses_batch_stats
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -179,20 +198,20 @@ def _sync_batch_norm(t: Tensor, bn: BatchNormParams) -> Tensor:
     return (ta * scale.view(shape) + shift.view(shape)).to(t.dtype)
 
 
-def batch_norm(t: Tensor, bn: Optional[BatchNormParams], training: bool) -> Tensor:
-    """``nn.BatchNorm{2,3}d.forward`` on ``t``, including the in-place buffer updates
-    (``SyncBatchNorm``'s, with batch moments over its process group, when ``bn.process_group``)."""
+def batch_norm(t: Tensor, bn: Optional[BatchNormParams]) -> Tensor:
+    """``nn.BatchNorm{2,3}d.forward`` on ``t`` in the BN's own mode, including the in-place buffer
+    updates (``SyncBatchNorm``'s, with batch moments over its process group, when ``bn.process_group``)."""
     if bn is None:
         return t
-    if training and bn.process_group is not None:
+    if bn.training and bn.process_group is not None:
         return _sync_batch_norm(t, bn)
     tracks = bn.running_mean is not None
     factor = 0.0 if bn.momentum is None else bn.momentum
-    if training and tracks and bn.num_batches_tracked is not None:
+    if bn.training and tracks and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, uses_batch_stats(bn, training),
-                        factor, bn.eps)
+    return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.uses_batch_stats, factor,
+                        bn.eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,9 +245,9 @@ def pointwise_conv(t: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Se
 
 
 def conv_batch_norm(t: Tensor, weight: Tensor, bias: Optional[Tensor], bn: Optional[BatchNormParams],
-                    training: bool, stride: Sequence[int] = (1,)) -> Tensor:
+                    stride: Sequence[int] = (1,)) -> Tensor:
     """``BN(conv(t))``: one convolution with folded weights where the BN allows it."""
-    if foldable(bn, training):
+    if foldable(bn):
         weight, bias = bn.fold(weight, bias)
         return pointwise_conv(t, weight, bias, stride)
-    return batch_norm(pointwise_conv(t, weight, bias, stride), bn, training)
+    return batch_norm(pointwise_conv(t, weight, bias, stride), bn)

@@ -40,8 +40,9 @@ Backends:
 
 Fused kernels (``cpp``, ``cuda``, ``triton``; both modes) live in ``_attention_gate_<backend>.py``
 and share one plan (``_attention_gate_fused.fused_gate``); ``medattn_fast.ops`` registers them on
-``_op``. Every backend receives the same validated arguments: ``(x, g, params: GateParams, *,
-training, mode, double_sigmoid, return_alpha)``. The BatchNorm maths is ``_batch_norm``'s.
+``_op``. Every backend receives the same validated arguments: ``(x, g, params: GateParams, *, mode,
+double_sigmoid, return_alpha)``, each BN of ``params`` in its own mode (``BatchNormParams.training``:
+the BatchNorm module's own flag, never the gate module's). The BatchNorm maths is ``_batch_norm``'s.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ import torch
 from .. import backend as B
 from . import _validate as V
 from ._attention_gate_fused import GateParams, Result, kernel_size, upsample
-from ._batch_norm import BatchNormParams, batch_norm, conv, conv_batch_norm
+from ._batch_norm import BatchNormParams, batch_norm, conv, conv_batch_norm, uses_batch_stats
 
 __all__ = ["BatchNormParams", "GateParams", "attention_gate", "MODES"]
 
@@ -63,7 +64,7 @@ MODES = ("additive", "grid")
 Tensor = torch.Tensor
 
 
-def _measured_auto_order(x, g, params, *, training=False, **_options):
+def _measured_auto_order(x, g, params, **_options):
     """``auto``'s order for one call: torch before cpp for a CPU training step with batch statistics.
 
     Measured on the project's 2-core CPU (bench/results/*attention_gate__acceptance-gate*, providers
@@ -72,9 +73,9 @@ def _measured_auto_order(x, g, params, *, training=False, **_options):
     and AttentionUNet's training step is 1.40x the reference on torch against 1.26x with the cpp
     gate; the cpp gate wins everywhere else (eval, inference, training forward without gradients).
     """
-    if not isinstance(x, Tensor) or x.device.type != "cpu" or not training or not torch.is_grad_enabled():
+    if not isinstance(x, Tensor) or x.device.type != "cpu" or not torch.is_grad_enabled():
         return None
-    batch_stats = any(bn is not None for bn in (params.bn_x, params.bn_g, params.bn_psi))
+    batch_stats = any(uses_batch_stats(bn) for bn in (params.bn_x, params.bn_g, params.bn_psi))
     wants_grad = any(t.requires_grad for t in (x, g, *params.tensors()))
     return ("torch", "cpp") if batch_stats and wants_grad else None
 
@@ -88,21 +89,20 @@ _op = B.op(OP, auto_order=_measured_auto_order)
 # ---------------------------------------------------------------------------------------------
 
 @_op.register("reference")
-def _reference(x: Tensor, g: Tensor, p: GateParams, *, training: bool, mode: str, double_sigmoid: bool,
-               return_alpha: bool) -> Result:
+def _reference(x: Tensor, g: Tensor, p: GateParams, *, mode: str, double_sigmoid: bool, return_alpha: bool) -> Result:
     stride = kernel_size(p.wx_weight, x.dim() - 2)
-    theta = batch_norm(conv(x, p.wx_weight, p.wx_bias, stride), p.bn_x, training)
-    phi = batch_norm(conv(g, p.wg_weight, p.wg_bias), p.bn_g, training)
+    theta = batch_norm(conv(x, p.wx_weight, p.wx_bias, stride), p.bn_x)
+    phi = batch_norm(conv(g, p.wg_weight, p.wg_bias), p.bn_g)
     phi = upsample(phi, theta.shape[2:])  # called unconditionally, as the seeds do
     f = torch.relu(theta + phi)
-    alpha = torch.sigmoid(batch_norm(conv(f, p.psi_weight, p.psi_bias), p.bn_psi, training))
+    alpha = torch.sigmoid(batch_norm(conv(f, p.psi_weight, p.psi_bias), p.bn_psi))
     if double_sigmoid:
         alpha = torch.sigmoid(alpha)
     if mode == "grid":
         alpha = upsample(alpha, x.shape[2:])
     out = alpha * x
     if p.out_weight is not None:
-        out = batch_norm(conv(out, p.out_weight, p.out_bias), p.bn_out, training)
+        out = batch_norm(conv(out, p.out_weight, p.out_bias), p.bn_out)
     return (out, alpha) if return_alpha else out
 
 
@@ -111,27 +111,26 @@ def _reference(x: Tensor, g: Tensor, p: GateParams, *, training: bool, mode: str
 # ---------------------------------------------------------------------------------------------
 
 @_op.register("torch")
-def _torch(x: Tensor, g: Tensor, p: GateParams, *, training: bool, mode: str, double_sigmoid: bool,
-           return_alpha: bool) -> Result:
+def _torch(x: Tensor, g: Tensor, p: GateParams, *, mode: str, double_sigmoid: bool, return_alpha: bool) -> Result:
     stride = kernel_size(p.wx_weight, x.dim() - 2)
-    a = conv_batch_norm(x, p.wx_weight, p.wx_bias, p.bn_x, training, stride)
+    a = conv_batch_norm(x, p.wx_weight, p.wx_bias, p.bn_x, stride)
     # The g branch is projected at its own (coarse) resolution: the 1×1 conv and the BN are
     # per-pixel affine maps, so they commute with interpolation only in eval — hence the original
     # order (project, normalise, then interpolate) is kept in both modes.
-    phi = conv_batch_norm(g, p.wg_weight, p.wg_bias, p.bn_g, training)
+    phi = conv_batch_norm(g, p.wg_weight, p.wg_bias, p.bn_g)
     if phi.shape[2:] != a.shape[2:]:
         phi = upsample(phi, a.shape[2:])
     # ``a`` is a fresh conv / batch-norm output that no backward formula needs: sum and ReLU can
     # overwrite it (ReLU's backward uses its own output, which is what stays in ``a``).
     a = a.add_(phi).relu_()
-    alpha = torch.sigmoid(conv_batch_norm(a, p.psi_weight, p.psi_bias, p.bn_psi, training))
+    alpha = torch.sigmoid(conv_batch_norm(a, p.psi_weight, p.psi_bias, p.bn_psi))
     if double_sigmoid:
         alpha = torch.sigmoid(alpha)
     if alpha.shape[2:] != x.shape[2:]:
         alpha = upsample(alpha, x.shape[2:])
     out = x * alpha
     if p.out_weight is not None:
-        out = conv_batch_norm(out, p.out_weight, p.out_bias, p.bn_out, training)
+        out = conv_batch_norm(out, p.out_weight, p.out_bias, p.bn_out)
     return (out, alpha) if return_alpha else out
 
 
@@ -165,6 +164,8 @@ def _check_bn(name: str, bn, channels: int, what: str) -> None:
                          f"running_var={'None' if bn.running_var is None else 'a tensor'}")
     if not (isinstance(bn.eps, (int, float)) and bn.eps > 0):
         raise ValueError(f"{OP}: argument '{name}.eps' must be a positive number, got {bn.eps!r}")
+    if bn.training not in (None, True, False):
+        raise TypeError(f"{OP}: argument '{name}.training' must be a bool or None, got {bn.training!r}")
 
 
 def _check(x, g, p: GateParams, *, training, mode, double_sigmoid, return_alpha) -> None:
@@ -223,14 +224,13 @@ def _check(x, g, p: GateParams, *, training, mode, double_sigmoid, return_alpha)
                 tensors[f"{bn_name}.{field}"] = getattr(bn, field)
     V.same_device_dtype(OP, **tensors)
 
-    if training:
-        # nn.BatchNorm refuses to normalise a channel from a single value; say which BN would see one
-        counts = (("bn_x", bn_x, batch * math.prod(grid)), ("bn_g", bn_g, batch * math.prod(g.shape[2:])),
-                  ("bn_psi", bn_psi, batch * math.prod(grid)), ("bn_out", bn_out, batch * math.prod(size)))
-        for name, bn, count in counts:
-            if bn is not None and count == 1:
-                raise ValueError(f"{OP}: training-mode '{name}' needs more than one value per channel "
-                                 f"(B * prod(spatial) > 1), got x {tuple(x.shape)} and g {tuple(g.shape)}")
+    # nn.BatchNorm refuses to normalise a channel from a single value; say which BN would see one
+    counts = (("bn_x", bn_x, batch * math.prod(grid)), ("bn_g", bn_g, batch * math.prod(g.shape[2:])),
+              ("bn_psi", bn_psi, batch * math.prod(grid)), ("bn_out", bn_out, batch * math.prod(size)))
+    for name, bn, count in counts:
+        if bn is not None and bn.in_mode(training).uses_batch_stats and count == 1:
+            raise ValueError(f"{OP}: training-mode '{name}' needs more than one value per channel "
+                             f"(B * prod(spatial) > 1), got x {tuple(x.shape)} and g {tuple(g.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +265,10 @@ def attention_gate(x: Tensor, g: Tensor, wx_weight: Tensor, wx_bias: Optional[Te
         bn_x, bn_g, bn_psi: :class:`BatchNormParams` of the BN after each conv, or None for none.
         out_weight, out_bias, bn_out: optional output transform ``BN_out(W_out·out)``,
             (Cx, Cx, 1...), (Cx,) (Oktay's ``W``).
-        training: BN uses batch statistics and updates the running ones in place (as
-            ``nn.BatchNorm`` in ``train()``); otherwise running statistics.
+        training: the mode of every BN given without its own (``BatchNormParams.training`` is
+            None): batch statistics and the in-place running-stat update (as ``nn.BatchNorm`` in
+            ``train()``), otherwise running statistics. A BN's own flag always wins
+            (``BatchNormParams.from_module`` reads it), as each unfused BatchNorm follows its own.
         mode: ``"additive"`` (α at x's resolution) or ``"grid"`` (α on the strided grid, then
             upsampled to S).
         double_sigmoid: apply the sigmoid twice (the quirk of a widely copied Attention U-Net implementation).
@@ -281,8 +283,7 @@ def attention_gate(x: Tensor, g: Tensor, wx_weight: Tensor, wx_bias: Optional[Te
         any computation; :class:`medattn_fast.BackendUnavailable` for a forced backend that
         cannot run the call.
     """
-    options = dict(training=bool(training), mode=mode, double_sigmoid=bool(double_sigmoid),
-                   return_alpha=bool(return_alpha))
+    options = dict(mode=mode, double_sigmoid=bool(double_sigmoid), return_alpha=bool(return_alpha))
     in_dtype = x.dtype if isinstance(x, Tensor) else None
     if _low_precision_activations(x, g, wx_weight):
         # Under AMP autocast the convolutions around the gate hand it float16/bfloat16 features
@@ -291,7 +292,9 @@ def attention_gate(x: Tensor, g: Tensor, wx_weight: Tensor, wx_bias: Optional[Te
         x, g = x.float(), g.float()
     params = GateParams(wx_weight, wx_bias, wg_weight, wg_bias, psi_weight, psi_bias, bn_x, bn_g, bn_psi,
                         out_weight, out_bias, bn_out)
-    _check(x, g, params, **options)
+    _check(x, g, params, training=training, **options)
+    # every BN in its own mode from here on (a BatchNormParams without one takes ``training``)
+    params = params.in_mode(training)
     result = _op(x, g, params, backend=backend, **options)
     if in_dtype is not None and x.dtype != in_dtype:
         result = tuple(r.to(in_dtype) for r in result) if isinstance(result, tuple) else result.to(in_dtype)
