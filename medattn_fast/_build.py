@@ -199,6 +199,26 @@ def load(kind: str, family: str) -> ModuleType:
     return _modules[(kind, family)]
 
 
+@torch.compiler.assume_constant_result   # asked by dispatch inside traced code, like unavailable_reason
+def known_reason(kind: str, family: str) -> Optional[str]:
+    """Why the extension of ``family`` cannot be used, as far as is known without building or
+    warning: an earlier attempt's failure, a fact of this machine (no kernel of that kind, a torch
+    without CUDA) or ``MEDATTN_NO_BUILD=1``. None: loaded, or not tried yet (a problem of the
+    installation, such as missing sources or ninja, is found and warned about by the first attempt,
+    :func:`unavailable_reason`)."""
+    key = (kind, family)
+    if key in _modules:
+        return None
+    if key in _failures:
+        return _failures[key]
+    blocker = _blocker(kind, family)
+    if blocker and blocker[1] is None:
+        return blocker[0]
+    if os.environ.get("MEDATTN_NO_BUILD", "0") not in ("", "0"):
+        return "building csrc is disabled (MEDATTN_NO_BUILD=1)"
+    return None
+
+
 # Dispatch asks this inside code that torch.compile traces: evaluated once at trace time (it builds
 # the extension on a first call, under locks dynamo cannot trace) and kept in the graph as a constant.
 @torch.compiler.assume_constant_result

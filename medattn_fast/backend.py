@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 log = logging.getLogger("medattn_fast")
 
@@ -99,27 +98,6 @@ def portable() -> Iterator[None]:
         _ctx_portable.reset(token)
 
 
-def statically_true(condition) -> bool:
-    """A test on sizes that never fixes them: ``condition`` itself when it is a bool (eager); on the
-    symbolic sizes of ``torch.export`` (strict or not) / ``torch.onnx.export``, True only when it
-    holds for every size (no guard is added); on the tensor sizes of ``torch.jit.trace``, False. A shape shortcut
-    taken only when this is True leaves an exported or traced graph valid for every input size."""
-    if isinstance(condition, torch.Tensor):
-        return False
-    return statically_known_true(condition)   # a bool as is; traceable by dynamo
-
-
-def crop_grid(grid: torch.Tensor, H, W) -> torch.Tensor:
-    """grid (B, Hp, Wp, ...) -> its top-left (B, H, W, ...): a strided view on plain ints; on the
-    symbolic or traced sizes of an exported graph a gather instead, since a slice that may or may
-    not span the whole dim makes the exporter fix which one it is (the graph then only holds for
-    sizes like the example's)."""
-    if isinstance(H, int) and isinstance(W, int):
-        return grid[:, :H, :W]
-    return grid.index_select(1, torch.arange(H, device=grid.device)).index_select(
-        2, torch.arange(W, device=grid.device))
-
-
 @torch.compiler.assume_constant_result  # read once at trace time, like get_backend
 def exporting_portable() -> bool:
     """True while ``torch.onnx.export`` runs or inside :func:`portable`."""
@@ -127,11 +105,21 @@ def exporting_portable() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# capability predicates: each returns a list of reasons the backend cannot run (empty: it can)
+# capability predicates: each returns a list of reasons the backend cannot run (empty: it can).
+# They answer without building anything: a csrc extension is built when its backend first runs
+# (Op.choose), and a failed build is then one of the reasons.
 # --------------------------------------------------------------------------------------------
 
 def _tensors(args: Sequence) -> List[torch.Tensor]:
-    return [a for a in args if isinstance(a, torch.Tensor)]
+    """The tensors among ``args``, looking into tuples and lists (a named bundle of weights such as
+    the gate's ``GateParams``)."""
+    out: List[torch.Tensor] = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (tuple, list)):
+            out.extend(_tensors(a))
+    return out
 
 
 def triton_interpret() -> bool:
@@ -169,27 +157,31 @@ def triton_reasons(*tensors: torch.Tensor) -> List[str]:
     return sorted(set(reasons))
 
 
-def _extension_reasons(kind: str, family: str, device_type: str, tensors) -> List[str]:
+# the csrc kind each C++ backend's kernels come from (csrc/<kind>/<family>.*)
+EXTENSION_KIND = {"cpp": "cpu", "cuda": "cuda"}
+
+
+def _extension_reasons(backend: str, family: str, tensors) -> List[str]:
+    kind = EXTENSION_KIND[backend]
+    device_type = "cpu" if kind == "cpu" else "cuda"
     for t in _tensors(tensors):
         if t.device.type != device_type:
-            name = "cpp" if kind == "cpu" else "cuda"
-            return [f"the {name} backend runs on {device_type.upper()} tensors, got device {t.device}"]
+            return [f"the {backend} backend runs on {device_type.upper()} tensors, got device {t.device}"]
     from . import _build
 
-    reason = _build.unavailable_reason(kind, family)
+    reason = _build.known_reason(kind, family)
     return [reason] if reason else []
 
 
 def cpp_reasons(*tensors: torch.Tensor, family: str) -> List[str]:
-    """Why the C++ CPU kernels of ``family`` cannot run on these tensors ([] when they can).
-
-    Builds the family's extension on first use."""
-    return _extension_reasons("cpu", family, "cpu", tensors)
+    """Why the C++ CPU kernels of ``family`` cannot run on these tensors ([] when they can, as far
+    as is known without building: an earlier failed build is a reason)."""
+    return _extension_reasons("cpp", family, tensors)
 
 
 def cuda_reasons(*tensors: torch.Tensor, family: str) -> List[str]:
-    """Why the CUDA C++ kernels of ``family`` cannot run on these tensors ([] when they can)."""
-    return _extension_reasons("cuda", family, "cuda", tensors)
+    """Why the CUDA C++ kernels of ``family`` cannot run on these tensors (as :func:`cpp_reasons`)."""
+    return _extension_reasons("cuda", family, tensors)
 
 
 def cpp_predicate(family: str) -> Callable[..., List[str]]:
@@ -206,6 +198,39 @@ def always(*_args, **_kwargs) -> List[str]:
     return []
 
 
+def device_predicate(backend: str, family: str) -> Callable[..., List[str]]:
+    """A backend's reasons from its device and dtypes alone, over every tensor of the call: the
+    predicate a backend gets unless it registers its own."""
+    if backend == "triton":
+        return lambda *args, **kwargs: triton_reasons(*args, *kwargs.values())
+    if backend in EXTENSION_KIND:
+        return lambda *args, **kwargs: _extension_reasons(backend, family, (*args, *kwargs.values()))
+    return always
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A size past which a fused backend's kernels cannot run a call, declared once (in the table of
+    op families, ``medattn_fast.ops._families``): dispatch asks it, ``medattn-fast info`` prints it.
+
+    ``size(*args, **kwargs)`` reads the call's value from the dispatcher's arguments; ``maximum``
+    is the largest the kernels take (their own constant, tested against it); ``why`` says what holds
+    the value (registers, a grid axis ...)."""
+
+    backend: str
+    what: str
+    maximum: int
+    why: str
+    size: Callable[..., int]
+
+    def reasons(self, *args, **kwargs) -> List[str]:
+        value = self.size(*args, **kwargs)
+        return [] if value <= self.maximum else [f"{self.why}: {self.what} <= {self.maximum}, got {value}"]
+
+    def describe(self) -> str:
+        return f"{self.what} <= {self.maximum} ({self.why})"
+
+
 # --------------------------------------------------------------------------------------------
 # per-op dispatch
 # --------------------------------------------------------------------------------------------
@@ -218,13 +243,18 @@ class _Impl:
 
 @dataclass
 class Op:
-    """One op family's backends. ``auto_cpu``/``auto_cuda``: preference order for ``auto``.
+    """One op's backends, configured by its row in the table of op families
+    (``medattn_fast.ops._families``).
 
-    ``auto_order(*args, **kw)``, when set, may return a different order for one call (or None for
-    the default): for a call where a measurement showed the default order's first choice slower.
-    ``export_backend``: the backend every call runs while exporting (:func:`exporting_portable`),
-    whatever backend is in force: plain ATen ops only, no Python loop over a count that depends
-    on the input's shape (it would bake the example's sizes into the graph).
+    ``auto_cpu``/``auto_cuda``: preference order for ``auto``. ``auto_order(*args, **kw)``, when
+    set, may return another order for one call (or None for the default): the family's hook for a
+    choice by measurement. ``export_backend``: the backend every call runs while exporting
+    (:func:`exporting_portable`), whatever backend is in force: plain ATen ops only, no Python loop
+    over a count that depends on the input's shape (it would bake the example's sizes into the
+    graph). ``limits``: :class:`Limit`-like objects (``backend``, ``reasons(*args, **kw)``,
+    ``describe()``) added to that backend's reasons. ``family``: where the kernels live
+    (``csrc/<kind>/<family>.*``); the ``cpp``/``cuda`` extension is built when that backend first
+    runs a call, in :meth:`choose` — never by a predicate.
     """
 
     name: str
@@ -233,10 +263,15 @@ class Op:
     impls: Dict[str, _Impl] = field(default_factory=dict)
     auto_order: Optional[Callable[..., Optional[Sequence[str]]]] = None
     export_backend: str = "torch"
+    family: str = ""
+    limits: Sequence = ()
 
-    def register(self, backend: str, reasons: Callable[..., List[str]] = always):
-        """Decorator: ``fn`` implements this op on ``backend``; ``reasons(*args, **kw)`` says why not."""
+    def register(self, backend: str, reasons: Optional[Callable[..., List[str]]] = None):
+        """Decorator: ``fn`` implements this op on ``backend``; ``reasons(*args, **kw)`` says why not
+        (default: :func:`device_predicate`, the backend's device and dtype reasons)."""
         _check_name(backend)
+        if reasons is None:
+            reasons = device_predicate(backend, self.family or self.name)
 
         def deco(fn: Callable) -> Callable:
             self.impls[backend] = _Impl(fn, reasons)
@@ -245,16 +280,32 @@ class Op:
         return deco
 
     def why_not(self, backend: str, *args, **kwargs) -> List[str]:
+        """The reasons ``backend`` cannot run this call ([] when it can); builds nothing."""
         impl = self.impls.get(backend)
         if impl is None:
             return [f"{self.name} has no {backend} implementation"]
-        return list(impl.reasons(*args, **kwargs))
+        reasons = list(impl.reasons(*args, **kwargs))
+        for limit in self.limits:
+            if limit.backend == backend:
+                reasons += limit.reasons(*args, **kwargs)
+        return reasons
 
     def available(self, *args, **kwargs) -> Dict[str, List[str]]:
         """Every backend of this op -> the reasons it cannot run this call ([] when it can)."""
         return {b: self.why_not(b, *args, **kwargs) for b in BACKENDS[1:]}
 
+    def _prepare(self, backend: str) -> Optional[str]:
+        """Makes ``backend`` ready to run (builds its csrc extension on its first call); None, or
+        why it cannot (a failed build warns once, see ``_build``)."""
+        kind = EXTENSION_KIND.get(backend)
+        if kind is None or not self.family:
+            return None
+        from . import _build
+
+        return _build.unavailable_reason(kind, self.family)
+
     def choose(self, *args, backend: Optional[str] = None, **kwargs) -> str:
+        """The backend that runs this call, made ready to run (see :meth:`_prepare`)."""
         backend = _check_name(backend) if backend is not None else get_backend()
         if exporting_portable():
             if backend not in ("auto", self.export_backend):
@@ -262,9 +313,10 @@ class Op:
             return self.export_backend
         if backend != "auto":
             reasons = self.why_not(backend, *args, **kwargs)
-            if reasons:
+            failed = None if reasons else self._prepare(backend)
+            if reasons or failed:
                 raise BackendUnavailable(
-                    f"{self.name}: backend {backend!r} cannot run this call: " + "; ".join(reasons)
+                    f"{self.name}: backend {backend!r} cannot run this call: " + "; ".join(reasons or [failed])
                 )
             return backend
         tensors = _tensors(args) + _tensors(kwargs.values())
@@ -281,6 +333,9 @@ class Op:
                 continue
             reasons = self.why_not(name, *args, **kwargs)
             if not reasons:
+                failed = self._prepare(name)
+                reasons = [failed] if failed else []
+            if not reasons:
                 return name
             log.debug("%s: auto skips %s: %s", self.name, name, "; ".join(reasons))
             tried.append(f"{name}: " + "; ".join(reasons))
@@ -289,6 +344,14 @@ class Op:
     def __call__(self, *args, backend: Optional[str] = None, **kwargs):
         name = self.choose(*args, backend=backend, **kwargs)
         return self.impls[name].fn(*args, **kwargs)
+
+    def describe(self) -> Dict[str, object]:
+        """This op's row as ``medattn-fast info`` prints it."""
+        hook = (self.auto_order.__doc__ or self.auto_order.__name__).strip().splitlines()[0] if self.auto_order else None
+        return {"family": self.family, "backends": [b for b in BACKENDS[1:] if b in self.impls],
+                "auto on CPU": list(self.auto_cpu), "auto on CUDA": list(self.auto_cuda), "per-call order": hook,
+                "export": self.export_backend,
+                "limits": [f"{limit.backend}: {limit.describe()}" for limit in self.limits]}
 
 
 def autocast_entry(cast: bool = True):
@@ -347,7 +410,9 @@ def registered_ops() -> Dict[str, Op]:
 # --------------------------------------------------------------------------------------------
 
 def info(build: bool = False) -> Dict[str, object]:
-    """Versions, device, and which backends are available (with the reasons they are not).
+    """Versions, device, which backends are available (with the reasons they are not), and every
+    op's row of the table of families (``ops``: its backends, ``auto``'s orders, export backend,
+    limits).
 
     ``build=False`` reports a csrc extension that was never built as "not built yet" instead of
     building it (a build takes tens of seconds).
@@ -380,4 +445,5 @@ def info(build: bool = False) -> Dict[str, object]:
         backends[name] = reason or "available (" + ", ".join(_build.families(kind)) + ")"
     out["backends"] = backends
     out["build_dir"] = str(_build.build_dir())
+    out["ops"] = {name: op.describe() for name, op in sorted(_OPS.items())}
     return out

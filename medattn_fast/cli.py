@@ -14,12 +14,20 @@ def _info(args) -> int:
     data = info(build=args.build)
     width = max(len(k) for k in data)
     for key, value in data.items():
-        if key == "backends":
+        if key in ("backends", "ops"):
             continue
         print(f"{key:<{width}}  {value}")
     print("backends:")
     for name, status in data["backends"].items():
         print(f"  {name:<10} {status}")
+    print("ops (family, backends, auto order on CPU / CUDA, export backend, limits):")
+    for name, row in data["ops"].items():
+        print(f"  {name:<28} {row['family']}: {', '.join(row['backends'])}; auto CPU {' > '.join(row['auto on CPU'])}, "
+              f"CUDA {' > '.join(row['auto on CUDA'])}; export {row['export']}")
+        if row["per-call order"]:
+            print(f"  {'':<28} per-call order: {row['per-call order']}")
+        for limit in row["limits"]:
+            print(f"  {'':<28} limit {limit}")
     return 0
 
 

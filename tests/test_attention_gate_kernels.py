@@ -224,7 +224,7 @@ def test_auto_prefers_cpp_on_cpu():
 
 
 def test_auto_takes_torch_for_a_cpu_training_step():
-    """The measured preference (ops.attention_gate._measured_auto_order): a CPU training step with
+    """The measured preference (the gate's per-call order hook in ops/_families.py): a CPU training step with
     batch-statistics BN goes to torch; the same call without gradients, or in eval, to cpp."""
     block = make_block(2, 4, 3, 2, training=True)
     x = torch.randn(1, 4, 5, 5, dtype=F64, requires_grad=True)

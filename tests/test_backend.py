@@ -111,7 +111,7 @@ def test_cpp_and_cuda_reasons_name_the_device():
     meta = torch.empty(2, device="meta")
     assert "runs on CPU tensors" in B.cpp_reasons(meta, family="gaussian_axial")[0]
     assert "runs on CUDA tensors" in B.cuda_reasons(torch.randn(2), family="gaussian_axial")[0]
-    assert "no cpu kernel for nonexistent" in B.cpp_reasons(torch.randn(2), family="nonexistent")[0]
+    assert "no cpu kernel for nonexistent" in B.cpp_reasons(torch.randn(2), family="nonexistent")[0]   # a fact: no build
 
 
 def test_info_lists_backends_with_reasons():

@@ -52,23 +52,63 @@ def test_failed_build_warns_once_and_auto_falls_back(monkeypatch):
         raise RuntimeError("error: expected ';' before '}' token")
 
     monkeypatch.setattr(_build, "_build", broken)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        r1 = B.cpp_reasons(torch.randn(2), family="gaussian_axial")
-        r2 = B.cpp_reasons(torch.randn(2), family="gaussian_axial")
-    assert len([w for w in caught if "building the cpu extension of gaussian_axial failed" in str(w.message)]) == 1
-    assert r1 == r2 and "expected ';'" in r1[0]
-    with pytest.raises(RuntimeError, match="failed to build"):
-        _build.load("cpu", "gaussian_axial")
-    # auto falls back to the torch backend; a forced cpp call says why it cannot run
     import medattn_fast.functional as MF
     from medattn_fast.backend import registered_ops
 
     q, k, v = (torch.randn(1, 3, 4, 2, dtype=torch.float64) for _ in range(3))
     shift = torch.tensor(0.5, dtype=torch.float64)
-    assert registered_ops()["gaussian_axial"].choose(q, k, v, shift) == "torch"
+    op = registered_ops()["gaussian_axial"]
+    # asking builds nothing: before the backend first runs, nothing is known against it
+    assert B.cpp_reasons(q, family="gaussian_axial") == [] and op.why_not("cpp", q, k, v, shift) == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = MF.gaussian_axial_attention(q, k, v, shift)   # auto: cpp first, its build fails, torch runs
+        assert op.choose(q, k, v, shift) == "torch"
+    torch.testing.assert_close(out, MF.gaussian_axial_attention(q, k, v, shift, backend="torch"))
+    assert len([w for w in caught if "building the cpu extension of gaussian_axial failed" in str(w.message)]) == 1
+    # the failure is now a reason, asked without building again
+    r1, r2 = B.cpp_reasons(q, family="gaussian_axial"), op.why_not("cpp", q, k, v, shift)
+    assert r1 == r2 and "expected ';'" in r1[0]
+    with pytest.raises(RuntimeError, match="failed to build"):
+        _build.load("cpu", "gaussian_axial")
+    # a forced cpp call says why it cannot run
     with pytest.raises(B.BackendUnavailable, match="expected ';'"):
         MF.gaussian_axial_attention(q, k, v, shift, backend="cpp")
+
+
+def test_a_forced_backend_whose_first_build_fails_raises_the_build_reason(monkeypatch):
+    monkeypatch.setattr(_build, "_modules", {})
+    monkeypatch.setattr(_build, "_failures", {})
+    monkeypatch.setattr(_build, "_warned", set())
+    monkeypatch.setattr(_build, "_build", lambda kind, family: (_ for _ in ()).throw(RuntimeError("ld: cannot find")))
+    import medattn_fast.functional as MF
+
+    x = torch.randn(1, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(B.BackendUnavailable, match="backend 'cpp' cannot run this call: .*ld: cannot find"):
+            MF.channel_attention(x, backend="cpp")
+
+
+def test_predicates_build_nothing(monkeypatch):
+    """Asking any backend of any op why it cannot run a call (what ``info``, ``verify`` and ``auto``
+    do) never compiles an extension: building happens when a backend first runs."""
+    monkeypatch.setattr(_build, "_modules", {})
+    monkeypatch.setattr(_build, "_failures", {})
+    built = []
+    monkeypatch.setattr(_build, "_build", lambda kind, family: built.append((kind, family)))
+    import medattn_fast.functional  # noqa: F401  (registers every op)
+
+    q = torch.randn(1, 5, 3)
+    for name, op in B.registered_ops().items():
+        for backend in ("cpp", "cuda"):
+            if backend in op.impls:
+                assert op.impls[backend].reasons(q, q, q) == ([] if backend == "cpp" else [
+                    "the cuda backend runs on CUDA tensors, got device cpu"]), name
+    x = torch.randn(1, 3, 4, 4)
+    assert B.registered_ops()["channel_attention"].available(x, negate=True, gamma=None, residual=None,
+                                                              multiply=None)["cpp"] == []
+    assert built == []
 
 
 def test_no_build_switch(monkeypatch):

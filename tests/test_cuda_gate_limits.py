@@ -8,11 +8,12 @@ import torch
 
 import medattn_fast.functional as MF
 from medattn_fast.backend import BackendUnavailable
-from medattn_fast.ops._attention_gate_cuda import cuda_shared_memory_reasons
+from medattn_fast.ops._families import GateSharedMemory
 from medattn_fast.reference.attention_gate import AttentionBlock
 from _tolerance import gpu_device
 
 HOPPER_OPTIN = 232448   # bytes of shared memory a block may opt into on sm_90 (227 KiB)
+cuda_shared_memory_reasons = GateSharedMemory().shared_memory_reasons   # the table of families' limit
 
 
 def _need(cx, ci, tiles, elem=4, p=32):

@@ -185,7 +185,7 @@ def test_triton_reasons_name_the_limits():
     scores_op = medattn_fast.backend.op("gaussian_axial_from_scores")
     shift = torch.tensor(0.5)
     long = torch.randn(1, 2, 129, 3)
-    message = "H and W must be <= 128, got H=2, W=129"
+    message = "H and W <= 128, got 129"
     assert any(message in r for r in qkv_op.why_not("triton", long, long, long, shift, bias=None))
     ax, ay = torch.randn(1, 2, 129, 129), torch.randn(1, 129, 2, 2)
     assert any(message in r for r in scores_op.why_not("triton", ax, ay, long, shift, bias=None))

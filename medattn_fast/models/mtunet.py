@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backend import statically_true
+from .._shapes import statically_true
 from ..nn.mtunet import PAD_MODES, MixedTransformerBlock
 from ._parts import check_positive_int, state_dict_misfit
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as MF
-from ..backend import crop_grid, statically_true
+from .._shapes import crop_grid, statically_true
 from ..functional import WINDOW_LAYOUTS as LAYOUTS
 from ..functional import WINDOW_PAD_MODES as PAD_MODES
 

@@ -21,4 +21,4 @@ KERNELS = fused.define_custom_ops("cpp", _kernels)
 
 def register(op: B.Op) -> None:
     """Adds the ``cpp`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("cpp", reasons=B.cpp_predicate("attention_gate"))(fused.fused_backend(KERNELS))
+    op.register("cpp")(fused.fused_backend(KERNELS))

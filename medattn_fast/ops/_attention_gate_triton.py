@@ -19,10 +19,6 @@ def _kernels():
 KERNELS = fused.define_custom_ops("triton", _kernels)
 
 
-def _triton_reasons(x, g, params: fused.GateParams, **_options):
-    return B.triton_reasons(x, g, *params.tensors())
-
-
 def register(op: B.Op) -> None:
     """Adds the ``triton`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("triton", reasons=_triton_reasons)(fused.fused_backend(KERNELS))
+    op.register("triton")(fused.fused_backend(KERNELS))

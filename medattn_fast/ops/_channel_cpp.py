@@ -107,4 +107,4 @@ def _cpp(x, *, negate, gamma, residual, multiply):
 
 def register(op: B.Op) -> None:
     """Adds the ``cpp`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("cpp", reasons=B.cpp_predicate("channel"))(_cpp)
+    op.register("cpp")(_cpp)

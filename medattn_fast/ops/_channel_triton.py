@@ -93,10 +93,6 @@ def _backward(ctx, grad_out, _grad_o, _grad_attention):
 channel_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_reasons(x, *, negate, gamma, residual, multiply):
-    return B.triton_reasons(x, gamma, residual, multiply)
-
-
 def _triton(x, *, negate, gamma, residual, multiply):
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gamma, residual, multiply))
@@ -106,4 +102,4 @@ def _triton(x, *, negate, gamma, residual, multiply):
 
 def register(op: B.Op) -> None:
     """Adds the ``triton`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("triton", reasons=_triton_reasons)(_triton)
+    op.register("triton")(_triton)

@@ -29,12 +29,6 @@ from torch import Tensor
 from .. import backend as B
 
 
-# triton_kernels.external's limits, repeated so that no triton import is needed here
-_MAX_HEAD_DIM = 128
-_MAX_SLOTS = 128
-_MAX_GRID_AXIS = 65535
-
-
 def _kernels():
     from ..triton_kernels import external as kernels   # imported on first use: triton is optional
 
@@ -93,23 +87,6 @@ def _backward(ctx, grad_y, _grad_lse):
 external_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_reasons(x, query_weight, query_bias, key_memory, key_bias, value_memory, value_bias, proj_weight,
-                    proj_bias, *, num_heads):
-    reasons = B.triton_reasons(x, query_weight, query_bias, key_memory, key_bias, value_memory, value_bias,
-                               proj_weight, proj_bias)
-    slots, d = key_memory.shape
-    if d > _MAX_HEAD_DIM:
-        reasons.append(f"the Triton external kernels hold a head's memories in registers: head dim <= "
-                       f"{_MAX_HEAD_DIM}, got {d}")
-    if slots > _MAX_SLOTS:
-        reasons.append(f"the Triton external kernels hold a head's memories in registers: memory slots <= "
-                       f"{_MAX_SLOTS}, got {slots}")
-    if x.shape[0] * num_heads > _MAX_GRID_AXIS:
-        reasons.append(f"the Triton external kernels put batch·heads on a grid axis: B·heads <= {_MAX_GRID_AXIS}, "
-                       f"got {x.shape[0] * num_heads}")
-    return reasons
-
-
 def _triton(x, query_weight, query_bias, key_memory, key_bias, value_memory, value_bias, proj_weight, proj_bias,
             *, num_heads):
     """Query GEMM, fused external attention core, output GEMM (see the module docstring)."""
@@ -124,4 +101,4 @@ def _triton(x, query_weight, query_bias, key_memory, key_bias, value_memory, val
 
 def register(op: B.Op) -> None:
     """Adds the ``triton`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("triton", reasons=_triton_reasons)(_triton)
+    op.register("triton")(_triton)

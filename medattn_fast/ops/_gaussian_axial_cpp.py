@@ -135,7 +135,6 @@ def _qkv_backward(ctx, grad_out, _grad_lse_rows, _grad_lse_cols):
 gaussian_axial_cpp_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 
 
-_cpp_reasons = B.cpp_predicate("gaussian_axial")
 
 
 # --- eager fast path ---
@@ -189,5 +188,5 @@ def _cpp_qkv(q, k, v, shift, *, bias=None):
 
 def register(op_qkv: B.Op, op_scores: B.Op) -> None:
     """Adds the ``cpp`` backend to both dispatchers of the family (called by ``medattn_fast.ops``)."""
-    op_qkv.register("cpp", reasons=_cpp_reasons)(_cpp_qkv)
-    op_scores.register("cpp", reasons=_cpp_reasons)(_cpp_scores)
+    op_qkv.register("cpp")(_cpp_qkv)
+    op_scores.register("cpp")(_cpp_scores)

@@ -30,7 +30,6 @@ from torch import Tensor
 from .. import backend as B
 from .gaussian_axial import _with_inert_bias
 
-_MAX_LINE = 128   # triton_kernels.axial.MAX_LINE, repeated so that no triton import is needed here
 
 
 def _kernels():
@@ -128,20 +127,10 @@ gaussian_axial_triton_scores_fwd.register_autograd(_scores_backward, setup_conte
 
 # --- backend registration ---
 
-def _line_reasons(height: int, width: int) -> List[str]:
-    if max(height, width) > _MAX_LINE:
-        return [f"the Triton kernels hold a whole row/column in one program: H and W must be <= {_MAX_LINE}, "
-                f"got H={height}, W={width}"]
-    return []
-
-
-def _qkv_reasons(q, k, v, shift, *, bias=None) -> List[str]:
-    # shift/bias are read as one float32 value whatever their dtype: only q, k, v constrain the call.
-    return B.triton_reasons(q, k, v) + _line_reasons(v.shape[1], v.shape[2])
-
-
-def _scores_reasons(atten_x, atten_y, v, shift, *, bias=None) -> List[str]:
-    return B.triton_reasons(atten_x, atten_y, v) + _line_reasons(v.shape[1], v.shape[2])
+def _reasons(*args, **_kwargs) -> List[str]:
+    # shift/bias are read as one float32 value whatever their dtype: only the first three tensors
+    # (q, k, v or atten_x, atten_y, v) constrain the call; the line limit is the table's
+    return B.triton_reasons(*args[:3])
 
 
 def _triton_qkv(q, k, v, shift, *, bias=None):
@@ -154,5 +143,5 @@ def _triton_scores(atten_x, atten_y, v, shift, *, bias=None):
 
 def register(op_qkv: B.Op, op_scores: B.Op) -> None:
     """Adds the ``triton`` backend to both dispatchers of the family (called by ``medattn_fast.ops``)."""
-    op_qkv.register("triton", reasons=_qkv_reasons)(_triton_qkv)
-    op_scores.register("triton", reasons=_scores_reasons)(_triton_scores)
+    op_qkv.register("triton", reasons=_reasons)(_triton_qkv)
+    op_scores.register("triton", reasons=_reasons)(_triton_scores)

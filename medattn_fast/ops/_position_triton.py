@@ -25,7 +25,6 @@ from .. import backend as B
 
 
 _EMPTY = (0,)
-_MAX_DK = 256   # triton_kernels.position.MAX_HEAD_DIM, repeated so that no triton import is needed here
 
 
 def _kernels():
@@ -106,13 +105,6 @@ def _backward(ctx, grad_out, _grad_o, _grad_lse):
 position_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_reasons(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
-    reasons = B.triton_reasons(q, k, v, gamma, residual, multiply)
-    if q.shape[2] > _MAX_DK:
-        reasons.append(f"the Triton kernels hold dk in registers: dk <= {_MAX_DK}, got {q.shape[2]}")
-    return reasons
-
-
 def _triton(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
     """Token-major views in and out (``channels_first``: the output's storage; ``chunk_size`` unused)."""
     wants_grad = torch.is_grad_enabled() and any(
@@ -124,4 +116,4 @@ def _triton(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size,
 
 def register(op: B.Op) -> None:
     """Adds the ``triton`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("triton", reasons=_triton_reasons)(_triton)
+    op.register("triton")(_triton)

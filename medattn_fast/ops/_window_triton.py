@@ -31,12 +31,6 @@ from torch import Tensor
 from .. import backend as B
 
 
-# triton_kernels.window's limits, repeated so that no triton import is needed here
-_MAX_HEAD_DIM = 128
-_MAX_WINDOW = 8
-_MAX_GRID_AXIS = 65535
-
-
 def _kernels():
     from ..triton_kernels import window as kernels   # imported on first use: triton is optional
 
@@ -96,22 +90,6 @@ def _backward(ctx, grad_o):
 window_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_reasons(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias, proj_weight,
-                    proj_bias, *, window_size, num_heads, pad_mode, layout):
-    reasons = B.triton_reasons(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias,
-                               proj_weight, proj_bias)
-    d = query_weight.shape[0] // num_heads
-    if d > _MAX_HEAD_DIM:
-        reasons.append(f"the Triton window kernels hold a head in registers: head dim <= {_MAX_HEAD_DIM}, got {d}")
-    if window_size > _MAX_WINDOW:
-        reasons.append(f"the Triton window kernels hold a window in registers: window_size <= {_MAX_WINDOW}, "
-                       f"got {window_size}")
-    if x.shape[0] > _MAX_GRID_AXIS:
-        reasons.append(f"the Triton window kernels put the batch on a grid axis: batch <= {_MAX_GRID_AXIS}, "
-                       f"got {x.shape[0]}")
-    return reasons
-
-
 def _triton(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias, proj_weight, proj_bias,
             *, window_size, num_heads, pad_mode, layout):
     """Projection GEMM, fused window attention core, output GEMM (see the module docstring)."""
@@ -128,4 +106,4 @@ def _triton(x, query_weight, query_bias, key_weight, key_bias, value_weight, val
 
 def register(op: B.Op) -> None:
     """Adds the ``triton`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("triton", reasons=_triton_reasons)(_triton)
+    op.register("triton")(_triton)

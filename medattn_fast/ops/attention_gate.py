@@ -53,8 +53,9 @@ import torch
 
 from .. import backend as B
 from . import _validate as V
+from ._families import dispatcher
 from ._attention_gate_fused import GateParams, Result, kernel_size, upsample
-from ._batch_norm import BatchNormParams, batch_norm, conv, conv_batch_norm, uses_batch_stats
+from ._batch_norm import BatchNormParams, batch_norm, conv, conv_batch_norm
 
 __all__ = ["BatchNormParams", "GateParams", "attention_gate", "MODES"]
 
@@ -64,24 +65,7 @@ MODES = ("additive", "grid")
 Tensor = torch.Tensor
 
 
-def _measured_auto_order(x, g, params, **_options):
-    """``auto``'s order for one call: torch before cpp for a CPU training step with batch statistics.
-
-    Measured on the project's 2-core CPU (bench/results/*attention_gate__acceptance-gate*, providers
-    interleaved): a training step (batch-statistics BN, forward + backward) of the 2-D gate at
-    B=2, C=64, 128² takes 36.4 ms on torch against 41.5 ms on cpp (3-D, 32³: 21.2 against 22.1 ms),
-    and AttentionUNet's training step is 1.40x the reference on torch against 1.26x with the cpp
-    gate; the cpp gate wins everywhere else (eval, inference, training forward without gradients).
-    """
-    if not isinstance(x, Tensor) or x.device.type != "cpu" or not torch.is_grad_enabled():
-        return None
-    batch_stats = any(uses_batch_stats(bn) for bn in (params.bn_x, params.bn_g, params.bn_psi))
-    wants_grad = any(t.requires_grad for t in (x, g, *params.tensors()))
-    return ("torch", "cpp") if batch_stats and wants_grad else None
-
-
-# auto order: CPU cpp -> torch (torch first for an additive training step, see above), CUDA triton -> cuda -> torch
-_op = B.op(OP, auto_order=_measured_auto_order)
+_op = dispatcher(OP)   # its row in ops/_families.py: auto orders (a measured per-call hook), limits
 
 
 # ---------------------------------------------------------------------------------------------

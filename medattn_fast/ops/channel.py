@@ -25,11 +25,12 @@ from torch import Tensor
 
 from .. import backend as B
 from . import _validate as V
+from ._families import dispatcher
 
 __all__ = ["channel_attention"]
 
 _OP = "channel_attention"
-_op = B.op(_OP)
+_op = dispatcher(_OP)   # its row in ops/_families.py: auto orders, export backend, limits
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 
 from .. import backend as B
 from . import _validate as V
+from ._families import dispatcher
 
 __all__ = ["external_attention"]
 
 _OP = "external_attention"
-_op = B.op(_OP, auto_cpu=("torch",), auto_cuda=("triton", "torch"))
+_op = dispatcher(_OP)   # its row in ops/_families.py: auto orders, export backend, limits
 
 # The original's guard against a memory slot column that sums to zero.
 SLOT_EPS = 1e-9

@@ -32,14 +32,16 @@ from torch import Tensor
 
 from .. import backend as B
 from . import _validate as V
+from ._families import dispatcher
 
 __all__ = ["gaussian_axial_attention", "gaussian_axial_from_scores"]
 
 _QKV = "gaussian_axial_attention"
 _SCORES = "gaussian_axial_from_scores"
 
-_op_qkv = B.op("gaussian_axial")
-_op_scores = B.op("gaussian_axial_from_scores")
+# their row in ops/_families.py: auto orders, export backend, limits
+_op_qkv = dispatcher("gaussian_axial")
+_op_scores = dispatcher("gaussian_axial_from_scores")
 
 
 # ---------------------------------------------------------------------------------------------

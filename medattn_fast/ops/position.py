@@ -32,12 +32,12 @@ from torch import Tensor
 
 from .. import backend as B
 from . import _validate as V
+from ._families import dispatcher
 
 __all__ = ["position_attention", "default_chunk_size"]
 
 _OP = "position_attention"
-# Exporting runs the reference: one (B, Nq, Nk) softmax, no chunk loop whose count depends on N.
-_op = B.op(_OP, export_backend="reference")
+_op = dispatcher(_OP)   # its row in ops/_families.py: auto orders, export backend, limits
 
 # Budget, in elements, of one (B, chunk, Nk) score block of the torch backend: 4 Mi elements
 # (16 MiB in float32). Backward holds about three such blocks at once.

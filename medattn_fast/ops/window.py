@@ -41,12 +41,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as B
+from .._shapes import crop_grid, statically_true
 from . import _validate as V
+from ._families import dispatcher
 
 __all__ = ["window_attention", "PAD_MODES", "LAYOUTS", "padded_size"]
 
 _OP = "window_attention"
-_op = B.op(_OP, auto_cpu=("torch",), auto_cuda=("triton", "torch"))
+_op = dispatcher(_OP)   # its row in ops/_families.py: auto orders, export backend, limits
 
 PAD_MODES = ("mtunet", "mask")
 LAYOUTS = ("grid", "padded", "windows")
@@ -58,10 +60,10 @@ def padded_size(n: int, window_size: int) -> int:
     return (n + window_size - 1) // window_size * window_size
 
 
-# The size tests below go through ``known`` (backend.statically_true): the plain test in eager
+# The size tests below go through ``known`` (_shapes.statically_true): the plain test in eager
 # mode; in an exported or traced graph the general path (pad by a size that may be 0), valid for
 # every input size instead of the example's.
-known = B.statically_true
+known = statically_true
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +127,7 @@ def _to_layout(windows: torch.Tensor, layout: str, H: int, W: int, ws: int) -> t
     grid = (windows.view(Bn, nH, nW, ws, ws, Co)
             .permute(0, 1, 3, 2, 4, 5)
             .reshape(Bn, nH * ws, nW * ws, Co))
-    return grid if layout == "padded" else B.crop_grid(grid, H, W)
+    return grid if layout == "padded" else crop_grid(grid, H, W)
 
 
 def _padded_source(n: int, pad: int, device) -> torch.Tensor:

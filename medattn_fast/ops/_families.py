@@ -1,0 +1,165 @@
+"""The table of op families: one row each, read by dispatch and printed by ``medattn-fast info``.
+
+A row names the family (the name of every file it has: ``ops/<family>.py``,
+``ops/_<family>_<backend>.py``, ``csrc/<kind>/<family>.*``, ``triton_kernels/<family>.py``), the
+dispatchers it defines (``backend.registered_ops()`` keys), its fused backends (each
+``ops/_<family>_<backend>.py`` with a ``register(*dispatchers)`` that ``medattn_fast.ops`` calls),
+``auto``'s order per device, the backend every call runs while exporting, the hook that may
+reorder ``auto`` for one call (today one measured preference of the gate; a measured autotune
+plugs in there), and the sizes past which a backend's kernels cannot run a call, as data
+(:class:`medattn_fast.backend.Limit`), so no predicate repeats a kernel's constant by hand
+(``tests/test_families.py`` checks every number against the kernel's own).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import backend as B
+
+__all__ = ["FAMILIES", "Family", "GateSharedMemory", "dispatcher", "family_of"]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    dispatchers: Tuple[str, ...]
+    backends: Tuple[str, ...]
+    auto_cpu: Tuple[str, ...] = ("cpp", "torch")
+    auto_cuda: Tuple[str, ...] = ("triton", "torch")
+    export_backend: str = "torch"
+    auto_order: Optional[Callable[..., Optional[Sequence[str]]]] = None
+    limits: Tuple = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# per-family pieces the rows name
+# ---------------------------------------------------------------------------------------------
+
+def _gate_training_step_order(x, g, params, **_options) -> Optional[Sequence[str]]:
+    """torch before cpp for a CPU training step with batch-statistics BatchNorms (measured).
+
+    The gate's ``auto`` order for one call (a measured preference, to be replaced by a measured
+    autotune through the same hook).
+
+    Measured on the project's 2-core CPU (bench/results/*attention_gate__acceptance-gate*, providers
+    interleaved): a training step (batch-statistics BN, forward + backward) of the 2-D gate at
+    B=2, C=64, 128² takes 36.4 ms on torch against 41.5 ms on cpp (3-D, 32³: 21.2 against 22.1 ms),
+    and AttentionUNet's training step is 1.40x the reference on torch against 1.26x with the cpp
+    gate; the cpp gate wins everywhere else (eval, inference, training forward without gradients).
+    """
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or not torch.is_grad_enabled():
+        return None
+    batch_stats = any(bn is not None and bn.uses_batch_stats for bn in (params.bn_x, params.bn_g, params.bn_psi))
+    wants_grad = any(t.requires_grad for t in (x, g, *params.tensors()))
+    return ("torch", "cpp") if batch_stats and wants_grad else None
+
+
+@dataclass(frozen=True)
+class GateSharedMemory:
+    """The CUDA gate's shared memory per block (``csrc/cuda/attention_gate.cu``, ``pick_block``):
+    per block of P >= ``min_positions`` positions it stages the x tile (Cx × P; two tiles in the
+    backward), W_x (Ci × Cx) and a (Ci + 1) × P buffer, and grid mode's output pass the x and output
+    tiles ((Cx + Co) × P), all in the accumulation dtype (8 bytes for float64, else 4). Past the
+    device's opt-in shared memory per block (227 KiB on Hopper: Cx = 512, Ci = 256 in float32 does
+    not fit) ``auto`` takes another backend and a forced ``cuda`` call says why, before any launch."""
+
+    backend: str = "cuda"
+    min_positions: int = 32
+
+    def needs(self, x: torch.Tensor, wx_weight: torch.Tensor, *, mode: str, out_weight: Optional[torch.Tensor],
+              backward: bool) -> List[Tuple[str, int]]:
+        elem = 8 if x.dtype == torch.float64 else 4
+        p, tiles = self.min_positions, 2 if backward else 1
+        cx, ci = x.shape[1], wx_weight.shape[0]
+        if mode == "grid":
+            cx = ci   # the logits pass runs on θ·x with W_x = I (Ci × Ci)
+        needs = [("gate pass", elem * (tiles * cx * p + ci * cx + (ci + 1) * p))]
+        if mode == "grid" and out_weight is not None:
+            needs.append(("output transform", elem * (x.shape[1] + out_weight.shape[0]) * p))
+        return needs
+
+    def shared_memory_reasons(self, x: torch.Tensor, wx_weight: torch.Tensor, *, mode: str,
+                              out_weight: Optional[torch.Tensor], backward: bool,
+                              limit: Optional[int] = None) -> List[str]:
+        """Why the tiles of this call do not fit ([] when they do). ``limit``: opt-in shared memory
+        per block in bytes (default: x's CUDA device's; a CPU tensor is left to the device check)."""
+        if limit is None:
+            if x.device.type != "cuda":
+                return []
+            props = torch.cuda.get_device_properties(x.device)
+            limit = int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+        return [f"the cuda gate's {what} needs {need} B of shared memory per block at {self.min_positions} "
+                f"positions (Cx = {x.shape[1]}, Ci = {wx_weight.shape[0]}, {x.dtype}"
+                f"{', backward' if backward else ''}), over this device's {limit} B"
+                for what, need in self.needs(x, wx_weight, mode=mode, out_weight=out_weight, backward=backward)
+                if need > limit]
+
+    def reasons(self, x, g, params, *, mode, **_options) -> List[str]:
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, g, *params.tensors()))
+        return self.shared_memory_reasons(x, params.wx_weight, mode=mode, out_weight=params.out_weight,
+                                          backward=backward)
+
+    def describe(self) -> str:
+        return (f"shared memory per block <= the device's opt-in (x tile, W_x and a (Ci+1)-row buffer at "
+                f">= {self.min_positions} positions)")
+
+
+def _gate_pass_channels(x, g, params, *, mode, **_options) -> int:
+    return params.wx_weight.shape[0] if mode == "grid" else x.shape[1]
+
+
+def _axial_line(*args, **_kwargs) -> int:
+    v = args[2]   # (q, k, v, shift) and (atten_x, atten_y, v, shift): v (B, H, W, D)
+    return max(v.shape[1], v.shape[2])
+
+
+_IN_REGISTERS = "the Triton {} kernels hold {} in registers"
+
+FAMILIES: Tuple[Family, ...] = (
+    Family("position", ("position_attention",), ("cpp", "triton"),
+           # exporting runs the reference: one (B, Nq, Nk) softmax, no chunk loop whose count depends on N
+           export_backend="reference",
+           limits=(B.Limit("triton", "dk", 256, "the Triton kernels hold dk in registers",
+                           lambda q, k, v, **_: q.shape[2]),)),
+    Family("channel", ("channel_attention",), ("cpp", "triton")),
+    Family("gaussian_axial", ("gaussian_axial", "gaussian_axial_from_scores"), ("cpp", "triton"),
+           limits=(B.Limit("triton", "H and W", 128, "the Triton kernels hold a whole row/column in one program",
+                           _axial_line),)),
+    Family("window", ("window_attention",), ("triton",), auto_cpu=("torch",),
+           limits=(B.Limit("triton", "head dim", 128, _IN_REGISTERS.format("window", "a head"),
+                           lambda x, query_weight, *a, num_heads, **_: query_weight.shape[0] // num_heads),
+                   B.Limit("triton", "window_size", 8, _IN_REGISTERS.format("window", "a window"),
+                           lambda *a, window_size, **_: window_size),
+                   B.Limit("triton", "batch", 65535, "the Triton window kernels put the batch on a grid axis",
+                           lambda x, *a, **_: x.shape[0]))),
+    Family("external", ("external_attention",), ("triton",), auto_cpu=("torch",),
+           limits=(B.Limit("triton", "head dim", 128, _IN_REGISTERS.format("external", "a head's memories"),
+                           lambda x, qw, qb, key_memory, *a, **_: key_memory.shape[1]),
+                   B.Limit("triton", "memory slots", 128, _IN_REGISTERS.format("external", "a head's memories"),
+                           lambda x, qw, qb, key_memory, *a, **_: key_memory.shape[0]),
+                   B.Limit("triton", "B·heads", 65535, "the Triton external kernels put batch·heads on a grid axis",
+                           lambda x, *a, num_heads, **_: x.shape[0] * num_heads))),
+    Family("attention_gate", ("attention_gate",), ("cpp", "cuda", "triton"),
+           auto_cuda=("triton", "cuda", "torch"), auto_order=_gate_training_step_order,
+           limits=(B.Limit("triton", "channels of the gate pass (Cx; C_int in grid mode)", 1024,
+                           "the Triton gate holds a tile of every channel in registers", _gate_pass_channels),
+                   GateSharedMemory())),
+)
+
+
+def family_of(name: str) -> Family:
+    """The row of the family that defines dispatcher ``name``."""
+    for family in FAMILIES:
+        if name in family.dispatchers:
+            return family
+    raise KeyError(f"no op family defines the dispatcher {name!r}")
+
+
+def dispatcher(name: str) -> B.Op:
+    """The dispatcher ``name``, configured by its family's row (created on first use)."""
+    family = family_of(name)
+    return B.op(name, family=family.name, auto_cpu=family.auto_cpu, auto_cuda=family.auto_cuda,
+                export_backend=family.export_backend, auto_order=family.auto_order, limits=family.limits)
