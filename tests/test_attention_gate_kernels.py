@@ -338,7 +338,7 @@ def test_triton_interpreter_channels_last_batch_one_single_channel():
 @pytest.mark.parametrize("block_p", [16, 32, 64])
 def test_triton_block_size_sweep_matches_cpp(block_p):
     """The launch functions with explicit positions-per-program against the cpp kernels."""
-    import medattn_fast.triton_kernels.gate as TG
+    import medattn_fast.triton_kernels.attention_gate as TG
     from medattn_fast import _build
 
     ext = _build.load("cpu", "attention_gate")
@@ -456,7 +456,7 @@ def test_triton_interpreter_grid_matches_reference(geometry, training):
 @pytest.mark.parametrize("block_p", [16, 64])
 def test_triton_project_sweep_matches_cpp(block_p):
     """The output pass with more channels than one 64-channel block (two K and two output blocks)."""
-    import medattn_fast.triton_kernels.gate as TG
+    import medattn_fast.triton_kernels.attention_gate as TG
     from medattn_fast import _build
 
     ext = _build.load("cpu", "attention_gate")

@@ -27,6 +27,21 @@ def test_every_dispatcher_is_configured_by_its_row():
         assert set(op.impls) == {"reference", "torch", *family.backends}, name
 
 
+def test_one_name_per_family_from_module_to_kernel_file():
+    """``ops/<family>.py``, ``ops/_<family>_<backend>.py`` and the kernels
+    (``csrc/cpu/<family>.cpp``, ``csrc/cuda/<family>.cu``, ``triton_kernels/<family>.py``) all carry
+    the family's name; the custom ops are ``medattn::<family>_<backend>_...``."""
+    for family in FAMILIES:
+        assert (ROOT / "medattn_fast" / "ops" / f"{family.name}.py").is_file()
+        for backend in family.backends:
+            assert (ROOT / "medattn_fast" / "ops" / f"_{family.name}_{backend}.py").is_file()
+            kernels = {"cpp": f"csrc/cpu/{family.name}.cpp", "cuda": f"csrc/cuda/{family.name}.cu",
+                       "triton": f"triton_kernels/{family.name}.py"}[backend]
+            assert (ROOT / kernels).is_file(), kernels
+            ops = [n for n in dir(torch.ops.medattn) if n.startswith(f"{family.name}_{backend}_")]
+            assert ops, (family.name, backend)
+
+
 def _limit(family: str, what: str):
     return next(limit for limit in family_of_name(family).limits if getattr(limit, "what", None) == what)
 
@@ -37,8 +52,8 @@ def family_of_name(name: str):
 
 def test_the_limits_are_the_kernels_own():
     """A kernel's constant changes its row's limit with it (this test fails until both agree)."""
-    from medattn_fast.triton_kernels import axial as gaussian_axial
-    from medattn_fast.triton_kernels import external, gate, position, window
+    from medattn_fast.triton_kernels import attention_gate as gate
+    from medattn_fast.triton_kernels import external, gaussian_axial, position, window
 
     assert _limit("position", "dk").maximum == position.MAX_HEAD_DIM
     assert _limit("window", "head dim").maximum == window.MAX_HEAD_DIM

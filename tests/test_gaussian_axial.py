@@ -236,14 +236,14 @@ def test_gradcheck_cpp(shape):
 def _opcheck_samples():
     ax, ay, v = _scores_inputs(2, 3, 4, 5)
     q, k, _ = _qkv_inputs(2, 3, 4, 5)
-    shift, bias = _scalars()
+    shift, _bias = _scalars()
     cot = torch.randn(2, 3, 4, 5, dtype=F64)
-    _, lse_rows, lse_cols = GC.gaussian_axial_cpp_qkv_fwd(q.detach(), k.detach(), v.detach(), shift.detach(), None)
+    _, lse_rows, lse_cols = GC.gaussian_axial_cpp_qkv_fwd(q.detach(), k.detach(), v.detach(), shift.detach())
     d = lambda *ts: tuple(t.detach() for t in ts)  # noqa: E731
     return {
-        "scores": (GC.gaussian_axial_cpp_scores_fwd, (ax, ay, v, shift, bias)),
+        "scores": (GC.gaussian_axial_cpp_scores_fwd, (ax, ay, v, shift)),
         "scores_backward": (GC.gaussian_axial_cpp_scores_bwd, (cot,) + d(ax, ay, v, shift)),
-        "qkv": (GC.gaussian_axial_cpp_qkv_fwd, (q, k, v, shift, None)),
+        "qkv": (GC.gaussian_axial_cpp_qkv_fwd, (q, k, v, shift)),
         "qkv_backward": (GC.gaussian_axial_cpp_qkv_bwd, (cot,) + d(q, k, v, shift, lse_rows, lse_cols)),
     }
 
@@ -407,14 +407,13 @@ def test_cpp_eager_path_equals_the_custom_op_bit_for_bit(entry):
     else:
         inputs = [torch.randn(B, H, W, D) for _ in range(3)]
         eager, op = GC._QkvEager.apply, lambda *a: GC.gaussian_axial_cpp_qkv_fwd(*a)[0]
-    shift, bias = torch.tensor([0.4]), torch.tensor([-0.2])
+    shift = torch.tensor([0.4])
     cot = torch.randn(B, H, W, D)
     results = []
     for fn in (eager, op):
-        leaves = [t.clone().requires_grad_() for t in inputs + [shift, bias]]
+        leaves = [t.clone().requires_grad_() for t in inputs + [shift]]
         out = fn(*leaves)
         out.backward(cot)
         results.append([out.detach()] + [t.grad for t in leaves])
     for a, b in zip(*results):
         assert torch.equal(a, b)
-    assert torch.equal(results[0][-1], torch.zeros(1))  # the bias gradient is exactly zero

@@ -111,3 +111,39 @@ def test_models_are_built_on_nn_only():
     assert len(models) > 3
     forbidden = {m: sorted(t for t in graph[m] if t.split(".")[1] in ("compat", "reference")) for m in models}
     assert not {m: t for m, t in forbidden.items() if t}, forbidden
+
+
+def upward_imports_in_ops(graph: Dict[str, Set[str]]) -> Dict[str, List[str]]:
+    """Private modules of ``medattn_fast.ops`` (each ``_<family>_<backend>.py``, and the pieces they
+    share: ``_<family>_fused``, ``_batch_norm``, ``_custom_op``, ``_families`` ...) that import a public
+    family module (``ops/<family>.py``). Backends import down only and are never called back from
+    the family module: -> the public modules they import."""
+    prefix = "medattn_fast.ops."
+    leaves = {m[len(prefix):] for m in graph if m.startswith(prefix)}
+    public = {leaf for leaf in leaves if not leaf.startswith("_")}
+    found = {}
+    for module, targets in graph.items():
+        if module.startswith(prefix) and module[len(prefix):].startswith("_"):
+            up = sorted(t for t in targets if t.startswith(prefix) and t[len(prefix):] in public)
+            if up:
+                found[module] = up
+    return found
+
+
+def test_backend_files_import_down_only():
+    graph = import_graph()
+    backends = [m for m in graph if m.startswith("medattn_fast.ops._") and m.rsplit("_", 1)[-1] in
+                ("cpp", "cuda", "triton")]
+    assert len(backends) >= 11, backends
+    found = upward_imports_in_ops(graph)
+    assert not found, f"private ops modules importing a public family module: {found}"
+
+
+def test_the_checker_finds_a_backend_importing_its_family():
+    graph = {"medattn_fast.ops.position": {"medattn_fast.ops._custom_op"},
+             "medattn_fast.ops._custom_op": set(),
+             "medattn_fast.ops._position_cpp": {"medattn_fast.ops._custom_op", "medattn_fast.ops.position"},
+             "medattn_fast.ops": {"medattn_fast.ops.position", "medattn_fast.ops._position_cpp"}}
+    assert upward_imports_in_ops(graph) == {"medattn_fast.ops._position_cpp": ["medattn_fast.ops.position"]}
+    del graph["medattn_fast.ops._position_cpp"]
+    assert upward_imports_in_ops(graph) == {}

@@ -157,12 +157,16 @@ def test_triton_reasons_on_cpu_float64():
 def test_opcheck_forward_and_backward_ops():
     x = _x((1, 5, 3, 4), torch.float32, torch.device("cpu"))
     gamma = torch.randn(1, requires_grad=True)
-    fwd_args = (x, gamma, x, None, True, True)
-    torch.library.opcheck(channel_triton_fwd, fwd_args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    out, o, attention = channel_triton_fwd(x.detach(), gamma.detach(), x.detach(), None, True, True)
-    bwd_args = (torch.randn_like(out), x.detach(), o, attention, gamma.detach(), None, True, False)
-    torch.library.opcheck(channel_triton_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    residual = torch.randn_like(x, requires_grad=True)
+    # the family's contract (the cpp ops' schema): a separate residual, or the residual is x itself
+    for residual_arg, residual_is_x in ((residual, False), (None, True)):
+        fwd_args = (x, gamma, residual_arg, None, True, True, residual_is_x)
+        torch.library.opcheck(channel_triton_fwd, fwd_args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+        out, o, attention = channel_triton_fwd(x.detach(), gamma.detach(), None if residual_arg is None else
+                                               residual_arg.detach(), None, True, True, residual_is_x)
+        bwd_args = (torch.randn_like(out), x.detach(), o, attention, gamma.detach(), None, True, False, residual_is_x)
+        torch.library.opcheck(channel_triton_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compiles_fullgraph_without_recompiles():

@@ -1,4 +1,4 @@
-"""Gaussian axial attention, ``triton`` backend (triton_kernels/axial.py): forward and every gradient
+"""Gaussian axial attention, ``triton`` backend (triton_kernels/gaussian_axial.py): forward and every gradient
 (q, k, v or atten_x, atten_y, v; shift; bias, exactly zero) against the float64 reference loop, under
 the Triton interpreter on CPU (fp32, bf16) and on CUDA (``-m gpu``, also fp16 and MT-UNet's shapes).
 
@@ -17,7 +17,7 @@ import torch
 
 import medattn_fast
 import medattn_fast.functional as MF
-import medattn_fast.triton_kernels.axial as triton_axial
+import medattn_fast.triton_kernels.gaussian_axial as triton_axial
 from medattn_fast.ops._gaussian_axial_triton import (
     gaussian_axial_triton_qkv_bwd,
     gaussian_axial_triton_qkv_fwd,

@@ -1,24 +1,9 @@
-r"""The ``cpp`` backend of the attention gate: the custom ops ``medattn::attention_gate_cpp_*`` around
-``csrc/cpu/attention_gate.cpp``, declared by :func:`medattn_fast.ops._attention_gate_fused.define_custom_ops` (which lists them);
-the plan around the kernels is :func:`medattn_fast.ops._attention_gate_fused.fused_gate`.
-"""
-from __future__ import annotations
-
-from .. import backend as B
+r"""The ``cpp`` backend of the attention gate: ``csrc/cpu/attention_gate.cpp`` (ATen ``parallel_for``
+over blocks of positions, float32 accumulation, float64 kept) behind the five custom ops
+``medattn::attention_gate_cpp_*`` that :func:`._attention_gate_fused.define_custom_ops` declares and
+:func:`._attention_gate_fused.fused_gate` runs."""
 from . import _attention_gate_fused as fused
+from ._custom_op import extension
 
-__all__ = ["KERNELS", "register"]
-
-
-def _kernels():
-    from .. import _build
-
-    return _build.load("cpu", "attention_gate")   # built on first use
-
-
-KERNELS = fused.define_custom_ops("cpp", _kernels)
-
-
-def register(op: B.Op) -> None:
-    """Adds the ``cpp`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("cpp")(fused.fused_backend(KERNELS))
+KERNELS = fused.define_custom_ops("cpp", extension("cpu", "attention_gate"))
+register = fused.registrar("cpp", KERNELS)   # called by medattn_fast.ops with the family's dispatcher

@@ -1,24 +1,12 @@
-r"""The ``cuda`` backend of the attention gate: the custom ops ``medattn::attention_gate_cuda_*`` around
-``csrc/cuda/attention_gate.cu``, declared by :func:`medattn_fast.ops._attention_gate_fused.define_custom_ops` (which lists them);
-the plan around the kernels is :func:`medattn_fast.ops._attention_gate_fused.fused_gate`.
+r"""The ``cuda`` backend: ``csrc/cuda/attention_gate.cu``, whose blocks stage x, W_x and a
+(Ci + 1)-row buffer in shared memory — past what a block can hold the table's ``GateSharedMemory``
+limit (``ops/_families.py``) sends ``auto`` elsewhere. Its custom ops, ``medattn::attention_gate_cuda_*``,
+and the plan around them are the ones every fused gate backend shares (``_attention_gate_fused``).
 """
-from __future__ import annotations
-
-from .. import backend as B
 from . import _attention_gate_fused as fused
+from ._custom_op import extension
 
-__all__ = ["KERNELS", "register"]
+KERNELS = fused.define_custom_ops("cuda", extension("cuda", "attention_gate"))
 
-
-def _kernels():
-    from .. import _build
-
-    return _build.load("cuda", "attention_gate")   # built on first use
-
-
-KERNELS = fused.define_custom_ops("cuda", _kernels)
-
-
-def register(op: B.Op) -> None:
-    """Adds the ``cuda`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("cuda")(fused.fused_backend(KERNELS))
+# medattn_fast.ops calls this with the family's dispatcher
+register = fused.registrar("cuda", KERNELS)

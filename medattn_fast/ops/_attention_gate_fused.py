@@ -2,7 +2,7 @@ r"""The plan every fused backend of the attention gate (``cpp``, ``cuda``, ``tri
 gate's parameter bundle (:class:`GateParams`) and the custom-op factory (:func:`define_custom_ops`).
 
 Every fused backend (``ops/_attention_gate_<backend>.py``) runs the same plan; only the three kernels differ (``csrc/cpu/attention_gate.cpp``,
-``triton_kernels/gate.py``, ``csrc/cuda/attention_gate.cu``). With x (B, Cx, *S), g (B, Cg, *Sg):
+``triton_kernels/attention_gate.py``, ``csrc/cuda/attention_gate.cu``). With x (B, Cx, *S), g (B, Cg, *Sg):
 
 1. **Coarse branch** (ordinary ops, it is small): ``G = BN_g(W_g·g + b_g)`` (B, Ci, *Sg), with BN
    folded into the conv in eval mode and ``F.batch_norm`` (batch statistics, running-stat update)
@@ -61,9 +61,9 @@ import torch.nn.functional as F
 
 from ._batch_norm import (BatchNormParams, all_reduce_sums, batch_norm, conv, conv_batch_norm, foldable,
                           update_running_stats, uses_batch_stats)
+from ._custom_op import accumulation_dtype
 
-__all__ = ["FusedKernels", "GateParams", "define_custom_ops", "fused_backend", "fused_gate", "kernel_size",
-           "upsample"]
+__all__ = ["FusedKernels", "GateParams", "define_custom_ops", "fused_gate", "kernel_size", "registrar", "upsample"]
 
 Tensor = torch.Tensor
 Result = Union[Tensor, Tuple[Tensor, Tensor]]
@@ -116,10 +116,6 @@ def upsample(t: Tensor, size: Sequence[int]) -> Tensor:
     """(bi|tri)linear interpolation of a (B, C, *S) map to ``size``, ``align_corners=False``."""
     mode = "bilinear" if t.dim() == 4 else "trilinear"
     return F.interpolate(t, size=tuple(size), mode=mode, align_corners=False)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _alpha_shape(x: Tensor) -> Tuple[int, ...]:
@@ -233,11 +229,11 @@ def _define_fake_and_autograd(k: FusedKernels) -> None:
 
     @k.logits.register_fake
     def _(x, G, weight, bias, psi, psi_bias):
-        return x.new_empty(_alpha_shape(x), dtype=_acc(x.dtype))
+        return x.new_empty(_alpha_shape(x), dtype=accumulation_dtype(x.dtype))
 
     @k.backward.register_fake
     def _(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alpha, double_sigmoid):
-        acc = _acc(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         return (torch.empty_like(x), x.new_empty(_grad_a_shape(x, G.shape[1]), dtype=acc),
                 x.new_empty((G.shape[1],), dtype=acc), x.new_empty((1,), dtype=acc))
 
@@ -393,7 +389,7 @@ def _fused_grid_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams,
                      return_alpha: bool) -> Result:
     """Oktay's grid gate: the additive gate's logits pass on the strided grid, then one fused pass
     over x for ``α⊙x`` and the output transform."""
-    acc = _acc(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     cint = p.wx_weight.shape[0]
     # θ·x: the strided k×k convolution is a GEMM over the k^d patches that shrinks x by Cx·Πk / C_int
     # (8× for Oktay's C_int = Cx/2, k = 2 in 2-D), an ordinary op; the logits kernel then runs the
@@ -431,7 +427,7 @@ def fused_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, mo
     """The gate on a fused backend (arguments as ``ops.attention_gate``'s backends)."""
     if mode == "grid":
         return _fused_grid_gate(kernels, x, g, p, double_sigmoid=double_sigmoid, return_alpha=return_alpha)
-    acc = _acc(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     cint, cx = p.wx_weight.shape[0], x.shape[1]
 
     # 1. the coarse branch with ordinary ops (BN folded in eval, batch statistics in training: per BN)
@@ -457,10 +453,14 @@ def fused_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, mo
     return (out, alpha) if return_alpha else out
 
 
-def fused_backend(kernels: FusedKernels) -> Callable:
-    """The dispatcher entry of a fused backend: :func:`fused_gate` on ``kernels``."""
+def registrar(backend: str, kernels: FusedKernels) -> Callable:
+    """The ``register(op)`` of a fused backend: adds :func:`fused_gate` on ``kernels`` to the
+    family's dispatcher as ``backend`` (reasons: its device and dtypes, and the table's limits)."""
 
     def impl(x: Tensor, g: Tensor, params: GateParams, **options) -> Result:
         return fused_gate(kernels, x, g, params, **options)
 
-    return impl
+    def register(op) -> None:
+        op.register(backend)(impl)
+
+    return register

@@ -1,24 +1,8 @@
-r"""The ``triton`` backend of the attention gate: the custom ops ``medattn::attention_gate_triton_*`` around
-``triton_kernels.gate``, declared by :func:`medattn_fast.ops._attention_gate_fused.define_custom_ops` (which lists them);
-the plan around the kernels is :func:`medattn_fast.ops._attention_gate_fused.fused_gate`.
-"""
-from __future__ import annotations
-
-from .. import backend as B
+"""Triton kernels of the gate (``triton_kernels/attention_gate.py``, a tile of every channel in registers:
+the table's limit) as the ``triton`` backend, through the shared custom-op factory and plan of
+``_attention_gate_fused``: ops ``medattn::attention_gate_triton_*``."""
 from . import _attention_gate_fused as fused
+from ._custom_op import triton_module
 
-__all__ = ["KERNELS", "register"]
-
-
-def _kernels():
-    from ..triton_kernels import gate   # imported on first use: triton is optional
-
-    return gate
-
-
-KERNELS = fused.define_custom_ops("triton", _kernels)
-
-
-def register(op: B.Op) -> None:
-    """Adds the ``triton`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("triton")(fused.fused_backend(KERNELS))
+KERNELS = fused.define_custom_ops("triton", triton_module("attention_gate"))
+register = fused.registrar("triton", KERNELS)   # called by medattn_fast.ops

@@ -22,24 +22,12 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import backend as B
+from . import _channel_fused as fused
+from ._custom_op import accumulation_dtype, empty, extension
 
 __all__ = ["channel_cpp_fwd", "channel_cpp_bwd"]
 
-
-
-def _ext():
-    from .. import _build
-
-    return _build.load("cpu", "channel")
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    return like.new_empty((0,), dtype=dtype)
+_ext = extension("cpu", "channel")
 
 
 @torch.library.custom_op("medattn::channel_cpp_fwd", mutates_args=())
@@ -55,9 +43,9 @@ def channel_cpp_fwd(x: Tensor, gamma: Optional[Tensor], residual: Optional[Tenso
 def _(x, gamma, residual, multiply, negate, save, residual_is_x):
     keep_o = save and multiply is not None
     batch, channels = x.shape[0], x.shape[1]
-    o = x.new_empty((batch, channels, math.prod(x.shape[2:]))) if keep_o else _empty(x)
-    stats = _stats_dtype(x.dtype)
-    attention = x.new_empty((batch, channels, channels), dtype=stats) if save else _empty(x, stats)
+    o = x.new_empty((batch, channels, math.prod(x.shape[2:]))) if keep_o else empty(x)
+    stats = accumulation_dtype(x.dtype)
+    attention = x.new_empty((batch, channels, channels), dtype=stats) if save else empty(x, stats)
     return x.new_empty(x.shape), o, attention
 
 
@@ -70,41 +58,5 @@ def channel_cpp_bwd(grad_out: Tensor, x: Tensor, o: Tensor, attention: Tensor, g
                                                   need_multiply_grad, residual_is_x))
 
 
-@channel_cpp_bwd.register_fake
-def _(grad_out, x, o, attention, gamma, multiply, negate, need_multiply_grad, residual_is_x):
-    return [x.new_empty(x.shape), gamma.new_empty(gamma.shape) if gamma is not None else _empty(x),
-            x.new_empty(x.shape) if (multiply is not None and need_multiply_grad) else _empty(x)]
-
-
-def _setup_context(ctx, inputs, output):
-    x, gamma, residual, multiply, negate, _save, residual_is_x = inputs
-    _out, o, attention = output
-    ctx.mark_non_differentiable(o, attention)
-    ctx.save_for_backward(x, o, attention, gamma, multiply)
-    ctx.negate, ctx.has_residual, ctx.residual_is_x = negate, residual is not None, residual_is_x
-
-
-def _backward(ctx, grad_out, _grad_o, _grad_attention):
-    x, o, attention, gamma, multiply = ctx.saved_tensors
-    need_mul = multiply is not None and ctx.needs_input_grad[3]
-    dx, d_gamma, d_mul = channel_cpp_bwd(grad_out, x, o, attention, gamma, multiply, ctx.negate, need_mul,
-                                                   ctx.residual_is_x)
-    return (dx, d_gamma if gamma is not None else None, grad_out if ctx.has_residual else None,
-            d_mul if need_mul else None, None, None, None)
-
-
-channel_cpp_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _cpp(x, *, negate, gamma, residual, multiply):
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, gamma, residual, multiply))
-    residual_is_x = residual is x
-    out, _o, _attention = channel_cpp_fwd(x, gamma, None if residual_is_x else residual, multiply,
-                                                    bool(negate), wants_grad, residual_is_x)
-    return out
-
-
-def register(op: B.Op) -> None:
-    """Adds the ``cpp`` backend to ``op``, the family's dispatcher (called by ``medattn_fast.ops``)."""
-    op.register("cpp")(_cpp)
+# completes the ops (backward's fake kernel, the autograd) and adds the dispatcher entry
+register = fused.registrar("cpp", channel_cpp_fwd, channel_cpp_bwd, output_when_no_o=False)

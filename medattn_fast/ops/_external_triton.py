@@ -27,12 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend as B
+from ._custom_op import or_empty, triton_module, wants_grad
 
-
-def _kernels():
-    from ..triton_kernels import external as kernels   # imported on first use: triton is optional
-
-    return kernels
+_kernels = triton_module("external")
 
 
 @torch.library.custom_op("medattn::external_triton_fwd", mutates_args=())
@@ -42,7 +39,7 @@ def external_triton_fwd(q: Tensor, key_memory: Tensor, key_bias: Optional[Tensor
     """y (B, N, heads·d) and the float32 column statistics lse2 (B·heads, S) (empty unless ``save``)."""
     y, lse = _kernels().external_forward(q, key_memory, value_memory, value_bias, num_heads=num_heads,
                                          save_for_backward=save)
-    return y, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
+    return y, or_empty(lse, q, torch.float32)
 
 
 @external_triton_fwd.register_fake
@@ -57,7 +54,7 @@ def external_triton_bwd(grad_y: Tensor, q: Tensor, key_memory: Tensor, value_mem
     """[dq, dM_k, dM_v, db_v (empty unless ``value_bias_grad``)]."""
     dq, dmk, dmv, dbv = _kernels().external_backward(grad_y, q, key_memory, value_memory, lse,
                                                      num_heads=num_heads, value_bias_grad=value_bias_grad)
-    return [dq, dmk, dmv, dbv if dbv is not None else q.new_empty((0,))]
+    return [dq, dmk, dmv, or_empty(dbv, q)]
 
 
 @external_triton_bwd.register_fake
@@ -91,11 +88,8 @@ def _triton(x, query_weight, query_bias, key_memory, key_bias, value_memory, val
             *, num_heads):
     """Query GEMM, fused external attention core, output GEMM (see the module docstring)."""
     q = F.linear(x, query_weight, query_bias)   # (B, N, heads·d)
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, query_weight, query_bias, key_memory, key_bias, value_memory,
-                                                    value_bias))
     y, _lse = external_triton_fwd(q, key_memory, key_bias, value_memory, value_bias, int(num_heads),
-                                            wants_grad)
+                                  wants_grad(x, query_weight, query_bias, key_memory, key_bias, value_memory, value_bias))
     return F.linear(y, proj_weight, proj_bias)
 
 

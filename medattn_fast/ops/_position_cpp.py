@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import backend as B
+from ._custom_op import accumulation_dtype, empty, extension, wants_grad
 
 __all__ = ["DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_K", "position_cpp_fwd", "position_cpp_bwd"]
 
@@ -33,21 +34,7 @@ __all__ = ["DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_K", "position_cpp_fwd", "position_c
 DEFAULT_BLOCK_Q = 64
 DEFAULT_BLOCK_K = 256
 
-_EMPTY = (0,)
-
-
-def _ext():
-    from .. import _build
-
-    return _build.load("cpu", "position")
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    return like.new_empty(_EMPTY, dtype=dtype)
+_ext = extension("cpu", "position")
 
 
 @torch.library.custom_op("medattn::position_cpp_fwd", mutates_args=())
@@ -69,9 +56,9 @@ def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save
     n_out, d_v = (k.shape[1] if transpose else n_q), v.shape[2]
     out = q.new_empty(batch, d_v, n_out).transpose(1, 2) if channels_first else q.new_empty(batch, n_out, d_v)
     has_epilogue = gamma is not None or residual is not None or multiply is not None
-    o = q.new_empty((batch, n_out, d_v)) if (save and has_epilogue) else _empty(q)
-    stats = _stats_dtype(q.dtype)
-    lse = q.new_empty((batch, n_q), dtype=stats) if save else _empty(q, stats)
+    o = q.new_empty((batch, n_out, d_v)) if (save and has_epilogue) else empty(q)
+    stats = accumulation_dtype(q.dtype)
+    lse = q.new_empty((batch, n_q), dtype=stats) if save else empty(q, stats)
     return out, o, lse
 
 
@@ -88,8 +75,8 @@ def position_cpp_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tenso
 @position_cpp_bwd.register_fake
 def _(grad_out, q, k, v, o, lse, gamma, multiply, scale, transpose, need_multiply_grad, block_q, block_k):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(gamma) if gamma is not None else _empty(q),
-            torch.empty_like(multiply) if (multiply is not None and need_multiply_grad) else _empty(q)]
+            torch.empty_like(gamma) if gamma is not None else empty(q),
+            torch.empty_like(multiply) if (multiply is not None and need_multiply_grad) else empty(q)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -120,10 +107,9 @@ position_cpp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _cpp(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
     """Token-major views in and out (``channels_first``: the output's storage); ``chunk_size`` = block_q."""
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, gamma, residual, multiply))
     out, _o, _lse = position_cpp_fwd(
-        q, k, v, gamma, residual, multiply, float(scale), bool(transpose), bool(channels_first), wants_grad,
+        q, k, v, gamma, residual, multiply, float(scale), bool(transpose), bool(channels_first),
+        wants_grad(q, k, v, gamma, residual, multiply),
         int(chunk_size or DEFAULT_BLOCK_Q), DEFAULT_BLOCK_K)
     return out
 

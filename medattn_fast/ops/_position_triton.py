@@ -22,19 +22,9 @@ import torch
 from torch import Tensor
 
 from .. import backend as B
+from ._custom_op import empty, or_empty, triton_module, wants_grad
 
-
-_EMPTY = (0,)
-
-
-def _kernels():
-    from ..triton_kernels import position as kernels   # imported on first use: triton is optional
-
-    return kernels
-
-
-def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    return like.new_empty(_EMPTY, dtype=dtype)
+_kernels = triton_module("position")
 
 
 @torch.library.custom_op("medattn::position_triton_fwd", mutates_args=())
@@ -46,8 +36,7 @@ def position_triton_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Optional[Tensor]
     out, o, lse = _kernels().position_forward(
         q, k, v, scale=scale, transpose=transpose, gamma=gamma, residual=residual, multiply=multiply,
         channels_first=channels_first, save_for_backward=save)
-    return (out, o if o is not None else _empty(q),
-            lse if lse is not None else _empty(q, torch.float32))
+    return out, or_empty(o, q), or_empty(lse, q, torch.float32)
 
 
 @position_triton_fwd.register_fake
@@ -56,8 +45,8 @@ def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save
     n_out, d_v = (k.shape[1] if transpose else n_q), v.shape[2]
     out = q.new_empty(batch, d_v, n_out).transpose(1, 2) if channels_first else q.new_empty(batch, n_out, d_v)
     has_epilogue = gamma is not None or residual is not None or multiply is not None
-    o = q.new_empty((batch, n_out, d_v), dtype=torch.float32) if (save and has_epilogue) else _empty(q)
-    lse = q.new_empty((batch, n_q), dtype=torch.float32) if save else _empty(q, torch.float32)
+    o = q.new_empty((batch, n_out, d_v), dtype=torch.float32) if (save and has_epilogue) else empty(q)
+    lse = q.new_empty((batch, n_q), dtype=torch.float32) if save else empty(q, torch.float32)
     return out, o, lse
 
 
@@ -69,15 +58,14 @@ def position_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Te
     dq, dk, dv, d_gamma, d_mul = _kernels().position_backward(
         grad_out, q, k, v, o, lse, scale=scale, transpose=transpose, gamma=gamma, multiply=multiply,
         need_multiply_grad=need_multiply_grad)
-    return [dq, dk, dv, d_gamma if d_gamma is not None else _empty(q),
-            d_mul if d_mul is not None else _empty(q)]
+    return [dq, dk, dv, or_empty(d_gamma, q), or_empty(d_mul, q)]
 
 
 @position_triton_bwd.register_fake
 def _(grad_out, q, k, v, o, lse, gamma, multiply, scale, transpose, need_multiply_grad):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(gamma) if gamma is not None else _empty(q),
-            torch.empty_like(multiply) if (multiply is not None and need_multiply_grad) else _empty(q)]
+            torch.empty_like(gamma) if gamma is not None else empty(q),
+            torch.empty_like(multiply) if (multiply is not None and need_multiply_grad) else empty(q)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -107,10 +95,8 @@ position_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _triton(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
     """Token-major views in and out (``channels_first``: the output's storage; ``chunk_size`` unused)."""
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, gamma, residual, multiply))
     out, _o, _lse = position_triton_fwd(q, k, v, gamma, residual, multiply, float(scale), bool(transpose),
-                                        bool(channels_first), wants_grad)
+                                        bool(channels_first), wants_grad(q, k, v, gamma, residual, multiply))
     return out
 
 

@@ -73,3 +73,34 @@ def scalar_param(op: str, name: str, t, *, dtype_like: Optional[torch.Tensor] = 
 def choice(op: str, name: str, value, allowed: Sequence) -> None:
     if value not in allowed:
         raise ValueError(f"{op}: argument '{name}' must be one of {tuple(allowed)}, got {value!r}")
+
+
+def positive_int(op: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{op}: argument '{name}' must be a positive int, got {value!r}")
+
+
+def head_projection(op: str, name: str, weight, channels: int, num_heads: int) -> int:
+    """``weight`` is a (heads·d, C) matrix whose rows split into ``num_heads`` heads; returns heads·d."""
+    tensor(op, name, weight, 2)
+    shape(op, name, weight, ("A", channels), names="(heads·d, C)")
+    rows = weight.shape[0]
+    if rows % num_heads != 0:
+        raise ValueError(f"{op}: argument '{name}' must have a first dim divisible by num_heads={num_heads} "
+                         f"(heads·d, C), got shape {tuple(weight.shape)}")
+    return rows
+
+
+def optional_vectors(op: str, *vectors) -> None:
+    """Each ``(name, t, length)``: ``t`` is None or a 1-D tensor of that length (a bias)."""
+    for name, t, length in vectors:
+        if t is not None:
+            tensor(op, name, t, 1)
+            shape(op, name, t, (length,))
+
+
+def head_output(op: str, name: str, weight, rows: int) -> int:
+    """``weight`` is the (Co, heads·d) output projection after the heads; returns Co."""
+    tensor(op, name, weight, 2)
+    shape(op, name, weight, ("Co", rows), names="(Co, heads·d)")
+    return weight.shape[0]

@@ -29,12 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend as B
+from ._custom_op import or_empty, triton_module
 
-
-def _kernels():
-    from ..triton_kernels import window as kernels   # imported on first use: triton is optional
-
-    return kernels
+_kernels = triton_module("window")
 
 
 def _layout_shape(batch, H, W, channels, ws, layout):
@@ -66,7 +63,7 @@ def window_triton_bwd(grad_o: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], w
     """[dqkv (B, H, W, 3A), dqkv_bias (3A,) — the zero-padded tokens' share; empty without a bias]."""
     dqkv, d_bias = _kernels().window_backward(grad_o, qkv, qkv_bias, window_size=window_size,
                                               num_heads=num_heads, pad_mode=pad_mode, layout=layout)
-    return [dqkv, d_bias if d_bias is not None else qkv.new_empty((0,))]
+    return [dqkv, or_empty(d_bias, qkv)]
 
 
 @window_triton_bwd.register_fake

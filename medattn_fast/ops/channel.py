@@ -25,26 +25,14 @@ from torch import Tensor
 
 from .. import backend as B
 from . import _validate as V
+from ._custom_op import accumulation_dtype
+from ._epilogue import epilogue
 from ._families import dispatcher
 
 __all__ = ["channel_attention"]
 
 _OP = "channel_attention"
 _op = dispatcher(_OP)   # its row in ops/_families.py: auto orders, export backend, limits
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _epilogue(o, gamma, residual, multiply):
-    if multiply is not None:
-        o = o * multiply
-    if gamma is not None:
-        o = gamma.to(o.dtype) * o
-    if residual is not None:
-        o = o + residual
-    return o
 
 
 def _check(x, negate, gamma, residual, multiply):
@@ -67,19 +55,19 @@ def _reference(x, *, negate, gamma, residual, multiply):
         energy = energy.amax(dim=-1, keepdim=True).expand_as(energy) - energy
     attention = torch.softmax(energy, dim=-1)
     o = torch.bmm(attention, feats).reshape(x.shape)
-    return _epilogue(o, gamma, residual, multiply)
+    return epilogue(o, gamma, residual, multiply)
 
 
 @_op.register("torch")
 def _torch(x, *, negate, gamma, residual, multiply):
-    dtype = _compute_dtype(x.dtype)
+    dtype = accumulation_dtype(x.dtype)
     feats = x.reshape(x.shape[0], x.shape[1], -1).to(dtype)             # (B, C, N), a view when it can be
     energy = torch.bmm(feats, feats.transpose(1, 2))                     # (B, C, C) accumulated in fp32
     attention = torch.softmax(energy.neg() if negate else energy, dim=-1)
     o = torch.bmm(attention, feats).reshape(x.shape)
     # The epilogue also runs in the compute dtype: γ·o + x is then rounded once.
     cast = (lambda t: t if t is None else t.to(dtype))
-    return _epilogue(o, gamma, cast(residual), cast(multiply)).to(x.dtype)
+    return epilogue(o, gamma, cast(residual), cast(multiply)).to(x.dtype)
 
 
 @B.autocast_entry()

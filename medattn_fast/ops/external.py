@@ -42,31 +42,19 @@ SLOT_EPS = 1e-9
 def _check(x, query_weight, query_bias, key_memory, key_bias, value_memory, value_bias, proj_weight,
            proj_bias, num_heads):
     V.tensor(_OP, "x", x, 3)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"{_OP}: argument 'num_heads' must be a positive int, got {num_heads!r}")
-    _, _, C = x.shape
-    V.tensor(_OP, "query_weight", query_weight, 2)
-    V.shape(_OP, "query_weight", query_weight, ("A", C), names="(heads·d, C)")
-    A = query_weight.shape[0]
-    if A % num_heads != 0:
-        raise ValueError(
-            f"{_OP}: argument 'query_weight' must have a first dim divisible by num_heads={num_heads} "
-            f"(heads·d, C), got shape {tuple(query_weight.shape)}"
-        )
+    V.positive_int(_OP, "num_heads", num_heads)
+    # each matrix, then its bias
+    A = V.head_projection(_OP, "query_weight", query_weight, x.shape[2], num_heads)
+    V.optional_vectors(_OP, ("query_bias", query_bias, A))
     d = A // num_heads
     V.tensor(_OP, "key_memory", key_memory, 2)
     V.shape(_OP, "key_memory", key_memory, ("S", d), names="(S, d)")
     S = key_memory.shape[0]
+    V.optional_vectors(_OP, ("key_bias", key_bias, S))
     V.tensor(_OP, "value_memory", value_memory, 2)
     V.shape(_OP, "value_memory", value_memory, (d, S), names="(d, S)")
-    V.tensor(_OP, "proj_weight", proj_weight, 2)
-    V.shape(_OP, "proj_weight", proj_weight, ("Co", A), names="(Co, heads·d)")
-    Co = proj_weight.shape[0]
-    for name, bias, n in (("query_bias", query_bias, A), ("key_bias", key_bias, S),
-                          ("value_bias", value_bias, d), ("proj_bias", proj_bias, Co)):
-        if bias is not None:
-            V.tensor(_OP, name, bias, 1)
-            V.shape(_OP, name, bias, (n,))
+    V.optional_vectors(_OP, ("value_bias", value_bias, d))
+    V.optional_vectors(_OP, ("proj_bias", proj_bias, V.head_output(_OP, "proj_weight", proj_weight, A)))
     V.same_device_dtype(_OP, x=x, query_weight=query_weight, query_bias=query_bias, key_memory=key_memory,
                         key_bias=key_bias, value_memory=value_memory, value_bias=value_bias,
                         proj_weight=proj_weight, proj_bias=proj_bias)

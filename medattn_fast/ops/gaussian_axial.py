@@ -21,7 +21,7 @@ Backends: ``reference`` (the per-pixel loop of :mod:`medattn_fast.reference.gaus
 ``torch`` (vectorised: both softmaxes and two batched matmuls, no loop over pixels) and ``cpp``
 (fused kernels of ``csrc/cpu/gaussian_axial.cpp``, registered below as ``medattn::`` custom ops
 with fake kernels and autograd, so they work under ``torch.compile(fullgraph=True)``) and
-``triton`` (fused kernels of ``triton_kernels/axial.py``, custom ops in ``_gaussian_axial_triton``).
+``triton`` (fused kernels of ``triton_kernels/gaussian_axial.py``, custom ops in ``_gaussian_axial_triton``).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .. import backend as B
 from . import _validate as V
+from ._custom_op import with_inert
 from ._families import dispatcher
 
 __all__ = ["gaussian_axial_attention", "gaussian_axial_from_scores"]
@@ -76,33 +77,6 @@ def _check_scores(atten_x, atten_y, v, shift, bias) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the bias: present for the checkpoints, cancels in the softmaxes, gradient exactly zero
-# ---------------------------------------------------------------------------------------------
-
-class _ShiftWithInertBias(torch.autograd.Function):
-    """Returns ``shift`` unchanged and gives ``bias`` a zero gradient (it cancels in the math).
-
-    Autograd through ``logits − bias`` would return rounding-level values (Σ of a softmax
-    gradient); the exact answer is 0, and checkpoints expect a ``bias`` parameter that trains.
-    """
-
-    @staticmethod
-    def forward(ctx, shift: Tensor, bias: Tensor) -> Tensor:
-        ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
-        return shift.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, grad.new_zeros(ctx.bias_shape, dtype=ctx.bias_dtype)
-
-
-def _with_inert_bias(shift: Tensor, bias: Optional[Tensor]) -> Tensor:
-    if bias is None or not (torch.is_grad_enabled() and bias.requires_grad):
-        return shift
-    return _ShiftWithInertBias.apply(shift, bias)
-
-
-# ---------------------------------------------------------------------------------------------
 # reference backend: the original's per-pixel loop
 # ---------------------------------------------------------------------------------------------
 
@@ -114,14 +88,14 @@ def _detached(bias: Optional[Tensor]) -> Optional[Tensor]:
 def _reference_scores(atten_x, atten_y, v, shift, *, bias=None):
     from ..reference.gaussian_trans import gaussian_trans_loop
 
-    return gaussian_trans_loop(atten_x, atten_y, v, _with_inert_bias(shift, bias), _detached(bias))
+    return gaussian_trans_loop(atten_x, atten_y, v, with_inert(shift, bias), _detached(bias))
 
 
 @_op_qkv.register("reference")
 def _reference_qkv(q, k, v, shift, *, bias=None):
     from ..reference.gaussian_trans import gaussian_axial_from_qkv_reference
 
-    return gaussian_axial_from_qkv_reference(q, k, v, _with_inert_bias(shift, bias), _detached(bias))
+    return gaussian_axial_from_qkv_reference(q, k, v, with_inert(shift, bias), _detached(bias))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,13 +129,13 @@ def _torch_axial_scores(q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
 
 @_op_scores.register("torch")
 def _torch_scores(atten_x, atten_y, v, shift, *, bias=None):
-    return _torch_from_scores(atten_x, atten_y, v, _with_inert_bias(shift, bias))
+    return _torch_from_scores(atten_x, atten_y, v, with_inert(shift, bias))
 
 
 @_op_qkv.register("torch")
 def _torch_qkv(q, k, v, shift, *, bias=None):
     atten_x, atten_y = _torch_axial_scores(q, k)
-    return _torch_from_scores(atten_x, atten_y, v, _with_inert_bias(shift, bias))
+    return _torch_from_scores(atten_x, atten_y, v, with_inert(shift, bias))
 
 
 # ---------------------------------------------------------------------------------------------

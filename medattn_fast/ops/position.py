@@ -32,6 +32,8 @@ from torch import Tensor
 
 from .. import backend as B
 from . import _validate as V
+from ._custom_op import accumulation_dtype
+from ._epilogue import epilogue
 from ._families import dispatcher
 
 __all__ = ["position_attention", "default_chunk_size"]
@@ -51,22 +53,6 @@ def default_chunk_size(batch: int, n_rows: int, n_keys: int) -> int:
     return max(1, min(n_rows, max(_MIN_CHUNK, chunk)))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 stays float64, everything else runs in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _epilogue(o: torch.Tensor, gamma, residual, multiply) -> torch.Tensor:
-    """``γ · (o ⊙ f) + x`` with absent parts skipped (plain autograd ops: O(N·d) memory)."""
-    if multiply is not None:
-        o = o * multiply
-    if gamma is not None:
-        o = gamma.to(o.dtype) * o
-    if residual is not None:
-        o = o + residual
-    return o
-
-
 # ---------------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------------
@@ -82,23 +68,24 @@ def _check(q, k, v, scale, transpose, layout, gamma, residual, multiply, chunk_s
     V.tensor(_OP, "k", k, 3)
     V.tensor(_OP, "v", v, 3)
     V.same_device_dtype(_OP, q=q, k=k, v=v)
+    # token-major (B, N, d) or channel-first (B, d, N): the dims of tokens and features
     channels = layout == "channels"
-    if channels:
-        batch, dk, nq = q.shape
-        V.shape(_OP, "k", k, (batch, dk, None), "(B, dk, Nk)")
-        rows = nq if transpose else k.shape[2]
-        V.shape(_OP, "v", v, (batch, None, rows), "(B, dv, Nq)" if transpose else "(B, dv, Nk)")
-        dv = v.shape[1]
-        n_out = k.shape[2] if transpose else nq
-        out_shape, out_names = (batch, dv, n_out), "(B, dv, Nk)" if transpose else "(B, dv, Nq)"
-    else:
-        batch, nq, dk = q.shape
-        V.shape(_OP, "k", k, (batch, None, dk), "(B, Nk, dk)")
-        rows = nq if transpose else k.shape[1]
-        V.shape(_OP, "v", v, (batch, rows, None), "(B, Nq, dv)" if transpose else "(B, Nk, dv)")
-        dv = v.shape[2]
-        n_out = k.shape[1] if transpose else nq
-        out_shape, out_names = (batch, n_out, dv), "(B, Nk, dv)" if transpose else "(B, Nq, dv)"
+    tok, feat = (2, 1) if channels else (1, 2)
+
+    def shaped(tokens, features):
+        dims = [batch, None, None]
+        dims[tok], dims[feat] = tokens, features
+        return tuple(dims)
+
+    def names(tokens: str, features: str) -> str:
+        return f"(B, {features}, {tokens})" if channels else f"(B, {tokens}, {features})"
+
+    batch, nq, dk = q.shape[0], q.shape[tok], q.shape[feat]
+    V.shape(_OP, "k", k, shaped(None, dk), names("Nk", "dk"))
+    nk = k.shape[tok]
+    V.shape(_OP, "v", v, shaped(nq if transpose else nk, None), names("Nq" if transpose else "Nk", "dv"))
+    out_shape = shaped(nk if transpose else nq, v.shape[feat])
+    out_names = names("Nk" if transpose else "Nq", "dv")
     for name, t in (("residual", residual), ("multiply", multiply)):
         if t is not None:
             V.tensor(_OP, name, t)
@@ -115,7 +102,7 @@ def _check(q, k, v, scale, transpose, layout, gamma, residual, multiply, chunk_s
 def _reference(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
     attention = torch.softmax(scale * torch.bmm(q, k.transpose(1, 2)), dim=-1)   # (B, Nq, Nk)
     o = torch.bmm(attention.transpose(1, 2) if transpose else attention, v)
-    return _epilogue(o, gamma, residual, multiply)
+    return epilogue(o, gamma, residual, multiply)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +128,7 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, transpose, chunk, channels_first):
-        dtype = _compute_dtype(q.dtype)
+        dtype = accumulation_dtype(q.dtype)
         batch, nq, _ = q.shape
         nk, dv = k.shape[1], v.shape[2]
         n_out = nk if transpose else nq
@@ -232,7 +219,7 @@ def _torch(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, 
     n_keys = k.shape[1]
     chunk = chunk_size or default_chunk_size(q.shape[0], q.shape[1], n_keys)
     o = _ChunkedAttention.apply(q, k, v, float(scale), transpose, chunk, channels_first)
-    return _epilogue(o, gamma, residual, multiply)
+    return epilogue(o, gamma, residual, multiply)
 
 
 # ---------------------------------------------------------------------------------------------

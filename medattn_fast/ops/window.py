@@ -70,38 +70,21 @@ known = statically_true
 # validation
 # ---------------------------------------------------------------------------------------------
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{_OP}: argument '{name}' must be a positive int, got {value!r}")
-
-
 def _check(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias, proj_weight, proj_bias,
            window_size, num_heads, pad_mode, layout):
     V.tensor(_OP, "x", x, 4)
-    _positive_int("window_size", window_size)
-    _positive_int("num_heads", num_heads)
+    V.positive_int(_OP, "window_size", window_size)
+    V.positive_int(_OP, "num_heads", num_heads)
     V.choice(_OP, "pad_mode", pad_mode, PAD_MODES)
     V.choice(_OP, "layout", layout, LAYOUTS)
     C = x.shape[-1]
-    V.tensor(_OP, "query_weight", query_weight, 2)
-    V.shape(_OP, "query_weight", query_weight, ("A", C), names="(heads·d, C)")
-    A = query_weight.shape[0]
-    if A % num_heads != 0:
-        raise ValueError(
-            f"{_OP}: argument 'query_weight' must have a first dim divisible by num_heads={num_heads} "
-            f"(heads·d, C), got shape {tuple(query_weight.shape)}"
-        )
+    A = V.head_projection(_OP, "query_weight", query_weight, C, num_heads)
     for name, w in (("key_weight", key_weight), ("value_weight", value_weight)):
         V.tensor(_OP, name, w, 2)
         V.shape(_OP, name, w, (A, C), names="(heads·d, C)")
-    V.tensor(_OP, "proj_weight", proj_weight, 2)
-    V.shape(_OP, "proj_weight", proj_weight, ("Co", A), names="(Co, heads·d)")
-    Co = proj_weight.shape[0]
-    for name, bias, n in (("query_bias", query_bias, A), ("key_bias", key_bias, A),
-                          ("value_bias", value_bias, A), ("proj_bias", proj_bias, Co)):
-        if bias is not None:
-            V.tensor(_OP, name, bias, 1)
-            V.shape(_OP, name, bias, (n,))
+    Co = V.head_output(_OP, "proj_weight", proj_weight, A)
+    V.optional_vectors(_OP, ("query_bias", query_bias, A), ("key_bias", key_bias, A), ("value_bias", value_bias, A),
+                       ("proj_bias", proj_bias, Co))
     V.same_device_dtype(_OP, x=x, query_weight=query_weight, query_bias=query_bias, key_weight=key_weight,
                         key_bias=key_bias, value_weight=value_weight, value_bias=value_bias,
                         proj_weight=proj_weight, proj_bias=proj_bias)

@@ -1,0 +1,101 @@
+r"""The contract of Gaussian axial attention's fused backends (``cpp``, ``triton``), written once: the
+four custom ops of a backend, their fake kernels and autograd, around that backend's kernels.
+
+* ``medattn::gaussian_axial_<backend>_qkv_fwd(q, k, v, shift) -> (out, lse_rows, lse_cols)``:
+  q, k, v (B, H, W, D) -> out (B, H, W, D) and the per-pixel row and column log-sum-exp (B, H, W)
+  in the accumulation dtype (float32; float64 for float64 inputs) — all the backward keeps besides
+  the inputs (the W×W and H×H score maps are never stored, in either pass);
+* ``..._qkv_bwd(grad_out, q, k, v, shift, lse_rows, lse_cols) -> (dq, dk, dv, dshift)``;
+* ``..._scores_fwd(atten_x, atten_y, v, shift) -> out`` (GaussianTrans's interface: atten_x
+  (B, H, W, W), atten_y (B, W, H, H));
+* ``..._scores_bwd(grad_out, atten_x, atten_y, v, shift) -> (d_atten_x, d_atten_y, dv, dshift)``.
+
+θ (``shift``) is a tensor argument (read by the kernels, never ``.item()``): no host sync and no
+recompile when it trains; its gradient is a fixed-order sum (deterministic). The ``bias`` of the
+original never reaches the kernels: it cancels in both softmaxes, and the dispatcher entry gives it
+its exactly-zero gradient (``_custom_op.with_inert``).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Tuple
+
+import torch
+from torch import Tensor
+
+from ._custom_op import accumulation_dtype
+
+__all__ = ["AxialKernels", "define_custom_ops"]
+
+
+class AxialKernels(NamedTuple):
+    """The four custom ops of one backend (see the module docstring)."""
+
+    qkv_forward: Callable
+    qkv_backward: Callable
+    scores_forward: Callable
+    scores_backward: Callable
+
+
+def define_custom_ops(backend: str, qkv_forward: Callable, qkv_backward: Callable, scores_forward: Callable,
+                      scores_backward: Callable) -> AxialKernels:
+    """The custom ops of ``backend`` around its kernel calls, which take and return the ops'
+    arguments and results (as listed in the module docstring)."""
+    name = f"medattn::gaussian_axial_{backend}"
+
+    @torch.library.custom_op(f"{name}_qkv_fwd", mutates_args=())
+    def qkv_fwd(q: Tensor, k: Tensor, v: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        out, lse_rows, lse_cols = qkv_forward(q, k, v, shift)
+        return out, lse_rows, lse_cols
+
+    @qkv_fwd.register_fake
+    def _(q, k, v, shift):
+        stats = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+        return v.new_empty(v.shape), stats, stats.new_empty(stats.shape)
+
+    @torch.library.custom_op(f"{name}_qkv_bwd", mutates_args=())
+    def qkv_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, shift: Tensor, lse_rows: Tensor,
+                lse_cols: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        dq, dk, dv, d_shift = qkv_backward(grad_out, q, k, v, shift, lse_rows, lse_cols)
+        return dq, dk, dv, d_shift
+
+    @qkv_bwd.register_fake
+    def _(grad_out, q, k, v, shift, lse_rows, lse_cols):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), shift.new_empty(shift.shape)
+
+    def qkv_setup(ctx, inputs, output):
+        _, lse_rows, lse_cols = output
+        ctx.mark_non_differentiable(lse_rows, lse_cols)
+        ctx.save_for_backward(*inputs, lse_rows, lse_cols)
+
+    def qkv_differentiate(ctx, grad_out, _grad_lse_rows, _grad_lse_cols):
+        return qkv_bwd(grad_out, *ctx.saved_tensors)
+
+    qkv_fwd.register_autograd(qkv_differentiate, setup_context=qkv_setup)
+
+    @torch.library.custom_op(f"{name}_scores_fwd", mutates_args=())
+    def scores_fwd(atten_x: Tensor, atten_y: Tensor, v: Tensor, shift: Tensor) -> Tensor:
+        return scores_forward(atten_x, atten_y, v, shift)
+
+    @scores_fwd.register_fake
+    def _(atten_x, atten_y, v, shift):
+        return v.new_empty(v.shape)
+
+    @torch.library.custom_op(f"{name}_scores_bwd", mutates_args=())
+    def scores_bwd(grad_out: Tensor, atten_x: Tensor, atten_y: Tensor, v: Tensor,
+                   shift: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        d_atten_x, d_atten_y, dv, d_shift = scores_backward(grad_out, atten_x, atten_y, v, shift)
+        return d_atten_x, d_atten_y, dv, d_shift
+
+    @scores_bwd.register_fake
+    def _(grad_out, atten_x, atten_y, v, shift):
+        return (atten_x.new_empty(atten_x.shape), atten_y.new_empty(atten_y.shape), v.new_empty(v.shape),
+                shift.new_empty(shift.shape))
+
+    def scores_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def scores_differentiate(ctx, grad_out):
+        return scores_bwd(grad_out, *ctx.saved_tensors)
+
+    scores_fwd.register_autograd(scores_differentiate, setup_context=scores_setup)
+    return AxialKernels(qkv_fwd, qkv_bwd, scores_fwd, scores_bwd)
