@@ -37,6 +37,7 @@ _alias_checkout_triton_kernels()
 
 from . import functional  # noqa: E402,F401
 from .backend import BackendUnavailable, get_backend, info, set_backend, use_backend  # noqa: F401
+from .kernel_config import KernelConfig, kernel_config, set_kernel_config, use_kernel_config  # noqa: E402,F401
 
 # Bound after the submodule import on purpose: importing ``medattn_fast.convert`` sets the package
 # attribute to the module once; this rebinds it to the function (the module stays importable).
@@ -45,4 +46,5 @@ from .convert import ConvertReport, convert  # noqa: E402,F401
 __version__ = "0.1.0"
 
 
-__all__ = ["functional", "set_backend", "get_backend", "use_backend", "info", "convert", "BackendUnavailable"]
+__all__ = ["functional", "set_backend", "get_backend", "use_backend", "info", "convert", "BackendUnavailable",
+           "KernelConfig", "kernel_config", "set_kernel_config", "use_kernel_config"]

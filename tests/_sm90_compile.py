@@ -140,14 +140,14 @@ def _position(dtype) -> None:
     _backward(MF.position_attention(q, k, v, layout="channels", gamma=gamma, residual=res, backend="triton"))
     _backward(MF.position_attention(q, k, v, layout="channels", multiply=mul, transpose=True, backend="triton"))
     # the variants bench/gpu_check.sh times beside the default: dq by atomics; 16-bit P and dS
-    switches = [{"MEDATTN_POSITION_BWD": "fused"}] + ([{"MEDATTN_POSITION_P16": "1"}] if dtype != torch.float32 else [])
-    for switch in switches:
-        os.environ.update(switch)
-        try:
+    import medattn_fast
+
+    variants = [medattn_fast.KernelConfig(position_backward="fused")]
+    if dtype != torch.float32:
+        variants.append(medattn_fast.KernelConfig(position_p16=True))
+    for variant in variants:
+        with medattn_fast.use_kernel_config(variant):
             _backward(MF.position_attention(q, k, v, layout="channels", gamma=gamma, residual=res, backend="triton"))
-        finally:
-            for name in switch:
-                os.environ.pop(name)
 
 
 def _channel(dtype) -> None:

@@ -475,14 +475,14 @@ def _project_samples(dtype):
     acc = F64 if dtype == F64 else torch.float32
     alpha = torch.rand(2, 1, 7, 9, dtype=acc, requires_grad=True)
     W, b = torch.randn(5, 5, dtype=acc, requires_grad=True), torch.randn(5, dtype=acc, requires_grad=True)
-    return (x, alpha, W, b)
+    return (x, alpha, W, b, None)   # fp32_precision None: KernelConfig's default
 
 
 def test_opcheck_cpp_project():
     kernels = _attention_gate_cpp.KERNELS
-    x, alpha, W, b = _project_samples(F64)
-    torch.library.opcheck(kernels.project, (x, alpha, W, b))
-    assert torch.autograd.gradcheck(kernels.project, (x, alpha, W, b))
+    x, alpha, W, b, precision = _project_samples(F64)
+    torch.library.opcheck(kernels.project, (x, alpha, W, b, precision))
+    assert torch.autograd.gradcheck(lambda *ts: kernels.project(*ts, precision), (x, alpha, W, b))
 
 
 def test_opcheck_triton_project():

@@ -99,11 +99,11 @@ def test_cpp_custom_ops_pass_opcheck():
     gamma = torch.randn(1, dtype=F64, requires_grad=True)
     f = torch.randn(2, 5, 4, 3, dtype=F64, requires_grad=True)
     residual = torch.randn(2, 5, 4, 3, dtype=F64, requires_grad=True)
-    for args in ((x, gamma, residual, f, True, True, False), (x, gamma, None, None, False, True, True)):
+    for args in ((x, gamma, residual, f, True, True, False, None), (x, gamma, None, None, False, True, True, None)):
         torch.library.opcheck(torch.ops.medattn.channel_cpp_fwd.default, args)
         out, o, attention = torch.ops.medattn.channel_cpp_fwd(*args)
         bwd = (torch.randn_like(out), x.detach(), o, attention, gamma.detach(),
-               None if args[3] is None else args[3].detach(), args[4], True, args[6])
+               None if args[3] is None else args[3].detach(), args[4], True, args[6], None)
         torch.library.opcheck(torch.ops.medattn.channel_cpp_bwd.default, bwd)
 
 

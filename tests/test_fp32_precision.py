@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+import medattn_fast
 from medattn_fast.ops.channel import channel_attention
 from medattn_fast.ops.position import position_attention
 from medattn_fast.triton_kernels import _util
@@ -45,13 +46,21 @@ def test_precision_default_override_and_pytorch_setting(monkeypatch, no_tf32):
     assert _util.fp32_precision() == "tf32" and _util.fp32_precision(split_default=False) == "tf32"
     torch.set_float32_matmul_precision("highest")
     assert _util.fp32_precision() == "tf32x3"
+    for value in ("ieee", "tf32x3", "tf32"):
+        assert _util.fp32_precision(forced=value) == value      # an explicit choice wins over PyTorch
+        assert _util.fp32_precision(split_default=False, forced=value) == value
+    with pytest.raises(ValueError, match="fp32_precision must be one of .* got 'fp64'"):
+        _util.fp32_precision(forced="fp64")
+    # the explicit choice is KernelConfig's; the variable only supplies its default
+    assert medattn_fast.kernel_config().fp32_precision is None
     for value in ("ieee", "tf32x3", "tf32", " IEEE "):
         monkeypatch.setenv("MEDATTN_FP32_PRECISION", value)
-        assert _util.fp32_precision() == value.strip().lower()  # the variable wins over PyTorch
-        assert _util.fp32_precision(split_default=False) == value.strip().lower()
+        assert medattn_fast.kernel_config().fp32_precision == value.strip().lower()
+        with medattn_fast.use_kernel_config(medattn_fast.KernelConfig(fp32_precision="tf32x3")):
+            assert medattn_fast.kernel_config().fp32_precision == "tf32x3"
     monkeypatch.setenv("MEDATTN_FP32_PRECISION", "fp64")
     with pytest.raises(ValueError, match="MEDATTN_FP32_PRECISION must be one of .* got 'fp64'"):
-        _util.fp32_precision()
+        medattn_fast.kernel_config()
 
 
 @triton.jit

@@ -238,13 +238,13 @@ def _opcheck_samples():
     q, k, _ = _qkv_inputs(2, 3, 4, 5)
     shift, _bias = _scalars()
     cot = torch.randn(2, 3, 4, 5, dtype=F64)
-    _, lse_rows, lse_cols = GC.gaussian_axial_cpp_qkv_fwd(q.detach(), k.detach(), v.detach(), shift.detach())
+    _, lse_rows, lse_cols = GC.gaussian_axial_cpp_qkv_fwd(q.detach(), k.detach(), v.detach(), shift.detach(), None)
     d = lambda *ts: tuple(t.detach() for t in ts)  # noqa: E731
     return {
-        "scores": (GC.gaussian_axial_cpp_scores_fwd, (ax, ay, v, shift)),
-        "scores_backward": (GC.gaussian_axial_cpp_scores_bwd, (cot,) + d(ax, ay, v, shift)),
-        "qkv": (GC.gaussian_axial_cpp_qkv_fwd, (q, k, v, shift)),
-        "qkv_backward": (GC.gaussian_axial_cpp_qkv_bwd, (cot,) + d(q, k, v, shift, lse_rows, lse_cols)),
+        "scores": (GC.gaussian_axial_cpp_scores_fwd, (ax, ay, v, shift, None)),
+        "scores_backward": (GC.gaussian_axial_cpp_scores_bwd, (cot,) + d(ax, ay, v, shift) + (None,)),
+        "qkv": (GC.gaussian_axial_cpp_qkv_fwd, (q, k, v, shift, None)),
+        "qkv_backward": (GC.gaussian_axial_cpp_qkv_bwd, (cot,) + d(q, k, v, shift, lse_rows, lse_cols) + (None,)),
     }
 
 
@@ -403,10 +403,10 @@ def test_cpp_eager_path_equals_the_custom_op_bit_for_bit(entry):
     B, H, W, D = 2, 5, 7, 6
     if entry == "scores":
         inputs = [torch.randn(B, H, W, W), torch.randn(B, W, H, H), torch.randn(B, H, W, D)]
-        eager, op = GC._ScoresEager.apply, GC.gaussian_axial_cpp_scores_fwd
+        eager, op = GC._ScoresEager.apply, lambda *a: GC.gaussian_axial_cpp_scores_fwd(*a, None)
     else:
         inputs = [torch.randn(B, H, W, D) for _ in range(3)]
-        eager, op = GC._QkvEager.apply, lambda *a: GC.gaussian_axial_cpp_qkv_fwd(*a)[0]
+        eager, op = GC._QkvEager.apply, lambda *a: GC.gaussian_axial_cpp_qkv_fwd(*a, None)[0]
     shift = torch.tensor([0.4])
     cot = torch.randn(B, H, W, D)
     results = []

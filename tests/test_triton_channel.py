@@ -160,12 +160,13 @@ def test_opcheck_forward_and_backward_ops():
     residual = torch.randn_like(x, requires_grad=True)
     # the family's contract (the cpp ops' schema): a separate residual, or the residual is x itself
     for residual_arg, residual_is_x in ((residual, False), (None, True)):
-        fwd_args = (x, gamma, residual_arg, None, True, True, residual_is_x)
+        fwd_args = (x, gamma, residual_arg, None, True, True, residual_is_x, None)
         torch.library.opcheck(channel_triton_fwd, fwd_args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
         out, o, attention = channel_triton_fwd(x.detach(), gamma.detach(), None if residual_arg is None else
-                                               residual_arg.detach(), None, True, True, residual_is_x)
-        bwd_args = (torch.randn_like(out), x.detach(), o, attention, gamma.detach(), None, True, False, residual_is_x)
+                                               residual_arg.detach(), None, True, True, residual_is_x, None)
+        bwd_args = (torch.randn_like(out), x.detach(), o, attention, gamma.detach(), None, True, False, residual_is_x,
+                    None)
         torch.library.opcheck(channel_triton_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 

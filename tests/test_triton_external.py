@@ -110,7 +110,7 @@ def test_no_grad_forward_matches_and_saves_nothing():
         out = external_attention(*leaves, num_heads=2, backend="triton")
         ref = external_attention(*leaves, num_heads=2, backend="reference")
         q = torch.nn.functional.linear(leaves[0], leaves[1], leaves[2])
-        _y, lse = external_triton_fwd(q, leaves[3], leaves[4], leaves[5], leaves[6], 2, False)
+        _y, lse = external_triton_fwd(q, leaves[3], leaves[4], leaves[5], leaves[6], 2, False, None)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert lse.numel() == 0
 
@@ -140,12 +140,12 @@ def test_opcheck_forward_and_backward_ops():
     q = torch.randn(1, 5, 6, requires_grad=True)
     mk, kb = torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)
     mv, vb = torch.randn(3, 4, requires_grad=True), torch.randn(3, requires_grad=True)
-    fwd_args = (q, mk, kb, mv, vb, 2, True)
+    fwd_args = (q, mk, kb, mv, vb, 2, True, None)   # fp32_precision None: KernelConfig's default
     torch.library.opcheck(external_triton_fwd, fwd_args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    y, lse = external_triton_fwd(q.detach(), mk.detach(), kb.detach(), mv.detach(), vb.detach(), 2, True)
+    y, lse = external_triton_fwd(q.detach(), mk.detach(), kb.detach(), mv.detach(), vb.detach(), 2, True, None)
     torch.library.opcheck(external_triton_bwd, (torch.randn_like(y), q.detach(), mk.detach(), mv.detach(),
-                                                          lse, 2, True),
+                                                          lse, 2, True, None),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -202,16 +202,18 @@ def test_opcheck_custom_ops():
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     q, k, v = (torch.randn(1, 2, 3, 2, requires_grad=True) for _ in range(3))
     shift = torch.tensor([0.3], requires_grad=True)
-    torch.library.opcheck(gaussian_axial_triton_qkv_fwd, (q, k, v, shift), test_utils=checks)
-    out, lse_rows, lse_cols = gaussian_axial_triton_qkv_fwd(q.detach(), k.detach(), v.detach(), shift.detach())
+    precision = None   # the contract's fp32_precision (KernelConfig's default)
+    torch.library.opcheck(gaussian_axial_triton_qkv_fwd, (q, k, v, shift, precision), test_utils=checks)
+    out, lse_rows, lse_cols = gaussian_axial_triton_qkv_fwd(q.detach(), k.detach(), v.detach(), shift.detach(),
+                                                            precision)
     torch.library.opcheck(gaussian_axial_triton_qkv_bwd,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), shift.detach(), lse_rows,
-                           lse_cols), test_utils=("test_schema", "test_faketensor"))
+                           lse_cols, precision), test_utils=("test_schema", "test_faketensor"))
     ax = torch.randn(1, 2, 3, 3, requires_grad=True)
     ay = torch.randn(1, 3, 2, 2, requires_grad=True)
-    torch.library.opcheck(gaussian_axial_triton_scores_fwd, (ax, ay, v, shift), test_utils=checks)
+    torch.library.opcheck(gaussian_axial_triton_scores_fwd, (ax, ay, v, shift, precision), test_utils=checks)
     torch.library.opcheck(gaussian_axial_triton_scores_bwd,
-                          (torch.randn_like(out), ax.detach(), ay.detach(), v.detach(), shift.detach()),
+                          (torch.randn_like(out), ax.detach(), ay.detach(), v.detach(), shift.detach(), precision),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -182,13 +182,14 @@ def test_opcheck_forward_and_backward_ops():
                torch.randn(1, 19, 5, requires_grad=True))
     gamma = torch.randn(1, requires_grad=True)
     residual = torch.randn(1, 17, 5, requires_grad=True)
-    fwd_args = (q, k, v, gamma, residual, None, 0.5, False, False, True)
+    variants = (None, False, "separate")   # fp32_precision, p16, backward: KernelConfig's defaults
+    fwd_args = (q, k, v, gamma, residual, None, 0.5, False, False, True, *variants)
     torch.library.opcheck(position_triton_fwd, fwd_args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     out, o, lse = position_triton_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a
                                                   for a in fwd_args))
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), o, lse, gamma.detach(), None,
-                0.5, False, False)
+                0.5, False, False, *variants)
     torch.library.opcheck(position_triton_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 

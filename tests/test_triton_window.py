@@ -134,12 +134,12 @@ def test_opcheck_forward_and_backward_ops():
     qkv = torch.randn(1, 1, 3, 12, requires_grad=True)
     bias = torch.randn(12, requires_grad=True)
     for pad_mode, layout in (("mtunet", "windows"), ("mask", "grid")):
-        args = (qkv, bias, 2, 2, pad_mode, layout)
+        args = (qkv, bias, 2, 2, pad_mode, layout, None)   # fp32_precision None: KernelConfig's default
         torch.library.opcheck(window_triton_fwd, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-        o = window_triton_fwd(qkv.detach(), bias.detach(), 2, 2, pad_mode, layout)
+        o = window_triton_fwd(qkv.detach(), bias.detach(), 2, 2, pad_mode, layout, None)
         torch.library.opcheck(window_triton_bwd,
-                              (torch.randn_like(o), qkv.detach(), bias.detach(), 2, 2, pad_mode, layout),
+                              (torch.randn_like(o), qkv.detach(), bias.detach(), 2, 2, pad_mode, layout, None),
                               test_utils=("test_schema", "test_faketensor"))
 
 

@@ -58,8 +58,8 @@ def _torch_allows_tf32() -> bool:
             return False
 
 
-def fp32_precision(split_default: bool = True) -> str:
-    """How the kernels multiply float32 tiles, read at every launch:
+def fp32_precision(split_default: bool = True, forced: Optional[str] = None) -> str:
+    """How the kernels multiply float32 tiles:
 
     * ``"tf32x3"`` (the default): each operand split as ``a = a_hi + a_lo`` with ``a_hi`` rounded to
       TF32 (10 mantissa bits) and ``a_lo = tf32(a - a_hi)``, then ``a_lo·b_hi + a_hi·b_lo + a_hi·b_hi``
@@ -69,37 +69,36 @@ def fp32_precision(split_default: bool = True) -> str:
       product — several times the rate of FMA-only ``ieee`` on Hopper. Used whenever PyTorch's
       own float32 matmuls do not allow TF32 (its default ``"highest"``, or ``fp32_precision =
       "ieee"``): what those promise is float32 accuracy, and this keeps it.
-    * ``"ieee"``: plain float32 FMAs, no tensor cores: ``MEDATTN_FP32_PRECISION=ieee`` (bit-level
-      IEEE products, e.g. to compare against a CPU run).
+    * ``"ieee"``: plain float32 FMAs, no tensor cores (bit-level IEEE products, e.g. to compare
+      against a CPU run).
     * ``"tf32"``: one TF32 product (~2⁻¹¹ relative per operand): what PyTorch's own float32 matmuls
       do once TF32 is allowed (``set_float32_matmul_precision("high")``, ``fp32_precision =
-      "tf32"``, ``allow_tf32 = True``), so it follows that setting; or
-      ``MEDATTN_FP32_PRECISION=tf32``.
+      "tf32"``, ``allow_tf32 = True``), so it follows that setting.
 
-    ``MEDATTN_FP32_PRECISION`` (one of the three) overrides PyTorch's setting.
+    ``forced`` (one of the three; the caller's explicit choice, ``medattn_fast.KernelConfig``'s
+    ``fp32_precision``) wins over PyTorch's setting.
 
     ``split_default=False``: a kernel whose float32 tiles spill more with the split's hi/lo copies
     than with FMA dots keeps ``"ieee"`` as its default until its tiles are re-tuned on a GPU (the
     external-attention backward: 168 B per thread spilled with ieee, 744 B with the split, triton
     3.6 on sm_90, tests/_sm90_compile.py), and the attention gate's output projection, where the
-    split missed the float32 bound on a gradient that cancels to 0; the variable and PyTorch's TF32
+    split missed the float32 bound on a gradient that cancels to 0; ``forced`` and PyTorch's TF32
     setting still apply.
     """
-    forced = os.environ.get("MEDATTN_FP32_PRECISION", "").strip().lower()
     if forced:
         if forced not in FP32_PRECISIONS:
-            raise ValueError(f"MEDATTN_FP32_PRECISION must be one of {FP32_PRECISIONS}, got {forced!r}")
+            raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {forced!r}")
         return forced
     if _torch_allows_tf32():
         return "tf32"
     return "tf32x3" if split_default else "ieee"
 
 
-def dot_precision(dtype, split_default: bool = True) -> str:
+def dot_precision(dtype, split_default: bool = True, forced: Optional[str] = None) -> str:
     """``PRECISION`` of the kernels' dots for inputs of ``dtype``: float32 as :func:`fp32_precision`
     says; 16-bit inputs multiply natively on the tensor cores, and the float32 operands that meet
     them (probabilities, score gradients) go in as TF32."""
-    return fp32_precision(split_default) if dtype == torch.float32 else "tf32"
+    return fp32_precision(split_default, forced) if dtype == torch.float32 else "tf32"
 
 
 @triton.jit

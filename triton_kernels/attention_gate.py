@@ -48,13 +48,13 @@ import triton.language as tl
 from ._util import INTERPRETED, dot, dot_precision, pow2_at_least_16, to_storage
 
 
-def _output_precision(dtype):
+def _output_precision(dtype, fp32_precision: Optional[str]):
     """The output projection's float32 dots stay FMA-only ``ieee`` by default (PyTorch's TF32
-    setting and ``MEDATTN_FP32_PRECISION`` still apply): with the three-TF32 split, the gradient of
+    setting and an explicit ``fp32_precision`` still apply): with the three-TF32 split, the gradient of
     a conv bias that a training-mode BatchNorm cancels (exactly 0) came out at 2.5e-5 against the
     float32 bound of 2e-5 (Oktay's 3-D grid gate, tests/test_attention_gate_kernels.py), and the
     pass is bandwidth-bound (a K of Cx per output), so tensor cores buy little there."""
-    return dot_precision(dtype, split_default=False)
+    return dot_precision(dtype, split_default=False, forced=fp32_precision)
 
 __all__ = ["gate_forward", "gate_logits", "gate_backward", "gate_project", "gate_project_backward",
            "default_block_p", "MAX_CHANNELS"]
@@ -408,7 +408,7 @@ def _projection_config(cx: int, co: int, dtype: torch.dtype, block_p: Optional[i
     return block_o, block_k, block_p or 64, 8
 
 
-def gate_project(x, alpha, weight, bias, *, block_p: Optional[int] = None):
+def gate_project(x, alpha, weight, bias, *, block_p: Optional[int] = None, fp32_precision: Optional[str] = None):
     """``out[:, p] = alpha[p]·(weight·x[:, p]) + bias`` (B, Co, *S) in x's dtype (x's memory format
     when Co == Cx); alpha (B, 1, *S), weight (Co, Cx), bias (Co,) or None, float32."""
     H, W, S = _projection_geometry(x, alpha, weight)
@@ -419,11 +419,12 @@ def gate_project(x, alpha, weight, bias, *, block_p: Optional[int] = None):
     block_o, block_k, block_p, warps = _projection_config(cx, co, x.dtype, block_p, backward=False)
     grid = (triton.cdiv(S, block_p), triton.cdiv(co, block_o), batch)
     _project_kernel[grid](x, weight, bias, alpha, out, cx, co, H, W, S, *_strides5(x), *_strides5(out),
-                          PRECISION=_output_precision(x.dtype), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
+                          PRECISION=_output_precision(x.dtype, fp32_precision), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
     return out
 
 
-def gate_project_backward(x, alpha, weight, grad_out, *, block_p: Optional[int] = None):
+def gate_project_backward(x, alpha, weight, grad_out, *, block_p: Optional[int] = None,
+                          fp32_precision: Optional[str] = None):
     """``(grad_x like x, grad_alpha (B, 1, *S) float32)`` of :func:`gate_project`."""
     H, W, S = _projection_geometry(x, alpha, weight)
     batch, cx, co = x.shape[0], x.shape[1], weight.shape[0]
@@ -437,5 +438,5 @@ def gate_project_backward(x, alpha, weight, grad_out, *, block_p: Optional[int] 
     _project_backward_kernel[(triton.cdiv(S, block_p), batch)](
         x, weight, alpha, grad_out, grad_x, grad_alpha, cx, co, H, W, S,
         *_strides5(x), *_strides5(grad_out), *_strides5(grad_x),
-        PRECISION=_output_precision(x.dtype), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
+        PRECISION=_output_precision(x.dtype, fp32_precision), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
     return grad_x, grad_alpha

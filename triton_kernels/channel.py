@@ -235,8 +235,8 @@ def _mix(w1, r1, w2, r2, out, *, o=None, gamma=None, residual=None, multiply=Non
 
 def channel_forward(x: torch.Tensor, *, negate: bool, gamma: Optional[torch.Tensor] = None,
                     residual: Optional[torch.Tensor] = None, multiply: Optional[torch.Tensor] = None,
-                    save_for_backward: bool = True, config: Optional[ChannelConfig] = None
-                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+                    save_for_backward: bool = True, config: Optional[ChannelConfig] = None,
+                    fp32_precision: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Fused forward on x (B, C, N) (any strides; residual/multiply (B, C, N) too).
 
     Returns ``(out, o, attention)``: out (B, C, N) contiguous in x's dtype; o = A X before the
@@ -252,14 +252,14 @@ def channel_forward(x: torch.Tensor, *, negate: bool, gamma: Optional[torch.Tens
     # float32 o: dγ = Σ ∂L/∂out ⊙ o ⊙ f is a long sum; a 16-bit o would add its rounding noise to it.
     o = x.new_empty(batch, n_ch, n_pos, dtype=torch.float32) if (save_for_backward and has_epilogue) else None
     _mix(attention, x, None, None, out, o=o, gamma=gamma, residual=residual, multiply=multiply,
-         precision=_precision(x.dtype), cfg=cfg)
+         precision=_precision(x.dtype, forced=fp32_precision), cfg=cfg)
     return out, o, attention
 
 
 def channel_backward(grad_out: torch.Tensor, x: torch.Tensor, o: torch.Tensor, attention: torch.Tensor,
                      *, negate: bool, gamma: Optional[torch.Tensor] = None,
                      multiply: Optional[torch.Tensor] = None, need_multiply_grad: bool = True,
-                     config: Optional[ChannelConfig] = None
+                     config: Optional[ChannelConfig] = None, fp32_precision: Optional[str] = None
                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients ``(dx, dγ, df)`` (the residual's gradient is ``grad_out`` itself).
 
@@ -278,12 +278,12 @@ def channel_backward(grad_out: torch.Tensor, x: torch.Tensor, o: torch.Tensor, a
     if gamma is not None:
         d_gamma = (g * o.float()).sum().reshape(gamma.shape).to(gamma.dtype)
         g = g * gamma.float()
-    d_attention = gram(g, x, cfg, _precision(x.dtype))                   # dA = g Xᵀ
+    d_attention = gram(g, x, cfg, _precision(x.dtype, forced=fp32_precision))                   # dA = g Xᵀ
     row = (d_attention * attention).sum(dim=-1, keepdim=True)
     d_energy = attention * (d_attention - row)
     if negate:
         d_energy = d_energy.neg_()
     sym = d_energy + d_energy.transpose(1, 2)
     dx = x.new_empty(batch, n_ch, n_pos)
-    _mix(attention.transpose(1, 2), g, sym, x, dx, precision=_precision(x.dtype), cfg=cfg)
+    _mix(attention.transpose(1, 2), g, sym, x, dx, precision=_precision(x.dtype, forced=fp32_precision), cfg=cfg)
     return dx, d_gamma, d_mul

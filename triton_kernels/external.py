@@ -282,7 +282,8 @@ def _backward_kernel(q_ptr, dy_ptr, mk_ptr, mv_ptr, lse_ptr, c_part_ptr, dq_ptr,
 # ---------------------------------------------------------------------------------------------
 # launch functions
 # ---------------------------------------------------------------------------------------------
-def _plan(q: torch.Tensor, key_memory: torch.Tensor, num_heads: int, config: Optional[ExternalConfig]):
+def _plan(q: torch.Tensor, key_memory: torch.Tensor, num_heads: int, config: Optional[ExternalConfig],
+          fp32_precision: Optional[str]):
     batch, n_tokens, a_dim = q.shape
     d = a_dim // num_heads
     slots = key_memory.shape[0]
@@ -292,7 +293,7 @@ def _plan(q: torch.Tensor, key_memory: torch.Tensor, num_heads: int, config: Opt
     cfg = config or default_config(n_tokens, batch * num_heads, q.device, head_dim=d, dtype=q.dtype)
     n_chunks = triton.cdiv(triton.cdiv(n_tokens, cfg.block_n), cfg.tiles_per_chunk)
     # (under the interpreter 16-bit dots run on float32 copies; float32 ones split as on the GPU)
-    precision = _dot_precision(q.dtype, split_default=False)
+    precision = _dot_precision(q.dtype, split_default=False, forced=fp32_precision)
     blocks = dict(BLOCK_N=cfg.block_n, BLOCK_D=_pow2_at_least_16(d), BLOCK_S=_pow2_at_least_16(slots),
                   PRECISION=precision, UPCAST=interpreted(), num_warps=cfg.num_warps)
     return batch, n_tokens, d, slots, cfg, n_chunks, blocks
@@ -300,7 +301,8 @@ def _plan(q: torch.Tensor, key_memory: torch.Tensor, num_heads: int, config: Opt
 
 def external_forward(q: torch.Tensor, key_memory: torch.Tensor, value_memory: torch.Tensor,
                      value_bias: Optional[torch.Tensor], *, num_heads: int, save_for_backward: bool = True,
-                     config: Optional[ExternalConfig] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                     config: Optional[ExternalConfig] = None, fp32_precision: Optional[str] = None
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""External attention core: per head, ``y_h = (softmax_N(q_h M_kᵀ) / (ε + Σ_S ·)) M_vᵀ + b_v``.
 
     Args:
@@ -312,7 +314,7 @@ def external_forward(q: torch.Tensor, key_memory: torch.Tensor, value_memory: to
         ``(y, lse2)``: y (B, N, heads·d) in q's dtype; lse2 (B·heads, S) float32, the base-2 column
         log-sum-exp ``log2 Σ_n exp2(log2(e)·q_h M_kᵀ)`` (None unless ``save_for_backward``).
     """
-    batch, n_tokens, d, slots, cfg, n_chunks, blocks = _plan(q, key_memory, num_heads, config)
+    batch, n_tokens, d, slots, cfg, n_chunks, blocks = _plan(q, key_memory, num_heads, config, fp32_precision)
     bh = batch * num_heads
     col_max = torch.empty((bh, n_chunks, slots), device=q.device, dtype=torch.float32)
     col_sum = torch.empty_like(col_max)
@@ -331,14 +333,14 @@ def external_forward(q: torch.Tensor, key_memory: torch.Tensor, value_memory: to
 
 def external_backward(grad_y: torch.Tensor, q: torch.Tensor, key_memory: torch.Tensor,
                       value_memory: torch.Tensor, lse: torch.Tensor, *, num_heads: int, value_bias_grad: bool,
-                      config: Optional[ExternalConfig] = None
+                      config: Optional[ExternalConfig] = None, fp32_precision: Optional[str] = None
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     r"""Gradients ``(dq, dM_k, dM_v, db_v)`` of :func:`external_forward` (db_v None unless asked).
 
     ``grad_y``: ∂L/∂y (B, N, heads·d), any strides; ``lse``: the forward's lse2. The memories'
     gradients are per-program float32 partials summed by ``torch.sum`` (deterministic).
     """
-    batch, n_tokens, d, slots, cfg, n_chunks, blocks = _plan(q, key_memory, num_heads, config)
+    batch, n_tokens, d, slots, cfg, n_chunks, blocks = _plan(q, key_memory, num_heads, config, fp32_precision)
     bh = batch * num_heads
     c_part = torch.empty((bh, n_chunks, slots), device=q.device, dtype=torch.float32)
     dmv_part = torch.empty((bh * n_chunks, d, slots), device=q.device, dtype=torch.float32)

@@ -305,8 +305,8 @@ def _shift32(shift: torch.Tensor) -> torch.Tensor:
 
 def axial_forward(v: torch.Tensor, shift: torch.Tensor, *, q: Optional[torch.Tensor] = None,
                   k: Optional[torch.Tensor] = None, atten_x: Optional[torch.Tensor] = None,
-                  atten_y: Optional[torch.Tensor] = None, config: Optional[AxialConfig] = None
-                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+                  atten_y: Optional[torch.Tensor] = None, config: Optional[AxialConfig] = None,
+                  fp32_precision: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Fused forward from q, k (B, H, W, D) or from atten_x (B, H, W, W), atten_y (B, W, H, H).
 
     v: (B, H, W, D); shift: θ, one element (any float dtype). Any strides. Exactly one of the pairs
@@ -346,7 +346,7 @@ def axial_forward(v: torch.Tensor, shift: torch.Tensor, *, q: Optional[torch.Ten
             *(_pixel_stat_strides(lse, axis) if lse is not None else (0, 0, 0)),
             n_lines, length, d, d_per_program,
             FROM_SCORES=from_scores, ACCUMULATE=not first, STORE_LSE=lse is not None,
-            BLOCK_L=block_l, BLOCK_D=cfg.block_d, PRECISION=_dot_precision(v.dtype), UPCAST=interpreted(),
+            BLOCK_L=block_l, BLOCK_D=cfg.block_d, PRECISION=_dot_precision(v.dtype, forced=fp32_precision), UPCAST=interpreted(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse_rows, lse_cols
 
@@ -355,7 +355,7 @@ def axial_backward(grad_out: torch.Tensor, v: torch.Tensor, shift: torch.Tensor,
                    q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None,
                    lse_rows: Optional[torch.Tensor] = None, lse_cols: Optional[torch.Tensor] = None,
                    atten_x: Optional[torch.Tensor] = None, atten_y: Optional[torch.Tensor] = None,
-                   config: Optional[AxialConfig] = None) -> Tuple[torch.Tensor, ...]:
+                   config: Optional[AxialConfig] = None, fp32_precision: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
     """Gradients of :func:`axial_forward`. grad_out, v (B, H, W, D), any strides.
 
     From q, k (with the forward's ``lse_rows``/``lse_cols``): returns ``(dq, dk, dv, dshift)``.
@@ -408,7 +408,7 @@ def axial_backward(grad_out: torch.Tensor, v: torch.Tensor, shift: torch.Tensor,
             *_line_strides(dv, axis), *d_scores.stride(),
             n_lines, length, d, d_per_program,
             FROM_SCORES=from_scores, ACCUMULATE=not first,
-            BLOCK_L=block_l, BLOCK_D=cfg.block_d, PRECISION=_dot_precision(v.dtype), UPCAST=interpreted(),
+            BLOCK_L=block_l, BLOCK_D=cfg.block_d, PRECISION=_dot_precision(v.dtype, forced=fp32_precision), UPCAST=interpreted(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         offset += batch * n_lines
     d_shift = shift_partials.sum(dtype=torch.float64).to(shift.dtype).reshape(shift.shape)

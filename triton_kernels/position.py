@@ -43,10 +43,10 @@ Precision: scores, softmax statistics and every accumulator are float32. By defa
 their dots in float32 (TF32 for 16-bit inputs, ``PositionConfig.fp32_probabilities``), which keeps
 the errors within 2× of PyTorch's float32-accumulating composite; rounding them to bf16/fp16 (flash
 attention's choice) doubles the tensor-core rate of those dots and is one switch away
-(``MEDATTN_POSITION_P16=1``, or ``fp32_probabilities=False`` in a config). float32 inputs multiply
+(``p16=True``, ``medattn_fast.KernelConfig(position_p16=True)``, or ``fp32_probabilities=False`` in a config). float32 inputs multiply
 as ``_util.fp32_precision()`` says (three TF32 products by default: float32 accuracy on the tensor
 cores). The pre-epilogue output saved for backward is float32. dq by atomics is the ``fused``
-backward variant (``MEDATTN_POSITION_BWD=fused``). Not yet written, to be weighed on a GPU: a
+backward variant (``variant="fused"``, ``medattn_fast.KernelConfig(position_backward="fused")``). Not yet written, to be weighed on a GPU: a
 fused dK/dV kernel for small dv (one pass instead of two), autotuned configs.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) the dots run on float32 copies and bfloat16 stores round
@@ -57,7 +57,6 @@ allocate their results; they do no autograd (see ``medattn_fast/ops/_position_tr
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
@@ -406,14 +405,14 @@ def _strides(t: Optional[torch.Tensor]) -> Tuple[int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0)
 
 
-def _resolve(config: Optional[PositionConfig], dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
-    """``config``, else :func:`default_config` with the ``MEDATTN_POSITION_P16=1`` switch applied:
-    16-bit inputs feed P and dS to their dots rounded to bf16/fp16 (flash attention's choice, full
-    tensor-core rate) instead of as TF32 — a variant to time against the default, not the default."""
+def _resolve(config: Optional[PositionConfig], dk: int, dv: int, dtype: torch.dtype, p16: bool) -> PositionConfig:
+    """``config``, else :func:`default_config` with the ``p16`` variant applied: 16-bit inputs feed P
+    and dS to their dots rounded to bf16/fp16 (flash attention's choice, full tensor-core rate)
+    instead of as TF32 — a variant to time against the default, not the default."""
     if config is not None:
         return config
     cfg = default_config(dk, dv, dtype)
-    if dtype != torch.float32 and os.environ.get("MEDATTN_POSITION_P16", "0") not in ("", "0"):
+    if dtype != torch.float32 and p16:
         cfg = replace(cfg, fp32_probabilities=False)
     return cfg
 
@@ -421,11 +420,9 @@ def _resolve(config: Optional[PositionConfig], dk: int, dv: int, dtype: torch.dt
 BACKWARD_VARIANTS = ("separate", "fused")
 
 
-def _backward_variant(variant: Optional[str]) -> str:
-    variant = variant or os.environ.get("MEDATTN_POSITION_BWD", "") or "separate"
+def _backward_variant(variant: str) -> str:
     if variant not in BACKWARD_VARIANTS:
-        raise ValueError(f"position_backward: variant (or MEDATTN_POSITION_BWD) must be one of "
-                         f"{BACKWARD_VARIANTS}, got {variant!r}")
+        raise ValueError(f"position_backward: variant must be one of {BACKWARD_VARIANTS}, got {variant!r}")
     return variant
 
 
@@ -439,9 +436,12 @@ def _alloc_out(batch: int, n: int, dv: int, like: torch.Tensor, channels_first: 
 def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, transpose: bool,
                      gamma: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
                      multiply: Optional[torch.Tensor] = None, channels_first: bool = False,
-                     save_for_backward: bool = True, config: Optional[PositionConfig] = None
+                     save_for_backward: bool = True, config: Optional[PositionConfig] = None,
+                     p16: bool = False, fp32_precision: Optional[str] = None
                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Fused forward. q (B, Nq, dk), k (B, Nk, dk), v (B, Nk, dv) [transpose: (B, Nq, dv)], any strides.
+    ``p16``: the 16-bit P·V variant (see :func:`_resolve`); ``fp32_precision``: of float32 dots
+    (``_util.fp32_precision``; None: PyTorch's TF32 setting decides).
 
     Returns ``(out, o, lse2)``: ``out`` = γ·(o ⊙ f) + x as a token-major (B, n_out, dv) tensor (a view
     of channel-first storage when ``channels_first``); ``o`` the attention output before the
@@ -455,7 +455,7 @@ def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     if d_k > MAX_HEAD_DIM:
         raise ValueError(f"position_forward: dk (q.shape[2]) must be <= {MAX_HEAD_DIM}, got {d_k}")
     n_out = n_k if transpose else n_q
-    cfg = _resolve(config, d_k, d_v, q.dtype)
+    cfg = _resolve(config, d_k, d_v, q.dtype, p16)
     block_dk = _pow2_at_least_16(d_k)
     has_epilogue = gamma is not None or residual is not None or multiply is not None
     store_o = save_for_backward and has_epilogue
@@ -467,7 +467,7 @@ def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     if transpose or save_for_backward:
         lse = torch.empty(batch, n_q, device=q.device, dtype=torch.float32)
     qk_scale = float(scale) * LOG2E
-    precision = _dot_precision(q.dtype)
+    precision = _dot_precision(q.dtype, forced=fp32_precision)
     dummy = q
     common = dict(HAS_GAMMA=gamma is not None, HAS_RES=residual is not None, HAS_MUL=multiply is not None,
                   STORE_O=store_o, BLOCK_DK=block_dk, BLOCK_DV=cfg.block_dv, PRECISION=precision,
@@ -507,7 +507,7 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                       o: torch.Tensor, lse: torch.Tensor, *, scale: float, transpose: bool,
                       gamma: Optional[torch.Tensor] = None, multiply: Optional[torch.Tensor] = None,
                       need_multiply_grad: bool = True, config: Optional[PositionConfig] = None,
-                      variant: Optional[str] = None
+                      variant: str = "separate", p16: bool = False, fp32_precision: Optional[str] = None
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor],
                                  Optional[torch.Tensor]]:
     """Gradients ``(dq, dk, dv, dγ, df)`` of the fused forward (dγ, df None when absent).
@@ -516,17 +516,18 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     before the epilogue (``out`` itself when there is no γ/f/x). ``lse``: the forward's lse2.
     The residual's gradient is ``grad_out`` itself and is not computed here.
     dq, dk, dv have the strides of q, k, v when those are dense (``torch.empty_like``).
-    ``variant`` (default ``MEDATTN_POSITION_BWD``, else "separate"): "separate" recomputes dS in a
-    dq kernel and a dk kernel (deterministic); "fused" computes it once and adds dq with atomics
-    (``_dk_kernel`` with ``DQ_ATOMIC``) — the faster candidate on a GPU, timed side by side by bench/gpu_check.sh.
+    ``variant``: "separate" (the default) recomputes dS in a dq kernel and a dk kernel
+    (deterministic); "fused" computes it once and adds dq with atomics (``_dk_kernel`` with
+    ``DQ_ATOMIC``) — the faster candidate on a GPU, timed side by side by bench/gpu_check.sh.
+    ``p16``, ``fp32_precision``: as :func:`position_forward`'s (the forward's own, for the same P).
     """
     batch, n_q, d_k = q.shape
     n_k = k.shape[1]
     d_v = v.shape[2]
     n_out = n_k if transpose else n_q
-    cfg = _resolve(config, d_k, d_v, q.dtype)
+    cfg = _resolve(config, d_k, d_v, q.dtype, p16)
     block_dk = _pow2_at_least_16(d_k)
-    precision = _dot_precision(q.dtype)
+    precision = _dot_precision(q.dtype, forced=fp32_precision)
     qk_scale = float(scale) * LOG2E
     n_dv_blocks = triton.cdiv(d_v, cfg.block_dv)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -291,7 +291,7 @@ def _layout_strides(t: torch.Tensor, layout: str, window_size: int) -> Tuple[int
 
 
 def window_forward(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], *, window_size: int, num_heads: int,
-                   pad_mode: str, layout: str) -> torch.Tensor:
+                   pad_mode: str, layout: str, fp32_precision: Optional[str] = None) -> torch.Tensor:
     r"""Attention core of window attention: ``o = softmax(q kᵀ/sqrt(d)) v`` in every window and head.
 
     Args:
@@ -313,7 +313,7 @@ def window_forward(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], *, windo
         H, W, pad_h, pad_w, n_w, d, A, LOG2E / d ** 0.5,
         WS=window_size, BLOCK_L=block_l, BLOCK_D=block_d, MTUNET=pad_mode == "mtunet",
         MASK_KEYS=pad_mode == "mask", STORE_PADDED=layout != "grid", HAS_BIAS=qkv_bias is not None,
-        PRECISION=_dot_precision(qkv.dtype), UPCAST=interpreted(), num_warps=_num_warps(block_l, block_d))
+        PRECISION=_dot_precision(qkv.dtype, forced=fp32_precision), UPCAST=interpreted(), num_warps=_num_warps(block_l, block_d))
     return o
 
 
@@ -328,7 +328,7 @@ def _fold_clamped(t: torch.Tensor, dim: int, n: int, pad: int) -> Tuple[torch.Te
 
 
 def window_backward(grad_o: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], *,
-                    window_size: int, num_heads: int, pad_mode: str, layout: str
+                    window_size: int, num_heads: int, pad_mode: str, layout: str, fp32_precision: Optional[str] = None
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""Gradients ``(dqkv, dqkv_bias)`` of :func:`window_forward`.
 
@@ -355,7 +355,7 @@ def window_backward(grad_o: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[
         H, W, pad_h, pad_w, n_w, n_windows, d, A, LOG2E / d ** 0.5, 1.0 / d ** 0.5,
         WS=window_size, BLOCK_L=block_l, BLOCK_D=block_d, MTUNET=has_corner, MASK_KEYS=pad_mode == "mask",
         STORE_PADDED=layout != "grid", HAS_BIAS=qkv_bias is not None,
-        PRECISION=_dot_precision(qkv.dtype), UPCAST=interpreted(), num_warps=_num_warps(block_l, block_d))
+        PRECISION=_dot_precision(qkv.dtype, forced=fp32_precision), UPCAST=interpreted(), num_warps=_num_warps(block_l, block_d))
     if corner is not None:
         # Sources may be real tokens of other windows: one deterministic slice add, in float32.
         corner, r0 = _fold_clamped(corner, 1, H, pad_h)

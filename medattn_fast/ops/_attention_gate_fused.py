@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from ._batch_norm import (BatchNormParams, all_reduce_sums, batch_norm, conv, conv_batch_norm, foldable,
                           update_running_stats, uses_batch_stats)
+from ..kernel_config import kernel_config
 from ._custom_op import accumulation_dtype
 
 __all__ = ["FusedKernels", "GateParams", "define_custom_ops", "fused_gate", "kernel_size", "registrar", "upsample"]
@@ -170,7 +171,7 @@ class FusedKernels(NamedTuple):
     project_backward: Callable
 
 
-def define_custom_ops(backend: str, kernels: Callable) -> FusedKernels:
+def define_custom_ops(backend: str, kernels: Callable, *, precision_argument: bool = False) -> FusedKernels:
     """Declares the five custom ops of one fused backend around ``kernels()`` (a module or extension
     with ``gate_forward``, ``gate_logits``, ``gate_backward``, ``gate_project``,
     ``gate_project_backward``, loaded on first use), with their fake kernels and autograd formulas —
@@ -183,10 +184,16 @@ def define_custom_ops(backend: str, kernels: Callable) -> FusedKernels:
     * ``..._logits_fwd(x, G, W, b, w, c) -> q``: the logits only, for a ψ-BN with batch statistics;
     * ``..._bwd(...) -> (grad_x, grad_a, grad_psi, grad_psi_bias)``: the backward of both,
       recomputing ``a`` from x;
-    * ``..._project_fwd(x, alpha, W, b) -> α·(W·x) + b`` and ``..._project_bwd``: the output
-      transform of the grid gate.
+    * ``..._project_fwd(x, alpha, W, b, fp32_precision?) -> α·(W·x) + b`` and ``..._project_bwd``:
+      the output transform of the grid gate. ``fp32_precision``: the
+      :class:`medattn_fast.KernelConfig`'s in force at the call, passed on to the kernels of a backend
+      with ``precision_argument`` (Triton's tensor-core dots; the C++ kernels multiply in IEEE).
     """
     name = f"medattn::attention_gate_{backend}"
+
+    def precision(fp32_precision: Optional[str]) -> dict:
+        return {"fp32_precision": fp32_precision} if precision_argument else {}
+
 
     @torch.library.custom_op(f"{name}_fwd", mutates_args=())
     def forward(x: Tensor, G: Tensor, weight: Tensor, bias: Tensor, psi: Tensor, psi_bias: Tensor,
@@ -207,12 +214,14 @@ def define_custom_ops(backend: str, kernels: Callable) -> FusedKernels:
         return gx, ga, gpsi, gc
 
     @torch.library.custom_op(f"{name}_project_fwd", mutates_args=())
-    def project(x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        return kernels().gate_project(x, alpha, weight, bias)
+    def project(x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor, fp32_precision: Optional[str]) -> Tensor:
+        return kernels().gate_project(x, alpha, weight, bias, **precision(fp32_precision))
 
     @torch.library.custom_op(f"{name}_project_bwd", mutates_args=())
-    def project_backward(x: Tensor, alpha: Tensor, weight: Tensor, grad_out: Tensor) -> Tuple[Tensor, Tensor]:
-        grad_x, grad_alpha = kernels().gate_project_backward(x, alpha, weight, grad_out)
+    def project_backward(x: Tensor, alpha: Tensor, weight: Tensor, grad_out: Tensor,
+                         fp32_precision: Optional[str]) -> Tuple[Tensor, Tensor]:
+        grad_x, grad_alpha = kernels().gate_project_backward(x, alpha, weight, grad_out,
+                                                             **precision(fp32_precision))
         return grad_x, grad_alpha
 
     k = FusedKernels(forward, logits, backward, project, project_backward)
@@ -238,12 +247,12 @@ def _define_fake_and_autograd(k: FusedKernels) -> None:
                 x.new_empty((G.shape[1],), dtype=acc), x.new_empty((1,), dtype=acc))
 
     @k.project.register_fake
-    def _(x, alpha, weight, bias):
+    def _(x, alpha, weight, bias, fp32_precision):
         return torch.empty_like(x) if weight.shape[0] == x.shape[1] else x.new_empty(
             (x.shape[0], weight.shape[0], *x.shape[2:]))
 
     @k.project_backward.register_fake
-    def _(x, alpha, weight, grad_out):
+    def _(x, alpha, weight, grad_out, fp32_precision):
         return torch.empty_like(x), torch.empty_like(alpha)
 
     def _setup(ctx, inputs, output):
@@ -277,8 +286,9 @@ def _define_fake_and_autograd(k: FusedKernels) -> None:
 
 
 def _project_setup(ctx, inputs, output):
-    x, alpha, weight, _bias = inputs
+    x, alpha, weight, _bias, fp32_precision = inputs
     ctx.save_for_backward(x, alpha, weight)
+    ctx.fp32_precision = fp32_precision
 
 
 def _project_backward(k: FusedKernels) -> Callable:
@@ -292,7 +302,7 @@ def _project_backward(k: FusedKernels) -> Callable:
         grad_out = grad_out.to(x.dtype)
         grad_x = grad_alpha = grad_w = grad_b = None
         if need[0] or need[1]:
-            grad_x, grad_alpha = k.project_backward(x, alpha, weight, grad_out)
+            grad_x, grad_alpha = k.project_backward(x, alpha, weight, grad_out, ctx.fp32_precision)
         batch, co = grad_out.shape[:2]
         flat_go = grad_out.reshape(batch, co, -1).to(weight.dtype)
         if need[2]:
@@ -301,7 +311,7 @@ def _project_backward(k: FusedKernels) -> Callable:
             grad_w = torch.bmm(scaled, flat_x.transpose(1, 2)).sum(0)
         if need[3]:
             grad_b = flat_go.sum((0, 2))
-        return (grad_x if need[0] else None, grad_alpha if need[1] else None, grad_w, grad_b)
+        return (grad_x if need[0] else None, grad_alpha if need[1] else None, grad_w, grad_b, None)
 
     return backward
 
@@ -372,7 +382,8 @@ def _normalised_x_branch(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_x
     return weight, bias
 
 
-def _output_transform(kernels: FusedKernels, x: Tensor, alpha: Tensor, p: GateParams) -> Tensor:
+def _output_transform(kernels: FusedKernels, x: Tensor, alpha: Tensor, p: GateParams,
+                      fp32_precision: Optional[str]) -> Tensor:
     """Grid mode's ``BN_out(W_out·(α⊙x))`` as the fused ``α·(W̃·x) + b̃`` (BN folded in eval; with
     batch statistics the BN normalises the fused pass's output, exactly as after the conv)."""
     acc = alpha.dtype
@@ -381,12 +392,12 @@ def _output_transform(kernels: FusedKernels, x: Tensor, alpha: Tensor, p: GatePa
     fold = foldable(p.bn_out)
     if fold:
         weight, bias = p.bn_out.fold(weight, bias)
-    out = kernels.project(x, alpha, weight, bias)
+    out = kernels.project(x, alpha, weight, bias, fp32_precision)
     return out if fold else batch_norm(out, p.bn_out)
 
 
 def _fused_grid_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, double_sigmoid: bool,
-                     return_alpha: bool) -> Result:
+                     return_alpha: bool, fp32_precision: Optional[str]) -> Result:
     """Oktay's grid gate: the additive gate's logits pass on the strided grid, then one fused pass
     over x for ``α⊙x`` and the output transform."""
     acc = accumulation_dtype(x.dtype)
@@ -412,7 +423,7 @@ def _fused_grid_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams,
     if p.out_weight is None:
         out = x * alpha.to(x.dtype)
     else:
-        out = _output_transform(kernels, x, alpha.to(acc).contiguous(), p)
+        out = _output_transform(kernels, x, alpha.to(acc).contiguous(), p, fp32_precision)
     return (out, alpha.to(x.dtype)) if return_alpha else out
 
 
@@ -423,10 +434,12 @@ def _psi(p: GateParams, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
 
 
 def fused_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, mode: str, double_sigmoid: bool,
-               return_alpha: bool) -> Result:
-    """The gate on a fused backend (arguments as ``ops.attention_gate``'s backends)."""
+               return_alpha: bool, fp32_precision: Optional[str] = None) -> Result:
+    """The gate on a fused backend (arguments as ``ops.attention_gate``'s backends; ``fp32_precision``:
+    the :class:`medattn_fast.KernelConfig`'s, for the grid gate's output transform)."""
     if mode == "grid":
-        return _fused_grid_gate(kernels, x, g, p, double_sigmoid=double_sigmoid, return_alpha=return_alpha)
+        return _fused_grid_gate(kernels, x, g, p, double_sigmoid=double_sigmoid, return_alpha=return_alpha,
+                                fp32_precision=fp32_precision)
     acc = accumulation_dtype(x.dtype)
     cint, cx = p.wx_weight.shape[0], x.shape[1]
 
@@ -458,7 +471,7 @@ def registrar(backend: str, kernels: FusedKernels) -> Callable:
     family's dispatcher as ``backend`` (reasons: its device and dtypes, and the table's limits)."""
 
     def impl(x: Tensor, g: Tensor, params: GateParams, **options) -> Result:
-        return fused_gate(kernels, x, g, params, **options)
+        return fused_gate(kernels, x, g, params, **options, fp32_precision=kernel_config().fp32_precision)
 
     def register(op) -> None:
         op.register(backend)(impl)

@@ -4,5 +4,5 @@ the table's limit) as the ``triton`` backend, through the shared custom-op facto
 from . import _attention_gate_fused as fused
 from ._custom_op import triton_module
 
-KERNELS = fused.define_custom_ops("triton", triton_module("attention_gate"))
+KERNELS = fused.define_custom_ops("triton", triton_module("attention_gate"), precision_argument=True)
 register = fused.registrar("triton", KERNELS)   # called by medattn_fast.ops

@@ -1,7 +1,8 @@
 r"""The ``cpp`` backend of channel attention: custom ops around ``csrc/cpu/channel.cpp``.
 
-* ``medattn::channel_cpp_fwd(x, gamma?, residual?, multiply?, negate, save, residual_is_x)
-  -> (out, o, attention)`` — ``out`` shaped like x (contiguous, x's dtype); ``o`` the pre-epilogue
+* ``medattn::channel_cpp_fwd(x, gamma?, residual?, multiply?, negate, save, residual_is_x,
+  fp32_precision?) -> (out, o, attention)`` (the family's contract, ``_channel_fused``; the C++
+  kernels multiply in IEEE float32/float64 and ignore ``fp32_precision``) — ``out`` shaped like x (contiguous, x's dtype); ``o`` the pre-epilogue
   output (B, C, N) in x's dtype, kept only when a gradient is wanted and there is a multiply f
   (dγ is computed from the C×C matrices otherwise); ``attention`` the (B, C, C) softmax in float32
   (float64 for float64 x), kept when a gradient is wanted (C×C is small next to the C×N map).
@@ -31,16 +32,16 @@ _ext = extension("cpu", "channel")
 
 
 @torch.library.custom_op("medattn::channel_cpp_fwd", mutates_args=())
-def channel_cpp_fwd(x: Tensor, gamma: Optional[Tensor], residual: Optional[Tensor],
-                              multiply: Optional[Tensor], negate: bool, save: bool,
-                              residual_is_x: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def channel_cpp_fwd(x: Tensor, gamma: Optional[Tensor], residual: Optional[Tensor], multiply: Optional[Tensor],
+                    negate: bool, save: bool, residual_is_x: bool,
+                    fp32_precision: Optional[str]) -> Tuple[Tensor, Tensor, Tensor]:
     """out = γ · (softmax(∓X Xᵀ) X ⊙ f) + residual (x itself when residual_is_x), shaped like x."""
     out, o, attention = _ext().channel_attention_forward(x, gamma, residual, multiply, negate, save, residual_is_x)
     return out, o, attention
 
 
 @channel_cpp_fwd.register_fake
-def _(x, gamma, residual, multiply, negate, save, residual_is_x):
+def _(x, gamma, residual, multiply, negate, save, residual_is_x, fp32_precision):
     keep_o = save and multiply is not None
     batch, channels = x.shape[0], x.shape[1]
     o = x.new_empty((batch, channels, math.prod(x.shape[2:]))) if keep_o else empty(x)
@@ -51,8 +52,8 @@ def _(x, gamma, residual, multiply, negate, save, residual_is_x):
 
 @torch.library.custom_op("medattn::channel_cpp_bwd", mutates_args=())
 def channel_cpp_bwd(grad_out: Tensor, x: Tensor, o: Tensor, attention: Tensor, gamma: Optional[Tensor],
-                              multiply: Optional[Tensor], negate: bool, need_multiply_grad: bool,
-                              residual_is_x: bool) -> List[Tensor]:
+                    multiply: Optional[Tensor], negate: bool, need_multiply_grad: bool, residual_is_x: bool,
+                    fp32_precision: Optional[str]) -> List[Tensor]:
     """dx (contiguous like x; the residual's g included when residual_is_x), dγ (gamma's shape), df or empty."""
     return list(_ext().channel_attention_backward(grad_out, x, o, attention, gamma, multiply, negate,
                                                   need_multiply_grad, residual_is_x))

@@ -13,12 +13,13 @@ from ._custom_op import extension, with_inert
 _ext = extension("cpu", "gaussian_axial")
 
 
+# (the C++ kernels multiply in IEEE float32/float64: the contract's fp32_precision is not theirs)
 KERNELS = fused.define_custom_ops(
     "cpp",
-    qkv_forward=lambda q, k, v, shift: _ext().gaussian_axial_qkv_forward(q, k, v, shift),
-    qkv_backward=lambda *args: _ext().gaussian_axial_qkv_backward(*args),
-    scores_forward=lambda atten_x, atten_y, v, shift: _ext().gaussian_axial_scores_forward(atten_x, atten_y, v, shift),
-    scores_backward=lambda *args: _ext().gaussian_axial_scores_backward(*args))
+    qkv_forward=lambda *args: _ext().gaussian_axial_qkv_forward(*args[:4]),
+    qkv_backward=lambda *args: _ext().gaussian_axial_qkv_backward(*args[:7]),
+    scores_forward=lambda *args: _ext().gaussian_axial_scores_forward(*args[:4]),
+    scores_backward=lambda *args: _ext().gaussian_axial_scores_backward(*args[:5]))
 (gaussian_axial_cpp_qkv_fwd, gaussian_axial_cpp_qkv_bwd, gaussian_axial_cpp_scores_fwd,
  gaussian_axial_cpp_scores_bwd) = KERNELS
 
@@ -56,14 +57,14 @@ class _QkvEager(torch.autograd.Function):
 def _cpp_scores(atten_x, atten_y, v, shift, *, bias=None):
     shift = with_inert(shift, bias)
     if torch.compiler.is_compiling():
-        return gaussian_axial_cpp_scores_fwd(atten_x, atten_y, v, shift)
+        return gaussian_axial_cpp_scores_fwd(atten_x, atten_y, v, shift, None)
     return _ScoresEager.apply(atten_x, atten_y, v, shift)
 
 
 def _cpp_qkv(q, k, v, shift, *, bias=None):
     shift = with_inert(shift, bias)
     if torch.compiler.is_compiling():
-        return gaussian_axial_cpp_qkv_fwd(q, k, v, shift)[0]
+        return gaussian_axial_cpp_qkv_fwd(q, k, v, shift, None)[0]
     return _QkvEager.apply(q, k, v, shift)
 
 

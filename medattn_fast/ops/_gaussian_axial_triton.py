@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import List
 
 from .. import backend as B
+from ..kernel_config import kernel_config
 from . import _gaussian_axial_fused as fused
 from ._custom_op import triton_module, with_inert
 
@@ -18,13 +19,14 @@ _kernels = triton_module("gaussian_axial")
 
 KERNELS = fused.define_custom_ops(
     "triton",
-    qkv_forward=lambda q, k, v, shift: _kernels().axial_forward(v, shift, q=q, k=k),
-    qkv_backward=lambda grad_out, q, k, v, shift, lse_rows, lse_cols: _kernels().axial_backward(
-        grad_out, v, shift, q=q, k=k, lse_rows=lse_rows, lse_cols=lse_cols),
-    scores_forward=lambda atten_x, atten_y, v, shift: _kernels().axial_forward(
-        v, shift, atten_x=atten_x, atten_y=atten_y)[0],
-    scores_backward=lambda grad_out, atten_x, atten_y, v, shift: _kernels().axial_backward(
-        grad_out, v, shift, atten_x=atten_x, atten_y=atten_y))
+    qkv_forward=lambda q, k, v, shift, precision: _kernels().axial_forward(v, shift, q=q, k=k,
+                                                                           fp32_precision=precision),
+    qkv_backward=lambda grad_out, q, k, v, shift, lse_rows, lse_cols, precision: _kernels().axial_backward(
+        grad_out, v, shift, q=q, k=k, lse_rows=lse_rows, lse_cols=lse_cols, fp32_precision=precision),
+    scores_forward=lambda atten_x, atten_y, v, shift, precision: _kernels().axial_forward(
+        v, shift, atten_x=atten_x, atten_y=atten_y, fp32_precision=precision)[0],
+    scores_backward=lambda grad_out, atten_x, atten_y, v, shift, precision: _kernels().axial_backward(
+        grad_out, v, shift, atten_x=atten_x, atten_y=atten_y, fp32_precision=precision))
 (gaussian_axial_triton_qkv_fwd, gaussian_axial_triton_qkv_bwd, gaussian_axial_triton_scores_fwd,
  gaussian_axial_triton_scores_bwd) = KERNELS
 
@@ -36,11 +38,11 @@ def _reasons(*args, **_kwargs) -> List[str]:
 
 
 def _triton_qkv(q, k, v, shift, *, bias=None):
-    return KERNELS.qkv_forward(q, k, v, with_inert(shift, bias))[0]
+    return KERNELS.qkv_forward(q, k, v, with_inert(shift, bias), kernel_config().fp32_precision)[0]
 
 
 def _triton_scores(atten_x, atten_y, v, shift, *, bias=None):
-    return KERNELS.scores_forward(atten_x, atten_y, v, with_inert(shift, bias))
+    return KERNELS.scores_forward(atten_x, atten_y, v, with_inert(shift, bias), kernel_config().fp32_precision)
 
 
 def register(op_qkv: B.Op, op_scores: B.Op) -> None:

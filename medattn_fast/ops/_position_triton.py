@@ -4,10 +4,12 @@ Two ``torch.library`` custom ops, so the fused path is one opaque node under
 ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` can check it:
 
 * ``medattn::position_triton_fwd(q, k, v, gamma?, residual?, multiply?, scale, transpose,
-  channels_first, save) -> (out, o, lse2)`` — ``out`` token-major (B, n_out, dv), a view of
-  channel-first (B, dv, n_out) storage when ``channels_first``; ``o`` the pre-epilogue output
-  (float32; saved only when there is an epilogue and a gradient is wanted; an empty tensor
-  otherwise); ``lse2`` the (B, Nq) float32 base-2 row log-sum-exp (empty when no gradient is wanted).
+  channels_first, save, fp32_precision?, p16, backward) -> (out, o, lse2)`` — ``out`` token-major
+  (B, n_out, dv), a view of channel-first (B, dv, n_out) storage when ``channels_first``; ``o`` the
+  pre-epilogue output (float32; saved only when there is an epilogue and a gradient is wanted; an
+  empty tensor otherwise); ``lse2`` the (B, Nq) float32 base-2 row log-sum-exp (empty when no
+  gradient is wanted). The last three arguments are the kernel variants of the
+  :class:`medattn_fast.KernelConfig` in force at the call (the backward runs the forward's).
 * ``medattn::position_triton_bwd`` — dq, dk, dv, dγ, df (empty tensors for absent ones).
 
 The backward keeps q, k, v, (o), lse2 and γ/f: O(N·d) memory, never the N×N matrix.
@@ -22,25 +24,25 @@ import torch
 from torch import Tensor
 
 from .. import backend as B
+from ..kernel_config import kernel_config
 from ._custom_op import empty, or_empty, triton_module, wants_grad
 
 _kernels = triton_module("position")
 
 
 @torch.library.custom_op("medattn::position_triton_fwd", mutates_args=())
-def position_triton_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Optional[Tensor],
-                                  residual: Optional[Tensor], multiply: Optional[Tensor], scale: float,
-                                  transpose: bool, channels_first: bool, save: bool
-                                  ) -> Tuple[Tensor, Tensor, Tensor]:
+def position_triton_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Optional[Tensor], residual: Optional[Tensor],
+                        multiply: Optional[Tensor], scale: float, transpose: bool, channels_first: bool, save: bool,
+                        fp32_precision: Optional[str], p16: bool, backward: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused forward; q, k, v, residual, multiply are token-major (views of any strides)."""
     out, o, lse = _kernels().position_forward(
         q, k, v, scale=scale, transpose=transpose, gamma=gamma, residual=residual, multiply=multiply,
-        channels_first=channels_first, save_for_backward=save)
+        channels_first=channels_first, save_for_backward=save, p16=p16, fp32_precision=fp32_precision)
     return out, or_empty(o, q), or_empty(lse, q, torch.float32)
 
 
 @position_triton_fwd.register_fake
-def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save):
+def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save, fp32_precision, p16, backward):
     batch, n_q, _ = q.shape
     n_out, d_v = (k.shape[1] if transpose else n_q), v.shape[2]
     out = q.new_empty(batch, d_v, n_out).transpose(1, 2) if channels_first else q.new_empty(batch, n_out, d_v)
@@ -52,42 +54,42 @@ def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save
 
 @torch.library.custom_op("medattn::position_triton_bwd", mutates_args=())
 def position_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                                  gamma: Optional[Tensor], multiply: Optional[Tensor], scale: float,
-                                  transpose: bool, need_multiply_grad: bool) -> List[Tensor]:
+                        gamma: Optional[Tensor], multiply: Optional[Tensor], scale: float, transpose: bool,
+                        need_multiply_grad: bool, fp32_precision: Optional[str], p16: bool,
+                        backward: str) -> List[Tensor]:
     """dq, dk, dv, dγ, df; ``grad_out`` and ``o`` token-major (B, n_out, dv), any strides."""
     dq, dk, dv, d_gamma, d_mul = _kernels().position_backward(
         grad_out, q, k, v, o, lse, scale=scale, transpose=transpose, gamma=gamma, multiply=multiply,
-        need_multiply_grad=need_multiply_grad)
+        need_multiply_grad=need_multiply_grad, variant=backward, p16=p16, fp32_precision=fp32_precision)
     return [dq, dk, dv, or_empty(d_gamma, q), or_empty(d_mul, q)]
 
 
 @position_triton_bwd.register_fake
-def _(grad_out, q, k, v, o, lse, gamma, multiply, scale, transpose, need_multiply_grad):
+def _(grad_out, q, k, v, o, lse, gamma, multiply, scale, transpose, need_multiply_grad, fp32_precision, p16,
+      backward):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(gamma) if gamma is not None else empty(q),
             torch.empty_like(multiply) if (multiply is not None and need_multiply_grad) else empty(q)]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gamma, residual, multiply, scale, transpose, channels_first, _save = inputs
+    q, k, v, gamma, residual, multiply, scale, transpose, _channels_first, _save, *variants = inputs
     out, o, lse = output
     ctx.mark_non_differentiable(o, lse)
     has_epilogue = gamma is not None or residual is not None or multiply is not None
     # Without an epilogue the output itself is o.
     ctx.save_for_backward(q, k, v, o if has_epilogue else out, lse, gamma, multiply)
-    ctx.scale, ctx.transpose = scale, transpose
+    ctx.scale, ctx.transpose, ctx.variants = scale, transpose, variants
     ctx.has_residual = residual is not None
 
 
 def _backward(ctx, grad_out, _grad_o, _grad_lse):
     q, k, v, o, lse, gamma, multiply = ctx.saved_tensors
-    need = ctx.needs_input_grad
+    need_mul = multiply is not None and ctx.needs_input_grad[5]
     dq, dk, dv, d_gamma, d_mul = position_triton_bwd(
-        grad_out, q, k, v, o, lse, gamma, multiply, ctx.scale, ctx.transpose,
-        multiply is not None and need[5])
-    return (dq, dk, dv, d_gamma if gamma is not None else None,
-            grad_out if ctx.has_residual else None, d_mul if multiply is not None and need[5] else None,
-            None, None, None, None)
+        grad_out, q, k, v, o, lse, gamma, multiply, ctx.scale, ctx.transpose, need_mul, *ctx.variants)
+    return (dq, dk, dv, d_gamma if gamma is not None else None, grad_out if ctx.has_residual else None,
+            d_mul if need_mul else None, *(None,) * 7)
 
 
 position_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -95,8 +97,10 @@ position_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _triton(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size, channels_first):
     """Token-major views in and out (``channels_first``: the output's storage; ``chunk_size`` unused)."""
+    config = kernel_config()
     out, _o, _lse = position_triton_fwd(q, k, v, gamma, residual, multiply, float(scale), bool(transpose),
-                                        bool(channels_first), wants_grad(q, k, v, gamma, residual, multiply))
+                                        bool(channels_first), wants_grad(q, k, v, gamma, residual, multiply),
+                                        config.fp32_precision, config.position_p16, config.position_backward)
     return out
 
 

@@ -7,8 +7,8 @@ their gradients are ordinary autograd::
     o   = medattn::window_triton_fwd(qkv, qkv_bias, ...)     windows, heads, padding
     out = o W_oᵀ + b_o                               one GEMM, in the requested layout
 
-* ``medattn::window_triton_fwd(qkv, qkv_bias?, window_size, num_heads, pad_mode, layout)
-  -> o``; the bias is an input because zero-padded tokens' q/k/v *are* the biases.
+* ``medattn::window_triton_fwd(qkv, qkv_bias?, window_size, num_heads, pad_mode, layout,
+  fp32_precision?) -> o`` (``fp32_precision``: the :class:`medattn_fast.KernelConfig`'s in force); the bias is an input because zero-padded tokens' q/k/v *are* the biases.
 * ``medattn::window_triton_bwd(grad_o, qkv, qkv_bias?, ...) -> [dqkv, dqkv_bias]``
   (``dqkv_bias`` empty without a bias): probabilities recomputed, nothing saved but the inputs.
 
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend as B
+from ..kernel_config import kernel_config
 from ._custom_op import or_empty, triton_module
 
 _kernels = triton_module("window")
@@ -44,44 +45,44 @@ def _layout_shape(batch, H, W, channels, ws, layout):
 
 
 @torch.library.custom_op("medattn::window_triton_fwd", mutates_args=())
-def window_triton_fwd(qkv: Tensor, qkv_bias: Optional[Tensor], window_size: int, num_heads: int,
-                                pad_mode: str, layout: str) -> Tensor:
+def window_triton_fwd(qkv: Tensor, qkv_bias: Optional[Tensor], window_size: int, num_heads: int, pad_mode: str,
+                      layout: str, fp32_precision: Optional[str]) -> Tensor:
     """o (heads concatenated) in ``layout`` from the (B, H, W, 3A) projection."""
     return _kernels().window_forward(qkv, qkv_bias, window_size=window_size, num_heads=num_heads,
-                                     pad_mode=pad_mode, layout=layout)
+                                     pad_mode=pad_mode, layout=layout, fp32_precision=fp32_precision)
 
 
 @window_triton_fwd.register_fake
-def _(qkv, qkv_bias, window_size, num_heads, pad_mode, layout):
+def _(qkv, qkv_bias, window_size, num_heads, pad_mode, layout, fp32_precision):
     batch, H, W, three_a = qkv.shape
     return qkv.new_empty(_layout_shape(batch, H, W, three_a // 3, window_size, layout))
 
 
 @torch.library.custom_op("medattn::window_triton_bwd", mutates_args=())
-def window_triton_bwd(grad_o: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], window_size: int,
-                                num_heads: int, pad_mode: str, layout: str) -> List[Tensor]:
+def window_triton_bwd(grad_o: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], window_size: int, num_heads: int,
+                      pad_mode: str, layout: str, fp32_precision: Optional[str]) -> List[Tensor]:
     """[dqkv (B, H, W, 3A), dqkv_bias (3A,) — the zero-padded tokens' share; empty without a bias]."""
-    dqkv, d_bias = _kernels().window_backward(grad_o, qkv, qkv_bias, window_size=window_size,
-                                              num_heads=num_heads, pad_mode=pad_mode, layout=layout)
+    dqkv, d_bias = _kernels().window_backward(grad_o, qkv, qkv_bias, window_size=window_size, num_heads=num_heads,
+                                              pad_mode=pad_mode, layout=layout, fp32_precision=fp32_precision)
     return [dqkv, or_empty(d_bias, qkv)]
 
 
 @window_triton_bwd.register_fake
-def _(grad_o, qkv, qkv_bias, window_size, num_heads, pad_mode, layout):
+def _(grad_o, qkv, qkv_bias, window_size, num_heads, pad_mode, layout, fp32_precision):
     return [qkv.new_empty(qkv.shape),
             qkv_bias.new_empty(qkv_bias.shape) if qkv_bias is not None else qkv.new_empty((0,))]
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, qkv_bias, window_size, num_heads, pad_mode, layout = inputs
+    qkv, qkv_bias, *launch = inputs
     ctx.save_for_backward(qkv, qkv_bias)
-    ctx.config = (window_size, num_heads, pad_mode, layout)
+    ctx.launch = launch   # window_size, num_heads, pad_mode, layout, fp32_precision
 
 
 def _backward(ctx, grad_o):
     qkv, qkv_bias = ctx.saved_tensors
-    dqkv, d_bias = window_triton_bwd(grad_o, qkv, qkv_bias, *ctx.config)
-    return dqkv, (d_bias if qkv_bias is not None else None), None, None, None, None
+    dqkv, d_bias = window_triton_bwd(grad_o, qkv, qkv_bias, *ctx.launch)
+    return dqkv, (d_bias if qkv_bias is not None else None), None, None, None, None, None
 
 
 window_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -97,7 +98,8 @@ def _triton(x, query_weight, query_bias, key_weight, key_bias, value_weight, val
         A = query_weight.shape[0]
         qkv_bias = torch.cat([b if b is not None else query_weight.new_zeros(A) for b in biases])
     qkv = F.linear(x, qkv_weight, qkv_bias)   # (B, H, W, 3A): the unpadded grid only
-    o = window_triton_fwd(qkv, qkv_bias, int(window_size), int(num_heads), pad_mode, layout)
+    o = window_triton_fwd(qkv, qkv_bias, int(window_size), int(num_heads), pad_mode, layout,
+                          kernel_config().fp32_precision)
     return F.linear(o, proj_weight, proj_bias)
 
 

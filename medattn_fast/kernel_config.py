@@ -1,0 +1,116 @@
+"""Kernel variants as explicit configuration: :class:`KernelConfig`.
+
+The Triton backends take the variants they run as arguments of their custom ops, read from the
+configuration in force when the op is called: :func:`use_kernel_config` (a context manager) >
+:func:`set_kernel_config` (process-wide) > the environment (:meth:`KernelConfig.from_environment`,
+the one place that reads these variables) > the defaults. Every variant stays selectable, so a GPU
+check can time them side by side::
+
+    with medattn_fast.use_kernel_config(medattn_fast.KernelConfig(position_backward="fused")):
+        out = model(x)
+
+Under ``torch.compile`` the configuration is read once, when the graph is traced (like the backend).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from dataclasses import astuple, dataclass
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+__all__ = ["FP32_PRECISIONS", "POSITION_BACKWARDS", "KernelConfig", "kernel_config", "set_kernel_config",
+           "use_kernel_config"]
+
+FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
+POSITION_BACKWARDS = ("separate", "fused")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The variants of the Triton kernels (the defaults are the shipped choice; a later GPU
+    measurement may retune them).
+
+    ``fp32_precision``: how float32 tiles are multiplied — ``"tf32x3"`` (three TF32 tensor-core
+    products of a hi/lo split: float32 accuracy), ``"ieee"`` (plain float32 FMAs) or ``"tf32"`` (one
+    TF32 product); None (default): ``"tf32"`` where PyTorch's own float32 matmuls allow TF32, else
+    ``"tf32x3"`` (``"ieee"`` for the two kernels whose tiles spill with the split: the external
+    attention backward, the gate's output projection). Variable ``MEDATTN_FP32_PRECISION``.
+
+    ``position_backward``: position attention's backward, ``"separate"`` (dS recomputed in a dq and a
+    dk kernel; deterministic; default) or ``"fused"`` (dS once per tile, dq added with atomics).
+    Variable ``MEDATTN_POSITION_BWD``.
+
+    ``position_p16``: position attention on 16-bit inputs feeds P and dS to their dots rounded to
+    bf16/fp16 (flash attention's choice, full tensor-core rate) instead of as TF32 (default False:
+    about 8x less rounding in those products). Variable ``MEDATTN_POSITION_P16=1``.
+    """
+
+    fp32_precision: Optional[str] = None
+    position_backward: str = "separate"
+    position_p16: bool = False
+
+    def __post_init__(self):
+        if self.fp32_precision is not None and self.fp32_precision not in FP32_PRECISIONS:
+            raise ValueError(f"KernelConfig: fp32_precision must be one of {FP32_PRECISIONS} or None, "
+                             f"got {self.fp32_precision!r}")
+        if self.position_backward not in POSITION_BACKWARDS:
+            raise ValueError(f"KernelConfig: position_backward must be one of {POSITION_BACKWARDS}, "
+                             f"got {self.position_backward!r}")
+        if not isinstance(self.position_p16, bool):
+            raise TypeError(f"KernelConfig: position_p16 must be a bool, got {self.position_p16!r}")
+
+    @classmethod
+    def from_environment(cls) -> "KernelConfig":
+        """The defaults with the environment's choices applied (``MEDATTN_FP32_PRECISION``,
+        ``MEDATTN_POSITION_BWD``, ``MEDATTN_POSITION_P16``); a bad value raises naming the variable."""
+        precision = os.environ.get("MEDATTN_FP32_PRECISION", "").strip().lower() or None
+        if precision is not None and precision not in FP32_PRECISIONS:
+            raise ValueError(f"MEDATTN_FP32_PRECISION must be one of {FP32_PRECISIONS}, got {precision!r}")
+        backward = os.environ.get("MEDATTN_POSITION_BWD", "").strip() or "separate"
+        if backward not in POSITION_BACKWARDS:
+            raise ValueError(f"KernelConfig: position_backward (MEDATTN_POSITION_BWD) must be one of "
+                             f"{POSITION_BACKWARDS}, got {backward!r}")
+        p16 = os.environ.get("MEDATTN_POSITION_P16", "0").strip() not in ("", "0")
+        return cls(precision, backward, p16)
+
+
+_ctx_config: contextvars.ContextVar[Optional[KernelConfig]] = contextvars.ContextVar("medattn_kernel_config",
+                                                                                     default=None)
+_global_config: Optional[KernelConfig] = None
+
+
+def _check(config) -> Optional[KernelConfig]:
+    if config is not None and not isinstance(config, KernelConfig):
+        raise TypeError(f"kernel config: expected a KernelConfig or None, got {type(config).__name__}")
+    return config
+
+
+def set_kernel_config(config: Optional[KernelConfig]) -> None:
+    """Use ``config`` for every later call in this process (None: back to the environment's)."""
+    global _global_config
+    _global_config = _check(config)
+
+
+@contextlib.contextmanager
+def use_kernel_config(config: KernelConfig) -> Iterator[None]:
+    """Context manager: the enclosed calls run the kernel variants of ``config``."""
+    token = _ctx_config.set(_check(config))
+    try:
+        yield
+    finally:
+        _ctx_config.reset(token)
+
+
+@torch.compiler.assume_constant_result   # dynamo cannot trace ContextVar.get: read it at trace time
+def _fields() -> Tuple[Optional[str], str, bool]:
+    config = _ctx_config.get() or _global_config or KernelConfig.from_environment()
+    return astuple(config)
+
+
+def kernel_config() -> KernelConfig:
+    """The configuration in force: :func:`use_kernel_config` > :func:`set_kernel_config` > the
+    environment > the defaults."""
+    return KernelConfig(*_fields())
