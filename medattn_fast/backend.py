@@ -184,16 +184,6 @@ def cuda_reasons(*tensors: torch.Tensor, family: str) -> List[str]:
     return _extension_reasons("cuda", family, tensors)
 
 
-def cpp_predicate(family: str) -> Callable[..., List[str]]:
-    """A backend predicate ``reasons(*args, **kwargs)`` for the C++ CPU kernels of ``family``."""
-    return lambda *args, **kwargs: cpp_reasons(*args, *kwargs.values(), family=family)
-
-
-def cuda_predicate(family: str) -> Callable[..., List[str]]:
-    """A backend predicate ``reasons(*args, **kwargs)`` for the CUDA C++ kernels of ``family``."""
-    return lambda *args, **kwargs: cuda_reasons(*args, *kwargs.values(), family=family)
-
-
 def always(*_args, **_kwargs) -> List[str]:
     return []
 

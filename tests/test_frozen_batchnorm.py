@@ -271,3 +271,44 @@ def test_a_sync_batch_norm_in_eval_mode_never_synchronises(backend):
     torch.testing.assert_close(out, ref(x, g), **TOL[dtype])
     for a, b in zip(twin.buffers(), ref.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_convert_keeps_each_batch_norm_flag(backend):
+    """``convert()`` on a fine-tuned model (``train()``, every BatchNorm ``eval()``): it swaps the
+    gates, keeps every submodule's flag, and the converted model equals the original in outputs,
+    gradients and buffers."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "up": R.AttentionUpBlock(6, 4), "gate": R.Attention_block(5, 3, 4),
+        "block3d": R.AttentionBlock(3, 5, 4, spatial_dims=3)})
+    model = randomize_batch_norms(model, batches_tracked=7).double()
+    _set_pattern(model, "train-all-bn-eval")
+    converted = copy.deepcopy(model)
+    report = medattn_fast.convert(converted)
+    assert sorted(path for path, _, _ in report.swapped) == ["block3d", "gate", "up"], str(report)
+    assert {n: m.training for n, m in converted.named_modules()} == {n: m.training for n, m in model.named_modules()}
+
+    class Run(torch.nn.Module):   # the three blocks on their own inputs, one output list
+        def __init__(self, blocks):
+            super().__init__()
+            self.blocks = blocks
+
+        def forward(self, x_up, skip, g, x, x3, g3):
+            return self.blocks["up"](x_up, skip), self.blocks["gate"](g, x), self.blocks["block3d"](x3, g3)
+
+    inputs = (_randn(2, 6, 3, 3), _randn(2, 4, 6, 6), _randn(2, 5, 6, 5), _randn(2, 3, 6, 5),
+              _randn(2, 3, 4, 5, 6), _randn(2, 5, 2, 3, 3))
+    expected = _step(Run(model), inputs, None, None)
+    got = _step(Run(converted), inputs, expected["cotangents"], backend)
+    tol = TOL[F64]
+    for key in ("outs", "input_grads"):
+        for a, b in zip(got[key], expected[key]):
+            torch.testing.assert_close(a, b, **tol)
+    for key in ("param_grads", "buffers"):
+        assert got[key].keys() == expected[key].keys()
+        for n, t in got[key].items():
+            if expected[key][n] is None:
+                assert t is None, n
+            else:
+                torch.testing.assert_close(t, expected[key][n], **tol, msg=lambda m: f"{key} {n}: {m}")
