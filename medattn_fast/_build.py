@@ -104,6 +104,11 @@ def _blocker(kind: str, family: Optional[str] = None) -> Optional[Tuple[str, Opt
         if CUDA_HOME is None:
             return ("CUDA toolkit (nvcc) not found, CUDA sources skipped",
                     f"install the CUDA toolkit {torch.version.cuda} (torch's) and set CUDA_HOME")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+            # cpp_extension takes the GPU architectures from the visible devices (and fails with an
+            # IndexError when there is none): there is nothing to build for unless they are named
+            return ("no CUDA device to build the CUDA kernels for (TORCH_CUDA_ARCH_LIST=9.0, say, builds them "
+                    "without one), CUDA sources skipped", None)
     if family is not None and not source(kind, family).is_file():
         return f"no {kind} kernel for {family} ({source(kind, family).relative_to(CSRC.parent)} does not exist)", None
     if shutil.which("ninja") is None:
