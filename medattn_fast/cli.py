@@ -28,6 +28,11 @@ def _info(args) -> int:
             print(f"  {'':<28} per-call order: {row['per-call order']}")
         for limit in row["limits"]:
             print(f"  {'':<28} limit {limit}")
+    from .nn.attention_gate import UNFUSED_NORMS
+
+    print("not fused:")
+    for norm, reason in UNFUSED_NORMS.items():
+        print(f"  AttentionGate(norm={norm!r})  {reason}")
     return 0
 
 
