@@ -1,4 +1,4 @@
-"""``medattn-fast`` command line: info | verify | bench | build | train."""
+"""``medattn-fast`` command line: info | verify | bench | build | train | nnunet."""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +84,12 @@ def _train(args) -> int:
     return run(args)
 
 
+def _nnunet(args) -> int:
+    from .integrations.nnunet.cli import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="medattn-fast", description="Fused attention kernels for medical image segmentation")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -98,6 +104,10 @@ def main(argv=None) -> int:
     from .train import add_arguments as add_train_arguments  # the flags live beside the loop they configure
 
     add_train_arguments(sub.add_parser("train", help="train a segmentation model (see python -m medattn_fast.train -h)"))
+    from .integrations.nnunet.cli import add_arguments as add_nnunet_arguments
+
+    add_nnunet_arguments(sub.add_parser("nnunet", help="nnU-Net v2: add-config | trainer-path | warm-start "
+                                                       "(needs medattn-fast[nnunet])"))
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         rest = argv[1:]
@@ -105,7 +115,7 @@ def main(argv=None) -> int:
             rest = rest[1:]
         return _bench(rest)
     args = ap.parse_args(argv)
-    return {"info": _info, "verify": _verify, "build": _build, "train": _train}[args.cmd](args)
+    return {"info": _info, "verify": _verify, "build": _build, "train": _train, "nnunet": _nnunet}[args.cmd](args)
 
 
 if __name__ == "__main__":
