@@ -103,9 +103,15 @@ def _resize_nearest(values: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return values[np.ix_(rows, cols)]
 
 
-def _middle_slice(array: np.ndarray, spatial_dims: int) -> np.ndarray:
-    """The middle slice along the first spatial axis of a 3-D array (a 2-D array is returned as is)."""
-    return array[array.shape[0] // 2] if spatial_dims == 3 else array
+def middle_slice(array: np.ndarray, spatial_dims: int, depth_of: Optional[int] = None) -> np.ndarray:
+    """The middle slice along the first spatial axis of a 3-D array (a 2-D array is returned as is);
+    ``depth_of``: the slice at the same relative depth as the middle one of a volume that deep (an
+    attention map of a coarser level beside its image)."""
+    if spatial_dims != 3:
+        return array
+    if depth_of is None:
+        return array[array.shape[0] // 2]
+    return array[min(array.shape[0] * (depth_of // 2) // depth_of, array.shape[0] - 1)]
 
 
 def snapshot_panels(image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
@@ -122,15 +128,14 @@ def snapshot_panels(image: np.ndarray, label: np.ndarray, prediction: np.ndarray
     if image.ndim != dims + 1 or image.shape[1:] != label.shape or prediction.shape != label.shape:
         raise ValueError(f"snapshot_panels: expected image (C, *S), label (*S), prediction (*S); got "
                          f"{image.shape}, {label.shape}, {prediction.shape}")
-    panels = [gray_colors(_middle_slice(image[0], dims)), label_colors(_middle_slice(label, dims)),
-              label_colors(_middle_slice(prediction, dims))]
+    panels = [gray_colors(middle_slice(image[0], dims)), label_colors(middle_slice(label, dims)),
+              label_colors(middle_slice(prediction, dims))]
     size = panels[0].shape[:2]
     for alpha in attention:
         alpha = np.asarray(alpha, np.float64)
         if alpha.ndim == dims + 1:
             alpha = alpha[0]
-        if dims == 3:
-            alpha = alpha[min(alpha.shape[0] * (label.shape[0] // 2) // label.shape[0], alpha.shape[0] - 1)]
+        alpha = middle_slice(alpha, dims, depth_of=label.shape[0])
         panels.append(heat_colors(_resize_nearest(alpha, size)))
     gap = np.full((size[0], separator, 3), 255, np.uint8)
     strip = [panels[0]]

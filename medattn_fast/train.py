@@ -27,9 +27,14 @@ AdamW (a model whose train-mode output is structured — MSGANet's deep supervis
 its own objective plus the soft Dice of its averaged logits, see :func:`training_loss`).
 ``--batch-size`` is per process. A progress line on stderr shows the loss, the hard Dice of
 the batch (foreground classes, all ranks pooled) and images/s. Every ``--save-every`` steps (and at
-the end) rank 0 writes ``<out>/checkpoint.pt`` atomically; every ``--snapshot-every`` steps it writes
-``<out>/snapshot_<step>.png`` (input, label, prediction, then the model's attention maps when its
-``forward`` takes ``return_attention``) and appends metrics to ``<out>/log.jsonl``.
+the end) rank 0 writes ``<out>/checkpoint.pt`` atomically; every ``--log-every`` steps it appends the
+metrics to ``<out>/log.jsonl``; every ``--snapshot-every`` steps it writes ``<out>/snapshot_<step>.png``
+(input, label, prediction, then the model's attention maps when its ``forward`` takes
+``return_attention``) and redraws ``<out>/progress.png`` (loss and Dice against the step; also at the end).
+With matplotlib installed the snapshot is a labelled figure (each gate's map with its level and a
+0–1 colour bar; :mod:`medattn_fast.train_figures`); without it, the snapshot is a strip of unlabelled
+panels and no progress plot is drawn (said once). ``--tensorboard DIR`` also writes the scalars and
+the snapshot's images there (``torch.utils.tensorboard``; the ``tensorboard`` extra).
 
 Under DDP the parameters stay identical on every rank (gradients are averaged); BatchNorm running
 statistics are each rank's own between forwards (DDP re-broadcasts rank 0's at each forward), and the
@@ -314,6 +319,7 @@ class TrainConfig:
     workers: int = 0
     seed: int = 0
     quiet: bool = False
+    tensorboard: Optional[str] = None          # a folder for TensorBoard event files
 
     def validate(self) -> None:
         """ValueError naming the flag for a value the loop cannot run with (before any work)."""
@@ -385,10 +391,20 @@ class _Progress:
         self.line.close(keep=True)
 
 
-def _write_snapshot(path: Path, raw_model: nn.Module, image: torch.Tensor, label: torch.Tensor) -> None:
-    """PNG of the first item of the batch: input, label, prediction and attention maps (if any)."""
-    from .png import snapshot_panels, write_png
+_told_without_matplotlib = False
 
+
+def _without_matplotlib_once() -> None:
+    global _told_without_matplotlib
+    if not _told_without_matplotlib:
+        _told_without_matplotlib = True
+        print("train: matplotlib is not installed: snapshots are unlabelled panels and no progress.png is drawn "
+              "(pip install matplotlib, or the medattn-fast[bench] extra)", file=sys.stderr)
+
+
+def _snapshot_arrays(raw_model: nn.Module, image: torch.Tensor, label: torch.Tensor):
+    """(image (C, *S), label (*S), prediction (*S), attention maps [(1, *S_l)]) of the batch's first
+    item, numpy, from an eval-mode forward (the model's mode is restored)."""
     was_training = raw_model.training
     raw_model.eval()
     with torch.no_grad():
@@ -398,8 +414,72 @@ def _write_snapshot(path: Path, raw_model: nn.Module, image: torch.Tensor, label
         else:
             logits, maps = raw_model(image[:1]), []
     raw_model.train(was_training)
-    prediction = logits.argmax(1)[0].cpu().numpy()
-    write_png(path, snapshot_panels(image[0].float().cpu().numpy(), label[0].cpu().numpy(), prediction, maps))
+    return (image[0].float().cpu().numpy(), label[0].cpu().numpy(), logits.argmax(1)[0].cpu().numpy(), maps)
+
+
+def _write_snapshot(path: Path, arrays, *, num_classes: int, step: int) -> None:
+    """The snapshot PNG: a labelled matplotlib figure, or (without matplotlib) the panel strip."""
+    from . import train_figures
+
+    image, label, prediction, maps = arrays
+    if train_figures.matplotlib_available():
+        counts = dice_counts(torch.from_numpy(prediction)[None], torch.from_numpy(label)[None].long(), num_classes)
+        figure = train_figures.snapshot_figure(image, label, prediction, maps, num_classes=num_classes, step=step,
+                                               dice=dice_scores(counts))
+        train_figures.save_figure(figure, path)
+        return
+    from .png import snapshot_panels, write_png
+
+    _without_matplotlib_once()
+    write_png(path, snapshot_panels(image, label, prediction, maps))
+
+
+def _write_progress(path: Path, records: List[Dict[str, float]]) -> None:
+    """``progress.png`` from the log's records (nothing without matplotlib or records)."""
+    from . import train_figures
+
+    if not records:
+        return
+    if not train_figures.matplotlib_available():
+        _without_matplotlib_once()
+        return
+    train_figures.save_figure(train_figures.progress_figure(records), path)
+
+
+def _read_log(path: Path) -> List[Dict[str, float]]:
+    """The records of an existing ``log.jsonl`` (a resumed run's progress plot starts with them)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _tensorboard_writer(folder: str):
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``folder`` (ValueError naming the flag when
+    the tensorboard package is missing)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ValueError(f"train: --tensorboard needs the tensorboard package (pip install tensorboard, or the "
+                         f"medattn-fast[tensorboard] extra): {exc}") from None
+    return SummaryWriter(log_dir=folder)
+
+
+def _tensorboard_images(writer, arrays, step: int, num_classes: int) -> None:
+    """The snapshot's panels as TensorBoard images (grey 0–1; classes scaled to 0–1; α as is)."""
+    from .png import middle_slice
+
+    image, label, prediction, maps = arrays
+    dims = label.ndim
+    shown = middle_slice(image[0], dims).astype(np.float32)
+    span = float(shown.max() - shown.min()) or 1.0
+    writer.add_image("snapshot/image", (shown - shown.min()) / span, step, dataformats="HW")
+    for name, values in (("label", label), ("prediction", prediction)):
+        writer.add_image(f"snapshot/{name}", middle_slice(values, dims).astype(np.float32) / max(num_classes - 1, 1),
+                         step, dataformats="HW")
+    for level, alpha in enumerate(maps, start=1):
+        alpha = alpha[0] if alpha.ndim == dims + 1 else alpha
+        writer.add_image(f"snapshot/attention_level_{level}",
+                         middle_slice(alpha, dims, depth_of=label.shape[0]).astype(np.float32), step, dataformats="HW")
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,7 +585,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
     step = start_step
     loss_value, dice_value = float("nan"), float("nan")
     window_loss, window_steps, window_counts, window_images, window_start = 0.0, 0, None, 0, time.perf_counter()
+    records = _read_log(out / "log.jsonl") if is_main else []
     log_file = open(out / "log.jsonl", "a") if is_main else None
+    writer = _tensorboard_writer(config.tensorboard) if is_main and config.tensorboard else None
     saved: Optional[Path] = None
 
     def save() -> Path:
@@ -562,22 +644,34 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
                     images_per_s = float(stats[2]) / max(elapsed, 1e-9)
                     progress.update(step, loss_value, dice_value, images_per_s)
                     if log_file is not None:
-                        log_file.write(json.dumps({"step": step, "loss": loss_value, "dice": dice_value,
-                                                   "images_per_s": images_per_s}) + "\n")
+                        record = {"step": step, "loss": loss_value, "dice": dice_value, "images_per_s": images_per_s}
+                        records.append(record)
+                        log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
+                    if writer is not None:
+                        for name in ("loss", "dice", "images_per_s"):
+                            writer.add_scalar(f"train/{name}", records[-1][name], step)
                     window_loss, window_steps, window_counts, window_images = 0.0, 0, None, 0
                     window_start = time.perf_counter()
                 if is_main and config.snapshot_every and step % config.snapshot_every == 0:
-                    _write_snapshot(out / f"snapshot_{step:07d}.png", raw_model, image, label)
+                    arrays = _snapshot_arrays(raw_model, image, label)
+                    _write_snapshot(out / f"snapshot_{step:07d}.png", arrays, num_classes=num_classes, step=step)
+                    _write_progress(out / "progress.png", records)
+                    if writer is not None:
+                        _tensorboard_images(writer, arrays, step, num_classes)
                 if config.save_every and step % config.save_every == 0 and step != config.steps:
                     saved = save()
                 if step >= config.steps:
                     break
         saved = save()
+        if is_main and config.snapshot_every and step % config.snapshot_every != 0:
+            _write_progress(out / "progress.png", records)   # the curve up to the last step
     finally:
         progress.close()
         if log_file is not None:
             log_file.close()
+        if writer is not None:
+            writer.close()
     if is_main and step == start_step:
         print(f"train: nothing to do: the run is at step {step} and --steps is {config.steps}", file=sys.stderr)
     elif is_main and not math.isfinite(loss_value):
@@ -616,6 +710,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--quiet", action="store_true", help="no progress line")
+    ap.add_argument("--tensorboard", default=None, metavar="DIR",
+                    help="also write scalars and snapshot images to DIR for TensorBoard (needs tensorboard)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -626,7 +722,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        phantom_kwargs=phantom_kwargs, model_kwargs=args.model_kwargs, amp=args.amp,
                        compile=args.compile, backend=args.backend, device=args.device, resume=args.resume,
                        save_every=args.save_every, snapshot_every=args.snapshot_every, log_every=args.log_every,
-                       workers=args.workers, seed=args.seed, quiet=args.quiet)
+                       workers=args.workers, seed=args.seed, quiet=args.quiet, tensorboard=args.tensorboard)
 
 
 def run(args: argparse.Namespace) -> int:

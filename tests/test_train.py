@@ -361,7 +361,9 @@ def test_resume_refuses_another_model(tmp_path, monkeypatch):
         T.train(tiny_config(tmp_path, model="mtunet", resume=str(first.checkpoint)))
 
 
-def test_cli_train_writes_checkpoint_snapshot_and_log(tmp_path, capsys):
+def test_cli_train_writes_checkpoint_snapshot_and_log(tmp_path, capsys, monkeypatch):
+    # without matplotlib, the snapshot is the panel strip (the labelled figure: tests/test_train_outputs.py)
+    monkeypatch.setattr("medattn_fast.train_figures.matplotlib_available", lambda: False)
     out = tmp_path / "cli"
     status = cli.main(["train", "--model", "attention_unet", "--data", "phantoms3d", "--size", "8", "--steps", "2",
                        "--batch-size", "1", "--dataset-length", "2", "--num-classes", "2", "--snapshot-every", "2",
@@ -397,6 +399,7 @@ def test_amp_bf16_on_cpu_and_a_model_without_attention_maps(tmp_path, monkeypatc
 
     monkeypatch.setattr(medattn_fast.models, "PlainSegNet", PlainSegNet, raising=False)
     monkeypatch.setitem(T.MODELS, "plain", T.ModelSpec("PlainSegNet", "plain", (2, 3), {"width": 3}))
+    monkeypatch.setattr("medattn_fast.train_figures.matplotlib_available", lambda: False)   # the panel strip
     result = T.train(tiny_config(tmp_path, model="plain", amp=True, steps=2, snapshot_every=2, model_kwargs={}))
     assert np.isfinite(result.loss) and result.step == 2
     assert result.model.body[0].out_channels == 3  # the registry default reached the constructor
