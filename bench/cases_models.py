@@ -2,7 +2,7 @@
 
 One training step (mode ``fwd+bwd``: forward, backward of a random cotangent through every
 parameter) and inference (``no-grad``, eval mode) per network, the reference twin against the fast
-one with the same weights: ``reference`` is :func:`bench.twins.reference_twin` of the model (its
+one with the same weights: ``reference`` is :func:`medattn_fast.testing.twins.reference_twin` of the model (its
 attention modules swapped for the faithful ones, N×N / C×C matrices materialised), ``fast`` the
 network (memory-lean attention on the default backend choice), ``torch`` the fast network forced
 to the ``torch`` backend. The error column is the max abs difference of the logits vs the reference twin.
@@ -23,7 +23,7 @@ from typing import Callable, Dict, List
 import torch
 
 from bench.harness import Case, with_backend
-from bench.twins import reference_twin
+from medattn_fast.testing.twins import reference_twin
 from medattn_fast.models import CrossAttentionUNet, DAUNet, MSGANet, msganet_loss
 
 MODES = ("fwd+bwd", "no-grad")

@@ -1,7 +1,7 @@
 """Benchmark cases of the originals' whole networks, original vs fast, with the same weights.
 
 ``original`` is the network as its authors wrote it (restated: :mod:`medattn_fast.reference`,
-:mod:`bench.networks`, MONAI's tree in ``tests/_monai_attention_unet.py``); ``fast`` is the same
+:mod:`bench.networks`, MONAI's tree in :mod:`medattn_fast.testing.monai_attention_unet`); ``fast`` is the same
 object after :func:`medattn_fast.convert` (its attention blocks swapped for the fast ones, every
 other layer untouched) — or, for MONAI's AttentionUnet, which ``convert`` does not take,
 :class:`medattn_fast.models.AttentionUNet` loaded from the MONAI network's ``state_dict``. The
@@ -29,16 +29,12 @@ parameter) — the headline — and ``no-grad`` in eval mode (``--all``).
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 import medattn_fast
 from bench.harness import Case
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _converted(original: torch.nn.Module) -> torch.nn.Module:
@@ -84,11 +80,9 @@ MONAI_CONFIG = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(16,
 
 
 def _monai_attention_unet() -> torch.nn.Module:
-    path = ROOT / "tests" / "_monai_attention_unet.py"
-    spec = importlib.util.spec_from_file_location("_monai_attention_unet", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.AttentionUnet(**MONAI_CONFIG)
+    from medattn_fast.testing.monai_attention_unet import AttentionUnet
+
+    return AttentionUnet(**MONAI_CONFIG)
 
 
 def _monai_fast(original: torch.nn.Module) -> torch.nn.Module:

@@ -22,7 +22,7 @@ sign-random updates, and the comparison would measure that noise instead of the 
 The twins, built as the model benchmarks build them (``bench/cases_models.py``,
 ``cases_mtunet_model.py``, ``cases_attention_unet_model.py``):
 
-* ``DAUNet``, ``CrossAttentionUNet``, ``MSGANet``: :func:`bench.twins.reference_twin` of the fast
+* ``DAUNet``, ``CrossAttentionUNet``, ``MSGANet``: :func:`medattn_fast.testing.twins.reference_twin` of the fast
   network (a copy with its attention modules swapped for the faithful ones, same weights);
   attention gammas set to 0.5 so that PAM/CAM contribute from the first step (0 at init makes them
   the identity).
@@ -126,7 +126,7 @@ def _mtunet_twin(side: int, classes: int, device, embedding_std: float = 0.02):
 def twins(device: torch.device, size: str = "small", names: Sequence[str] = MODELS, seed: int = 0) -> Iterator[Twin]:
     """The twins of ``names`` (built one at a time, seeded) at ``size`` ``"tiny"`` (the tests),
     ``"small"`` (CPU runs) or ``"real"`` (the networks' working sizes; CUDA)."""
-    from bench.twins import reference_twin
+    from medattn_fast.testing.twins import reference_twin
     from medattn_fast.models import AttentionUNet, CrossAttentionUNet, DAUNet, MSGANet, MTUNet
 
     if size not in ("tiny", "small", "real"):

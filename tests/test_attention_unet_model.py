@@ -1,7 +1,7 @@
 """AttentionUNet (medattn_fast.models): shapes in 2-D/3-D, the fast path against the reference
 backend (logits, attention maps, every parameter gradient, BN running statistics; train and eval,
 fp64), bad inputs, a few training steps, and MONAI AttentionUnet checkpoints through a module tree
-that mirrors MONAI's (tests/_monai_attention_unet.py)."""
+that mirrors MONAI's (medattn_fast/testing/monai_attention_unet.py)."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import medattn_fast
 from medattn_fast.models import AttentionUNet
 
-from _monai_attention_unet import AttentionUnet as MonaiAttentionUnet
+from medattn_fast.testing.monai_attention_unet import AttentionUnet as MonaiAttentionUnet
 
 F64 = torch.float64
 

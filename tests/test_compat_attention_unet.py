@@ -357,7 +357,7 @@ def test_convert_monai_attention_unet():
     """MONAI's AttentionBlock shares the seeds' class name; convert swaps it for its own twin.
     (The restatement's code is ours, not MONAI's: it is vouched for with trust=; real MONAI 1.6.1 is
     recognised by its code fingerprint.)"""
-    from _monai_attention_unet import AttentionBlock as MonaiBlock, AttentionUnet
+    from medattn_fast.testing.monai_attention_unet import AttentionBlock as MonaiBlock, AttentionUnet
     from medattn_fast.convert import convert
 
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ A network fine-tuned the usual way is ``model.train()`` with every BatchNorm put
 (frozen statistics); the reverse (an ``eval()`` model with some BNs in training mode) also occurs.
 For every mixed pattern, on the originals' blocks (the widely copied ``AttentionBlock`` /
 ``AttentionUpBlock``, LeeJunHyun's ``Attention_block``, MONAI's ``AttentionBlock`` as restated in
-``_monai_attention_unet``, Oktay's ``GridAttentionBlock2D/3D``: their reference modules against
+``medattn_fast.testing.monai_attention_unet``, Oktay's ``GridAttentionBlock2D/3D``: their reference modules against
 their compat twins) and on ours (``nn.AttentionGate`` additive and grid, ``models.AttentionUNet``
 against the unfused modules holding the same weights), on every backend that runs on CPU: the
 outputs, the gradients of every input and parameter, and every buffer (running statistics,
@@ -20,8 +20,8 @@ from typing import Callable, Dict, NamedTuple, Optional
 import pytest
 import torch
 from _helpers import randomize_batch_norms
-from _monai_attention_unet import AttentionBlock as MonaiBlock
-from _monai_attention_unet import AttentionUnet as MonaiAttentionUnet
+from medattn_fast.testing.monai_attention_unet import AttentionBlock as MonaiBlock
+from medattn_fast.testing.monai_attention_unet import AttentionUnet as MonaiAttentionUnet
 
 import medattn_fast
 from medattn_fast.compat import attention_unet as C

@@ -105,7 +105,7 @@ def test_the_checker_finds_a_cycle():
 
 def test_models_are_built_on_nn_only():
     """The full networks use the clean modules of medattn_fast.nn, never the drop-ins (compat) or the
-    oracle (reference): their reference twins are built outside them (bench/twins.py)."""
+    oracle (reference): their reference twins are built outside them (medattn_fast/testing/twins.py)."""
     graph = import_graph()
     models = [m for m in graph if m == "medattn_fast.models" or m.startswith("medattn_fast.models.")]
     assert len(models) > 3

@@ -1,6 +1,6 @@
 """Full attention networks: DAUNet, CrossAttentionUNet, MSGANet.
 
-Each fast network is checked against its reference twin (``bench.twins.reference_twin``: a copy
+Each fast network is checked against its reference twin (``medattn_fast.testing.twins.reference_twin``: a copy
 whose attention modules are the faithful, materialising ones of ``medattn_fast.reference``, holding
 the same weights) in float64, in eval and train mode: logits, the input gradient, every parameter
 gradient and (train) the BatchNorm running statistics. Plus shapes
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.twins import PlanarCAM, PlanarPAM, reference_twin
+from medattn_fast.testing.twins import PlanarCAM, PlanarPAM, reference_twin
 from medattn_fast import nn as fast_nn
 from medattn_fast.models import AttentionUNet, CrossAttentionUNet, DAUNet, MSGANet, MSGANetOutputs, msganet_loss
 from medattn_fast.reference import cross_attention as reference_cross

@@ -25,7 +25,7 @@ The blocks are :mod:`medattn_fast.nn.attention`'s (attention through
 :func:`medattn_fast.functional.position_attention`: the N×N matrix is never stored); the tests and
 benchmarks compare the model with a twin holding the same weights in
 :mod:`medattn_fast.reference.cross_attention`'s blocks (the (B, heads, Nq, Nk) matrix
-materialised), built by swapping them (``bench/twins.py`` in the repository).
+materialised), built by swapping them (``medattn_fast.testing.twins``).
 """
 from __future__ import annotations
 

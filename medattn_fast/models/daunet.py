@@ -31,7 +31,7 @@ construction. PAM and CAM are :class:`medattn_fast.nn.PositionAttention` and
 :class:`~medattn_fast.nn.ChannelAttention`, which take 2-D and 3-D maps alike (attention over all
 N = prod(S) positions; the N×N matrix is never stored, E is accumulated in float32). The tests and
 benchmarks compare the model with a twin holding the same weights in DANet's original, materialising
-modules, built outside the model by swapping these two (``bench/twins.py`` in the repository).
+modules, built outside the model by swapping these two (``medattn_fast.testing.twins``).
 """
 from __future__ import annotations
 

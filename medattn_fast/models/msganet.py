@@ -39,7 +39,7 @@ checkpoints therefore do not load here.
 PAM and CAM are :class:`medattn_fast.nn.PositionAttention` and
 :class:`~medattn_fast.nn.ChannelAttention` (no N×N matrix, float32 energy); the tests and
 benchmarks compare the model with a twin in DANet's original modules built by swapping these two
-(``bench/twins.py`` in the repository).
+(``medattn_fast.testing.twins``).
 """
 from __future__ import annotations
 

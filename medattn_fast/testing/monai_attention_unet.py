@@ -21,8 +21,9 @@ from reading ``monai/networks/nets/attentionunet.py`` and ``monai/networks/block
   level's ``submodule`` is ``Sequential(down ConvBlock, next AttentionLayer)``, the last one's just
   the down ConvBlock.
 
-It exists so that ``AttentionUNet.from_monai_state_dict`` can be tested against a real MONAI-shaped
-checkpoint and forward pass; it is not part of the package.
+It exists so that ``AttentionUNet.from_monai_state_dict`` can be tested (``tests/``) and benchmarked
+(``bench/cases_networks.py``) against a real MONAI-shaped checkpoint and forward pass; nothing in
+the package imports it.
 """
 from __future__ import annotations
 
