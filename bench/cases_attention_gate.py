@@ -10,6 +10,11 @@ default choice),
 ``compile`` (``torch.compile`` of the reference module), ``grid`` cases compare Oktay's
 GridAttentionBlock (output ``W_y``; its α is not part of the timed output). All providers share
 the reference module's parameter and buffer objects.
+
+``gpu_check_cases(device, tiny)`` (``bench/gpu_check.sh``): 2-D B=8 C=64 224² eval (no-grad; GB/s
+against the measured copy ceiling) and 3-D B=2 C=32 64³ train (fwd+bwd), bf16 and fp32, the
+drop-in on ``triton`` (and ``cuda`` on a GPU) vs the original ``AttentionBlock`` with a
+trained-looking BatchNorm state (``tiny``: toy shapes, the CPU dry run).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from bench.harness import Case
+from bench.harness import Case, fast_twin, with_backend
 from medattn_fast.nn.attention_gate import AttentionGate
 from medattn_fast.reference.attention_gate import AttentionBlock, GridAttentionBlock
 
@@ -158,4 +163,47 @@ def cases(device: torch.device) -> List[Case]:
         for training in (False, True):
             out.append(Case(op="attention_gate", shape=_shape(batch, cx, size, training, "grid"),
                             setup=_setup_grid(batch, cx, size, training), dtypes=dtypes))
+    return out
+
+
+def _check_setup(batch: int, cx: int, size: Tuple[int, ...], training: bool):
+    def setup(device: torch.device, dtype: torch.dtype):
+        nd, cg, cint = len(size), 2 * cx, cx // 2
+        original = AttentionBlock(cx, cg, cint, spatial_dims=nd).to(device=device, dtype=dtype)
+        with torch.no_grad():   # a trained-looking BatchNorm state, so that eval folding does real work
+            for m in original.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0.0, 0.1)
+                    m.running_mean.normal_(0.0, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+        original.train(training)
+        fast = fast_twin(original).train(training)
+        x = torch.randn(batch, cx, *size, device=device, dtype=dtype, requires_grad=training)
+        g = torch.randn(batch, cg, *(s // 2 for s in size), device=device, dtype=dtype, requires_grad=training)
+        providers: Dict[str, Callable] = {"triton": with_backend(fast, "triton")}
+        if device.type == "cuda":
+            providers["cuda"] = with_backend(fast, "cuda")
+        providers["original"] = original.forward
+        return (x, g), providers
+    return setup
+
+
+def gpu_check_cases(device: torch.device, tiny: bool = False) -> List[Case]:
+    """The GPU check's gate rows (``tiny``: toy shapes for the CPU dry run)."""
+    gate2d = (1, 8, (16, 16)) if tiny else (8, 64, (224, 224))            # (B, Cx, spatial)
+    gate3d = (1, 4, (8, 8, 8)) if tiny else (2, 32, (64, 64, 64))
+    out = []
+    for (batch, cx, size), training in ((gate2d, False), (gate3d, True)):
+        voxels = batch * math.prod(size)
+
+        def moved(dtype, cx=cx, voxels=voxels):   # eval: x read once + out written once
+            return 2.0 * voxels * cx * torch.finfo(dtype).bits / 8
+
+        out.append(Case(op="attention_gate", shape=f"gate {len(size)}-D B={batch} C={cx} {'x'.join(map(str, size))} "
+                        f"{'train' if training else 'eval'}", setup=_check_setup(batch, cx, size, training),
+                        dtypes=(torch.bfloat16, torch.float32), modes=("fwd+bwd",) if training else ("no-grad",),
+                        bytes_moved=None if training else moved, estimate_s=2 if tiny else 10,
+                        warm=("triton",),   # the cuda build runs beside the warm-up, under its own lock
+                        note="" if training else "GB/s: x read + out written once; % of the copy ceiling"))
     return out

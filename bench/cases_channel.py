@@ -6,6 +6,9 @@ Providers: ``reference`` (the original module), ``torch`` / ``auto`` (the compat
 the torch backend / on the default choice), ``compile`` (``torch.compile`` of the reference),
 ``triton`` (the compat module forced to the fused kernels; CUDA), ``cpp`` (forced to the C++ CPU
 kernels).
+
+``gpu_check_cases(device, tiny)`` (``bench/gpu_check.sh``): DANet's CAM at B=8 C=512 64², bf16 and
+fp32, the drop-in on ``triton`` vs the original (``tiny``: B=1 C=16 8×8, the CPU dry run).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from bench.harness import Case, with_backend
+from bench.harness import Case, fast_twin, with_backend
 from medattn_fast.compat.danet import CAM_Module as FastCAM
 from medattn_fast.compat.guided_attention import ChannelAttentionModule as FastChannel
 from medattn_fast.reference.danet import CAM_Module
@@ -76,3 +79,23 @@ def cases(device: torch.device) -> List[Case]:
         Case(op="channel_attention", shape="seed001 B=2 C=256 48x48", setup=_setup_seed001(2, 256, (48, 48)),
              flops=_flops(2, 256, 48 * 48), dtypes=_dtypes(device)),
     ]
+
+
+def _check_setup(batch: int, channels: int, side: int):
+    def setup(device: torch.device, dtype: torch.dtype):
+        original = CAM_Module(channels).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            original.gamma.fill_(0.5)
+        fast = fast_twin(original)
+        # scaled so that softmax(-E) is not one-hot in float32
+        x = (0.1 * torch.randn(batch, channels, side, side, device=device, dtype=dtype)).requires_grad_(True)
+        return (x,), {"triton": with_backend(fast, "triton"), "original": original.forward}
+    return setup
+
+
+def gpu_check_cases(device: torch.device, tiny: bool = False) -> List[Case]:
+    """The GPU check's CAM row (``tiny``: toy shapes for the CPU dry run)."""
+    batch, channels, side = (1, 16, 8) if tiny else (8, 512, 64)
+    return [Case(op="channel", shape=f"CAM B={batch} C={channels} {side}x{side}", setup=_check_setup(batch, channels, side),
+                 flops=batch * 4.0 * channels * channels * side * side, dtypes=(torch.bfloat16, torch.float32),
+                 modes=("no-grad", "fwd+bwd"), estimate_s=2 if tiny else 10, warm=("triton",))]

@@ -10,6 +10,10 @@ Providers: ``reference`` (the seed-faithful ``MEAttention`` module), ``torch`` /
 ``auto`` (:func:`medattn_fast.functional.external_attention` forced to the torch / triton backend,
 or on the default choice; triton is reported unavailable on CPU), ``compile`` (``torch.compile`` of
 the reference module). One shared set of weights.
+
+``gpu_check_cases(device, tiny)`` (``bench/gpu_check.sh``): MT-UNet's ``MEAttention`` at its B=12
+levels (N=784 C=256, N=196 C=512, N=49 C=1024), the drop-in on ``triton`` vs the original
+(``tiny``: B=1 N=4 C=16, the CPU dry run).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Callable, Dict
 import torch
 
 import medattn_fast.functional as MF
-from bench.harness import Case
+from bench.harness import Case, token_block_check_case
 from medattn_fast.reference.mtunet import MTUNET_CONFIGS, MEAttention
 
 
@@ -70,3 +74,15 @@ def cases(device: torch.device) -> list:
              dtypes=dtypes, devices=(device.type,), note=note)
         for b, n, c, note in (CUDA_ROWS if on_cuda else CPU_ROWS)
     ]
+
+
+def gpu_check_cases(device: torch.device, tiny: bool = False) -> list:
+    """The GPU check's external-attention rows (``tiny``: toy shapes for the CPU dry run)."""
+    def flops(b, n, c, slots=64, inner_per_channel=4):   # MEAttention: in/out Linear, x·M_kᵀ, a·M_vᵀ
+        inner = inner_per_channel * c
+        return 2.0 * b * n * (c * inner + 2 * inner * slots + inner * c)
+
+    shapes = [(1, 4, 16)] if tiny else [(12, 784, 256), (12, 196, 512), (12, 49, 1024)]   # (B, N, C)
+    return [token_block_check_case(device, "external", f"external B={b} N={n} C={c}",
+                                   lambda c=c: MEAttention(c, MTUNET_CONFIGS), b, n, c, flops(b, n, c), tiny)
+            for b, n, c in shapes]

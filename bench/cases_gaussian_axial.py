@@ -25,6 +25,10 @@ columns (sequences of H pixels), each with ``scale=1.0`` and a ``score_mod`` sub
 others are unavailable rows saying so). (flex cannot take GaussianTrans's precomputed score maps except by
 indexing them inside ``score_mod``, which is not how anyone would call it, so the from-scores
 cases have no ``flex`` row.)
+
+``gpu_check_cases(device, tiny)`` (``bench/gpu_check.sh``): GaussianTrans at MT-UNet's real grids
+(B=12: 7×7 D=256, 4×4 D=512, 2×2 D=1024), float32, the drop-in on ``triton`` vs the original
+per-pixel loop and vs the vectorised ``torch`` backend (``tiny``: B=2 2×2 D=16, the CPU dry run).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import torch
 
 import medattn_fast.functional as MF
 from medattn_fast import BackendUnavailable
-from bench.harness import Case
+from bench.harness import Case, fast_twin, owned_by, with_backend
 from medattn_fast.compat.mtunet import GaussianTrans as FastGaussianTrans
 from medattn_fast.reference.gaussian_trans import GaussianTrans, gaussian_axial_from_qkv_reference
 
@@ -165,3 +169,34 @@ def _mtunet_cases() -> List[Case]:
                              dtypes=(torch.float32, torch.bfloat16), devices=("cuda",),
                              note=f"MT-UNet 224² B={MTUNET_BATCH}, {level}"))
     return rows
+
+
+def _check_setup(batch: int, grid: int, d: int):
+    def setup(device: torch.device, dtype: torch.dtype):
+        original = GaussianTrans().to(device=device, dtype=dtype)
+        fast = with_backend(fast_twin(original), "triton")
+        x = torch.randn(batch, grid, grid, 1, device=device, dtype=dtype)   # only its shape is read
+        ax = torch.randn(batch, grid, grid, grid, device=device, dtype=dtype, requires_grad=True)
+        ay = torch.randn(batch, grid, grid, grid, device=device, dtype=dtype, requires_grad=True)
+        v = torch.randn(batch, grid, grid, d, device=device, dtype=dtype, requires_grad=True)
+
+        def vectorised(ax, ay, v):
+            return MF.gaussian_axial_from_scores(ax, ay, v, original.shift, bias=original.bias, backend="torch")
+
+        providers: Dict[str, Callable] = {
+            "triton": owned_by(lambda ax, ay, v: fast((x, ax, ay, v)), fast.__self__),
+            "torch vectorised": owned_by(vectorised, original),
+            "original loop": owned_by(lambda ax, ay, v: original((x, ax, ay, v)), original),
+        }
+        return (ax, ay, v), providers
+    return setup
+
+
+def gpu_check_cases(device: torch.device, tiny: bool = False) -> List[Case]:
+    """The GPU check's GaussianTrans rows (``tiny``: toy shapes for the CPU dry run)."""
+    shapes = [(2, 2, 16)] if tiny else [(12, 7, 256), (12, 4, 512), (12, 2, 1024)]   # (B, grid, D)
+    return [Case(op="gaussian_axial", shape=f"GaussianTrans B={batch} {grid}x{grid} D={d}",
+                 setup=_check_setup(batch, grid, d), flops=batch * grid * grid * 2 * grid * (2.0 * d + 5),
+                 dtypes=(torch.float32,), modes=("no-grad", "fwd+bwd"), estimate_s=3 if tiny else 15,
+                 warm=("triton",))
+            for batch, grid, d in shapes]

@@ -1,4 +1,6 @@
-"""Benchmark cases of position attention.
+"""Benchmark cases of position attention: CPU rows, GPU rows and the GPU check's rows.
+
+``cases(device)`` (``python -m bench.run --op position``, the pytest-benchmark suite):
 
 * DANet's ``PAM_Module`` at the head of DANet on a 96×96 feature map (B=2, C=64, N=9216; the
   issue's acceptance row: fwd+bwd peak memory of the fast module under 25% of the original's).
@@ -9,15 +11,34 @@ the torch backend / on the default choice), ``compile`` (``torch.compile`` of th
 ``sdpa`` (the same convs + ``F.scaled_dot_product_attention``, a peer; DANet layout only), ``triton``
 (the compat module forced to the fused kernels; CUDA), ``cpp`` (forced to the C++ CPU kernels). All share
 the reference module's parameter objects.
+
+* CUDA only, at DANet head sizes with the peers: B=8, C=512 (dk = C/8 = 64, dv = 512), feature maps
+  32², 64², 128² and 32³ (N = 1024 … 32768); float32 and bfloat16. Every provider computes DANet's
+  PAM from the same x and the same 1×1 projections (written as Conv1d over the flattened
+  positions, so 2-D and 3-D maps share one code path): ``out = γ · softmax(q kᵀ) v + x`` with
+  channel-first q, k, v. Providers: ``reference`` (the materialising op backend: the original's
+  arithmetic; it runs out of memory at 128²/32³ in fwd+bwd, recorded as an error row),
+  ``compile`` (``torch.compile`` of it), ``torch`` (chunked, recomputing backward), ``sdpa``
+  (``F.scaled_dot_product_attention`` restricted to the memory-efficient backend, which accepts
+  dk ≠ dv), ``flex`` (``flex_attention`` compiled), ``triton`` (the fused kernels, epilogue included).
+
+``gpu_check_cases(device, tiny)`` (``bench/gpu_check.sh``): DANet's PAM at B=8 C=512 64² and 128²,
+bf16 and fp32, no-grad and fwd+bwd — the drop-in on ``triton`` with its kernel variants side by side
+(``KernelConfig``: ``fp32_precision`` ieee / tf32 in float32, ``position_p16`` in bfloat16,
+``position_backward="fused"``), SDPA (memory-efficient backend: dk ≠ dv) and the original module;
+FlexAttention as separate rows run last (``flex_check_cases``). ``tiny``: B=1 C=16 8×8, the CPU
+dry run.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, with_backend
+from bench.harness import Case, fast_twin, with_backend, with_kernel_config
+from medattn_fast import KernelConfig
 from medattn_fast.compat.danet import PAM_Module as FastPAM
 from medattn_fast.compat.guided_attention import PositionAttentionModule as FastPosition
 from medattn_fast.reference.danet import PAM_Module
@@ -69,6 +90,59 @@ def _setup_pam(batch: int, channels: int, size):
     return setup
 
 
+def _setup_functional(batch: int, channels: int, size):
+    """PAM on the functional op from shared Conv1d projections (the CUDA-only peer rows)."""
+    def setup(device: torch.device, dtype: torch.dtype):
+        from medattn_fast.ops.position import position_attention
+
+        n = math.prod(size)
+        dk = channels // 8
+        proj_q = torch.nn.Conv1d(channels, dk, 1).to(device=device, dtype=dtype)
+        proj_k = torch.nn.Conv1d(channels, dk, 1).to(device=device, dtype=dtype)
+        proj_v = torch.nn.Conv1d(channels, channels, 1).to(device=device, dtype=dtype)
+        gamma = torch.full((1,), 0.5, device=device, dtype=dtype, requires_grad=True)
+        x = torch.randn(batch, channels, n, device=device, dtype=dtype, requires_grad=True)
+
+        def projections(x):
+            return proj_q(x), proj_k(x), proj_v(x)           # (B, dk, N), (B, dk, N), (B, C, N)
+
+        def on_backend(backend: str) -> Callable:
+            def run(x):
+                q, k, v = projections(x)
+                return position_attention(q, k, v, layout="channels", gamma=gamma, residual=x, backend=backend)
+            return run
+
+        def sdpa(x):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in projections(x))   # (B, 1, N, d)
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+            return gamma * o.squeeze(1).transpose(1, 2) + x
+
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex_compiled = torch.compile(flex_attention)
+
+        def flex(x):
+            q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in projections(x))
+            o = flex_compiled(q, k, v, scale=1.0)
+            return gamma * o.squeeze(1).transpose(1, 2) + x
+
+        reference = on_backend("reference")
+        providers: Dict[str, Callable] = {
+            "reference": reference,
+            "compile": torch.compile(reference),
+            "torch": on_backend("torch"),
+            "sdpa": sdpa,
+            "flex": flex,
+            "triton": on_backend("triton"),
+        }
+        return (x,), providers
+
+    return setup
+
+
 def _setup_seed001(batch: int, channels: int, size):
     def setup(device: torch.device, dtype: torch.dtype):
         ref = PositionAttentionModule(channels).to(device=device, dtype=dtype)
@@ -110,4 +184,95 @@ def cases(device: torch.device) -> List[Case]:
         rows.append(Case(op="position_attention", shape="PAM B=1 C=512 128x128",
                          setup=_setup_pam(1, 512, (128, 128)), flops=_attention_flops(1, 512, 128 * 128),
                          dtypes=_dtypes(device)))
+        for size in ((32, 32), (64, 64), (128, 128), (32, 32, 32)):   # DANet head sizes, with the peers
+            rows.append(Case(op="position_attention", shape="PAM B=8 C=512 " + "x".join(map(str, size)),
+                             setup=_setup_functional(8, 512, size), flops=_attention_flops(8, 512, math.prod(size)),
+                             dtypes=(torch.float32, torch.bfloat16), devices=("cuda",),
+                             note="N x N reference/compile rows run out of memory at the large maps"))
     return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU check (bench/gpu_check.sh)
+# ------------------------------------------------------------------------------------------------
+
+def _pam_projections(module, x):
+    q = module.query_conv(x).flatten(2).transpose(1, 2).unsqueeze(1)   # (B, 1, N, dk)
+    k = module.key_conv(x).flatten(2).transpose(1, 2).unsqueeze(1)
+    v = module.value_conv(x).flatten(2).transpose(1, 2).unsqueeze(1)   # (B, 1, N, C)
+    return q, k, v
+
+
+def _sdpa_pam(module):
+    """γ · SDPA(q, k, v, scale=1) + x through the memory-efficient backend (dk ≠ dv)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(x):
+        q, k, v = _pam_projections(module, x)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        return module.gamma * o.squeeze(1).transpose(1, 2).reshape(x.shape) + x
+    run.__self__ = module   # the harness frees the module's .grad between calls
+    return run
+
+
+def _flex_pam(module):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention)
+
+    def run(x):
+        q, k, v = _pam_projections(module, x)
+        o = compiled(q, k, v, scale=1.0)
+        return module.gamma * o.squeeze(1).transpose(1, 2).reshape(x.shape) + x
+    run.__self__ = module
+    return run
+
+
+def _check_pam_setup(batch: int, channels: int, side: int, with_flex: bool):
+    def setup(device: torch.device, dtype: torch.dtype):
+        original = PAM_Module(channels).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            original.gamma.fill_(0.5)
+        fast = fast_twin(original)
+        x = torch.randn(batch, channels, side, side, device=device, dtype=dtype, requires_grad=True)
+        providers: Dict[str, Callable] = {}
+        if with_flex:
+            providers["flex"] = _flex_pam(original)
+            return (x,), providers
+        triton = with_backend(fast, "triton")
+        providers["triton"] = triton
+        if dtype == torch.float32:
+            providers["triton ieee"] = with_kernel_config(triton, KernelConfig(fp32_precision="ieee"))
+            providers["triton tf32"] = with_kernel_config(triton, KernelConfig(fp32_precision="tf32"))
+        else:
+            providers["triton p16"] = with_kernel_config(triton, KernelConfig(position_p16=True))
+        providers["triton dq+dk fused"] = with_kernel_config(triton, KernelConfig(position_backward="fused"))
+        providers["sdpa"] = _sdpa_pam(original)
+        providers["original"] = original.forward
+        return (x,), providers
+    return setup
+
+
+def _check_cases(tiny: bool, with_flex: bool) -> List[Case]:
+    out = []
+    for batch, channels, side in ([(1, 16, 8)] if tiny else [(8, 512, 64), (8, 512, 128)]):
+        n, dk = side * side, channels // 8
+        out.append(Case(op="position", shape=f"PAM B={batch} C={channels} {side}x{side}" + (" flex" if with_flex else ""),
+                        setup=_check_pam_setup(batch, channels, side, with_flex),
+                        flops=batch * (2.0 * n * channels * (2 * dk + channels) + 2.0 * n * n * (dk + channels)),
+                        fwd_bwd_flops=3.5,   # backward: ~2.5x the forward's matmul work
+                        dtypes=(torch.bfloat16, torch.float32), modes=("no-grad", "fwd+bwd"),
+                        estimate_s=2 if tiny else (40 if side >= 128 else 20), warm=() if with_flex else ("triton",),
+                        note="flops: 1x1 projections + QK^T + PV (fwd); 3.5x for fwd+bwd"))
+    return out
+
+
+def gpu_check_cases(device: torch.device, tiny: bool = False) -> List[Case]:
+    """The GPU check's PAM rows (``tiny``: toy shapes for the CPU dry run)."""
+    return _check_cases(tiny, with_flex=False)
+
+
+def flex_check_cases(device: torch.device, tiny: bool = False) -> List[Case]:
+    """FlexAttention on the GPU check's PAM shapes: timed last, only if time is left (not in the dry run)."""
+    return [] if tiny else _check_cases(tiny, with_flex=True)

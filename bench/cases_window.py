@@ -14,6 +14,10 @@ on the default choice; triton is reported unavailable on CPU), ``compile`` (``to
 the reference module), ``sdpa`` (a peer: pad, partition the grid into windows with a permute copy,
 one q/k/v GEMM, ``F.scaled_dot_product_attention`` over (B·windows, heads, 16, d), heads merged
 back with a copy, output GEMM — every copy inside the timed callable).
+
+``gpu_check_cases(device, tiny)`` (``bench/gpu_check.sh``): MT-UNet's ``WinAttention`` at its B=12
+levels (28² C=256, 14² C=512, 7² C=1024), the drop-in on ``triton`` vs the original
+(``tiny``: B=1 4² C=16, the CPU dry run).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import medattn_fast.functional as MF
-from bench.harness import Case
+from bench.harness import Case, token_block_check_case
 from medattn_fast.ops.window import padded_size
 from medattn_fast.reference.mtunet import WinAttention
 
@@ -100,3 +104,16 @@ def cases(device: torch.device) -> list:
              flops=_flops(b, s, c), dtypes=dtypes, devices=(device.type,), note=note)
         for b, s, c, note in (CUDA_ROWS if on_cuda else CPU_ROWS)
     ]
+
+
+def gpu_check_cases(device: torch.device, tiny: bool = False) -> list:
+    """The GPU check's window rows (``tiny``: toy shapes for the CPU dry run)."""
+    def flops(b, side, c):   # q/k/v and output projections, q·kᵀ and p·v in each 16-token window
+        tokens = b * (-(-side // WINDOW) * WINDOW) ** 2
+        return tokens * (8.0 * c * c + 4.0 * WINDOW * WINDOW * c)
+
+    shapes = [(1, 4, 16)] if tiny else [(12, 28, 256), (12, 14, 512), (12, 7, 1024)]   # (B, side, C)
+    return [token_block_check_case(device, "window", f"window B={b} {side}x{side} C={c} ws=4 h=8",
+                                   lambda c=c: WinAttention({"win_size": WINDOW, "head": HEADS}, c),
+                                   b, side * side, c, flops(b, side, c), tiny)
+            for b, side, c in shapes]

@@ -14,7 +14,8 @@
 #   build.log       the CUDA extension build and Triton's cache warm-up (both in the background)
 #   tests.log       pytest -m gpu, Triton kernels, xdist workers (-v: one line per test as it ends)
 #   cuda_tests.log  pytest -m gpu, the cuda backend, once its build is done
-#   headline.csv    bench/gpu_headline.py: the timing rows, one flushed line each
+#   headline.csv    python -m bench.run --gpu-check (bench/harness.py, the rows of each
+#                   bench/cases_<family>.py gpu_check_cases): the timing rows, one flushed line each
 #   headline.log    its output
 #   kernels.csv     bench/gpu_report.py kernels: registers, spills, shared memory per compiled kernel
 #   summary.txt     written last: tests per op and dtype, timing ratios, spills, what did not fit
@@ -85,7 +86,7 @@ EOF
 BUILD_PID=$!
 WARM_PID=
 if [ "$DRY" = 0 ]; then
-    timeout -k 5 "$(left "$TESTS_END")" "$PY" -m bench.gpu_headline --warm --deadline "$TESTS_END" \
+    timeout -k 5 "$(left "$TESTS_END")" "$PY" -m bench.run --gpu-check --warm --deadline "$TESTS_END" \
         2>&1 | sed -u 's/^/[warm] /' >> "$OUT/build.log" &
     WARM_PID=$!
 fi
@@ -120,7 +121,7 @@ fi
 stamp "timings (until +$((HEADLINE_END - START)) s)"
 TINY=()
 [ "$DRY" = 1 ] && TINY=(--tiny)
-timeout -k 10 "$(left "$HEADLINE_END")" "$PY" -m bench.gpu_headline --out "$OUT/headline.csv" \
+timeout -k 10 "$(left "$HEADLINE_END")" "$PY" -m bench.run --gpu-check --csv "$OUT/headline.csv" \
     --deadline "$HEADLINE_END" "${TINY[@]}" > "$OUT/headline.log" 2>&1
 HEADLINE_STATUS=$?
 [ "$HEADLINE_STATUS" = 0 ] || NOTES+=("timings stopped with exit $HEADLINE_STATUS (124: the time limit; see headline.log)")

@@ -1,4 +1,7 @@
-"""Benchmark harness: times every provider of every case, in every mode, side by side in one run.
+"""Benchmark harness: the one runner of every benchmark — ``python -m bench.run`` (``make bench``,
+``make bench-full``), the pytest-benchmark suite (``bench/test_benchmarks.py``) and the GPU check's
+timing stage (``bench/gpu_check.sh`` -> ``python -m bench.run --gpu-check``: :func:`run_gpu_check`).
+It times every provider of every case, in every mode, side by side in one run.
 
 A case (``bench/cases_<family>.py``) supplies ``setup(device, dtype) -> (inputs, providers)``:
 fresh random inputs and one callable per provider (``reference``, ``torch``, ``compile``, ``auto``,
@@ -14,9 +17,20 @@ each fused backend, peers such as ``sdpa``/``flex``). For each provider and mode
 * max abs error of the output vs the ``reference`` provider's, and TFLOP/s when the case gives FLOPs.
 
 Modes: ``fwd`` (autograd recording), ``fwd+bwd`` (backward of a fixed random cotangent), ``no-grad``.
+
+The GPU check (:func:`run_gpu_check`) times each family's ``gpu_check_cases(device, tiny)`` — the
+real networks' shapes — against a wall-clock deadline, appending every row to a CSV
+(:data:`GPU_CHECK_FIELDS`) the moment it is measured, after the device's ceilings (copy bandwidth,
+matmul TFLOP/s); a case that no longer fits is a ``skipped`` row saying so.
+
+Kernel variants are providers of their own, selected by passing a configuration
+(:func:`with_kernel_config`, e.g. ``KernelConfig(position_backward="fused")``), never by setting
+environment variables.
 """
 from __future__ import annotations
 
+import copy
+import csv
 import gc
 import math
 import os
@@ -44,6 +58,13 @@ class Case:
     # compulsory bytes of one forward in a dtype (each input read once, each output written once):
     # fwd/no-grad rows then report GB/s and its fraction of the device's measured copy bandwidth
     bytes_moved: Optional[Callable[[torch.dtype], float]] = None
+    fwd_bwd_flops: float = 3.0      # FLOPs of fwd+bwd as a multiple of ``flops`` (backward ~2x forward)
+    # the GPU check (run_gpu_check): wall seconds the case needs (it is skipped when fewer are left
+    # before the deadline), the providers (name prefixes) ``--warm`` compiles ahead, and whether the
+    # CPU dry run times it (False: built only, too slow on a CPU)
+    estimate_s: float = 5.0
+    warm: Sequence[str] = ()
+    timed_in_dry_run: bool = True
 
 
 @dataclass
@@ -136,10 +157,32 @@ def _run_once(fn: Callable, inputs: tuple, mode: str, cotangent: Optional[torch.
     return out
 
 
+SLOW_MS = 50.0
+
+
 def _gpu_median_ms(fn: Callable, inputs: tuple, mode: str, cotangent, warmup_ms: float, rep_ms: float) -> float:
     """Median ms of one call on CUDA: ``triton.testing.do_bench`` (L2 flushed before each call,
-    input grads set to None), or CUDA events around each call when triton cannot be imported."""
+    input grads set to None), or CUDA events around each call when triton cannot be imported or
+    one call takes over ``SLOW_MS`` (do_bench would spend seconds estimating it: 3 calls, or 1
+    over a second)."""
     grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    _run_once(fn, inputs, mode, cotangent)   # compiles, before the call that sizes the measurement
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    _run_once(fn, inputs, mode, cotangent)
+    end.record()
+    torch.cuda.synchronize()
+    first = start.elapsed_time(end)
+    if first >= SLOW_MS:
+        samples = [first]
+        for _ in range(2 if first < 1000 else 0):
+            start.record()
+            _run_once(fn, inputs, mode, cotangent)
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        return statistics.median(samples)
     try:
         from triton.testing import do_bench
     except ImportError:
@@ -163,16 +206,16 @@ def _gpu_median_ms(fn: Callable, inputs: tuple, mode: str, cotangent, warmup_ms:
 
 
 def time_fn(fn: Callable, inputs: tuple, mode: str, device: torch.device, cotangent=None,
-            warmup: int = 2, min_time_s: float = 0.5, max_reps: int = 50) -> float:
-    """Median milliseconds of ``fn`` in ``mode`` after ``warmup`` calls (on CUDA:
-    :func:`_gpu_median_ms` over ``min_time_s``)."""
+            warmup: int = 2, min_time_s: float = 0.5, max_reps: int = 50, min_reps: int = 3) -> float:
+    """Median milliseconds of ``fn`` in ``mode`` after ``warmup`` calls, at least ``min_reps``
+    timed calls (on CUDA: :func:`_gpu_median_ms` over ``min_time_s``)."""
     if device.type == "cuda":
-        return _gpu_median_ms(fn, inputs, mode, cotangent, warmup_ms=25 * warmup, rep_ms=1e3 * min_time_s)
+        return _gpu_median_ms(fn, inputs, mode, cotangent, warmup_ms=25 * max(1, warmup), rep_ms=1e3 * min_time_s)
     for _ in range(warmup):
         _run_once(fn, inputs, mode, cotangent)
     times: List[float] = []
     budget_start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - budget_start < min_time_s and len(times) < max_reps):
+    while len(times) < min_reps or (time.perf_counter() - budget_start < min_time_s and len(times) < max_reps):
         t0 = time.perf_counter()
         _run_once(fn, inputs, mode, cotangent)
         times.append((time.perf_counter() - t0) * 1e3)
@@ -264,6 +307,55 @@ def with_backend(fn: Callable, backend: str) -> Callable:
     return within(fn, lambda: medattn_fast.use_backend(backend))
 
 
+def with_kernel_config(fn: Callable, config) -> Callable:
+    """Provider calling ``fn`` with the kernel variants of ``config`` (a
+    :class:`medattn_fast.KernelConfig`, under ``medattn_fast.use_kernel_config``): how a benchmark
+    times a variant, side by side with the default, without touching the environment."""
+    import medattn_fast
+
+    if not isinstance(config, medattn_fast.KernelConfig):
+        raise TypeError(f"with_kernel_config: config must be a medattn_fast.KernelConfig, got {type(config).__name__}")
+    return within(fn, lambda: medattn_fast.use_kernel_config(config))
+
+
+def owned_by(fn: Callable, module: torch.nn.Module) -> Callable:
+    """``fn`` marked as using ``module``'s parameters, so that the harness frees their ``.grad``
+    between calls (a lambda around a module call hides the module otherwise)."""
+    def run(*args):
+        return fn(*args)
+
+    run.__self__ = module
+    return run
+
+
+def fast_twin(original: torch.nn.Module) -> torch.nn.Module:
+    """The package's drop-in for an original block or network: a deep copy after
+    :func:`medattn_fast.convert` (same parameters, the attention blocks swapped); raises if
+    ``convert`` swapped nothing (a "fast" provider that is the original would compare it with itself)."""
+    from medattn_fast.convert import convert
+
+    holder = torch.nn.Sequential(copy.deepcopy(original))   # convert swaps children: give the block a parent
+    report = convert(holder)
+    if not report.swapped:
+        raise RuntimeError(f"convert() swapped nothing in {type(original).__name__}: {report.skipped}")
+    return holder[0]
+
+
+def token_block_check_case(device: torch.device, op: str, shape: str, make_original: Callable[[], torch.nn.Module],
+                           batch: int, tokens: int, channels: int, forward_flops: float, tiny: bool) -> Case:
+    """A GPU-check case of an MT-UNet token block ((B, N, C) -> (B, N, C); window and external
+    attention): its drop-in (:func:`fast_twin`) on ``triton`` vs the original, bf16 and fp32."""
+    def setup(device: torch.device, dtype: torch.dtype):
+        original = make_original().to(device=device, dtype=dtype)
+        fast = fast_twin(original)
+        x = torch.randn(batch, tokens, channels, device=device, dtype=dtype, requires_grad=True)
+        return (x,), {"triton": with_backend(fast, "triton"), "original": original.forward}
+
+    return Case(op=op, shape=shape, setup=setup, flops=forward_flops, dtypes=(torch.bfloat16, torch.float32),
+                modes=("no-grad", "fwd+bwd"), estimate_s=2 if tiny else 8, warm=("triton",),
+                note="flops: projections + attention products (fwd); 3x for fwd+bwd")
+
+
 def _zero_module_grads(providers: Dict[str, Callable]) -> None:
     """Parameters captured by module providers accumulate .grad across reps; free them."""
     for fn in providers.values():
@@ -336,7 +428,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, providers_fil
                 row.median_ms = ms
     for row in rows:
         if row.median_ms and case.flops:
-            mult = {"fwd": 1.0, "no-grad": 1.0, "fwd+bwd": 3.0}[row.mode]
+            mult = {"fwd": 1.0, "no-grad": 1.0, "fwd+bwd": case.fwd_bwd_flops}[row.mode]
             row.tflops = case.flops * mult / (row.median_ms * 1e-3) / 1e12
         if row.median_ms and case.bytes_moved and row.mode in ("fwd", "no-grad"):
             gbps = case.bytes_moved(dtype) / (row.median_ms * 1e-3) / 1e9
@@ -444,3 +536,190 @@ def format_table(rows: List[Row]) -> str:
             f"{(f'{r.tflops:.3f}' if r.tflops is not None else '-'):>9}  {r.status if r.status != 'ok' else _bandwidth(r)}"
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU check: rows against a deadline, appended to a CSV one by one
+# ------------------------------------------------------------------------------------------------
+
+GPU_CHECK_FIELDS = ["section", "case", "provider", "dtype", "mode", "ms", "tflops", "gbps", "pct_ceiling",
+                    "peak_mib", "status", "note"]
+
+
+class CsvRows:
+    """Appends :data:`GPU_CHECK_FIELDS` rows to a CSV, flushed and fsynced one by one (a kill loses
+    nothing already measured), and echoes them to stdout. ``path=None``: echo only."""
+
+    def __init__(self, path: Optional[str]):
+        self.rows: List[Dict[str, object]] = []
+        self._file = self._writer = None
+        if path:
+            new = not os.path.exists(path) or os.path.getsize(path) == 0
+            self._file = open(path, "a", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=GPU_CHECK_FIELDS)
+            if new:
+                self._writer.writeheader()
+                self._file.flush()
+
+    def row(self, **values) -> None:
+        row = {k: values.get(k, "") for k in GPU_CHECK_FIELDS}
+        for k in ("ms", "tflops", "gbps", "pct_ceiling", "peak_mib"):
+            if isinstance(row[k], float):
+                row[k] = f"{row[k]:.4g}" if math.isfinite(row[k]) else ""
+        self.rows.append(row)
+        if self._writer is not None:
+            self._writer.writerow(row)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        print(" | ".join(str(row[k]) for k in GPU_CHECK_FIELDS if row[k] != ""), flush=True)
+
+
+@dataclass
+class Ceilings:
+    """The device's measured ceilings: copy GB/s (bytes read + written) and matmul TFLOP/s per
+    ``"bfloat16"``, ``"float32"`` (no TF32) and ``"tf32"``."""
+
+    copy_gbps: float = float("nan")
+    matmul_tflops: Dict[str, float] = field(default_factory=dict)
+
+    def matmul_for(self, dtype: torch.dtype) -> float:
+        if dtype in (torch.bfloat16, torch.float16):
+            return self.matmul_tflops.get("bfloat16", float("nan"))
+        return self.matmul_tflops.get("tf32", float("nan"))
+
+
+def measure_ceilings(device: torch.device, rows: CsvRows, tiny: bool) -> Ceilings:
+    """A 1 GiB device-to-device copy and 8192³ matmuls in bf16, fp32 (``highest``: no TF32) and
+    TF32 (``tiny``: toy sizes, for the CPU dry run), each written as a ``ceiling`` row."""
+    ceilings = Ceilings()
+    timing = dict(warmup=1, min_time_s=0.0 if tiny else 0.1, min_reps=1 if tiny else 3)
+    n_copy = 2 ** 12 if tiny else 2 ** 28                 # 1 GiB of float32, far over L2
+    src = torch.randn(n_copy, device=device)
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda a: dst.copy_(a), (src,), "no-grad", device, **timing)
+    ceilings.copy_gbps = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    rows.row(section="ceiling", case=f"copy {n_copy * 4 / 2**20:.0f} MiB", provider="torch", dtype="float32",
+             mode="copy", ms=ms, gbps=ceilings.copy_gbps, status="ok", note="bytes read + written")
+    del src, dst
+    m = 64 if tiny else 8192
+    for name, dtype, tf32 in (("bfloat16", torch.bfloat16, False), ("float32", torch.float32, False),
+                              ("tf32", torch.float32, True)):
+        a = torch.randn(m, m, device=device, dtype=dtype)
+        b = torch.randn(m, m, device=device, dtype=dtype)
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            ms = time_fn(lambda a, b: a @ b, (a, b), "no-grad", device, **timing)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+        ceilings.matmul_tflops[name] = 2 * m ** 3 / (ms * 1e-3) / 1e12
+        rows.row(section="ceiling", case=f"matmul {m}^3", provider="torch", dtype=name, mode="mm", ms=ms,
+                 tflops=ceilings.matmul_tflops[name], status="ok")
+        del a, b
+    return ceilings
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_gpu_check_case(case: Case, device: torch.device, rows: CsvRows, ceilings: Ceilings, deadline: float,
+                       tiny: bool = False, warm: bool = False) -> None:
+    """Time every provider of ``case`` in each dtype and mode, one CSV row each, while the
+    ``deadline`` (epoch seconds) allows. ``tiny`` (the CPU dry run): one dtype (position: both),
+    the last mode, one timed call. ``warm``: only call the providers named in ``case.warm`` once
+    per mode (fills Triton's cache), no rows."""
+    dtypes, modes = case.dtypes, case.modes
+    if tiny:   # the dry run exercises every path once
+        dtypes = dtypes if case.op == "position" else dtypes[-1:]
+        modes = modes[-1:]
+    for dtype in dtypes:
+        dname = str(dtype).replace("torch.", "")
+        left = deadline - time.time()
+        if left < case.estimate_s:
+            if not warm:
+                rows.row(section=case.op, case=case.shape, dtype=dname, status="skipped",
+                         note=f"did not fit: {left:.0f} s left, needs ~{case.estimate_s:.0f} s")
+            continue
+        try:
+            torch.manual_seed(0)
+            inputs, providers = case.setup(device, dtype)
+        except Exception as exc:  # noqa: BLE001 - a row per failure, the run goes on
+            if not warm:
+                rows.row(section=case.op, case=case.shape, dtype=dname, status="error", note=_describe(exc))
+            continue
+        if tiny and not case.timed_in_dry_run:
+            if not warm:
+                rows.row(section=case.op, case=case.shape, dtype=dname, status="skipped",
+                         note="dry run: built, not timed (too slow on the CPU)")
+            continue
+        for name, fn in providers.items():
+            if warm and not any(name.startswith(prefix) for prefix in case.warm):
+                continue
+            cotangent = None
+            for mode in modes:
+                if deadline - time.time() < 1.0 and not warm:
+                    rows.row(section=case.op, case=case.shape, provider=name, dtype=dname, mode=mode,
+                             status="skipped", note="did not fit: deadline reached")
+                    continue
+                try:
+                    if cotangent is None:   # the first (compiling) call, which also shapes the cotangent
+                        with torch.no_grad():
+                            cotangent = torch.randn_like(fn(*inputs))
+                    if warm:
+                        _run_once(fn, inputs, mode, cotangent)
+                        _zero_module_grads(providers)
+                        _sync(device)
+                        continue
+                    ms = time_fn(fn, inputs, mode, device, cotangent, warmup=0 if tiny else 1,
+                                 min_time_s=0.0 if tiny else 0.1, min_reps=1 if tiny else 3)
+                    peak = None
+                    if device.type == "cuda":
+                        with PeakMemory(device) as pm:
+                            _run_once(fn, inputs, mode, cotangent)
+                        peak = pm.peak / 2 ** 20
+                    _zero_module_grads(providers)
+                except Exception as exc:  # noqa: BLE001 - OOM, unavailable backend, compile error
+                    if not warm:
+                        rows.row(section=case.op, case=case.shape, provider=name, dtype=dname, mode=mode,
+                                 status="error", note=_describe(exc))
+                    _zero_module_grads(providers)
+                    _free(device)
+                    continue
+                flops = None
+                if case.flops:
+                    flops = case.flops * (case.fwd_bwd_flops if mode == "fwd+bwd" else 1.0)
+                tflops = flops / (ms * 1e-3) / 1e12 if flops else None
+                moved = case.bytes_moved(dtype) if (case.bytes_moved and mode != "fwd+bwd") else None
+                gbps = moved / (ms * 1e-3) / 1e9 if moved else None
+                pct = None
+                if gbps is not None:
+                    pct = 100 * gbps / ceilings.copy_gbps
+                elif tflops is not None:
+                    pct = 100 * tflops / ceilings.matmul_for(dtype)
+                rows.row(section=case.op, case=case.shape, provider=name, dtype=dname, mode=mode, ms=ms,
+                         tflops="" if tflops is None else tflops, gbps="" if gbps is None else gbps,
+                         pct_ceiling=pct if pct is not None and math.isfinite(pct) else "",
+                         peak_mib="" if peak is None else peak, status="ok", note=case.note)
+        del inputs, providers
+        _free(device)
+
+
+def run_gpu_check(cases: Sequence[Case], device: torch.device, csv_path: Optional[str], deadline: float,
+                  tiny: bool = False, warm: bool = False) -> List[Dict[str, object]]:
+    """The GPU check's timing stage: the ceilings, then every case in order (priority first)
+    against ``deadline``; the rows written to ``csv_path`` one by one (``warm``: the fused
+    providers called once each, nothing written). Returns the rows."""
+    rows = CsvRows(None if warm else csv_path)
+    ceilings = Ceilings() if warm else measure_ceilings(device, rows, tiny)
+    for case in cases:
+        if warm and not case.warm:
+            continue
+        run_gpu_check_case(case, device, rows, ceilings, deadline, tiny=tiny, warm=warm)
+    return rows.rows

@@ -8,6 +8,9 @@ Rows (training steps: forward + backward of a random cotangent, train mode):
 * one row per op family at a real network's shape, the original module (``reference``) against
   the drop-in on the default backend (``auto``).
 
+:func:`gpu_check_cases` is the GPU check's set (``bench/gpu_check.sh``): every family's rows at the
+real networks' shapes, timed by :func:`bench.harness.run_gpu_check` against a deadline.
+
 Each row is measured within a time budget (:func:`bench.harness.measure_within_budget`: the two
 providers interleaved, at least three calls each), so the whole set takes about 3 minutes on a
 quiet 2-core CPU. A progress line names the case being run with an ETA; the summary gives per row
@@ -84,7 +87,7 @@ def network_cases(device: torch.device) -> List[HeadlineCase]:
     from bench import cases_networks
 
     out = []
-    for case in cases_networks.cases(device, training_only=True):
+    for case in cases_networks.network_cases(device, training_only=True):
         budget = _NETWORK_BUDGET_S.get(case.op, 15) if device.type == "cpu" else 10
         out.append(HeadlineCase(case.op, case.shape, case.setup, budget, case.op))
     return out
@@ -96,6 +99,20 @@ def headline_cases(device: torch.device) -> List[HeadlineCase]:
         for case in ops:
             case.budget_s = 3
     return network_cases(device) + ops
+
+
+def gpu_check_cases(device: torch.device, tiny: bool = False) -> list:
+    """The GPU check's rows (``python -m bench.run --gpu-check``, run by ``bench/gpu_check.sh``) in
+    priority order: each family's ``gpu_check_cases`` (``bench/cases_<family>.py``: the real
+    networks' shapes; ``tiny``: toy ones for the CPU dry run), the MT-UNet training step, then
+    FlexAttention's PAM rows last, only if time is left."""
+    from bench import (cases_attention_gate, cases_channel, cases_external, cases_gaussian_axial, cases_networks,
+                       cases_position, cases_window)
+
+    return [*cases_position.gpu_check_cases(device, tiny), *cases_channel.gpu_check_cases(device, tiny),
+            *cases_attention_gate.gpu_check_cases(device, tiny), *cases_gaussian_axial.gpu_check_cases(device, tiny),
+            *cases_window.gpu_check_cases(device, tiny), *cases_external.gpu_check_cases(device, tiny),
+            *cases_networks.gpu_check_cases(device, tiny), *cases_position.flex_check_cases(device, tiny)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,15 @@
     python -m bench.run --all           every case, provider, mode and dtype of bench/cases_*.py
     python -m bench.run [--op position ...] [--provider torch ...] [--mode fwd+bwd]
                         [--dtype float32] [--shape TEXT] [--quick] [--interleave] [--out bench/results]
-                                        those cases only (a filter implies --all's case set)
+                                        those cases only (a filter implies --all's case set); --op
+                                        names a case file (bench/cases_<op>.py) or a case's op
+                                        column (e.g. mtunet_model, attention_unet_model)
+    python -m bench.run --gpu-check --csv rows.csv [--deadline EPOCH] [--tiny] [--warm]
+                                        the GPU check's timing stage (bench/gpu_check.sh): each
+                                        family's gpu_check_cases in priority order against the
+                                        deadline (default now + 300 s), one flushed CSV row each;
+                                        --tiny: toy shapes (the CPU dry run); --warm: call the fused
+                                        providers once (fills Triton's cache), no rows
 
 Files: ``<what>_<device>.{json,csv}``, ``<what>`` = ``--tag`` if given, else ``headline``, ``all`` or
 the ops chosen; ``<device>`` = ``cpu`` or the GPU's model (``h100``). Each JSON records the device, the
@@ -34,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _ensure_malloc_env(argv):
+    if "--gpu-check" in argv:   # no resident-set reading there; and a re-executed child would outlive `timeout`
+        return
     if all(os.environ.get(k) == v for k, v in _MALLOC_ENV.items()):
         return
     env = dict(os.environ, **_MALLOC_ENV)
@@ -43,6 +53,7 @@ def _ensure_malloc_env(argv):
 
 
 def discover():
+    """``{family: module}`` of every ``bench/cases_<family>.py``."""
     import bench
 
     mods = {}
@@ -50,6 +61,28 @@ def discover():
         if info.name.startswith("cases_"):
             mods[info.name[len("cases_"):]] = importlib.import_module(f"bench.{info.name}")
     return mods
+
+
+def select_cases(device, ops=None, shape=None):
+    """The cases of ``device`` (its type in ``case.devices``) whose file family or ``op`` column is
+    in ``ops`` (None: every case), and whose shape contains ``shape``; raises ValueError naming an
+    op that matches nothing. The case list of ``bench.run`` and of ``bench/test_benchmarks.py``."""
+    families = discover()
+    chosen = []
+    matched = set()
+    for family in sorted(families):
+        for case in families[family].cases(device):
+            if device.type not in case.devices or (shape and shape not in case.shape):
+                continue
+            hit = [o for o in (ops or ()) if o in (family, case.op)]
+            matched.update(hit)
+            if ops is None or hit:
+                chosen.append(case)
+    unknown = [o for o in (ops or ()) if o not in matched and o not in families]
+    if unknown:
+        ops_known = sorted({c.op for f in families.values() for c in f.cases(device)})
+        raise ValueError(f"--op: unknown {unknown}; case files: {sorted(families)}; op columns: {ops_known}")
+    return chosen
 
 
 def main(argv=None):
@@ -70,41 +103,45 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--figures", default=str(ROOT / "bench" / "figures"), help="where the headline figure goes")
     ap.add_argument("--tag", default="", help="suffix for the result files")
+    gpu = ap.add_argument_group("the GPU check's timing stage (bench/gpu_check.sh)")
+    gpu.add_argument("--gpu-check", action="store_true", help="time the GPU check's rows (bench.headline.gpu_check_cases)")
+    gpu.add_argument("--csv", help="CSV the rows are appended to, flushed row by row")
+    gpu.add_argument("--deadline", type=float, default=None, help="epoch seconds; default: now + 300")
+    gpu.add_argument("--tiny", action="store_true", help="toy shapes (the CPU dry run)")
+    gpu.add_argument("--warm", action="store_true", help="only call the fused providers once, no rows")
     args = ap.parse_args(argv)
 
     import torch
 
     device = torch.device(args.device)
+    if args.gpu_check:
+        return _gpu_check(args, device)
+    if any((args.csv, args.deadline, args.tiny, args.warm)):
+        ap.error("--csv, --deadline, --tiny and --warm belong to --gpu-check")
     full = args.all or any((args.op, args.provider, args.mode, args.dtype, args.shape))
     if not full:
         return _headline(args, argv, device)
     from bench.harness import environment, format_table, measured_copy_bandwidth, run_case
 
-    families = discover()
-    chosen = args.op or sorted(families)
-    unknown = [o for o in chosen if o not in families]
-    if unknown:
-        ap.error(f"unknown --op {unknown}; known: {sorted(families)}")
+    try:
+        cases = select_cases(device, args.op, args.shape)
+    except ValueError as exc:
+        ap.error(str(exc))
     rows = []
-    for fam in chosen:
-        for case in families[fam].cases(device):
-            if device.type not in case.devices:
+    for case in cases:
+        for dtype in case.dtypes:
+            dname = str(dtype).replace("torch.", "")
+            if args.dtype and dname not in args.dtype:
                 continue
-            if args.shape and args.shape not in case.shape:
-                continue
-            for dtype in case.dtypes:
-                dname = str(dtype).replace("torch.", "")
-                if args.dtype and dname not in args.dtype:
-                    continue
-                print(f"# {case.op} {case.shape} {dname} on {device}", flush=True)
-                rows += run_case(case, device, dtype, args.provider, args.mode, quick=args.quick,
-                                 interleave=args.interleave)
+            print(f"# {case.op} {case.shape} {dname} on {device}", flush=True)
+            rows += run_case(case, device, dtype, args.provider, args.mode, quick=args.quick,
+                             interleave=args.interleave)
     print(format_table(rows))
     env = environment()
     copy_gbps = measured_copy_bandwidth(device)  # measured for a case with bytes_moved
     if copy_gbps is not None:
         env["copy_GBps"] = f"{copy_gbps:.1f}"
-    what = args.tag or ("all" if not args.op else "-".join(chosen))
+    what = args.tag or ("all" if not args.op else "-".join(args.op))
     write_results(Path(args.out), what, env, rows, argv)
     return 0
 
@@ -175,6 +212,17 @@ def _headline(args, argv, device) -> int:
         figure = headline_figure(Path(str(stem) + ".json"), Path(args.figures))
         print(f"wrote {figure}")
     return 0 if all(r.status == "ok" for r in rows) else 1
+
+
+def _gpu_check(args, device) -> int:
+    from bench.harness import run_gpu_check
+    from bench.headline import gpu_check_cases
+
+    deadline = args.deadline if args.deadline is not None else time.time() + 300
+    run_gpu_check(gpu_check_cases(device, args.tiny), device, args.csv, deadline, tiny=args.tiny, warm=args.warm)
+    if args.warm:
+        print(f"warm: done, {deadline - time.time():.0f} s before the deadline", flush=True)
+    return 0
 
 
 def _cuda():

@@ -1,4 +1,6 @@
-"""The benchmark cases of every op family as a pytest-benchmark suite.
+"""The benchmark cases of every op family as a pytest-benchmark suite: a thin pytest front end
+over the case list of ``python -m bench.run`` (:func:`bench.run.select_cases`), timed with the
+harness's calls (:mod:`bench.harness`).
 
     pytest bench --benchmark-only                                  every case, provider, dtype, mode
     pytest bench --benchmark-only -k "position and cpp and fwd+bwd"   a selection
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import importlib
 import os
 from typing import Dict, List, NamedTuple, Tuple
 
@@ -31,6 +32,7 @@ import pytest
 import torch
 
 from bench.harness import Case, PeakMemory, _run_once, _sync, time_fn
+from bench.run import select_cases
 from medattn_fast import BackendUnavailable
 
 FAMILIES = ("position", "channel", "gaussian_axial", "window", "external", "attention_gate")
@@ -71,17 +73,13 @@ def _entries() -> List[Entry]:
     unknown = sorted(set(chosen) - set(FAMILIES))
     if unknown:
         raise ValueError(f"MEDATTN_BENCH_FAMILIES: unknown families {unknown}; known: {list(FAMILIES)}")
-    for family in chosen:
-        module = importlib.import_module(f"bench.cases_{family}")
-        for case in module.cases(DEVICE):
-            if DEVICE.type not in case.devices:
-                continue
-            for dtype in case.dtypes:
-                _, providers = case.setup(DEVICE, dtype)
-                names = list(providers)
-                del providers
-                for mode in case.modes:
-                    out.extend(Entry(case, dtype, mode, name) for name in names)
+    for case in select_cases(DEVICE, list(chosen)):
+        for dtype in case.dtypes:
+            _, providers = case.setup(DEVICE, dtype)
+            names = list(providers)
+            del providers
+            for mode in case.modes:
+                out.extend(Entry(case, dtype, mode, name) for name in names)
     gc.collect()
     return out
 

@@ -48,3 +48,89 @@ def test_bytes_moved_gives_gbps_against_the_copy_bandwidth():
             assert abs(r.extra["GB/s"] - expected) <= 1e-9 * expected
             assert abs(r.extra["of_copy"] - expected / copy) <= 1e-9 * expected / copy
     assert "of copy" in format_table(rows)
+
+
+def test_kernel_variant_providers_pass_a_config_not_the_environment(monkeypatch):
+    """A variant provider runs under its KernelConfig; the default provider beside it, and the
+    environment, are untouched."""
+    from bench.harness import with_kernel_config
+
+    for name in ("MEDATTN_FP32_PRECISION", "MEDATTN_POSITION_BWD", "MEDATTN_POSITION_P16"):
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+
+    def probe(x):
+        seen.append(medattn_fast.kernel_config())
+        return x * 2
+
+    fused = with_kernel_config(probe, medattn_fast.KernelConfig(position_backward="fused", position_p16=True))
+    x = torch.randn(3)
+    torch.testing.assert_close(fused(x), x * 2)
+    probe(x)
+    assert seen[0] == medattn_fast.KernelConfig(position_backward="fused", position_p16=True)
+    assert seen[1] == medattn_fast.KernelConfig()
+    assert "MEDATTN_POSITION_BWD" not in __import__("os").environ
+    try:
+        with_kernel_config(probe, {"position_backward": "fused"})
+    except TypeError as exc:
+        assert "KernelConfig" in str(exc) and "dict" in str(exc)
+    else:
+        raise AssertionError("a dict was taken as a kernel config")
+
+
+def test_gpu_check_rows_ceilings_errors_and_deadline(tmp_path):
+    """run_gpu_check (the GPU check's timing stage): the ceiling rows, one ok row per provider and
+    mode with FLOP/s against the matmul ceiling, an error row for a provider that raises, and a
+    'skipped' row for a case that no longer fits before the deadline — all in the CSV, flushed."""
+    import csv
+    import time
+
+    from bench.harness import GPU_CHECK_FIELDS, run_gpu_check
+
+    def setup(device, dtype):
+        x = torch.randn(32, 64, device=device, dtype=dtype, requires_grad=True)
+
+        def broken(x):
+            raise RuntimeError("no such kernel")
+
+        return (x,), {"fast": lambda x: x.pow(2), "original": lambda x: x * x, "broken": broken}
+
+    fits = Case(op="toy", shape="32x64", setup=setup, flops=32 * 64, dtypes=(torch.float32,),
+                modes=("no-grad", "fwd+bwd"), estimate_s=0.0)
+    too_long = Case(op="toy", shape="huge", setup=setup, dtypes=(torch.float32,), estimate_s=1e6)
+    out = tmp_path / "rows.csv"
+    run_gpu_check([fits, too_long], CPU, str(out), deadline=time.time() + 120, tiny=True)
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == GPU_CHECK_FIELDS
+        rows = list(reader)
+    assert {r["dtype"] for r in rows if r["section"] == "ceiling"} == {"float32", "bfloat16", "tf32"}
+    ok = {(r["provider"], r["mode"]): r for r in rows if r["section"] == "toy" and r["status"] == "ok"}
+    # tiny (the CPU dry run): toy ceilings, and each case's last mode only
+    assert set(ok) == {("fast", "fwd+bwd"), ("original", "fwd+bwd")}
+    for r in ok.values():
+        assert float(r["ms"]) > 0 and float(r["tflops"]) > 0 and float(r["pct_ceiling"]) > 0
+    errors = [r for r in rows if r["status"] == "error"]
+    assert {r["provider"] for r in errors} == {"broken"} and "no such kernel" in errors[0]["note"]
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert [r["case"] for r in skipped] == ["huge"] and "did not fit" in skipped[0]["note"]
+
+
+def test_one_case_list_selected_by_file_or_op_column():
+    """bench.run's case list (also the pytest-benchmark suite's): --op names a case file or a
+    case's op column; an unknown name is refused with the known ones."""
+    from bench.run import select_cases
+
+    by_file = select_cases(CPU, ["networks"])
+    by_column = select_cases(CPU, ["mtunet_model"])
+    assert {c.op for c in by_column} == {"mtunet_model"}
+    assert {c.shape for c in by_column} <= {c.shape for c in by_file if c.op == "mtunet_model"}
+    assert all(CPU.type in c.devices for c in select_cases(CPU))
+    position = select_cases(CPU, ["position"], shape="PAM B=2")
+    assert position and all(c.op == "position_attention" and "PAM B=2" in c.shape for c in position)
+    try:
+        select_cases(CPU, ["no_such_family"])
+    except ValueError as exc:
+        assert "no_such_family" in str(exc) and "'position'" in str(exc)
+    else:
+        raise AssertionError("an unknown --op was accepted")

@@ -147,3 +147,82 @@ def test_the_checker_finds_a_backend_importing_its_family():
     assert upward_imports_in_ops(graph) == {"medattn_fast.ops._position_cpp": ["medattn_fast.ops.position"]}
     del graph["medattn_fast.ops._position_cpp"]
     assert upward_imports_in_ops(graph) == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# bench/ and tests/ never import each other: what both need (the reference twins, MONAI's
+# AttentionUnet restated) lives in medattn_fast/testing/, which both may import.
+# ------------------------------------------------------------------------------------------------
+
+# the tests whose subject is the benchmark code itself: they import the bench module they test
+BENCH_TESTS = ("test_bench_*.py", "test_loss_curves.py")
+# calls that load a module from a file path, around the import system
+PATH_LOADERS = {"spec_from_file_location", "run_path", "SourceFileLoader", "load_source", "exec"}
+
+
+def imported_roots(tree: ast.AST) -> Set[str]:
+    """The top-level names of every absolute import in ``tree`` (imports inside functions included)."""
+    roots: Set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def path_loads(tree: ast.AST) -> List[str]:
+    """Calls in ``tree`` that load code from a file path (``spec_from_file_location``, ``runpy.run_path``,
+    ``SourceFileLoader``, ``exec``), by name."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in PATH_LOADERS:
+                found.append(f"{name}() at line {node.lineno}")
+    return found
+
+
+def bench_tests_crossings(root: Path = ROOT) -> Dict[str, List[str]]:
+    """File -> why it crosses the bench/tests line: a file of ``bench/`` importing ``tests`` or one
+    of the test helpers (``tests/_*.py``, importable by name under pytest), or loading any file by
+    path; a file of ``tests/`` importing ``bench``, unless it is a test of the bench itself
+    (:data:`BENCH_TESTS`)."""
+    helpers = {p.stem for p in (root / "tests").glob("*.py")} | {"tests", "conftest"}
+    bench_tests = {p for pattern in BENCH_TESTS for p in (root / "tests").glob(pattern)}
+    found: Dict[str, List[str]] = {}
+    for path in sorted((root / "bench").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        why = [f"imports {m}" for m in sorted(imported_roots(tree) & helpers)] + path_loads(tree)
+        if why:
+            found[str(path.relative_to(root))] = why
+    for path in sorted((root / "tests").rglob("*.py")):
+        if path in bench_tests:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        if "bench" in imported_roots(tree):
+            found[str(path.relative_to(root))] = ["imports bench"]
+    return found
+
+
+def test_bench_and_tests_do_not_import_each_other():
+    assert (ROOT / "medattn_fast" / "testing" / "twins.py").is_file()
+    found = bench_tests_crossings()
+    assert not found, f"bench/ and tests/ must not import each other (shared code: medattn_fast/testing/): {found}"
+
+
+def test_the_checker_finds_bench_and_tests_crossing(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "_helpers.py").write_text("X = 1\n")
+    (tmp_path / "tests" / "test_bench_run.py").write_text("from bench.run import main\n")      # tests the bench
+    (tmp_path / "bench" / "cases_ok.py").write_text("from medattn_fast.testing.twins import reference_twin\n")
+    assert bench_tests_crossings(tmp_path) == {}
+    (tmp_path / "tests" / "test_models.py").write_text("def f():\n    from bench.twins import reference_twin\n")
+    (tmp_path / "bench" / "cases_a.py").write_text("from _helpers import X\n")
+    (tmp_path / "bench" / "cases_b.py").write_text(
+        "import importlib.util\nspec = importlib.util.spec_from_file_location('m', 'tests/_helpers.py')\n")
+    assert bench_tests_crossings(tmp_path) == {
+        "bench/cases_a.py": ["imports _helpers"],
+        "bench/cases_b.py": ["spec_from_file_location() at line 2"],
+        "tests/test_models.py": ["imports bench"]}
