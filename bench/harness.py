@@ -160,6 +160,16 @@ def _run_once(fn: Callable, inputs: tuple, mode: str, cotangent: Optional[torch.
 SLOW_MS = 50.0
 
 
+def _event_ms(fn: Callable, inputs: tuple, mode: str, cotangent) -> float:
+    """Milliseconds of one call between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    _run_once(fn, inputs, mode, cotangent)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
 def _gpu_median_ms(fn: Callable, inputs: tuple, mode: str, cotangent, warmup_ms: float, rep_ms: float) -> float:
     """Median ms of one call on CUDA: ``triton.testing.do_bench`` (L2 flushed before each call,
     input grads set to None), or CUDA events around each call when triton cannot be imported or
@@ -168,20 +178,9 @@ def _gpu_median_ms(fn: Callable, inputs: tuple, mode: str, cotangent, warmup_ms:
     grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     _run_once(fn, inputs, mode, cotangent)   # compiles, before the call that sizes the measurement
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    _run_once(fn, inputs, mode, cotangent)
-    end.record()
-    torch.cuda.synchronize()
-    first = start.elapsed_time(end)
+    first = _event_ms(fn, inputs, mode, cotangent)
     if first >= SLOW_MS:
-        samples = [first]
-        for _ in range(2 if first < 1000 else 0):
-            start.record()
-            _run_once(fn, inputs, mode, cotangent)
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
+        samples = [first] + [_event_ms(fn, inputs, mode, cotangent) for _ in range(2 if first < 1000 else 0)]
         return statistics.median(samples)
     try:
         from triton.testing import do_bench
@@ -190,18 +189,10 @@ def _gpu_median_ms(fn: Callable, inputs: tuple, mode: str, cotangent, warmup_ms:
     if do_bench is not None:
         return float(do_bench(lambda: _run_once(fn, inputs, mode, cotangent), warmup=max(1, int(warmup_ms)),
                               rep=max(1, int(rep_ms)), grad_to_none=grads or None, return_mode="median"))
-    for _ in range(3):
-        _run_once(fn, inputs, mode, cotangent)
-    torch.cuda.synchronize()
-    times: List[float] = []
+    times: List[float] = [first]
     budget_start = time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - budget_start < rep_ms * 1e-3 and len(times) < 200):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        _run_once(fn, inputs, mode, cotangent)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(_event_ms(fn, inputs, mode, cotangent))
     return statistics.median(times)
 
 
