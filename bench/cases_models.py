@@ -1,4 +1,8 @@
-"""Benchmark cases of the full attention networks: DAUNet, CrossAttentionUNet, MSGANet.
+"""Benchmark cases of our whole networks (:mod:`medattn_fast.models`): DAUNet, CrossAttentionUNet and
+MSGANet against their reference twins (op ``models``), AttentionUNet per gate backend (op
+``attention_unet_model``). The originals' networks are ``bench/cases_networks.py``.
+
+**DAUNet, CrossAttentionUNet, MSGANet.**
 
 One training step (mode ``fwd+bwd``: forward, backward of a random cotangent through every
 parameter) and inference (``no-grad``, eval mode) per network, the reference twin against the fast

@@ -1,4 +1,6 @@
-"""Benchmark cases of the originals' whole networks, original vs fast, with the same weights.
+"""Benchmark cases of the originals' whole networks, original vs fast, with the same weights (op
+column: the network's name), and MT-UNet in every implementation (op ``mtunet_model``). Our own
+networks (:mod:`medattn_fast.models`) are ``bench/cases_models.py``.
 
 ``original`` is the network as its authors wrote it (restated: :mod:`medattn_fast.reference`,
 :mod:`bench.networks`, MONAI's tree in :mod:`medattn_fast.testing.monai_attention_unet`); ``fast`` is the same

@@ -19,8 +19,8 @@ deep-supervised objective + Dice). The optimiser is SGD with momentum: an adapti
 exactly-zero gradient (MT-UNet's GaussianTrans ``bias`` cancels in its softmaxes) into full-size,
 sign-random updates, and the comparison would measure that noise instead of the networks.
 
-The twins, built as the model benchmarks build them (``bench/cases_models.py``,
-``cases_mtunet_model.py``, ``cases_attention_unet_model.py``):
+The twins, built as the model benchmarks build them (``bench/cases_models.py``;
+MT-UNet as ``bench/cases_networks.py``'s ``mtunet_model`` rows):
 
 * ``DAUNet``, ``CrossAttentionUNet``, ``MSGANet``: :func:`medattn_fast.testing.twins.reference_twin` of the fast
   network (a copy with its attention modules swapped for the faithful ones, same weights);
