@@ -312,7 +312,7 @@ def test_forced_cpp_on_cpu_runs_and_auto_picks_cpp():
 
 def test_forced_triton_raises_with_reason():
     # float64 CPU tensors: the Triton interpreter takes float32/bfloat16 only, and without it (a CUDA
-    # machine) Triton needs CUDA tensors. The triton backend's own tests: test_triton_gaussian_axial.py.
+    # machine) Triton needs CUDA tensors. The triton backend's own tests: test_gaussian_axial_triton.py.
     ax, ay, v = _scores_inputs(1, 3, 4, 2)
     shift, _ = _scalars()
     reason = "backend 'triton' cannot run this call: .*(float32/bfloat16|Triton needs CUDA tensors)"

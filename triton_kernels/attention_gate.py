@@ -52,7 +52,7 @@ def _output_precision(dtype, fp32_precision: Optional[str]):
     """The output projection's float32 dots stay FMA-only ``ieee`` by default (PyTorch's TF32
     setting and an explicit ``fp32_precision`` still apply): with the three-TF32 split, the gradient of
     a conv bias that a training-mode BatchNorm cancels (exactly 0) came out at 2.5e-5 against the
-    float32 bound of 2e-5 (Oktay's 3-D grid gate, tests/test_attention_gate_kernels.py), and the
+    float32 bound of 2e-5 (Oktay's 3-D grid gate, tests/test_attention_gate_fused.py), and the
     pass is bandwidth-bound (a K of Cx per output), so tensor cores buy little there."""
     return dot_precision(dtype, split_default=False, forced=fp32_precision)
 
