@@ -17,13 +17,16 @@ A module is swapped only when all of these hold, and each refusal is reported wi
    on anything else (Oktay's ``concatenation_debug``/``_residual`` modes, a conv with padding or
    groups, another activation ...); it loads the ``state_dict`` with ``strict=True``.
 3. **No submodule carries hooks** (forward/backward): the fused forward reads their parameters
-   without calling them, so their hooks would silently stop running.
+   without calling them, so their hooks would silently stop running. State-dict hooks (state_dict
+   pre/post, load_state_dict pre/post) on the block or any submodule are carried over and fire
+   from the swapped module as they did (building the twin calls none of them).
 
 The swap keeps everything a training script holds, as ``torch.nn.SyncBatchNorm.
 convert_sync_batchnorm`` does: the same Parameter and buffer objects (an optimizer built before
 ``convert`` still trains them; ``requires_grad``, device and dtype are theirs), the same submodule
-instances where the twin has a module of the same class, the swapped module's hooks (the same hook
-tables, so existing handles still remove them) and every training flag. The outermost match wins
+instances where the twin has a module of the same class, the swapped module's hooks and those of
+every submodule replaced by a class of ours (the same hook tables, so existing handles still remove
+them; a hook registered with its module is handed the swapped one) and every training flag. The outermost match wins
 (a converted ``CSAttention`` already contains fast ``WinAttention`` ...).
 
     report = medattn_fast.convert(model, dry_run=True)   # what would change, nothing touched

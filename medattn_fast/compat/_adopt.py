@@ -3,6 +3,7 @@ hand-over ``convert`` does (:func:`graft`)."""
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
@@ -23,11 +24,32 @@ def adopt(new: nn.Module, original: nn.Module) -> nn.Module:
     ref = next((t for t in list(original.parameters()) + list(original.buffers()) if t.is_floating_point()), None)
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype)
-    new.load_state_dict(original.state_dict(), strict=True)
+    new.load_state_dict(_state_without_hooks(original), strict=True)
     flags = {name: m.training for name, m in original.named_modules()}
     for name, m in new.named_modules():
         m.training = flags.get(name, original.training)
     return new
+
+
+def _state_without_hooks(module: nn.Module) -> "OrderedDict[str, Any]":
+    """``module.state_dict()`` without running its state_dict hooks: building a twin must not call
+    the user's hooks (they run when the user asks for a state_dict, and ``graft`` hands them to the
+    twin). Each submodule saves itself as ``state_dict`` makes it (``_save_to_state_dict``)."""
+    state: "OrderedDict[str, Any]" = OrderedDict()
+    for path, m in module.named_modules(remove_duplicate=False):
+        m._save_to_state_dict(state, f"{path}." if path else "", False)
+    return state
+
+
+def _without_hooks(module: nn.Module) -> nn.Module:
+    """``module`` (a deep copy of an original's layer) with empty hook tables: the copy only carries
+    the layer's settings into the twin (``graft`` puts the original instance, hooks and all, back),
+    so the user's hooks must not fire from it while the twin loads its state."""
+    for m in module.modules():
+        for table in _HOOK_TABLES:
+            if table in m.__dict__:
+                object.__setattr__(m, table, type(m.__dict__[table])())
+    return module
 
 
 def paired_submodules(new: nn.Module, original: nn.Module) -> List[Tuple[str, nn.Module, Optional[nn.Module]]]:
@@ -53,7 +75,7 @@ def mirror_layers(new: nn.Module, original: nn.Module) -> None:
             m.register_parameter("bias", None)
         elif isinstance(m, _NORMS):
             parent, _, name = path.rpartition(".")
-            new.get_submodule(parent)._modules[name] = copy.deepcopy(o)
+            new.get_submodule(parent)._modules[name] = _without_hooks(copy.deepcopy(o))
 
 
 def _settings(layer: nn.Module) -> dict:
@@ -148,6 +170,10 @@ def graft(new: nn.Module, original: nn.Module) -> nn.Module:
                 n_mod._modules[name] = o_child
             else:
                 walk(n_child, o_child, f"{prefix}{name}.")
+                # a submodule replaced by one of ours keeps its hooks (the forward/backward kinds
+                # never get here: convert refuses a block whose submodules carry them; the
+                # state_dict kinds fire from the twin as they did from the original)
+                _hand_over_hooks(n_child, o_child)
         for table in ("_parameters", "_buffers"):
             n_tab, o_tab = getattr(n_mod, table), getattr(o_mod, table)
             for name, t in list(n_tab.items()):
@@ -163,7 +189,22 @@ def graft(new: nn.Module, original: nn.Module) -> nn.Module:
         n_mod.training = o_mod.training
 
     walk(new, original, "")
-    for table in _HOOK_TABLES:
-        if table in original.__dict__:
-            object.__setattr__(new, table, original.__dict__[table])
+    _hand_over_hooks(new, original)
     return new
+
+
+def _hand_over_hooks(new: nn.Module, original: nn.Module) -> None:
+    """``original``'s hook tables become ``new``'s (the same dict objects: the user's handles still
+    remove them). A hook registered with its module (``register_load_state_dict_pre_hook``) holds
+    a weak reference to ``original``; it is re-pointed at ``new``, in place under the same handle
+    id — else, once ``original`` is dropped, ``load_state_dict`` would raise "the hook of a dead
+    Module", and while it lives the hook would be handed the module no longer in the model."""
+    for table in _HOOK_TABLES:
+        if table not in original.__dict__:
+            continue
+        hooks = original.__dict__[table]
+        if isinstance(hooks, dict):
+            for key, hook in list(hooks.items()):
+                if getattr(hook, "with_module", False) and getattr(hook, "module", lambda: None)() is original:
+                    hooks[key] = type(hook)(hook.hook, new)
+        object.__setattr__(new, table, hooks)
