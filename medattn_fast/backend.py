@@ -347,9 +347,10 @@ class Op:
 def autocast_entry(cast: bool = True):
     """Decorator for an op's public function: its behaviour under AMP autocast.
 
-    Like ``F.scaled_dot_product_attention``, the op's float32 tensor arguments are cast to the
-    autocast dtype (``cast=False``: left as they are, for an op that handles mixed dtypes itself,
-    e.g. the gate's float32 BatchNorm state); then validation and the backend run with autocast
+    Like ``F.scaled_dot_product_attention``, the op's floating tensor arguments but float64 ones
+    (float32, and float16 under a bfloat16 autocast or the reverse, as autocast casts them for a
+    matmul) are cast to the autocast dtype (``cast=False``: left as they are, for an op that
+    handles mixed dtypes itself, e.g. the gate's float32 BatchNorm state); then validation and the backend run with autocast
     off, so the backend keeps its own precision policy (float32 accumulation) — a C++ kernel's
     inner ATen matmuls must not silently turn bfloat16. Applied before validation, so the checks
     see the dtypes the backend will get.
@@ -375,8 +376,12 @@ def autocast_entry(cast: bool = True):
 
 
 def _autocast_cast(value, dtype: torch.dtype):
-    """float32 tensors to the autocast dtype (float64 and non-float tensors are left alone)."""
-    if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+    """Floating tensors to the autocast dtype, as autocast casts a matmul's arguments: float64 and
+    non-float tensors are left alone. A float16 tensor under a bfloat16 autocast is cast too: the
+    module's convs/linears already turned its other arguments bfloat16 (left as it was, it met
+    them in a dtype mismatch where the original module runs)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64 \
+            and value.dtype != dtype:
         return value.to(dtype)
     return value
 

@@ -51,7 +51,8 @@ def _hooks():
             with_kwargs=True)
 
     def fwd_pre(m, rec, owner):
-        return m.register_forward_pre_hook(lambda mod, args: rec.append(("forward_pre", mod is owner(), _summary(args))))
+        return m.register_forward_pre_hook(
+            lambda mod, args: rec.append(("forward_pre", mod is owner(), _summary(args))))
 
     def bwd(m, rec, owner):
         return m.register_full_backward_hook(

@@ -31,13 +31,27 @@ def _bn(module: nn.Module) -> MF.BatchNormParams:
     return MF.BatchNormParams.from_module(module)
 
 
+def _as_original_under_autocast(result, x: torch.Tensor, *, grid: bool):
+    """The dtype the original gate returns under AMP autocast (float64 x: unchanged, autocast
+    leaves it alone): the additive gate ends with ``x * α``, α from an autocast conv, so
+    promote(autocast dtype, x) (float32 x stays float32, float16 x under bfloat16 becomes float32);
+    Oktay's grid gate ends with the output conv and BN, so the autocast dtype (α too)."""
+    if x.dtype == torch.float64 or x.device.type not in ("cpu", "cuda") \
+            or not torch.is_autocast_enabled(x.device.type):
+        return result
+    amp = torch.get_autocast_dtype(x.device.type)
+    dtype = amp if grid else torch.promote_types(amp, x.dtype)
+    return tuple(r.to(dtype) for r in result) if isinstance(result, tuple) else result.to(dtype)
+
+
 def _additive_gate(x, g, proj_x: nn.Sequential, proj_g: nn.Sequential, psi: nn.Sequential, training: bool,
                    double_sigmoid: bool = False) -> torch.Tensor:
     """The additive gate from its three (conv, BN, ...) projections; a conv may sit in MONAI's
     conv-only ``Convolution`` (a Sequential with one child ``conv``)."""
     cx, cg, cp = (s[0].conv if isinstance(s[0], nn.Sequential) else s[0] for s in (proj_x, proj_g, psi))
-    return MF.attention_gate(x, g, cx.weight, cx.bias, cg.weight, cg.bias, cp.weight, cp.bias, bn_x=_bn(proj_x[1]),
-                             bn_g=_bn(proj_g[1]), bn_psi=_bn(psi[1]), training=training, double_sigmoid=double_sigmoid)
+    out = MF.attention_gate(x, g, cx.weight, cx.bias, cg.weight, cg.bias, cp.weight, cp.bias, bn_x=_bn(proj_x[1]),
+                            bn_g=_bn(proj_g[1]), bn_psi=_bn(psi[1]), training=training, double_sigmoid=double_sigmoid)
+    return _as_original_under_autocast(out, x, grid=False)
 
 
 class _Gate(FromOriginal):
@@ -154,10 +168,11 @@ class _GridAttentionBlock(_Gate, R.GridAttentionBlock):
                          sub_sample_factor=sub_sample_factor)
 
     def forward(self, x: torch.Tensor, g: torch.Tensor):
-        return MF.attention_gate(
+        out = MF.attention_gate(
             x, g, self.theta.weight, self.theta.bias, self.phi.weight, self.phi.bias, self.psi.weight,
             self.psi.bias, out_weight=self.W[0].weight, out_bias=self.W[0].bias, bn_out=_bn(self.W[1]),
             training=self.training, mode="grid", return_alpha=True)
+        return _as_original_under_autocast(out, x, grid=True)
 
     @classmethod
     def _init_args(cls, module):

@@ -14,6 +14,11 @@ from ._adopt import FromOriginal
 __all__ = ["PAM_Module", "CAM_Module", "DANetHead", "COMPAT_CLASSES"]
 
 
+def _autocast_active(x: torch.Tensor) -> bool:
+    """AMP autocast is on for x's device and x is not float64 (autocast leaves float64 alone)."""
+    return x.dtype != torch.float64 and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+
+
 def _check_input(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
@@ -32,6 +37,13 @@ class PAM_Module(FromOriginal, R.PAM_Module):  # noqa: N801 (the original's name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(type(self).__name__, x)
+        if _autocast_active(x):
+            # the original's γ·o + x runs outside its autocast bmm: γ (float32) and x keep their
+            # dtypes there, so its output is promote(γ, autocast dtype, x) (float32 for float32
+            # parameters), with x added unrounded; the fused epilogue would round x to bfloat16
+            o = MF.position_attention(self.query_conv(x).flatten(2), self.key_conv(x).flatten(2),
+                                      self.value_conv(x).flatten(2), layout="channels", chunk_size=self.chunk_size)
+            return self.gamma * o.reshape(x.shape) + x
         out = MF.position_attention(
             self.query_conv(x).flatten(2), self.key_conv(x).flatten(2), self.value_conv(x).flatten(2),
             layout="channels", gamma=self.gamma, residual=x.flatten(2), chunk_size=self.chunk_size,
@@ -51,6 +63,8 @@ class CAM_Module(FromOriginal, R.CAM_Module):  # noqa: N801
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(type(self).__name__, x)
+        if _autocast_active(x):   # the epilogue in the original's dtypes (see PAM_Module.forward)
+            return self.gamma * MF.channel_attention(x, negate=True) + x
         return MF.channel_attention(x, negate=True, gamma=self.gamma, residual=x)
 
     @classmethod

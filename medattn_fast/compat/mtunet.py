@@ -70,6 +70,16 @@ class GaussianTrans(FromOriginal, R.GaussianTrans):
         if isinstance(grid, torch.Tensor) and isinstance(value, torch.Tensor) and grid.shape[1:3] != value.shape[1:3]:
             raise ValueError(f"GaussianTrans: x and value must share the grid (B, H, W, ·), got x {tuple(grid.shape)} "
                              f"and value {tuple(value.shape)}")
+        if isinstance(value, torch.Tensor) and value.device.type in ("cpu", "cuda") \
+                and torch.is_autocast_enabled(value.device.type):
+            # The original's loop is elementwise ops and softmaxes, none of which autocast
+            # casts: it computes in its inputs' dtypes (θ float32 promotes them) and returns
+            # value's. So does the op with autocast off (float32 accumulation), on the scores in
+            # value's dtype and θ as it is (rounding θ to 16 bits would cost its gradient).
+            dtype = value.dtype
+            with torch.autocast(value.device.type, enabled=False):
+                return MF.gaussian_axial_from_scores(atten_x.to(dtype), atten_y.to(dtype), value, self.shift,
+                                                     bias=self.bias)
         return MF.gaussian_axial_from_scores(atten_x, atten_y, value, self.shift, bias=self.bias)
 
 
