@@ -173,3 +173,43 @@ def test_autocast_entry_casts_as_autocast_does_for_a_matmul(amp_dtype):
         assert got.dtype == amp_dtype and torch.equal(got, t.to(amp_dtype))
     for t in (torch.randn(3, dtype=F64), torch.arange(3)):
         assert _autocast_cast(t, amp_dtype) is t
+
+
+def _nn_modules():
+    from medattn_fast import nn as N
+    from medattn_fast.nn import mtunet as NM
+
+    r = torch.randn
+    return {
+        "gate": (lambda: N.AttentionGate(8, 6, 4), lambda: (r(2, 8, 6, 5), r(2, 6, 3, 3))),
+        "position": (lambda: N.PositionAttention(16, 8), lambda: (r(2, 16, 5, 4),)),
+        "channel": (lambda: N.ChannelAttention(), lambda: (r(2, 16, 5, 4),)),
+        "gaussian_axial": (lambda: NM.GaussianAxialAttention(8), lambda: (r(2, 4, 5, 8),)),
+        "window": (lambda: NM.WindowAttention(8, 2, 2), lambda: (r(2, 4, 4, 8),)),
+        "external": (lambda: NM.ExternalAttention(8, 4, 16, 2), lambda: (r(2, 9, 8),)),
+    }
+
+
+@pytest.mark.parametrize("family", ["gate", "position", "channel", "gaussian_axial", "window", "external"])
+def test_nn_module_in_float64_under_autocast_is_the_float64_module(family):
+    """Autocast leaves float64 alone: the package's own modules in float64 under a bfloat16
+    autocast give the float64 result and gradients, exactly (every op family)."""
+    make, inputs = _nn_modules()[family]
+    torch.manual_seed(2)
+    module = make().to(F64).train()
+    for p in module.parameters():
+        if p.numel() == 1:
+            with torch.no_grad():
+                p.fill_(0.6)
+    x = _cast(inputs(), F64)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    got, got_grads = _run(module, x, 3, autocast=True)
+    module.load_state_dict(state)          # the gate's BatchNorms updated their statistics
+    expected, expected_grads = _run(module, x, 3, autocast=False)
+    assert [o.dtype for o in got] == [F64] * len(got)
+    for a, b in zip(got + got_grads, expected + expected_grads):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == F64
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
