@@ -350,10 +350,10 @@ def autocast_entry(cast: bool = True):
     Like ``F.scaled_dot_product_attention``, the op's floating tensor arguments but float64 ones
     (float32, and float16 under a bfloat16 autocast or the reverse, as autocast casts them for a
     matmul) are cast to the autocast dtype (``cast=False``: left as they are, for an op that
-    handles mixed dtypes itself, e.g. the gate's float32 BatchNorm state); then validation and the backend run with autocast
-    off, so the backend keeps its own precision policy (float32 accumulation) — a C++ kernel's
-    inner ATen matmuls must not silently turn bfloat16. Applied before validation, so the checks
-    see the dtypes the backend will get.
+    handles mixed dtypes itself, e.g. the gate's float32 BatchNorm state); then validation and
+    the backend run with autocast off, so the backend keeps its own precision policy (float32
+    accumulation) — a C++ kernel's inner ATen matmuls must not silently turn bfloat16. Applied
+    before validation, so the checks see the dtypes the backend will get.
     """
 
     def deco(fn: Callable) -> Callable:
