@@ -1,5 +1,5 @@
-"""convert() and hooks: every kind of hook ``nn.Module`` offers — forward (plain, with kwargs),
-forward-pre, full backward, full backward-pre, state_dict (post and pre), load_state_dict (pre,
+"""convert() and hooks: every kind of hook ``nn.Module`` offers — forward (plain, with kwargs,
+always_call), forward-pre (plain, with kwargs), full backward, full backward-pre, state_dict (post and pre), load_state_dict (pre,
 with and without the module, and post) — placed on a block or on one of its submodules of every
 kind (container, conv, BatchNorm, activation, a nested block that gets a compat twin of its own,
 a parameter-holding leaf) is either
@@ -54,6 +54,15 @@ def _hooks():
         return m.register_forward_pre_hook(
             lambda mod, args: rec.append(("forward_pre", mod is owner(), _summary(args))))
 
+    def fwd_pre_kwargs(m, rec, owner):
+        return m.register_forward_pre_hook(
+            lambda mod, args, kwargs: rec.append(("forward_pre_kwargs", mod is owner(), _summary(args))),
+            with_kwargs=True)
+
+    def fwd_always(m, rec, owner):
+        return m.register_forward_hook(
+            lambda mod, args, out: rec.append(("forward_always", mod is owner(), _summary(out))), always_call=True)
+
     def bwd(m, rec, owner):
         return m.register_full_backward_hook(
             lambda mod, gin, gout: rec.append(("backward", mod is owner(), _summary(gin), _summary(gout))))
@@ -83,6 +92,7 @@ def _hooks():
             lambda mod, keys: rec.append(("load_post", mod is owner(), tuple(keys.missing_keys))))
 
     return {"forward": (fwd, "run"), "forward_kwargs": (fwd_kwargs, "run"), "forward_pre": (fwd_pre, "run"),
+            "forward_pre_kwargs": (fwd_pre_kwargs, "run"), "forward_always_call": (fwd_always, "run"),
             "full_backward": (bwd, "run"), "full_backward_pre": (bwd_pre, "run"),
             "state_dict": (sd_post, "state"), "state_dict_pre": (sd_pre, "state"),
             "load_state_dict_pre": (load_pre_module, "state"), "load_state_dict_pre_plain": (load_pre_plain, "state"),
