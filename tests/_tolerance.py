@@ -31,6 +31,50 @@ def gpu_device() -> torch.device:
     return torch.device(os.environ.get("MEDATTN_GPU_TEST_DEVICE", "cuda"))
 
 
+def dry_run() -> bool:
+    """Whether the ``-m gpu`` tests run as the CPU dry run (``MEDATTN_GPU_TEST_DEVICE=cpu``)."""
+    return gpu_device().type != "cuda"
+
+
+# A backend's refusals that only the dry-run device causes (``medattn_fast.backend``'s predicates):
+# on a GPU the same call runs. float64 is refused on a GPU too, so it is not among them.
+DRY_RUN_REFUSALS = (
+    "the Triton interpreter on CPU supports float32/bfloat16, got torch.float16",
+    "the cuda backend runs on CUDA tensors, got device cpu",
+)
+
+
+def dry_run_refusal(exc: BaseException) -> Optional[str]:
+    """The skip reason for a ``-m gpu`` test that ``exc`` ended, when ``exc`` is (or was raised
+    from) a backend's ``BackendUnavailable`` whose every reason is the dry-run device's
+    (:data:`DRY_RUN_REFUSALS`), and the tests run as the dry run; else None: on a GPU every refusal,
+    and in the dry run any other refusal (a size limit, float64), stays a failure."""
+    if not dry_run():
+        return None
+    from medattn_fast import BackendUnavailable
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, BackendUnavailable):
+            _, marker, listed = str(exc).partition("cannot run this call: ")
+            reasons = listed.split("; ") if marker else []
+            if reasons and all(r.strip() in DRY_RUN_REFUSALS for r in reasons):
+                return f"dry run on the CPU (MEDATTN_GPU_TEST_DEVICE=cpu): {exc}"
+            return None
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def require_cuda_device(why: str) -> None:
+    """Skip the calling ``-m gpu`` test in the dry run: it measures or asserts something only a CUDA
+    device has (``why``: what, e.g. "CUDA memory statistics")."""
+    if dry_run():
+        import pytest
+
+        pytest.skip(f"dry run on the CPU (MEDATTN_GPU_TEST_DEVICE=cpu): needs a CUDA device for {why}")
+
+
 def max_errors(results: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> List[float]:
     """Max abs difference of each result from its float64 reference."""
     return [(r.double() - ref).abs().max().item() for r, ref in zip(results, reference)]

@@ -24,7 +24,7 @@ from medattn_fast.ops._gaussian_axial_triton import (
     gaussian_axial_triton_scores_bwd,
     gaussian_axial_triton_scores_fwd,
 )
-from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors
+from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors, require_cuda_device
 
 
 # (B, H, W, D): H ≠ W both ways, primes, B = 1, D = 1, odd D, D over one 64-wide chunk, a 1-pixel line.
@@ -268,6 +268,7 @@ def test_gpu_backward_is_deterministic(entry):
 
 @pytest.mark.gpu
 def test_gpu_auto_prefers_triton_and_falls_through_for_long_lines():
+    require_cuda_device("auto's order on CUDA tensors (on the CPU auto prefers the cpp backend)")
     op = medattn_fast.backend.op("gaussian_axial")
     shift = torch.tensor(0.2, device=gpu_device())
     q = torch.randn(12, 7, 7, 256, device=gpu_device())

@@ -16,7 +16,7 @@ import medattn_fast
 from medattn_fast.ops._position_triton import position_triton_bwd, position_triton_fwd
 from medattn_fast.ops.position import position_attention
 import medattn_fast.triton_kernels.position as triton_position
-from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors
+from _tolerance import F64, assert_within_twice, default_device, gpu_device, max_errors, require_cuda_device
 
 
 def _make(batch, n, d, channels_first, dtype, device):
@@ -229,6 +229,7 @@ def test_gpu_danet_shapes_within_twice_torch_error(dtype, transpose):
 def test_gpu_memory_is_linear_in_tokens():
     """fwd+bwd at 128×128 tokens (N = 16384, C = 512) stays far below one N×N float32 matrix."""
     dev = gpu_device()
+    require_cuda_device("CUDA memory statistics")
     leaves, kw = _case(1, 16384, 16384, 64, 512, transpose=False, layout="channels", epilogue="gamma_residual",
                        dtype=torch.bfloat16, device=dev)
     torch.cuda.synchronize()
