@@ -8,8 +8,9 @@ r"""The environment, kernel-resource and summary steps of ``bench/gpu_check.sh``
   bytes from ``cuobjdump -res-usage`` where that tool is found; shared memory from the kernel's
   metadata. Written row by row.
 * ``summary OUT``: ``OUT/summary.txt`` from the files the call left under ``OUT``: the environment,
-  tests passed / failed per op and dtype, every timing ratio, the kernels that spill, and what did
-  not run or did not fit.
+  tests passed / failed / skipped per op and dtype, the skips grouped by reason, the files pytest
+  could not collect, the op families whose tests ran and those not reached before the time limit,
+  every timing ratio, the kernels that spill, and what did not run or did not fit.
 """
 from __future__ import annotations
 
@@ -139,6 +140,72 @@ def test_results(log_path: str) -> Dict[str, str]:
     return results
 
 
+# a skip in pytest's short summary (-rs): "SKIPPED [3] tests/conftest.py:89: reason"
+_SKIP_SUMMARY = re.compile(r"^SKIPPED \[(\d+)\] \S+?:\d+: (.*?)\s*$")
+# a skip in a plain -v line (xdist lines carry no reason): "tests/x.py::t SKIPPED (reason)   [ 10%]"
+_SKIP_VERBOSE = re.compile(r"^(tests/\S+::\S+) SKIPPED \((.*)\)\s+\[\s*\d+%\]\s*$")
+# a file pytest could not collect: the short summary's "ERROR tests/x.py - ..." or the
+# "____ ERROR collecting tests/x.py ____" header (a test's own error carries "::")
+_COLLECTION_ERROR = re.compile(r"^(?:ERROR (tests/[^\s:]+\.py)(?: - .*)?|_+ ERROR collecting (tests/[^\s:]+\.py) _+)\s*$")
+
+
+def skip_reasons(log_path: str) -> Counter:
+    """{reason: number of tests skipped with it}: from pytest's short summary where the log has
+    one, else (a run stopped by the time limit) from the ``-v`` lines."""
+    from_summary: Counter = Counter()
+    from_lines: Counter = Counter()
+    if os.path.exists(log_path):
+        with open(log_path, errors="replace") as f:
+            for line in f:
+                found = _SKIP_SUMMARY.match(line)
+                if found:
+                    from_summary[found.group(2)] += int(found.group(1))
+                    continue
+                found = _SKIP_VERBOSE.match(line.rstrip("\n"))
+                if found:
+                    from_lines[found.group(2)] += 1
+    return from_summary or from_lines
+
+
+def collection_errors(log_path: str) -> List[str]:
+    """The test files that pytest could not collect (import or syntax errors)."""
+    files = []
+    if os.path.exists(log_path):
+        with open(log_path, errors="replace") as f:
+            for line in f:
+                found = _COLLECTION_ERROR.match(line)
+                if found and (found.group(1) or found.group(2)) not in files:
+                    files.append(found.group(1) or found.group(2))
+    return files
+
+
+def op_families() -> List[str]:
+    """The op families (``medattn_fast/ops/<family>.py``, read from the tree, nothing imported)."""
+    ops = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "medattn_fast", "ops")
+    return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ops, "[!_]*.py")))
+
+
+def test_family(test_id: str, families: Sequence[str]) -> str:
+    """The op family a ``-m gpu`` test checks: the family named in its file's name, else in its id
+    (``test_fp32_precision.py::...[channel]``); a file on the gate (``test_cuda_gate_limits.py``)
+    is ``attention_gate``; anything else, its module's name."""
+    module = test_id.split("::")[0].rsplit("/", 1)[-1][:-3]
+    for text in (module, test_id):
+        named = [f for f in families if f in text]
+        if named:
+            return max(named, key=len)
+    return "attention_gate" if "gate" in module and "attention_gate" in families else module
+
+
+def families_reached(results: Dict[str, str], families: Sequence[str]) -> Dict[str, Counter]:
+    """{family: Counter of its tests' outcomes} for every family, an empty Counter where no test
+    of it ended (not reached or not selected)."""
+    reached: Dict[str, Counter] = {f: Counter() for f in families}
+    for test_id, outcome in results.items():
+        reached.setdefault(test_family(test_id, families), Counter())[outcome] += 1
+    return reached
+
+
 def _op_and_dtype(test_id: str) -> Tuple[str, str]:
     module = test_id.split("::")[0].rsplit("/", 1)[-1][:-3]
     op = module.replace("test_triton_", "").replace("test_", "")
@@ -204,21 +271,44 @@ def summary(out_dir: str, notes: Sequence[str] = ()) -> int:
     not_run: List[str] = list(notes)
     lines.append("## tests (-m gpu)")
     totals = Counter()
+    families = op_families()
     for log, label in (("tests.log", "Triton tests"), ("cuda_tests.log", "cuda-backend tests")):
         path = os.path.join(out_dir, log)
         results = test_results(path)
         counts = Counter(results.values())
+        uncollected = collection_errors(path)
         totals.update(counts)
+        totals["collection errors"] += len(uncollected)
         state = "complete" if _finished(path) else ("not run" if not os.path.exists(path) else "STOPPED (time limit)")
         lines.append(f"{label}: {counts.get('PASSED', 0)} passed, {counts.get('FAILED', 0)} failed, "
-                     f"{counts.get('ERROR', 0)} errors, {counts.get('SKIPPED', 0)} skipped ({state})")
+                     f"{counts.get('ERROR', 0)} errors, {counts.get('SKIPPED', 0)} skipped, "
+                     f"{len(uncollected)} collection errors ({state})")
         lines += _per_op(results)
         if state != "complete":
             not_run.append(f"{label}: {state}")
         for test_id, outcome in sorted(results.items()):
             if outcome in ("FAILED", "ERROR"):
                 lines.append(f"  {outcome} {test_id}")
-    lines.append(f"tests passed: {totals.get('PASSED', 0)}; failed: {totals.get('FAILED', 0) + totals.get('ERROR', 0)}")
+        lines += [f"  COLLECTION ERROR {f}" for f in uncollected]
+        for reason, n in sorted(skip_reasons(path).items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  skipped {n}: {reason}")
+        if state == "not run":
+            continue
+        reached = families_reached(results, families)
+        ran = [f for f, c in reached.items() if c and set(c) - {"SKIPPED"}]
+        only_skipped = [f for f, c in reached.items() if c and not set(c) - {"SKIPPED"}]
+        missing = [f for f, c in reached.items() if not c]
+        lines.append(f"  families reached: " + (", ".join(
+            f"{f} ({', '.join(f'{n} {o.lower()}' for o, n in sorted(reached[f].items()))})"
+            for f in ran + only_skipped) or "none"))
+        lines.append(f"  families whose every test ended skipped: {', '.join(only_skipped) or 'none'}")
+        why = "stopped by the time limit before any of their tests ended" if state != "complete" else \
+            "none of their tests in the selection"
+        lines.append(f"  families not reached: {', '.join(missing) or 'none'}" + (f" ({why})" if missing else ""))
+        if missing and state != "complete":
+            not_run.append(f"{label}: families not reached before the time limit: {', '.join(missing)}")
+    lines.append(f"tests passed: {totals.get('PASSED', 0)}; failed: {totals.get('FAILED', 0) + totals.get('ERROR', 0)}; "
+                 f"skipped: {totals.get('SKIPPED', 0)}; collection errors: {totals.get('collection errors', 0)}")
     lines.append("")
 
     lines.append("## timings (median ms; Nx = speed-up of the first over the second)")
