@@ -66,6 +66,26 @@ def dry_run_refusal(exc: BaseException) -> Optional[str]:
     return None
 
 
+def dry_run_dtype_refusal(dtype: torch.dtype, backend: str = "triton") -> Optional[str]:
+    """The skip reason for a ``-m gpu`` case in ``dtype`` on ``backend`` that the backend refuses on
+    the dry-run device for every call (its device predicate in ``medattn_fast.backend`` on a
+    ``dtype`` tensor of that device, every reason one of :data:`DRY_RUN_REFUSALS`), asked before the
+    case runs: a float16 case at a model's shapes spends a minute on the CPU computing its float64
+    and float16 references before the call that is refused. None on a GPU, and where the backend
+    may run the dtype there."""
+    if not dry_run():
+        return None
+    from medattn_fast import backend as B
+
+    if backend not in B.BACKENDS:
+        return None
+    reasons = B.device_predicate(backend, "")(torch.empty(0, dtype=dtype, device=gpu_device()))
+    if reasons and all(r in DRY_RUN_REFUSALS for r in reasons):
+        return (f"dry run on the CPU (MEDATTN_GPU_TEST_DEVICE=cpu): backend {backend!r} refuses every {dtype} "
+                "call there: " + "; ".join(reasons))
+    return None
+
+
 def require_cuda_device(why: str) -> None:
     """Skip the calling ``-m gpu`` test in the dry run: it measures or asserts something only a CUDA
     device has (``why``: what, e.g. "CUDA memory statistics")."""

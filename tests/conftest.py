@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from _tolerance import dry_run_refusal  # noqa: E402  (after TRITON_INTERPRET)
+from _tolerance import dry_run_dtype_refusal, dry_run_refusal  # noqa: E402  (after TRITON_INTERPRET)
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +58,9 @@ def pytest_collection_modifyitems(config, items):
     if os.environ.get("MEDATTN_GPU_TEST_DEVICE") == "cpu":
         # The dry run of the GPU tests (tests/_tolerance.py, gpu_device; bench/gpu_check.sh) runs
         # under a time limit, and one test at a model's shapes can take minutes in the interpreter:
-        # so no op family waits behind another's, the float16 cases (refused at once: skipped, with
-        # the backend's reason) come first, then the rest, each group one test of each file in turn.
+        # so no op family waits behind another's, the float16 cases (skipped at once with the
+        # backend's refusal, pytest_runtest_setup) come first, then the rest, each group one test of
+        # each file in turn.
         gpu = [item for item in items if _is_gpu_test(item)]
         if gpu:
             others = [item for item in items if not _is_gpu_test(item)]
@@ -73,6 +74,20 @@ def pytest_collection_modifyitems(config, items):
         if _is_gpu_test(item) and config.getoption("-m") and "gpu" in config.getoption("-m") \
                 and "not gpu" not in config.getoption("-m"):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+def pytest_runtest_setup(item):
+    """In the dry run, a ``-m gpu`` case whose dtype its backend refuses on the CPU for every call
+    (float16 under the Triton interpreter) is skipped before it runs, with the backend's reason
+    (tests/_tolerance.py, dry_run_dtype_refusal); on a GPU nothing is skipped here."""
+    if not _is_gpu_test(item) or os.environ.get("MEDATTN_GPU_TEST_DEVICE") != "cpu":
+        return
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    backend = params.get("backend", "triton")
+    for value in params.values():
+        reason = dry_run_dtype_refusal(value, backend) if isinstance(value, torch.dtype) else None
+        if reason:
+            pytest.skip(reason)
 
 
 @pytest.hookimpl(wrapper=True)
