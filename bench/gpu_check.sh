@@ -26,9 +26,10 @@
 # expression ANDed to the selection), PYTHON (python3).
 # Dry run without a GPU (the CPU test suite runs one, tests/test_gpu_check_script.py):
 # MEDATTN_GPU_TEST_DEVICE=cpu — the Triton kernels interpreted, toy timing shapes, no xdist. There
-# tests/conftest.py runs the float16 cases first (the interpreter refuses them: skipped at once with
-# the backend's reason; on a GPU they run and a refusal fails), then one test of each file in turn,
-# so that every op family is reached before the limit however slow one family's shapes are there.
+# tests/conftest.py runs the float16 cases first, one file at a time (the interpreter refuses them:
+# skipped at once with the backend's reason; on a GPU they run and a refusal fails), then the first
+# test of each file without one, then the rest in order: every op family is reached before the
+# limit however slow one family's shapes are there.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"

@@ -220,13 +220,14 @@ def _item(nodeid: str, **params) -> SimpleNamespace:
                            get_closest_marker=lambda name: name == "gpu" or None)
 
 
-def test_dry_run_runs_the_float16_cases_first_then_one_test_of_each_file_in_turn(monkeypatch):
+def test_dry_run_runs_the_float16_cases_first_then_each_files_first_test_then_the_rest(monkeypatch):
     gate = [_item(f"tests/test_a.py::test_gate[{i}-{d}]", dtype=d) for i in range(3)
             for d in (torch.float32, torch.float16)]
     window = [_item(f"tests/test_w.py::test_window[{d}]", dtype=d) for d in (torch.float32, torch.float16)]
     window.append(_item("tests/test_w.py::test_fp16_case"))
+    precision = [_item(f"tests/test_p.py::test_precision[{op}]", op=op) for op in ("channel", "position")]
     plain = SimpleNamespace(nodeid="tests/test_b.py::test_cpu", name="test_cpu", get_closest_marker=lambda name: None)
-    items = [plain] + gate + window
+    items = [plain] + gate + precision + window
     monkeypatch.setenv("MEDATTN_GPU_TEST_DEVICE", "cpu")
     conftest.pytest_collection_modifyitems(None, items)
     assert [i.nodeid for i in items] == [
@@ -234,6 +235,8 @@ def test_dry_run_runs_the_float16_cases_first_then_one_test_of_each_file_in_turn
         "tests/test_a.py::test_gate[0-torch.float16]", "tests/test_w.py::test_window[torch.float16]",
         "tests/test_a.py::test_gate[1-torch.float16]", "tests/test_w.py::test_fp16_case",
         "tests/test_a.py::test_gate[2-torch.float16]",
-        "tests/test_a.py::test_gate[0-torch.float32]", "tests/test_w.py::test_window[torch.float32]",
-        "tests/test_a.py::test_gate[1-torch.float32]", "tests/test_a.py::test_gate[2-torch.float32]",
+        "tests/test_p.py::test_precision[channel]",       # the one file without a float16 case
+        "tests/test_a.py::test_gate[0-torch.float32]", "tests/test_a.py::test_gate[1-torch.float32]",
+        "tests/test_a.py::test_gate[2-torch.float32]", "tests/test_p.py::test_precision[position]",
+        "tests/test_w.py::test_window[torch.float32]",
     ]
