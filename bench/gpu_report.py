@@ -146,7 +146,8 @@ _SKIP_SUMMARY = re.compile(r"^SKIPPED \[(\d+)\] \S+?:\d+: (.*?)\s*$")
 _SKIP_VERBOSE = re.compile(r"^(tests/\S+::\S+) SKIPPED \((.*)\)\s+\[\s*\d+%\]\s*$")
 # a file pytest could not collect: the short summary's "ERROR tests/x.py - ..." or the
 # "____ ERROR collecting tests/x.py ____" header (a test's own error carries "::")
-_COLLECTION_ERROR = re.compile(r"^(?:ERROR (tests/[^\s:]+\.py)(?: - .*)?|_+ ERROR collecting (tests/[^\s:]+\.py) _+)\s*$")
+_COLLECTION_ERROR = re.compile(r"^(?:ERROR (tests/[^\s:]+\.py)(?: - .*)?"
+                               r"|_+ ERROR collecting (tests/[^\s:]+\.py) _+)\s*$")
 
 
 def skip_reasons(log_path: str) -> Counter:
@@ -307,8 +308,9 @@ def summary(out_dir: str, notes: Sequence[str] = ()) -> int:
         lines.append(f"  families not reached: {', '.join(missing) or 'none'}" + (f" ({why})" if missing else ""))
         if missing and state != "complete":
             not_run.append(f"{label}: families not reached before the time limit: {', '.join(missing)}")
-    lines.append(f"tests passed: {totals.get('PASSED', 0)}; failed: {totals.get('FAILED', 0) + totals.get('ERROR', 0)}; "
-                 f"skipped: {totals.get('SKIPPED', 0)}; collection errors: {totals.get('collection errors', 0)}")
+    failed = totals.get("FAILED", 0) + totals.get("ERROR", 0)
+    lines.append(f"tests passed: {totals.get('PASSED', 0)}; failed: {failed}; skipped: {totals.get('SKIPPED', 0)}; "
+                 f"collection errors: {totals.get('collection errors', 0)}")
     lines.append("")
 
     lines.append("## timings (median ms; Nx = speed-up of the first over the second)")

@@ -205,8 +205,9 @@ def test_only_the_dry_run_devices_refusals_become_skips(monkeypatch):
 
 def test_the_dry_run_skips_a_dtype_before_the_run_only_where_its_backend_refuses_it_on_the_cpu(monkeypatch):
     monkeypatch.setenv("MEDATTN_GPU_TEST_DEVICE", "cpu")
-    assert dry_run_dtype_refusal(torch.float16) == ("dry run on the CPU (MEDATTN_GPU_TEST_DEVICE=cpu): backend "
-                                                    f"'triton' refuses every torch.float16 call there: {INTERPRETER_REASON}")
+    assert dry_run_dtype_refusal(torch.float16) == (
+        f"dry run on the CPU (MEDATTN_GPU_TEST_DEVICE=cpu): backend 'triton' refuses every torch.float16 call there: "
+        f"{INTERPRETER_REASON}")
     assert "the cuda backend runs on CUDA tensors, got device cpu" in dry_run_dtype_refusal(torch.float32, "cuda")
     for dtype in (torch.float32, torch.bfloat16, torch.float64):   # float64: refused on a GPU as well
         assert dry_run_dtype_refusal(dtype) is None, dtype
