@@ -188,7 +188,7 @@ def op_families() -> List[str]:
 
 def test_family(test_id: str, families: Sequence[str]) -> str:
     """The op family a ``-m gpu`` test checks: the family named in its file's name, else in its id
-    (``test_fp32_precision.py::...[channel]``); a file on the gate (``test_cuda_gate_limits.py``)
+    (``test_fp32_precision.py::...[channel]``); a file on the gate (``test_attention_gate_cuda.py``)
     is ``attention_gate``; anything else, its module's name."""
     module = test_id.split("::")[0].rsplit("/", 1)[-1][:-3]
     for text in (module, test_id):
@@ -209,7 +209,7 @@ def families_reached(results: Dict[str, str], families: Sequence[str]) -> Dict[s
 
 def _op_and_dtype(test_id: str) -> Tuple[str, str]:
     module = test_id.split("::")[0].rsplit("/", 1)[-1][:-3]
-    op = module.replace("test_triton_", "").replace("test_", "")
+    op = re.sub(r"^test_|_(triton|fused)$", "", module)   # test_<family>_<backend>.py -> <family>
     params = test_id.split("[", 1)[1] if "[" in test_id else ""
     if re.search(r"(^|[-_])cuda([-_\]]|$)", params):
         op += " (cuda)"

@@ -57,24 +57,17 @@ def _round_robin_by_file(items):
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("MEDATTN_GPU_TEST_DEVICE") == "cpu":
         # The dry run of the GPU tests (tests/_tolerance.py, gpu_device; bench/gpu_check.sh) runs
-        # under a time limit, and one test at a model's shapes can take minutes in the interpreter,
-        # so every file (op family) has a case early: first the float16 cases, one of each file in
-        # turn (skipped at once with the backend's refusal, pytest_runtest_setup), then the first
-        # test of each file that has none, then the rest in collection order (the small-shape
-        # tests before the slow ones of the file after them).
+        # under a time limit, and one slow test can take minutes in the interpreter, so every file
+        # (op family) has a case early: first the float16 cases, one of each file in turn (skipped
+        # at once with the backend's refusal, pytest_runtest_setup), then the others, again one of
+        # each file in turn (the shape tests come first in their files and take small shapes in the
+        # dry run), so each family passes a test before any file's slow tail runs.
         gpu = [item for item in items if _is_gpu_test(item)]
         if gpu:
             others = [item for item in items if not _is_gpu_test(item)]
             refused = [item for item in gpu if _refused_in_dry_run(item)]
-            served = {item.nodeid.split("::")[0] for item in refused}
-            first = []
-            for item in gpu:
-                file = item.nodeid.split("::")[0]
-                if file not in served and item not in refused:
-                    first.append(item)
-                    served.add(file)
-            rest = [item for item in gpu if item not in refused and item not in first]
-            items[:] = others + _round_robin_by_file(refused) + first + rest
+            rest = [item for item in gpu if item not in refused]
+            items[:] = others + _round_robin_by_file(refused) + _round_robin_by_file(rest)
         return
     if torch.cuda.is_available():
         return

@@ -94,6 +94,8 @@ def test_dry_run_of_every_gpu_test_writes_every_stage_and_a_clean_summary(tmp_pa
     reached = re.search(r"^  families reached: (.*)$", triton, re.M).group(1)
     for family in families:
         assert f"{family} (" in reached, (family, triton)
+    # and each family ran at least one test to a pass (the -m gpu tests take small shapes in the dry run)
+    assert re.search(r"^  families whose every test ended skipped: none$", triton, re.M), triton
     assert "torch 2." in summary and "triton" in summary                   # the environment
     assert "cuda-backend tests not run" in summary                         # said, not hidden
 
@@ -117,27 +119,27 @@ def test_dry_run_of_every_gpu_test_writes_every_stage_and_a_clean_summary(tmp_pa
 REFUSAL = f"dry run on the CPU (MEDATTN_GPU_TEST_DEVICE=cpu): window: {INTERPRETER_REFUSAL}"
 XDIST_LOG = f"""\
 ============================= test session starts ==============================
-[gw0] [ 20%] PASSED tests/test_attention_gate_kernels.py::test_gpu_matches_pytorch_error[2d-odd-eval-torch.float32-triton]
-[gw1] [ 40%] FAILED tests/test_triton_window.py::test_gpu_mtunet_shapes_within_twice_torch_error[mask-float32]
-[gw0] [ 60%] SKIPPED tests/test_triton_window.py::test_gpu_mtunet_shapes_within_twice_torch_error[mask-float16]
-[gw1] [ 80%] SKIPPED tests/test_triton_window.py::test_gpu_mtunet_shapes_within_twice_torch_error[mtunet-float16]
+[gw0] [ 20%] PASSED tests/test_attention_gate_fused.py::test_gpu_matches_pytorch_error[2d-odd-eval-torch.float32-triton]
+[gw1] [ 40%] FAILED tests/test_window_triton.py::test_gpu_mtunet_shapes_within_twice_torch_error[mask-float32]
+[gw0] [ 60%] SKIPPED tests/test_window_triton.py::test_gpu_mtunet_shapes_within_twice_torch_error[mask-float16]
+[gw1] [ 80%] SKIPPED tests/test_window_triton.py::test_gpu_mtunet_shapes_within_twice_torch_error[mtunet-float16]
 [gw0] [100%] PASSED tests/test_fp32_precision.py::test_gpu_fp32_is_not_plain_tf32[position]
 ==================================== ERRORS ====================================
-_________________ ERROR collecting tests/test_triton_channel.py _________________
+_________________ ERROR collecting tests/test_channel_triton.py _________________
 E   ImportError: cannot import name 'channel_attention'
 =========================== short test summary info ============================
 SKIPPED [2] tests/conftest.py:89: {REFUSAL}
-FAILED tests/test_triton_window.py::test_gpu_mtunet_shapes_within_twice_torch_error[mask-float32] - AssertionError
-ERROR tests/test_triton_channel.py - ImportError: cannot import name 'channel_attention'
+FAILED tests/test_window_triton.py::test_gpu_mtunet_shapes_within_twice_torch_error[mask-float32] - AssertionError
+ERROR tests/test_channel_triton.py - ImportError: cannot import name 'channel_attention'
 ============= 1 failed, 2 passed, 2 skipped, 1 error in 12.00s ==============
 """
 STOPPED_LOG = f"""\
 collecting ... collected 9 items / 4 deselected / 5 selected
 
-tests/test_attention_gate_kernels.py::test_gpu_matches_pytorch_error[2d-odd-eval-torch.float16-triton] SKIPPED ({REFUSAL.replace("window", "attention_gate")}) [ 20%]
-tests/test_triton_window.py::test_gpu_mtunet_shapes_within_twice_torch_error[mask-float16] SKIPPED ({REFUSAL}) [ 40%]
-tests/test_attention_gate_kernels.py::test_gpu_matches_pytorch_error[2d-odd-eval-torch.float32-triton] PASSED [ 60%]
-tests/test_triton_window.py::test_gpu_mtunet_shapes_within_twice_torch_error[mask-float32] """
+tests/test_attention_gate_fused.py::test_gpu_matches_pytorch_error[2d-odd-eval-torch.float16-triton] SKIPPED ({REFUSAL.replace("window", "attention_gate")}) [ 20%]
+tests/test_window_triton.py::test_gpu_mtunet_shapes_within_twice_torch_error[mask-float16] SKIPPED ({REFUSAL}) [ 40%]
+tests/test_attention_gate_fused.py::test_gpu_matches_pytorch_error[2d-odd-eval-torch.float32-triton] PASSED [ 60%]
+tests/test_window_triton.py::test_gpu_mtunet_shapes_within_twice_torch_error[mask-float32] """
 
 
 def test_summary_counts_skips_by_reason_collection_errors_and_families(tmp_path):
@@ -146,7 +148,7 @@ def test_summary_counts_skips_by_reason_collection_errors_and_families(tmp_path)
     summary = (tmp_path / "summary.txt").read_text()
     assert "Triton tests: 2 passed, 1 failed, 0 errors, 2 skipped, 1 collection errors (complete)" in summary
     assert f"  skipped 2: {REFUSAL}\n" in summary                 # the short summary's count and whole reason
-    assert "  COLLECTION ERROR tests/test_triton_channel.py\n" in summary
+    assert "  COLLECTION ERROR tests/test_channel_triton.py\n" in summary
     assert "  families reached: attention_gate (1 passed), position (1 passed), window (1 failed, 2 skipped)\n" \
         in summary
     # channel's file did not import, the other families have no test in this log: not reached, and
@@ -221,7 +223,7 @@ def _item(nodeid: str, **params) -> SimpleNamespace:
                            get_closest_marker=lambda name: name == "gpu" or None)
 
 
-def test_dry_run_runs_the_float16_cases_first_then_each_files_first_test_then_the_rest(monkeypatch):
+def test_dry_run_runs_the_float16_cases_first_then_the_rest_one_file_at_a_time(monkeypatch):
     gate = [_item(f"tests/test_a.py::test_gate[{i}-{d}]", dtype=d) for i in range(3)
             for d in (torch.float32, torch.float16)]
     window = [_item(f"tests/test_w.py::test_window[{d}]", dtype=d) for d in (torch.float32, torch.float16)]
@@ -236,8 +238,9 @@ def test_dry_run_runs_the_float16_cases_first_then_each_files_first_test_then_th
         "tests/test_a.py::test_gate[0-torch.float16]", "tests/test_w.py::test_window[torch.float16]",
         "tests/test_a.py::test_gate[1-torch.float16]", "tests/test_w.py::test_fp16_case",
         "tests/test_a.py::test_gate[2-torch.float16]",
-        "tests/test_p.py::test_precision[channel]",       # the one file without a float16 case
-        "tests/test_a.py::test_gate[0-torch.float32]", "tests/test_a.py::test_gate[1-torch.float32]",
-        "tests/test_a.py::test_gate[2-torch.float32]", "tests/test_p.py::test_precision[position]",
+        # then the rest, again one of each file in turn: every family passes a test early
+        "tests/test_a.py::test_gate[0-torch.float32]", "tests/test_p.py::test_precision[channel]",
         "tests/test_w.py::test_window[torch.float32]",
+        "tests/test_a.py::test_gate[1-torch.float32]", "tests/test_p.py::test_precision[position]",
+        "tests/test_a.py::test_gate[2-torch.float32]",
     ]
