@@ -154,8 +154,9 @@ def test_the_checker_finds_a_backend_importing_its_family():
 # AttentionUnet restated) lives in medattn_fast/testing/, which both may import.
 # ------------------------------------------------------------------------------------------------
 
-# the tests whose subject is the benchmark code itself: they import the bench module they test
-BENCH_TESTS = ("test_bench_*.py", "test_loss_curves.py")
+# the tests whose subject is the benchmark code itself (bench/gpu_check.sh and its report included):
+# they import the bench module they test
+BENCH_TESTS = ("test_bench_*.py", "test_loss_curves.py", "test_gpu_check_script.py")
 # calls that load a module from a file path, around the import system
 PATH_LOADERS = {"spec_from_file_location", "run_path", "SourceFileLoader", "load_source", "exec"}
 
