@@ -1,21 +1,14 @@
-"""The tolerance rule of the fused-kernel tests, in one place.
-
-A fused backend's error against the float64 reference may be at most twice PyTorch's own error in
-the same dtype — the worse of the ``torch`` backend (float32 accumulation) and, for 16-bit inputs,
-the ``reference`` backend run in that dtype — plus a small slack per dtype relative to the largest
-reference value (``EPS``): float32, a few roundoffs accumulated in a different (blocked, online)
-order; 16-bit, one unit in the last place, since both results are rounded to the dtype and may land
-on either side.
-"""
+"""The test devices and the GPU dry run's refusal rules; the tolerance rule itself lives in the library (medattn_fast.testing.tolerance,
+shared with ``medattn-fast verify``) and is re-exported here for the tests that import it by this name."""
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 
-F64 = torch.float64
-EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+from medattn_fast.testing.tolerance import (EPS, F64, F64_TOL, allowed_error, assert_within_twice,  # noqa: F401
+                                            check, max_errors, worse)
 
 
 def default_device() -> torch.device:
@@ -94,22 +87,3 @@ def require_cuda_device(why: str) -> None:
 
         pytest.skip(f"dry run on the CPU (MEDATTN_GPU_TEST_DEVICE=cpu): needs a CUDA device for {why}")
 
-
-def max_errors(results: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> List[float]:
-    """Max abs difference of each result from its float64 reference."""
-    return [(r.double() - ref).abs().max().item() for r, ref in zip(results, reference)]
-
-
-def worse(a: Sequence[float], b: Optional[Sequence[float]]) -> List[float]:
-    """Element-wise max of two error lists (``b`` None: ``a``)."""
-    return list(a) if b is None else [max(x, y) for x, y in zip(a, b)]
-
-
-def assert_within_twice(fused: Sequence[torch.Tensor], yardstick: Sequence[float],
-                        reference: Sequence[torch.Tensor], dtype: torch.dtype, names: Sequence[str],
-                        what: str = "") -> None:
-    """Each fused result within ``2 · yardstick + EPS[dtype] · max(1, |reference|max)``."""
-    for name, err, base, ref in zip(names, max_errors(fused, reference), yardstick, reference):
-        bound = 2 * base + EPS[dtype] * max(1.0, ref.abs().max().item())
-        assert err <= bound, (f"{what}{': ' if what else ''}{name} error {err:.3g} > bound {bound:.3g} "
-                              f"(PyTorch's own error {base:.3g})")

@@ -1,0 +1,72 @@
+"""The tolerance rule for a backend's result against the float64 reference, in one place.
+
+Used by ``medattn-fast verify`` (:mod:`medattn_fast.verify`) and by every test that compares a
+fused or vectorised backend with the reference (``tests/_compare.py``, the conformance matrix, the
+Triton and GPU tests). For one result ``r`` (an output or a gradient) with float64 reference ``ref``:
+
+* float64: ``max|r − ref| <= F64_TOL · max(1, max|ref|)`` — a few roundoffs of the largest value;
+* float32 / bfloat16 / float16: ``max|r − ref| <= 2 · yardstick + EPS[dtype] · max(1, max|ref|)``,
+  where ``yardstick`` is PyTorch's own error in that dtype: the ``reference`` backend run in the
+  same dtype on the same inputs, against the same float64 result (the worse of it and other
+  PyTorch paths where a caller has several). The yardstick is never another fused or vectorised
+  backend, so a bug there cannot widen the bound. ``EPS`` is the slack for a different summation
+  order: float32, a few roundoffs accumulated in a different (blocked, online) order; 16-bit, one
+  unit in the last place, since both results are rounded to the dtype and may land on either side.
+
+``max(1, ·)`` makes the bound absolute for small values: a gradient that is exactly 0 in theory (a
+bias that cancels in a softmax or a batch norm) is ~1e-17 in the reference and must not turn into
+a huge relative error.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+F64 = torch.float64
+F64_TOL = 1e-10
+EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+__all__ = ["EPS", "F64", "F64_TOL", "allowed_error", "assert_within_twice", "check", "max_errors", "worse"]
+
+
+def max_errors(results: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> List[float]:
+    """Max abs difference of each result from its float64 reference (on the reference's device)."""
+    return [(r.detach().to(ref.device).double() - ref).abs().max().item() if r.numel() else 0.0
+            for r, ref in zip(results, reference)]
+
+
+def worse(a: Sequence[float], b: Optional[Sequence[float]]) -> List[float]:
+    """Element-wise max of two error lists (``b`` None: ``a``)."""
+    return list(a) if b is None else [max(x, y) for x, y in zip(a, b)]
+
+
+def allowed_error(dtype: torch.dtype, reference_max: float, yardstick: Optional[float] = None) -> float:
+    """The largest max-abs error a result in ``dtype`` may have against its float64 reference, whose
+    largest magnitude is ``reference_max``; ``yardstick``: PyTorch's own error in ``dtype`` (needed
+    for every dtype but float64)."""
+    scale = max(1.0, float(reference_max))
+    if dtype == F64:
+        return F64_TOL * scale
+    if yardstick is None:
+        raise ValueError(f"yardstick: expected PyTorch's own error in {dtype}, got None")
+    return 2 * float(yardstick) + EPS[dtype] * scale
+
+
+def check(results: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], dtype: torch.dtype,
+          yardstick: Optional[Sequence[float]] = None) -> List[Tuple[float, float]]:
+    """(error, bound) of each result against its float64 reference under the rule above."""
+    errors = max_errors(results, reference)
+    stick = [None] * len(errors) if yardstick is None else list(yardstick)
+    return [(err, allowed_error(dtype, ref.abs().max().item() if ref.numel() else 0.0, base))
+            for err, ref, base in zip(errors, reference, stick)]
+
+
+def assert_within_twice(fused: Sequence[torch.Tensor], yardstick: Sequence[float],
+                        reference: Sequence[torch.Tensor], dtype: torch.dtype, names: Sequence[str],
+                        what: str = "") -> None:
+    """Each fused result within :func:`allowed_error` of its float64 reference (float64 results:
+    within ``F64_TOL``, ``yardstick`` unused)."""
+    for name, (err, bound), base in zip(names, check(fused, reference, dtype, yardstick), yardstick):
+        assert err <= bound, (f"{what}{': ' if what else ''}{name} error {err:.3g} > bound {bound:.3g} "
+                              f"(PyTorch's own error {base:.3g})")
