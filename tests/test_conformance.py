@@ -241,9 +241,7 @@ def _gate(case) -> Built:
     else:
         b, cx, cg, ci = 3, 5, 2, 3
         size, coarse = ((7, 5), (7, 5)) if nd == 2 else ((3, 5, 3), (3, 5, 3))
-    kernel = (2,) * nd if grid else (1,) * nd
-    if grid:
-        coarse = tuple(max(1, s // 2) for s in coarse)
+    kernel = (2,) * nd if grid else (1,) * nd   # grid: θ strided by 2; g (any size) resampled to S // 2
     x, view_x = make_input((b, cx, *size), case["layout"])
     g, view_g = make_input((b, cg, *coarse), case["layout"])
     leaves = [x, g, 0.7 * torch.randn(ci, cx, *kernel, dtype=F64), torch.randn(ci, cg, dtype=F64),
@@ -354,7 +352,8 @@ def full_size() -> Dict[str, int]:
 
 def pairwise(name: str, seed: int = 0, candidates: int = 20) -> List[dict]:
     """A pairwise covering design of the product (AETG-style greedy, deterministic): every valid
-    pair of values of two axes is in at least one case."""
+    pair of values of two axes is in at least one case, and every backend × dtype runs once with
+    all optional arguments on."""
     axes = axes_of(name)
     keys = list(axes)
     uncovered = {(a, va, b, vb) for i, a in enumerate(keys) for b in keys[i + 1:]
@@ -367,11 +366,18 @@ def pairwise(name: str, seed: int = 0, candidates: int = 20) -> List[dict]:
         items = sorted(row.items(), key=lambda kv: order[kv[0]])
         return {(a, va, b, vb) for i, (a, va) in enumerate(items) for (b, vb) in items[i + 1:]}
 
-    while uncovered:
+    # first, per backend × dtype, a case with every optional argument on (the largest subset, True):
+    # a parameter's gradient (γ, a bias, shift) in every dtype on every backend, which pairs alone
+    # would not guarantee
+    fullest = {k: max(v, key=lambda x: len(x)) if isinstance(v[0], tuple) else True
+               for k, v in SPECS[name].axes.items() if isinstance(v[0], tuple) or set(v) == {False, True}}
+    seeds = [dict(fullest, backend=b, dtype=d) for b in axes["backend"] for d in axes["dtype"]]
+    while uncovered or seeds:
         first = min(uncovered, key=lambda p: (order[p[0]], order[p[2]], repr(p)))
+        start = seeds.pop(0) if seeds else {first[0]: first[1], first[2]: first[3]}
         best, best_gain = None, -1
         for _ in range(candidates):
-            row = {first[0]: first[1], first[2]: first[3]}
+            row = dict(start)
             rest = [k for k in keys if k not in row]
             rng.shuffle(rest)
             for k in rest:
