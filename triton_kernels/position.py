@@ -106,15 +106,31 @@ def default_config(dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
     three-TF32 dots hold hi and lo copies of each operand: with 64-row dq programs and 64-wide dP
     chunks the dq kernel then spilled up to 176 B per thread at dk = 64 (triton 3.6), so dq takes
     32 query rows per program and dq/dk contract dP in 32-wide chunks (no spills under 3.6).
+    dk > 128 (padded to 256) needs smaller tiles, chosen by their sm_90 compile (triton 3.9, the table
+    bench/results/sm90_compile_table.csv): float32 with the dk = 64 tiles asks 237,568 B of shared
+    memory (over the H100's 232,448 B: it would not launch) and every 32- or 64-row float32 tile
+    spills 300-7000 B per thread; 16×16 tiles, 8 warps, one stage fit in 64 KB and spill only in
+    the transposed path's row statistics (168 B). 16-bit inputs at dk = 256 spilled 744-800 B in
+    dq/dk with 64×64 tiles and spill nothing with 64×32 tiles, 8 warps, 32-wide chunks and 32-row
+    dq programs; at dk = 128 8 warps, 64-wide chunks and 32-row dq programs remove the 16-80 B
+    that 4 warps spilled.
     """
     dk_pad = _pow2_at_least_16(dk)
+    dv_pad = _pow2_at_least_16(dv)
     if dtype == torch.float32:
-        return PositionConfig(64, 32, min(64, _pow2_at_least_16(dv)), num_warps=8, num_stages=2,
-                              block_dv_chunk=min(32, _pow2_at_least_16(dv)), block_m_dq=32)
+        if dk_pad > 128:
+            return PositionConfig(16, 16, min(32, dv_pad), num_warps=8, num_stages=1,
+                                  block_dv_chunk=16, block_m_dq=16)
+        return PositionConfig(64, 32, min(64, dv_pad), num_warps=8, num_stages=2,
+                              block_dv_chunk=min(32, dv_pad), block_m_dq=32)
     # (fp32_probabilities stays True: the accurate default until the GPU numbers say otherwise.)
-    block_m = 128 if dk_pad <= 64 else 64
-    return PositionConfig(block_m, 64, min(128, _pow2_at_least_16(dv)), num_warps=8 if block_m == 128 else 4,
-                          num_stages=3)
+    if dk_pad > 128:
+        return PositionConfig(64, 32, min(128, dv_pad), num_warps=8, num_stages=2,
+                              block_dv_chunk=min(32, dv_pad), block_m_dq=32)
+    if dk_pad > 64:
+        return PositionConfig(64, 64, min(128, dv_pad), num_warps=8, num_stages=3,
+                              block_dv_chunk=min(64, dv_pad), block_m_dq=32)
+    return PositionConfig(128, 64, min(128, dv_pad), num_warps=8, num_stages=3)
 
 
 def _upcast_dots() -> bool:
