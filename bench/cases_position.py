@@ -19,13 +19,13 @@ the reference module's parameter objects.
   channel-first q, k, v. Providers: ``reference`` (the materialising op backend: the original's
   arithmetic; it runs out of memory at 128²/32³ in fwd+bwd, recorded as an error row),
   ``compile`` (``torch.compile`` of it), ``torch`` (chunked, recomputing backward), ``sdpa``
-  (``F.scaled_dot_product_attention`` restricted to the memory-efficient backend, which accepts
-  dk ≠ dv), ``flex`` (``flex_attention`` compiled), ``triton`` (the fused kernels, epilogue included).
+  (``F.scaled_dot_product_attention`` on contiguous q/k/v with MATH excluded: ``sdpa_without_math``),
+  ``flex`` (``flex_attention`` compiled), ``triton`` (the fused kernels, epilogue included).
 
 ``gpu_check_cases(device, tiny)`` (``bench/gpu_check.sh``): DANet's PAM at B=8 C=512 64² and 128²,
 bf16 and fp32, no-grad and fwd+bwd — the drop-in on ``triton`` with its kernel variants side by side
 (``KernelConfig``: ``fp32_precision`` ieee / tf32 in float32, ``position_p16`` in bfloat16,
-``position_backward="fused"``), SDPA (memory-efficient backend: dk ≠ dv) and the original module;
+``position_backward="fused"``), SDPA (contiguous q/k/v, MATH excluded: a refusal is an error row) and the original module;
 FlexAttention as separate rows run last (``flex_check_cases``). ``tiny``: B=1 C=16 8×8, the CPU
 dry run.
 """
@@ -52,6 +52,30 @@ def _attention_flops(batch: int, channels: int, n: int) -> float:
     return batch * (projections + scores_and_mix)
 
 
+def sdpa_backends(device: torch.device) -> list:
+    """The SDPA backends a peer row may run on ``device``: the fused ones (no MATH) on CUDA; on CPU
+    (the dry run only) MATH too, see :func:`sdpa_without_math`."""
+    from torch.nn.attention import SDPBackend
+
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    return fused if torch.device(device).type == "cuda" else fused + [SDPBackend.MATH]
+
+
+def sdpa_without_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, scale)`` on contiguous (B, heads, N, d) copies, with
+    SDPA's MATH backend excluded on CUDA: the peer row must time a fused kernel (flash,
+    memory-efficient or cuDNN), so a call none of them accepts raises (the harness records an error
+    row with SDPA's reason) instead of silently materialising the N×N scores. q, k, v arrive as
+    channel-first views (last-dim stride N), which the memory-efficient kernel rejects, hence the
+    copies (timed: SDPA needs them). On a CPU device (the GPU check's dry run) no fused CPU kernel
+    takes dk ≠ dv, so the toy row runs on MATH there, and only there."""
+    from torch.nn.attention import sdpa_kernel
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    with sdpa_kernel(sdpa_backends(q.device)):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def _dtypes(device: torch.device):
     return (torch.float32,) if device.type == "cpu" else (torch.float32, torch.bfloat16, torch.float16)
 
@@ -68,12 +92,9 @@ def _setup_pam(batch: int, channels: int, size):
         fast = fast.to(device=device, dtype=dtype)
 
         def sdpa(x):
-            b, c = x.shape[:2]
-            q = ref.query_conv(x).flatten(2).transpose(1, 2)
-            k = ref.key_conv(x).flatten(2).transpose(1, 2)
-            v = ref.value_conv(x).flatten(2).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-            return (ref.gamma * o.transpose(1, 2) + x.flatten(2)).reshape(x.shape)
+            q, k, v = _pam_projections(ref, x)
+            o = sdpa_without_math(q, k, v, scale=1.0)
+            return ref.gamma * o.squeeze(1).transpose(1, 2).reshape(x.shape) + x
 
         x = torch.randn(batch, channels, *size, device=device, dtype=dtype, requires_grad=True)
         providers: Dict[str, Callable] = {
@@ -113,11 +134,8 @@ def _setup_functional(batch: int, channels: int, size):
             return run
 
         def sdpa(x):
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
             q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in projections(x))   # (B, 1, N, d)
-            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-                o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+            o = sdpa_without_math(q, k, v, scale=1.0)
             return gamma * o.squeeze(1).transpose(1, 2) + x
 
         from torch.nn.attention.flex_attention import flex_attention
@@ -204,13 +222,12 @@ def _pam_projections(module, x):
 
 
 def _sdpa_pam(module):
-    """γ · SDPA(q, k, v, scale=1) + x through the memory-efficient backend (dk ≠ dv)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """γ · SDPA(q, k, v, scale=1) + x on a fused SDPA kernel, never MATH (:func:`sdpa_without_math`;
+    dk ≠ dv leaves the memory-efficient and cuDNN kernels)."""
 
     def run(x):
         q, k, v = _pam_projections(module, x)
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        o = sdpa_without_math(q, k, v, scale=1.0)
         return module.gamma * o.squeeze(1).transpose(1, 2).reshape(x.shape) + x
     run.__self__ = module   # the harness frees the module's .grad between calls
     return run

@@ -91,8 +91,12 @@ EOF
 BUILD_PID=$!
 WARM_PID=
 if [ "$DRY" = 0 ]; then
-    timeout -k 5 "$(left "$TESTS_END")" "$PY" -m bench.run --gpu-check --warm --deadline "$TESTS_END" \
-        2>&1 | sed -u 's/^/[warm] /' >> "$OUT/build.log" &
+    # its own process group (setsid), so the kill below ends the warm-up itself, not only the last
+    # process of a pipeline ($! of `a | sed &` is sed's PID, and killing sed left the warm-up running)
+    # (timeout puts itself in a group of its own, so it is what setsid starts: then timeout, the
+    # warm-up and sed share the group whose id is $!)
+    setsid timeout -k 5 "$(left "$TESTS_END")" bash -c '"$0" -m bench.run --gpu-check --warm --deadline "$1" 2>&1 \
+        | sed -u "s/^/[warm] /"' "$PY" "$TESTS_END" >> "$OUT/build.log" 2>&1 &
     WARM_PID=$!
 fi
 
@@ -108,8 +112,8 @@ COLUMNS=400 timeout -k 10 "$(left "$TESTS_END")" "$PY" "${PYTEST[@]}" -k "$(sele
     > "$OUT/tests.log" 2>&1
 echo "Triton tests: exit $? ($(grep -c ' PASSED' "$OUT/tests.log") passed," \
     "$(grep -cE ' (FAILED|ERROR)' "$OUT/tests.log") failed, $(grep -c ' SKIPPED' "$OUT/tests.log") skipped)"
-if [ -n "$WARM_PID" ]; then   # timings must not share the GPU with the warm-up
-    kill "$WARM_PID" 2> /dev/null
+if [ -n "$WARM_PID" ]; then   # timings must not share the GPU with the warm-up: end its whole group
+    kill -TERM -- "-$WARM_PID" 2> /dev/null
     wait "$WARM_PID" 2> /dev/null
 fi
 
