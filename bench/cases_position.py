@@ -25,7 +25,8 @@ the reference module's parameter objects.
 ``gpu_check_cases(device, tiny)`` (``bench/gpu_check.sh``): DANet's PAM at B=8 C=512 64² and 128²,
 bf16 and fp32, no-grad and fwd+bwd — the drop-in on ``triton`` with its kernel variants side by side
 (``KernelConfig``: ``fp32_precision`` ieee / tf32 in float32, ``position_p16`` in bfloat16,
-``position_backward="fused"``), SDPA (contiguous q/k/v, MATH excluded: a refusal is an error row) and the original module;
+``position_backward="fused"``), SDPA (contiguous q/k/v, MATH excluded: a refusal is an error row) and
+the original module;
 FlexAttention as separate rows run last (``flex_check_cases``). ``tiny``: B=1 C=16 8×8, the CPU
 dry run.
 """

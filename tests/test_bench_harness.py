@@ -134,3 +134,30 @@ def test_one_case_list_selected_by_file_or_op_column():
         assert "no_such_family" in str(exc) and "'position'" in str(exc)
     else:
         raise AssertionError("an unknown --op was accepted")
+
+
+def test_sdpa_peer_excludes_math_on_cuda_and_copies_strided_inputs():
+    """The SDPA peer rows (bench/cases_position.py) run a fused SDPA kernel on CUDA, never MATH, so
+    a refusal raises (an error row) instead of timing the N×N math path; the channel-first views
+    (last-dim stride N) are made contiguous; on CPU (the dry run) the result equals SDPA's."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from bench.cases_position import sdpa_backends, sdpa_without_math
+
+    on_cuda = sdpa_backends(torch.device("cuda"))
+    assert SDPBackend.MATH not in on_cuda and SDPBackend.EFFICIENT_ATTENTION in on_cuda
+    assert SDPBackend.MATH in sdpa_backends(CPU)
+    # a fused-only call that no fused kernel takes is refused, not run on MATH (CPU flash: dk != dv)
+    q, k, v = torch.randn(2, 1, 37, 3), torch.randn(2, 1, 37, 3), torch.randn(2, 1, 37, 12)
+    with sdpa_kernel(on_cuda):
+        try:
+            F.scaled_dot_product_attention(q, k, v)
+            raise AssertionError("SDPA ran dk != dv on CPU without MATH")
+        except RuntimeError as exc:
+            assert "No available kernel" in str(exc)
+    strided = [torch.randn(2, d, 37).transpose(1, 2).unsqueeze(1) for d in (3, 3, 12)]   # (B, 1, N, d)
+    out = sdpa_without_math(*strided, scale=0.7)
+    q64, k64, v64 = (t.double() for t in strided)
+    expected = torch.softmax(0.7 * q64 @ k64.transpose(-1, -2), -1) @ v64
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
