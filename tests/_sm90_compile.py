@@ -217,6 +217,45 @@ def _gate(dtype) -> None:
             _backward(gate(x, g))
 
 
+def position_defaults(dk: int, dv: int, dtype, transpose: bool, n: int = 70) -> List[Tuple[str, int, int, int]]:
+    """Compile the position kernels at their default config (``default_config(dk, dv, dtype)``),
+    forward and backward, at an odd n; return (kernel, registers, local bytes, shared bytes) each.
+    Calls the kernels' launch functions directly (no dispatch: the capability check is not asked)."""
+    from medattn_fast.ops._custom_op import triton_module
+
+    kernels = triton_module("position")()
+    q, k = torch.randn(1, n, dk, dtype=dtype), torch.randn(1, n, dk, dtype=dtype)
+    v = torch.randn(1, n, dv, dtype=dtype)
+    before = len(COMPILED)
+    out, o, lse = kernels.position_forward(q, k, v, scale=0.5, transpose=transpose)
+    kernels.position_backward(torch.randn_like(out), q, k, v, out, lse, scale=0.5, transpose=transpose)
+    return [(name, *resource_usage(cubin), shared) for name, shared, cubin in COMPILED[before:]]
+
+
+POSITION_TABLE_DK = (64, 128, 256)
+POSITION_TABLE_DV = (64, 512, 1024)
+TABLE_HEADER = ("family", "case", "dtype", "kernel", "registers", "local_bytes", "shared_bytes", "status")
+
+
+def position_table(dks=POSITION_TABLE_DK, dvs=POSITION_TABLE_DV, dtypes=DTYPES) -> List[Tuple]:
+    """Rows of :data:`TABLE_HEADER` for the position kernels' defaults over dk × dv × dtype × transpose;
+    a specialisation that does not compile (e.g. shared memory past the limit) is a row with its reason."""
+    rows = []
+    for dk in dks:
+        for dv in dvs:
+            for dtype in dtypes:
+                for transpose in (False, True):
+                    case = f"dk={dk} dv={dv} n=70{' transpose' if transpose else ''}"
+                    dname = str(dtype).replace("torch.", "")
+                    try:
+                        for kernel, regs, local, shared in position_defaults(dk, dv, dtype, transpose):
+                            rows.append(("position", case, dname, kernel, regs, local, shared, "ok"))
+                    except Exception as exc:   # the failing specialisation, as a row
+                        first = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                        rows.append(("position", case, dname, "", -1, -1, -1, f"error: {first}"))
+    return rows
+
+
 SWEEP: Tuple[Tuple[str, Callable], ...] = (("position_attention", _position), ("channel_attention", _channel),
                                            ("gaussian_axial", _gaussian), ("window_attention", _window),
                                            ("external_attention", _external), ("attention_gate", _gate))
@@ -230,12 +269,30 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated torch dtypes")
     parser.add_argument("--op", action="append", choices=[name for name, _ in SWEEP],
                         help="only these ops (repeatable); default: all")
+    parser.add_argument("--table", metavar="CSV",
+                        help="write the compile table (registers, local memory, shared memory per kernel "
+                             "specialisation): the position defaults over dk 64/128/256 × dv 64/512/1024 × "
+                             "transpose, and every op of the sweep below at its default configs")
+    parser.add_argument("--table-dk", default=",".join(map(str, POSITION_TABLE_DK)),
+                        help="the table's position dk values (comma-separated)")
+    parser.add_argument("--table-dv", default=",".join(map(str, POSITION_TABLE_DV)),
+                        help="the table's position dv values (comma-separated)")
+    parser.add_argument("--no-sweep", action="store_true", help="the position table only, not the sweep")
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     _install()
-    failures, spills, shared_most = [], [], 0
+    table = []
+    if args.table and (not args.op or "position_attention" in args.op):
+        table = position_table([int(d) for d in args.table_dk.split(",")],
+                               [int(d) for d in args.table_dv.split(",")], dtypes)
+        for row in table:
+            print("table " + " ".join(map(str, row)), flush=True)
+    failures = [f"position {r[1]} {r[2]}: {r[7]}" for r in table if r[7] != "ok"]
+    spills = [f"position_attention {r[1]} {r[2]} {r[3]}: {r[5]} B local memory per thread, {r[4]} registers"
+              for r in table if r[7] == "ok" and r[5]]
+    shared_most = max([r[6] for r in table], default=0)
     for name, run in SWEEP:
-        if args.op and name not in args.op:
+        if args.no_sweep or (args.op and name not in args.op):
             continue
         for dtype in dtypes:
             before = len(COMPILED)
@@ -249,6 +306,7 @@ def main(argv=None) -> int:
             new = COMPILED[before:]
             for kernel, shared, cubin in new:
                 regs, local = resource_usage(cubin)
+                table.append((name, "sweep", str(dtype).replace("torch.", ""), kernel, regs, local, shared, "ok"))
                 shared_most = max(shared_most, shared)
                 if local:
                     spills.append(f"{name} {dtype} {kernel}: {local} B local memory per thread, {regs} registers")
@@ -257,6 +315,17 @@ def main(argv=None) -> int:
             print(f"ok   {name:20s} {str(dtype):15s} {len(new)} new kernel specialisations", flush=True)
     for line in spills:
         print(f"spill {line}")
+    if args.table:
+        import csv
+        import triton
+
+        with open(args.table, "w", newline="") as f:
+            f.write(f"# sm_90 offline compile (python -m tests._sm90_compile --table), triton {triton.__version__}, "
+                    f"shared memory limit {H100_SHARED_MEMORY} B; local_bytes: spills + stack per thread\n")
+            writer = csv.writer(f)
+            writer.writerow(TABLE_HEADER)
+            writer.writerows(table)
+        print(f"wrote {len(table)} rows to {args.table}")
     print(f"compiled for sm_90: {len(COMPILED)} kernel specialisations, largest shared memory {shared_most} B "
           f"(limit {H100_SHARED_MEMORY}), {len(spills)} with register spills; {len(failures)} failures")
     return 1 if failures else 0
