@@ -20,6 +20,13 @@ transpose, layouts, pad modes, 2-D/3-D, splits). Run as ``python -m tests._sm90_
 tests/test_triton_sm90_compile.py runs it in a subprocess, because the interpreter must be off when
 the kernels are defined. Compiled kernels land in Triton's cache (``TRITON_CACHE_DIR``), so a
 second run only re-checks what changed.
+
+``--table CSV [--headline]`` writes the compile table (bench/results/sm90_compile_table.csv):
+registers, local memory (spills + stack) and shared memory per kernel specialisation, for the
+position defaults over dk 64/128/256 × dv 64/512/1024 × transpose, every op of the sweep, and with
+``--headline`` every family's GPU-check shapes (bench/cases_<family>.py ``gpu_check_cases``), in
+each dtype of ``--dtypes``. Its first line names the triton that compiled it: the committed table
+is triton 3.9's (this machine's), not the GPU machine's triton 3.6, whose register allocation differs.
 """
 from __future__ import annotations
 
@@ -256,6 +263,60 @@ def position_table(dks=POSITION_TABLE_DK, dvs=POSITION_TABLE_DV, dtypes=DTYPES) 
     return rows
 
 
+def _position_headline(batch_channels_side, dtype, grad: bool) -> None:
+    """DANet's PAM call at a headline shape (channel-first q/k/v, γ·o + x), batch 1: the position
+    kernels' config depends on dk, dv and dtype only, and a CPU convolution at B=8 C=512 128² is minutes."""
+    import medattn_fast.functional as MF
+
+    _, channels, side = batch_channels_side
+    n = side * side
+    with torch.set_grad_enabled(grad):
+        q, k = _leaf(1, channels // 8, n, dtype=dtype), _leaf(1, channels // 8, n, dtype=dtype)
+        v, x, gamma = _leaf(1, channels, n, dtype=dtype), _leaf(1, channels, n, dtype=dtype), _leaf(1, dtype=dtype)
+        out = MF.position_attention(q, k, v, layout="channels", gamma=gamma, residual=x, backend="triton")
+        if grad:
+            _backward(out)
+
+
+def headline_table(dtypes=DTYPES) -> List[Tuple]:
+    """Rows of :data:`TABLE_HEADER` for every family's GPU-check rows (bench/cases_<family>.py
+    ``gpu_check_cases``, their real shapes; position at batch 1, see :func:`_position_headline`): the
+    ``triton`` provider's kernels at their default configs, in each of the case's modes."""
+    import importlib
+    import re as _re
+
+    rows = []
+    for family in ("position", "channel", "gaussian_axial", "window", "external", "attention_gate"):
+        cases = importlib.import_module(f"bench.cases_{family}").gpu_check_cases(torch.device("cpu"), tiny=False)
+        for case in cases:
+            for dtype in dtypes:
+                for mode in case.modes:
+                    grad = mode != "no-grad"
+                    dname = str(dtype).replace("torch.", "")
+                    before = len(COMPILED)
+                    try:
+                        if family == "position":
+                            batch, channels, side = map(int, _re.search(r"B=(\d+) C=(\d+) (\d+)x", case.shape).groups())
+                            _position_headline((batch, channels, side), dtype, grad)
+                        else:
+                            inputs, providers = case.setup(torch.device("cpu"), dtype)
+                            with torch.set_grad_enabled(grad):
+                                out = providers["triton"](*inputs)
+                                if grad:
+                                    _backward(out)
+                        status = "ok"
+                    except Exception as exc:   # the failing specialisation, as a row
+                        status = "error: " + f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                    for name, shared, cubin in COMPILED[before:]:
+                        rows.append((family, f"{case.shape} {mode}", dname, name, *resource_usage(cubin), shared,
+                                     "ok"))
+                    if status != "ok":
+                        rows.append((family, f"{case.shape} {mode}", dname, "", -1, -1, -1, status))
+                    print(f"headline {family} {case.shape} {dname} {mode}: {status}, "
+                          f"{len(COMPILED) - before} new kernel specialisations", flush=True)
+    return rows
+
+
 SWEEP: Tuple[Tuple[str, Callable], ...] = (("position_attention", _position), ("channel_attention", _channel),
                                            ("gaussian_axial", _gaussian), ("window_attention", _window),
                                            ("external_attention", _external), ("attention_gate", _gate))
@@ -278,6 +339,8 @@ def main(argv=None) -> int:
     parser.add_argument("--table-dv", default=",".join(map(str, POSITION_TABLE_DV)),
                         help="the table's position dv values (comma-separated)")
     parser.add_argument("--no-sweep", action="store_true", help="the position table only, not the sweep")
+    parser.add_argument("--headline", action="store_true",
+                        help="with --table: also every family's GPU-check shapes (bench/cases_*.py gpu_check_cases)")
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     _install()
@@ -287,8 +350,10 @@ def main(argv=None) -> int:
                                [int(d) for d in args.table_dv.split(",")], dtypes)
         for row in table:
             print("table " + " ".join(map(str, row)), flush=True)
-    failures = [f"position {r[1]} {r[2]}: {r[7]}" for r in table if r[7] != "ok"]
-    spills = [f"position_attention {r[1]} {r[2]} {r[3]}: {r[5]} B local memory per thread, {r[4]} registers"
+    if args.table and args.headline:
+        table += headline_table(dtypes)
+    failures = [f"{r[0]} {r[1]} {r[2]}: {r[7]}" for r in table if r[7] != "ok"]
+    spills = [f"{r[0]} {r[1]} {r[2]} {r[3]}: {r[5]} B local memory per thread, {r[4]} registers"
               for r in table if r[7] == "ok" and r[5]]
     shared_most = max([r[6] for r in table], default=0)
     for name, run in SWEEP:
