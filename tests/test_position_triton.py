@@ -116,19 +116,23 @@ def test_triton_bf16_within_twice_torch_error(transpose, layout, seed):
     _compare(leaves, kw, torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dk, dtype", [(200, torch.float32), (200, torch.bfloat16), (100, torch.float32),
+                                       (100, torch.bfloat16)])
 @pytest.mark.parametrize("transpose", [False, True], ids=["AV", "VA"])
-def test_dk256_default_tiles_within_twice_torch_error(dtype, transpose):
-    """dk in (128, 256] takes its own default tiles (``default_config``: 16×16, 8 warps, one stage in
-    float32 so the kernels fit the H100's shared memory; 64×32 with 32-wide chunks for 16-bit inputs,
-    no spills): forward and every gradient at dk = 200 (padded to 256, a ragged dk block), odd N and
-    a dv that splits across programs, against the float64 reference."""
-    dv = 40 if dtype == torch.float32 else 150
-    cfg = triton_position.default_config(200, dv, dtype)
-    assert cfg.block_m < 64 if dtype == torch.float32 else cfg.block_n == 32   # the dk > 128 tiles
+def test_wide_dk_default_tiles_within_twice_torch_error(dk, dtype, transpose):
+    """dk in (64, 128] and (128, 256] take their own default tiles (``default_config``: at 256 16×16,
+    8 warps, one stage in float32 so the kernels fit the H100's shared memory, 64×32 with 32-wide
+    chunks for 16-bit inputs; at 128 64×16 with 16-wide chunks in float32, 64-wide chunks and 32-row
+    dq programs for 16-bit inputs; no spills): forward and every gradient at dk = 200 / 100 (padded
+    to 256 / 128, a ragged dk block), odd N and a dv that splits across programs, against the
+    float64 reference."""
+    wide = triton_position.default_config(dk, 1024, dtype).block_dv
+    dv = wide + wide // 2 + 3                       # 51, 99 or 195: one whole dv block and a ragged one
+    cfg = triton_position.default_config(dk, dv, dtype)
+    assert cfg != triton_position.default_config(64, dv, dtype)                   # not the dk = 64 tiles
     assert dv > cfg.block_dv and dv % cfg.block_dv                                # a ragged dv split
     torch.manual_seed(3)
-    leaves, kw = _case(1, 37 if not transpose else 23, 23, 200, dv, transpose=transpose, layout="channels",
+    leaves, kw = _case(1, 37 if not transpose else 23, 23, dk, dv, transpose=transpose, layout="channels",
                        epilogue="all", dtype=dtype)
     _compare(leaves, kw, dtype)
 

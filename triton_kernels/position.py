@@ -113,7 +113,8 @@ def default_config(dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
     the transposed path's row statistics (168 B). 16-bit inputs at dk = 256 spilled 744-800 B in
     dq/dk with 64×64 tiles and spill nothing with 64×32 tiles, 8 warps, 32-wide chunks and 32-row
     dq programs; at dk = 128 8 warps, 64-wide chunks and 32-row dq programs remove the 16-80 B
-    that 4 warps spilled.
+    that 4 warps spilled. float32 at dk = 128 spilled 8-32 B (forward, dq, dk) with the dk = 64
+    tiles; 64×16 score tiles with 16-wide dP chunks spill nothing.
     """
     dk_pad = _pow2_at_least_16(dk)
     dv_pad = _pow2_at_least_16(dv)
@@ -121,6 +122,9 @@ def default_config(dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
         if dk_pad > 128:
             return PositionConfig(16, 16, min(32, dv_pad), num_warps=8, num_stages=1,
                                   block_dv_chunk=16, block_m_dq=16)
+        if dk_pad > 64:
+            return PositionConfig(64, 16, min(64, dv_pad), num_warps=8, num_stages=2,
+                                  block_dv_chunk=min(16, dv_pad), block_m_dq=32)
         return PositionConfig(64, 32, min(64, dv_pad), num_warps=8, num_stages=2,
                               block_dv_chunk=min(32, dv_pad), block_m_dq=32)
     # (fp32_probabilities stays True: the accurate default until the GPU numbers say otherwise.)
