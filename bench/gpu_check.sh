@@ -91,11 +91,10 @@ EOF
 BUILD_PID=$!
 WARM_PID=
 if [ "$DRY" = 0 ]; then
-    # its own process group (setsid), so the kill below ends the warm-up itself, not only the last
-    # process of a pipeline ($! of `a | sed &` is sed's PID, and killing sed left the warm-up running)
-    # (timeout puts itself in a group of its own, so it is what setsid starts: then timeout, the
-    # warm-up and sed share the group whose id is $!)
-    setsid timeout -k 5 "$(left "$TESTS_END")" bash -c '"$0" -m bench.run --gpu-check --warm --deadline "$1" 2>&1 \
+    # one process group, killed whole below: timeout leads a group of its own (it calls setpgid
+    # unless --foreground) and the warm-up and its sed run inside it, so $! (timeout's PID) is the
+    # group's id. Before, $! of `a | sed &` was sed's PID and killing it left the warm-up running.
+    timeout -k 5 "$(left "$TESTS_END")" bash -c '"$0" -m bench.run --gpu-check --warm --deadline "$1" 2>&1 \
         | sed -u "s/^/[warm] /"' "$PY" "$TESTS_END" >> "$OUT/build.log" 2>&1 &
     WARM_PID=$!
 fi
