@@ -330,6 +330,16 @@ def test_triton_interpreter_matches_reference(geometry, training):
     compare("triton", nd, xs, gs, training=training, dtype=torch.float32, tol=F32, reference_dtype=F64)
 
 
+@pytest.mark.parametrize("nd", [2, 3])
+def test_triton_interpreter_double_sigmoid_through_the_forward_kernel(nd):
+    """double_sigmoid where the backward differentiates both sigmoids itself: every BN in eval mode
+    (folded), so the fused forward kernel runs and its backward recomputes q (a batch-statistics
+    ψ-BN takes the logits path instead, whose sigmoids are autograd's)."""
+    xs, gs = ((7, 9), (3, 4)) if nd == 2 else ((3, 4, 5), (2, 2, 3))
+    compare("triton", nd, xs, gs, training=False, dtype=torch.float32, tol=F32, double_sigmoid=True,
+            reference_dtype=F64)
+
+
 def test_triton_interpreter_channels_last_batch_one_single_channel():
     compare("triton", 2, (7, 9), (3, 4), batch=1, cx=3, cg=2, ci=1, training=True, dtype=torch.float32, tol=F32,
             channels_last=True, double_sigmoid=True, reference_dtype=F64)

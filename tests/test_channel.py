@@ -156,3 +156,32 @@ def test_nn_channel_attention(spatial):
 def test_nn_channel_attention_rejects_rank_3():
     with pytest.raises(ValueError, match=r"ChannelAttention: input must be \(B, C, H, W\) or \(B, C, D, H, W\), got shape \(2, 3, 4\)"):
         nn_attention.ChannelAttention()(torch.randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_epilogue_operands_keep_their_own_layouts(backend):
+    """``multiply`` broadcast over the batch (an expanded view, batch stride 0) and ``residual`` a
+    sliced view of a larger tensor, each with strides unlike x's and the output's: every backend
+    reads each operand through its own strides (forward and every gradient vs float64)."""
+    torch.manual_seed(5)
+    dtype = torch.float32 if backend == "triton" else F64       # the Triton interpreter: float32
+    x = (0.3 * torch.randn(3, 6, 5, 7, dtype=F64)).requires_grad_(True)
+    f_one = torch.randn(1, 6, 5, 7, dtype=F64, requires_grad=True)
+    r_big = torch.randn(3, 9, 5, 8, dtype=F64, requires_grad=True)
+    gamma = torch.tensor([0.8], dtype=F64, requires_grad=True)
+    leaves = [x, f_one, r_big, gamma]
+
+    def run(b, dt):
+        xs, f1, rb, g = [t.detach().to(dt).requires_grad_(True) for t in leaves]
+        f = f1.expand(3, -1, -1, -1)
+        r = rb[:, 2:8, :, 1:]
+        assert f.stride(0) == 0 and not r.is_contiguous()
+        out = channel_attention(xs, negate=True, gamma=g, residual=r, multiply=f, backend=b)
+        cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=F64).to(dt)
+        return [out, *torch.autograd.grad(out, [xs, f1, rb, g], cot)]
+
+    expected = run("reference", F64)
+    got = run(backend, dtype)
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == F64 else dict(rtol=2e-5, atol=2e-5)
+    for name, a, e in zip(["out", "dx", "dmultiply", "dresidual", "dgamma"], got, expected):
+        torch.testing.assert_close(a.double(), e, **tol, msg=lambda m, name=name: f"{backend} {name}: {m}")
