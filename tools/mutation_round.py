@@ -305,11 +305,12 @@ def _run_one(m: Mutant, slot: int, *, suite: bool, python: str, workers: int) ->
     return result
 
 
-def run(mutants: Sequence[Mutant], *, suite: bool, python: str, workers: int, jobs: int, out: Path) -> List[dict]:
+def run(mutants: Sequence[Mutant], *, suite: bool, python: str, workers: int, jobs: int, out: Path,
+        first_slot: int = 0) -> List[dict]:
     """Each mutant in its own copy of the tree, ``jobs`` at a time; results written as they come."""
     results: List[dict] = []
     slots: "queue.Queue[int]" = queue.Queue()
-    for slot in range(jobs):
+    for slot in range(first_slot, first_slot + jobs):
         slots.put(slot)
 
     def task(m: Mutant) -> dict:
@@ -333,6 +334,8 @@ def main(argv: Sequence[str] = ()) -> int:
     ap.add_argument("--list", action="store_true", help="print the table and stop")
     ap.add_argument("--workers", type=int, default=1, help="pytest-xdist workers per run (default 1)")
     ap.add_argument("--jobs", type=int, default=2, help="mutants run side by side (default 2)")
+    ap.add_argument("--first-slot", type=int, default=0, help="the first job slot's number (two runs at once: "
+                    "give the second one slots of its own)")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--out", type=Path, default=Path("mutation-results.json"))
     args = ap.parse_args(list(argv) or None)
@@ -341,7 +344,8 @@ def main(argv: Sequence[str] = ()) -> int:
         for m in chosen:
             print(f"{m.id:4} {m.area:9} {m.path}: {m.why}")
         return 0
-    results = run(chosen, suite=args.suite, python=args.python, workers=args.workers, jobs=args.jobs, out=args.out)
+    results = run(chosen, suite=args.suite, python=args.python, workers=args.workers, jobs=args.jobs, out=args.out,
+                  first_slot=args.first_slot)
     caught = sum(r["caught"] for r in results)
     print(f"caught {caught} of {len(results)} ({100.0 * caught / max(1, len(results)):.0f} %)")
     return 0
