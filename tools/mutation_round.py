@@ -172,11 +172,11 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("E1", "export", "medattn_fast/backend.py",
            "return _ctx_portable.get() or torch.onnx.is_in_onnx_export()", "return _ctx_portable.get()",
            "torch.onnx.export no longer switches the ops to their portable path",
-           ("tests/test_export.py")),
+           ("tests/test_export.py",)),
     Mutant("E2", "export", "medattn_fast/ops/_families.py",
            'export_backend="reference",', 'export_backend="cpp",',
            "position attention exports through the C++ custom op (no ONNX translation)",
-           ("tests/test_export.py")),
+           ("tests/test_export.py",)),
     # ---- compat -------------------------------------------------------------------------------
     Mutant("M1", "compat", "medattn_fast/compat/attention_unet.py",
            'double_sigmoid = bool(getattr(module, "double_sigmoid", False))', "double_sigmoid = False",
@@ -194,27 +194,27 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("V1", "convert", "medattn_fast/convert.py",
            "                if hooked:\n", "                if False:\n",
            "convert swaps blocks whose submodules carry hooks (the hooks silently stop running)",
-           ("tests/test_convert.py")),
+           ("tests/test_convert_hooks.py", "tests/test_convert.py")),
     Mutant("V2", "convert", "medattn_fast/compat/_adopt.py",
            "        object.__setattr__(new, table, hooks)\n",
            "        pass\n",
            "graft drops the block's own hook tables",
-           ("tests/test_convert.py")),
+           ("tests/test_convert_hooks.py", "tests/test_convert.py")),
     Mutant("V3", "convert", "medattn_fast/compat/_adopt.py",
            "                n_tab[name] = o\n", "                n_tab[name] = o.detach().clone()\n",
            "graft copies parameters: an optimizer built before convert() trains tensors no longer used",
-           ("tests/test_convert.py")),
+           ("tests/test_convert_hooks.py", "tests/test_convert.py")),
     # ---- DDP / SyncBatchNorm ------------------------------------------------------------------
     Mutant("S1", "ddp", "medattn_fast/ops/_batch_norm.py",
            "    mean = total / count\n",
            "    mean = total / (float(t.numel() // channels) * torch.distributed.get_world_size(bn.process_group))\n",
            "SyncBN gate assumes every rank holds the same batch (uneven last batches)",
-           ("tests/test_syncbn_gate.py")),
+           ("tests/test_syncbn_gate.py",)),
     Mutant("S2", "ddp", "medattn_fast/ops/_batch_norm.py",
            "        grad = grad.contiguous().clone()\n        dist.all_reduce(grad, group=ctx.group)\n",
            "        grad = grad.contiguous().clone()\n",
            "SyncBN gate backward does not all-reduce the statistics' gradients",
-           ("tests/test_syncbn_gate.py")),
+           ("tests/test_syncbn_gate.py",)),
     Mutant("S3", "ddp", "medattn_fast/ops/_batch_norm.py",
            "unbiased = var.detach() * (count / max(count - 1, 1))", "unbiased = var.detach()",
            "running_var updated with the biased variance",
@@ -229,15 +229,17 @@ MUTANTS: Tuple[Mutant, ...] = (
     Mutant("R1", "training", "medattn_fast/train.py",
            "return iter(indices[self.skip:])", "return iter(indices)",
            "a run resumed mid-epoch sees the epoch's already-seen items again",
-           ("tests/test_train.py")),
+           ("tests/test_train.py",)),
     Mutant("R2", "training", "medattn_fast/train.py",
            '        optimizer.load_state_dict(checkpoint["optimizer"])\n', "",
            "resume restarts the optimizer (Adam moments lost)",
-           ("tests/test_train.py")),
+           ("tests/test_train.py",)),
 )
 
 
 def _tests(m: Mutant, tree: Path) -> List[str]:
+    if isinstance(m.tests, str):   # ("a.py") is a string, not a one-file tuple
+        raise SystemExit(f"{m.id}: tests must be a tuple of globs, got the string {m.tests!r}")
     found: List[str] = []
     for pattern in m.tests:
         for p in sorted(glob.glob(str(tree / pattern))):
