@@ -78,14 +78,16 @@ def default_config(n_tokens: int, batch_heads: int, device: torch.device, head_d
                    dtype: torch.dtype = torch.float32) -> ExternalConfig:
     """A starting heuristic (not yet timed on a GPU). Under the interpreter: one chunk of 64-token
     tiles per (b, head). On a GPU: chunks sized so that about 4 programs per SM run, 8 warps, and
-    16-token tiles for float32 with head dims over 64. The warps and the float32 tile come from
-    ptxas's register report for sm_90 (tests/_sm90_compile.py): float32's IEEE dots run on FMAs, and
-    with 64-token tiles and 4 warps the backward spilled 0.9–1.4 KB per thread at d = 32 and
-    7–14 KB at MT-UNet's bottleneck d = 128; this config spills at most 0.4 KB there."""
+    16-token tiles for float32. The warps and the float32 tile come from ptxas's register report for
+    sm_90 (tests/_sm90_compile.py, MT-UNet's B=12 levels): float32's IEEE dots run on FMAs, and with
+    64-token tiles the backward spilled 56 B per thread at d = 32 and 0.4–1.2 KB at d = 64; 16-token
+    tiles spill nothing there. At the bottleneck's d = 128 the (d, S) memories and dM_v's accumulator
+    held across the loop still spill 384 B in the backward's column kernel (24 B in the other) at
+    every tile and warp count tried (8/16/32 tokens, 2–16 warps)."""
     if interpreted():
         block_n = 64
         return ExternalConfig(block_n, triton.cdiv(n_tokens, block_n), 4)
-    block_n = 16 if (dtype == torch.float32 and head_dim > 64) else 64
+    block_n = 16 if dtype == torch.float32 else 64
     n_tiles = triton.cdiv(n_tokens, block_n)
     target_chunks = max(1, triton.cdiv(4 * multiprocessor_count(device), batch_heads))
     return ExternalConfig(block_n, max(1, triton.cdiv(n_tiles, target_chunks)), 8)
