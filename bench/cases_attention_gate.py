@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from bench.harness import Case, fast_twin, with_backend
+from bench.harness import Case, auto_provider, fast_twin, with_backend
 from medattn_fast.nn.attention_gate import AttentionGate
 from medattn_fast.reference.attention_gate import AttentionBlock, GridAttentionBlock
 
@@ -184,6 +184,7 @@ def _check_setup(batch: int, cx: int, size: Tuple[int, ...], training: bool):
         providers: Dict[str, Callable] = {"triton": with_backend(fast, "triton")}
         if device.type == "cuda":
             providers["cuda"] = with_backend(fast, "cuda")
+        providers["auto"] = auto_provider(fast)
         providers["original"] = original.forward
         return (x, g), providers
     return setup

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from bench.harness import Case, fast_twin, with_backend
+from bench.harness import Case, auto_provider, fast_twin, with_backend
 from medattn_fast.compat.danet import CAM_Module as FastCAM
 from medattn_fast.compat.guided_attention import ChannelAttentionModule as FastChannel
 from medattn_fast.reference.danet import CAM_Module
@@ -89,7 +89,7 @@ def _check_setup(batch: int, channels: int, side: int):
         fast = fast_twin(original)
         # scaled so that softmax(-E) is not one-hot in float32
         x = (0.1 * torch.randn(batch, channels, side, side, device=device, dtype=dtype)).requires_grad_(True)
-        return (x,), {"triton": with_backend(fast, "triton"), "original": original.forward}
+        return (x,), {"triton": with_backend(fast, "triton"), "auto": auto_provider(fast), "original": original.forward}
     return setup
 
 

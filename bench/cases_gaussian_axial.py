@@ -38,7 +38,7 @@ import torch
 
 import medattn_fast.functional as MF
 from medattn_fast import BackendUnavailable
-from bench.harness import Case, fast_twin, owned_by, with_backend
+from bench.harness import Case, auto_provider, fast_twin, owned_by, with_backend
 from medattn_fast.compat.mtunet import GaussianTrans as FastGaussianTrans
 from medattn_fast.reference.gaussian_trans import GaussianTrans, gaussian_axial_from_qkv_reference
 
@@ -171,10 +171,18 @@ def _mtunet_cases() -> List[Case]:
     return rows
 
 
+def _noting(fn: Callable, auto: Callable) -> Callable:
+    """``fn`` with ``auto``'s row note (which backend auto ran), for a wrapper around an auto provider."""
+    fn.row_note = auto.row_note
+    return fn
+
+
 def _check_setup(batch: int, grid: int, d: int):
     def setup(device: torch.device, dtype: torch.dtype):
         original = GaussianTrans().to(device=device, dtype=dtype)
-        fast = with_backend(fast_twin(original), "triton")
+        twin = fast_twin(original)
+        fast = with_backend(twin, "triton")
+        auto = auto_provider(twin)
         x = torch.randn(batch, grid, grid, 1, device=device, dtype=dtype)   # only its shape is read
         ax = torch.randn(batch, grid, grid, grid, device=device, dtype=dtype, requires_grad=True)
         ay = torch.randn(batch, grid, grid, grid, device=device, dtype=dtype, requires_grad=True)
@@ -185,6 +193,7 @@ def _check_setup(batch: int, grid: int, d: int):
 
         providers: Dict[str, Callable] = {
             "triton": owned_by(lambda ax, ay, v: fast((x, ax, ay, v)), fast.__self__),
+            "auto": _noting(owned_by(lambda ax, ay, v: auto((x, ax, ay, v)), twin), auto),
             "torch vectorised": owned_by(vectorised, original),
             "original loop": owned_by(lambda ax, ay, v: original((x, ax, ay, v)), original),
         }

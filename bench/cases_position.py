@@ -25,9 +25,10 @@ the reference module's parameter objects.
 ``gpu_check_cases(device, tiny)`` (``bench/gpu_check.sh``): DANet's PAM at B=8 C=512 64² and 128²,
 bf16 and fp32, no-grad and fwd+bwd — the drop-in on ``triton`` with its kernel variants side by side
 (``KernelConfig``: ``fp32_precision`` ieee / tf32 in float32, ``position_p16`` in bfloat16,
-``position_backward="fused"``), SDPA (contiguous q/k/v, MATH excluded: a refusal is an error row) and
-the original module;
-FlexAttention as separate rows run last (``flex_check_cases``). ``tiny``: B=1 C=16 8×8, the CPU
+``position_backward="fused"``), ``auto`` (the row's note names the backend it ran), SDPA (contiguous
+q/k/v, MATH excluded: a refusal is an error row) on PAM's one head and head-split (``head_split``: v
+as 8 heads of 64 or 4 of 128, q and k repeated: the shapes flash attention takes) and the original
+module; FlexAttention, one head and head-split, as separate rows run last (``flex_check_cases``). ``tiny``: B=1 C=16 8×8, the CPU
 dry run.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, fast_twin, with_backend, with_kernel_config
+from bench.harness import Case, auto_provider, fast_twin, with_backend, with_kernel_config
 from medattn_fast import KernelConfig
 from medattn_fast.compat.danet import PAM_Module as FastPAM
 from medattn_fast.compat.guided_attention import PositionAttentionModule as FastPosition
@@ -222,29 +223,68 @@ def _pam_projections(module, x):
     return q, k, v
 
 
-def _sdpa_pam(module):
-    """γ · SDPA(q, k, v, scale=1) + x on a fused SDPA kernel, never MATH (:func:`sdpa_without_math`;
-    dk ≠ dv leaves the memory-efficient and cuDNN kernels)."""
+def head_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int):
+    """PAM's one head (q, k: (B, 1, N, dk); v: (B, 1, N, dv)) as ``heads`` heads of width dv/heads
+    that a fused SDPA or FlexAttention kernel takes (their head dims are equal and at most 256): v's
+    columns split over the heads, q and k repeated on every head and zero-padded to dv/heads when
+    dk is narrower (a zero column adds nothing to q·kᵀ). Every head then has PAM's own softmax,
+    so the heads' outputs side by side are PAM's ``softmax(q kᵀ) v`` exactly; the repeated q, k
+    are contiguous copies, as the kernels need (timed: the peer needs them).
+
+    Returns (q, k, v) of shape (B, heads, N, dv/heads)."""
+    batch, _, n, dk = q.shape
+    dv = v.shape[-1]
+    if dv % heads or dk > dv // heads:
+        raise ValueError(f"head_split: dv = {dv} must split into {heads} heads at least dk = {dk} wide")
+    width = dv // heads
+    if dk < width:
+        q, k = (F.pad(t, (0, width - dk)) for t in (q, k))
+    q, k = (t.expand(batch, heads, n, width).contiguous() for t in (q, k))
+    v = v.reshape(batch, n, heads, width).transpose(1, 2).contiguous()
+    return q, k, v
+
+
+def _merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, dv/heads) -> (B, 1, N, dv), the inverse of :func:`head_split` on v."""
+    batch, heads, n, width = o.shape
+    return o.transpose(1, 2).reshape(batch, 1, n, heads * width)
+
+
+def _sdpa_pam(module, heads: int = 1):
+    """γ · SDPA(q, k, v, scale=1) + x on a fused SDPA kernel, never MATH (:func:`sdpa_without_math`).
+    ``heads`` = 1: PAM's one head (dk ≠ dv leaves the memory-efficient and cuDNN kernels);
+    ``heads`` > 1: :func:`head_split` (8 × 64 and 4 × 128 take flash attention too)."""
 
     def run(x):
         q, k, v = _pam_projections(module, x)
-        o = sdpa_without_math(q, k, v, scale=1.0)
+        if heads == 1:
+            o = sdpa_without_math(q, k, v, scale=1.0)
+        else:
+            o = _merge_heads(sdpa_without_math(*head_split(q, k, v, heads), scale=1.0))
         return module.gamma * o.squeeze(1).transpose(1, 2).reshape(x.shape) + x
     run.__self__ = module   # the harness frees the module's .grad between calls
     return run
 
 
-def _flex_pam(module):
+def _flex_pam(module, heads: int = 1):
+    """γ · FlexAttention(q, k, v, scale=1) + x, compiled; ``heads`` > 1: :func:`head_split`."""
     from torch.nn.attention.flex_attention import flex_attention
 
     compiled = torch.compile(flex_attention)
 
     def run(x):
         q, k, v = _pam_projections(module, x)
-        o = compiled(q, k, v, scale=1.0)
+        if heads == 1:
+            o = compiled(q, k, v, scale=1.0)
+        else:
+            o = _merge_heads(compiled(*head_split(q, k, v, heads), scale=1.0))
         return module.gamma * o.squeeze(1).transpose(1, 2).reshape(x.shape) + x
     run.__self__ = module
     return run
+
+
+# DANet's v (512 wide) split over 8 heads of 64 (q, k's own width) and 4 heads of 128 (q, k padded)
+_SPLIT_HEADS = (8, 4)
 
 
 def _check_pam_setup(batch: int, channels: int, side: int, with_flex: bool):
@@ -257,6 +297,8 @@ def _check_pam_setup(batch: int, channels: int, side: int, with_flex: bool):
         providers: Dict[str, Callable] = {}
         if with_flex:
             providers["flex"] = _flex_pam(original)
+            for heads in _SPLIT_HEADS:
+                providers[f"flex {heads} heads"] = _flex_pam(original, heads)
             return (x,), providers
         triton = with_backend(fast, "triton")
         providers["triton"] = triton
@@ -266,7 +308,10 @@ def _check_pam_setup(batch: int, channels: int, side: int, with_flex: bool):
         else:
             providers["triton p16"] = with_kernel_config(triton, KernelConfig(position_p16=True))
         providers["triton dq+dk fused"] = with_kernel_config(triton, KernelConfig(position_backward="fused"))
+        providers["auto"] = auto_provider(fast)
         providers["sdpa"] = _sdpa_pam(original)
+        for heads in _SPLIT_HEADS:
+            providers[f"sdpa {heads} heads"] = _sdpa_pam(original, heads)
         providers["original"] = original.forward
         return (x,), providers
     return setup

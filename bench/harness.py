@@ -298,6 +298,28 @@ def with_backend(fn: Callable, backend: str) -> Callable:
     return within(fn, lambda: medattn_fast.use_backend(backend))
 
 
+def auto_provider(fn: Callable) -> Callable:
+    """Provider calling ``fn`` on ``auto`` (whatever backend or environment is in force), whose row
+    says what ``auto`` ran: its ``row_note()`` lists each op's pick during the provider's last
+    call (``medattn_fast.backend.auto_picks``), e.g. ``auto ran position_attention: triton``."""
+    import medattn_fast
+    from medattn_fast import backend as B
+
+    def run(*args):
+        with B.recording_auto_picks() as picks:
+            with medattn_fast.use_backend("auto"):
+                out = fn(*args)
+        run.picks = dict(picks)
+        return out
+
+    run.picks = {}
+    run.row_note = lambda: "auto ran " + (", ".join(f"{op}: {b}" for op, b in sorted(run.picks.items()))
+                                          or "no medattn op")
+    if isinstance(fn, torch.nn.Module) or isinstance(getattr(fn, "__self__", None), torch.nn.Module):
+        run.__self__ = fn if isinstance(fn, torch.nn.Module) else fn.__self__
+    return run
+
+
 def with_kernel_config(fn: Callable, config) -> Callable:
     """Provider calling ``fn`` with the kernel variants of ``config`` (a
     :class:`medattn_fast.KernelConfig`, under ``medattn_fast.use_kernel_config``): how a benchmark
@@ -340,7 +362,7 @@ def token_block_check_case(device: torch.device, op: str, shape: str, make_origi
         original = make_original().to(device=device, dtype=dtype)
         fast = fast_twin(original)
         x = torch.randn(batch, tokens, channels, device=device, dtype=dtype, requires_grad=True)
-        return (x,), {"triton": with_backend(fast, "triton"), "original": original.forward}
+        return (x,), {"triton": with_backend(fast, "triton"), "auto": auto_provider(fast), "original": original.forward}
 
     return Case(op=op, shape=shape, setup=setup, flops=forward_flops, dtypes=(torch.bfloat16, torch.float32),
                 modes=("no-grad", "fwd+bwd"), estimate_s=2 if tiny else 8, warm=("triton",),
@@ -694,10 +716,13 @@ def run_gpu_check_case(case: Case, device: torch.device, rows: CsvRows, ceilings
                     pct = 100 * gbps / ceilings.copy_gbps
                 elif tflops is not None:
                     pct = 100 * tflops / ceilings.matmul_for(dtype)
+                note = case.note
+                if hasattr(fn, "row_note"):   # e.g. which backend auto ran (auto_provider)
+                    note = "; ".join(part for part in (fn.row_note(), note) if part)
                 rows.row(section=case.op, case=case.shape, provider=name, dtype=dname, mode=mode, ms=ms,
                          tflops="" if tflops is None else tflops, gbps="" if gbps is None else gbps,
                          pct_ceiling=pct if pct is not None and math.isfinite(pct) else "",
-                         peak_mib="" if peak is None else peak, status="ok", note=case.note)
+                         peak_mib="" if peak is None else peak, status="ok", note=note)
         del inputs, providers
         _free(device)
 

@@ -333,6 +333,9 @@ class Op:
 
     def __call__(self, *args, backend: Optional[str] = None, **kwargs):
         name = self.choose(*args, backend=backend, **kwargs)
+        picks = _ctx_auto_picks.get()
+        if picks is not None and (backend or get_backend()) == "auto":
+            picks[self.name] = name
         return self.impls[name].fn(*args, **kwargs)
 
     def describe(self) -> Dict[str, object]:
@@ -342,6 +345,22 @@ class Op:
                 "auto on CPU": list(self.auto_cpu), "auto on CUDA": list(self.auto_cuda), "per-call order": hook,
                 "export": self.export_backend,
                 "limits": [f"{limit.backend}: {limit.describe()}" for limit in self.limits]}
+
+
+_ctx_auto_picks: contextvars.ContextVar[Optional[Dict[str, str]]] = contextvars.ContextVar("medattn_auto_picks",
+                                                                                           default=None)
+
+
+@contextlib.contextmanager
+def recording_auto_picks() -> Iterator[Dict[str, str]]:
+    """Context manager yielding a dict that fills, op name -> backend, with what ``auto`` ran for
+    each op called inside (the last call's pick per op): how a benchmark row says what ``auto`` chose."""
+    picks: Dict[str, str] = {}
+    token = _ctx_auto_picks.set(picks)
+    try:
+        yield picks
+    finally:
+        _ctx_auto_picks.reset(token)
 
 
 def autocast_entry(cast: bool = True):

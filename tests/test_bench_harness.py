@@ -161,3 +161,47 @@ def test_sdpa_peer_excludes_math_on_cuda_and_copies_strided_inputs():
     q64, k64, v64 = (t.double() for t in strided)
     expected = torch.softmax(0.7 * q64 @ k64.transpose(-1, -2), -1) @ v64
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_head_split_peers_compute_pam_and_auto_rows_name_their_pick():
+    """The head-split peers (v's 512 columns as 8 × 64 or 4 × 128 heads, q and k repeated and
+    zero-padded) compute PAM's one-head softmax(q kᵀ) v exactly, with and without padding, on
+    fresh inputs against float64; a bad split is refused naming the sizes; the ``auto`` provider's
+    row note names the backend auto ran for each op of the call."""
+    import pytest
+
+    from bench.cases_position import _merge_heads, head_split, sdpa_without_math
+    from bench.harness import auto_provider
+    from medattn_fast.compat.danet import PAM_Module
+
+    q, k = torch.randn(2, 1, 37, 8, dtype=torch.float64), torch.randn(2, 1, 37, 8, dtype=torch.float64)
+    v = torch.randn(2, 1, 37, 64, dtype=torch.float64)
+    expected = torch.softmax(0.3 * q @ k.transpose(-1, -2), -1) @ v
+    for heads in (8, 4, 2):   # width 8 = dk (no padding), 16 and 32 (q, k padded)
+        split = head_split(q, k, v, heads)
+        assert all(t.shape == (2, heads, 37, 64 // heads) and t.is_contiguous() for t in split)
+        torch.testing.assert_close(_merge_heads(sdpa_without_math(*split, scale=0.3)), expected)
+    with pytest.raises(ValueError, match="dv = 64 must split into 16 heads at least dk = 8 wide"):
+        head_split(q, k, v, 16)
+    module = PAM_Module(16)
+    run = auto_provider(module)
+    with medattn_fast.use_backend("torch"):   # the provider runs auto whatever is in force
+        out = run(torch.randn(1, 16, 5, 5))
+    assert out.shape == (1, 16, 5, 5) and run.__self__ is module
+    picked = run.picks["position_attention"]
+    assert picked in ("cpp", "torch") and run.row_note() == f"auto ran position_attention: {picked}"
+
+
+def test_ratio_lines_compare_each_provider_with_every_peer_and_the_best():
+    """bench/gpu_report.py's ratio lines: head-split SDPA/Flex rows count as baselines, and each of
+    our providers gets its speed-up over the fastest baseline."""
+    from bench.gpu_report import ratios
+
+    def row(provider, ms):
+        return {"status": "ok", "section": "position", "case": "PAM", "dtype": "bfloat16", "mode": "fwd+bwd",
+                "provider": provider, "ms": str(ms)}
+
+    (line,) = ratios([row("triton", 2.0), row("auto", 4.0), row("original", 8.0), row("sdpa 8 heads", 3.0)])
+    assert "triton 1.50x vs the best baseline (sdpa 8 heads)" in line
+    assert "auto 0.75x vs the best baseline (sdpa 8 heads)" in line
+    assert "triton 4.00x vs original" in line and "sdpa 8 heads 1.00x" not in line
