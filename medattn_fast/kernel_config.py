@@ -44,13 +44,25 @@ class KernelConfig:
     Variable ``MEDATTN_POSITION_BWD``.
 
     ``position_p16``: position attention on 16-bit inputs feeds P and dS to their dots rounded to
-    bf16/fp16 (flash attention's choice, full tensor-core rate) instead of as TF32 (default False:
-    about 8x less rounding in those products). Variable ``MEDATTN_POSITION_P16=1``.
+    bf16/fp16 (flash attention's choice, full tensor-core rate; default True: its errors stay within
+    the tests' 2x PyTorch's own error) instead of as TF32 (False: about 8x less rounding in those
+    products at half the rate). float32 inputs are not affected. Variable ``MEDATTN_POSITION_P16``
+    (``0`` selects TF32).
+
+    ``position_dv_split``: the width of the dv slice one program of position attention's P·V kernels
+    produces (a power of two >= 16; 0, default: the default tiles', 128 for 16-bit dk <= 128). Each
+    split recomputes QKᵀ, so 256 at dv = 512 computes the scores 2x instead of 4x (forward).
+
+    ``position_hoist``: position attention's dq/dk kernels load the dv-wide operand that is invariant
+    across their outer loop once before it (True) or re-read it in chunks every iteration (False);
+    None (default): the default tiles' choice.
     """
 
     fp32_precision: Optional[str] = None
     position_backward: str = "separate"
-    position_p16: bool = False
+    position_p16: bool = True
+    position_dv_split: int = 0
+    position_hoist: Optional[bool] = None
 
     def __post_init__(self):
         if self.fp32_precision is not None and self.fp32_precision not in FP32_PRECISIONS:
@@ -61,6 +73,13 @@ class KernelConfig:
                              f"got {self.position_backward!r}")
         if not isinstance(self.position_p16, bool):
             raise TypeError(f"KernelConfig: position_p16 must be a bool, got {self.position_p16!r}")
+        split = self.position_dv_split
+        power_of_two = (isinstance(split, int) and not isinstance(split, bool) and split >= 16
+                        and not split & (split - 1))
+        if split != 0 and not power_of_two:
+            raise ValueError(f"KernelConfig: position_dv_split must be 0 or a power of two >= 16, got {split!r}")
+        if self.position_hoist is not None and not isinstance(self.position_hoist, bool):
+            raise TypeError(f"KernelConfig: position_hoist must be a bool or None, got {self.position_hoist!r}")
 
     @classmethod
     def from_environment(cls) -> "KernelConfig":
@@ -73,7 +92,7 @@ class KernelConfig:
         if backward not in POSITION_BACKWARDS:
             raise ValueError(f"KernelConfig: position_backward (MEDATTN_POSITION_BWD) must be one of "
                              f"{POSITION_BACKWARDS}, got {backward!r}")
-        p16 = os.environ.get("MEDATTN_POSITION_P16", "0").strip() not in ("", "0")
+        p16 = os.environ.get("MEDATTN_POSITION_P16", "1").strip() not in ("", "0")
         return cls(precision, backward, p16)
 
 
@@ -105,7 +124,7 @@ def use_kernel_config(config: KernelConfig) -> Iterator[None]:
 
 
 @torch.compiler.assume_constant_result   # dynamo cannot trace ContextVar.get: read it at trace time
-def _fields() -> Tuple[Optional[str], str, bool]:
+def _fields() -> Tuple[Optional[str], str, bool, int, Optional[bool]]:
     config = _ctx_config.get() or _global_config or KernelConfig.from_environment()
     return astuple(config)
 

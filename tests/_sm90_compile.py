@@ -23,7 +23,8 @@ second run only re-checks what changed.
 
 ``--table CSV [--headline]`` writes the compile table (bench/results/sm90_compile_table.csv):
 registers, local memory (spills + stack) and shared memory per kernel specialisation, for the
-position defaults over dk 64/128/256 × dv 64/512/1024 × transpose, every op of the sweep, and with
+position defaults over dk 64/128/256 × dv 64/512/1024 × n 70/4096 (masked / unmasked EVEN kernels)
+× transpose, every op of the sweep, and with
 ``--headline`` every family's GPU-check shapes (bench/cases_<family>.py ``gpu_check_cases``), in
 each dtype of ``--dtypes``. Its first line names the triton that compiled it: the committed table
 is triton 3.9's (this machine's), not the GPU machine's triton 3.6, whose register allocation differs.
@@ -146,12 +147,15 @@ def _position(dtype) -> None:
     gamma, res, mul = _leaf(1, dtype=dtype), _leaf(2, 64, 50, dtype=dtype), _leaf(2, 64, 50, dtype=dtype)
     _backward(MF.position_attention(q, k, v, layout="channels", gamma=gamma, residual=res, backend="triton"))
     _backward(MF.position_attention(q, k, v, layout="channels", multiply=mul, transpose=True, backend="triton"))
-    # the variants bench/gpu_check.sh times beside the default: dq by atomics; 16-bit P and dS
+    # the variants bench/gpu_check.sh times beside the default: dq by (relaxed) atomics; TF32 P and dS
+    # (16-bit P is the default); the hoisted invariant operand of dq/dk, alone and with the fused
+    # backward (16-bit only); the 128-wide dv split
     import medattn_fast
 
-    variants = [medattn_fast.KernelConfig(position_backward="fused")]
+    variants = [medattn_fast.KernelConfig(position_backward="fused"), medattn_fast.KernelConfig(position_dv_split=128)]
     if dtype != torch.float32:
-        variants.append(medattn_fast.KernelConfig(position_p16=True))
+        variants += [medattn_fast.KernelConfig(position_p16=False), medattn_fast.KernelConfig(position_hoist=True),
+                     medattn_fast.KernelConfig(position_backward="fused", position_hoist=True)]
     for variant in variants:
         with medattn_fast.use_kernel_config(variant):
             _backward(MF.position_attention(q, k, v, layout="channels", gamma=gamma, residual=res, backend="triton"))
@@ -224,42 +228,68 @@ def _gate(dtype) -> None:
             _backward(gate(x, g))
 
 
-def position_defaults(dk: int, dv: int, dtype, transpose: bool, n: int = 70) -> List[Tuple[str, int, int, int]]:
+def position_defaults(dk: int, dv: int, dtype, transpose: bool, n: int = 70, variant: str = "separate",
+                      **variants) -> List[Tuple[str, int, int, int]]:
     """Compile the position kernels at their default config (``default_config(dk, dv, dtype)``),
-    forward and backward, at an odd n; return (kernel, registers, local bytes, shared bytes) each.
-    Calls the kernels' launch functions directly (no dispatch: the capability check is not asked)."""
+    forward and backward (``variant``: the backward's), at n tokens (odd by default: the masked
+    kernels; a multiple of the tiles compiles the unmasked EVEN ones); return (kernel, registers,
+    local bytes, shared bytes) each. ``variants``: the launch functions' ``p16``, ``dv_split``,
+    ``hoist``. Calls the kernels' launch functions directly (no dispatch: the capability check is
+    not asked)."""
     from medattn_fast.ops._custom_op import triton_module
 
     kernels = triton_module("position")()
     q, k = torch.randn(1, n, dk, dtype=dtype), torch.randn(1, n, dk, dtype=dtype)
     v = torch.randn(1, n, dv, dtype=dtype)
     before = len(COMPILED)
-    out, o, lse = kernels.position_forward(q, k, v, scale=0.5, transpose=transpose)
-    kernels.position_backward(torch.randn_like(out), q, k, v, out, lse, scale=0.5, transpose=transpose)
+    forward_variants = {name: value for name, value in variants.items() if name != "hoist"}
+    out, o, lse = kernels.position_forward(q, k, v, scale=0.5, transpose=transpose, **forward_variants)
+    kernels.position_backward(torch.randn_like(out), q, k, v, out, lse, scale=0.5, transpose=transpose,
+                              variant=variant, **variants)
     return [(name, *resource_usage(cubin), shared) for name, shared, cubin in COMPILED[before:]]
+
+
+def position_dq_atomics(dtype=torch.bfloat16, dk: int = 64, dv: int = 512, n: int = 70) -> List[str]:
+    """The atomic instructions (``atom``/``red`` lines) of the PTX of the fused backward's dk kernel
+    (``_dk_kernel`` with ``DQ_ATOMIC``: dq added by atomics) at the default tiles: relaxed adds whose
+    result is unused compile to ``red.global.add.f32`` (or ``red.relaxed``), not an ``atom...acq_rel``
+    that returns the old value and orders memory around every add."""
+    from medattn_fast.ops._custom_op import triton_module
+
+    kernels = triton_module("position")()
+    position_defaults(dk, dv, dtype, False, n, variant="fused")
+    lines = []
+    for compiled in kernels._dk_kernel.device_caches[0][0].values():   # (the separate dk kernel has none)
+        ptx = compiled.asm.get("ptx", "")
+        lines += [line.strip() for line in ptx.splitlines() if re.match(r"\s*(@%p\d+\s+)?(atom|red)\.", line)]
+    return lines
 
 
 POSITION_TABLE_DK = (64, 128, 256)
 POSITION_TABLE_DV = (64, 512, 1024)
+POSITION_TABLE_N = (70, 4096)
 TABLE_HEADER = ("family", "case", "dtype", "kernel", "registers", "local_bytes", "shared_bytes", "status")
 
 
-def position_table(dks=POSITION_TABLE_DK, dvs=POSITION_TABLE_DV, dtypes=DTYPES) -> List[Tuple]:
-    """Rows of :data:`TABLE_HEADER` for the position kernels' defaults over dk × dv × dtype × transpose;
-    a specialisation that does not compile (e.g. shared memory past the limit) is a row with its reason."""
+def position_table(dks=POSITION_TABLE_DK, dvs=POSITION_TABLE_DV, dtypes=DTYPES, ns=POSITION_TABLE_N) -> List[Tuple]:
+    """Rows of :data:`TABLE_HEADER` for the position kernels' defaults over dk × dv × dtype × transpose
+    × n (70: the masked kernels; 4096, DANet's 64²: the unmasked EVEN specialisations where dk is a
+    power of two and the tiles divide); a specialisation that does not compile (e.g. shared memory
+    past the limit) is a row with its reason."""
     rows = []
     for dk in dks:
         for dv in dvs:
             for dtype in dtypes:
-                for transpose in (False, True):
-                    case = f"dk={dk} dv={dv} n=70{' transpose' if transpose else ''}"
-                    dname = str(dtype).replace("torch.", "")
-                    try:
-                        for kernel, regs, local, shared in position_defaults(dk, dv, dtype, transpose):
-                            rows.append(("position", case, dname, kernel, regs, local, shared, "ok"))
-                    except Exception as exc:   # the failing specialisation, as a row
-                        first = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-                        rows.append(("position", case, dname, "", -1, -1, -1, f"error: {first}"))
+                for n in ns:
+                    for transpose in (False, True):
+                        case = f"dk={dk} dv={dv} n={n}{' transpose' if transpose else ''}"
+                        dname = str(dtype).replace("torch.", "")
+                        try:
+                            for kernel, regs, local, shared in position_defaults(dk, dv, dtype, transpose, n):
+                                rows.append(("position", case, dname, kernel, regs, local, shared, "ok"))
+                        except Exception as exc:   # the failing specialisation, as a row
+                            first = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                            rows.append(("position", case, dname, "", -1, -1, -1, f"error: {first}"))
     return rows
 
 
@@ -338,16 +368,26 @@ def main(argv=None) -> int:
                         help="the table's position dk values (comma-separated)")
     parser.add_argument("--table-dv", default=",".join(map(str, POSITION_TABLE_DV)),
                         help="the table's position dv values (comma-separated)")
+    parser.add_argument("--table-n", default=",".join(map(str, POSITION_TABLE_N)),
+                        help="the table's position token counts (comma-separated; odd: masked kernels, a "
+                             "multiple of the tiles: the unmasked EVEN ones)")
     parser.add_argument("--no-sweep", action="store_true", help="the position table only, not the sweep")
+    parser.add_argument("--dq-atomics", action="store_true",
+                        help="print the atomic instructions of the fused position backward's dk kernel's PTX "
+                             "(bfloat16, dk 64, dv 512) as 'atomic <instruction>' lines")
     parser.add_argument("--headline", action="store_true",
                         help="with --table: also every family's GPU-check shapes (bench/cases_*.py gpu_check_cases)")
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     _install()
+    if args.dq_atomics:
+        for line in position_dq_atomics():
+            print(f"atomic {line}")
     table = []
     if args.table and (not args.op or "position_attention" in args.op):
         table = position_table([int(d) for d in args.table_dk.split(",")],
-                               [int(d) for d in args.table_dv.split(",")], dtypes)
+                               [int(d) for d in args.table_dv.split(",")], dtypes,
+                               [int(n) for n in args.table_n.split(",")])
         for row in table:
             print("table " + " ".join(map(str, row)), flush=True)
     if args.table and args.headline:

@@ -211,25 +211,34 @@ def _flash_floor(q, k, v, g, scale):
     return [o, ds @ k, ds.transpose(1, 2) @ q, p.transpose(1, 2) @ g]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "triton TF32 P"])
 def test_bf16_position_error_is_one_rounding(backend):
     """RMS error vs float64 within 1.1× (out) and 1.25× (dq, dk, dv) that of the float64 result
-    rounded once to bfloat16. The torch and cpp backends measure 1.00; the Triton kernels feed P
-    and dS to their dots as TF32 (as the tensor cores take float32 operands; emulated under the
-    interpreter), 1.00 on out and up to 1.11 on dk. Rounding P and dS to bf16 instead
-    (``MEDATTN_POSITION_P16=1``, flash attention's choice) measures 1.26–1.33 on out and 1.3–2.3
-    on the gradients."""
+    rounded once to bfloat16. The torch and cpp backends measure 1.00; the Triton kernels with P and
+    dS fed to their dots as TF32 (``KernelConfig(position_p16=False)``; emulated under the
+    interpreter), 1.00 on out and up to 1.11 on dk. The Triton default for 16-bit inputs rounds P
+    and dS to bf16 (flash attention's choice, twice the tensor-core rate; within the 2x-PyTorch's-error
+    rule of every other test): it adds one more bf16 rounding inside the sums, measured 1.14–1.33
+    on out and 1.3–2.3 on the gradients, so it is held to 1.5× and 2.5× here."""
+    import medattn_fast
+
     torch.manual_seed(0)
     scale = 0.5
     q, k, v = (torch.randn(2, n, d).to(BF16) for n, d in ((67, 8), (97, 8), (97, 24)))
     leaves, cot = [q, k, v], torch.randn(2, 67, 24).to(BF16)
+    factors, config = [1.1, 1.25, 1.25, 1.25], medattn_fast.KernelConfig()
+    if backend == "triton TF32 P":
+        backend, config = "triton", medattn_fast.KernelConfig(position_p16=False)
+    elif backend == "triton":
+        factors = [1.5, 2.5, 2.5, 2.5]
 
     def fn(*t, backend):
         return MF.position_attention(*t, scale=scale, backend=backend)
     exact = results(fn, leaves, cot.double(), "reference", F64)
-    got = results(fn, leaves, cot, backend)
+    with medattn_fast.use_kernel_config(config):
+        got = results(fn, leaves, cot, backend)
     floor = _flash_floor(q, k, v, cot, scale)
-    for name, r, e, f, factor in zip(["out", "dq", "dk", "dv"], got, exact, floor, [1.1, 1.25, 1.25, 1.25]):
+    for name, r, e, f, factor in zip(["out", "dq", "dk", "dv"], got, exact, floor, factors):
         assert r.dtype == BF16
         rms = (r.double() - e).pow(2).mean().sqrt().item()
         rms_floor = (f.to(BF16).double() - e).pow(2).mean().sqrt().item()

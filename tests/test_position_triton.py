@@ -204,7 +204,7 @@ def test_opcheck_forward_and_backward_ops():
                torch.randn(1, 19, 5, requires_grad=True))
     gamma = torch.randn(1, requires_grad=True)
     residual = torch.randn(1, 17, 5, requires_grad=True)
-    variants = (None, False, "separate")   # fp32_precision, p16, backward: KernelConfig's defaults
+    variants = (None, True, "separate", 0, None)   # fp32_precision, p16, backward, dv_split, hoist: the defaults
     fwd_args = (q, k, v, gamma, residual, None, 0.5, False, False, True, *variants)
     torch.library.opcheck(position_triton_fwd, fwd_args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -39,14 +39,19 @@ def test_position_defaults_fit_shared_memory_without_16bit_spills(tmp_path):
     512 takes the widest dv block) compiles for sm_90 within the H100's 232,448 B of shared memory,
     float32 and bfloat16 (float16 has bfloat16's tiles), both orientations, forward and backward;
     16-bit kernels spill nothing and float32 no more than KNOWN_FP32_SPILLS. (fp32 dk = 256 asked
-    237,568 B before it had its own tiles: an OutOfResources on the GPU.) ~35 s of CPU."""
+    237,568 B before it had its own tiles: an OutOfResources on the GPU.) The defaults include 16-bit
+    P·V for 16-bit inputs, 256-wide dv splits (128 in the transposed dV kernel), _grad_out_kernel's
+    own tile; n = 70 compiles the masked kernels, n = 128 the unmasked EVEN ones. Every kernel's
+    shared memory is within the capability check's bound (``shared_memory_bound``), so the check
+    never lets through what the compiler would refuse. ~50 s of CPU."""
     import csv
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     table = tmp_path / "position.csv"
     res = subprocess.run([sys.executable, "-m", "tests._sm90_compile", "--no-sweep", "--table", str(table),
-                          "--dtypes", "float32,bfloat16", "--table-dk", "64,128,256", "--table-dv", "512"],
+                          "--dtypes", "float32,bfloat16", "--table-dk", "64,128,256", "--table-dv", "512",
+                          "--table-n", "70,128"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     report = res.stdout + res.stderr
     assert res.returncode == 0 and "0 failures" in report, report
@@ -57,9 +62,34 @@ def test_position_defaults_fit_shared_memory_without_16bit_spills(tmp_path):
             kernels = {r["kernel"] for r in rows if r["case"].startswith(f"dk={dk} ") and r["dtype"] == dtype}
             assert {"_forward_kernel", "_row_lse_kernel", "_column_kernel", "_row_kernel", "_dq_kernel",
                     "_dk_kernel"} <= kernels, (dk, dtype, kernels)
+    import torch
+    from medattn_fast.triton_kernels import position
+
     for r in rows:
         assert r["status"] == "ok", r
         assert int(r["shared_bytes"]) <= 232448, r
+        dk, dv = (int(part.split("=")[1]) for part in r["case"].split()[:2])
+        dtype = getattr(torch, r["dtype"])
+        bound = position.shared_memory_bound(position.default_config(dk, dv, dtype), dk, dv, dtype,
+                                             transpose="transpose" in r["case"], backward=True)
+        assert int(r["shared_bytes"]) <= bound[r["kernel"]], (r, bound)
         dk = r["case"].split()[0].split("=")[1]
         allowed = KNOWN_FP32_SPILLS.get((dk, r["kernel"]), 0) if r["dtype"] == "float32" else 0
         assert int(r["local_bytes"]) <= allowed, r
+
+
+def test_fused_backward_dq_atomics_are_relaxed_reductions():
+    """The fused backward adds dq with ``tl.atomic_add(..., sem="relaxed")`` whose result is unused:
+    the PTX has ``red`` (reduction, no value returned) with relaxed ordering, not the default
+    ``atom.global.acq_rel`` that returns the old value and fences every add (~10 s of CPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", "tests._sm90_compile", "--no-sweep", "--dq-atomics"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    report = res.stdout + res.stderr
+    assert res.returncode == 0, report
+    atomics = [line for line in report.splitlines() if line.startswith("atomic ")]
+    assert atomics, report
+    for line in atomics:
+        assert " red." in line and ".relaxed." in line and ".add." in line, line
+        assert "acq_rel" not in line and " atom." not in line, line

@@ -19,7 +19,7 @@ import torch
 
 from .. import backend as B
 
-__all__ = ["FAMILIES", "Family", "GateSharedMemory", "dispatcher", "family_of"]
+__all__ = ["FAMILIES", "Family", "GateSharedMemory", "PositionSharedMemory", "dispatcher", "family_of"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,61 @@ class GateSharedMemory:
                 f">= {self.min_positions} positions)")
 
 
+@dataclass(frozen=True)
+class PositionSharedMemory:
+    """The Triton position kernels' shared memory per program at the tiles a call would run: the
+    default tiles for its dk, dv and dtype with the :class:`medattn_fast.KernelConfig` variants in
+    force (16-bit P, dv split, hoisting, backward), bounded from above kernel by kernel
+    (``triton_kernels.position.shared_memory_bound``, checked against the sm_90 compile table). Past
+    the device's opt-in shared memory per block (232,448 B on an H100) the kernel would fail to
+    launch (``OutOfResources``): ``auto`` takes another backend and a forced ``triton`` call says
+    which kernel needs how much, before any launch. (The defaults fit at every dk <= 256 and dv; a
+    variant such as ``position_dv_split=1024`` does not.)"""
+
+    backend: str = "triton"
+
+    def shared_memory_reasons(self, q: torch.Tensor, v: torch.Tensor, *, transpose: bool, backward: bool,
+                              limit: Optional[int] = None, config=None) -> List[str]:
+        """Why this call's kernels do not fit ([] when they do). ``limit``: opt-in shared memory per
+        block in bytes (default: q's CUDA device's; a CPU tensor is left to the device check);
+        ``config``: the KernelConfig (default: the one in force)."""
+        if limit is None:
+            if q.device.type != "cuda":
+                return []
+            props = torch.cuda.get_device_properties(q.device)
+            limit = int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+        from ..kernel_config import kernel_config
+        from ._custom_op import triton_module
+
+        kernels = triton_module("position")()
+        from ..triton_kernels._util import dot_precision
+
+        config = config or kernel_config()
+        dk, dv = q.shape[-1], v.shape[-1]
+        cfg = kernels._resolve(None, dk, dv, q.dtype, config.position_p16, config.position_dv_split,
+                               config.position_hoist)
+        needs = kernels.shared_memory_bound(cfg, dk, dv, q.dtype, transpose=transpose, backward=backward,
+                                            variant=config.position_backward,
+                                            precision=dot_precision(q.dtype, forced=config.fp32_precision))
+        return [f"the Triton position kernel {name} needs up to {need} B of shared memory per program "
+                f"(dk = {dk}, dv = {dv}, {q.dtype}, tiles {cfg.block_m}x{cfg.block_n}, dv block {cfg.block_dv}, "
+                f"{cfg.num_stages} stages{', backward' if backward else ''}), over this device's {limit} B"
+                for name, need in needs.items() if need > limit]
+
+    def reasons(self, q, k, v, *, transpose=False, gamma=None, residual=None, multiply=None, **_options) -> List[str]:
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or q.dim() != 3 or v.dim() != 3:
+            return []   # the backend's own checks name bad arguments
+        tensors = [t for t in (q, k, v, gamma, residual, multiply) if isinstance(t, torch.Tensor)]
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if q.dtype == torch.float64 or q.shape[-1] > 256:
+            return []   # refused by the dtype check and the dk Limit, with their own reasons
+        return self.shared_memory_reasons(q, v, transpose=bool(transpose), backward=backward)
+
+    def describe(self) -> str:
+        return ("shared memory per program <= the device's opt-in (the position kernels' tiles with the "
+                "KernelConfig variants in force, bounded from above)")
+
+
 def _gate_pass_channels(x, g, params, *, mode, **_options) -> int:
     return params.wx_weight.shape[0] if mode == "grid" else x.shape[1]
 
@@ -123,7 +178,7 @@ FAMILIES: Tuple[Family, ...] = (
            # exporting runs the reference: one (B, Nq, Nk) softmax, no chunk loop whose count depends on N
            export_backend="reference",
            limits=(B.Limit("triton", "dk", 256, "the Triton kernels hold dk in registers",
-                           lambda q, k, v, **_: q.shape[2]),)),
+                           lambda q, k, v, **_: q.shape[2]), PositionSharedMemory())),
     Family("channel", ("channel_attention",), ("cpp", "triton")),
     Family("gaussian_axial", ("gaussian_axial", "gaussian_axial_from_scores"), ("cpp", "triton"),
            limits=(B.Limit("triton", "H and W", 128, "the Triton kernels hold a whole row/column in one program",

@@ -4,11 +4,11 @@ Two ``torch.library`` custom ops, so the fused path is one opaque node under
 ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` can check it:
 
 * ``medattn::position_triton_fwd(q, k, v, gamma?, residual?, multiply?, scale, transpose,
-  channels_first, save, fp32_precision?, p16, backward) -> (out, o, lse2)`` — ``out`` token-major
+  channels_first, save, fp32_precision?, p16, backward, dv_split, hoist?) -> (out, o, lse2)`` — ``out`` token-major
   (B, n_out, dv), a view of channel-first (B, dv, n_out) storage when ``channels_first``; ``o`` the
   pre-epilogue output (float32; saved only when there is an epilogue and a gradient is wanted; an
   empty tensor otherwise); ``lse2`` the (B, Nq) float32 base-2 row log-sum-exp (empty when no
-  gradient is wanted). The last three arguments are the kernel variants of the
+  gradient is wanted). The last five arguments are the kernel variants of the
   :class:`medattn_fast.KernelConfig` in force at the call (the backward runs the forward's).
 * ``medattn::position_triton_bwd`` — dq, dk, dv, dγ, df (empty tensors for absent ones).
 
@@ -33,16 +33,19 @@ _kernels = triton_module("position")
 @torch.library.custom_op("medattn::position_triton_fwd", mutates_args=())
 def position_triton_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Optional[Tensor], residual: Optional[Tensor],
                         multiply: Optional[Tensor], scale: float, transpose: bool, channels_first: bool, save: bool,
-                        fp32_precision: Optional[str], p16: bool, backward: str) -> Tuple[Tensor, Tensor, Tensor]:
+                        fp32_precision: Optional[str], p16: bool, backward: str, dv_split: int,
+                        hoist: Optional[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused forward; q, k, v, residual, multiply are token-major (views of any strides)."""
     out, o, lse = _kernels().position_forward(
         q, k, v, scale=scale, transpose=transpose, gamma=gamma, residual=residual, multiply=multiply,
-        channels_first=channels_first, save_for_backward=save, p16=p16, fp32_precision=fp32_precision)
+        channels_first=channels_first, save_for_backward=save, p16=p16, fp32_precision=fp32_precision,
+        dv_split=dv_split)
     return out, or_empty(o, q), or_empty(lse, q, torch.float32)
 
 
 @position_triton_fwd.register_fake
-def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save, fp32_precision, p16, backward):
+def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save, fp32_precision, p16, backward,
+      dv_split, hoist):
     batch, n_q, _ = q.shape
     n_out, d_v = (k.shape[1] if transpose else n_q), v.shape[2]
     out = q.new_empty(batch, d_v, n_out).transpose(1, 2) if channels_first else q.new_empty(batch, n_out, d_v)
@@ -56,17 +59,18 @@ def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save
 def position_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                         gamma: Optional[Tensor], multiply: Optional[Tensor], scale: float, transpose: bool,
                         need_multiply_grad: bool, fp32_precision: Optional[str], p16: bool,
-                        backward: str) -> List[Tensor]:
+                        backward: str, dv_split: int, hoist: Optional[bool]) -> List[Tensor]:
     """dq, dk, dv, dγ, df; ``grad_out`` and ``o`` token-major (B, n_out, dv), any strides."""
     dq, dk, dv, d_gamma, d_mul = _kernels().position_backward(
         grad_out, q, k, v, o, lse, scale=scale, transpose=transpose, gamma=gamma, multiply=multiply,
-        need_multiply_grad=need_multiply_grad, variant=backward, p16=p16, fp32_precision=fp32_precision)
+        need_multiply_grad=need_multiply_grad, variant=backward, p16=p16, fp32_precision=fp32_precision,
+        dv_split=dv_split, hoist=hoist)
     return [dq, dk, dv, or_empty(d_gamma, q), or_empty(d_mul, q)]
 
 
 @position_triton_bwd.register_fake
 def _(grad_out, q, k, v, o, lse, gamma, multiply, scale, transpose, need_multiply_grad, fp32_precision, p16,
-      backward):
+      backward, dv_split, hoist):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(gamma) if gamma is not None else empty(q),
             torch.empty_like(multiply) if (multiply is not None and need_multiply_grad) else empty(q)]
@@ -89,7 +93,7 @@ def _backward(ctx, grad_out, _grad_o, _grad_lse):
     dq, dk, dv, d_gamma, d_mul = position_triton_bwd(
         grad_out, q, k, v, o, lse, gamma, multiply, ctx.scale, ctx.transpose, need_mul, *ctx.variants)
     return (dq, dk, dv, d_gamma if gamma is not None else None, grad_out if ctx.has_residual else None,
-            d_mul if need_mul else None, *(None,) * 7)
+            d_mul if need_mul else None, *(None,) * 9)
 
 
 position_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -100,7 +104,8 @@ def _triton(q, k, v, *, scale, transpose, gamma, residual, multiply, chunk_size,
     config = kernel_config()
     out, _o, _lse = position_triton_fwd(q, k, v, gamma, residual, multiply, float(scale), bool(transpose),
                                         bool(channels_first), wants_grad(q, k, v, gamma, residual, multiply),
-                                        config.fp32_precision, config.position_p16, config.position_backward)
+                                        config.fp32_precision, config.position_p16, config.position_backward,
+                                        config.position_dv_split, config.position_hoist)
     return out
 
 
