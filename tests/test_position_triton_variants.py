@@ -106,7 +106,10 @@ def test_switches_reach_the_launch_and_bad_values_are_refused(monkeypatch):
     with pytest.raises(TypeError, match=r"position_hoist must be a bool or None, got 1"):
         medattn_fast.KernelConfig(position_hoist=1)
     hoisted = triton_position._resolve(None, 64, 512, torch.bfloat16, hoist=True)
-    assert hoisted.hoist_invariant and (hoisted.block_m, hoisted.block_m_dq, hoisted.num_stages) == (32, 32, 2)
+    assert hoisted.hoist_invariant and (hoisted.block_m_dk, hoisted.block_m_dq, hoisted.num_stages) == (32, 32, 2)
+    assert hoisted.block_m == triton_position.default_config(64, 512, torch.bfloat16).block_m   # forward, dV: as before
+    # the TF32 P·V variant (V widened to float32) keeps 128-wide dv splits: 256 asked 238,080 B
+    assert triton_position._resolve(None, 64, 512, torch.bfloat16, p16=False).block_dv == 128
     assert not triton_position._resolve(None, 64, 512, torch.float32, hoist=True).hoist_invariant   # 16-bit only
     # _grad_out_kernel's own tile
     cfg = triton_position.default_config(64, 512, torch.bfloat16)
@@ -281,12 +284,13 @@ def test_shared_memory_check_passes_the_defaults_and_refuses_what_would_not_fit(
         for dk in (1, 64, 100, 128, 256):
             for dv in (1, 64, 512, 1024):
                 q, v = torch.empty(1, 70, dk, dtype=dtype), torch.empty(1, 70, dv, dtype=dtype)
-                for variant in ("separate", "fused"):
-                    for hoist in (None, True):
-                        config = medattn_fast.KernelConfig(position_backward=variant, position_hoist=hoist)
-                        for transpose in (False, True):
-                            assert check.shared_memory_reasons(q, v, transpose=transpose, backward=True, limit=h100,
-                                                               config=config) == [], (dtype, dk, dv, variant, hoist)
+                for variant, hoist, p16 in (("separate", None, True), ("fused", None, True), ("separate", True, True),
+                                            ("fused", True, True), ("separate", None, False), ("fused", True, False)):
+                    config = medattn_fast.KernelConfig(position_backward=variant, position_hoist=hoist,
+                                                       position_p16=p16)
+                    for transpose in (False, True):
+                        assert check.shared_memory_reasons(q, v, transpose=transpose, backward=True, limit=h100,
+                                                           config=config) == [], (dtype, dk, dv, variant, hoist, p16)
     fp32_dk256_old_tiles = triton_position.default_config(64, 512, torch.float32)
     assert max(triton_position.shared_memory_bound(fp32_dk256_old_tiles, 256, 512, torch.float32, transpose=False,
                                                    backward=True).values()) > h100

@@ -107,6 +107,7 @@ class PositionConfig:
     block_dv_chunk: int = 0
     block_m_dq: int = 0         # query rows per dq program (0: block_m)
     block_dv_row: int = 0       # dv columns per _row_kernel program (transpose=True's dV; 0: block_dv)
+    block_m_dk: int = 0         # query rows per iteration of the dk kernel (0: block_m)
     # _grad_out_kernel's own tile (an elementwise pass; 0: block_m / block_dv) and warps
     block_m_grad_out: int = 0
     block_dv_grad_out: int = 0
@@ -155,14 +156,15 @@ def default_config(dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
 # each operand per thread; one dv block per program at DANet's dv = 512 halves the D partials)
 GRAD_OUT_TILE = (32, 256, 8)
 
-# The hoisting variant's caps on the dk kernel's query rows per iteration, the dq kernel's rows per
-# program and the stages (16-bit inputs; sm_90, triton 3.9, dk = 64, dv = 512): with the whole
+# The hoisting variant's caps on the dk kernel's query rows per iteration (block_m_dk), the dq
+# kernel's rows per program and the stages (16-bit inputs; sm_90, triton 3.9, dk = 64, dv = 512): with the whole
 # dv-wide invariant operand resident the 128-row tiles asked 368,640 B of shared memory; 64-row dk
 # iterations fit the separate backward (226 registers, 221,696 B) but not the fused one (238,080 B),
 # 32 rows fit both (fused dk kernel 180 registers, 164,096 B; dq 32 rows: 96-126 registers, 114,688 B).
 # float32 (hi/lo copies of a 32 x 512 operand) spilled 9 KB in dq and asked 311,808 B in dk: the
 # variant is 16-bit only.
 HOIST_TILES = (32, 32, 2)
+TF32_P_MAX_DV_BLOCK = 128   # the TF32 P·V variant's widest dv split for 16-bit inputs
 HOIST_MAX_DV = 512   # padded dv past which the resident operand does not fit (1024: 278,784-295,168 B)
 
 
@@ -190,55 +192,68 @@ def _score_tiles(dk_pad: int, dv_pad: int, dtype: torch.dtype) -> PositionConfig
 def shared_memory_bound(cfg: PositionConfig, dk: int, dv: int, dtype: torch.dtype, *, transpose: bool,
                         backward: bool, variant: str = "separate", precision: str = "tf32x3") -> Dict[str, int]:
     """An upper bound on the shared memory (bytes per program) of each kernel a call launches with
-    ``cfg``: every ``tl.dot`` operand counted in full, the tiles loaded in a loop once per pipeline
-    stage, 16-bit tiles widened to float32 counted again (TF32 P·V), float32 operands twice when
-    split into TF32 hi/lo parts (``precision`` "tf32x3"), plus 1 KiB of reduction scratch. Checked
-    against every position row of the sm_90 compile table (tests/test_triton_sm90_compile.py): it
-    is never below what the compiler allocates, and the defaults stay within an H100's 232,448 B.
-    The capability check (``medattn_fast.ops._families.PositionSharedMemory``) refuses a call whose
-    bound exceeds the device's opt-in shared memory, with the kernel and the numbers, before any launch."""
-    e = 4 if dtype == torch.float32 else 2
-    split = 2 if (dtype == torch.float32 and precision == "tf32x3") else 1
-    p_fp32 = cfg.fp32_probabilities or dtype == torch.float32
-    pe = 4 if p_fp32 else e                         # P / dS as a dot operand
-    widen = 4 if (p_fp32 and e == 2) else 0         # the 16-bit operand of a TF32 P·V, widened
+    ``cfg``, from the tiles it stages for ``tl.dot``: the tiles loaded inside the loop once per
+    pipeline stage, the tiles loaded before it (resident), and the largest set of operands one dot
+    makes in registers (P or dS, a 16-bit tile widened to float32 for a TF32 product, the hi/lo parts
+    of float32 operands under ``precision`` "tf32x3", the fused backward's dSᵀ, k and dq tile) — the
+    compiler reuses those buffers from one dot to the next — plus 1 KiB of reduction scratch.
+    Checked against every position row of the sm_90 compile table (tests/test_triton_sm90_compile.py:
+    never below what the compiler allocates; 395 rows of triton 3.9 when written, the old and new
+    defaults, fused, TF32-P and hoisting variants); the defaults stay within an H100's 232,448 B. It is
+    conservative (up to ~2x for float32 and the hoisting variant), so a combination near the limit
+    may be refused although it would fit: 16-bit hoisting with TF32 P at dk in (64, 128], dv = 512
+    (bound 246,784 B, compiled 126,976 B). The capability check
+    (``medattn_fast.ops._families.PositionSharedMemory``) refuses a call whose bound exceeds the
+    device's opt-in shared memory, naming the kernel and the numbers, before any launch."""
+    f32 = dtype == torch.float32
+    e = 4 if f32 else 2
+    parts = 2 if (f32 and precision == "tf32x3") else 1     # hi/lo copies of a float32 operand
+    p_fp32 = cfg.fp32_probabilities or f32
+    pe = (4 * parts) if f32 else (4 if p_fp32 else e)       # P / dS as a dot operand
+    wide = 4 * parts if (p_fp32 or f32) else 0              # a tile widened (or split) for a float32 product
     dk_pad, dvf = _pow2_at_least_16(dk), _pow2_at_least_16(dv)
     stages = max(1, cfg.num_stages)
     m, n = cfg.block_m, cfg.block_n
-    dv_blk, dv_row = cfg.block_dv, cfg.block_dv_row or cfg.block_dv
     chunk = cfg.block_dv_chunk or cfg.block_dv
     scratch = 1024
 
-    def pv(rows, cols, inner, resident, streamed):   # scores (rows x cols) and P (rows x inner)·R
-        return split * (resident * e + stages * streamed * e + stages * inner * cols * e + inner * cols * widen
-                        + rows * inner * pe) + scratch
+    def scores(rows, cols):      # the score dot's operands split in registers (float32 "tf32x3" only)
+        return (dk_pad * cols + rows * dk_pad) * 4 * parts if parts == 2 else 0
+
+    def pv_kernel(rows, cols, inner):   # rows resident (× dk), dk × inner and inner × cols streamed
+        piped = stages * (dk_pad * inner + inner * cols) * e
+        resident = rows * dk_pad * e * (parts if f32 else 1)
+        return piped + resident + max(scores(rows, inner), rows * inner * pe + inner * cols * wide) + scratch
+
+    def d_kernel(rows, cols, fused):    # rows resident (× dk), the outer loop's cols streamed
+        resident = rows * dk_pad * e * (parts if f32 else 1)
+        if cfg.hoist_invariant:
+            resident += rows * dvf * e
+            piped, dp = stages * (dk_pad * cols + dvf * cols) * e, 0
+        else:
+            piped = stages * (dk_pad * cols + rows * chunk + chunk * cols) * e
+            dp = (rows * chunk + chunk * cols) * 4 * parts if parts == 2 else 0
+        ds = rows * cols * pe + cols * dk_pad * wide
+        dq = (rows * cols * pe + rows * dk_pad * wide + cols * dk_pad * 4) if fused else 0
+        return piped + resident + max(scores(rows, cols), dp, ds, dq) + scratch
 
     needs = {}
     if transpose:
-        needs["_row_lse_kernel"] = split * (m * dk_pad * e + stages * dk_pad * n * e) + scratch
-        needs["_column_kernel"] = pv(n, dv_blk, m, n * dk_pad, dk_pad * m)
+        needs["_row_lse_kernel"] = (stages * dk_pad * n * e + m * dk_pad * e * (parts if f32 else 1) + scores(m, n)
+                                    + scratch)
+        needs["_column_kernel"] = pv_kernel(n, cfg.block_dv, m)
     else:
-        needs["_forward_kernel"] = pv(m, dv_blk, n, m * dk_pad, dk_pad * n)
+        needs["_forward_kernel"] = pv_kernel(m, cfg.block_dv, n)
     if not backward:
         return needs
     needs["_grad_out_kernel"] = scratch
     if transpose:
-        needs["_row_kernel"] = pv(m, dv_row, n, m * dk_pad, dk_pad * n)
+        needs["_row_kernel"] = pv_kernel(m, cfg.block_dv_row or cfg.block_dv, n)
     else:
-        needs["_column_kernel"] = max(needs.get("_column_kernel", 0), pv(n, dv_blk, m, n * dk_pad, dk_pad * m))
-
-    def d_kernel(rows, cols, extra):   # rows resident, cols streamed (the outer loop's)
-        if cfg.hoist_invariant:
-            dp = rows * dvf * e + stages * dvf * cols * e
-        else:
-            dp = stages * (rows * chunk + chunk * cols) * e
-        return split * (rows * dk_pad * e + stages * dk_pad * cols * e + dp + rows * cols * pe
-                        + cols * dk_pad * widen + extra) + scratch
-
-    m_dq = cfg.block_m_dq or m
+        needs["_column_kernel"] = pv_kernel(n, cfg.block_dv, m)
     if variant != "fused":
-        needs["_dq_kernel"] = d_kernel(m_dq, n, 0)
-    needs["_dk_kernel"] = d_kernel(n, m, (m * n * pe + n * dk_pad * widen) if variant == "fused" else 0)
+        needs["_dq_kernel"] = d_kernel(cfg.block_m_dq or m, n, False)
+    needs["_dk_kernel"] = d_kernel(n, cfg.block_m_dk or m, variant == "fused")
     return needs
 
 
@@ -617,8 +632,10 @@ def _resolve(config: Optional[PositionConfig], dk: int, dv: int, dtype: torch.dt
     if config is not None:
         return config
     cfg = default_config(dk, dv, dtype)
-    if dtype != torch.float32 and p16 is not None:
+    if dtype != torch.float32 and p16 is not None and p16 == cfg.fp32_probabilities:
         cfg = replace(cfg, fp32_probabilities=not p16)
+        if not p16:   # TF32 P·V widens the V tile to float32: a 256-wide split asked 238,080 B (dV kernel)
+            cfg = replace(cfg, block_dv=min(cfg.block_dv, TF32_P_MAX_DV_BLOCK))
     if dv_split:
         if dv_split < 16 or dv_split & (dv_split - 1):
             raise ValueError(f"position: dv_split must be 0 or a power of two >= 16, got {dv_split}")
@@ -627,9 +644,10 @@ def _resolve(config: Optional[PositionConfig], dk: int, dv: int, dtype: torch.dt
             _pow2_at_least_16(dv) <= HOIST_MAX_DV:
         cfg = replace(cfg, hoist_invariant=bool(hoist))
         if hoist:   # the whole dv-wide operand stays resident: the hoisting tiles (HOIST_TILES)
-            block_m, block_m_dq, stages = HOIST_TILES
-            cfg = replace(cfg, block_m=min(cfg.block_m, block_m), num_stages=min(cfg.num_stages, stages),
-                          block_m_dq=min(cfg.block_m_dq or cfg.block_m, block_m_dq))
+            block_m_dk, block_m_dq, stages = HOIST_TILES
+            cfg = replace(cfg, block_m_dk=min(cfg.block_m_dk or cfg.block_m, block_m_dk),
+                          block_m_dq=min(cfg.block_m_dq or cfg.block_m, block_m_dq),
+                          num_stages=min(cfg.num_stages, stages))
     return cfg
 
 
@@ -815,12 +833,14 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     blocks = dict(blocks, BLOCK_DV=chunk, HOIST=cfg.hoist_invariant,   # dq/dk: the dP contraction's chunk
                   BLOCK_DVF=_pow2_at_least_16(d_v))
     block_m_dq = cfg.block_m_dq or cfg.block_m
-    even_dk = _even(cfg.even, (n_q, cfg.block_m), (n_k, cfg.block_n), (d_k, block_dk), (d_v, chunk))
+    block_m_dk = cfg.block_m_dk or cfg.block_m
+    even_dk = _even(cfg.even, (n_q, block_m_dk), (n_k, cfg.block_n), (d_k, block_dk), (d_v, chunk))
     if _backward_variant(variant) == "fused":
         dq_sum = torch.zeros(batch, n_q, d_k, device=q.device, dtype=torch.float32)
         _dk_kernel[(triton.cdiv(n_k, cfg.block_n), batch)](
             q, k, row_operand, col_operand, lse, delta, dk, dq_sum, *q.stride(), *k.stride(), *operands,
-            *dk.stride(), n_q, n_k, d_k, d_v, qk_scale, float(scale), DQ_ATOMIC=True, EVEN=even_dk, **blocks)
+            *dk.stride(), n_q, n_k, d_k, d_v, qk_scale, float(scale), DQ_ATOMIC=True, EVEN=even_dk,
+            **dict(blocks, BLOCK_M=block_m_dk))
         dq.copy_(dq_sum)
         return dq, dk, dv, d_gamma, d_mul
     _dq_kernel[(triton.cdiv(n_q, block_m_dq), batch)](
@@ -830,5 +850,5 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         **dict(blocks, BLOCK_M=block_m_dq))
     _dk_kernel[(triton.cdiv(n_k, cfg.block_n), batch)](
         q, k, row_operand, col_operand, lse, delta, dk, dummy, *q.stride(), *k.stride(), *operands, *dk.stride(),
-        n_q, n_k, d_k, d_v, qk_scale, float(scale), DQ_ATOMIC=False, EVEN=even_dk, **blocks)
+        n_q, n_k, d_k, d_v, qk_scale, float(scale), DQ_ATOMIC=False, EVEN=even_dk, **dict(blocks, BLOCK_M=block_m_dk))
     return dq, dk, dv, d_gamma, d_mul
