@@ -43,7 +43,7 @@ def test_position_defaults_fit_shared_memory_without_16bit_spills(tmp_path):
     P·V for 16-bit inputs, 256-wide dv splits (128 in the transposed dV kernel), _grad_out_kernel's
     own tile; n = 70 compiles the masked kernels, n = 128 the unmasked EVEN ones. Every kernel's
     shared memory is within the capability check's bound (``shared_memory_bound``), so the check
-    never lets through what the compiler would refuse. ~50 s of CPU."""
+    never lets through what the compiler would refuse. ~60 s of CPU with a cold Triton cache."""
     import csv
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
