@@ -24,7 +24,8 @@ the reference module's parameter objects.
 
 ``gpu_check_cases(device, tiny)`` (``bench/gpu_check.sh``): DANet's PAM at B=8 C=512 64² and 128²,
 bf16 and fp32, no-grad and fwd+bwd — the drop-in on ``triton`` with its kernel variants side by side
-(``KernelConfig``: ``fp32_precision`` ieee / tf32 in float32, ``position_p16`` in bfloat16,
+(``KernelConfig``: ``fp32_precision`` ieee / tf32 in float32; in bfloat16 ``position_p16=False`` (P and
+dS as TF32), ``position_hoist`` alone and with the fused backward; ``position_dv_split=128`` and
 ``position_backward="fused"``), ``auto`` (the row's note names the backend it ran), SDPA (contiguous
 q/k/v, MATH excluded: a refusal is an error row) on PAM's one head and head-split (``head_split``: v
 as 8 heads of 64 or 4 of 128, q and k repeated: the shapes flash attention takes) and the original
@@ -305,8 +306,12 @@ def _check_pam_setup(batch: int, channels: int, side: int, with_flex: bool):
         if dtype == torch.float32:
             providers["triton ieee"] = with_kernel_config(triton, KernelConfig(fp32_precision="ieee"))
             providers["triton tf32"] = with_kernel_config(triton, KernelConfig(fp32_precision="tf32"))
-        else:
-            providers["triton p16"] = with_kernel_config(triton, KernelConfig(position_p16=True))
+        else:   # the default multiplies P and dS in 16 bits; the TF32 products and the hoisted operand
+            providers["triton tf32-P"] = with_kernel_config(triton, KernelConfig(position_p16=False))
+            providers["triton hoist"] = with_kernel_config(triton, KernelConfig(position_hoist=True))
+            providers["triton fused+hoist"] = with_kernel_config(
+                triton, KernelConfig(position_backward="fused", position_hoist=True))
+        providers["triton dv128"] = with_kernel_config(triton, KernelConfig(position_dv_split=128))
         providers["triton dq+dk fused"] = with_kernel_config(triton, KernelConfig(position_backward="fused"))
         providers["auto"] = auto_provider(fast)
         providers["sdpa"] = _sdpa_pam(original)

@@ -104,7 +104,9 @@ def test_dry_run_of_every_gpu_test_writes_every_stage_and_a_clean_summary(tmp_pa
     ceilings = {r["dtype"] for r in rows if r["section"] == "ceiling" and r["status"] == "ok"}
     assert {"bfloat16", "float32", "tf32"} <= ceilings
     timed = {(r["section"], r["provider"]) for r in rows if r["status"] == "ok" and float(r["ms"]) > 0}
-    for section, provider in [("position", "triton"), ("position", "triton ieee"), ("position", "triton p16"),
+    for section, provider in [("position", "triton"), ("position", "triton ieee"), ("position", "triton tf32-P"),
+                              ("position", "triton hoist"), ("position", "triton dv128"), ("position", "auto"),
+                              ("position", "sdpa 8 heads"), ("position", "sdpa 4 heads"),
                               ("position", "sdpa"), ("position", "original"), ("channel", "triton"),
                               ("attention_gate", "triton"), ("gaussian_axial", "original loop"),
                               ("window", "triton"), ("external", "triton")]:
