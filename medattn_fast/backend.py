@@ -10,8 +10,11 @@ Backends:
 ``cpp``        fused C++ CPU kernels from ``csrc/cpu`` (built lazily)
 =============  ==========================================================================
 
-``auto`` (the default) picks, per op and per call, the first backend of the op's preference list
-for the device of the call that can run it. Every backend of an op has a predicate returning the
+``auto`` (the default) picks, per op and per call, by measurement (``medattn_fast.autotune``): on
+the first call for a key it times every backend of the op's order for the device that can run the
+call (and the family's kernel variants) and keeps the fastest, in memory and on disk. With
+``MEDATTN_AUTOTUNE=0``, under ``torch.compile`` and wherever timing is not allowed, it takes the first
+backend of that static order that can run the call. Every backend of an op has a predicate returning the
 reasons it cannot run a call; a forced backend that cannot run raises :class:`BackendUnavailable`
 listing them, while ``auto`` falls through and logs them at DEBUG (a problem of the installation,
 such as missing C++ sources or a failed build, is also warned about once by ``_build``).
@@ -33,9 +36,11 @@ import functools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from . import autotune
 
 log = logging.getLogger("medattn_fast")
 
@@ -236,9 +241,13 @@ class Op:
     """One op's backends, configured by its row in the table of op families
     (``medattn_fast.ops._families``).
 
-    ``auto_cpu``/``auto_cuda``: preference order for ``auto``. ``auto_order(*args, **kw)``, when
-    set, may return another order for one call (or None for the default): the family's hook for a
-    choice by measurement. ``export_backend``: the backend every call runs while exporting
+    ``auto_cpu``/``auto_cuda``: ``auto``'s static order: the candidates of the measured choice
+    (``medattn_fast.autotune``), and the choice itself when the autotune is off. ``auto_order(*args,
+    **kw)``, when set, may return another static order for one call (or None for the default).
+    ``tune_key(*args, **kw)``: the family's part of the autotune key (a string), or None when this
+    call must not be timed. ``tune_variants(backend, *args, **kw)``: kernel-config variants of
+    ``backend`` timed as candidates of their own (tuples of (field, value) pairs; empty: none).
+    ``export_backend``: the backend every call runs while exporting
     (:func:`exporting_portable`), whatever backend is in force: plain ATen ops only, no Python loop
     over a count that depends on the input's shape (it would bake the example's sizes into the
     graph). ``limits``: :class:`Limit`-like objects (``backend``, ``reasons(*args, **kw)``,
@@ -255,6 +264,8 @@ class Op:
     export_backend: str = "torch"
     family: str = ""
     limits: Sequence = ()
+    tune_key: Optional[Callable[..., Optional[str]]] = None
+    tune_variants: Optional[Callable[..., Sequence[Tuple[Tuple[str, object], ...]]]] = None
 
     def register(self, backend: str, reasons: Optional[Callable[..., List[str]]] = None):
         """Decorator: ``fn`` implements this op on ``backend``; ``reasons(*args, **kw)`` says why not
@@ -294,21 +305,17 @@ class Op:
 
         return _build.unavailable_reason(kind, self.family)
 
-    def choose(self, *args, backend: Optional[str] = None, **kwargs) -> str:
-        """The backend that runs this call, made ready to run (see :meth:`_prepare`)."""
-        backend = _check_name(backend) if backend is not None else get_backend()
-        if exporting_portable():
-            if backend not in ("auto", self.export_backend):
-                log.debug("%s: exporting, runs %s instead of %s", self.name, self.export_backend, backend)
-            return self.export_backend
-        if backend != "auto":
-            reasons = self.why_not(backend, *args, **kwargs)
-            failed = None if reasons else self._prepare(backend)
-            if reasons or failed:
-                raise BackendUnavailable(
-                    f"{self.name}: backend {backend!r} cannot run this call: " + "; ".join(reasons or [failed])
-                )
-            return backend
+    def _ready(self, name: str, *args, **kwargs) -> List[str]:
+        """The reasons ``name`` cannot run this call, after making it ready to run ([] when it can)."""
+        reasons = self.why_not(name, *args, **kwargs)
+        if not reasons:
+            failed = self._prepare(name)
+            reasons = [failed] if failed else []
+        return reasons
+
+    def static_order(self, *args, **kwargs) -> List[str]:
+        """``auto``'s static order for this call: the device's order (or the ``auto_order`` hook's),
+        then ``torch`` and ``reference`` as the last resorts."""
         tensors = _tensors(args) + _tensors(kwargs.values())
         on_cuda = any(t.device.type == "cuda" for t in tensors)
         order = list(self.auto_cuda if on_cuda else self.auto_cpu)
@@ -317,32 +324,96 @@ class Op:
         for fallback in ("torch", "reference"):
             if fallback not in order:
                 order.append(fallback)
-        tried = []
+        return [name for name in order if name in self.impls]
+
+    def select(self, *args, backend: Optional[str] = None, **kwargs) -> autotune.Choice:
+        """The backend (and kernel variant) that runs this call, made ready to run (see
+        :meth:`_prepare`): the forced backend, the export backend, or ``auto``'s pick — measured
+        (``medattn_fast.autotune``) or, with ``MEDATTN_AUTOTUNE=0``, the first of the static order
+        that can run the call."""
+        backend = _check_name(backend) if backend is not None else get_backend()
+        if exporting_portable():
+            if backend not in ("auto", self.export_backend):
+                log.debug("%s: exporting, runs %s instead of %s", self.name, self.export_backend, backend)
+            return autotune.Choice(self.export_backend)
+        if backend != "auto":
+            reasons = self.why_not(backend, *args, **kwargs)
+            failed = None if reasons else self._prepare(backend)
+            if reasons or failed:
+                raise BackendUnavailable(
+                    f"{self.name}: backend {backend!r} cannot run this call: " + "; ".join(reasons or [failed])
+                )
+            return autotune.Choice(backend)
+        order = self.static_order(*args, **kwargs)
+        tried, runnable = [], []
+        tune = not torch.compiler.is_compiling() and autotune.enabled()   # never traced by dynamo
+        extra = self.tune_key(*args, **kwargs) if (tune and self.tune_key is not None) else ""
+        tune = tune and extra is not None
         for name in order:
-            if name not in self.impls:
+            if runnable and (not tune or name == "reference"):
+                break
+            reasons = self._ready(name, *args, **kwargs)
+            if not reasons:
+                runnable.append(name)
                 continue
-            reasons = self.why_not(name, *args, **kwargs)
-            if not reasons:
-                failed = self._prepare(name)
-                reasons = [failed] if failed else []
-            if not reasons:
-                return name
             log.debug("%s: auto skips %s: %s", self.name, name, "; ".join(reasons))
             tried.append(f"{name}: " + "; ".join(reasons))
-        raise BackendUnavailable(f"{self.name}: no backend can run this call:\n  " + "\n  ".join(tried))
+        if not runnable:
+            raise BackendUnavailable(f"{self.name}: no backend can run this call:\n  " + "\n  ".join(tried))
+        static = autotune.Choice(runnable[0])
+        if not tune:
+            return static
+        candidates = []
+        for name in runnable:
+            if name == "reference":
+                continue
+            variants = self.tune_variants(name, *args, **kwargs) if self.tune_variants is not None else ()
+            candidates += [autotune.Choice(name, v) for v in variants] or [autotune.Choice(name)]
+        if len(candidates) < 2:
+            return static
+
+        def can_run(choice: autotune.Choice) -> bool:
+            return choice.backend in self.impls and not self._ready(choice.backend, *args, **kwargs)
+
+        return autotune.choose(self, candidates, static, args, kwargs, extra=extra, can_run=can_run)
+
+    def choose(self, *args, backend: Optional[str] = None, **kwargs) -> str:
+        """The backend that runs this call, made ready to run (see :meth:`select`)."""
+        return self.select(*args, backend=backend, **kwargs).backend
+
+    def runner(self, choice: autotune.Choice) -> Callable:
+        """``choice``'s implementation, run under its kernel variant (if it has one)."""
+        fn = self.impls[choice.backend].fn
+        if not choice.variant:
+            return fn
+
+        def run(*args, **kwargs):
+            import dataclasses
+
+            from .kernel_config import kernel_config, use_kernel_config
+
+            with use_kernel_config(dataclasses.replace(kernel_config(), **dict(choice.variant))):
+                return fn(*args, **kwargs)
+
+        return run
 
     def __call__(self, *args, backend: Optional[str] = None, **kwargs):
-        name = self.choose(*args, backend=backend, **kwargs)
+        choice = self.select(*args, backend=backend, **kwargs)
         picks = _ctx_auto_picks.get()
         if picks is not None and (backend or get_backend()) == "auto":
-            picks[self.name] = name
-        return self.impls[name].fn(*args, **kwargs)
+            picks[self.name] = choice.label
+        return self.runner(choice)(*args, **kwargs)
 
     def describe(self) -> Dict[str, object]:
         """This op's row as ``medattn-fast info`` prints it."""
-        hook = (self.auto_order.__doc__ or self.auto_order.__name__).strip().splitlines()[0] if self.auto_order else None
+        def first_line(fn) -> Optional[str]:
+            return (fn.__doc__ or fn.__name__).strip().splitlines()[0] if fn is not None else None
+
         return {"family": self.family, "backends": [b for b in BACKENDS[1:] if b in self.impls],
-                "auto on CPU": list(self.auto_cpu), "auto on CUDA": list(self.auto_cuda), "per-call order": hook,
+                "auto on CPU": list(self.auto_cpu), "auto on CUDA": list(self.auto_cuda),
+                "auto": "measured (autotune)" if autotune.enabled() else "static order (MEDATTN_AUTOTUNE=0)",
+                "per-call order": first_line(self.auto_order), "autotune key": first_line(self.tune_key),
+                "autotune variants": first_line(self.tune_variants),
                 "export": self.export_backend,
                 "limits": [f"{limit.backend}: {limit.describe()}" for limit in self.limits]}
 

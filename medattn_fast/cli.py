@@ -1,4 +1,4 @@
-"""``medattn-fast`` command line: info | verify | bench | build | train | nnunet."""
+"""``medattn-fast`` command line: info | verify | bench | build | tune | train | nnunet."""
 from __future__ import annotations
 
 import argparse
@@ -24,15 +24,87 @@ def _info(args) -> int:
     for name, row in data["ops"].items():
         print(f"  {name:<28} {row['family']}: {', '.join(row['backends'])}; auto CPU {' > '.join(row['auto on CPU'])}, "
               f"CUDA {' > '.join(row['auto on CUDA'])}; export {row['export']}")
-        if row["per-call order"]:
-            print(f"  {'':<28} per-call order: {row['per-call order']}")
+        print(f"  {'':<28} auto: {row['auto']}")
+        for what in ("per-call order", "autotune key", "autotune variants"):
+            if row[what]:
+                print(f"  {'':<28} {what}: {row[what]}")
         for limit in row["limits"]:
             print(f"  {'':<28} limit {limit}")
+    _print_autotune_cache()
     from .nn.attention_gate import UNFUSED_NORMS
 
     print("not fused:")
     for norm, reason in UNFUSED_NORMS.items():
         print(f"  AttentionGate(norm={norm!r})  {reason}")
+    return 0
+
+
+def _print_autotune_cache() -> None:
+    """The autotune's cache files (``MEDATTN_CACHE_DIR``): each entry's pick and timings."""
+    from . import autotune
+
+    state = "on" if autotune.enabled() else "off (MEDATTN_AUTOTUNE=0: static order)"
+    print(f"autotune: {state}; cache {autotune.cache_dir()}")
+    paths = sorted(autotune.cache_dir().glob("autotune-*.json"))
+    if not paths:
+        print("  (no cache file yet: `medattn-fast tune` or the first calls of a model fill it)")
+    current = autotune.versions()
+    for path in paths:
+        entries = autotune._read(path)
+        print(f"  {path} ({len(entries)} entries)")
+        for key, entry in sorted(entries.items()):
+            times = ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(entry.get("times_ms", {}).items(),
+                                                                   key=lambda kv: kv[1]))
+            stale = "" if entry.get("versions") == current else "  [other versions: re-measured on next use]"
+            print(f"    {key}\n      -> {entry.get('label', entry.get('pick'))}  ({times}){stale}")
+
+
+def _parse_shape(text: str):
+    parts = [p for p in text.replace("x", ",").replace("×", ",").split(",") if p.strip()]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) not in (4, 5) or min(shape) < 1:
+        raise SystemExit(f"medattn-fast tune: --shape must be B,C,H,W or B,C,D,H,W (positive integers, "
+                         f"',' or 'x' between them), got {text!r}")
+    return shape
+
+
+def _tune(args) -> int:
+    """Builds ``--model``, runs it on random input of ``--shape`` (forward; with ``--train`` forward
+    and backward in training mode) with the autotune on, and prints each op's pick."""
+    import torch
+
+    from . import autotune
+    from .backend import use_backend
+    from .train import build_model
+
+    shape = _parse_shape(args.shape)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.model, spatial_dims=len(shape) - 2, in_channels=shape[1],
+                        num_classes=args.num_classes).to(device=device, dtype=dtype)
+    model.train(args.train)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    previous = autotune._enabled_override
+    autotune.set_enabled(True)
+    try:
+        with use_backend("auto"), autotune.record() as picks, torch.set_grad_enabled(args.train):
+            out = model(x)
+            if args.train:
+                outs = [t for t in autotune.all_tensors(out) if t.requires_grad]
+                torch.autograd.backward([t.float().sum() for t in outs])
+    finally:
+        autotune.set_enabled(previous)
+    print(f"{args.model} {'train' if args.train else 'eval'} {tuple(shape)} {dtype} on {device}: "
+          f"{len(picks)} tuned call(s)")
+    for dev, key, choice, measured in picks:
+        entry = autotune.cache_entries(dev).get(key, {})
+        times = ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(entry.get("times_ms", {}).items(), key=lambda kv: kv[1]))
+        print(f"  {key}\n    -> {choice.label} ({'measured' if measured else 'cached'}: {times})")
+    if picks:
+        print(f"cache: {autotune.cache_path(picks[0][0])}")
     return 0
 
 
@@ -101,6 +173,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", action="append", help="float64, float32, bfloat16, float16 (repeatable)")
     sub.add_parser("bench", help="the headline benchmark in minutes; --all: every case (options: `medattn-fast bench --help`; needs a source checkout)", add_help=False)
     sub.add_parser("build", help="build the csrc extensions ahead of time")
+    p = sub.add_parser("tune", help="fill the autotune cache for a model and input shape (auto's measured picks)")
+    from .train import MODELS
+
+    p.add_argument("--model", required=True, choices=sorted(MODELS), help="the network (as in `medattn-fast train`)")
+    p.add_argument("--shape", required=True, help="input shape B,C,H,W or B,C,D,H,W (e.g. 2,1,128,128)")
+    p.add_argument("--train", action="store_true", help="training step: training mode, forward and backward")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--num-classes", type=int, default=2, help="output classes of the network (default 2)")
     from .train import add_arguments as add_train_arguments  # the flags live beside the loop they configure
 
     add_train_arguments(sub.add_parser("train", help="train a segmentation model (see python -m medattn_fast.train -h)"))
@@ -115,7 +196,8 @@ def main(argv=None) -> int:
             rest = rest[1:]
         return _bench(rest)
     args = ap.parse_args(argv)
-    return {"info": _info, "verify": _verify, "build": _build, "train": _train, "nnunet": _nnunet}[args.cmd](args)
+    return {"info": _info, "verify": _verify, "build": _build, "train": _train, "nnunet": _nnunet,
+            "tune": _tune}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ["FP32_PRECISIONS", "POSITION_BACKWARDS", "KernelConfig", "kernel_config", "set_kernel_config",
-           "use_kernel_config"]
+__all__ = ["FP32_PRECISIONS", "POSITION_BACKWARDS", "KernelConfig", "explicitly_set", "kernel_config",
+           "set_kernel_config", "use_kernel_config"]
 
 FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
 POSITION_BACKWARDS = ("separate", "fused")
@@ -127,6 +127,21 @@ def use_kernel_config(config: KernelConfig) -> Iterator[None]:
 def _fields() -> Tuple[Optional[str], str, bool, int, Optional[bool]]:
     config = _ctx_config.get() or _global_config or KernelConfig.from_environment()
     return astuple(config)
+
+
+# the environment variable of each field (KernelConfig.from_environment reads them)
+ENVIRONMENT = {"fp32_precision": "MEDATTN_FP32_PRECISION", "position_backward": "MEDATTN_POSITION_BWD",
+               "position_p16": "MEDATTN_POSITION_P16"}
+
+
+def explicitly_set(field: str) -> bool:
+    """Whether the user chose ``field`` (:func:`use_kernel_config` or :func:`set_kernel_config` in
+    force, or the field's environment variable set): the autotune then never tries another value."""
+    if field not in ENVIRONMENT:
+        raise ValueError(f"explicitly_set: field must be one of {tuple(ENVIRONMENT)}, got {field!r}")
+    if _ctx_config.get() is not None or _global_config is not None:
+        return True
+    return os.environ.get(ENVIRONMENT[field], "").strip() != ""
 
 
 def kernel_config() -> KernelConfig:

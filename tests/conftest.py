@@ -2,14 +2,24 @@
 
 On a machine without CUDA, the Triton kernels run under the interpreter: TRITON_INTERPRET must be
 set before any ``@triton.jit`` function is created, so it is set here, before the package imports.
+
+The autotune (``medattn_fast.autotune``) writes its cache into a directory of this test session
+(never the user's ``~/.cache``), and is off unless ``MEDATTN_AUTOTUNE`` says otherwise: with it on,
+a test running ``auto`` would take whichever of cpp and torch the loaded CI machine timed faster, a
+choice no rerun reproduces. ``tests/test_autotune.py`` switches it on for its own tests.
 """
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MEDATTN_AUTOTUNE", "0")
+# one cache directory per test process (each xdist worker imports this file); removed at exit
+_AUTOTUNE_CACHE = tempfile.TemporaryDirectory(prefix="medattn-autotune-")
+os.environ["MEDATTN_CACHE_DIR"] = _AUTOTUNE_CACHE.name
 
 from _tolerance import dry_run_dtype_refusal, dry_run_refusal  # noqa: E402  (after TRITON_INTERPRET)
 

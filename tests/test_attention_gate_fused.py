@@ -223,9 +223,12 @@ def test_auto_prefers_cpp_on_cpu():
     assert _op.choose(*args, **kw) == "cpp"
 
 
-def test_auto_takes_torch_for_a_cpu_training_step():
-    """The measured preference (the gate's per-call order hook in ops/_families.py): a CPU training step with
-    batch-statistics BN goes to torch; the same call without gradients, or in eval, to cpp."""
+def test_static_order_takes_cpp_for_a_cpu_training_step_too(monkeypatch):
+    """With the autotune off (conftest's default for the suite) ``auto`` takes the static order, cpp, in
+    training too: the hand-measured training-step preference for torch is gone, the autotune measures it
+    (tests/test_autotune.py); with it on, a training step and an eval call are measured under keys of their
+    own (the gate's ``tune_key``: train/eval)."""
+    monkeypatch.setenv("MEDATTN_AUTOTUNE", "0")
     block = make_block(2, 4, 3, 2, training=True)
     x = torch.randn(1, 4, 5, 5, dtype=F64, requires_grad=True)
     g = torch.randn(1, 3, 3, 3, dtype=F64)
@@ -233,14 +236,14 @@ def test_auto_takes_torch_for_a_cpu_training_step():
     kw = dict(mode="additive", double_sigmoid=False, return_alpha=False)
     params = GateParams(block.Wx[0].weight, block.Wx[0].bias, block.Wg[0].weight, block.Wg[0].bias,
                         block.psi[0].weight, block.psi[0].bias, *bn)
+    from medattn_fast.ops._families import _gate_tune_key
     from medattn_fast.ops.attention_gate import _op
 
-    assert _op.choose(x, g, params, **kw) == "torch"
-    with torch.no_grad():
-        assert _op.choose(x, g, params, **kw) == "cpp"
-    assert _op.choose(x, g, params._replace(
-        bn_x=bn[0]._replace(training=False), bn_g=bn[1]._replace(training=False),
-        bn_psi=bn[2]._replace(training=False)), **kw) == "cpp"
+    assert _op.choose(x, g, params, **kw) == "cpp"
+    eval_params = params._replace(bn_x=bn[0]._replace(training=False), bn_g=bn[1]._replace(training=False),
+                                  bn_psi=bn[2]._replace(training=False))
+    assert _op.choose(x, g, eval_params, **kw) == "cpp"
+    assert (_gate_tune_key(x, g, params), _gate_tune_key(x, g, eval_params)) == ("train", "eval")
 
 
 # ---------------------------------------------------------------------------------------------

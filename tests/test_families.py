@@ -22,8 +22,9 @@ def test_every_dispatcher_is_configured_by_its_row():
     for name, op in ops.items():
         family = rows[name]
         assert (op.family, tuple(op.auto_cpu), tuple(op.auto_cuda), op.export_backend, op.auto_order,
-                tuple(op.limits)) == (family.name, family.auto_cpu, family.auto_cuda, family.export_backend,
-                                      family.auto_order, family.limits), name
+                tuple(op.limits), op.tune_key, op.tune_variants) == (
+                    family.name, family.auto_cpu, family.auto_cuda, family.export_backend, family.auto_order,
+                    family.limits, family.tune_key, family.tune_variants), name
         assert set(op.impls) == {"reference", "torch", *family.backends}, name
 
 
@@ -91,7 +92,8 @@ def test_info_prints_the_table():
     assert set(rows) == set(B.registered_ops())
     gate = rows["attention_gate"]
     assert gate["family"] == "attention_gate" and gate["auto on CUDA"] == ["triton", "cuda", "torch"]
-    assert gate["per-call order"].startswith("torch before cpp for a CPU training step")
+    assert gate["per-call order"] is None and gate["autotune key"].startswith("train/eval")
+    assert rows["position_attention"]["autotune variants"].startswith("Triton: the separate and the fused")
     assert any(limit.startswith("cuda: shared memory per block") for limit in gate["limits"])
     assert rows["position_attention"]["export"] == "reference"
     assert family_of("gaussian_axial_from_scores").name == "gaussian_axial"

@@ -4,9 +4,11 @@ A row names the family (the name of every file it has: ``ops/<family>.py``,
 ``ops/_<family>_<backend>.py``, ``csrc/<kind>/<family>.*``, ``triton_kernels/<family>.py``), the
 dispatchers it defines (``backend.registered_ops()`` keys), its fused backends (each
 ``ops/_<family>_<backend>.py`` with a ``register(*dispatchers)`` that ``medattn_fast.ops`` calls),
-``auto``'s order per device, the backend every call runs while exporting, the hook that may
-reorder ``auto`` for one call (today one measured preference of the gate; a measured autotune
-plugs in there), and the sizes past which a backend's kernels cannot run a call, as data
+``auto``'s static order per device (the candidates of the measured choice, ``medattn_fast.autotune``,
+and the whole choice with ``MEDATTN_AUTOTUNE=0``), the backend every call runs while exporting, an
+optional hook that may reorder the static order for one call (``auto_order``; no family uses one
+now), the family's part of the autotune key (``tune_key``: the gate's train/eval) and kernel variants
+the autotune times as candidates of their own (``tune_variants``), and the sizes past which a backend's kernels cannot run a call, as data
 (:class:`medattn_fast.backend.Limit`), so no predicate repeats a kernel's constant by hand
 (``tests/test_families.py`` checks every number against the kernel's own).
 """
@@ -32,29 +34,41 @@ class Family:
     export_backend: str = "torch"
     auto_order: Optional[Callable[..., Optional[Sequence[str]]]] = None
     limits: Tuple = ()
+    tune_key: Optional[Callable[..., Optional[str]]] = None
+    tune_variants: Optional[Callable[..., Sequence]] = None
 
 
 # ---------------------------------------------------------------------------------------------
 # per-family pieces the rows name
 # ---------------------------------------------------------------------------------------------
 
-def _gate_training_step_order(x, g, params, **_options) -> Optional[Sequence[str]]:
-    """torch before cpp for a CPU training step with batch-statistics BatchNorms (measured).
+def _gate_tune_key(x, g, params, **_options) -> Optional[str]:
+    """train/eval: whether any BatchNorm normalises with batch statistics (not tuned with a SyncBatchNorm group).
 
-    The gate's ``auto`` order for one call (a measured preference, to be replaced by a measured
-    autotune through the same hook).
-
-    Measured on the project's 2-core CPU (bench/results/*attention_gate__acceptance-gate*, providers
-    interleaved): a training step (batch-statistics BN, forward + backward) of the 2-D gate at
-    B=2, C=64, 128² takes 36.4 ms on torch against 41.5 ms on cpp (3-D, 32³: 21.2 against 22.1 ms),
-    and AttentionUNet's training step is 1.40x the reference on torch against 1.26x with the cpp
-    gate; the cpp gate wins everywhere else (eval, inference, training forward without gradients).
+    The gate's part of the autotune key (``medattn_fast.autotune``): a training-mode BatchNorm costs a
+    statistics pass and its backward, which moved the CPU choice (on the project's 2-core CPU the
+    torch composite won a training step at B=2, C=64, 128², the cpp kernels everything else; the
+    measurement now decides per machine). None — never timed, the static order — when a BatchNorm
+    synchronises its statistics over a process group: a timing run would issue collectives that the
+    other ranks do not.
     """
-    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or not torch.is_grad_enabled():
+    bns = [bn for bn in (params.bn_x, params.bn_g, params.bn_psi, params.bn_out) if bn is not None]
+    if any(bn.process_group is not None for bn in bns):
         return None
-    batch_stats = any(bn is not None and bn.uses_batch_stats for bn in (params.bn_x, params.bn_g, params.bn_psi))
-    wants_grad = any(t.requires_grad for t in (x, g, *params.tensors()))
-    return ("torch", "cpp") if batch_stats and wants_grad else None
+    return "train" if any(bn.uses_batch_stats for bn in bns) else "eval"
+
+
+def _position_backward_variants(backend, q, k, v, *, gamma, residual, multiply, **_options):
+    """Triton: the separate and the fused backward (when the call has a backward, the user did not
+    choose one, and deterministic algorithms are not required: the fused one adds dq with atomics)."""
+    from ..kernel_config import explicitly_set
+
+    if backend != "triton" or not torch.is_grad_enabled() or explicitly_set("position_backward") \
+            or torch.are_deterministic_algorithms_enabled():
+        return ()
+    if not any(t is not None and t.requires_grad for t in (q, k, v, gamma, residual, multiply)):
+        return ()
+    return ((("position_backward", "separate"),), (("position_backward", "fused"),))
 
 
 @dataclass(frozen=True)
@@ -176,7 +190,7 @@ _IN_REGISTERS = "the Triton {} kernels hold {} in registers"
 FAMILIES: Tuple[Family, ...] = (
     Family("position", ("position_attention",), ("cpp", "triton"),
            # exporting runs the reference: one (B, Nq, Nk) softmax, no chunk loop whose count depends on N
-           export_backend="reference",
+           export_backend="reference", tune_variants=_position_backward_variants,
            limits=(B.Limit("triton", "dk", 256, "the Triton kernels hold dk in registers",
                            lambda q, k, v, **_: q.shape[2]), PositionSharedMemory())),
     Family("channel", ("channel_attention",), ("cpp", "triton")),
@@ -198,7 +212,7 @@ FAMILIES: Tuple[Family, ...] = (
                    B.Limit("triton", "B·heads", 65535, "the Triton external kernels put batch·heads on a grid axis",
                            lambda x, *a, num_heads, **_: x.shape[0] * num_heads))),
     Family("attention_gate", ("attention_gate",), ("cpp", "cuda", "triton"),
-           auto_cuda=("triton", "cuda", "torch"), auto_order=_gate_training_step_order,
+           auto_cuda=("triton", "cuda", "torch"), tune_key=_gate_tune_key,
            limits=(B.Limit("triton", "channels of the gate pass (Cx; C_int in grid mode)", 1024,
                            "the Triton gate holds a tile of every channel in registers", _gate_pass_channels),
                    GateSharedMemory())),
@@ -217,4 +231,5 @@ def dispatcher(name: str) -> B.Op:
     """The dispatcher ``name``, configured by its family's row (created on first use)."""
     family = family_of(name)
     return B.op(name, family=family.name, auto_cpu=family.auto_cpu, auto_cuda=family.auto_cuda,
-                export_backend=family.export_backend, auto_order=family.auto_order, limits=family.limits)
+                export_backend=family.export_backend, auto_order=family.auto_order, limits=family.limits,
+                tune_key=family.tune_key, tune_variants=family.tune_variants)
