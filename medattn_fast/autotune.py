@@ -140,24 +140,52 @@ def bucket(size: int) -> int:
     return 0 if size <= 0 else 1 << (size - 1).bit_length()
 
 
-def _signature(value) -> str:
+def _walk(value, parts: List[str], tensors: List[torch.Tensor]) -> None:
+    """Appends ``value``'s signature to ``parts`` and its tensors to ``tensors`` (one pass: this runs
+    on every ``auto`` call)."""
     if isinstance(value, torch.Tensor):
-        dtype = str(value.dtype).replace("torch.", "")
-        return f"{dtype}[{','.join(str(bucket(s)) for s in value.shape)}]"
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return repr(value)
-    if isinstance(value, torch.dtype):
-        return str(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):     # NamedTuple: its fields
-        return type(value).__name__ + "(" + ",".join(_signature(v) for v in value) + ")"
-    if isinstance(value, (tuple, list)):
-        return "(" + ",".join(_signature(v) for v in value) + ")"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_signature(v)}" for k, v in sorted(value.items())) + "}"
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return type(value).__name__ + "(" + ",".join(_signature(getattr(value, f.name))
-                                                     for f in dataclasses.fields(value)) + ")"
-    return type(value).__name__          # an object (a process group ...): its type, never its address
+        tensors.append(value)
+        parts.append(_DTYPE_NAMES.get(value.dtype) or str(value.dtype))
+        parts.append(str([bucket(s) for s in value.shape]))
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        parts.append(repr(value))
+    elif isinstance(value, (tuple, list)):
+        parts.append(type(value).__name__ + "(" if hasattr(value, "_fields") else "(")
+        for v in value:
+            _walk(v, parts, tensors)
+            parts.append(",")
+        parts.append(")")
+    elif isinstance(value, dict):
+        parts.append("{")
+        for k in sorted(value):
+            parts.append(f"{k}:")
+            _walk(value[k], parts, tensors)
+            parts.append(",")
+        parts.append("}")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        parts.append(type(value).__name__ + "(")
+        for f in dataclasses.fields(value):
+            _walk(getattr(value, f.name), parts, tensors)
+            parts.append(",")
+        parts.append(")")
+    elif isinstance(value, torch.dtype):
+        parts.append(str(value))
+    else:
+        parts.append(type(value).__name__)   # an object (a process group ...): its type, never its address
+
+
+_DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in (torch.float32, torch.float16, torch.bfloat16,
+                                                          torch.float64, torch.int64, torch.int32, torch.bool)}
+
+
+def signature(args: Sequence, kwargs: Dict[str, Any]) -> Tuple[str, List[torch.Tensor]]:
+    """The call's signature (dtypes, shape buckets, structure, scalar options) and its tensors."""
+    parts: List[str] = []
+    tensors: List[torch.Tensor] = []
+    _walk(tuple(args), parts, tensors)
+    parts.append("|")
+    _walk(dict(kwargs), parts, tensors)
+    return "".join(parts), tensors
 
 
 def device_name(tensors: Sequence[torch.Tensor]) -> str:
@@ -171,19 +199,30 @@ def wants_grad(tensors: Sequence[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def call_key(op_name: str, args: Sequence, kwargs: Dict[str, Any], *, device: str, grad: bool,
-             extra: str = "") -> str:
-    """The cache key of one call (see the module docstring)."""
-    return "|".join((op_name, device, "grad" if grad else "nograd", extra or "-",
-                     _signature(tuple(args)), _signature(dict(kwargs))))
+def call_key(op_name: str, args: Sequence, kwargs: Dict[str, Any], *, extra: str = "") -> Tuple[str, str, bool]:
+    """(key, device, grad) of one call (see the module docstring)."""
+    sig, tensors = signature(args, kwargs)
+    device = device_name(tensors)
+    grad = wants_grad(tensors)
+    return "|".join((op_name, device, "grad" if grad else "nograd", extra or "-", sig)), device, grad
 
 
 # --------------------------------------------------------------------------------------------
 # versions and the on-disk cache
 # --------------------------------------------------------------------------------------------
 
+_VERSIONS: Optional[Dict[str, Optional[str]]] = None
+
+
 def versions() -> Dict[str, Optional[str]]:
-    """The versions an entry is valid for: torch, triton, medattn_fast, CUDA."""
+    """The versions an entry is valid for: torch, triton, medattn_fast, CUDA (read once)."""
+    global _VERSIONS
+    if _VERSIONS is None:
+        _VERSIONS = _read_versions()
+    return _VERSIONS
+
+
+def _read_versions() -> Dict[str, Optional[str]]:
     try:
         import triton
 
@@ -192,8 +231,8 @@ def versions() -> Dict[str, Optional[str]]:
         triton_version = None
     from . import __version__
 
-    return {"torch": torch.__version__, "triton": triton_version, "medattn_fast": __version__,
-            "cuda": torch.version.cuda}
+    return {"torch": str(torch.__version__), "triton": triton_version and str(triton_version),
+            "medattn_fast": str(__version__), "cuda": torch.version.cuda and str(torch.version.cuda)}
 
 
 def cache_dir() -> Path:
@@ -212,6 +251,9 @@ def cache_path(device: str) -> Path:
 _lock = threading.Lock()
 _memory: Dict[Path, Dict[str, Dict[str, Any]]] = {}   # file -> key -> entry (as on disk)
 _warned: set = set()
+_single: Dict[str, Choice] = {}                       # key -> the only candidate that could run it
+
+
 
 
 def clear_memory() -> None:
@@ -219,6 +261,7 @@ def clear_memory() -> None:
     with _lock:
         _memory.clear()
         _warned.clear()
+        _single.clear()
 
 
 def _read(path: Path) -> Dict[str, Dict[str, Any]]:
@@ -256,7 +299,7 @@ def _entries(path: Path) -> Dict[str, Dict[str, Any]]:
 
 def cache_entries(device: str) -> Dict[str, Dict[str, Any]]:
     """Every entry of ``device``'s cache (memory and disk): key -> {pick, times_ms, versions, ...}."""
-    return dict(_entries(cache_path(device)))
+    return {k: {f: v for f, v in e.items() if f != _PARSED} for k, e in _entries(cache_path(device)).items()}
 
 
 def lookup(device: str, key: str) -> Optional[Choice]:
@@ -264,10 +307,16 @@ def lookup(device: str, key: str) -> Optional[Choice]:
     entry = _entries(cache_path(device)).get(key)
     if entry is None or entry.get("versions") != versions():
         return None
-    try:
-        return Choice.from_json(entry["pick"])
-    except Exception:
-        return None
+    choice = entry.get(_PARSED)
+    if choice is None:
+        try:
+            choice = entry[_PARSED] = Choice.from_json(entry["pick"])
+        except Exception:
+            return None
+    return choice
+
+
+_PARSED = " parsed"    # an entry's pick as a Choice, in memory only (never written)
 
 
 def _store(device: str, key: str, entry: Dict[str, Any]) -> None:
@@ -280,8 +329,9 @@ def _store(device: str, key: str, entry: Dict[str, Any]) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+            written = {k: {f: v for f, v in e.items() if f != _PARSED} for k, e in on_disk.items()}
             with os.fdopen(fd, "w") as f:
-                json.dump({"device": device, "entries": on_disk}, f, indent=1, sort_keys=True)
+                json.dump({"device": device, "entries": written}, f, indent=1, sort_keys=True)
             os.replace(tmp, path)
         except OSError as exc:
             if ("write", path) not in _warned:
@@ -442,20 +492,24 @@ def _note(device: str, key: str, choice: Choice, measured: bool) -> Choice:
     return choice
 
 
-def choose(op, candidates: Sequence[Choice], static: Choice, args: Sequence, kwargs: Dict[str, Any], *,
-           extra: str, can_run: Callable[[Choice], bool]) -> Choice:
-    """The measured pick among ``candidates`` (in static order) for this call of ``op``: the cached
-    one if it can run this call, else measured now when allowed, else ``static``."""
-    tensors = all_tensors(args, kwargs)
+def choose(op, candidates: Callable[[], Sequence[Choice]], static: Choice, args: Sequence,
+           kwargs: Dict[str, Any], *, extra: str, can_run: Callable[[Choice], bool]) -> Choice:
+    """The measured pick for this call of ``op``: the cached one (``static`` if the cached one cannot
+    run this call: a limit inside the shape bucket), else — on a miss, when timing is allowed —
+    the fastest of ``candidates()`` (in static order; a tie goes to the earlier), measured now and
+    cached; else ``static``."""
     if torch.compiler.is_compiling():
         return static
-    device = device_name(tensors)
-    grad = wants_grad(tensors)
-    key = call_key(op.name, args, kwargs, device=device, grad=grad, extra=extra)
-    cached = lookup(device, key)
-    if cached is not None and (cached == static or can_run(cached)):
-        return _note(device, key, cached, False)
-    if len(candidates) < 2 or not may_measure(tensors):
+    key, device, grad = call_key(op.name, args, kwargs, extra=extra)
+    cached = _single.get(key) or lookup(device, key)
+    if cached is not None:
+        return _note(device, key, cached if cached == static or can_run(cached) else static, False)
+    tensors = all_tensors(args, kwargs)
+    if not may_measure(tensors):
+        return static
+    candidates = list(candidates())
+    if len(candidates) < 2:               # one can run: remembered in memory, nothing to time or store
+        _single[key] = static
         return static
     times: Dict[str, float] = {}
     with torch.random.fork_rng(devices=sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})):

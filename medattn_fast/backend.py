@@ -345,35 +345,37 @@ class Op:
                 )
             return autotune.Choice(backend)
         order = self.static_order(*args, **kwargs)
-        tried, runnable = [], []
-        tune = not torch.compiler.is_compiling() and autotune.enabled()   # never traced by dynamo
-        extra = self.tune_key(*args, **kwargs) if (tune and self.tune_key is not None) else ""
-        tune = tune and extra is not None
-        for name in order:
-            if runnable and (not tune or name == "reference"):
-                break
+        tried = []
+        for position, name in enumerate(order):
             reasons = self._ready(name, *args, **kwargs)
             if not reasons:
-                runnable.append(name)
-                continue
+                break
             log.debug("%s: auto skips %s: %s", self.name, name, "; ".join(reasons))
             tried.append(f"{name}: " + "; ".join(reasons))
-        if not runnable:
+        else:
             raise BackendUnavailable(f"{self.name}: no backend can run this call:\n  " + "\n  ".join(tried))
-        static = autotune.Choice(runnable[0])
-        if not tune:
+        static = autotune.Choice(name)
+        if name == "reference" or torch.compiler.is_compiling() or not autotune.enabled():  # never traced
             return static
-        candidates = []
-        for name in runnable:
-            if name == "reference":
-                continue
-            variants = self.tune_variants(name, *args, **kwargs) if self.tune_variants is not None else ()
-            candidates += [autotune.Choice(name, v) for v in variants] or [autotune.Choice(name)]
-        if len(candidates) < 2:
+        if sum(other != "reference" for other in order[position:]) < 2:     # nothing to choose between
+            return static
+        extra = self.tune_key(*args, **kwargs) if self.tune_key is not None else ""
+        if extra is None:
             return static
 
+        def candidates() -> List[autotune.Choice]:
+            """Every choice of the static order that can run this call (the static pick first), but reference."""
+            out = []
+            for other in order[position:]:
+                if other == "reference" or (other != name and self._ready(other, *args, **kwargs)):
+                    continue
+                variants = self.tune_variants(other, *args, **kwargs) if self.tune_variants is not None else ()
+                out += [autotune.Choice(other, v) for v in variants] or [autotune.Choice(other)]
+            return out
+
         def can_run(choice: autotune.Choice) -> bool:
-            return choice.backend in self.impls and not self._ready(choice.backend, *args, **kwargs)
+            return choice.backend in self.impls and choice.backend != "reference" \
+                and not self._ready(choice.backend, *args, **kwargs)
 
         return autotune.choose(self, candidates, static, args, kwargs, extra=extra, can_run=can_run)
 

@@ -89,7 +89,7 @@ def test_cache_hit_does_not_time_again_in_memory_or_from_disk(tune):
     assert (tune.reads, len(op.calls)) == (reads, calls)
     data = json.loads(AT.cache_path("cpu").read_text())
     (key, entry), = data["entries"].items()
-    assert key.startswith("toy|cpu|nograd|-|(float32[8])") and entry["label"] == "torch"
+    assert key == "toy|cpu|nograd|-|(float32[8],)|{}" and entry["label"] == "torch"
     assert entry["versions"] == AT.versions()
     AT.clear_memory()                                  # a new process: read back from the file
     assert op.choose(x) == "torch" and tune.reads == reads
@@ -112,6 +112,22 @@ def test_a_new_key_is_measured(tune):
         op.choose(torch.randn(6, requires_grad=True))
     assert tune.reads == seen
     assert len(AT.cache_entries("cpu")) == 5
+
+
+def test_a_cached_pick_that_cannot_run_this_call_takes_the_static_order(tune):
+    op = _toy_op(tune, {"cpp": 5.0, "torch": 3.0})
+    op.impls["torch"].reasons = lambda x: [f"toy limit: numel <= 6, got {x.numel()}"] if x.numel() > 6 else []
+    assert op.choose(torch.randn(5)) == "torch"
+    reads = tune.reads
+    assert op.choose(torch.randn(7)) == "cpp"          # same bucket (8), but torch cannot run it
+    assert tune.reads == reads and AT.cache_entries("cpu")[next(iter(AT.cache_entries("cpu")))]["label"] == "torch"
+
+
+def test_one_candidate_is_not_timed(tune):
+    op = _toy_op(tune, {"cpp": 5.0, "torch": 3.0})
+    op.impls["cpp"].reasons = lambda x: ["cpp is switched off for this test"]
+    assert op.choose(torch.randn(5, requires_grad=True)) == "torch"
+    assert tune.reads == 0 and op.calls == [] and AT.cache_entries("cpu") == {}
 
 
 def test_bucket_rounds_up_to_a_power_of_two():
