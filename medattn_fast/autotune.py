@@ -25,7 +25,7 @@ Measurement (:func:`measure`): on deep copies of the real inputs (every tensor, 
 NamedTuples/dataclasses such as the gate's ``GateParams`` with its BatchNorm running buffers; views
 keep their strides and offsets, inputs that share memory keep sharing it), ``warmup`` runs, then
 ``repeats`` timed runs of the forward and — when the key says grad — the backward with a random
-``grad_out`` (from a private generator); the median wins, a tie goes to the earlier candidate of the
+``grad_out`` (from a private generator), the candidates taking turns run by run; the median wins, a tie goes to the earlier candidate of the
 static order. The caller's outputs, gradients, RNG state (CPU and CUDA, ``torch.random.fork_rng``) and
 BatchNorm running statistics are untouched. Clock: ``time.perf_counter`` on CPU, CUDA events on CUDA
 (after a synchronize); :func:`set_clock` injects another (tests).
@@ -72,7 +72,7 @@ WARMUP = 1
 REPEATS = 3
 
 __all__ = ["Choice", "cache_dir", "cache_entries", "cache_path", "call_key", "clear_memory", "enabled",
-           "measure", "set_clock", "set_enabled", "versions"]
+           "measure", "measure_all", "spent", "set_clock", "set_enabled", "versions"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,33 +424,49 @@ class _Timer:
         out.append(clock() - t0)
 
 
-def measure(run: Callable[..., Any], args: Sequence, kwargs: Dict[str, Any], *, grad: bool,
-            warmup: int = WARMUP, repeats: int = REPEATS) -> float:
-    """Median seconds of ``run(*args, **kwargs)`` (forward, and backward with a random ``grad_out``
-    when ``grad``) on deep copies of the arguments, after ``warmup`` runs (at least one: it makes
-    the random ``grad_out``). The caller's tensors and gradients are untouched (the caller's RNG
+def measure_all(runs: Dict[str, Callable[..., Any]], args: Sequence, kwargs: Dict[str, Any], *, grad: bool,
+                warmup: int = WARMUP, repeats: int = REPEATS) -> Tuple[Dict[str, float], Dict[str, Exception]]:
+    """Median seconds of each ``runs[label](*args, **kwargs)`` (forward, and backward with a random
+    ``grad_out`` when ``grad``) on one deep copy of the arguments, after ``warmup`` runs (at least one:
+    it makes the random ``grad_out``). The candidates take turns, one run each per round, so a load
+    that comes and goes falls on all of them alike. Returns (times, the exception of each candidate
+    that failed: it drops out). The caller's tensors and gradients are untouched (the caller's RNG
     state too: ``grad_out`` comes from a private generator)."""
     warmup = max(1, int(warmup))
-    cargs, ckwargs = deep_clone((tuple(args), dict(kwargs)))
+    cargs, ckwargs = deep_clone((tuple(args), dict(kwargs)))   # only BN running buffers change in place
     leaves = [t for t in all_tensors(cargs, ckwargs) if t.requires_grad] if grad else []
-    cuda = any(t.device.type == "cuda" for t in all_tensors(cargs, ckwargs))
-    timer = _Timer(cuda)
-    generator = torch.Generator().manual_seed(0)
-    grad_outs: Optional[List[torch.Tensor]] = None
-    times: List[float] = []
+    timer = _Timer(any(t.device.type == "cuda" for t in leaves or all_tensors(cargs, ckwargs)))
+    grad_outs: Dict[str, List[torch.Tensor]] = {}
+    times: Dict[str, List[float]] = {label: [] for label in runs}
+    failed: Dict[str, Exception] = {}
     for i in range(warmup + repeats):
-        sink = times if i >= warmup else []
-        with timer.region(sink):
-            result = run(*cargs, **ckwargs)
-            if leaves:
-                outs = [t for t in all_tensors(result) if t.requires_grad]
-                if grad_outs is None:    # made once, in the first (warm-up) run
-                    grad_outs = [torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t)
-                                 for t in outs]
-                if outs:
-                    torch.autograd.grad(outs, leaves, grad_outs, allow_unused=True)
-        del result
-    return statistics.median(times)
+        for label, run in runs.items():
+            if label in failed:
+                continue
+            try:
+                with timer.region(times[label] if i >= warmup else []):
+                    result = run(*cargs, **ckwargs)
+                    if leaves:
+                        outs = [t for t in all_tensors(result) if t.requires_grad]
+                        if label not in grad_outs:    # made once, in the first (warm-up) run
+                            generator = torch.Generator().manual_seed(0)
+                            grad_outs[label] = [torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t)
+                                                for t in outs]
+                        if outs:
+                            torch.autograd.grad(outs, leaves, grad_outs[label], allow_unused=True)
+                    del result
+            except Exception as exc:     # a candidate that fails here is not a candidate
+                failed[label] = exc
+    return {label: statistics.median(t) for label, t in times.items() if label not in failed and t}, failed
+
+
+def measure(run: Callable[..., Any], args: Sequence, kwargs: Dict[str, Any], *, grad: bool,
+            warmup: int = WARMUP, repeats: int = REPEATS) -> float:
+    """Median seconds of one function (:func:`measure_all` of one candidate; its exception is raised)."""
+    times, failed = measure_all({"run": run}, args, kwargs, grad=grad, warmup=warmup, repeats=repeats)
+    if failed:
+        raise failed["run"]
+    return times["run"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,6 +489,12 @@ def may_measure(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 _recording: Optional[List[Tuple[str, str, Choice, bool]]] = None
+_spent = {"measured keys": 0, "seconds": 0.0}
+
+
+def spent() -> Dict[str, float]:
+    """What measuring cost this process so far: keys measured, and seconds spent (wall clock)."""
+    return dict(_spent)
 
 
 @contextlib.contextmanager
@@ -511,14 +533,14 @@ def choose(op, candidates: Callable[[], Sequence[Choice]], static: Choice, args:
     if len(candidates) < 2:               # one can run: remembered in memory, nothing to time or store
         _single[key] = static
         return static
-    times: Dict[str, float] = {}
+    started = time.perf_counter()
     with torch.random.fork_rng(devices=sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})):
-        for choice in candidates:
-            try:
-                times[choice.label] = measure(op.runner(choice), args, kwargs, grad=grad)
-            except Exception as exc:     # a candidate that fails here is not a candidate
-                log.warning("%s: autotune could not time %s (%s: %s); it is left out", op.name, choice.label,
-                            type(exc).__name__, exc)
+        times, failed = measure_all({c.label: op.runner(c) for c in candidates}, args, kwargs, grad=grad)
+    for label, exc in failed.items():
+        log.warning("%s: autotune could not time %s (%s: %s); it is left out", op.name, label,
+                    type(exc).__name__, exc)
+    _spent["measured keys"] += 1
+    _spent["seconds"] += time.perf_counter() - started
     timed = [c for c in candidates if c.label in times]
     if not timed:
         return static

@@ -73,7 +73,7 @@ def test_the_clock_fastest_candidate_wins(tune, costs, expected):
     op = _toy_op(tune, costs)
     x = torch.randn(5, requires_grad=True)
     assert op.choose(x) == expected
-    assert set(op.calls) == {"cpp", "torch"}          # both timed, reference never
+    assert op.calls == ["cpp", "torch"] * (AT.WARMUP + AT.REPEATS)   # both, taking turns; reference never
     entry, = AT.cache_entries("cpu").values()
     assert entry["times_ms"] == {"cpp": costs["cpp"] * 1e3, "torch": costs["torch"] * 1e3}
     torch.testing.assert_close(op(x), x * 2)
@@ -121,6 +121,22 @@ def test_a_cached_pick_that_cannot_run_this_call_takes_the_static_order(tune):
     reads = tune.reads
     assert op.choose(torch.randn(7)) == "cpp"          # same bucket (8), but torch cannot run it
     assert tune.reads == reads and AT.cache_entries("cpu")[next(iter(AT.cache_entries("cpu")))]["label"] == "torch"
+
+
+def test_a_candidate_that_fails_while_timed_is_left_out(tune, caplog):
+    op = _toy_op(tune, {"cpp": 1.0, "torch": 3.0})
+
+    def broken(x):
+        raise RuntimeError("toy kernel failure")
+
+    op.impls["cpp"].fn = broken
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="medattn_fast"):
+        assert op.choose(torch.randn(5)) == "torch"
+    assert "autotune could not time cpp (RuntimeError: toy kernel failure)" in caplog.text
+    entry, = AT.cache_entries("cpu").values()
+    assert entry["times_ms"] == {"torch": 3000.0}
 
 
 def test_one_candidate_is_not_timed(tune):
