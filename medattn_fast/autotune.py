@@ -189,9 +189,14 @@ def signature(args: Sequence, kwargs: Dict[str, Any]) -> Tuple[str, List[torch.T
 
 
 def device_name(tensors: Sequence[torch.Tensor]) -> str:
+    """The CUDA device's name, ``"cpu"``, or another device type (``"meta"``: never measured, never
+    stored, so such a call takes the static order)."""
     for t in tensors:
         if t.device.type == "cuda":
             return torch.cuda.get_device_name(t.device)
+    for t in tensors:
+        if t.device.type != "cpu":
+            return t.device.type
     return "cpu"
 
 

@@ -196,6 +196,14 @@ def test_a_forced_backend_never_tunes(tune):
     assert tune.reads == 0 and op.calls == ["cpp"]
 
 
+def test_meta_tensors_are_never_timed(tune):
+    op = _toy_op(tune, {"cpp": 5.0, "torch": 3.0})
+    op.choose(torch.randn(5))                          # a cpu entry for the same signature
+    reads = tune.reads
+    assert op.choose(torch.empty(5, device="meta")) == "cpp"
+    assert tune.reads == reads and AT.cache_entries("meta") == {}
+
+
 def test_a_family_may_refuse_timing_for_a_call(tune):
     op = _toy_op(tune, {"cpp": 5.0, "torch": 3.0}, tune_key=lambda x: None)
     assert op.choose(torch.randn(4)) == "cpp" and tune.reads == 0
