@@ -384,7 +384,8 @@ class Op:
         return self.select(*args, backend=backend, **kwargs).backend
 
     def runner(self, choice: autotune.Choice) -> Callable:
-        """``choice``'s implementation, run under its kernel variant (if it has one)."""
+        """``choice``'s implementation, run under its kernel variant (if it has one, for the fields
+        the user did not set: see ``kernel_config.explicitly_set``)."""
         fn = self.impls[choice.backend].fn
         if not choice.variant:
             return fn
@@ -392,9 +393,13 @@ class Op:
         def run(*args, **kwargs):
             import dataclasses
 
-            from .kernel_config import kernel_config, use_kernel_config
+            from .kernel_config import explicitly_set, kernel_config, use_kernel_config
 
-            with use_kernel_config(dataclasses.replace(kernel_config(), **dict(choice.variant))):
+            # a field the user set (a cached pick measured before they did) keeps the user's value
+            variant = {k: v for k, v in choice.variant if not explicitly_set(k)}
+            if not variant:
+                return fn(*args, **kwargs)
+            with use_kernel_config(dataclasses.replace(kernel_config(), **variant)):
                 return fn(*args, **kwargs)
 
         return run

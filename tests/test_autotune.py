@@ -228,6 +228,10 @@ def test_kernel_variants_are_candidates_and_an_explicit_config_wins(tune):
     op(x)
     assert op.calls == ["torch[fused]"]                # the call runs under the picked variant
     assert kernel_config().position_backward == "separate"   # and leaves the config in force alone
+    op.calls.clear()
+    with use_kernel_config(KernelConfig(position_backward="separate")):   # set after the pick was cached
+        op(x)
+    assert op.calls == ["torch[separate]"]             # the user's config wins over the cached variant
     with use_kernel_config(KernelConfig(position_backward="separate")):   # the user's choice
         assert op.select(torch.randn(20)) == AT.Choice("torch")   # torch under "separate" (4) beats cpp (5)
     entry = [e for k, e in AT.cache_entries("cpu").items() if "float32[32]" in k][0]
