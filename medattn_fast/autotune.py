@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -234,10 +235,11 @@ def _read_versions() -> Dict[str, Optional[str]]:
         triton_version = triton.__version__
     except Exception:  # pragma: no cover - depends on the install
         triton_version = None
-    from . import __version__
-
+    # the package's version, read from the loaded package (importing it here would be an import cycle:
+    # medattn_fast -> backend -> autotune -> medattn_fast)
+    package_version = getattr(sys.modules.get(__name__.rpartition(".")[0]), "__version__", None)
     return {"torch": str(torch.__version__), "triton": triton_version and str(triton_version),
-            "medattn_fast": str(__version__), "cuda": torch.version.cuda and str(torch.version.cuda)}
+            "medattn_fast": package_version and str(package_version), "cuda": torch.version.cuda and str(torch.version.cuda)}
 
 
 def cache_dir() -> Path:
