@@ -438,12 +438,12 @@ class _Spy:
         self.last_call: Optional[tuple] = None
         for backend, impl in list(self.op.impls.items()):
             monkeypatch.setitem(self.op.impls, backend, type(impl)(self._wrap(backend, impl.fn), impl.reasons))
-        choose = self.op.choose
+        select = self.op.select    # every call's choice goes through Op.select (choose is a wrapper)
 
-        def spy_choose(*args, **kwargs):
+        def spy_select(*args, **kwargs):
             self.last_call = (args, kwargs)
-            return choose(*args, **kwargs)
-        monkeypatch.setattr(self.op, "choose", spy_choose)
+            return select(*args, **kwargs)
+        monkeypatch.setattr(self.op, "select", spy_select)
 
     def _wrap(self, backend, fn):
         def wrapped(*args, **kwargs):
