@@ -7,6 +7,7 @@ the cache. conftest.py gives the session a cache directory of its own and switch
 off; each test here switches it on (the ``tune`` fixture) with a fresh cache directory.
 """
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -17,6 +18,8 @@ from medattn_fast import autotune as AT
 from medattn_fast import backend as B
 from medattn_fast.kernel_config import KernelConfig, kernel_config, use_kernel_config
 from medattn_fast.nn import AttentionGate
+from medattn_fast.ops._attention_gate_fused import GateParams
+from medattn_fast.ops._batch_norm import BatchNormParams
 
 
 class FakeClock:
@@ -263,9 +266,6 @@ def test_position_backward_variants(monkeypatch):
 def test_the_gate_key_says_train_or_eval_and_refuses_a_sync_group():
     from medattn_fast.ops._families import _gate_tune_key
 
-    from medattn_fast.ops._attention_gate_fused import GateParams
-    from medattn_fast.ops._batch_norm import BatchNormParams
-
     x, g = torch.randn(1, 4, 6, 6), torch.randn(1, 3, 3, 3)
     bn = BatchNormParams(torch.ones(2), torch.zeros(2), torch.zeros(2), torch.ones(2), training=True)
     params = GateParams(torch.randn(2, 4), None, torch.randn(2, 3), None, torch.randn(1, 2), None, bn_x=bn)
@@ -274,15 +274,22 @@ def test_the_gate_key_says_train_or_eval_and_refuses_a_sync_group():
     assert _gate_tune_key(x, g, params._replace(bn_x=params.bn_x._replace(process_group=object()))) is None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Box:
+    t: torch.Tensor
+    name: str
+
+
 def test_deep_clone_copies_every_tensor_keeping_layout_and_sharing():
     base = torch.randn(4, 6)
     view, expanded = base[:, 1:4], torch.randn(1, 3).expand(5, 3)
     w = torch.randn(3, requires_grad=True)
-    from medattn_fast.ops._batch_norm import BatchNormParams
-
     bn = BatchNormParams(w, None, torch.zeros(3), torch.ones(3), torch.tensor(0), training=True)
-    copied = AT.deep_clone((view, base.t(), expanded, {"bn": bn}, [w], 1.5))
-    cview, cbase_t, cexp, cdict, (cw,), scalar = copied
+    box = _Box(torch.randn(2), "label")
+    copied = AT.deep_clone((view, base.t(), expanded, {"bn": bn}, [w], 1.5, box))
+    cview, cbase_t, cexp, cdict, (cw,), scalar, cbox = copied
+    assert isinstance(cbox, _Box) and cbox.name == "label" and torch.equal(cbox.t, box.t)
+    assert cbox.t.data_ptr() != box.t.data_ptr()
     for a, b in ((cview, view), (cbase_t, base.t()), (cexp, expanded), (cw, w)):
         assert torch.equal(a, b) and a.stride() == b.stride() and a.data_ptr() != b.data_ptr()
     assert cview.untyped_storage().data_ptr() == cbase_t.untyped_storage().data_ptr()   # still one buffer
