@@ -406,7 +406,7 @@ class Op:
 
     def __call__(self, *args, backend: Optional[str] = None, **kwargs):
         choice = self.select(*args, backend=backend, **kwargs)
-        picks = _ctx_auto_picks.get()
+        picks = None if torch.compiler.is_compiling() else _ctx_auto_picks.get()   # dynamo cannot trace .get
         if picks is not None and (backend or get_backend()) == "auto":
             picks[self.name] = choice.label
         return self.runner(choice)(*args, **kwargs)
