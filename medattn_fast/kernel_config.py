@@ -21,11 +21,12 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ["FP32_PRECISIONS", "POSITION_BACKWARDS", "KernelConfig", "explicitly_set", "kernel_config",
+__all__ = ["FP32_PRECISIONS", "GATE_KERNELS", "POSITION_BACKWARDS", "KernelConfig", "explicitly_set", "kernel_config",
            "set_kernel_config", "use_kernel_config"]
 
 FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
 POSITION_BACKWARDS = ("separate", "fused")
+GATE_KERNELS = ("auto", "dot", "loop")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,14 @@ class KernelConfig:
     ``position_hoist``: position attention's dq/dk kernels load the dv-wide operand that is invariant
     across their outer loop once before it (True) or re-read it in chunks every iteration (False);
     None (default): the default tiles' choice.
+
+    ``gate_kernel``: how the Triton attention gate forms ``a = W·x`` (per position, Ci of them) —
+    ``"dot"`` (a tile of positions × Cx times Wᵀ (Cx × Ci) as one ``tl.dot``, ψ·relu(a) summed over
+    the Ci axis of the tile), ``"loop"`` (one multiply-reduce over Cx per intermediate channel, Ci
+    of them in turn: the first kernels) or ``"auto"`` (default: ``"dot"`` where Ci ≥ 16, the
+    smallest ``tl.dot`` width, and Cx ≤ 64, the widest x tile that compiles without spills on sm_90;
+    else ``"loop"``). ``"dot"`` runs the dot kernels at any width (correct, but they spill past
+    Cx = 64). Variable ``MEDATTN_GATE_KERNEL``.
     """
 
     fp32_precision: Optional[str] = None
@@ -63,6 +72,7 @@ class KernelConfig:
     position_p16: bool = True
     position_dv_split: int = 0
     position_hoist: Optional[bool] = None
+    gate_kernel: str = "auto"
 
     def __post_init__(self):
         if self.fp32_precision is not None and self.fp32_precision not in FP32_PRECISIONS:
@@ -80,11 +90,14 @@ class KernelConfig:
             raise ValueError(f"KernelConfig: position_dv_split must be 0 or a power of two >= 16, got {split!r}")
         if self.position_hoist is not None and not isinstance(self.position_hoist, bool):
             raise TypeError(f"KernelConfig: position_hoist must be a bool or None, got {self.position_hoist!r}")
+        if self.gate_kernel not in GATE_KERNELS:
+            raise ValueError(f"KernelConfig: gate_kernel must be one of {GATE_KERNELS}, got {self.gate_kernel!r}")
 
     @classmethod
     def from_environment(cls) -> "KernelConfig":
         """The defaults with the environment's choices applied (``MEDATTN_FP32_PRECISION``,
-        ``MEDATTN_POSITION_BWD``, ``MEDATTN_POSITION_P16``); a bad value raises naming the variable."""
+        ``MEDATTN_POSITION_BWD``, ``MEDATTN_POSITION_P16``, ``MEDATTN_GATE_KERNEL``); a bad value raises
+        naming the variable."""
         precision = os.environ.get("MEDATTN_FP32_PRECISION", "").strip().lower() or None
         if precision is not None and precision not in FP32_PRECISIONS:
             raise ValueError(f"MEDATTN_FP32_PRECISION must be one of {FP32_PRECISIONS}, got {precision!r}")
@@ -93,7 +106,11 @@ class KernelConfig:
             raise ValueError(f"KernelConfig: position_backward (MEDATTN_POSITION_BWD) must be one of "
                              f"{POSITION_BACKWARDS}, got {backward!r}")
         p16 = os.environ.get("MEDATTN_POSITION_P16", "1").strip() not in ("", "0")
-        return cls(precision, backward, p16)
+        gate = os.environ.get("MEDATTN_GATE_KERNEL", "").strip().lower() or "auto"
+        if gate not in GATE_KERNELS:
+            raise ValueError(f"KernelConfig: gate_kernel (MEDATTN_GATE_KERNEL) must be one of {GATE_KERNELS}, "
+                             f"got {gate!r}")
+        return cls(precision, backward, p16, gate_kernel=gate)
 
 
 _ctx_config: contextvars.ContextVar[Optional[KernelConfig]] = contextvars.ContextVar("medattn_kernel_config",
@@ -124,14 +141,14 @@ def use_kernel_config(config: KernelConfig) -> Iterator[None]:
 
 
 @torch.compiler.assume_constant_result   # dynamo cannot trace ContextVar.get: read it at trace time
-def _fields() -> Tuple[Optional[str], str, bool, int, Optional[bool]]:
+def _fields() -> Tuple[Optional[str], str, bool, int, Optional[bool], str]:
     config = _ctx_config.get() or _global_config or KernelConfig.from_environment()
     return astuple(config)
 
 
 # the environment variable of each field (KernelConfig.from_environment reads them)
 ENVIRONMENT = {"fp32_precision": "MEDATTN_FP32_PRECISION", "position_backward": "MEDATTN_POSITION_BWD",
-               "position_p16": "MEDATTN_POSITION_P16"}
+               "position_p16": "MEDATTN_POSITION_P16", "gate_kernel": "MEDATTN_GATE_KERNEL"}
 
 
 def explicitly_set(field: str) -> bool:

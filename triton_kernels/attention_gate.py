@@ -10,9 +10,20 @@ of G at p (computed on the fly from p's coordinates, exactly as ATen's ``upsampl
     α[p] = σ(q[p])   (σ(σ(q[p])) with double_sigmoid)
     out[:, p] = α[p]·x[:, p]
 
-Kernels (one program = BLOCK_P consecutive positions of one batch element × all Cx channels; the
-x tile is loaded once into registers, float32, and every channel of ``a`` is produced from it in
-turn — a loop over Ci of a (Cx × BLOCK_P) multiply-reduce — so ``a`` exists one channel at a time):
+Two variants of the two kernels below, chosen per call (``KernelConfig.gate_kernel``, :func:`uses_dot`):
+
+* **dot** (``auto`` where Ci ≥ 16 and Cx ≤ 64): one program = BLOCK_P (128 forward, 64 backward)
+  positions × all Cx channels, the x tile (positions × Cx) loaded once in x's dtype; ``a`` for 16
+  intermediate channels at a time is ``x_tile·W_chunkᵀ`` on the tensor cores (wgmma on sm_90;
+  16-bit x meets W as a hi + lo pair in its dtype, two dots with float32 accumulation; float32 x
+  as the KernelConfig's ``fp32_precision`` says), plus b and up(G) sampled as a (16 × positions) tile,
+  and ``ψ·relu(a)`` is reduced over the chunk's channel axis with ``tl.sum`` — no loop over Ci with
+  a cross-warp reduction each. Backward: ``grad_x += da·W_chunk`` as a second dot.
+  ``_forward_dot_kernel``, ``_backward_dot_kernel``.
+* **loop** (the first kernels; Ci < 16, Cx > 64): one program = BLOCK_P consecutive positions × all
+  Cx channels; the x tile is loaded once into registers, float32, and every channel of ``a`` is
+  produced from it in turn — a loop over Ci of a (Cx × BLOCK_P) multiply-reduce — so ``a`` exists
+  one channel at a time. ``_forward_kernel``, ``_backward_kernel``:
 
 * ``_forward_kernel``  ``LOGITS=False``: out and α (eval pass: x read once, out written once);
                        ``LOGITS=True``: q only (training: ψ's batch statistics are taken outside).
@@ -45,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import INTERPRETED, dot, dot_precision, pow2_at_least_16, to_storage
+from ._util import INTERPRETED, dot, dot_precision, mma, pow2_at_least_16, to_storage
 
 
 def _output_precision(dtype, fp32_precision: Optional[str]):
@@ -57,7 +68,7 @@ def _output_precision(dtype, fp32_precision: Optional[str]):
     return dot_precision(dtype, split_default=False, forced=fp32_precision)
 
 __all__ = ["gate_forward", "gate_logits", "gate_backward", "gate_project", "gate_project_backward",
-           "default_block_p", "MAX_CHANNELS"]
+           "default_block_p", "default_dot_block_p", "uses_dot", "MAX_CHANNELS"]
 
 MAX_CHANNELS = 1024  # the x tile (Cx padded to a power of two × BLOCK_P) lives in registers
 
@@ -204,6 +215,184 @@ def _backward_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, go_ptr, galpha_
     tl.store(gx_ptr + gx_off, to_storage(gx, gx_ptr.dtype.element_ty), mask=tile_mask)
 
 
+# ---------------------------------------------------------------------------------------------
+# the dot variant (Ci >= 16): a = x_tileᵀ·Wᵀ on the tensor cores, ψ·relu(a) reduced over the tile
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _spatial(p, d, h, w, sd, sh, sw, FLAT: tl.constexpr):
+    """Offsets of the tile's positions within one (batch, channel) plane. ``FLAT``: the spatial
+    dims are one run of stride ``sw`` (channels-first contiguous, or channels_last), so the
+    offset is ``p·sw``: the compiler then sees consecutive positions as consecutive addresses
+    (with ``sw`` = 1 specialised: vector loads and stores along the positions)."""
+    if FLAT:
+        return p * sw
+    return d * sd + h * sh + w * sw
+
+
+@triton.jit
+def _interpolation(d, h, w, Dg, Hg, Wg, scale_d, scale_h, scale_w):
+    """Per position of the tile: the coarse map's source indices and weights along each axis, laid
+    out along a row (1, BLOCK_P) for :func:`_preactivation_chunk`'s (channels × positions) gather."""
+    d0, d1, ld = _axis(d, scale_d, Dg)
+    h0, h1, lh = _axis(h, scale_h, Hg)
+    w0, w1, lw = _axis(w, scale_w, Wg)
+    return (d0[None, :], d1[None, :], ld[None, :], h0[None, :], h1[None, :], lh[None, :],
+            w0[None, :], w1[None, :], lw[None, :])
+
+
+@triton.jit
+def _preactivation_chunk(x_t, i0, w_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
+                         IS_3D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_I: tl.constexpr):
+    """``a`` (BLOCK_P, BLOCK_I) float32 for the intermediate channels i0 .. i0+BLOCK_I of a
+    (BLOCK_P positions × BLOCK_C channels) x tile: ``a[p, i] = Σ_c x[p, c]·W[i, c] + b[i] +
+    up(G)[i, p]``, the sum as a ``tl.dot`` (M = positions, N = BLOCK_I, K = Cx), then the bias and
+    the sampled coarse map; channels past Ci are exactly 0. 16-bit x meets W as a hi/lo pair of
+    x's dtype (two dots, float32 accumulation); float32 x multiplies as ``PRECISION`` says (the
+    KernelConfig's fp32 policy). Also returns the chunk's channel indices and mask."""
+    ch = tl.arange(0, BLOCK_C)
+    ic = i0 + tl.arange(0, BLOCK_I)
+    imask = ic < Ci
+    # Wᵀ chunk (BLOCK_C, BLOCK_I): W is (Ci, Cx) row-major, float32
+    w_t = tl.load(w_ptr + ic[None, :] * Cx + ch[:, None], mask=(ch < Cx)[:, None] & imask[None, :], other=0.0)
+    if x_t.dtype == tl.float32:
+        a = dot(x_t, w_t, PRECISION, INTERPRETED)
+    else:
+        # W = W_hi + W_lo, both in x's dtype: two 16-bit dots carry W to ~16 significant bits. W is
+        # the folded weight (BN scale included), which no 16-bit convolution rounds: one rounding
+        # to bfloat16 put the ψ-BN weight's gradient (batch statistics of q) at 3x PyTorch's error.
+        w_hi = w_t.to(x_t.dtype)
+        w_lo = (w_t - w_hi.to(tl.float32)).to(x_t.dtype)
+        a = dot(x_t, w_lo, PRECISION, INTERPRETED) + dot(x_t, w_hi, PRECISION, INTERPRETED)
+    a += tl.load(b_ptr + ic, mask=imask, other=0.0)[None, :]
+    # up(G) sampled as a (BLOCK_I, BLOCK_P) tile, then transposed: with the positions along the
+    # lanes each thread holds few positions, so their indices and weights take few registers
+    # (sampled as (BLOCK_P, BLOCK_I), 16 positions per thread held 6 values each and the kernel
+    # spilled on sm_90). 32-bit offsets within this batch element's maps (the launch checks).
+    d0, d1, ld, h0, h1, lh, w0, w1, lw = interp
+    up = _sample(g_batch + (ic * Sg)[:, None], d0, d1, ld, h0, h1, lh, w0, w1, lw, Hg, Wg,
+                 imask[:, None] & pmask[None, :], IS_3D)
+    a += tl.trans(up)
+    return a, ic, imask
+
+
+@triton.jit
+def _logits_dot(x_t, w_ptr, b_ptr, psi_ptr, c_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
+                IS_3D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """``q[p] = Σ_i ψ_i·relu(a[p, i]) + c`` (BLOCK_P,): a chunk of BLOCK_I intermediate channels at a
+    time, each reduced over its Ci axis within the program (``tl.sum`` of the 2-D tile)."""
+    q = tl.zeros((BLOCK_P,), dtype=tl.float32) + tl.load(c_ptr)
+    for i0 in range(0, Ci, BLOCK_I):
+        a, ic, imask = _preactivation_chunk(x_t, i0, w_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
+                                            IS_3D, PRECISION, BLOCK_C, BLOCK_I)
+        psi = tl.load(psi_ptr + ic, mask=imask, other=0.0)
+        q += tl.sum(tl.maximum(a, 0.0) * psi[None, :], axis=1)
+    return q
+
+
+@triton.jit
+def _forward_dot_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, out_ptr, alpha_ptr, q_ptr,
+                        Cx, Ci, D, H, W, Dg, Hg, Wg, scale_d, scale_h, scale_w,
+                        sxb, sxc, sxd, sxh, sxw, sob, soc, sod, soh, sow,
+                        IS_3D: tl.constexpr, FLAT: tl.constexpr, LOGITS: tl.constexpr,
+                        DOUBLE_SIGMOID: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    S = D * H * W
+    Sg = Dg * Hg * Wg
+    p, pmask, d, h, w = _positions(pid, S, H, W, BLOCK_P)
+    ch = tl.arange(0, BLOCK_C)
+    tile_mask = pmask[:, None] & (ch < Cx)[None, :]
+    # the x tile, positions × channels, in x's dtype: read once, used by the dots and for out = α·x;
+    # 32-bit offsets within x[b] (the launch checks)
+    x_off = ch[None, :] * sxc + _spatial(p, d, h, w, sxd, sxh, sxw, FLAT)[:, None]
+    x_t = tl.load(x_ptr + b * sxb + x_off, mask=tile_mask, other=0.0)
+    interp = _interpolation(d, h, w, Dg, Hg, Wg, scale_d, scale_h, scale_w)
+    q = _logits_dot(x_t, w_ptr, b_ptr, psi_ptr, c_ptr, g_ptr + b * Ci * Sg, Cx, Ci, Sg, interp, pmask, Hg, Wg,
+                    IS_3D, PRECISION, BLOCK_C, BLOCK_I, BLOCK_P)
+    if LOGITS:
+        tl.store(q_ptr + b * S + p, q, mask=pmask)
+    else:
+        alpha = tl.sigmoid(q)
+        if DOUBLE_SIGMOID:
+            alpha = tl.sigmoid(alpha)
+        tl.store(alpha_ptr + b * S + p, to_storage(alpha, alpha_ptr.dtype.element_ty), mask=pmask)
+        o_off = ch[None, :] * soc + _spatial(p, d, h, w, sod, soh, sow, FLAT)[:, None]
+        tl.store(out_ptr + b * sob + o_off, to_storage(x_t.to(tl.float32) * alpha[:, None], out_ptr.dtype.element_ty),
+                 mask=tile_mask)
+
+
+@triton.jit
+def _backward_dot_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, go_ptr, galpha_ptr, gq_ptr,
+                         gx_ptr, ga_ptr, part_ptr,
+                         Cx, Ci, D, H, W, Dg, Hg, Wg, scale_d, scale_h, scale_w,
+                         sxb, sxc, sxd, sxh, sxw, sgb, sgc, sgd, sgh, sgw, sxgb, sxgc, sxgd, sxgh, sxgw,
+                         IS_3D: tl.constexpr, FLAT: tl.constexpr, FROM_LOGITS: tl.constexpr,
+                         HAS_GRAD_OUT: tl.constexpr, HAS_GRAD_ALPHA: tl.constexpr, DOUBLE_SIGMOID: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+                         BLOCK_P: tl.constexpr):
+    """One program: BLOCK_P positions. Sweep 1 (backward of the forward pass only): q as the
+    forward computes it, then dq through the sigmoid(s). Sweep 2, a chunk of BLOCK_I intermediate
+    channels at a time: ``a`` again (a dot), ``da = dq·ψ·[a > 0]`` (stored), the w partial sums
+    (the tile's columns summed) and ``grad_x += da·W`` (a dot, K = BLOCK_I); grad_x starts at
+    ``α·grad_out``."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    S = D * H * W
+    Sg = Dg * Hg * Wg
+    p, pmask, d, h, w = _positions(pid, S, H, W, BLOCK_P)
+    ch = tl.arange(0, BLOCK_C)
+    cmask = ch < Cx
+    tile_mask = pmask[:, None] & cmask[None, :]
+    x_off = ch[None, :] * sxc + _spatial(p, d, h, w, sxd, sxh, sxw, FLAT)[:, None]
+    x_t = tl.load(x_ptr + b * sxb + x_off, mask=tile_mask, other=0.0)
+    interp = _interpolation(d, h, w, Dg, Hg, Wg, scale_d, scale_h, scale_w)
+    g_batch = g_ptr + b * Ci * Sg
+
+    gx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    if FROM_LOGITS:
+        dq = tl.load(gq_ptr + b * S + p, mask=pmask, other=0.0).to(tl.float32)
+    else:
+        q = _logits_dot(x_t, w_ptr, b_ptr, psi_ptr, c_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
+                        IS_3D, PRECISION, BLOCK_C, BLOCK_I, BLOCK_P)
+        first = tl.sigmoid(q)
+        alpha = first
+        if DOUBLE_SIGMOID:
+            alpha = tl.sigmoid(first)
+        d_alpha = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        if HAS_GRAD_ALPHA:
+            d_alpha += tl.load(galpha_ptr + b * S + p, mask=pmask, other=0.0).to(tl.float32)
+        if HAS_GRAD_OUT:
+            go_off = ch[None, :] * sgc + _spatial(p, d, h, w, sgd, sgh, sgw, FLAT)[:, None]
+            go = tl.load(go_ptr + b * sgb + go_off, mask=tile_mask, other=0.0).to(tl.float32)
+            d_alpha += tl.sum(go * x_t.to(tl.float32), axis=1)
+            gx = go * alpha[:, None]
+        if DOUBLE_SIGMOID:
+            d_alpha = d_alpha * alpha * (1.0 - alpha)
+        dq = d_alpha * first * (1.0 - first)
+    dq = tl.where(pmask, dq, 0.0)
+
+    part = part_ptr + (b * tl.num_programs(0) + pid) * (Ci + 1)
+    ga_batch = ga_ptr + b * Ci * S
+    for i0 in range(0, Ci, BLOCK_I):
+        a, ic, imask = _preactivation_chunk(x_t, i0, w_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
+                                            IS_3D, PRECISION, BLOCK_C, BLOCK_I)
+        active = a > 0.0
+        psi = tl.load(psi_ptr + ic, mask=imask, other=0.0)
+        da = tl.where(active, dq[:, None] * psi[None, :], 0.0)      # (BLOCK_P, BLOCK_I), 0 past Ci
+        tl.store(ga_batch + (ic[None, :] * S + p[:, None]), da, mask=pmask[:, None] & imask[None, :])
+        tl.store(part + ic, tl.sum(tl.where(active, dq[:, None] * a, 0.0), axis=0), mask=imask)
+        # grad_x += da·W: (BLOCK_P, BLOCK_I) × (BLOCK_I, BLOCK_C); da float32 (TF32 for 16-bit x)
+        w_tile = tl.load(w_ptr + ic[:, None] * Cx + ch[None, :], mask=imask[:, None] & cmask[None, :], other=0.0)
+        gx += mma(da, w_tile, PRECISION)
+    tl.store(part + Ci, tl.sum(dq, axis=0))
+    gx_off = ch[None, :] * sxgc + _spatial(p, d, h, w, sxgd, sxgh, sxgw, FLAT)[:, None]
+    tl.store(gx_ptr + b * sxgb + gx_off, to_storage(gx, gx_ptr.dtype.element_ty), mask=tile_mask)
+
+
 @triton.jit
 def _project_kernel(x_ptr, w_ptr, b_ptr, alpha_ptr, out_ptr, Cx, Co, H, W, S,
                     sxb, sxc, sxd, sxh, sxw, sob, soc, sod, soh, sow,
@@ -271,15 +460,44 @@ def _project_backward_kernel(x_ptr, w_ptr, alpha_ptr, go_ptr, gx_ptr, galpha_ptr
 # ---------------------------------------------------------------------------------------------
 
 GATE_WARPS = 8
+DOT_MIN_CHANNELS = 16     # tl.dot's smallest N: below it the dot would be mostly padding
+DOT_MAX_CHANNELS = 64     # widest x tile (Cx) ``auto`` gives the dot variant: 0 spills on sm_90 up to here
+DOT_BLOCK_I = 16          # intermediate channels per chunk of the dot variant (the dot's N)
+DOT_STAGES = 1            # no software pipelining of the chunk loop (see default_dot_block_p)
 
 
 def default_block_p(channels: int) -> int:
-    """Positions per program: about 1024 tile elements (Cx padded) per program, 16..128, on
-    ``GATE_WARPS`` warps. Chosen from ptxas's report on sm_90 (tests/_sm90_compile.py) at the
-    benchmarks' widths (Cx = 64 in 2-D, 32 in 3-D): with 4096 elements on 4 warps, triton 3.6 (the
-    GPU machine's version) spilled 1.6-5.4 KB per thread in both kernels (triton 3.9: none); with
-    1024 on 8 warps, at most 8 B under 3.6 and none under 3.9. Not yet timed on a GPU."""
+    """Positions per program of the ``loop`` variant: about 1024 tile elements (Cx padded) per
+    program, 16..128, on ``GATE_WARPS`` warps. Chosen from ptxas's report on sm_90
+    (tests/_sm90_compile.py) at the benchmarks' widths (Cx = 64 in 2-D, 32 in 3-D): with 4096
+    elements on 4 warps, triton 3.6 (the GPU machine's version) spilled 1.6-5.4 KB per thread in
+    both kernels (triton 3.9: none); with 1024 on 8 warps, at most 8 B under 3.6 and none under 3.9.
+    Not yet timed on a GPU."""
     return max(16, min(128, 1024 // triton.next_power_of_2(channels)))
+
+
+def default_dot_block_p(channels: int, backward: bool) -> int:
+    """Positions per program of the ``dot`` variant, on ``GATE_WARPS`` warps: 128 forward and 64
+    backward up to Cx = 64 (8192 / 4096 x-tile elements), fewer past it (a forced ``dot`` only).
+
+    From ptxas's report on sm_90 (tests/_sm90_compile.py, triton 3.9) at Cx 16..64, Ci 16..64,
+    2-D and 3-D, float32/bfloat16: 0 spills; bfloat16 forward at B=8 Cx=64 Ci=32 128 registers (two
+    8-warp programs per SM), float32 151-250. 256 positions forward took 186-212 registers;
+    128 positions backward 176-235 registers and spilled at Cx = 35 (grid gate, float32).
+    The chunk loop runs unpipelined (``DOT_STAGES``): 3 stages tripled the backward's shared
+    memory (49 → 154 KB) and raised its registers. Past Cx = 64 the forward and backward spilled
+    (56 B at Cx = 128, KBs at 512-1024), hence ``DOT_MAX_CHANNELS``. Not yet timed on a GPU."""
+    elements = (4096 if backward else 8192) // pow2_at_least_16(channels)
+    return max(16, min(64 if backward else 128, elements))
+
+
+def uses_dot(kernel: str, intermediate_channels: int, channels: int) -> bool:
+    """Whether the ``dot`` variant runs: ``kernel`` is the KernelConfig's ``gate_kernel``
+    (``"auto"``: where DOT_MIN_CHANNELS ≤ Ci and Cx ≤ DOT_MAX_CHANNELS)."""
+    if kernel not in ("auto", "dot", "loop"):
+        raise ValueError(f"triton attention_gate: kernel must be 'auto', 'dot' or 'loop', got {kernel!r}")
+    return kernel == "dot" or (kernel == "auto" and intermediate_channels >= DOT_MIN_CHANNELS
+                               and channels <= DOT_MAX_CHANNELS)
 
 
 def _strides5(t: torch.Tensor) -> Tuple[int, int, int, int, int]:
@@ -309,14 +527,44 @@ def _params(G, weight, bias, psi, psi_bias):
             psi_bias.reshape(-1).contiguous())
 
 
-def _launch_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid, logits, block_p):
+def _batch_extent(t: torch.Tensor) -> int:
+    """Elements one batch element of ``t`` spans in memory (the largest offset within it + 1)."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
+def _flat(t: torch.Tensor) -> bool:
+    """Whether ``t``'s spatial dims (2: on) are one run of its last spatial stride, so that a
+    position's offset is its flat index times that stride (channels-first contiguous, channels_last)."""
+    sizes, strides = t.shape[2:], t.stride()[2:]
+    return all(sizes[i] == 1 or strides[i] == strides[i + 1] * sizes[i + 1] for i in range(len(sizes) - 1))
+
+
+def _variant(x, ci, block_p, fp32_precision, kernel, addressed, per_batch_extents, backward) -> dict:
+    """The launch's kernels, positions per program and constexprs for the chosen variant.
+
+    ``addressed``: the tensors with x's geometry the kernels read or write (x, out, grad_out,
+    grad_x); ``per_batch_extents``: the elements per batch element of the others (G, grad_a). The
+    dot kernels address within a batch element with 32-bit offsets (64-bit ones widen every
+    pointer tile); past 2³¹ elements per batch element the loop kernels (64-bit offsets
+    throughout) run the call: the same result, slower."""
+    cx = x.shape[1]
+    extents = [_batch_extent(t) for t in addressed] + list(per_batch_extents)
+    if uses_dot(kernel, ci, cx) and max(extents) < 2 ** 31:
+        return dict(kernels=(_forward_dot_kernel, _backward_dot_kernel),
+                    block_p=block_p or default_dot_block_p(cx, backward),
+                    meta=dict(PRECISION=dot_precision(x.dtype, forced=fp32_precision), BLOCK_C=pow2_at_least_16(cx),
+                              BLOCK_I=min(DOT_BLOCK_I, pow2_at_least_16(ci)), FLAT=all(_flat(t) for t in addressed),
+                              num_stages=DOT_STAGES))
+    return dict(kernels=(_forward_kernel, _backward_kernel), block_p=block_p or default_block_p(cx),
+                meta=dict(BLOCK_C=triton.next_power_of_2(cx)))
+
+
+def _launch_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid, logits, block_p, fp32_precision, kernel):
     _check(x, G, weight)
     G, weight, bias, psi, psi_bias = _params(G, weight, bias, psi, psi_bias)
     three_d, fine, coarse, scales = _geometry(x, G)
     batch, cx, ci = x.shape[0], x.shape[1], G.shape[1]
     S = fine[0] * fine[1] * fine[2]
-    block_c = triton.next_power_of_2(cx)
-    block_p = block_p or default_block_p(cx)
     alpha_shape = (batch, 1, *x.shape[2:])
     if logits:
         q = torch.empty(alpha_shape, device=x.device, dtype=torch.float32)
@@ -325,26 +573,33 @@ def _launch_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid, logits, b
         out = torch.empty_like(x)
         alpha = torch.empty(alpha_shape, device=x.device, dtype=x.dtype)
         q = alpha
+    variant = _variant(x, ci, block_p, fp32_precision, kernel, (x, out), (G[0].numel(),), False)
+    block_p = variant["block_p"]
     grid = (triton.cdiv(S, block_p), batch)
-    _forward_kernel[grid](x, G, weight, bias, psi, psi_bias, out, alpha, q,
-                          cx, ci, *fine, *coarse, *scales, *_strides5(x), *_strides5(out),
-                          IS_3D=three_d, LOGITS=logits, DOUBLE_SIGMOID=bool(double_sigmoid),
-                          BLOCK_C=block_c, BLOCK_P=block_p, num_warps=GATE_WARPS)
+    variant["kernels"][0][grid](x, G, weight, bias, psi, psi_bias, out, alpha, q,
+                                cx, ci, *fine, *coarse, *scales, *_strides5(x), *_strides5(out),
+                                IS_3D=three_d, LOGITS=logits, DOUBLE_SIGMOID=bool(double_sigmoid),
+                                BLOCK_P=block_p, num_warps=GATE_WARPS, **variant["meta"])
     return q if logits else (out, alpha)
 
 
-def gate_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid: bool, *, block_p: Optional[int] = None):
-    """Eval pass: ``(out like x, alpha (B, 1, *S) in x's dtype)``; parameters folded, float32."""
-    return _launch_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid, False, block_p)
+def gate_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid: bool, *, block_p: Optional[int] = None,
+                 fp32_precision: Optional[str] = None, kernel: str = "auto"):
+    """Eval pass: ``(out like x, alpha (B, 1, *S) in x's dtype)``; parameters folded, float32.
+    ``kernel``: ``"dot"``, ``"loop"`` or ``"auto"`` (:func:`uses_dot`); ``fp32_precision``: the dot
+    variant's float32 products (``triton_kernels._util.fp32_precision``)."""
+    return _launch_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid, False, block_p, fp32_precision,
+                           kernel)
 
 
-def gate_logits(x, G, weight, bias, psi, psi_bias, *, block_p: Optional[int] = None):
+def gate_logits(x, G, weight, bias, psi, psi_bias, *, block_p: Optional[int] = None,
+                fp32_precision: Optional[str] = None, kernel: str = "auto"):
     """The ψ pre-activation ``q`` (B, 1, *S) float32."""
-    return _launch_forward(x, G, weight, bias, psi, psi_bias, False, True, block_p)
+    return _launch_forward(x, G, weight, bias, psi, psi_bias, False, True, block_p, fp32_precision, kernel)
 
 
 def gate_backward(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alpha, double_sigmoid: bool, *,
-                  block_p: Optional[int] = None):
+                  block_p: Optional[int] = None, fp32_precision: Optional[str] = None, kernel: str = "auto"):
     """``(grad_x like x, grad_a (B, Ci, *S) float32, grad_psi (Ci,), grad_psi_bias (1,))``.
 
     ``grad_q`` given: backward of :func:`gate_logits`; else of :func:`gate_forward` with
@@ -355,8 +610,6 @@ def gate_backward(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alph
     three_d, fine, coarse, scales = _geometry(x, G)
     batch, cx, ci = x.shape[0], x.shape[1], G.shape[1]
     S = fine[0] * fine[1] * fine[2]
-    block_c = triton.next_power_of_2(cx)
-    block_p = block_p or default_block_p(cx)
     from_logits = grad_q is not None
     if from_logits:
         grad_q = grad_q.to(torch.float32).contiguous()
@@ -364,17 +617,19 @@ def gate_backward(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alph
         grad_alpha = grad_alpha.contiguous()
     grad_x = torch.empty_like(x)
     grad_a = torch.empty((batch, ci, *x.shape[2:]), device=x.device, dtype=torch.float32)
+    go = grad_out if grad_out is not None else x
+    variant = _variant(x, ci, block_p, fp32_precision, kernel, (x, go, grad_x), (G[0].numel(), ci * S), True)
+    block_p = variant["block_p"]
     n_prog = triton.cdiv(S, block_p)
     partials = torch.empty((batch * n_prog, ci + 1), device=x.device, dtype=torch.float32)
-    go = grad_out if grad_out is not None else x
-    _backward_kernel[(n_prog, batch)](
+    variant["kernels"][1][(n_prog, batch)](
         x, G, weight, bias, psi, psi_bias, go,
         grad_alpha if grad_alpha is not None else x, grad_q if from_logits else x,
         grad_x, grad_a, partials,
         cx, ci, *fine, *coarse, *scales, *_strides5(x), *_strides5(go), *_strides5(grad_x),
         IS_3D=three_d, FROM_LOGITS=from_logits, HAS_GRAD_OUT=grad_out is not None,
         HAS_GRAD_ALPHA=grad_alpha is not None, DOUBLE_SIGMOID=bool(double_sigmoid),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=GATE_WARPS)
+        BLOCK_P=block_p, num_warps=GATE_WARPS, **variant["meta"])
     sums = partials.sum(0)
     return grad_x, grad_a, sums[:ci].clone(), sums[ci:].clone()
 

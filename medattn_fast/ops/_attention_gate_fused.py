@@ -194,23 +194,30 @@ def define_custom_ops(backend: str, kernels: Callable, *, precision_argument: bo
     def precision(fp32_precision: Optional[str]) -> dict:
         return {"fp32_precision": fp32_precision} if precision_argument else {}
 
+    def variant(fp32_precision: Optional[str], gate_kernel: str) -> dict:
+        return {"fp32_precision": fp32_precision, "kernel": gate_kernel} if precision_argument else {}
 
     @torch.library.custom_op(f"{name}_fwd", mutates_args=())
     def forward(x: Tensor, G: Tensor, weight: Tensor, bias: Tensor, psi: Tensor, psi_bias: Tensor,
-                double_sigmoid: bool) -> Tuple[Tensor, Tensor]:
-        out, alpha = kernels().gate_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid)
+                double_sigmoid: bool, fp32_precision: Optional[str] = None,
+                gate_kernel: str = "auto") -> Tuple[Tensor, Tensor]:
+        out, alpha = kernels().gate_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid,
+                                            **variant(fp32_precision, gate_kernel))
         return out, alpha
 
     @torch.library.custom_op(f"{name}_logits_fwd", mutates_args=())
-    def logits(x: Tensor, G: Tensor, weight: Tensor, bias: Tensor, psi: Tensor, psi_bias: Tensor) -> Tensor:
-        return kernels().gate_logits(x, G, weight, bias, psi, psi_bias)
+    def logits(x: Tensor, G: Tensor, weight: Tensor, bias: Tensor, psi: Tensor, psi_bias: Tensor,
+               fp32_precision: Optional[str] = None, gate_kernel: str = "auto") -> Tensor:
+        return kernels().gate_logits(x, G, weight, bias, psi, psi_bias, **variant(fp32_precision, gate_kernel))
 
     @torch.library.custom_op(f"{name}_bwd", mutates_args=())
     def backward(x: Tensor, G: Tensor, weight: Tensor, bias: Tensor, psi: Tensor, psi_bias: Tensor,
                  grad_q: Optional[Tensor], grad_out: Optional[Tensor], grad_alpha: Optional[Tensor],
-                 double_sigmoid: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                 double_sigmoid: bool, fp32_precision: Optional[str] = None,
+                 gate_kernel: str = "auto") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         gx, ga, gpsi, gc = kernels().gate_backward(x, G, weight, bias, psi, psi_bias, grad_q, grad_out,
-                                                   grad_alpha, double_sigmoid)
+                                                   grad_alpha, double_sigmoid,
+                                                   **variant(fp32_precision, gate_kernel))
         return gx, ga, gpsi, gc
 
     @torch.library.custom_op(f"{name}_project_fwd", mutates_args=())
@@ -233,15 +240,16 @@ def _define_fake_and_autograd(k: FusedKernels) -> None:
     """The fake kernels and the autograd formulas of one backend's ops."""
 
     @k.forward.register_fake
-    def _(x, G, weight, bias, psi, psi_bias, double_sigmoid):
+    def _(x, G, weight, bias, psi, psi_bias, double_sigmoid, fp32_precision=None, gate_kernel="auto"):
         return torch.empty_like(x), x.new_empty(_alpha_shape(x))
 
     @k.logits.register_fake
-    def _(x, G, weight, bias, psi, psi_bias):
+    def _(x, G, weight, bias, psi, psi_bias, fp32_precision=None, gate_kernel="auto"):
         return x.new_empty(_alpha_shape(x), dtype=accumulation_dtype(x.dtype))
 
     @k.backward.register_fake
-    def _(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alpha, double_sigmoid):
+    def _(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alpha, double_sigmoid, fp32_precision=None,
+          gate_kernel="auto"):
         acc = accumulation_dtype(x.dtype)
         return (torch.empty_like(x), x.new_empty(_grad_a_shape(x, G.shape[1]), dtype=acc),
                 x.new_empty((G.shape[1],), dtype=acc), x.new_empty((1,), dtype=acc))
@@ -255,10 +263,17 @@ def _define_fake_and_autograd(k: FusedKernels) -> None:
     def _(x, alpha, weight, grad_out, fp32_precision):
         return torch.empty_like(x), torch.empty_like(alpha)
 
-    def _setup(ctx, inputs, output):
-        x, G, weight, bias, psi, psi_bias = inputs[:6]
-        ctx.double_sigmoid = bool(inputs[6]) if len(inputs) > 6 else False
-        ctx.save_for_backward(x, G, weight, bias, psi, psi_bias)
+    def _save(ctx, inputs, double_sigmoid, variant):
+        """``variant``: the (fp32_precision, gate_kernel) the forward ran, given to the backward."""
+        ctx.double_sigmoid = bool(double_sigmoid)
+        ctx.fp32_precision, ctx.gate_kernel = (tuple(variant) + (None, "auto")[len(variant):])[:2]
+        ctx.save_for_backward(*inputs[:6])
+
+    def _setup(ctx, inputs, output):      # forward's (x, G, W, b, w, c, double_sigmoid, fp32_precision, gate_kernel)
+        _save(ctx, inputs, inputs[6], inputs[7:])
+
+    def _logits_setup(ctx, inputs, output):   # logits' (x, G, W, b, w, c, fp32_precision, gate_kernel)
+        _save(ctx, inputs, False, inputs[6:])
 
     def _finish(ctx, saved, grads):
         x, G, weight, bias, psi, psi_bias = saved
@@ -271,17 +286,18 @@ def _define_fake_and_autograd(k: FusedKernels) -> None:
     def _forward_backward(ctx, grad_out, grad_alpha):
         saved = ctx.saved_tensors
         if grad_out is None and grad_alpha is None:
-            return (None,) * 7
-        grads = k.backward(*saved, None, grad_out, grad_alpha, ctx.double_sigmoid)
-        return (*_finish(ctx, saved, grads), None)
+            return (None,) * 9
+        grads = k.backward(*saved, None, grad_out, grad_alpha, ctx.double_sigmoid, ctx.fp32_precision,
+                           ctx.gate_kernel)
+        return (*_finish(ctx, saved, grads), None, None, None)
 
     def _logits_backward(ctx, grad_q):
         saved = ctx.saved_tensors
-        grads = k.backward(*saved, grad_q, None, None, False)
-        return _finish(ctx, saved, grads)
+        grads = k.backward(*saved, grad_q, None, None, False, ctx.fp32_precision, ctx.gate_kernel)
+        return (*_finish(ctx, saved, grads), None, None)
 
     k.forward.register_autograd(_forward_backward, setup_context=_setup)
-    k.logits.register_autograd(_logits_backward, setup_context=_setup)
+    k.logits.register_autograd(_logits_backward, setup_context=_logits_setup)
     k.project.register_autograd(_project_backward(k), setup_context=_project_setup)
 
 
@@ -397,7 +413,7 @@ def _output_transform(kernels: FusedKernels, x: Tensor, alpha: Tensor, p: GatePa
 
 
 def _fused_grid_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, double_sigmoid: bool,
-                     return_alpha: bool, fp32_precision: Optional[str]) -> Result:
+                     return_alpha: bool, fp32_precision: Optional[str], gate_kernel: str) -> Result:
     """Oktay's grid gate: the additive gate's logits pass on the strided grid, then one fused pass
     over x for ``α⊙x`` and the output transform."""
     acc = accumulation_dtype(x.dtype)
@@ -413,7 +429,7 @@ def _fused_grid_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams,
     batch_stats = uses_batch_stats(p.bn_psi)
     if p.bn_psi is not None and not batch_stats:
         psi, psi_b = p.bn_psi.fold(psi, psi_b)
-    q = kernels.logits(theta, G, weight, bias, psi.reshape(cint), psi_b.reshape(1))
+    q = kernels.logits(theta, G, weight, bias, psi.reshape(cint), psi_b.reshape(1), fp32_precision, gate_kernel)
     # batch statistics: the BN normalises q in x's dtype, as it would the ψ conv's output
     alpha = torch.sigmoid(batch_norm(q.to(x.dtype), p.bn_psi) if batch_stats else q)
     if double_sigmoid:
@@ -434,12 +450,14 @@ def _psi(p: GateParams, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
 
 
 def fused_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, mode: str, double_sigmoid: bool,
-               return_alpha: bool, fp32_precision: Optional[str] = None) -> Result:
-    """The gate on a fused backend (arguments as ``ops.attention_gate``'s backends; ``fp32_precision``:
-    the :class:`medattn_fast.KernelConfig`'s, for the grid gate's output transform)."""
+               return_alpha: bool, fp32_precision: Optional[str] = None, gate_kernel: str = "auto") -> Result:
+    """The gate on a fused backend (arguments as ``ops.attention_gate``'s backends; ``fp32_precision``
+    and ``gate_kernel``: the :class:`medattn_fast.KernelConfig`'s, for the Triton kernels' float32
+    products and their dot/loop variant; the C++ backends ignore them)."""
     if mode == "grid":
         return _fused_grid_gate(kernels, x, g, p, double_sigmoid=double_sigmoid, return_alpha=return_alpha,
-                                fp32_precision=fp32_precision)
+                                fp32_precision=fp32_precision, gate_kernel=gate_kernel)
+    variant = (fp32_precision, gate_kernel)
     acc = accumulation_dtype(x.dtype)
     cint, cx = p.wx_weight.shape[0], x.shape[1]
 
@@ -452,7 +470,7 @@ def fused_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, mo
 
     # 3. the fused pass
     if uses_batch_stats(p.bn_psi):
-        q = kernels.logits(x, G, weight, bias, psi.reshape(cint), psi_b)
+        q = kernels.logits(x, G, weight, bias, psi.reshape(cint), psi_b, *variant)
         alpha = torch.sigmoid(batch_norm(q.to(x.dtype), p.bn_psi))
         if double_sigmoid:
             alpha = torch.sigmoid(alpha)
@@ -460,7 +478,8 @@ def fused_gate(kernels: FusedKernels, x: Tensor, g: Tensor, p: GateParams, *, mo
     else:
         if p.bn_psi is not None:
             psi, psi_b = p.bn_psi.fold(psi, psi_b)
-        out, alpha = kernels.forward(x, G, weight, bias, psi.reshape(cint), psi_b.reshape(1), double_sigmoid)
+        out, alpha = kernels.forward(x, G, weight, bias, psi.reshape(cint), psi_b.reshape(1), double_sigmoid,
+                                     *variant)
     if p.out_weight is not None:
         out = conv_batch_norm(out, p.out_weight, p.out_bias, p.bn_out)
     return (out, alpha) if return_alpha else out
@@ -471,7 +490,9 @@ def registrar(backend: str, kernels: FusedKernels) -> Callable:
     family's dispatcher as ``backend`` (reasons: its device and dtypes, and the table's limits)."""
 
     def impl(x: Tensor, g: Tensor, params: GateParams, **options) -> Result:
-        return fused_gate(kernels, x, g, params, **options, fp32_precision=kernel_config().fp32_precision)
+        config = kernel_config()
+        return fused_gate(kernels, x, g, params, **options, fp32_precision=config.fp32_precision,
+                          gate_kernel=config.gate_kernel)
 
     def register(op) -> None:
         op.register(backend)(impl)
