@@ -210,7 +210,15 @@ def _external(dtype) -> None:
 
 
 def _gate(dtype) -> None:
+    import medattn_fast
     from medattn_fast.nn import AttentionGate
+
+    # the per-channel loop kernels at the widths where ``auto`` takes the dot kernels (which the
+    # default pass below compiles): both variants stay compiled, to be timed side by side
+    with medattn_fast.use_kernel_config(medattn_fast.KernelConfig(gate_kernel="loop")):
+        for training in (False, True):
+            gate = AttentionGate(64, 128, 32, backend="triton").to(dtype).train(training)
+            _backward(gate(_leaf(2, 64, 20, 24, dtype=dtype), _leaf(2, 128, 10, 12, dtype=dtype)))
 
     # the benchmarks' widths (Cx = 64 in 2-D, 32 in 3-D: 64- and 32-channel x tiles) and a narrow one
     for cx, spatial, size, coarse in ((64, 2, (20, 24), (10, 12)), (32, 3, (8, 10, 6), (4, 5, 3)),
@@ -308,7 +316,10 @@ def _position_headline(batch_channels_side, dtype, grad: bool) -> None:
             _backward(out)
 
 
-def headline_table(dtypes=DTYPES) -> List[Tuple]:
+HEADLINE_FAMILIES = ("position", "channel", "gaussian_axial", "window", "external", "attention_gate")
+
+
+def headline_table(dtypes=DTYPES, families=HEADLINE_FAMILIES) -> List[Tuple]:
     """Rows of :data:`TABLE_HEADER` for every family's GPU-check rows (bench/cases_<family>.py
     ``gpu_check_cases``, their real shapes; position at batch 1, see :func:`_position_headline`): the
     ``triton`` provider's kernels at their default configs, in each of the case's modes."""
@@ -316,7 +327,7 @@ def headline_table(dtypes=DTYPES) -> List[Tuple]:
     import re as _re
 
     rows = []
-    for family in ("position", "channel", "gaussian_axial", "window", "external", "attention_gate"):
+    for family in families:
         cases = importlib.import_module(f"bench.cases_{family}").gpu_check_cases(torch.device("cpu"), tiny=False)
         for case in cases:
             for dtype in dtypes:
@@ -377,6 +388,8 @@ def main(argv=None) -> int:
                              "(bfloat16, dk 64, dv 512) as 'atomic <instruction>' lines")
     parser.add_argument("--headline", action="store_true",
                         help="with --table: also every family's GPU-check shapes (bench/cases_*.py gpu_check_cases)")
+    parser.add_argument("--headline-family", action="append", choices=HEADLINE_FAMILIES,
+                        help="with --headline: only these families' GPU-check shapes (repeatable); default: all")
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     _install()
@@ -391,7 +404,7 @@ def main(argv=None) -> int:
         for row in table:
             print("table " + " ".join(map(str, row)), flush=True)
     if args.table and args.headline:
-        table += headline_table(dtypes)
+        table += headline_table(dtypes, tuple(args.headline_family or HEADLINE_FAMILIES))
     failures = [f"{r[0]} {r[1]} {r[2]}: {r[7]}" for r in table if r[7] != "ok"]
     spills = [f"{r[0]} {r[1]} {r[2]} {r[3]}: {r[5]} B local memory per thread, {r[4]} registers"
               for r in table if r[7] == "ok" and r[5]]

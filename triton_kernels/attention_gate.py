@@ -242,7 +242,7 @@ def _interpolation(d, h, w, Dg, Hg, Wg, scale_d, scale_h, scale_w):
 
 
 @triton.jit
-def _preactivation_chunk(x_t, i0, w_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
+def _preactivation_chunk(x_t, i0, w_ptr, whi_ptr, wlo_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
                          IS_3D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
                          BLOCK_I: tl.constexpr):
     """``a`` (BLOCK_P, BLOCK_I) float32 for the intermediate channels i0 .. i0+BLOCK_I of a
@@ -255,15 +255,17 @@ def _preactivation_chunk(x_t, i0, w_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp, pma
     ic = i0 + tl.arange(0, BLOCK_I)
     imask = ic < Ci
     # Wᵀ chunk (BLOCK_C, BLOCK_I): W is (Ci, Cx) row-major, float32
-    w_t = tl.load(w_ptr + ic[None, :] * Cx + ch[:, None], mask=(ch < Cx)[:, None] & imask[None, :], other=0.0)
+    w_off = ic[None, :] * Cx + ch[:, None]
+    w_mask = (ch < Cx)[:, None] & imask[None, :]
     if x_t.dtype == tl.float32:
-        a = dot(x_t, w_t, PRECISION, INTERPRETED)
+        a = dot(x_t, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), PRECISION, INTERPRETED)
     else:
-        # W = W_hi + W_lo, both in x's dtype: two 16-bit dots carry W to ~16 significant bits. W is
-        # the folded weight (BN scale included), which no 16-bit convolution rounds: one rounding
-        # to bfloat16 put the ψ-BN weight's gradient (batch statistics of q) at 3x PyTorch's error.
-        w_hi = w_t.to(x_t.dtype)
-        w_lo = (w_t - w_hi.to(tl.float32)).to(x_t.dtype)
+        # W = W_hi + W_lo, both in x's dtype (split on the host): two 16-bit dots carry W to ~16
+        # significant bits. W is the folded weight (BN scale included), which no 16-bit convolution
+        # rounds: one rounding to bfloat16 put the ψ-BN weight's gradient (batch statistics of q)
+        # at 3x PyTorch's error. (Split in the kernel, it cost 36 more registers on sm_90.)
+        w_lo = tl.load(wlo_ptr + w_off, mask=w_mask, other=0.0)
+        w_hi = tl.load(whi_ptr + w_off, mask=w_mask, other=0.0)
         a = dot(x_t, w_lo, PRECISION, INTERPRETED) + dot(x_t, w_hi, PRECISION, INTERPRETED)
     a += tl.load(b_ptr + ic, mask=imask, other=0.0)[None, :]
     # up(G) sampled as a (BLOCK_I, BLOCK_P) tile, then transposed: with the positions along the
@@ -278,22 +280,22 @@ def _preactivation_chunk(x_t, i0, w_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp, pma
 
 
 @triton.jit
-def _logits_dot(x_t, w_ptr, b_ptr, psi_ptr, c_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
+def _logits_dot(x_t, w_ptr, whi_ptr, wlo_ptr, b_ptr, psi_ptr, c_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
                 IS_3D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
                 BLOCK_P: tl.constexpr):
     """``q[p] = Σ_i ψ_i·relu(a[p, i]) + c`` (BLOCK_P,): a chunk of BLOCK_I intermediate channels at a
     time, each reduced over its Ci axis within the program (``tl.sum`` of the 2-D tile)."""
     q = tl.zeros((BLOCK_P,), dtype=tl.float32) + tl.load(c_ptr)
     for i0 in range(0, Ci, BLOCK_I):
-        a, ic, imask = _preactivation_chunk(x_t, i0, w_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
-                                            IS_3D, PRECISION, BLOCK_C, BLOCK_I)
+        a, ic, imask = _preactivation_chunk(x_t, i0, w_ptr, whi_ptr, wlo_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp,
+                                            pmask, Hg, Wg, IS_3D, PRECISION, BLOCK_C, BLOCK_I)
         psi = tl.load(psi_ptr + ic, mask=imask, other=0.0)
         q += tl.sum(tl.maximum(a, 0.0) * psi[None, :], axis=1)
     return q
 
 
 @triton.jit
-def _forward_dot_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, out_ptr, alpha_ptr, q_ptr,
+def _forward_dot_kernel(x_ptr, g_ptr, w_ptr, whi_ptr, wlo_ptr, b_ptr, psi_ptr, c_ptr, out_ptr, alpha_ptr, q_ptr,
                         Cx, Ci, D, H, W, Dg, Hg, Wg, scale_d, scale_h, scale_w,
                         sxb, sxc, sxd, sxh, sxw, sob, soc, sod, soh, sow,
                         IS_3D: tl.constexpr, FLAT: tl.constexpr, LOGITS: tl.constexpr,
@@ -311,7 +313,7 @@ def _forward_dot_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, out_ptr, alp
     x_off = ch[None, :] * sxc + _spatial(p, d, h, w, sxd, sxh, sxw, FLAT)[:, None]
     x_t = tl.load(x_ptr + b * sxb + x_off, mask=tile_mask, other=0.0)
     interp = _interpolation(d, h, w, Dg, Hg, Wg, scale_d, scale_h, scale_w)
-    q = _logits_dot(x_t, w_ptr, b_ptr, psi_ptr, c_ptr, g_ptr + b * Ci * Sg, Cx, Ci, Sg, interp, pmask, Hg, Wg,
+    q = _logits_dot(x_t, w_ptr, whi_ptr, wlo_ptr, b_ptr, psi_ptr, c_ptr, g_ptr + b * Ci * Sg, Cx, Ci, Sg, interp, pmask, Hg, Wg,
                     IS_3D, PRECISION, BLOCK_C, BLOCK_I, BLOCK_P)
     if LOGITS:
         tl.store(q_ptr + b * S + p, q, mask=pmask)
@@ -326,7 +328,7 @@ def _forward_dot_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, out_ptr, alp
 
 
 @triton.jit
-def _backward_dot_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, go_ptr, galpha_ptr, gq_ptr,
+def _backward_dot_kernel(x_ptr, g_ptr, w_ptr, whi_ptr, wlo_ptr, b_ptr, psi_ptr, c_ptr, go_ptr, galpha_ptr, gq_ptr,
                          gx_ptr, ga_ptr, part_ptr,
                          Cx, Ci, D, H, W, Dg, Hg, Wg, scale_d, scale_h, scale_w,
                          sxb, sxc, sxd, sxh, sxw, sgb, sgc, sgd, sgh, sgw, sxgb, sxgc, sxgd, sxgh, sxgw,
@@ -356,7 +358,7 @@ def _backward_dot_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, go_ptr, gal
     if FROM_LOGITS:
         dq = tl.load(gq_ptr + b * S + p, mask=pmask, other=0.0).to(tl.float32)
     else:
-        q = _logits_dot(x_t, w_ptr, b_ptr, psi_ptr, c_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
+        q = _logits_dot(x_t, w_ptr, whi_ptr, wlo_ptr, b_ptr, psi_ptr, c_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
                         IS_3D, PRECISION, BLOCK_C, BLOCK_I, BLOCK_P)
         first = tl.sigmoid(q)
         alpha = first
@@ -378,8 +380,8 @@ def _backward_dot_kernel(x_ptr, g_ptr, w_ptr, b_ptr, psi_ptr, c_ptr, go_ptr, gal
     part = part_ptr + (b * tl.num_programs(0) + pid) * (Ci + 1)
     ga_batch = ga_ptr + b * Ci * S
     for i0 in range(0, Ci, BLOCK_I):
-        a, ic, imask = _preactivation_chunk(x_t, i0, w_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp, pmask, Hg, Wg,
-                                            IS_3D, PRECISION, BLOCK_C, BLOCK_I)
+        a, ic, imask = _preactivation_chunk(x_t, i0, w_ptr, whi_ptr, wlo_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp,
+                                            pmask, Hg, Wg, IS_3D, PRECISION, BLOCK_C, BLOCK_I)
         active = a > 0.0
         psi = tl.load(psi_ptr + ic, mask=imask, other=0.0)
         da = tl.where(active, dq[:, None] * psi[None, :], 0.0)      # (BLOCK_P, BLOCK_I), 0 past Ci
@@ -481,12 +483,13 @@ def default_dot_block_p(channels: int, backward: bool) -> int:
     backward up to Cx = 64 (8192 / 4096 x-tile elements), fewer past it (a forced ``dot`` only).
 
     From ptxas's report on sm_90 (tests/_sm90_compile.py, triton 3.9) at Cx 16..64, Ci 16..64,
-    2-D and 3-D, float32/bfloat16: 0 spills; bfloat16 forward at B=8 Cx=64 Ci=32 128 registers (two
-    8-warp programs per SM), float32 151-250. 256 positions forward took 186-212 registers;
-    128 positions backward 176-235 registers and spilled at Cx = 35 (grid gate, float32).
-    The chunk loop runs unpipelined (``DOT_STAGES``): 3 stages tripled the backward's shared
-    memory (49 → 154 KB) and raised its registers. Past Cx = 64 the forward and backward spilled
-    (56 B at Cx = 128, KBs at 512-1024), hence ``DOT_MAX_CHANNELS``. Not yet timed on a GPU."""
+    2-D and 3-D, float32/bfloat16: 0 spills; the bfloat16 forward at Cx = 64, Ci = 32 takes 130
+    registers (one 8-warp program per SM by registers; capping it at 128 with ``maxnreg`` spilled
+    16 B), float32 115-250, the backward 115-250. 256 positions forward took 186-212 registers;
+    128 positions backward 176-235 and spilled at Cx = 35 (grid gate, float32). The chunk loop runs
+    unpipelined (``DOT_STAGES``): 3 stages tripled the backward's shared memory (49 → 154 KB) and
+    raised its registers. Past Cx = 64 the kernels spilled (56 B at Cx = 128, KBs at 512-1024),
+    hence ``DOT_MAX_CHANNELS``. Not yet timed on a GPU."""
     elements = (4096 if backward else 8192) // pow2_at_least_16(channels)
     return max(16, min(64 if backward else 128, elements))
 
@@ -559,6 +562,17 @@ def _variant(x, ci, block_p, fp32_precision, kernel, addressed, per_batch_extent
                 meta=dict(BLOCK_C=triton.next_power_of_2(cx)))
 
 
+def _weights(variant: dict, weight: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """The weight arguments of the variant's kernels: W (float32) for the loop kernels; for the dot
+    kernels W and its split ``W = W_hi + W_lo`` in x's dtype (16-bit x; float32 x: W twice, unused)."""
+    if variant["kernels"][0] is _forward_kernel:
+        return (weight,)
+    if dtype == torch.float32:
+        return (weight, weight, weight)
+    high = weight.to(dtype)
+    return (weight, high, (weight - high.to(torch.float32)).to(dtype))
+
+
 def _launch_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid, logits, block_p, fp32_precision, kernel):
     _check(x, G, weight)
     G, weight, bias, psi, psi_bias = _params(G, weight, bias, psi, psi_bias)
@@ -576,7 +590,7 @@ def _launch_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid, logits, b
     variant = _variant(x, ci, block_p, fp32_precision, kernel, (x, out), (G[0].numel(),), False)
     block_p = variant["block_p"]
     grid = (triton.cdiv(S, block_p), batch)
-    variant["kernels"][0][grid](x, G, weight, bias, psi, psi_bias, out, alpha, q,
+    variant["kernels"][0][grid](x, G, *_weights(variant, weight, x.dtype), bias, psi, psi_bias, out, alpha, q,
                                 cx, ci, *fine, *coarse, *scales, *_strides5(x), *_strides5(out),
                                 IS_3D=three_d, LOGITS=logits, DOUBLE_SIGMOID=bool(double_sigmoid),
                                 BLOCK_P=block_p, num_warps=GATE_WARPS, **variant["meta"])
@@ -623,7 +637,7 @@ def gate_backward(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alph
     n_prog = triton.cdiv(S, block_p)
     partials = torch.empty((batch * n_prog, ci + 1), device=x.device, dtype=torch.float32)
     variant["kernels"][1][(n_prog, batch)](
-        x, G, weight, bias, psi, psi_bias, go,
+        x, G, *_weights(variant, weight, x.dtype), bias, psi, psi_bias, go,
         grad_alpha if grad_alpha is not None else x, grad_q if from_logits else x,
         grad_x, grad_a, partials,
         cx, ci, *fine, *coarse, *scales, *_strides5(x), *_strides5(go), *_strides5(grad_x),
