@@ -1,80 +1,78 @@
-"""The CUDA attention gate's shared-memory limit (csrc/cuda/attention_gate.cu stages x, W_x and a
-(Ci + 1)-row buffer per block of >= 32 positions): past what a block can hold (Cx = 512, Ci = 256 in
-float32 on a Hopper GPU), the backend predicate says why, so ``auto`` takes another backend and a
-forced ``cuda`` call raises with that reason instead of the kernel's own error at launch.
+"""The CUDA attention gate has no width limit (csrc/cuda/attention_gate.cu: one thread per position,
+its x column in registers, W streamed through a fixed (8 × 64) shared tile, a few KB per block): the
+table of families lists no ``cuda`` limit, and dispatch gives no shared-memory reason at any width.
+On a GPU (``-m gpu``) the widths the old kernels refused (Cx = 512, Ci = 256: their x and W tiles
+needed more than the 227 KiB a Hopper block can opt into) run in float32 within the tolerance rule of
+the float64 reference (twice PyTorch's own float32 error), forward and every gradient, in eval and
+training mode; and widths past the 64 register channels (the kernels' chunked path) in 3-D with
+channels_last x and in grid mode too. (The float32/bfloat16/float16 cases at Cx = 32, Ci = 16, the
+column-in-registers path, are tests/test_attention_gate_fused.py's ``test_gpu_*[cuda-*]``.)
 """
 import pytest
 import torch
 
-import medattn_fast.functional as MF
-from medattn_fast.backend import BackendUnavailable
-from medattn_fast.ops._families import GateSharedMemory
-from medattn_fast.reference.attention_gate import AttentionBlock
-from _tolerance import gpu_device
+from _helpers import randomize_batch_norms
+from _tolerance import F64, gpu_device
+from test_attention_gate_fused import assert_within_pytorch_error, call, grid_call
 
-HOPPER_OPTIN = 232448   # bytes of shared memory a block may opt into on sm_90 (227 KiB)
-cuda_shared_memory_reasons = GateSharedMemory().shared_memory_reasons   # the table of families' limit
-
-
-def _need(cx, ci, tiles, elem=4, p=32):
-    return elem * (tiles * cx * p + ci * cx + (ci + 1) * p)
+from medattn_fast import backend as B
+from medattn_fast.ops._attention_gate_fused import GateParams
+from medattn_fast.reference.attention_gate import AttentionBlock, GridAttentionBlock
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_wide_gates_are_refused_with_the_sizes(backward):
-    x, w = torch.randn(1, 512, 4, 4), torch.randn(256, 512, 1, 1)
-    reasons = cuda_shared_memory_reasons(x, w, mode="additive", out_weight=None, backward=backward,
-                                         limit=HOPPER_OPTIN)
-    need = _need(512, 256, 2 if backward else 1)
-    assert reasons == [f"the cuda gate's gate pass needs {need} B of shared memory per block at 32 positions "
-                       f"(Cx = 512, Ci = 256, torch.float32{', backward' if backward else ''}), over this "
-                       f"device's {HOPPER_OPTIN} B"]
+def test_no_width_is_refused_for_shared_memory():
+    op = B.registered_ops()["attention_gate"]
+    for cx, ci in ((512, 256), (4096, 2048)):
+        x, g = torch.randn(1, cx, 2, 2), torch.randn(1, 3, 2, 2)
+        params = GateParams(torch.randn(ci, cx, 1, 1), None, torch.randn(ci, 3, 1, 1), None,
+                            torch.randn(1, ci, 1, 1), None)
+        reasons = op.why_not("cuda", x, g, params, mode="additive", double_sigmoid=False, return_alpha=False)
+        assert not any("shared memory" in r or "channels" in r for r in reasons), reasons
 
 
-def test_the_bound_is_the_kernels_own():
-    """At the largest Ci that fits for Cx = 256 it runs; one more channel of Ci and it does not; float64
-    tiles take twice the bytes."""
-    cx = 256
-    ci = max(c for c in range(1, 512) if _need(cx, c, 2) <= HOPPER_OPTIN)
-    x = torch.randn(1, cx, 2, 2)
-    fits = cuda_shared_memory_reasons(x, torch.randn(ci, cx), mode="additive", out_weight=None, backward=True,
-                                      limit=HOPPER_OPTIN)
-    over = cuda_shared_memory_reasons(x, torch.randn(ci + 1, cx), mode="additive", out_weight=None,
-                                      backward=True, limit=HOPPER_OPTIN)
-    assert fits == [] and len(over) == 1
-    assert cuda_shared_memory_reasons(x.double(), torch.randn(ci, cx).double(), mode="additive", out_weight=None,
-                                      backward=True, limit=HOPPER_OPTIN)
+def _matches_float64(block64, gate, x, g):
+    """cuda in float32 against the float64 ``reference`` under the tolerance rule (twice the error of
+    PyTorch's own float32 ``reference``/``torch``): out, α, the gradients of x, g and every parameter."""
+    cots = torch.randn_like(x), torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+    assert_within_pytorch_error(block64, gate, x, g, cots, "cuda", torch.float32)
 
 
-def test_grid_mode_counts_the_logits_pass_and_the_output_transform():
-    """Grid mode: the logits pass runs on θ·x (Ci channels, W_x = I), the output pass stages Cx + Co."""
-    x = torch.randn(1, 2048, 4, 4)
-    theta = torch.randn(64, 2048, 2, 2)
-    assert cuda_shared_memory_reasons(x, theta, mode="grid", out_weight=None, backward=True,
-                                      limit=HOPPER_OPTIN) == []
-    reasons = cuda_shared_memory_reasons(x, theta, mode="grid", out_weight=torch.randn(2048, 2048, 1, 1),
-                                         backward=True, limit=HOPPER_OPTIN)
-    assert len(reasons) == 1 and "output transform needs 524288 B" in reasons[0]
-
-
-def test_cpu_tensors_are_left_to_the_device_check():
-    assert cuda_shared_memory_reasons(torch.randn(1, 512, 2, 2), torch.randn(256, 512), mode="additive",
-                                      out_weight=None, backward=True) == []
-
-
-@pytest.mark.gpu
-def test_gpu_wide_gate_falls_through_and_a_forced_call_explains():
+def _cuda():
     dev = gpu_device()
     if dev.type != "cuda":
         pytest.skip("the cuda backend needs a CUDA device (dry run on the CPU)")
-    block = AttentionBlock(512, 512, 256).to(dev).eval()
-    x, g = torch.randn(2, 512, 16, 16, device=dev), torch.randn(2, 512, 8, 8, device=dev)
+    return dev
 
-    def call(backend):
-        return MF.attention_gate(x, g, block.Wx[0].weight, block.Wx[0].bias, block.Wg[0].weight, block.Wg[0].bias,
-                                 block.psi[0].weight, block.psi[0].bias, backend=backend)
 
-    with pytest.raises(BackendUnavailable, match="shared memory per block"):
-        call("cuda")
-    with torch.no_grad():
-        torch.testing.assert_close(call(None), call("torch"), rtol=1e-4, atol=1e-5)
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gpu_wide_gate_runs_within_float32_error(training):
+    """Cx = 512, Ci = 256 (refused by the old kernels for shared memory): the chunked path (x re-read per
+    8 rows of W, 8 chunks of 64 channels), 32 row chunks."""
+    dev = _cuda()
+    block = randomize_batch_norms(AttentionBlock(512, 64, 256)).to(dev, F64).train(training)
+    x, g = torch.randn(2, 512, 13, 11, device=dev, dtype=F64), torch.randn(2, 64, 7, 6, device=dev, dtype=F64)
+    _matches_float64(block, call, x, g)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gpu_3d_past_the_register_column_channels_last(training):
+    """Cx = 70 (one full and one partial 64-channel chunk), Ci = 13 (a partial row chunk), 3-D,
+    x channels_last_3d (a channel stride of 1)."""
+    dev = _cuda()
+    block = randomize_batch_norms(AttentionBlock(70, 9, 13, spatial_dims=3)).to(dev, F64).train(training)
+    x = torch.randn(2, 70, 5, 7, 9, device=dev, dtype=F64).to(memory_format=torch.channels_last_3d)
+    g = torch.randn(2, 9, 3, 4, 5, device=dev, dtype=F64)
+    _matches_float64(block, call, x, g)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gpu_grid_gate_wide_output_transform(training):
+    """Grid mode with a 300-channel x and output transform (the old kernels staged (Cx + Co) × 32 tiles:
+    2048 channels were refused), 2-D."""
+    dev = _cuda()
+    block = randomize_batch_norms(GridAttentionBlock(300, 24, 40, sub_sample_factor=2)).to(dev, F64).train(training)
+    x, g = torch.randn(2, 300, 18, 14, device=dev, dtype=F64), torch.randn(2, 24, 5, 4, device=dev, dtype=F64)
+    _matches_float64(block, grid_call, x, g)

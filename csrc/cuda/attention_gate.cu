@@ -6,24 +6,27 @@
 //   a[p] = W·x[:, p] + b + up(G)[p]    (Ci, never stored)    up: (bi|tri)linear, align_corners=False
 //   q[p] = w·relu(a[p]) + c,   α[p] = σ(q[p]) (σ∘σ with double_sigmoid),   out[:, p] = α[p]·x[:, p]
 //
-// A block owns P consecutive positions of one batch element, one thread per position. The block
-// stages its x tile (Cx × P, accumulation type) and W (Ci × Cx) in shared memory — the tile is
-// read from global memory once, with coalesced loads for channels-first (positions contiguous) and
-// channels_last (channels contiguous) layouts alike — and each thread then sweeps the Ci channels
-// of its own `a`, one at a time, from shared memory.
+// A block owns kThreads (128) consecutive positions of one batch element, one thread per position;
+// a thread decomposes its flat position once and addresses its x column (any strides: channels-first,
+// channels_last, views) from there. It holds that column in registers — whole when Cx <= 64 (32 in float64,
+// 16 in its backward), loaded once; past that a 64-channel chunk at a time, re-read per 8 rows of W from the
+// cache — and W streams through shared memory in (8 × 64) tiles that all threads read at the same
+// address (a broadcast): one shared load per FMA, a few KB of shared memory per block whatever Cx
+// and Ci, so no width is refused for lack of it. Each thread then has 8 channels of its own `a`
+// at a time.
 //
-// gate_backward recomputes a (and q) per thread; its per-thread gradient of x (Cx values) lives in
-// a second shared tile, and the products dq·relu(a_i) go to a shared (Ci+1) × P buffer that Ci+1
-// threads sum serially: the per-block partials are deterministic, and they are added on the host
-// side in block order.
+// gate_backward recomputes a (and q) per thread, writes da (B, Ci, *S) and reads this thread's da
+// back for grad_x = α·grad_out + Σ_i da_i·W[i, :], 64 channels of grad_x at a time (W's tiles
+// again). The products dq·relu(a_i) go to a shared (8 + 1) × 128 buffer whose rows 8 threads sum
+// in order: the per-block partials are deterministic, and they are added on the host side in block
+// order.
 //
 // Grid mode's output transform on the upsampled attention map α (B, 1, *S) (the Python side runs
 // the logits pass above on θ·x and upsamples α):
 //   gate_project           out[:, p] = α[p]·(W·x[:, p]) + b     (W: Co × Cx, BN folded)
 //   gate_project_backward  grad_x[:, p] = α[p]·Wᵀ·grad_out[:, p],  ∂α[p] = (Wᵀ·grad_out[:, p])·x[:, p]
-// Same blocking: one thread per position, the x (and grad_out) tiles and the result tile staged in
-// shared memory for coalesced loads and stores; W is read through the cache (every thread of a warp
-// reads the same W entry at the same time, a broadcast).
+// Same blocking: W (Co × Cx) in (8 × 64) shared tiles, the output written per thread, 8 channels
+// (backward: 64) at a time.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -78,19 +81,22 @@ __device__ __forceinline__ Axis<acc_t> axis(int64_t j, int64_t in, int64_t out) 
   return {lo, lo + (lo < in - 1 ? 1 : 0), lam};
 }
 
-// One thread's position and its interpolation corners.
+// One thread's position: its flat index decomposed into (d, h, w) once, and its interpolation
+// corners. offset(st) is the position's element offset in a tensor of strides st (channel 0);
+// every access of the kernels below steps from there by the channel stride, so no div/mod runs
+// per element.
 template <typename acc_t>
 struct Position {
-  int64_t s;       // flat index in S
-  int64_t offset;  // d·sd + h·sh + w·sw of x
+  int64_t s;         // flat index in S
+  int64_t d, h, w;
   Axis<acc_t> ad, ah, aw;
+  __device__ __forceinline__ int64_t offset(const Strides& st) const { return d * st.d + h * st.h + w * st.w; }
 };
 
 template <typename acc_t>
-__device__ __forceinline__ Position<acc_t> position(int64_t s, const Dims& n, const Strides& xs) {
+__device__ __forceinline__ Position<acc_t> position(int64_t s, const Dims& n) {
   const int64_t w = s % n.W, h = (s / n.W) % n.H, d = s / (n.W * n.H);
-  return {s, d * xs.d + h * xs.h + w * xs.w, axis<acc_t>(d, n.Dg, n.D), axis<acc_t>(h, n.Hg, n.H),
-          axis<acc_t>(w, n.Wg, n.W)};
+  return {s, d, h, w, axis<acc_t>(d, n.Dg, n.D), axis<acc_t>(h, n.Hg, n.H), axis<acc_t>(w, n.Wg, n.W)};
 }
 
 template <typename acc_t>
@@ -105,169 +111,239 @@ __device__ __forceinline__ acc_t sample(const acc_t* plane, const Position<acc_t
   return (acc_t(1) - ld) * near + ld * far;
 }
 
-// Cooperative load of a (Cx × P) tile of a strided (B, Cx, *S) tensor into shared memory tile[c·P + t].
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_tile(const scalar_t* base, const Strides& st, const Dims& n, int64_t s0,
-                                          int P, acc_t* tile) {
-  const int64_t count = n.Cx * P;
-  const bool channels_inner = st.c == 1;  // channels_last: consecutive threads walk channels
-  for (int64_t k = threadIdx.x; k < count; k += blockDim.x) {
-    const int64_t c = channels_inner ? k % n.Cx : k / P;
-    const int64_t t = channels_inner ? k / n.Cx : k % P;
-    const int64_t s = s0 + t;
-    acc_t v = acc_t(0);
-    if (s < n.S) {
-      const int64_t w = s % n.W, h = (s / n.W) % n.H, d = s / (n.W * n.H);
-      v = static_cast<acc_t>(base[c * st.c + d * st.d + h * st.h + w * st.w]);
-    }
-    tile[c * P + t] = v;
-  }
+// Blocking of every kernel below: a block owns kThreads consecutive positions of one batch element,
+// one thread per position. A thread holds a chunk of its own x column (Columns<acc_t>::value channels) in
+// registers — the whole column when Cx <= Columns, loaded once — and the weight matrix passes
+// through shared memory in (kRows × Columns) tiles that every thread of the block reads (the same
+// address across a warp: a broadcast). Shared memory is a few KB whatever the widths, so no
+// channel count is refused for lack of it. Past Columns channels a thread re-reads its column one
+// chunk per row chunk (from L1/L2).
+constexpr int kThreads = 128;
+constexpr int kRows = 8;
+// 64 floats of registers; in float64 32 (forward) / 16 (backward): 32 doubles spilled 20 B in the
+// backward, 16 spilled 8 B in the forward (ptxas, sm_90)
+template <typename acc_t, bool kBackward = false>
+struct Columns {
+  static constexpr int value = sizeof(acc_t) == 8 ? (kBackward ? 16 : 32) : 64;
+};
+
+// column[c0 .. c0 + K) of one strided column into registers (0 past Cx, or for a padding thread).
+template <int K, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_column(const scalar_t* column, int64_t stride_c, int64_t c0, int64_t Cx,
+                                            bool valid, acc_t (&r)[K]) {
+  const scalar_t* p = column + c0 * stride_c;  // stepped, not recomputed per channel
+#pragma unroll
+  for (int k = 0; k < K; ++k, p += stride_c) r[k] = valid && c0 + k < Cx ? static_cast<acc_t>(*p) : acc_t(0);
 }
 
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void store_tile(scalar_t* base, const Strides& st, const Dims& n, int64_t s0, int P,
-                                           const acc_t* tile, const acc_t* scale) {
-  const int64_t count = n.Cx * P;
-  const bool channels_inner = st.c == 1;
-  for (int64_t k = threadIdx.x; k < count; k += blockDim.x) {
-    const int64_t c = channels_inner ? k % n.Cx : k / P;
-    const int64_t t = channels_inner ? k / n.Cx : k % P;
-    const int64_t s = s0 + t;
-    if (s >= n.S) continue;
-    const int64_t w = s % n.W, h = (s / n.W) % n.H, d = s / (n.W * n.H);
-    const acc_t k_scale = scale ? scale[t] : acc_t(1);
-    base[c * st.c + d * st.d + h * st.h + w * st.w] = static_cast<scalar_t>(k_scale * tile[c * P + t]);
+// The (kRows × K) tile matrix[r0 .. r0 + kRows, c0 .. c0 + K) of a row-major (rows × cols) matrix
+// into shared memory, 0 past its edges. Every thread of the block calls it (two barriers).
+template <int K, typename acc_t>
+__device__ __forceinline__ void stage_tile(const acc_t* __restrict__ matrix, int64_t rows, int64_t cols, int64_t r0,
+                                           int64_t c0, acc_t* tile) {
+  __syncthreads();  // the previous tile is no longer read
+  for (int k = threadIdx.x; k < kRows * K; k += blockDim.x) {
+    const int64_t r = r0 + k / K, c = c0 + k % K;
+    tile[k] = r < rows && c < cols ? matrix[r * cols + c] : acc_t(0);
   }
+  __syncthreads();
 }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t channel_pre_activation(int64_t i, int t, int P, const acc_t* x_s, const acc_t* w_s,
-                                                        const acc_t* bias, const acc_t* g_batch,
-                                                        const Position<acc_t>& pos, const Dims& n) {
-  acc_t a = bias[i] + sample(g_batch + i * n.Sg, pos, n);
-  const acc_t* w_row = w_s + i * n.Cx;
-  for (int64_t c = 0; c < n.Cx; ++c) a += w_row[c] * x_s[c * P + t];
-  return a;
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void forward_kernel(const scalar_t* __restrict__ x, Strides xs, const acc_t* __restrict__ G,
-                               const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                               const acc_t* __restrict__ psi, const acc_t* __restrict__ psi_bias, Dims n,
-                               bool double_sigmoid, scalar_t* __restrict__ out, Strides os,
-                               scalar_t* __restrict__ alpha_out, acc_t* __restrict__ logits) {
-  extern __shared__ unsigned char smem_raw[];
-  const int P = blockDim.x;
-  acc_t* x_s = reinterpret_cast<acc_t*>(smem_raw);  // Cx × P
-  acc_t* w_s = x_s + n.Cx * P;                        // Ci × Cx
-  acc_t* alpha_s = w_s + n.Ci * n.Cx;                 // P
-  const int64_t b = blockIdx.y;
-  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * P;
-  const int t = threadIdx.x;
-
-  for (int64_t k = t; k < n.Ci * n.Cx; k += P) w_s[k] = weight[k];
-  load_tile(x + b * xs.b, xs, n, s0, P, x_s);
-  __syncthreads();
-
-  const int64_t s = s0 + t;
-  if (s < n.S) {
-    const Position<acc_t> pos = position<acc_t>(s, n, xs);
-    const acc_t* g_batch = G + b * n.Ci * n.Sg;
-    acc_t q = psi_bias[0];
-    for (int64_t i = 0; i < n.Ci; ++i) {
-      const acc_t a = channel_pre_activation(i, t, P, x_s, w_s, bias, g_batch, pos, n);
-      q += psi[i] * (a > acc_t(0) ? a : acc_t(0));
-    }
-    if (logits) {
-      logits[b * n.S + s] = q;
-    } else {
-      acc_t a = sigmoid(q);
-      if (double_sigmoid) a = sigmoid(a);
-      alpha_s[t] = a;
-      alpha_out[b * n.S + s] = static_cast<scalar_t>(a);
-    }
-  }
-  if (logits) return;  // uniform across the block
-  __syncthreads();
-  store_tile(out + b * os.b, os, n, s0, P, x_s, alpha_s);
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void backward_kernel(const scalar_t* __restrict__ x, Strides xs, const acc_t* __restrict__ G,
-                                const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                                const acc_t* __restrict__ psi, const acc_t* __restrict__ psi_bias, Dims n,
-                                bool double_sigmoid, const acc_t* __restrict__ grad_q,
-                                const scalar_t* __restrict__ grad_out, Strides gos,
-                                const scalar_t* __restrict__ grad_alpha, scalar_t* __restrict__ grad_x,
-                                Strides gxs, acc_t* __restrict__ grad_a, acc_t* __restrict__ partials) {
-  extern __shared__ unsigned char smem_raw[];
-  const int P = blockDim.x;
-  acc_t* x_s = reinterpret_cast<acc_t*>(smem_raw);  // Cx × P
-  acc_t* gx_s = x_s + n.Cx * P;                       // Cx × P: grad_out, then grad_x
-  acc_t* w_s = gx_s + n.Cx * P;                       // Ci × Cx
-  acc_t* red_s = w_s + n.Ci * n.Cx;                   // (Ci + 1) × P
-  const int64_t b = blockIdx.y;
-  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * P;
-  const int t = threadIdx.x;
-
-  for (int64_t k = t; k < n.Ci * n.Cx; k += P) w_s[k] = weight[k];
-  load_tile(x + b * xs.b, xs, n, s0, P, x_s);
-  if (grad_out) {
-    load_tile(grad_out + b * gos.b, gos, n, s0, P, gx_s);
-  } else {
-    for (int64_t k = t; k < n.Cx * P; k += P) gx_s[k] = acc_t(0);
-  }
-  __syncthreads();
-
-  const int64_t s = s0 + t;
-  const bool valid = s < n.S;
-  const Position<acc_t> pos = position<acc_t>(valid ? s : 0, n, xs);
-  const acc_t* g_batch = G + b * n.Ci * n.Sg;
-  acc_t dq = acc_t(0);
-  if (valid) {
-    if (grad_q) {
-      dq = grad_q[b * n.S + s];
-    } else {
-      acc_t q = psi_bias[0];
-      for (int64_t i = 0; i < n.Ci; ++i) {
-        const acc_t a = channel_pre_activation(i, t, P, x_s, w_s, bias, g_batch, pos, n);
-        q += psi[i] * (a > acc_t(0) ? a : acc_t(0));
-      }
-      const acc_t first = sigmoid(q);
-      const acc_t alpha = double_sigmoid ? sigmoid(first) : first;
-      acc_t d_alpha = grad_alpha ? static_cast<acc_t>(grad_alpha[b * n.S + s]) : acc_t(0);
-      for (int64_t c = 0; c < n.Cx; ++c) {
-        d_alpha += gx_s[c * P + t] * x_s[c * P + t];
-        gx_s[c * P + t] *= alpha;  // α·grad_out; only this thread touches column t
-      }
-      if (double_sigmoid) d_alpha *= alpha * (acc_t(1) - alpha);
-      dq = d_alpha * first * (acc_t(1) - first);
-    }
-  }
-  for (int64_t i = 0; i < n.Ci; ++i) {
-    acc_t contribution = acc_t(0);
-    if (valid) {
-      const acc_t a = channel_pre_activation(i, t, P, x_s, w_s, bias, g_batch, pos, n);
-      const acc_t da = a > acc_t(0) ? dq * psi[i] : acc_t(0);
-      contribution = a > acc_t(0) ? dq * a : acc_t(0);
-      grad_a[(b * n.Ci + i) * n.S + s] = da;
-      if (da != acc_t(0)) {
-        const acc_t* w_row = w_s + i * n.Cx;
-        for (int64_t c = 0; c < n.Cx; ++c) gx_s[c * P + t] += da * w_row[c];
-      }
-    }
-    red_s[i * P + t] = contribution;
-  }
-  red_s[n.Ci * P + t] = valid ? dq : acc_t(0);
-  __syncthreads();
-  // deterministic per-block partials: Ci + 1 threads each add one row of P values in order
-  acc_t* part = partials + (b * gridDim.x + blockIdx.x) * (n.Ci + 1);
-  for (int64_t r = t; r <= n.Ci; r += P) {
+// a[r] += Σ_k tile[r][k]·xr[k] for the kRows rows of a staged tile.
+template <int K, typename acc_t>
+__device__ __forceinline__ void rows_times_column(const acc_t* tile, const acc_t (&xr)[K], acc_t (&a)[kRows]) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
     acc_t sum = acc_t(0);
-    for (int k = 0; k < P; ++k) sum += red_s[r * P + k];
-    part[r] = sum;
+#pragma unroll
+    for (int k = 0; k < K; ++k) sum += tile[r * K + k] * xr[k];
+    a[r] += sum;
   }
-  store_tile(grad_x + b * gxs.b, gxs, n, s0, P, gx_s, static_cast<const acc_t*>(nullptr));
+}
+
+// The pre-activations W·x of rows i0 .. i0 + kRows of W (Ci × Cx) at this thread's position: a[r].
+template <int K, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void project_rows(const acc_t* __restrict__ weight, int64_t Ci, int64_t Cx, int64_t i0,
+                                             const scalar_t* x_column, int64_t x_stride_c, bool valid,
+                                             bool resident, acc_t (&xr)[K], acc_t* tile, acc_t (&a)[kRows]) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) a[r] = acc_t(0);
+  for (int64_t c0 = 0; c0 < Cx; c0 += K) {
+    stage_tile<K>(weight, Ci, Cx, i0, c0, tile);
+    if (!resident) load_column<K>(x_column, x_stride_c, c0, Cx, valid, xr);
+    rows_times_column<K>(tile, xr, a);
+  }
+}
+
+// q = c + Σ_i w_i·relu(a_i), a = W·x + b + up(G), at this thread's position (every thread calls it).
+template <int K, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t logits_at(const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
+                                           const acc_t* __restrict__ psi, const acc_t* __restrict__ psi_bias,
+                                           const acc_t* g_batch, const Dims& n, const Position<acc_t>& pos,
+                                           const scalar_t* x_column, int64_t x_stride_c, bool valid, bool resident,
+                                           acc_t (&xr)[K], acc_t* tile) {
+  acc_t q = psi_bias[0];
+  for (int64_t i0 = 0; i0 < n.Ci; i0 += kRows) {
+    acc_t a[kRows];
+    project_rows(weight, n.Ci, n.Cx, i0, x_column, x_stride_c, valid, resident, xr, tile, a);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = i0 + r;
+      if (i < n.Ci) {
+        const acc_t ai = a[r] + bias[i] + sample(g_batch + i * n.Sg, pos, n);
+        q += psi[i] * (ai > acc_t(0) ? ai : acc_t(0));
+      }
+    }
+  }
+  return q;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+forward_kernel(const scalar_t* __restrict__ x, Strides xs, const acc_t* __restrict__ G,
+               const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, const acc_t* __restrict__ psi,
+               const acc_t* __restrict__ psi_bias, Dims n, bool double_sigmoid, scalar_t* __restrict__ out,
+               Strides os, scalar_t* __restrict__ alpha_out, acc_t* __restrict__ logits) {
+  constexpr int K = Columns<acc_t>::value;
+  __shared__ acc_t tile[kRows * K];
+  const int64_t b = blockIdx.y;
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const bool valid = s < n.S;
+  const Position<acc_t> pos = position<acc_t>(valid ? s : 0, n);
+  const scalar_t* x_column = x + b * xs.b + pos.offset(xs);
+  const bool resident = n.Cx <= K;  // uniform across the block
+  acc_t xr[K];
+  if (resident) load_column<K>(x_column, xs.c, 0, n.Cx, valid, xr);
+  const acc_t q = logits_at(weight, bias, psi, psi_bias, G + b * n.Ci * n.Sg, n, pos, x_column, xs.c, valid,
+                            resident, xr, tile);
+  if (!valid) return;  // past the last barrier
+  if (logits) {
+    logits[b * n.S + s] = q;
+    return;
+  }
+  acc_t alpha = sigmoid(q);
+  if (double_sigmoid) alpha = sigmoid(alpha);
+  alpha_out[b * n.S + s] = static_cast<scalar_t>(alpha);
+  scalar_t* out_column = out + b * os.b + pos.offset(os);
+  if (resident) {
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (k < n.Cx) out_column[k * os.c] = static_cast<scalar_t>(alpha * xr[k]);
+  } else {
+    for (int64_t c = 0; c < n.Cx; ++c)
+      out_column[c * os.c] = static_cast<scalar_t>(alpha * static_cast<acc_t>(x_column[c * xs.c]));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+backward_kernel(const scalar_t* __restrict__ x, Strides xs, const acc_t* __restrict__ G,
+                const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, const acc_t* __restrict__ psi,
+                const acc_t* __restrict__ psi_bias, Dims n, bool double_sigmoid, const acc_t* __restrict__ grad_q,
+                const scalar_t* __restrict__ grad_out, Strides gos, const scalar_t* __restrict__ grad_alpha,
+                scalar_t* __restrict__ grad_x, Strides gxs, acc_t* __restrict__ grad_a,
+                acc_t* __restrict__ partials) {
+  constexpr int K = Columns<acc_t, true>::value;
+  __shared__ acc_t tile[kRows * K];
+  __shared__ acc_t red[(kRows + 1) * kThreads];  // per-row contributions, row kRows: dq
+  const int t = threadIdx.x;
+  const int64_t b = blockIdx.y;
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * kThreads + t;
+  const bool valid = s < n.S;
+  const Position<acc_t> pos = position<acc_t>(valid ? s : 0, n);
+  const scalar_t* x_column = x + b * xs.b + pos.offset(xs);
+  const acc_t* g_batch = G + b * n.Ci * n.Sg;
+  const bool resident = n.Cx <= K;
+  acc_t xr[K];
+  if (resident) load_column<K>(x_column, xs.c, 0, n.Cx, valid, xr);
+
+  // sweep 1: dq (given, or through the sigmoid(s) from grad_out·x and grad_alpha)
+  acc_t dq = acc_t(0), alpha = acc_t(0);
+  if (grad_q) {
+    if (valid) dq = grad_q[b * n.S + s];
+  } else {
+    const acc_t q = logits_at(weight, bias, psi, psi_bias, g_batch, n, pos, x_column, xs.c, valid, resident, xr,
+                              tile);
+    const acc_t first = sigmoid(q);
+    alpha = double_sigmoid ? sigmoid(first) : first;
+    acc_t d_alpha = grad_alpha && valid ? static_cast<acc_t>(grad_alpha[b * n.S + s]) : acc_t(0);
+    if (grad_out && valid) {
+      const scalar_t* go_column = grad_out + b * gos.b + pos.offset(gos);
+      if (resident) {
+#pragma unroll
+        for (int k = 0; k < K; ++k)
+          if (k < n.Cx) d_alpha += static_cast<acc_t>(go_column[k * gos.c]) * xr[k];
+      } else {
+        for (int64_t c = 0; c < n.Cx; ++c)
+          d_alpha += static_cast<acc_t>(go_column[c * gos.c]) * static_cast<acc_t>(x_column[c * xs.c]);
+      }
+    }
+    if (double_sigmoid) d_alpha *= alpha * (acc_t(1) - alpha);
+    if (valid) dq = d_alpha * first * (acc_t(1) - first);
+  }
+
+  // sweep 2a: da_i = dq·w_i·[a_i > 0] into grad_a; per-block partial sums of dq·relu(a_i) and dq,
+  // deterministic: row r's kThreads values summed in order by thread r
+  acc_t* part = partials + (b * gridDim.x + blockIdx.x) * (n.Ci + 1);
+  red[kRows * kThreads + t] = dq;
+  for (int64_t i0 = 0; i0 < n.Ci; i0 += kRows) {
+    acc_t a[kRows];
+    project_rows(weight, n.Ci, n.Cx, i0, x_column, xs.c, valid, resident, xr, tile, a);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = i0 + r;
+      acc_t contribution = acc_t(0);
+      if (valid && i < n.Ci) {
+        const acc_t ai = a[r] + bias[i] + sample(g_batch + i * n.Sg, pos, n);
+        contribution = ai > acc_t(0) ? dq * ai : acc_t(0);
+        grad_a[(b * n.Ci + i) * n.S + s] = ai > acc_t(0) ? dq * psi[i] : acc_t(0);
+      }
+      red[r * kThreads + t] = contribution;
+    }
+    __syncthreads();
+    if (t < kRows && i0 + t < n.Ci) {
+      acc_t sum = acc_t(0);
+      for (int k = 0; k < kThreads; ++k) sum += red[t * kThreads + k];
+      part[i0 + t] = sum;
+    }
+    // the next project_rows starts with a barrier: red is not overwritten before it is summed
+  }
+  __syncthreads();
+  if (t == 0) {
+    acc_t sum = acc_t(0);
+    for (int k = 0; k < kThreads; ++k) sum += red[kRows * kThreads + k];
+    part[n.Ci] = sum;
+  }
+
+  // sweep 2b: grad_x = α·grad_out + Σ_i da_i·W[i, :], a chunk of K channels at a time; this
+  // thread's da_i are read back from grad_a (written above by this same thread)
+  const scalar_t* go_column = grad_out && !grad_q ? grad_out + b * gos.b + pos.offset(gos) : nullptr;
+  scalar_t* gx_column = grad_x + b * gxs.b + pos.offset(gxs);
+  const acc_t* da_column = grad_a + b * n.Ci * n.S + (valid ? s : 0);
+  for (int64_t c0 = 0; c0 < n.Cx; c0 += K) {
+    acc_t gx[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t c = c0 + k;
+      gx[k] = go_column && valid && c < n.Cx ? alpha * static_cast<acc_t>(go_column[c * gos.c]) : acc_t(0);
+    }
+    for (int64_t i0 = 0; i0 < n.Ci; i0 += kRows) {
+      stage_tile<K>(weight, n.Ci, n.Cx, i0, c0, tile);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const acc_t da = valid && i0 + r < n.Ci ? da_column[(i0 + r) * n.S] : acc_t(0);
+        if (da != acc_t(0)) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) gx[k] += da * tile[r * K + k];
+        }
+      }
+    }
+    if (valid) {
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        if (c0 + k < n.Cx) gx_column[(c0 + k) * gxs.c] = static_cast<scalar_t>(gx[k]);
+    }
+  }
 }
 
 
@@ -275,62 +351,77 @@ __global__ void backward_kernel(const scalar_t* __restrict__ x, Strides xs, cons
 // grid mode's output pass
 // ------------------------------------------------------------------------------------------------
 
+// out[o] = α·Σ_c W[o, c]·x[c] + b[o]: rows of W (Co × Cx) kRows at a time, as the gate's W·x.
 template <typename scalar_t, typename acc_t>
-__global__ void project_kernel(const scalar_t* __restrict__ x, Strides xs, const acc_t* __restrict__ weight,
-                               const acc_t* __restrict__ bias, const acc_t* __restrict__ alpha, Dims n, int64_t Co,
-                               scalar_t* __restrict__ out, Strides os) {
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* x_s = reinterpret_cast<acc_t*>(smem_raw);  // Cx × P
-  const int P = blockDim.x;
-  acc_t* o_s = x_s + n.Cx * P;                        // Co × P
-  const int t = threadIdx.x;
+__global__ void __launch_bounds__(kThreads)
+project_kernel(const scalar_t* __restrict__ x, Strides xs, const acc_t* __restrict__ weight,
+               const acc_t* __restrict__ bias, const acc_t* __restrict__ alpha, Dims n, int64_t Co,
+               scalar_t* __restrict__ out, Strides os) {
+  constexpr int K = Columns<acc_t>::value;
+  __shared__ acc_t tile[kRows * K];
   const int64_t b = blockIdx.y;
-  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * P;
-  load_tile(x + b * xs.b, xs, n, s0, P, x_s);
-  __syncthreads();
-  const int64_t s = s0 + t;
-  const acc_t a = s < n.S ? alpha[b * n.S + s] : acc_t(0);
-  for (int64_t o = 0; o < Co; ++o) {
-    const acc_t* w_row = weight + o * n.Cx;
-    acc_t z = acc_t(0);
-    for (int64_t c = 0; c < n.Cx; ++c) z += w_row[c] * x_s[c * P + t];
-    o_s[o * P + t] = a * z + bias[o];
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const bool valid = s < n.S;
+  const Position<acc_t> pos = position<acc_t>(valid ? s : 0, n);
+  const scalar_t* x_column = x + b * xs.b + pos.offset(xs);
+  scalar_t* out_column = out + b * os.b + pos.offset(os);
+  const bool resident = n.Cx <= K;
+  acc_t xr[K];
+  if (resident) load_column<K>(x_column, xs.c, 0, n.Cx, valid, xr);
+  const acc_t a = valid ? alpha[b * n.S + s] : acc_t(0);
+  for (int64_t o0 = 0; o0 < Co; o0 += kRows) {
+    acc_t z[kRows];
+    project_rows(weight, Co, n.Cx, o0, x_column, xs.c, valid, resident, xr, tile, z);
+    if (valid) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        if (o0 + r < Co) out_column[(o0 + r) * os.c] = static_cast<scalar_t>(a * z[r] + bias[o0 + r]);
+    }
   }
-  __syncthreads();
-  Dims out_dims = n;
-  out_dims.Cx = Co;
-  store_tile(out + b * os.b, os, out_dims, s0, P, o_s, static_cast<const acc_t*>(nullptr));
 }
 
+// t = Wᵀ·grad_out (K channels at a time), grad_x = α·t, ∂α = Σ_c t[c]·x[c].
 template <typename scalar_t, typename acc_t>
-__global__ void project_backward_kernel(const scalar_t* __restrict__ x, Strides xs,
-                                        const acc_t* __restrict__ weight, const acc_t* __restrict__ alpha, Dims n,
-                                        int64_t Co, const scalar_t* __restrict__ grad_out, Strides gos,
-                                        scalar_t* __restrict__ grad_x, Strides gxs, acc_t* __restrict__ grad_alpha) {
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* x_s = reinterpret_cast<acc_t*>(smem_raw);  // Cx × P: x, then grad_x in place
-  const int P = blockDim.x;
-  acc_t* g_s = x_s + n.Cx * P;                        // Co × P
-  const int t = threadIdx.x;
+__global__ void __launch_bounds__(kThreads)
+project_backward_kernel(const scalar_t* __restrict__ x, Strides xs, const acc_t* __restrict__ weight,
+                        const acc_t* __restrict__ alpha, Dims n, int64_t Co, const scalar_t* __restrict__ grad_out,
+                        Strides gos, scalar_t* __restrict__ grad_x, Strides gxs, acc_t* __restrict__ grad_alpha) {
+  constexpr int K = Columns<acc_t>::value;
+  __shared__ acc_t tile[kRows * K];
   const int64_t b = blockIdx.y;
-  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * P;
-  load_tile(x + b * xs.b, xs, n, s0, P, x_s);
-  Dims go_dims = n;
-  go_dims.Cx = Co;
-  load_tile(grad_out + b * gos.b, gos, go_dims, s0, P, g_s);
-  __syncthreads();
-  const int64_t s = s0 + t;
-  const acc_t a = s < n.S ? alpha[b * n.S + s] : acc_t(0);
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const bool valid = s < n.S;
+  const Position<acc_t> pos = position<acc_t>(valid ? s : 0, n);
+  const scalar_t* x_column = x + b * xs.b + pos.offset(xs);
+  const scalar_t* go_column = grad_out + b * gos.b + pos.offset(gos);
+  scalar_t* gx_column = grad_x + b * gxs.b + pos.offset(gxs);
+  const acc_t a = valid ? alpha[b * n.S + s] : acc_t(0);
   acc_t d_alpha = acc_t(0);
-  for (int64_t c = 0; c < n.Cx; ++c) {
-    acc_t v = acc_t(0);  // (Wᵀ·grad_out)[c]
-    for (int64_t o = 0; o < Co; ++o) v += weight[o * n.Cx + c] * g_s[o * P + t];
-    d_alpha += v * x_s[c * P + t];
-    x_s[c * P + t] = a * v;  // each thread owns its column of the tile
+  for (int64_t c0 = 0; c0 < n.Cx; c0 += K) {
+    acc_t v[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = acc_t(0);
+    for (int64_t o0 = 0; o0 < Co; o0 += kRows) {
+      stage_tile<K>(weight, Co, n.Cx, o0, c0, tile);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const acc_t g = valid && o0 + r < Co ? static_cast<acc_t>(go_column[(o0 + r) * gos.c]) : acc_t(0);
+#pragma unroll
+        for (int k = 0; k < K; ++k) v[k] += g * tile[r * K + k];
+      }
+    }
+    if (valid) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int64_t c = c0 + k;
+        if (c < n.Cx) {
+          d_alpha += v[k] * static_cast<acc_t>(x_column[c * xs.c]);
+          gx_column[c * gxs.c] = static_cast<scalar_t>(a * v[k]);
+        }
+      }
+    }
   }
-  if (s < n.S) grad_alpha[b * n.S + s] = d_alpha;
-  __syncthreads();
-  store_tile(grad_x + b * gxs.b, gxs, n, s0, P, x_s, static_cast<const acc_t*>(nullptr));
+  if (valid) grad_alpha[b * n.S + s] = d_alpha;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -370,23 +461,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& G, const at::Tensor& we
               "attention_gate (cuda): weight must be (Ci, Cx), got ", weight.sizes());
 }
 
-// Positions per block: the largest of 128/64/32 whose shared tiles fit (opt-in shared memory).
-int pick_block(const Dims& n, size_t elem, int tiles, size_t* smem) {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  for (int P : {128, 64, 32}) {
-    const size_t bytes = elem * (static_cast<size_t>(tiles) * n.Cx * P + n.Ci * n.Cx + (n.Ci + 1) * P);
-    if (bytes <= static_cast<size_t>(limit)) {
-      *smem = bytes;
-      return P;
-    }
-  }
-  TORCH_CHECK(false, "attention_gate (cuda): Cx = ", n.Cx, ", Ci = ", n.Ci,
-              " need more shared memory than this device offers");
-  return 0;
-}
+unsigned position_blocks(const Dims& n) { return static_cast<unsigned>((n.S + kThreads - 1) / kThreads); }
 
 std::vector<int64_t> with_channels(const at::Tensor& x, int64_t channels) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -413,12 +488,8 @@ std::vector<at::Tensor> launch_forward(const at::Tensor& x, const at::Tensor& G_
   if (n.S == 0 || x.size(0) == 0) return logits_only ? std::vector<at::Tensor>{logits} : std::vector<at::Tensor>{out, alpha};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_gate_cuda_forward", [&] {
     using acc_t = acc_type<scalar_t>;
-    size_t smem = 0;
-    const int P = pick_block(n, sizeof(acc_t), 1, &smem);
-    auto kernel = forward_kernel<scalar_t, acc_t>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    const dim3 grid(static_cast<unsigned>((n.S + P - 1) / P), static_cast<unsigned>(x.size(0)));
-    kernel<<<grid, P, smem, c10::cuda::getCurrentCUDAStream()>>>(
+    const dim3 grid(position_blocks(n), static_cast<unsigned>(x.size(0)));
+    forward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), strides_of(x), G.data_ptr<acc_t>(), weight.data_ptr<acc_t>(), bias.data_ptr<acc_t>(),
         psi.data_ptr<acc_t>(), psi_bias.data_ptr<acc_t>(), n, double_sigmoid,
         logits_only ? nullptr : out.data_ptr<scalar_t>(), logits_only ? strides_of(x) : strides_of(out),
@@ -466,14 +537,10 @@ std::vector<at::Tensor> gate_backward(const at::Tensor& x, const at::Tensor& G_i
   if (n.S == 0 || x.size(0) == 0) return {grad_x, grad_a, grad_psi, grad_psi_bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_gate_cuda_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    size_t smem = 0;
-    const int P = pick_block(n, sizeof(acc_t), 2, &smem);
-    const int64_t blocks = (n.S + P - 1) / P;
-    at::Tensor partials = at::empty({x.size(0) * blocks, n.Ci + 1}, x.options().dtype(acc));
-    auto kernel = backward_kernel<scalar_t, acc_t>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(x.size(0)));
-    kernel<<<grid, P, smem, c10::cuda::getCurrentCUDAStream()>>>(
+    const unsigned blocks = position_blocks(n);
+    at::Tensor partials = at::empty({x.size(0) * static_cast<int64_t>(blocks), n.Ci + 1}, x.options().dtype(acc));
+    const dim3 grid(blocks, static_cast<unsigned>(x.size(0)));
+    backward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), strides_of(x), G.data_ptr<acc_t>(), weight.data_ptr<acc_t>(), bias.data_ptr<acc_t>(),
         psi.data_ptr<acc_t>(), psi_bias.data_ptr<acc_t>(), n, double_sigmoid,
         gq.defined() ? gq.data_ptr<acc_t>() : nullptr, go.defined() ? go.data_ptr<scalar_t>() : nullptr,
@@ -486,24 +553,6 @@ std::vector<at::Tensor> gate_backward(const at::Tensor& x, const at::Tensor& G_i
     grad_psi_bias = sums.narrow(0, n.Ci, 1).clone();
   });
   return {grad_x, grad_a, grad_psi, grad_psi_bias};
-}
-
-// Grid mode's output pass: positions per block from the shared tiles (Cx + Co channels × P).
-int pick_projection_block(int64_t channels, size_t elem, size_t* smem) {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  for (int P : {128, 64, 32}) {
-    const size_t bytes = elem * static_cast<size_t>(channels) * P;
-    if (bytes <= static_cast<size_t>(limit)) {
-      *smem = bytes;
-      return P;
-    }
-  }
-  TORCH_CHECK(false, "attention_gate project (cuda): ", channels,
-              " channels (x + output) need more shared memory than this device offers");
-  return 0;
 }
 
 void check_projection(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& weight) {
@@ -538,12 +587,8 @@ at::Tensor gate_project(const at::Tensor& x, const at::Tensor& alpha_in, const a
   if (n.S == 0 || x.size(0) == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_gate_cuda_project", [&] {
     using acc_t = acc_type<scalar_t>;
-    size_t smem = 0;
-    const int P = pick_projection_block(n.Cx + Co, sizeof(acc_t), &smem);
-    auto kernel = project_kernel<scalar_t, acc_t>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    const dim3 grid(static_cast<unsigned>((n.S + P - 1) / P), static_cast<unsigned>(x.size(0)));
-    kernel<<<grid, P, smem, c10::cuda::getCurrentCUDAStream()>>>(
+    const dim3 grid(position_blocks(n), static_cast<unsigned>(x.size(0)));
+    project_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), strides_of(x), weight.data_ptr<acc_t>(), bias.data_ptr<acc_t>(),
         alpha.data_ptr<acc_t>(), n, Co, out.data_ptr<scalar_t>(), strides_of(out));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -567,12 +612,8 @@ std::vector<at::Tensor> gate_project_backward(const at::Tensor& x, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_gate_cuda_project_backward",
                                   [&] {
     using acc_t = acc_type<scalar_t>;
-    size_t smem = 0;
-    const int P = pick_projection_block(n.Cx + Co, sizeof(acc_t), &smem);
-    auto kernel = project_backward_kernel<scalar_t, acc_t>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    const dim3 grid(static_cast<unsigned>((n.S + P - 1) / P), static_cast<unsigned>(x.size(0)));
-    kernel<<<grid, P, smem, c10::cuda::getCurrentCUDAStream()>>>(
+    const dim3 grid(position_blocks(n), static_cast<unsigned>(x.size(0)));
+    project_backward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), strides_of(x), weight.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(), n, Co,
         grad_out.data_ptr<scalar_t>(), strides_of(grad_out), grad_x.data_ptr<scalar_t>(), strides_of(grad_x),
         grad_alpha.data_ptr<acc_t>());

@@ -1,6 +1,5 @@
-r"""The ``cuda`` backend: ``csrc/cuda/attention_gate.cu``, whose blocks stage x, W_x and a
-(Ci + 1)-row buffer in shared memory — past what a block can hold the table's ``GateSharedMemory``
-limit (``ops/_families.py``) sends ``auto`` elsewhere. Its custom ops, ``medattn::attention_gate_cuda_*``,
+r"""The ``cuda`` backend: ``csrc/cuda/attention_gate.cu`` (one thread per position with its x column in
+registers, W streamed through a few KB of shared memory: no width limit). Its custom ops, ``medattn::attention_gate_cuda_*``,
 and the plan around them are the ones every fused gate backend shares (``_attention_gate_fused``).
 """
 from . import _attention_gate_fused as fused

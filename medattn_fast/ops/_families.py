@@ -15,13 +15,13 @@ the autotune times as candidates of their own (``tune_variants``), and the sizes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from .. import backend as B
 
-__all__ = ["FAMILIES", "Family", "GateSharedMemory", "PositionSharedMemory", "dispatcher", "family_of"]
+__all__ = ["FAMILIES", "Family", "PositionSharedMemory", "dispatcher", "family_of"]
 
 
 @dataclass(frozen=True)
@@ -69,56 +69,6 @@ def _position_backward_variants(backend, q, k, v, *, gamma, residual, multiply, 
     if not any(t is not None and t.requires_grad for t in (q, k, v, gamma, residual, multiply)):
         return ()
     return ((("position_backward", "separate"),), (("position_backward", "fused"),))
-
-
-@dataclass(frozen=True)
-class GateSharedMemory:
-    """The CUDA gate's shared memory per block (``csrc/cuda/attention_gate.cu``, ``pick_block``):
-    per block of P >= ``min_positions`` positions it stages the x tile (Cx × P; two tiles in the
-    backward), W_x (Ci × Cx) and a (Ci + 1) × P buffer, and grid mode's output pass the x and output
-    tiles ((Cx + Co) × P), all in the accumulation dtype (8 bytes for float64, else 4). Past the
-    device's opt-in shared memory per block (227 KiB on Hopper: Cx = 512, Ci = 256 in float32 does
-    not fit) ``auto`` takes another backend and a forced ``cuda`` call says why, before any launch."""
-
-    backend: str = "cuda"
-    min_positions: int = 32
-
-    def needs(self, x: torch.Tensor, wx_weight: torch.Tensor, *, mode: str, out_weight: Optional[torch.Tensor],
-              backward: bool) -> List[Tuple[str, int]]:
-        elem = 8 if x.dtype == torch.float64 else 4
-        p, tiles = self.min_positions, 2 if backward else 1
-        cx, ci = x.shape[1], wx_weight.shape[0]
-        if mode == "grid":
-            cx = ci   # the logits pass runs on θ·x with W_x = I (Ci × Ci)
-        needs = [("gate pass", elem * (tiles * cx * p + ci * cx + (ci + 1) * p))]
-        if mode == "grid" and out_weight is not None:
-            needs.append(("output transform", elem * (x.shape[1] + out_weight.shape[0]) * p))
-        return needs
-
-    def shared_memory_reasons(self, x: torch.Tensor, wx_weight: torch.Tensor, *, mode: str,
-                              out_weight: Optional[torch.Tensor], backward: bool,
-                              limit: Optional[int] = None) -> List[str]:
-        """Why the tiles of this call do not fit ([] when they do). ``limit``: opt-in shared memory
-        per block in bytes (default: x's CUDA device's; a CPU tensor is left to the device check)."""
-        if limit is None:
-            if x.device.type != "cuda":
-                return []
-            props = torch.cuda.get_device_properties(x.device)
-            limit = int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
-        return [f"the cuda gate's {what} needs {need} B of shared memory per block at {self.min_positions} "
-                f"positions (Cx = {x.shape[1]}, Ci = {wx_weight.shape[0]}, {x.dtype}"
-                f"{', backward' if backward else ''}), over this device's {limit} B"
-                for what, need in self.needs(x, wx_weight, mode=mode, out_weight=out_weight, backward=backward)
-                if need > limit]
-
-    def reasons(self, x, g, params, *, mode, **_options) -> List[str]:
-        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, g, *params.tensors()))
-        return self.shared_memory_reasons(x, params.wx_weight, mode=mode, out_weight=params.out_weight,
-                                          backward=backward)
-
-    def describe(self) -> str:
-        return (f"shared memory per block <= the device's opt-in (x tile, W_x and a (Ci+1)-row buffer at "
-                f">= {self.min_positions} positions)")
 
 
 @dataclass(frozen=True)
@@ -214,8 +164,9 @@ FAMILIES: Tuple[Family, ...] = (
     Family("attention_gate", ("attention_gate",), ("cpp", "cuda", "triton"),
            auto_cuda=("triton", "cuda", "torch"), tune_key=_gate_tune_key,
            limits=(B.Limit("triton", "channels of the gate pass (Cx; C_int in grid mode)", 1024,
-                           "the Triton gate holds a tile of every channel in registers", _gate_pass_channels),
-                   GateSharedMemory())),
+                           "the Triton gate holds a tile of every channel in registers", _gate_pass_channels),)),
+           # the cuda gate has no width limit: csrc/cuda/attention_gate.cu streams W through a few KB
+           # of shared memory per block whatever Cx, C_int and Co (tests/test_attention_gate_cuda.py)
 )
 
 
