@@ -23,7 +23,8 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from bench.harness import Case, auto_provider, fast_twin, with_backend
+from bench.harness import Case, auto_provider, fast_twin, with_backend, with_kernel_config
+from medattn_fast import KernelConfig
 from medattn_fast.nn.attention_gate import AttentionGate
 from medattn_fast.reference.attention_gate import AttentionBlock, GridAttentionBlock
 
@@ -182,6 +183,8 @@ def _check_setup(batch: int, cx: int, size: Tuple[int, ...], training: bool):
         x = torch.randn(batch, cx, *size, device=device, dtype=dtype, requires_grad=training)
         g = torch.randn(batch, cg, *(s // 2 for s in size), device=device, dtype=dtype, requires_grad=training)
         providers: Dict[str, Callable] = {"triton": with_backend(fast, "triton")}
+        # the Triton gate's per-channel kernels beside the default (the tensor-core dot kernels where they apply)
+        providers["triton loop"] = with_kernel_config(providers["triton"], KernelConfig(gate_kernel="loop"))
         if device.type == "cuda":
             providers["cuda"] = with_backend(fast, "cuda")
         providers["auto"] = auto_provider(fast)

@@ -274,6 +274,27 @@ def test_the_gate_key_says_train_or_eval_and_refuses_a_sync_group():
     assert _gate_tune_key(x, g, params._replace(bn_x=params.bn_x._replace(process_group=object()))) is None
 
 
+def test_gate_kernel_variants(monkeypatch):
+    """The Triton gate's dot and loop kernels are candidates where the dot kernels would run by
+    default (C_int >= 16, Cx <= 64), never where the user chose one or for another backend."""
+    from medattn_fast.ops._families import _gate_kernel_variants as variants
+
+    def params(ci, cx):
+        return GateParams(torch.randn(ci, cx), None, torch.randn(ci, 3), None, torch.randn(1, ci), None)
+
+    x, g = torch.randn(1, 32, 6, 6), torch.randn(1, 3, 3, 3)
+    both = ((("gate_kernel", "dot"),), (("gate_kernel", "loop"),))
+    assert variants("triton", x, g, params(16, 32), mode="additive") == both
+    assert variants("cuda", x, g, params(16, 32), mode="additive") == ()
+    assert variants("triton", x, g, params(8, 32), mode="additive") == ()          # C_int < 16: loop only
+    wide = torch.randn(1, 128, 6, 6)
+    assert variants("triton", wide, g, params(16, 128), mode="additive") == ()     # Cx > 64: loop only
+    with use_kernel_config(KernelConfig(gate_kernel="loop")):
+        assert variants("triton", x, g, params(16, 32), mode="additive") == ()
+    monkeypatch.setenv("MEDATTN_GATE_KERNEL", "dot")
+    assert variants("triton", x, g, params(16, 32), mode="additive") == ()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Box:
     t: torch.Tensor

@@ -126,6 +126,20 @@ class PositionSharedMemory:
                 "KernelConfig variants in force, bounded from above)")
 
 
+def _gate_kernel_variants(backend, x, g, params, *, mode, **_options):
+    """Triton: the tensor-core dot kernels and the per-channel loop kernels, where the dot kernels
+    would run by default (C_int >= 16 and Cx <= 64) and the user did not choose (``gate_kernel``)."""
+    from ..kernel_config import explicitly_set
+    from ._custom_op import triton_module
+
+    if backend != "triton" or explicitly_set("gate_kernel"):
+        return ()
+    if not triton_module("attention_gate")().uses_dot("auto", params.wx_weight.shape[0], _gate_pass_channels(
+            x, g, params, mode=mode)):
+        return ()
+    return ((("gate_kernel", "dot"),), (("gate_kernel", "loop"),))
+
+
 def _gate_pass_channels(x, g, params, *, mode, **_options) -> int:
     return params.wx_weight.shape[0] if mode == "grid" else x.shape[1]
 
@@ -162,7 +176,7 @@ FAMILIES: Tuple[Family, ...] = (
                    B.Limit("triton", "B·heads", 65535, "the Triton external kernels put batch·heads on a grid axis",
                            lambda x, *a, num_heads, **_: x.shape[0] * num_heads))),
     Family("attention_gate", ("attention_gate",), ("cpp", "cuda", "triton"),
-           auto_cuda=("triton", "cuda", "torch"), tune_key=_gate_tune_key,
+           auto_cuda=("triton", "cuda", "torch"), tune_key=_gate_tune_key, tune_variants=_gate_kernel_variants,
            limits=(B.Limit("triton", "channels of the gate pass (Cx; C_int in grid mode)", 1024,
                            "the Triton gate holds a tile of every channel in registers", _gate_pass_channels),)),
            # the cuda gate has no width limit: csrc/cuda/attention_gate.cu streams W through a few KB
