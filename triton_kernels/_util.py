@@ -18,6 +18,19 @@ def interpreted() -> bool:
     return bool(INTERPRETED.value)
 
 
+# torch.library.wrap_triton (torch >= 2.6) makes a launch visible to torch.compile's tracing: the
+# custom ops around these kernels are then torch.library.triton_ops (medattn_fast.ops._custom_op,
+# kernel_op), whose kernels inductor sees and schedules. Under the interpreter a kernel is an
+# InterpretedFunction, which cannot be traced: the launches stay direct and the ops custom_ops.
+_WRAP = getattr(torch.library, "wrap_triton", None) if not interpreted() else None
+
+
+def launch(kernel):
+    """``kernel`` ready for ``kernel[grid](...)``: through ``torch.library.wrap_triton`` on a GPU,
+    itself under the interpreter (see ``medattn_fast.ops._custom_op.traceable_triton``)."""
+    return _WRAP(kernel) if _WRAP is not None else kernel
+
+
 @triton.jit
 def to_storage(value, dtype: tl.constexpr):
     """``value.to(dtype)`` rounding to nearest even, as the GPU does, also under the interpreter."""

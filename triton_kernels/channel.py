@@ -37,6 +37,7 @@ import triton.language as tl
 from ._util import (
     dot_precision as _precision, interpreted, mma as _mma, load_tile as _load_2d, multiprocessor_count, to_storage,
 )
+from ._util import launch
 
 __all__ = ["ChannelConfig", "default_config", "channel_forward", "channel_backward", "gram", "row_softmax",
            "SOFTMAX_BLOCK_MAX"]
@@ -194,7 +195,7 @@ def gram(u: torch.Tensor, v: torch.Tensor, config: Optional[ChannelConfig] = Non
     # interpreter, whose tl.dot misreads bfloat16 operands (float32 copies give the same products).
     native = u.dtype == v.dtype and u.dtype in (torch.float16, torch.bfloat16) and not interpreted()
     grid = (triton.cdiv(n_ch, cfg.block_c), triton.cdiv(n_ch, cfg.block_c), batch * splits)
-    _gram_kernel[grid](u, v, parts, *u.stride(), *v.stride(), n_ch, n_pos, chunks_per_split,
+    launch(_gram_kernel)[grid](u, v, parts, *u.stride(), *v.stride(), n_ch, n_pos, chunks_per_split,
                        NATIVE=native, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
                        PRECISION=precision or _precision(u.dtype if native else torch.float32),
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -212,7 +213,7 @@ def row_softmax(energy: torch.Tensor, negate: bool) -> torch.Tensor:
     batch, rows, n_ch = energy.shape
     attention = torch.empty_like(energy)
     block = min(SOFTMAX_BLOCK_MAX, max(16, triton.next_power_of_2(n_ch)))
-    _softmax_kernel[(batch * rows,)](energy, attention, n_ch, NEGATE=negate, BLOCK=block)
+    launch(_softmax_kernel)[(batch * rows,)](energy, attention, n_ch, NEGATE=negate, BLOCK=block)
     return attention
 
 
@@ -221,7 +222,7 @@ def _mix(w1, r1, w2, r2, out, *, o=None, gamma=None, residual=None, multiply=Non
     batch, n_ch, n_pos = out.shape
     dummy = out
     grid = (triton.cdiv(n_ch, cfg.block_c), triton.cdiv(n_pos, cfg.block_n), batch)
-    _mix_kernel[grid](
+    launch(_mix_kernel)[grid](
         w1, r1, w2 if w2 is not None else dummy, r2 if r2 is not None else dummy,
         o if o is not None else dummy, out, gamma if gamma is not None else dummy,
         residual if residual is not None else dummy, multiply if multiply is not None else dummy,

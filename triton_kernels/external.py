@@ -54,6 +54,7 @@ from ._util import (
     dot as _dot, dot_precision as _dot_precision, interpreted, mma as _mma, multiprocessor_count,
     pow2_at_least_16 as _pow2_at_least_16, to_storage,
 )
+from ._util import launch
 
 __all__ = ["ExternalConfig", "default_config", "external_forward", "external_backward", "MAX_HEAD_DIM",
            "MAX_SLOTS", "SLOT_EPS"]
@@ -323,9 +324,9 @@ def external_forward(q: torch.Tensor, key_memory: torch.Tensor, value_memory: to
     lse = torch.empty((bh, slots), device=q.device, dtype=torch.float32) if save_for_backward else None
     y = q.new_empty(q.shape)
     grid = (n_chunks, bh)
-    _column_stats_kernel[grid](q, key_memory, col_max, col_sum, *q.stride(), *key_memory.stride(),
+    launch(_column_stats_kernel)[grid](q, key_memory, col_max, col_sum, *q.stride(), *key_memory.stride(),
                                n_tokens, d, slots, num_heads, cfg.tiles_per_chunk, **blocks)
-    _forward_kernel[grid](q, key_memory, value_memory, value_bias if value_bias is not None else q, col_max,
+    launch(_forward_kernel)[grid](q, key_memory, value_memory, value_bias if value_bias is not None else q, col_max,
                           col_sum, lse if lse is not None else col_max, y,
                           *q.stride(), *key_memory.stride(), *value_memory.stride(), *y.stride(),
                           n_tokens, d, slots, num_heads, cfg.tiles_per_chunk, n_chunks,
@@ -350,10 +351,10 @@ def external_backward(grad_y: torch.Tensor, q: torch.Tensor, key_memory: torch.T
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     grid = (n_chunks, bh)
     common = (*key_memory.stride(), *value_memory.stride())
-    _backward_columns_kernel[grid](q, grad_y, key_memory, value_memory, lse, c_part, dmv_part,
+    launch(_backward_columns_kernel)[grid](q, grad_y, key_memory, value_memory, lse, c_part, dmv_part,
                                    *q.stride(), *grad_y.stride(), *common,
                                    n_tokens, d, slots, num_heads, cfg.tiles_per_chunk, **blocks)
-    _backward_kernel[grid](q, grad_y, key_memory, value_memory, lse, c_part, dq, dmk_part,
+    launch(_backward_kernel)[grid](q, grad_y, key_memory, value_memory, lse, c_part, dq, dmk_part,
                            *q.stride(), *grad_y.stride(), *common, *dq.stride(),
                            n_tokens, d, slots, num_heads, cfg.tiles_per_chunk, n_chunks, **blocks)
     d_key_memory = dmk_part.sum(dim=0).to(key_memory.dtype)

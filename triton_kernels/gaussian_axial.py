@@ -89,6 +89,7 @@ from ._util import (
     dot as _dot_in, dot_f32 as _dot_f32, dot_precision as _dot_precision, interpreted,
     load_tile as _load_tile, pow2_at_least_16 as _pow2_at_least_16, store_tile as _store_tile, to_storage,
 )
+from ._util import launch
 
 __all__ = ["AxialConfig", "default_config", "MAX_LINE", "axial_forward", "axial_backward"]
 
@@ -338,7 +339,7 @@ def axial_forward(v: torch.Tensor, shift: torch.Tensor, *, q: Optional[torch.Ten
         scores = (atten_x if first else atten_y) if from_scores else v
         lse = (lse_rows if first else lse_cols) if not from_scores else None
         grid = (batch * n_lines, max(n_splits, 1))
-        _line_forward_kernel[grid](
+        launch(_line_forward_kernel)[grid](
             q if q is not None else v, k if k is not None else v, scores, v, theta,
             acc, acc if first else out, lse if lse is not None else theta,
             *_line_strides(q if q is not None else v, axis), *_line_strides(k if k is not None else v, axis),
@@ -400,7 +401,7 @@ def axial_backward(grad_out: torch.Tensor, v: torch.Tensor, shift: torch.Tensor,
         targets = (dq_acc, dk_acc, dv_acc) if first else (dq, dk, dv)
         targets = tuple(t if t is not None else dv for t in targets)
         acc_in = tuple(t if t is not None else dv for t in (dq_acc, dk_acc, dv_acc))
-        _line_backward_kernel[(batch * n_lines, n_splits)](
+        launch(_line_backward_kernel)[(batch * n_lines, n_splits)](
             qq, kk, scores, v, grad_out, theta, lse if lse is not None else theta,
             *acc_in, *targets, d_scores, shift_partials[offset:],
             *_line_strides(qq, axis), *_line_strides(kk, axis), *scores.stride(), *_line_strides(v, axis),

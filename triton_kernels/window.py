@@ -68,6 +68,7 @@ from ._util import (
     dot as _dot, dot_f32 as _dot_f32, dot_precision as _dot_precision, interpreted,
     pow2_at_least_16 as _pow2_at_least_16, to_storage,
 )
+from ._util import launch
 
 __all__ = ["window_forward", "window_backward", "MAX_HEAD_DIM", "MAX_WINDOW", "PAD_MODES", "LAYOUTS"]
 
@@ -308,7 +309,7 @@ def window_forward(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], *, windo
     batch, H, W, A, d, pad_h, pad_w, n_h, n_w = _geometry(qkv, window_size, num_heads)
     o = qkv.new_empty(layout_shape(batch, H, W, A, window_size, layout))
     block_l, block_d = _pow2_at_least_16(window_size * window_size), _pow2_at_least_16(d)
-    _window_forward_kernel[(n_h * n_w, num_heads, batch)](
+    launch(_window_forward_kernel)[(n_h * n_w, num_heads, batch)](
         qkv, qkv_bias if qkv_bias is not None else qkv, o, *qkv.stride(), *_layout_strides(o, layout, window_size),
         H, W, pad_h, pad_w, n_w, d, A, LOG2E / d ** 0.5,
         WS=window_size, BLOCK_L=block_l, BLOCK_D=block_d, MTUNET=pad_mode == "mtunet",
@@ -348,7 +349,7 @@ def window_backward(grad_o: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[
         if qkv_bias is not None else None
     block_l, block_d = _pow2_at_least_16(window_size * window_size), _pow2_at_least_16(d)
     dummy = dqkv
-    _window_backward_kernel[(n_windows, num_heads, batch)](
+    launch(_window_backward_kernel)[(n_windows, num_heads, batch)](
         qkv, qkv_bias if qkv_bias is not None else qkv, grad_o, dqkv,
         corner if corner is not None else dummy, bias_part if bias_part is not None else dummy,
         *qkv.stride(), *_layout_strides(grad_o, layout, window_size), *dqkv.stride(),

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _channel_fused as fused
-from ._custom_op import empty, or_empty, triton_module
+from ._custom_op import empty, kernel_op, or_empty, triton_module
 
 _kernels = triton_module("channel")
 
@@ -30,7 +30,7 @@ def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.reshape(t.shape[0], t.shape[1], -1)
 
 
-@torch.library.custom_op("medattn::channel_triton_fwd", mutates_args=())
+@kernel_op("medattn::channel_triton_fwd", mutates_args=())
 def channel_triton_fwd(x: Tensor, gamma: Optional[Tensor], residual: Optional[Tensor], multiply: Optional[Tensor],
                        negate: bool, save: bool, residual_is_x: bool,
                        fp32_precision: Optional[str]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -48,7 +48,7 @@ def _(x, gamma, residual, multiply, negate, save, residual_is_x, fp32_precision)
     return x.new_empty(x.shape), o, x.new_empty((x.shape[0], x.shape[1], x.shape[1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("medattn::channel_triton_bwd", mutates_args=())
+@kernel_op("medattn::channel_triton_bwd", mutates_args=())
 def channel_triton_bwd(grad_out: Tensor, x: Tensor, o: Tensor, attention: Tensor, gamma: Optional[Tensor],
                        multiply: Optional[Tensor], negate: bool, need_multiply_grad: bool, residual_is_x: bool,
                        fp32_precision: Optional[str]) -> List[Tensor]:

@@ -8,18 +8,24 @@
   saves what its backward needs);
 * :func:`triton_module` / :func:`extension`: the kernels, imported or built on first use (never at
   import: triton is optional, csrc builds lazily);
-* :func:`with_inert`: a parameter that cancels in the math gets its exact gradient, zero.
+* :func:`with_inert`: a parameter that cancels in the math gets its exact gradient, zero;
+* :func:`kernel_op`: the decorator of a Triton backend's custom ops — ``torch.library.triton_op``
+  on a GPU (torch.compile/inductor then trace the kernels' launches, ``wrap_triton``, into the
+  graph), ``torch.library.custom_op`` under the Triton interpreter.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from types import ModuleType
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "empty", "extension", "or_empty", "triton_module", "wants_grad", "with_inert"]
+__all__ = ["accumulation_dtype", "empty", "extension", "kernel_op", "or_empty", "traceable_triton", "triton_module",
+           "wants_grad", "with_inert"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,3 +90,33 @@ def with_inert(value: Tensor, inert: Optional[Tensor]) -> Tensor:
     if inert is None or not (torch.is_grad_enabled() and inert.requires_grad):
         return value
     return _Inert.apply(value, inert)
+
+
+def traceable_triton() -> bool:
+    """Whether a Triton backend's custom ops are ``torch.library.triton_op``s whose launches go
+    through ``torch.library.wrap_triton`` (``triton_kernels._util.launch``): torch has both, triton
+    is installed and the kernels are compiled, not interpreted.
+
+    Under ``TRITON_INTERPRET=1`` (the CPU tests) the answer is no: there ``@triton.jit`` makes an
+    ``InterpretedFunction``, which ``wrap_triton`` returns unwrapped, and ``triton_op`` registers the
+    op's own body as its fake kernel, so tracing (``torch.compile`` on aot_eager, ``opcheck``'s fake
+    test) would run the interpreter on FakeTensors, which have no data ("Cannot access data pointer
+    of Tensor (e.g. FakeTensor ...)", checked with torch 2.13 / triton 3.9). Read once, at import,
+    like the interpreter itself."""
+    library = torch.library
+    return (hasattr(library, "triton_op") and hasattr(library, "wrap_triton")
+            and importlib.util.find_spec("triton") is not None
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+_TRACEABLE_TRITON = traceable_triton()
+
+
+def kernel_op(name: str, *, mutates_args=()) -> Callable:
+    """The decorator of a Triton backend's custom op ``name`` (``medattn::<family>_triton_<...>``):
+    ``torch.library.triton_op`` where :func:`traceable_triton` (the body's kernel launches must then
+    go through ``triton_kernels._util.launch``), else ``torch.library.custom_op``. Both give the op
+    the same schema, ``register_fake`` and ``register_autograd``."""
+    if _TRACEABLE_TRITON:
+        return torch.library.triton_op(name, mutates_args=mutates_args)
+    return torch.library.custom_op(name, mutates_args=mutates_args)

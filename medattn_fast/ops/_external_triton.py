@@ -28,12 +28,12 @@ from torch import Tensor
 
 from .. import backend as B
 from ..kernel_config import kernel_config
-from ._custom_op import or_empty, triton_module, wants_grad
+from ._custom_op import kernel_op, or_empty, triton_module, wants_grad
 
 _kernels = triton_module("external")
 
 
-@torch.library.custom_op("medattn::external_triton_fwd", mutates_args=())
+@kernel_op("medattn::external_triton_fwd", mutates_args=())
 def external_triton_fwd(q: Tensor, key_memory: Tensor, key_bias: Optional[Tensor], value_memory: Tensor,
                         value_bias: Optional[Tensor], num_heads: int, save: bool,
                         fp32_precision: Optional[str]) -> Tuple[Tensor, Tensor]:
@@ -49,7 +49,7 @@ def _(q, key_memory, key_bias, value_memory, value_bias, num_heads, save, fp32_p
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("medattn::external_triton_bwd", mutates_args=())
+@kernel_op("medattn::external_triton_bwd", mutates_args=())
 def external_triton_bwd(grad_y: Tensor, q: Tensor, key_memory: Tensor, value_memory: Tensor, lse: Tensor,
                         num_heads: int, value_bias_grad: bool, fp32_precision: Optional[str]) -> List[Tensor]:
     """[dq, dM_k, dM_v, db_v (empty unless ``value_bias_grad``)]."""

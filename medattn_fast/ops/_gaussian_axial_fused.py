@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._custom_op import accumulation_dtype
+from ._custom_op import accumulation_dtype, kernel_op
 
 __all__ = ["AxialKernels", "define_custom_ops"]
 
@@ -45,8 +45,11 @@ def define_custom_ops(backend: str, qkv_forward: Callable, qkv_backward: Callabl
     """The custom ops of ``backend`` around its kernel calls, which take and return the ops'
     arguments and results (as listed in the module docstring, ``fp32_precision`` last)."""
     name = f"medattn::gaussian_axial_{backend}"
+    # the Triton backend's ops are triton_ops on a GPU (their launches traced by torch.compile)
+    define = (kernel_op if backend == "triton" else
+              (lambda op_name, mutates_args: torch.library.custom_op(op_name, mutates_args=mutates_args)))
 
-    @torch.library.custom_op(f"{name}_qkv_fwd", mutates_args=())
+    @define(f"{name}_qkv_fwd", mutates_args=())
     def qkv_fwd(q: Tensor, k: Tensor, v: Tensor, shift: Tensor,
                 fp32_precision: Optional[str]) -> Tuple[Tensor, Tensor, Tensor]:
         out, lse_rows, lse_cols = qkv_forward(q, k, v, shift, fp32_precision)
@@ -57,7 +60,7 @@ def define_custom_ops(backend: str, qkv_forward: Callable, qkv_backward: Callabl
         stats = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
         return v.new_empty(v.shape), stats, stats.new_empty(stats.shape)
 
-    @torch.library.custom_op(f"{name}_qkv_bwd", mutates_args=())
+    @define(f"{name}_qkv_bwd", mutates_args=())
     def qkv_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, shift: Tensor, lse_rows: Tensor,
                 lse_cols: Tensor, fp32_precision: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         dq, dk, dv, d_shift = qkv_backward(grad_out, q, k, v, shift, lse_rows, lse_cols, fp32_precision)
@@ -78,7 +81,7 @@ def define_custom_ops(backend: str, qkv_forward: Callable, qkv_backward: Callabl
 
     qkv_fwd.register_autograd(qkv_differentiate, setup_context=qkv_setup)
 
-    @torch.library.custom_op(f"{name}_scores_fwd", mutates_args=())
+    @define(f"{name}_scores_fwd", mutates_args=())
     def scores_fwd(atten_x: Tensor, atten_y: Tensor, v: Tensor, shift: Tensor, fp32_precision: Optional[str]) -> Tensor:
         return scores_forward(atten_x, atten_y, v, shift, fp32_precision)
 
@@ -86,7 +89,7 @@ def define_custom_ops(backend: str, qkv_forward: Callable, qkv_backward: Callabl
     def _(atten_x, atten_y, v, shift, fp32_precision):
         return v.new_empty(v.shape)
 
-    @torch.library.custom_op(f"{name}_scores_bwd", mutates_args=())
+    @define(f"{name}_scores_bwd", mutates_args=())
     def scores_bwd(grad_out: Tensor, atten_x: Tensor, atten_y: Tensor, v: Tensor, shift: Tensor,
                    fp32_precision: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         d_atten_x, d_atten_y, dv, d_shift = scores_backward(grad_out, atten_x, atten_y, v, shift, fp32_precision)

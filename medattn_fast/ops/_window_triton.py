@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import backend as B
 from ..kernel_config import kernel_config
-from ._custom_op import or_empty, triton_module
+from ._custom_op import kernel_op, or_empty, triton_module
 
 _kernels = triton_module("window")
 
@@ -44,7 +44,7 @@ def _layout_shape(batch, H, W, channels, ws, layout):
     return (batch, hp // ws, wp // ws, ws * ws, channels)
 
 
-@torch.library.custom_op("medattn::window_triton_fwd", mutates_args=())
+@kernel_op("medattn::window_triton_fwd", mutates_args=())
 def window_triton_fwd(qkv: Tensor, qkv_bias: Optional[Tensor], window_size: int, num_heads: int, pad_mode: str,
                       layout: str, fp32_precision: Optional[str]) -> Tensor:
     """o (heads concatenated) in ``layout`` from the (B, H, W, 3A) projection."""
@@ -58,7 +58,7 @@ def _(qkv, qkv_bias, window_size, num_heads, pad_mode, layout, fp32_precision):
     return qkv.new_empty(_layout_shape(batch, H, W, three_a // 3, window_size, layout))
 
 
-@torch.library.custom_op("medattn::window_triton_bwd", mutates_args=())
+@kernel_op("medattn::window_triton_bwd", mutates_args=())
 def window_triton_bwd(grad_o: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], window_size: int, num_heads: int,
                       pad_mode: str, layout: str, fp32_precision: Optional[str]) -> List[Tensor]:
     """[dqkv (B, H, W, 3A), dqkv_bias (3A,) — the zero-padded tokens' share; empty without a bias]."""
