@@ -211,3 +211,49 @@ def test_gpu_fp16_large_map_is_finite():
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused backward (epilogue pass, softmax backward, dE + dEᵀ in the mix) in every dtype
+# ---------------------------------------------------------------------------------------------
+def _through_the_op(x, gamma, f, *, negate, backend):
+    """γ · (A X ⊙ f) + x on ``reference``, or through the triton custom ops themselves (their
+    autograd), which float16 reaches on a CPU too (the backend's predicate refuses float16 under
+    the interpreter, whose float16 arithmetic is nonetheless correct)."""
+    if backend == "reference":
+        return channel_attention(x, negate=negate, gamma=gamma, residual=x, multiply=f, backend="reference")
+    return channel_triton_fwd(x, gamma, None, f, negate, True, True, None)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("negate,shape", [(True, (2, 19, 5, 7)), (False, (1, 21, 37))], ids=["danet", "seed001"])
+def test_fused_backward_every_gradient_every_dtype(negate, shape, dtype):
+    """Forward and the gradients of x, γ and f (odd C and N: 19 channels over two 16-wide blocks,
+    N = 35 or 37 positions) against the float64 reference under the tolerance rule, in float32,
+    bfloat16 and float16."""
+    from _compare import assert_matches_reference
+
+    device = default_device()
+    x = 0.3 * torch.randn(shape, device=device, dtype=F64)
+    gamma, f = torch.randn(1, device=device, dtype=F64), torch.randn(shape, device=device, dtype=F64)
+    fn = lambda x, gamma, f, backend: _through_the_op(x, gamma, f, negate=negate, backend=backend)  # noqa: E731
+    assert_matches_reference(fn, [x, gamma, f], "triton", dtype, names=["dx", "dγ", "df"],
+                             what=f"channel {'danet' if negate else 'seed001'} {shape}")
+
+
+def test_epilogue_backward_matches_its_formulas():
+    """g, dγ, df of the epilogue pass (multiply expanded over the batch, grad_out a strided view)
+    against their float64 formulas; without γ and f, grad_out is passed through untouched."""
+    grad_out = torch.randn(2, 9, 40)[:, :, ::2]
+    o, f = torch.randn(2, 9, 20), torch.randn(1, 9, 20).expand(2, 9, 20)
+    gamma = torch.randn(1)
+    cfg = triton_channel.ChannelConfig(block_c=16, block_n=16, block_k=16)
+    g, d_gamma, d_mul = triton_channel.epilogue_backward(grad_out, o, gamma=gamma, multiply=f,
+                                                         need_multiply_grad=True, cfg=cfg)
+    go, oo, fo, ga = grad_out.double(), o.double(), f.double(), gamma.double()
+    torch.testing.assert_close(g.double(), ga * go * fo, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(d_mul.double(), ga * go * oo, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(d_gamma.double(), (go * fo * oo).sum().reshape(1), rtol=1e-5, atol=1e-5)
+    same, none_gamma, none_mul = triton_channel.epilogue_backward(grad_out, o, gamma=None, multiply=None,
+                                                                  need_multiply_grad=False, cfg=cfg)
+    assert same is grad_out and none_gamma is None and none_mul is None

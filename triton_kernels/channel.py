@@ -20,7 +20,17 @@ Kernels:
                        result is deterministic, unlike atomics).
 * ``_softmax_kernel``  row softmax of ±E, two passes over column blocks (any C).
 * ``_mix_kernel``      out = W₁ R₁ (+ W₂ R₂) with the fused epilogue: o = A X in the forward,
-                       dX = Aᵀ g + (dE + dEᵀ) X in the backward (Aᵀ read through strides).
+                       dX = Aᵀ g + (dE + dEᵀ) X in the backward (Aᵀ read through strides, dE + dEᵀ
+                       formed while loading W₂: ``SYMMETRIC``).
+* ``_epilogue_grad_kernel``  the epilogue's backward in one pass over (C, N): g = γ · ∂L/∂out ⊙ f,
+                       df = γ · ∂L/∂out ⊙ o, and per-program partial sums of dγ = Σ ∂L/∂out ⊙ f ⊙ o
+                       (summed afterwards: deterministic). Without γ and f there is nothing to do:
+                       g is ∂L/∂out itself, read by the gram and mix kernels in its own dtype.
+* ``_softmax_backward_kernel``  dE = ±A ⊙ (dA − rowsum(dA ⊙ A)) one row per program.
+
+The backward is five launches (epilogue, gram, softmax backward, mix; the dγ partials' sum; float32
+adds dE + dEᵀ as one (B, C, C) op, see ``channel_backward``) and writes g (float32, (B, C, N)) only
+when there is an epilogue.
 
 16-bit inputs: X Xᵀ multiplies in the input dtype (exact products) and accumulates in float32;
 the mixes read A in float32 and run TF32 dots (X is exact in TF32). float32 inputs use IEEE dots.
@@ -39,8 +49,8 @@ from ._util import (
 )
 from ._util import launch
 
-__all__ = ["ChannelConfig", "default_config", "channel_forward", "channel_backward", "gram", "row_softmax",
-           "SOFTMAX_BLOCK_MAX"]
+__all__ = ["ChannelConfig", "default_config", "channel_forward", "channel_backward", "epilogue_backward", "gram",
+           "row_softmax", "softmax_backward", "SOFTMAX_BLOCK_MAX"]
 
 
 @dataclass(frozen=True)
@@ -135,12 +145,13 @@ def _mix_kernel(w1_ptr, r1_ptr, w2_ptr, r2_ptr, o_ptr, out_ptr, gamma_ptr, res_p
                 sob, soc, son, sxb, sxc, sxn, srb, src, srn, smb, smc, smn,
                 n_ch, n_pos,
                 HAS_SECOND: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_RES: tl.constexpr,
-                HAS_MUL: tl.constexpr, STORE_O: tl.constexpr,
+                HAS_MUL: tl.constexpr, STORE_O: tl.constexpr, SYMMETRIC: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PRECISION: tl.constexpr):
     """o = W₁ R₁ (+ W₂ R₂) for BLOCK_C rows × BLOCK_N positions; out = γ · (o ⊙ f) + x.
 
-    W (B, C, C) float32 (any strides), R (B, C, N) any dtype (read as float32).
+    W (B, C, C) float32 (any strides), R (B, C, N) any dtype (read as float32). ``SYMMETRIC``: W₂ is
+    read as W₂ + W₂ᵀ (the backward's dE + dEᵀ, never stored).
     """
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -155,6 +166,8 @@ def _mix_kernel(w1_ptr, r1_ptr, w2_ptr, r2_ptr, o_ptr, out_ptr, gamma_ptr, res_p
         acc += _mma(w, r, PRECISION)
         if HAS_SECOND:
             w = _load_2d(w2_ptr + b * sw2b, rows, ks, sw2i, sw2c, n_ch, n_ch).to(tl.float32)
+            if SYMMETRIC:
+                w += _load_2d(w2_ptr + b * sw2b, rows, ks, sw2c, sw2i, n_ch, n_ch).to(tl.float32)
             r = _load_2d(r2_ptr + b * sr2b, ks, pos, sr2c, sr2n, n_ch, n_pos).to(tl.float32)
             acc += _mma(w, r, PRECISION)
     mask = (rows[:, None] < n_ch) & (pos[None, :] < n_pos)
@@ -169,6 +182,59 @@ def _mix_kernel(w1_ptr, r1_ptr, w2_ptr, r2_ptr, o_ptr, out_ptr, gamma_ptr, res_p
         acc = acc + _load_2d(res_ptr + b * srb, rows, pos, src, srn, n_ch, n_pos).to(tl.float32)
     tl.store(out_ptr + b * sxb + rows[:, None] * sxc + pos[None, :] * sxn,
              to_storage(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue_grad_kernel(grad_ptr, o_ptr, mul_ptr, gamma_ptr, g_ptr, dmul_ptr, dgamma_ptr,
+                          sgb, sgc, sgn, sob, soc, son, smb, smc, smn,
+                          n_ch, n_pos,
+                          HAS_MUL: tl.constexpr, NEED_DMUL: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The epilogue ``out = γ · (o ⊙ f) + x`` differentiated over one BLOCK_C × BLOCK_N tile:
+    g = γ ∂L/∂out ⊙ f (float32, contiguous (B, C, N)), df = γ ∂L/∂out ⊙ o (f's dtype, contiguous),
+    and this program's partial dγ = Σ ∂L/∂out ⊙ f ⊙ o (float32, one per program)."""
+    pid_c = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < n_ch) & (pos[None, :] < n_pos)
+    grad = _load_2d(grad_ptr + b * sgb, rows, pos, sgc, sgn, n_ch, n_pos).to(tl.float32)
+    gamma = 1.0
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr).to(tl.float32)
+    dense = b * n_ch * n_pos + rows[:, None] * n_pos + pos[None, :]
+    if HAS_GAMMA or NEED_DMUL:
+        o = _load_2d(o_ptr + b * sob, rows, pos, soc, son, n_ch, n_pos).to(tl.float32)
+        if NEED_DMUL:
+            tl.store(dmul_ptr + dense, to_storage(grad * o * gamma, dmul_ptr.dtype.element_ty), mask=mask)
+    if HAS_MUL:
+        grad = grad * _load_2d(mul_ptr + b * smb, rows, pos, smc, smn, n_ch, n_pos).to(tl.float32)
+    if HAS_GAMMA:
+        program = (b * tl.num_programs(0) + pid_c) * tl.num_programs(1) + pid_n
+        tl.store(dgamma_ptr + program, tl.sum(tl.sum(grad * o, 1), 0))
+    tl.store(g_ptr + dense, grad * gamma, mask=mask)
+
+
+@triton.jit
+def _softmax_backward_kernel(a_ptr, da_ptr, de_ptr, n_ch, NEGATE: tl.constexpr, BLOCK: tl.constexpr):
+    """de[row] = ±a[row] ⊙ (da[row] − Σ da[row] ⊙ a[row]) over contiguous float32 rows of n_ch
+    entries (A = softmax(±E), dA = ∂L/∂A), one row per program."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n_ch
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_ch, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        a = tl.load(a_ptr + base + cols, mask=cols < n_ch, other=0.0)
+        da = tl.load(da_ptr + base + cols, mask=cols < n_ch, other=0.0)
+        acc += a * da
+    total = tl.sum(acc, 0)
+    sign = -1.0 if NEGATE else 1.0
+    for start in range(0, n_ch, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        a = tl.load(a_ptr + base + cols, mask=cols < n_ch, other=0.0)
+        da = tl.load(da_ptr + base + cols, mask=cols < n_ch, other=0.0)
+        tl.store(de_ptr + base + cols, sign * a * (da - total), mask=cols < n_ch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +284,7 @@ def row_softmax(energy: torch.Tensor, negate: bool) -> torch.Tensor:
 
 
 def _mix(w1, r1, w2, r2, out, *, o=None, gamma=None, residual=None, multiply=None,
-         precision: str, cfg: ChannelConfig) -> None:
+         precision: str, cfg: ChannelConfig, symmetric: bool = False) -> None:
     batch, n_ch, n_pos = out.shape
     dummy = out
     grid = (triton.cdiv(n_ch, cfg.block_c), triton.cdiv(n_pos, cfg.block_n), batch)
@@ -229,9 +295,46 @@ def _mix(w1, r1, w2, r2, out, *, o=None, gamma=None, residual=None, multiply=Non
         *w1.stride(), *r1.stride(), *_strides(w2), *_strides(r2), *_strides(o), *out.stride(),
         *_strides(residual), *_strides(multiply), n_ch, n_pos,
         HAS_SECOND=w2 is not None, HAS_GAMMA=gamma is not None, HAS_RES=residual is not None,
-        HAS_MUL=multiply is not None, STORE_O=o is not None,
+        HAS_MUL=multiply is not None, STORE_O=o is not None, SYMMETRIC=symmetric,
         BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def epilogue_backward(grad_out: torch.Tensor, o: Optional[torch.Tensor], *, gamma: Optional[torch.Tensor],
+                      multiply: Optional[torch.Tensor], need_multiply_grad: bool, cfg: ChannelConfig
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(g, dγ, df)`` of ``out = γ · (o ⊙ f) + x`` in one pass (``_epilogue_grad_kernel``):
+    g = γ ∂L/∂out ⊙ f (float32), dγ = Σ ∂L/∂out ⊙ f ⊙ o (gamma's dtype and shape), df = γ ∂L/∂out ⊙ o
+    (f's dtype; None unless ``need_multiply_grad``). Without γ and f: ``(grad_out, None, None)``."""
+    if gamma is None and multiply is None:
+        return grad_out, None, None
+    batch, n_ch, n_pos = grad_out.shape
+    need_mul = multiply is not None and need_multiply_grad
+    g = torch.empty(batch, n_ch, n_pos, device=grad_out.device, dtype=torch.float32)
+    d_mul = torch.empty(batch, n_ch, n_pos, device=grad_out.device, dtype=multiply.dtype) if need_mul else None
+    grid = (triton.cdiv(n_ch, cfg.block_c), triton.cdiv(n_pos, cfg.block_n), batch)
+    partials = torch.empty(grid[0] * grid[1] * grid[2] if gamma is not None else 1, device=grad_out.device,
+                           dtype=torch.float32)
+    dummy = g
+    launch(_epilogue_grad_kernel)[grid](
+        grad_out, o if o is not None else dummy, multiply if multiply is not None else dummy,
+        gamma if gamma is not None else dummy, g, d_mul if d_mul is not None else dummy, partials,
+        *grad_out.stride(), *_strides(o), *_strides(multiply), n_ch, n_pos,
+        HAS_MUL=multiply is not None, NEED_DMUL=need_mul, HAS_GAMMA=gamma is not None,
+        BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    d_gamma = partials.sum().reshape(gamma.shape).to(gamma.dtype) if gamma is not None else None
+    return g, d_gamma, d_mul
+
+
+def softmax_backward(attention: torch.Tensor, d_attention: torch.Tensor, negate: bool) -> torch.Tensor:
+    """``dE = ±A ⊙ (dA − rowsum(dA ⊙ A))`` for contiguous float32 (B, C, C) ``attention`` = softmax(±E)
+    and ``d_attention`` = ∂L/∂A, one row per program (``_softmax_backward_kernel``)."""
+    batch, rows, n_ch = attention.shape
+    d_energy = torch.empty_like(attention)
+    block = min(SOFTMAX_BLOCK_MAX, max(16, triton.next_power_of_2(n_ch)))
+    launch(_softmax_backward_kernel)[(batch * rows,)](attention, d_attention, d_energy, n_ch, NEGATE=negate,
+                                                       BLOCK=block)
+    return d_energy
 
 
 def channel_forward(x: torch.Tensor, *, negate: bool, gamma: Optional[torch.Tensor] = None,
@@ -268,23 +371,17 @@ def channel_backward(grad_out: torch.Tensor, x: torch.Tensor, o: torch.Tensor, a
     """
     batch, n_ch, n_pos = x.shape
     cfg = config if config is not None else default_config(n_ch, n_pos, x.dtype)
-    # The epilogue's backward is elementwise (memory bound) and runs in float32.
-    g = grad_out.float()
-    d_gamma = d_mul = None
-    if multiply is not None:
-        if need_multiply_grad:
-            d_mul = g * o.float()
-            d_mul = (d_mul * gamma.float() if gamma is not None else d_mul).to(multiply.dtype)
-        g = g * multiply.float()
-    if gamma is not None:
-        d_gamma = (g * o.float()).sum().reshape(gamma.shape).to(gamma.dtype)
-        g = g * gamma.float()
-    d_attention = gram(g, x, cfg, _precision(x.dtype, forced=fp32_precision))                   # dA = g Xᵀ
-    row = (d_attention * attention).sum(dim=-1, keepdim=True)
-    d_energy = attention * (d_attention - row)
-    if negate:
-        d_energy = d_energy.neg_()
-    sym = d_energy + d_energy.transpose(1, 2)
+    precision = _precision(x.dtype, forced=fp32_precision)
+    g, d_gamma, d_mul = epilogue_backward(grad_out, o, gamma=gamma, multiply=multiply,
+                                          need_multiply_grad=need_multiply_grad, cfg=cfg)
+    d_attention = gram(g, x, cfg, precision)                                          # dA = g Xᵀ
+    d_energy = softmax_backward(attention, d_attention, negate)                       # ±A ⊙ (dA − rowsum)
     dx = x.new_empty(batch, n_ch, n_pos)
-    _mix(attention.transpose(1, 2), g, sym, x, dx, precision=_precision(x.dtype, forced=fp32_precision), cfg=cfg)
+    # dX = Aᵀ g + (dE + dEᵀ) X, Aᵀ through strides. 16-bit inputs: dE + dEᵀ formed as the mix loads
+    # dE. float32: one (B, C, C) add first — the float32 mix (tf32x3 dots) with the second,
+    # transposed load spills 16 B per thread at one tile of the sm_90 sweep (0 without it).
+    symmetric = x.dtype != torch.float32
+    if not symmetric:
+        d_energy = d_energy + d_energy.transpose(1, 2)
+    _mix(attention.transpose(1, 2), g, d_energy, x, dx, precision=precision, cfg=cfg, symmetric=symmetric)
     return dx, d_gamma, d_mul
