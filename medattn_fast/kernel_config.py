@@ -21,12 +21,13 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ["FP32_PRECISIONS", "GATE_KERNELS", "POSITION_BACKWARDS", "KernelConfig", "explicitly_set", "kernel_config",
+__all__ = ["CHANNEL_GEMMS", "FP32_PRECISIONS", "GATE_KERNELS", "POSITION_BACKWARDS", "KernelConfig", "explicitly_set", "kernel_config",
            "set_kernel_config", "use_kernel_config"]
 
 FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
 POSITION_BACKWARDS = ("separate", "fused")
 GATE_KERNELS = ("auto", "dot", "loop")
+CHANNEL_GEMMS = ("float32", "16bit")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class KernelConfig:
     smallest ``tl.dot`` width, and Cx ≤ 64, the widest x tile that compiles without spills on sm_90;
     else ``"loop"``). ``"dot"`` runs the dot kernels at any width (correct, but they spill past
     Cx = 64). Variable ``MEDATTN_GATE_KERNEL``.
+
+    ``channel_gemm``: the GEMMs of channel attention's ``torch`` backend on 16-bit inputs —
+    ``"float32"`` (default: X widened to float32, float32 GEMMs) or ``"16bit"`` (the cuBLAS path:
+    X Xᵀ, A X and the backward's products as 16-bit GEMMs with float32 output, the softmax and the
+    epilogue in float32; on a CPU the same roundings with float32 products, which are exact for
+    16-bit operands). float32/float64 inputs run the default. Variable ``MEDATTN_CHANNEL_GEMM``.
     """
 
     fp32_precision: Optional[str] = None
@@ -73,6 +80,7 @@ class KernelConfig:
     position_dv_split: int = 0
     position_hoist: Optional[bool] = None
     gate_kernel: str = "auto"
+    channel_gemm: str = "float32"
 
     def __post_init__(self):
         if self.fp32_precision is not None and self.fp32_precision not in FP32_PRECISIONS:
@@ -92,11 +100,13 @@ class KernelConfig:
             raise TypeError(f"KernelConfig: position_hoist must be a bool or None, got {self.position_hoist!r}")
         if self.gate_kernel not in GATE_KERNELS:
             raise ValueError(f"KernelConfig: gate_kernel must be one of {GATE_KERNELS}, got {self.gate_kernel!r}")
+        if self.channel_gemm not in CHANNEL_GEMMS:
+            raise ValueError(f"KernelConfig: channel_gemm must be one of {CHANNEL_GEMMS}, got {self.channel_gemm!r}")
 
     @classmethod
     def from_environment(cls) -> "KernelConfig":
         """The defaults with the environment's choices applied (``MEDATTN_FP32_PRECISION``,
-        ``MEDATTN_POSITION_BWD``, ``MEDATTN_POSITION_P16``, ``MEDATTN_GATE_KERNEL``); a bad value raises
+        ``MEDATTN_POSITION_BWD``, ``MEDATTN_POSITION_P16``, ``MEDATTN_GATE_KERNEL``, ``MEDATTN_CHANNEL_GEMM``); a bad value raises
         naming the variable."""
         precision = os.environ.get("MEDATTN_FP32_PRECISION", "").strip().lower() or None
         if precision is not None and precision not in FP32_PRECISIONS:
@@ -110,7 +120,11 @@ class KernelConfig:
         if gate not in GATE_KERNELS:
             raise ValueError(f"KernelConfig: gate_kernel (MEDATTN_GATE_KERNEL) must be one of {GATE_KERNELS}, "
                              f"got {gate!r}")
-        return cls(precision, backward, p16, gate_kernel=gate)
+        gemm = os.environ.get("MEDATTN_CHANNEL_GEMM", "").strip() or "float32"
+        if gemm not in CHANNEL_GEMMS:
+            raise ValueError(f"KernelConfig: channel_gemm (MEDATTN_CHANNEL_GEMM) must be one of {CHANNEL_GEMMS}, "
+                             f"got {gemm!r}")
+        return cls(precision, backward, p16, gate_kernel=gate, channel_gemm=gemm)
 
 
 _ctx_config: contextvars.ContextVar[Optional[KernelConfig]] = contextvars.ContextVar("medattn_kernel_config",
@@ -141,14 +155,15 @@ def use_kernel_config(config: KernelConfig) -> Iterator[None]:
 
 
 @torch.compiler.assume_constant_result   # dynamo cannot trace ContextVar.get: read it at trace time
-def _fields() -> Tuple[Optional[str], str, bool, int, Optional[bool], str]:
+def _fields() -> Tuple[Optional[str], str, bool, int, Optional[bool], str, str]:
     config = _ctx_config.get() or _global_config or KernelConfig.from_environment()
     return astuple(config)
 
 
 # the environment variable of each field (KernelConfig.from_environment reads them)
 ENVIRONMENT = {"fp32_precision": "MEDATTN_FP32_PRECISION", "position_backward": "MEDATTN_POSITION_BWD",
-               "position_p16": "MEDATTN_POSITION_P16", "gate_kernel": "MEDATTN_GATE_KERNEL"}
+               "position_p16": "MEDATTN_POSITION_P16", "gate_kernel": "MEDATTN_GATE_KERNEL",
+               "channel_gemm": "MEDATTN_CHANNEL_GEMM"}
 
 
 def explicitly_set(field: str) -> bool:

@@ -185,3 +185,88 @@ def test_epilogue_operands_keep_their_own_layouts(backend):
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == F64 else dict(rtol=2e-5, atol=2e-5)
     for name, a, e in zip(["out", "dx", "dmultiply", "dresidual", "dgamma"], got, expected):
         torch.testing.assert_close(a.double(), e, **tol, msg=lambda m, name=name: f"{backend} {name}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the cuBLAS path: KernelConfig(channel_gemm="16bit") on the torch backend
+# ------------------------------------------------------------------------------------------------
+def _gemm16_config():
+    import medattn_fast
+
+    return medattn_fast.use_kernel_config(medattn_fast.KernelConfig(channel_gemm="16bit"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("negate,epilogue,shape", [(True, "danet", (2, 19, 5, 7)), (False, "all", (1, 13, 37)),
+                                                   (True, "none", (2, 6, 3, 4, 3))],
+                         ids=["danet", "all-seed001", "plain-3d"])
+def test_gemm16_path_every_gradient_within_the_rule(negate, epilogue, shape, dtype):
+    """Forward and every gradient (x, γ, f) of the 16-bit-GEMM path against the float64 reference
+    under the tolerance rule (at most 2× PyTorch's own error in that dtype), odd C and N."""
+    from _compare import assert_matches_reference
+
+    x = 0.5 * torch.randn(shape, dtype=F64)
+    gamma, f = torch.randn(1, dtype=F64), torch.randn(shape, dtype=F64)
+    if epilogue == "danet":
+        leaves, fn = [x, gamma], lambda x, g, backend: channel_attention(x, negate=negate, gamma=g, residual=x,
+                                                                         backend=backend)
+    elif epilogue == "all":
+        leaves, fn = [x, gamma, f], lambda x, g, f, backend: channel_attention(
+            x, negate=negate, gamma=g, residual=x, multiply=f, backend=backend)
+    else:
+        leaves, fn = [x], lambda x, backend: channel_attention(x, negate=negate, backend=backend)
+    with _gemm16_config():
+        assert_matches_reference(fn, leaves, "torch", dtype, what=f"channel 16-bit GEMMs {epilogue}")
+
+
+def test_gemm16_path_is_taken_and_differs_from_the_float32_path():
+    """The variant really runs other arithmetic (A rounded to bfloat16 before A X) on 16-bit inputs,
+    and leaves float32 inputs on the default path."""
+    x = torch.randn(2, 24, 50).bfloat16()
+    default = channel_attention(x, backend="torch")
+    with _gemm16_config():
+        gemm16 = channel_attention(x, backend="torch")
+        same = channel_attention(x.float(), backend="torch")
+    assert not torch.equal(default, gemm16)
+    assert torch.equal(same, channel_attention(x.float(), backend="torch"))
+
+
+@pytest.mark.parametrize("negate", [True, False])
+def test_gemm16_path_float16_where_the_original_is_nan(negate):
+    """DANet's float16 NaN (E beyond 65504: inf − inf in rowmax(E) − E) does not happen on the
+    16-bit-GEMM path, forward or backward: E is a float32 GEMM output. x = 10·randn over 32² positions:
+    E's diagonal ≈ 100 · 1024 ≈ 10⁵ (the original's output is NaN there, asserted)."""
+    x = (10 * torch.randn(1, 4, 32, 32)).half().requires_grad_(True)
+    gamma = torch.ones(1, dtype=torch.half, requires_grad=True)
+    if negate:
+        assert not torch.isfinite(ref_danet.CAM_Module(4).half()(x.detach())).all()
+    with _gemm16_config():
+        out = channel_attention(x, negate=negate, gamma=gamma, residual=x, backend="torch")
+    out.backward(torch.randn_like(out))
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all() and torch.isfinite(gamma.grad).all()
+    exact = channel_attention(x.detach().double(), negate=negate, gamma=gamma.detach().double(),
+                              residual=x.detach().double(), backend="torch")
+    # |out| ≲ 60: float16's half-ulp there is 2^-6
+    torch.testing.assert_close(out.double(), exact, rtol=2e-3, atol=3e-2)
+
+
+def test_gemm16_path_compiles_fullgraph():
+    """The 16-bit-GEMM path (an autograd.Function) traces whole under torch.compile(fullgraph=True):
+    same output and gradients as eager."""
+    x = torch.randn(2, 8, 5, 3).bfloat16()
+    gamma = torch.randn(1).bfloat16()
+    cotangent = torch.randn(2, 8, 5, 3).bfloat16()
+
+    def forward(x, gamma):
+        return channel_attention(x, gamma=gamma, residual=x, backend="torch")
+
+    def run(fn):
+        leaves = (x.clone().requires_grad_(True), gamma.clone().requires_grad_(True))
+        out = fn(*leaves)
+        return [out, *torch.autograd.grad(out, leaves, cotangent)]
+
+    with _gemm16_config():
+        eager = run(forward)
+        compiled = run(torch.compile(forward, backend="aot_eager", fullgraph=True))
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e)
