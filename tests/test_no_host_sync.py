@@ -428,3 +428,17 @@ def test_attention_gate_has_no_host_sync(gate, backend):
     with medattn_fast.use_backend(backend):
         _watched_twice(f"attention gate {gate} on {backend}", step, warm_up=backend != "triton")
     assert g.grad is not None and torch.isfinite(g.grad).all()
+
+
+def test_channel_16bit_gemm_path_has_no_host_sync():
+    """Channel attention's cuBLAS candidate (``KernelConfig(channel_gemm="16bit")`` on ``torch``)."""
+    module = _with_random_scalars(medattn_fast.nn.ChannelAttention()).bfloat16()
+    x = torch.randn(2, 6, 5, 3).bfloat16().requires_grad_(True)
+
+    def step():
+        module(x).float().square().sum().backward()
+
+    with medattn_fast.use_backend("torch"), medattn_fast.use_kernel_config(medattn_fast.KernelConfig(
+            channel_gemm="16bit")):
+        _watched_twice("channel 16-bit GEMMs on torch", step)
+    assert torch.isfinite(x.grad).all()

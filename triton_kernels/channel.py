@@ -229,12 +229,12 @@ def _softmax_backward_kernel(a_ptr, da_ptr, de_ptr, n_ch, NEGATE: tl.constexpr, 
         da = tl.load(da_ptr + base + cols, mask=cols < n_ch, other=0.0)
         acc += a * da
     total = tl.sum(acc, 0)
-    sign = -1.0 if NEGATE else 1.0
+    negation = -1.0 if NEGATE else 1.0   # d(−E)/dE
     for start in range(0, n_ch, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         a = tl.load(a_ptr + base + cols, mask=cols < n_ch, other=0.0)
         da = tl.load(da_ptr + base + cols, mask=cols < n_ch, other=0.0)
-        tl.store(de_ptr + base + cols, sign * a * (da - total), mask=cols < n_ch)
+        tl.store(de_ptr + base + cols, negation * a * (da - total), mask=cols < n_ch)
 
 
 # ---------------------------------------------------------------------------------------------
