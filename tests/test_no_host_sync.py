@@ -8,7 +8,7 @@ which Python code makes the host wait for a device value, while one training ste
 
 * the Tensor methods that copy a value to the host: ``item``, ``tolist``, ``numpy``, ``cpu`` (a no-op
   on a CPU tensor, flagged all the same: on CUDA it copies), ``to`` a CPU device from another
-  device, and ``__bool__``/``__int__``/``__float__``/``__index__``/``__len__``… of a tensor — a
+  device, and ``__bool__``/``__int__``/``__float__``/``__index__``/``__complex__`` of a tensor — a
   Python branch or a size taken from tensor values (``if (x > 0).any():``, ``range(t)``);
 * data-dependent shapes, whose size the host must read back: ``nonzero``, ``masked_select``,
   ``unique``, ``torch.where`` with one argument, ``repeat_interleave`` without ``output_size``;
@@ -19,11 +19,16 @@ which Python code makes the host wait for a device value, while one training ste
 The Tensor methods are wrapped on the class for the duration of the step, so they are seen inside
 the custom ops' kernels and in their backward too (a dispatch mode is not active inside a custom
 op's implementation). Calls made by the Triton interpreter (it copies every tensor argument to a
-NumPy array to run the kernel on the CPU; on a GPU the launch passes pointers) are not counted.
+NumPy array to run the kernel on the CPU; on a GPU the launch passes pointers) are not counted,
+nor the ``item<double>()`` with which the ``cpp`` backend's C++ kernels read a CPU scalar argument
+(γ, θ, ψ's bias: a load from host memory in a CPU-only backend, never part of a CUDA graph; see
+``_in_cpu_kernel``). On a CUDA device, ``test_gpu_model_training_step_has_no_cuda_sync`` adds
+CUDA's own check, ``torch.cuda.set_sync_debug_mode("error")``.
 
-Each step runs twice and only the second is watched: a first call may measure or build (the
-autotune's timing, an extension's lazy build) — a captured step is always warmed up first.
-A failure lists every call site with a short traceback.
+A step runs once unwatched and then watched: a first call may measure or build (the autotune's
+timing, an extension's lazy build), and a captured step is always warmed up first. Steps forced to
+the Triton kernels under the interpreter (nothing to build or measure there, and slow) are watched
+from their first call. A failure lists every call site with a short traceback.
 """
 from __future__ import annotations
 
