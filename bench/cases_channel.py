@@ -8,7 +8,8 @@ the torch backend / on the default choice), ``compile`` (``torch.compile`` of th
 kernels).
 
 ``gpu_check_cases(device, tiny)`` (``bench/gpu_check.sh``): DANet's CAM at B=8 C=512 64², bf16 and
-fp32, the drop-in on ``triton`` vs the original (``tiny``: B=1 C=16 8×8, the CPU dry run).
+fp32, the drop-in on ``triton``, on ``torch`` (and in bf16 its cuBLAS path, ``channel_gemm="16bit"``)
+and on ``auto`` vs the original (``tiny``: B=1 C=16 8×8, the CPU dry run).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-from bench.harness import Case, auto_provider, fast_twin, with_backend
+from bench.harness import Case, auto_provider, fast_twin, with_backend, with_kernel_config
+from medattn_fast import KernelConfig
 from medattn_fast.compat.danet import CAM_Module as FastCAM
 from medattn_fast.compat.guided_attention import ChannelAttentionModule as FastChannel
 from medattn_fast.reference.danet import CAM_Module
@@ -89,7 +91,14 @@ def _check_setup(batch: int, channels: int, side: int):
         fast = fast_twin(original)
         # scaled so that softmax(-E) is not one-hot in float32
         x = (0.1 * torch.randn(batch, channels, side, side, device=device, dtype=dtype)).requires_grad_(True)
-        return (x,), {"triton": with_backend(fast, "triton"), "auto": auto_provider(fast), "original": original.forward}
+        providers: Dict[str, Callable] = {"triton": with_backend(fast, "triton")}
+        torch_backend = with_backend(fast, "torch")
+        providers["torch"] = torch_backend
+        if dtype != torch.float32:   # the cuBLAS path: 16-bit GEMMs with float32 output
+            providers["torch 16bit"] = with_kernel_config(torch_backend, KernelConfig(channel_gemm="16bit"))
+        providers["auto"] = auto_provider(fast)
+        providers["original"] = original.forward
+        return (x,), providers
     return setup
 
 

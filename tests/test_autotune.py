@@ -295,6 +295,25 @@ def test_gate_kernel_variants(monkeypatch):
     assert variants("triton", x, g, params(16, 32), mode="additive") == ()
 
 
+def test_channel_gemm_variants(monkeypatch):
+    """Channel attention's torch backend on 16-bit CUDA inputs: float32 GEMMs and the cuBLAS path
+    (16-bit GEMMs with float32 output) are candidates of their own, unless the user chose one."""
+    from medattn_fast.ops import _families
+    from medattn_fast.ops._families import _channel_gemm_variants as variants
+
+    x = torch.randn(1, 4, 3, 3, dtype=torch.bfloat16)
+    assert variants("torch", x, negate=True) == ()                      # a CPU tensor: no cuBLAS path
+    monkeypatch.setattr(_families, "_on_cuda", lambda t: True)          # as if x were on a GPU
+    both = ((("channel_gemm", "float32"),), (("channel_gemm", "16bit"),))
+    assert variants("torch", x, negate=True) == both
+    assert variants("triton", x, negate=True) == ()
+    assert variants("torch", x.float(), negate=True) == ()               # float32 runs the default
+    with use_kernel_config(KernelConfig(channel_gemm="16bit")):
+        assert variants("torch", x, negate=True) == ()
+    monkeypatch.setenv("MEDATTN_CHANNEL_GEMM", "float32")
+    assert variants("torch", x, negate=True) == ()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Box:
     t: torch.Tensor

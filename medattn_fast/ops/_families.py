@@ -126,6 +126,21 @@ class PositionSharedMemory:
                 "KernelConfig variants in force, bounded from above)")
 
 
+def _on_cuda(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == "cuda"
+
+
+def _channel_gemm_variants(backend, x, *args, **_options):
+    """torch on 16-bit CUDA inputs: float32 GEMMs on widened X and the cuBLAS path (16-bit GEMMs
+    with float32 output), where the user did not choose (``channel_gemm``)."""
+    from ..kernel_config import explicitly_set
+
+    if backend != "torch" or not _on_cuda(x) or x.dtype not in (torch.float16, torch.bfloat16) \
+            or explicitly_set("channel_gemm"):
+        return ()
+    return ((("channel_gemm", "float32"),), (("channel_gemm", "16bit"),))
+
+
 def _gate_kernel_variants(backend, x, g, params, *, mode, **_options):
     """Triton: the tensor-core dot kernels and the per-channel loop kernels, where the dot kernels
     would run by default (C_int >= 16 and Cx <= 64) and the user did not choose (``gate_kernel``)."""
@@ -157,7 +172,7 @@ FAMILIES: Tuple[Family, ...] = (
            export_backend="reference", tune_variants=_position_backward_variants,
            limits=(B.Limit("triton", "dk", 256, "the Triton kernels hold dk in registers",
                            lambda q, k, v, **_: q.shape[2]), PositionSharedMemory())),
-    Family("channel", ("channel_attention",), ("cpp", "triton")),
+    Family("channel", ("channel_attention",), ("cpp", "triton"), tune_variants=_channel_gemm_variants),
     Family("gaussian_axial", ("gaussian_axial", "gaussian_axial_from_scores"), ("cpp", "triton"),
            limits=(B.Limit("triton", "H and W", 128, "the Triton kernels hold a whole row/column in one program",
                            _axial_line),)),
