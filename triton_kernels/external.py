@@ -37,7 +37,9 @@ few enough partials to keep the combines cheap.
 
 Every tile masks tokens, slots and features (no size need be a multiple of a block; S and d are
 padded to powers of two ≥ 16, ``tl.dot``'s minimum; ``MAX_SLOTS`` = ``MAX_HEAD_DIM`` = 128 keep a
-program's memories in registers). Precision: a, the statistics and every accumulator in float32;
+program's memories in registers). Float32 backward at padded d = 128 does not hold them: its kernels
+sum q M_kᵀ and dy M_v over 32-feature chunks re-read per tile and split dM_v's rows, dq's and dM_k's
+columns over a third grid axis (``_head_dim_split``: register spills otherwise). Precision: a, the statistics and every accumulator in float32;
 p, â, dp, da enter their dots in float32 (``ieee`` for float32 inputs, TF32 for 16-bit ones). Under
 ``TRITON_INTERPRET=1`` the dots run on float32 copies and bfloat16 stores round explicitly (``_util``).
 """
@@ -83,8 +85,11 @@ def default_config(n_tokens: int, batch_heads: int, device: torch.device, head_d
     sm_90 (tests/_sm90_compile.py, MT-UNet's B=12 levels): float32's IEEE dots run on FMAs, and with
     64-token tiles the backward spilled 56 B per thread at d = 32 and 0.4–1.2 KB at d = 64; 16-token
     tiles spill nothing there. At the bottleneck's d = 128 the (d, S) memories and dM_v's accumulator
-    held across the loop still spill 384 B in the backward's column kernel (24 B in the other) at
-    every tile and warp count tried (8/16/32 tokens, 2–16 warps)."""
+    held across the loop spilled 384 B in the backward's column kernel (24 B in the other) at every
+    tile and warp count tried (8/16/32 tokens, 2–16 warps); the backward kernels now take d in
+    chunks there (``_head_dim_split``) and compile with 0 B (136 and 182 registers at B=12 N=49
+    C=1024, 16-token tiles, 8 warps), so every default of the compile sweep and of MT-UNet's levels
+    is spill-free in float32, bfloat16 and float16."""
     if interpreted():
         block_n = 64
         return ExternalConfig(block_n, triton.cdiv(n_tokens, block_n), 4)
@@ -115,6 +120,15 @@ def _program(heads, tiles_per_chunk, BLOCK_N: tl.constexpr):
 def _load_tile(ptr, b, rows, h, d, sb, sn, sc, N, BLOCK_D: tl.constexpr):
     """(BLOCK_N, BLOCK_D) token rows of head h's d columns of a (B, N, heads·d) tensor; 0 outside."""
     feats = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < N) & (feats[None, :] < d)
+    return tl.load(ptr + b.to(tl.int64) * sb + rows[:, None].to(tl.int64) * sn + (h * d + feats)[None, :] * sc,
+                   mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_columns(ptr, b, rows, h, feats, d, sb, sn, sc, N):
+    """(BLOCK_N, len(feats)) token rows of head h's features ``feats`` (indices into its d columns)
+    of a (B, N, heads·d) tensor; 0 outside."""
     mask = (rows[:, None] < N) & (feats[None, :] < d)
     return tl.load(ptr + b.to(tl.int64) * sb + rows[:, None].to(tl.int64) * sn + (h * d + feats)[None, :] * sc,
                    mask=mask, other=0.0)
@@ -221,29 +235,76 @@ def _slot_grads(q, dy, mk_t, mv, lse2, rows, slots, N, S, PRECISION: tl.constexp
 
 
 @triton.jit
+def _slot_grads_chunked(q_ptr, dy_ptr, mk_ptr, mv_ptr, b, h, rows, slots, lse2, d, N, S,
+                        sqb, sqn, sqc, sgb, sgn, sgc, smk_s, smk_d, smv_d, smv_s,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                        D_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """:func:`_slot_grads` with a = q M_kᵀ and dâ = dy M_v summed over head-dim chunks of D_CHUNK
+    features: each chunk of q, dy and of the memories is (re)loaded from L1/L2 for the tile, so
+    neither (d, S) memory nor a d-wide dot operand is held in registers (float32 at d = 128)."""
+    a = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    da_hat = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    for k0 in range(0, BLOCK_D, D_CHUNK):
+        fk = k0 + tl.arange(0, D_CHUNK)
+        q = _load_columns(q_ptr, b, rows, h, fk, d, sqb, sqn, sqc, N)
+        mk_t = _load_matrix(mk_ptr, fk, slots, smk_d, smk_s, d, S)                  # (D_CHUNK, S)
+        a += _dot(q, mk_t, PRECISION, UPCAST)
+        dy = _load_columns(dy_ptr, b, rows, h, fk, d, sgb, sgn, sgc, N)
+        mv = _load_matrix(mv_ptr, fk, slots, smv_d, smv_s, d, S)                    # (D_CHUNK, S)
+        da_hat += _dot(dy, mv, PRECISION, UPCAST)
+    valid = (rows[:, None] < N) & (slots[None, :] < S)
+    p = tl.where(valid, tl.exp2(a * 1.4426950408889634 - lse2[None, :]), 0.0)
+    inv = 1.0 / (1e-9 + tl.sum(p, 1))
+    a_hat = p * inv[:, None]
+    dp = (da_hat - tl.sum(da_hat * a_hat, 1)[:, None]) * inv[:, None]
+    return p, a_hat, dp
+
+
+@triton.jit
 def _backward_columns_kernel(q_ptr, dy_ptr, mk_ptr, mv_ptr, lse_ptr, c_part_ptr, dmv_part_ptr,
                              sqb, sqn, sqc, sgb, sgn, sgc, smk_s, smk_d, smv_d, smv_s,
                              N, d, S, heads, tiles_per_chunk,
                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                             D_CHUNK: tl.constexpr, D_PARTS: tl.constexpr,
                              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Per chunk: partial c[s] = Σ_n p dp and partial dM_v = dyᵀ â."""
+    """Per chunk: partial c[s] = Σ_n p dp and partial dM_v = dyᵀ â.
+
+    ``D_CHUNK < BLOCK_D`` (float32 at d = 128, see :func:`_head_dim_split`): the products over d
+    run in chunks (:func:`_slot_grads_chunked`), and program (chunk, b·h, part) accumulates dM_v's
+    rows part·BLOCK_D/D_PARTS .. (part + 1)·BLOCK_D/D_PARTS only (part 0 also stores c)."""
     b, h, bh, start = _program(heads, tiles_per_chunk, BLOCK_N)
-    feats = tl.arange(0, BLOCK_D)
     slots = tl.arange(0, BLOCK_S)
     lse2 = tl.load(lse_ptr + bh * S + slots, mask=slots < S, other=0.0)
-    mk_t = _load_matrix(mk_ptr, feats, slots, smk_d, smk_s, d, S)                  # (D, S)
-    mv = _load_matrix(mv_ptr, feats, slots, smv_d, smv_s, d, S)                    # (D, S)
-    c_acc = tl.zeros([BLOCK_S], tl.float32)
-    dmv_acc = tl.zeros([BLOCK_D, BLOCK_S], tl.float32)
-    for i in range(tiles_per_chunk):
-        rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        q = _load_tile(q_ptr, b, rows, h, d, sqb, sqn, sqc, N, BLOCK_D)
-        dy = _load_tile(dy_ptr, b, rows, h, d, sgb, sgn, sgc, N, BLOCK_D)
-        p, a_hat, dp = _slot_grads(q, dy, mk_t, mv, lse2, rows, slots, N, S, PRECISION, UPCAST)
-        c_acc += tl.sum(p * dp, 0)
-        dmv_acc += _dot_f32(tl.trans(dy.to(tl.float32)), a_hat, PRECISION)
     part = bh * tl.num_programs(0) + tl.program_id(0)
-    tl.store(c_part_ptr + part * S + slots, c_acc, mask=slots < S)
+    if D_CHUNK == BLOCK_D:
+        feats = tl.arange(0, BLOCK_D)
+        mk_t = _load_matrix(mk_ptr, feats, slots, smk_d, smk_s, d, S)                  # (D, S)
+        mv = _load_matrix(mv_ptr, feats, slots, smv_d, smv_s, d, S)                    # (D, S)
+        c_acc = tl.zeros([BLOCK_S], tl.float32)
+        dmv_acc = tl.zeros([BLOCK_D, BLOCK_S], tl.float32)
+        for i in range(tiles_per_chunk):
+            rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            q = _load_tile(q_ptr, b, rows, h, d, sqb, sqn, sqc, N, BLOCK_D)
+            dy = _load_tile(dy_ptr, b, rows, h, d, sgb, sgn, sgc, N, BLOCK_D)
+            p, a_hat, dp = _slot_grads(q, dy, mk_t, mv, lse2, rows, slots, N, S, PRECISION, UPCAST)
+            c_acc += tl.sum(p * dp, 0)
+            dmv_acc += _dot_f32(tl.trans(dy.to(tl.float32)), a_hat, PRECISION)
+        tl.store(c_part_ptr + part * S + slots, c_acc, mask=slots < S)
+    else:
+        BLOCK_DP: tl.constexpr = BLOCK_D // D_PARTS
+        feats = tl.program_id(2) * BLOCK_DP + tl.arange(0, BLOCK_DP)
+        c_acc = tl.zeros([BLOCK_S], tl.float32)
+        dmv_acc = tl.zeros([BLOCK_DP, BLOCK_S], tl.float32)
+        for i in range(tiles_per_chunk):
+            rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            p, a_hat, dp = _slot_grads_chunked(q_ptr, dy_ptr, mk_ptr, mv_ptr, b, h, rows, slots, lse2, d, N, S,
+                                               sqb, sqn, sqc, sgb, sgn, sgc, smk_s, smk_d, smv_d, smv_s,
+                                               BLOCK_N, BLOCK_D, BLOCK_S, D_CHUNK, PRECISION, UPCAST)
+            c_acc += tl.sum(p * dp, 0)
+            dy = _load_columns(dy_ptr, b, rows, h, feats, d, sgb, sgn, sgc, N)       # (N, D/D_PARTS)
+            dmv_acc += _dot_f32(tl.trans(dy.to(tl.float32)), a_hat, PRECISION)
+        if tl.program_id(2) == 0:
+            tl.store(c_part_ptr + part * S + slots, c_acc, mask=slots < S)
     mask = (feats[:, None] < d) & (slots[None, :] < S)
     tl.store(dmv_part_ptr + (part * d + feats[:, None]) * S + slots[None, :], dmv_acc, mask=mask)
 
@@ -253,30 +314,52 @@ def _backward_kernel(q_ptr, dy_ptr, mk_ptr, mv_ptr, lse_ptr, c_part_ptr, dq_ptr,
                      sqb, sqn, sqc, sgb, sgn, sgc, smk_s, smk_d, smv_d, smv_s, sdb, sdn, sdc,
                      N, d, S, heads, tiles_per_chunk, n_chunks,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                     D_CHUNK: tl.constexpr, D_PARTS: tl.constexpr,
                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Per chunk: da = p (dp − c), dq = da M_k stored, partial dM_k = daᵀ q."""
+    """Per chunk: da = p (dp − c), dq = da M_k stored, partial dM_k = daᵀ q.
+
+    ``D_CHUNK < BLOCK_D``: as in :func:`_backward_columns_kernel`; program (chunk, b·h, part)
+    stores dq's and accumulates dM_k's columns of its part of the head dim only."""
     b, h, bh, start = _program(heads, tiles_per_chunk, BLOCK_N)
-    feats = tl.arange(0, BLOCK_D)
     slots = tl.arange(0, BLOCK_S)
     smask = slots < S
     lse2 = tl.load(lse_ptr + bh * S + slots, mask=smask, other=0.0)
     col_term = tl.zeros([BLOCK_S], tl.float32)
     for j in range(n_chunks):   # c[s], combined in chunk order
         col_term += tl.load(c_part_ptr + (bh * n_chunks + j) * S + slots, mask=smask, other=0.0)
-    mk_t = _load_matrix(mk_ptr, feats, slots, smk_d, smk_s, d, S)                  # (D, S)
-    mv = _load_matrix(mv_ptr, feats, slots, smv_d, smv_s, d, S)                    # (D, S)
-    dmk_acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
-    for i in range(tiles_per_chunk):
-        rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        q = _load_tile(q_ptr, b, rows, h, d, sqb, sqn, sqc, N, BLOCK_D)
-        dy = _load_tile(dy_ptr, b, rows, h, d, sgb, sgn, sgc, N, BLOCK_D)
-        p, _a_hat, dp = _slot_grads(q, dy, mk_t, mv, lse2, rows, slots, N, S, PRECISION, UPCAST)
-        da = p * (dp - col_term[None, :])
-        dq = _dot_f32(da, tl.trans(mk_t), PRECISION)                                 # (N, D)
-        mask = (rows[:, None] < N) & (feats[None, :] < d)
-        offs = b.to(tl.int64) * sdb + rows[:, None].to(tl.int64) * sdn + (h * d + feats)[None, :] * sdc
-        tl.store(dq_ptr + offs, to_storage(dq, dq_ptr.dtype.element_ty), mask=mask)
-        dmk_acc += _dot_f32(tl.trans(da), q, PRECISION)
+    if D_CHUNK == BLOCK_D:
+        feats = tl.arange(0, BLOCK_D)
+        mk_t = _load_matrix(mk_ptr, feats, slots, smk_d, smk_s, d, S)                  # (D, S)
+        mv = _load_matrix(mv_ptr, feats, slots, smv_d, smv_s, d, S)                    # (D, S)
+        dmk_acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+        for i in range(tiles_per_chunk):
+            rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            q = _load_tile(q_ptr, b, rows, h, d, sqb, sqn, sqc, N, BLOCK_D)
+            dy = _load_tile(dy_ptr, b, rows, h, d, sgb, sgn, sgc, N, BLOCK_D)
+            p, _a_hat, dp = _slot_grads(q, dy, mk_t, mv, lse2, rows, slots, N, S, PRECISION, UPCAST)
+            da = p * (dp - col_term[None, :])
+            dq = _dot_f32(da, tl.trans(mk_t), PRECISION)                                 # (N, D)
+            mask = (rows[:, None] < N) & (feats[None, :] < d)
+            offs = b.to(tl.int64) * sdb + rows[:, None].to(tl.int64) * sdn + (h * d + feats)[None, :] * sdc
+            tl.store(dq_ptr + offs, to_storage(dq, dq_ptr.dtype.element_ty), mask=mask)
+            dmk_acc += _dot_f32(tl.trans(da), q, PRECISION)
+    else:
+        BLOCK_DP: tl.constexpr = BLOCK_D // D_PARTS
+        feats = tl.program_id(2) * BLOCK_DP + tl.arange(0, BLOCK_DP)
+        dmk_acc = tl.zeros([BLOCK_S, BLOCK_DP], tl.float32)
+        for i in range(tiles_per_chunk):
+            rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            p, _a_hat, dp = _slot_grads_chunked(q_ptr, dy_ptr, mk_ptr, mv_ptr, b, h, rows, slots, lse2, d, N, S,
+                                                sqb, sqn, sqc, sgb, sgn, sgc, smk_s, smk_d, smv_d, smv_s,
+                                                BLOCK_N, BLOCK_D, BLOCK_S, D_CHUNK, PRECISION, UPCAST)
+            da = p * (dp - col_term[None, :])
+            mk_t = _load_matrix(mk_ptr, feats, slots, smk_d, smk_s, d, S)              # (D/D_PARTS, S)
+            dq = _dot_f32(da, tl.trans(mk_t), PRECISION)                                 # (N, D/D_PARTS)
+            mask = (rows[:, None] < N) & (feats[None, :] < d)
+            offs = b.to(tl.int64) * sdb + rows[:, None].to(tl.int64) * sdn + (h * d + feats)[None, :] * sdc
+            tl.store(dq_ptr + offs, to_storage(dq, dq_ptr.dtype.element_ty), mask=mask)
+            q = _load_columns(q_ptr, b, rows, h, feats, d, sqb, sqn, sqc, N)
+            dmk_acc += _dot_f32(tl.trans(da), q, PRECISION)
     part = bh * n_chunks + tl.program_id(0)
     mask = (slots[:, None] < S) & (feats[None, :] < d)
     tl.store(dmk_part_ptr + (part * S + slots[:, None]) * d + feats[None, :], dmk_acc, mask=mask)
@@ -285,6 +368,27 @@ def _backward_kernel(q_ptr, dy_ptr, mk_ptr, mv_ptr, lse_ptr, c_part_ptr, dq_ptr,
 # ---------------------------------------------------------------------------------------------
 # launch functions
 # ---------------------------------------------------------------------------------------------
+def _head_dim_split(block_d: int, dtype: torch.dtype) -> dict:
+    """Constexprs ``D_CHUNK``, ``D_PARTS`` of ``_backward_columns_kernel`` and ``_backward_kernel``:
+    the head-dim chunk of their q·M_kᵀ and dy·M_v products, and how many programs (a third grid
+    axis) share a tile's head dim for dM and dq.
+
+    ``D_CHUNK = block_d, D_PARTS = 1`` keeps both (d, S) memories in registers across the token
+    loop: every 16-bit width and float32 up to d = 64 compile without spills for sm_90 that way.
+    float32 at d = 128 (MT-UNet's bottleneck) runs its IEEE dots on FMAs, whose operand layouts
+    hold a thread's rows/columns over the whole reduction: with the memories and a 128 × 64 dM
+    accumulator held across the loop the column kernel spilled 384 B per thread and the other
+    24 B (255 registers) at every tile and warp count tried. There both kernels take 32-feature
+    chunks re-read from L1/L2 per tile and split dM's (and dq's) head dim over 2 programs, which
+    both recompute the tile's p and dp (2 × 2·N·S·d more FMAs): 0 B at 136–182 registers (16-token
+    tiles, 8 warps). Chunks alone leave _backward_kernel at 24 B, and the column kernel at 254
+    registers (0 B) when a chunk is one tile (tiles_per_chunk = 1 is specialised); chunks of 64
+    spill 16 B."""
+    if dtype == torch.float32 and block_d >= 128:
+        return dict(D_CHUNK=32, D_PARTS=2)
+    return dict(D_CHUNK=block_d, D_PARTS=1)
+
+
 def _plan(q: torch.Tensor, key_memory: torch.Tensor, num_heads: int, config: Optional[ExternalConfig],
           fp32_precision: Optional[str]):
     batch, n_tokens, a_dim = q.shape
@@ -299,7 +403,7 @@ def _plan(q: torch.Tensor, key_memory: torch.Tensor, num_heads: int, config: Opt
     precision = _dot_precision(q.dtype, split_default=False, forced=fp32_precision)
     blocks = dict(BLOCK_N=cfg.block_n, BLOCK_D=_pow2_at_least_16(d), BLOCK_S=_pow2_at_least_16(slots),
                   PRECISION=precision, UPCAST=interpreted(), num_warps=cfg.num_warps)
-    return batch, n_tokens, d, slots, cfg, n_chunks, blocks
+    return batch, n_tokens, d, slots, cfg, n_chunks, blocks, _head_dim_split(blocks["BLOCK_D"], q.dtype)
 
 
 def external_forward(q: torch.Tensor, key_memory: torch.Tensor, value_memory: torch.Tensor,
@@ -317,7 +421,8 @@ def external_forward(q: torch.Tensor, key_memory: torch.Tensor, value_memory: to
         ``(y, lse2)``: y (B, N, heads·d) in q's dtype; lse2 (B·heads, S) float32, the base-2 column
         log-sum-exp ``log2 Σ_n exp2(log2(e)·q_h M_kᵀ)`` (None unless ``save_for_backward``).
     """
-    batch, n_tokens, d, slots, cfg, n_chunks, blocks = _plan(q, key_memory, num_heads, config, fp32_precision)
+    batch, n_tokens, d, slots, cfg, n_chunks, blocks, _split = _plan(q, key_memory, num_heads, config,
+                                                                       fp32_precision)
     bh = batch * num_heads
     col_max = torch.empty((bh, n_chunks, slots), device=q.device, dtype=torch.float32)
     col_sum = torch.empty_like(col_max)
@@ -343,20 +448,22 @@ def external_backward(grad_y: torch.Tensor, q: torch.Tensor, key_memory: torch.T
     ``grad_y``: ∂L/∂y (B, N, heads·d), any strides; ``lse``: the forward's lse2. The memories'
     gradients are per-program float32 partials summed by ``torch.sum`` (deterministic).
     """
-    batch, n_tokens, d, slots, cfg, n_chunks, blocks = _plan(q, key_memory, num_heads, config, fp32_precision)
+    batch, n_tokens, d, slots, cfg, n_chunks, blocks, split = _plan(q, key_memory, num_heads, config,
+                                                                      fp32_precision)
     bh = batch * num_heads
     c_part = torch.empty((bh, n_chunks, slots), device=q.device, dtype=torch.float32)
     dmv_part = torch.empty((bh * n_chunks, d, slots), device=q.device, dtype=torch.float32)
     dmk_part = torch.empty((bh * n_chunks, slots, d), device=q.device, dtype=torch.float32)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    grid = (n_chunks, bh)
     common = (*key_memory.stride(), *value_memory.stride())
+    # grid (chunks, B·heads, head-dim parts): see _head_dim_split
+    grid = (n_chunks, bh, split["D_PARTS"])
     launch(_backward_columns_kernel)[grid](q, grad_y, key_memory, value_memory, lse, c_part, dmv_part,
                                    *q.stride(), *grad_y.stride(), *common,
-                                   n_tokens, d, slots, num_heads, cfg.tiles_per_chunk, **blocks)
+                                   n_tokens, d, slots, num_heads, cfg.tiles_per_chunk, **blocks, **split)
     launch(_backward_kernel)[grid](q, grad_y, key_memory, value_memory, lse, c_part, dq, dmk_part,
                            *q.stride(), *grad_y.stride(), *common, *dq.stride(),
-                           n_tokens, d, slots, num_heads, cfg.tiles_per_chunk, n_chunks, **blocks)
+                           n_tokens, d, slots, num_heads, cfg.tiles_per_chunk, n_chunks, **blocks, **split)
     d_key_memory = dmk_part.sum(dim=0).to(key_memory.dtype)
     d_value_memory = dmv_part.sum(dim=0).to(value_memory.dtype)
     d_value_bias = None
