@@ -87,6 +87,28 @@ def test_triton_matches_reference_fp32_odd_shapes(case):
     _compare(leaves, torch.float32, window_size=ws, num_heads=heads, pad_mode=pad_mode, layout=layout)
 
 
+HEAD_DIM_CHUNK_CASES = [  # (dtype, H, W, d, ws, pad_mode, layout)
+    (torch.float32, 9, 7, 100, 8, "mtunet", "windows"),   # 16-feature chunks fwd and bwd, corner + strips
+    (torch.bfloat16, 9, 7, 100, 8, "mask", "grid"),       # 32-feature chunks in the backward only
+    (torch.float32, 5, 6, 128, 6, "mtunet", "padded"),    # ws = 6 (L = 36 in a 64-token tile), d = 128
+]
+
+
+@pytest.mark.parametrize("case", HEAD_DIM_CHUNK_CASES, ids=lambda c: "{}_{}x{}_d{}_ws{}_{}_{}".format(
+    str(c[0])[6:], *c[1:]))
+def test_head_dim_chunks_at_64_token_windows(case):
+    """The kernels' chunked path (``_head_dim_chunk``: scores and dO vᵀ summed over head-dim
+    chunks, o/dq/dk/dv stored chunk by chunk), selected at 64-token tiles with padded d = 128,
+    where whole-d tiles spilled registers for sm_90: forward and every gradient vs float64."""
+    from medattn_fast.triton_kernels import window as triton_window
+
+    dtype, H, W, d, ws, pad_mode, layout = case
+    assert triton_window._head_dim_chunk(64, 128, dtype, backward=True)[0] < 128
+    torch.manual_seed(d + ws)
+    leaves = _leaves(1, H, W, 8, 1, d, 8)
+    _compare(leaves, dtype, window_size=ws, num_heads=1, pad_mode=pad_mode, layout=layout)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("pad_mode", ["mtunet", "mask"])
 def test_triton_bf16_within_twice_torch_error(pad_mode, seed):

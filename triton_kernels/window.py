@@ -49,7 +49,10 @@ tensor — DlightConv is a memory-bound pass of that size, small next to this op
 Launch plan: one program per (window, head, batch) (grid axes in that order: the window count is
 the large one), tiles of BLOCK_L = max(16, next_pow2(L)) tokens × BLOCK_D = max(16, next_pow2(d))
 features (16 is ``tl.dot``'s minimum), every row, key and feature masked. ws ≤ 8 (L ≤ 64) and
-d ≤ 128 keep a program's q, k, v, P and gradient tiles in registers (``MAX_WINDOW``/``MAX_HEAD_DIM``).
+d ≤ 128 keep a program's q, k, v, P and gradient tiles in registers (``MAX_WINDOW``/``MAX_HEAD_DIM``),
+but for 64-token windows at padded d = 128 (float32, and the 16-bit backward): there the scores and
+dO vᵀ are summed over head-dim chunks and o, dq, dk, dv computed and stored chunk by chunk, each
+chunk of q/k/v/dO loaded when used (``_head_dim_chunk``: register spills otherwise).
 
 Precision: scores, softmax and every accumulator in float32; P and dS enter their dots in float32
 (``ieee`` for float32 inputs, TF32 for 16-bit ones). Under ``TRITON_INTERPRET=1`` (CPU tests) the
@@ -73,7 +76,7 @@ from ._util import launch
 __all__ = ["window_forward", "window_backward", "MAX_HEAD_DIM", "MAX_WINDOW", "PAD_MODES", "LAYOUTS"]
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 128   # d held whole in registers
+MAX_HEAD_DIM = 128   # d held whole in registers (but see _head_dim_chunk)
 MAX_WINDOW = 8       # ws: L = ws² ≤ 64 tokens per program
 PAD_MODES = ("mtunet", "mask")
 LAYOUTS = ("grid", "padded", "windows")
@@ -84,9 +87,26 @@ def _num_warps(block_l: int, block_d: int) -> int:
     # report for sm_90 (tests/_sm90_compile.py with TRITON_DUMP_PTXAS_LOG=1): the earlier rule
     # (1/2/4 warps at ≤1024/≤4096/more elements) spilled in float32, whose IEEE dots run on FMAs
     # (24 KB forward / 75 KB backward spill stores at ws=8, d=128; 616 B backward at MT-UNet's
-    # ws=4, d=128); this one spills nowhere at ws ≤ 5 or d ≤ 64, and 1.6 KB / 4 KB at ws=8, d=128.
-    # Not yet timed on a GPU.
+    # ws=4, d=128); this one spills nowhere at ws ≤ 5 or d ≤ 64. At 64-token windows with d = 128
+    # (float32 forward 424 B / backward 2,560 B, 16-bit backward 360 B with whole-d tiles) the
+    # kernels take d in chunks instead, with their own warps: _head_dim_chunk. Not yet timed on a GPU.
     return min(16, max(1, block_l * block_d // 256))
+
+
+def _head_dim_chunk(block_l: int, block_d: int, dtype: torch.dtype, backward: bool) -> Tuple[int, int]:
+    """(D_CHUNK, num_warps) of a kernel. ``D_CHUNK = block_d`` holds q, k, v (and dO) whole in
+    registers. At 64-token windows (ws 6–8) with d = 128 that spilled for sm_90 whatever the warps
+    (16 warps cap a thread at 128 registers): float32 forward 424 B and backward 2,560 B per
+    thread, 16-bit backward 360–368 B. There the kernels take d in chunks, each loaded when used:
+    float32 16 features, 8 warps (forward 112 registers, backward 180, 0 B; 32-feature chunks
+    spill 560 B at 16 warps, 0 B at 210 registers with 8), 16-bit backward 32 features, 8 warps
+    (123 registers, 0 B). Costs: q, k (and dO) read twice from L1/L2 in the backward."""
+    if block_l >= 64 and block_d >= 128:
+        if dtype == torch.float32:
+            return 16, 8
+        if backward:
+            return 32, 8
+    return block_d, _num_warps(block_l, block_d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,30 +183,74 @@ def _window_attention(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, in_windo
 
 
 @triton.jit
+def _probs_of_scores(scores, in_window, real, MASK_KEYS: tl.constexpr):
+    """:func:`_window_probs` from the scaled scores (base 2) s·log2(e)·q kᵀ."""
+    keep = in_window
+    if MASK_KEYS:
+        keep = real
+    scores = tl.where(keep[None, :], scores, float("-inf"))
+    p = tl.exp2(scores - tl.max(scores, 1)[:, None])
+    return p / tl.sum(p, 1)[:, None]
+
+
+@triton.jit
+def _chunked_scores(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, hd, d, A, sqb, sqh, sqw, sqc,
+                    HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                    D_CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """q kᵀ (unscaled, L × L) summed over head-dim chunks of D_CHUNK features, each chunk of q and
+    k loaded for its product only."""
+    scores = tl.zeros([BLOCK_L, BLOCK_L], tl.float32)
+    for k0 in range(0, BLOCK_D, D_CHUNK):
+        feats = k0 + tl.arange(0, D_CHUNK)
+        q = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, hd, d, sqb, sqh, sqw, sqc, HAS_BIAS)
+        k = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, A + hd, d, sqb, sqh, sqw, sqc,
+                       HAS_BIAS)
+        scores += _dot(q, tl.trans(k), PRECISION, UPCAST)
+    return scores
+
+
+@triton.jit
 def _window_forward_kernel(qkv_ptr, bias_ptr, o_ptr,
                            sqb, sqh, sqw, sqc, sob, sowi, sowj, soti, sotj, soc,
                            H, W, pad_h, pad_w, n_win_w, d, A, qk_scale,
                            WS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                            MTUNET: tl.constexpr, MASK_KEYS: tl.constexpr, STORE_PADDED: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """o = softmax(s q kᵀ) v for one (window, head, batch), stored in the output layout."""
+                           HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                           D_CHUNK: tl.constexpr):
+    """o = softmax(s q kᵀ) v for one (window, head, batch), stored in the output layout.
+    ``D_CHUNK < BLOCK_D`` (see :func:`_head_dim_chunk`): q kᵀ summed over head-dim chunks and o
+    stored chunk by chunk, each chunk of q/k/v loaded when used (no d-wide tile held)."""
     window = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     wi, wj, ti, tj, in_window, real, corner, zero, src_r, src_c = _window_tokens(
         window, n_win_w, H, W, pad_h, pad_w, WS, BLOCK_L, MTUNET)
-    feats = tl.arange(0, BLOCK_D)
     from_x = real | corner
     hd = head * d
-    q, k, v, p = _window_attention(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, in_window, real, feats,
-                                   hd, d, A, sqb, sqh, sqw, sqc, qk_scale, HAS_BIAS, PRECISION, UPCAST, MASK_KEYS)
-    o = _dot_f32(p, v, PRECISION, UPCAST)
     rows = in_window
     if not STORE_PADDED:
         rows = real
-    offs = (b * sob + wi.to(tl.int64) * sowi + wj.to(tl.int64) * sowj + ti[:, None].to(tl.int64) * soti
-            + tj[:, None].to(tl.int64) * sotj + (hd + feats)[None, :] * soc)
-    tl.store(o_ptr + offs, to_storage(o, o_ptr.dtype.element_ty), mask=rows[:, None] & (feats < d)[None, :])
+    if D_CHUNK == BLOCK_D:
+        feats = tl.arange(0, BLOCK_D)
+        q, k, v, p = _window_attention(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, in_window, real, feats,
+                                       hd, d, A, sqb, sqh, sqw, sqc, qk_scale, HAS_BIAS, PRECISION, UPCAST,
+                                       MASK_KEYS)
+        o = _dot_f32(p, v, PRECISION, UPCAST)
+        offs = (b * sob + wi.to(tl.int64) * sowi + wj.to(tl.int64) * sowj + ti[:, None].to(tl.int64) * soti
+                + tj[:, None].to(tl.int64) * sotj + (hd + feats)[None, :] * soc)
+        tl.store(o_ptr + offs, to_storage(o, o_ptr.dtype.element_ty), mask=rows[:, None] & (feats < d)[None, :])
+    else:
+        scores = _chunked_scores(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, hd, d, A, sqb, sqh, sqw, sqc,
+                                 HAS_BIAS, BLOCK_L, BLOCK_D, D_CHUNK, PRECISION, UPCAST)
+        p = _probs_of_scores(scores * qk_scale, in_window, real, MASK_KEYS)
+        for k0 in range(0, BLOCK_D, D_CHUNK):
+            feats = k0 + tl.arange(0, D_CHUNK)
+            v = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, 2 * A + hd, d,
+                           sqb, sqh, sqw, sqc, HAS_BIAS)
+            o = _dot_f32(p, v, PRECISION, UPCAST)
+            offs = (b * sob + wi.to(tl.int64) * sowi + wj.to(tl.int64) * sowj + ti[:, None].to(tl.int64) * soti
+                    + tj[:, None].to(tl.int64) * sotj + (hd + feats)[None, :] * soc)
+            tl.store(o_ptr + offs, to_storage(o, o_ptr.dtype.element_ty), mask=rows[:, None] & (feats < d)[None, :])
 
 
 @triton.jit
@@ -217,41 +281,80 @@ def _window_backward_kernel(qkv_ptr, bias_ptr, do_ptr, dqkv_ptr, corner_ptr, bia
                             H, W, pad_h, pad_w, n_win_w, n_windows, d, A, qk_scale, scale,
                             WS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                             MTUNET: tl.constexpr, MASK_KEYS: tl.constexpr, STORE_PADDED: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dq, dk, dv of one (window, head, batch), P recomputed; routed by ``_store_grad_part``."""
+                            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                            D_CHUNK: tl.constexpr):
+    """dq, dk, dv of one (window, head, batch), P recomputed; routed by ``_store_grad_part``.
+    ``D_CHUNK < BLOCK_D``: q kᵀ and dO vᵀ summed over head-dim chunks, then dq, dk, dv computed
+    and stored chunk by chunk (q, k, dO reloaded from L1/L2), no d-wide tile held."""
     window = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     wi, wj, ti, tj, in_window, real, corner, zero, src_r, src_c = _window_tokens(
         window, n_win_w, H, W, pad_h, pad_w, WS, BLOCK_L, MTUNET)
-    feats = tl.arange(0, BLOCK_D)
-    fmask = feats < d
     from_x = real | corner
     hd = head * d
-    q, k, v, p = _window_attention(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, in_window, real, feats,
-                                   hd, d, A, sqb, sqh, sqw, sqc, qk_scale, HAS_BIAS, PRECISION, UPCAST, MASK_KEYS)
     rows = in_window
     if not STORE_PADDED:
         rows = real   # the grid layout holds no padded position: their output gradient is 0
-    goffs = (b * sgb + wi.to(tl.int64) * sgwi + wj.to(tl.int64) * sgwj + ti[:, None].to(tl.int64) * sgti
-             + tj[:, None].to(tl.int64) * sgtj + (hd + feats)[None, :] * sgc)
-    do = tl.load(do_ptr + goffs, mask=rows[:, None] & fmask[None, :], other=0.0).to(tl.float32)
-
-    dv = _dot_f32(tl.trans(p), do, PRECISION, UPCAST)                       # (L, D)
-    dp = _dot_f32(do, tl.trans(v), PRECISION, UPCAST)                       # (L, L)
-    ds = p * (dp - tl.sum(p * dp, 1)[:, None])
-    dq = _dot_f32(ds, k, PRECISION, UPCAST) * scale
-    dk = _dot_f32(tl.trans(ds), q, PRECISION, UPCAST) * scale
     A3 = 3 * A
-    _store_grad_part(dq, dqkv_ptr, corner_ptr, bias_part_ptr, b, window, n_windows, src_r, src_c, ti, tj, wi, wj,
-                     real, corner, zero, feats, hd, d, sdb, sdh, sdw, sdc, H, W, pad_h, pad_w, A3,
-                     WS, MTUNET, HAS_BIAS)
-    _store_grad_part(dk, dqkv_ptr, corner_ptr, bias_part_ptr, b, window, n_windows, src_r, src_c, ti, tj, wi, wj,
-                     real, corner, zero, feats, A + hd, d, sdb, sdh, sdw, sdc, H, W, pad_h, pad_w, A3,
-                     WS, MTUNET, HAS_BIAS)
-    _store_grad_part(dv, dqkv_ptr, corner_ptr, bias_part_ptr, b, window, n_windows, src_r, src_c, ti, tj, wi, wj,
-                     real, corner, zero, feats, 2 * A + hd, d, sdb, sdh, sdw, sdc, H, W, pad_h, pad_w, A3,
-                     WS, MTUNET, HAS_BIAS)
+    goffs0 = (b * sgb + wi.to(tl.int64) * sgwi + wj.to(tl.int64) * sgwj + ti[:, None].to(tl.int64) * sgti
+              + tj[:, None].to(tl.int64) * sgtj)
+    if D_CHUNK == BLOCK_D:
+        feats = tl.arange(0, BLOCK_D)
+        fmask = feats < d
+        q, k, v, p = _window_attention(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, in_window, real, feats,
+                                       hd, d, A, sqb, sqh, sqw, sqc, qk_scale, HAS_BIAS, PRECISION, UPCAST,
+                                       MASK_KEYS)
+        do = tl.load(do_ptr + goffs0 + (hd + feats)[None, :] * sgc, mask=rows[:, None] & fmask[None, :],
+                     other=0.0).to(tl.float32)
+
+        dv = _dot_f32(tl.trans(p), do, PRECISION, UPCAST)                       # (L, D)
+        dp = _dot_f32(do, tl.trans(v), PRECISION, UPCAST)                       # (L, L)
+        ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+        dq = _dot_f32(ds, k, PRECISION, UPCAST) * scale
+        dk = _dot_f32(tl.trans(ds), q, PRECISION, UPCAST) * scale
+        _store_grad_part(dq, dqkv_ptr, corner_ptr, bias_part_ptr, b, window, n_windows, src_r, src_c, ti, tj, wi,
+                         wj, real, corner, zero, feats, hd, d, sdb, sdh, sdw, sdc, H, W, pad_h, pad_w, A3,
+                         WS, MTUNET, HAS_BIAS)
+        _store_grad_part(dk, dqkv_ptr, corner_ptr, bias_part_ptr, b, window, n_windows, src_r, src_c, ti, tj, wi,
+                         wj, real, corner, zero, feats, A + hd, d, sdb, sdh, sdw, sdc, H, W, pad_h, pad_w, A3,
+                         WS, MTUNET, HAS_BIAS)
+        _store_grad_part(dv, dqkv_ptr, corner_ptr, bias_part_ptr, b, window, n_windows, src_r, src_c, ti, tj, wi,
+                         wj, real, corner, zero, feats, 2 * A + hd, d, sdb, sdh, sdw, sdc, H, W, pad_h, pad_w, A3,
+                         WS, MTUNET, HAS_BIAS)
+    else:
+        scores = _chunked_scores(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, hd, d, A, sqb, sqh, sqw, sqc,
+                                 HAS_BIAS, BLOCK_L, BLOCK_D, D_CHUNK, PRECISION, UPCAST)
+        dp = tl.zeros([BLOCK_L, BLOCK_L], tl.float32)
+        for k0 in range(0, BLOCK_D, D_CHUNK):
+            feats = k0 + tl.arange(0, D_CHUNK)
+            v = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, 2 * A + hd, d,
+                           sqb, sqh, sqw, sqc, HAS_BIAS)
+            do = tl.load(do_ptr + goffs0 + (hd + feats)[None, :] * sgc, mask=rows[:, None] & (feats < d)[None, :],
+                         other=0.0).to(tl.float32)
+            dp += _dot_f32(do, tl.trans(v), PRECISION, UPCAST)
+        p = _probs_of_scores(scores * qk_scale, in_window, real, MASK_KEYS)
+        ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+        for k0 in range(0, BLOCK_D, D_CHUNK):
+            feats = k0 + tl.arange(0, D_CHUNK)
+            q = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, hd, d, sqb, sqh, sqw, sqc,
+                           HAS_BIAS)
+            k = _load_part(qkv_ptr, bias_ptr, b, src_r, src_c, from_x, zero, feats, A + hd, d, sqb, sqh, sqw, sqc,
+                           HAS_BIAS)
+            do = tl.load(do_ptr + goffs0 + (hd + feats)[None, :] * sgc, mask=rows[:, None] & (feats < d)[None, :],
+                         other=0.0).to(tl.float32)
+            dq = _dot_f32(ds, k, PRECISION, UPCAST) * scale
+            _store_grad_part(dq, dqkv_ptr, corner_ptr, bias_part_ptr, b, window, n_windows, src_r, src_c, ti, tj,
+                             wi, wj, real, corner, zero, feats, hd, d, sdb, sdh, sdw, sdc, H, W, pad_h, pad_w, A3,
+                             WS, MTUNET, HAS_BIAS)
+            dk = _dot_f32(tl.trans(ds), q, PRECISION, UPCAST) * scale
+            _store_grad_part(dk, dqkv_ptr, corner_ptr, bias_part_ptr, b, window, n_windows, src_r, src_c, ti, tj,
+                             wi, wj, real, corner, zero, feats, A + hd, d, sdb, sdh, sdw, sdc, H, W, pad_h, pad_w,
+                             A3, WS, MTUNET, HAS_BIAS)
+            dv = _dot_f32(tl.trans(p), do, PRECISION, UPCAST)
+            _store_grad_part(dv, dqkv_ptr, corner_ptr, bias_part_ptr, b, window, n_windows, src_r, src_c, ti, tj,
+                             wi, wj, real, corner, zero, feats, 2 * A + hd, d, sdb, sdh, sdw, sdc, H, W, pad_h,
+                             pad_w, A3, WS, MTUNET, HAS_BIAS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,12 +412,14 @@ def window_forward(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], *, windo
     batch, H, W, A, d, pad_h, pad_w, n_h, n_w = _geometry(qkv, window_size, num_heads)
     o = qkv.new_empty(layout_shape(batch, H, W, A, window_size, layout))
     block_l, block_d = _pow2_at_least_16(window_size * window_size), _pow2_at_least_16(d)
+    d_chunk, num_warps = _head_dim_chunk(block_l, block_d, qkv.dtype, backward=False)
     launch(_window_forward_kernel)[(n_h * n_w, num_heads, batch)](
         qkv, qkv_bias if qkv_bias is not None else qkv, o, *qkv.stride(), *_layout_strides(o, layout, window_size),
         H, W, pad_h, pad_w, n_w, d, A, LOG2E / d ** 0.5,
         WS=window_size, BLOCK_L=block_l, BLOCK_D=block_d, MTUNET=pad_mode == "mtunet",
         MASK_KEYS=pad_mode == "mask", STORE_PADDED=layout != "grid", HAS_BIAS=qkv_bias is not None,
-        PRECISION=_dot_precision(qkv.dtype, forced=fp32_precision), UPCAST=interpreted(), num_warps=_num_warps(block_l, block_d))
+        PRECISION=_dot_precision(qkv.dtype, forced=fp32_precision), UPCAST=interpreted(), D_CHUNK=d_chunk,
+        num_warps=num_warps)
     return o
 
 
@@ -349,6 +454,7 @@ def window_backward(grad_o: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[
         if qkv_bias is not None else None
     block_l, block_d = _pow2_at_least_16(window_size * window_size), _pow2_at_least_16(d)
     dummy = dqkv
+    d_chunk, num_warps = _head_dim_chunk(block_l, block_d, qkv.dtype, backward=True)
     launch(_window_backward_kernel)[(n_windows, num_heads, batch)](
         qkv, qkv_bias if qkv_bias is not None else qkv, grad_o, dqkv,
         corner if corner is not None else dummy, bias_part if bias_part is not None else dummy,
@@ -356,7 +462,8 @@ def window_backward(grad_o: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[
         H, W, pad_h, pad_w, n_w, n_windows, d, A, LOG2E / d ** 0.5, 1.0 / d ** 0.5,
         WS=window_size, BLOCK_L=block_l, BLOCK_D=block_d, MTUNET=has_corner, MASK_KEYS=pad_mode == "mask",
         STORE_PADDED=layout != "grid", HAS_BIAS=qkv_bias is not None,
-        PRECISION=_dot_precision(qkv.dtype, forced=fp32_precision), UPCAST=interpreted(), num_warps=_num_warps(block_l, block_d))
+        PRECISION=_dot_precision(qkv.dtype, forced=fp32_precision), UPCAST=interpreted(), D_CHUNK=d_chunk,
+        num_warps=num_warps)
     if corner is not None:
         # Sources may be real tokens of other windows: one deterministic slice add, in float32.
         corner, r0 = _fold_clamped(corner, 1, H, pad_h)
