@@ -14,7 +14,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The register spills the sweep's default configs are known to have under triton 3.9 (issue 24 item 7:
+# 0 spills in defaults), bytes of local memory per thread at most, by (op, dtype, kernel); any other
+# spill, or a larger one, fails. External and window attention have none (their float32 d = 128 and
+# 64-token-window d = 128 kernels take the head dim in chunks: _head_dim_split / _head_dim_chunk).
+KNOWN_SWEEP_SPILLS = {
+    # the float32 128-wide dv split variant of the position forward (bench/results/sm90_compile_table.csv)
+    ("position_attention", "float32", "_forward_kernel"): 40,
+    # Gaussian axial attention's line kernels: float32 backward at 255 registers; the bf16 forward's
+    # 8 B at 72 registers is ptxas's stack frame, not register pressure
+    ("gaussian_axial", "float32", "_line_backward_kernel"): 48,
+    ("gaussian_axial", "bfloat16", "_line_forward_kernel"): 8,
+}
+
+
 def test_every_triton_kernel_compiles_for_sm90():
+    """Every kernel specialisation of the sweep compiles for sm_90 and spills no register beyond
+    KNOWN_SWEEP_SPILLS (tests/_sm90_compile.py prints one "spill <op> torch.<dtype> <kernel>: N B
+    local memory per thread, R registers" line per spilling specialisation)."""
+    import re
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-m", "tests._sm90_compile", "--dtypes", "float32,bfloat16"],
@@ -25,9 +44,14 @@ def test_every_triton_kernel_compiles_for_sm90():
     for op in ("position_attention", "channel_attention", "gaussian_axial", "window_attention",
                "external_attention", "attention_gate"):
         assert f"ok   {op}" in report, report
-    # the gate's sweep runs both variants (dot at Cx 64/32 and in grid mode, loop at Cx 8 and forced
-    # at 64): none spills (bench/results/sm90_compile_table.csv)
-    assert not [line for line in report.splitlines() if line.startswith("spill attention_gate")], report
+    spill_lines = [line for line in report.splitlines() if line.startswith("spill ")]
+    for line in spill_lines:
+        match = re.fullmatch(r"spill (\S+) torch\.(\S+) (\S+): (\d+) B local memory per thread, \d+ registers", line)
+        assert match, line
+        op, dtype, kernel, local = match.group(1), match.group(2), match.group(3), int(match.group(4))
+        assert local <= KNOWN_SWEEP_SPILLS.get((op, dtype, kernel), 0), line
+    # the summary counts the same spills the lines list (nothing escapes the check above)
+    assert f"{len(spill_lines)} with register spills" in report, report
 
 
 # The spills the position defaults are known to have under triton 3.9 (bench/results/sm90_compile_table.csv),

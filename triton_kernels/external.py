@@ -39,9 +39,11 @@ Every tile masks tokens, slots and features (no size need be a multiple of a blo
 padded to powers of two ≥ 16, ``tl.dot``'s minimum; ``MAX_SLOTS`` = ``MAX_HEAD_DIM`` = 128 keep a
 program's memories in registers). Float32 backward at padded d = 128 does not hold them: its kernels
 sum q M_kᵀ and dy M_v over 32-feature chunks re-read per tile and split dM_v's rows, dq's and dM_k's
-columns over a third grid axis (``_head_dim_split``: register spills otherwise). Precision: a, the statistics and every accumulator in float32;
-p, â, dp, da enter their dots in float32 (``ieee`` for float32 inputs, TF32 for 16-bit ones). Under
-``TRITON_INTERPRET=1`` the dots run on float32 copies and bfloat16 stores round explicitly (``_util``).
+columns over a third grid axis (``_head_dim_split``: register spills otherwise).
+
+Precision: a, the statistics and every accumulator in float32; p, â, dp, da enter their dots in
+float32 (``ieee`` for float32 inputs, TF32 for 16-bit ones). Under ``TRITON_INTERPRET=1`` the dots
+run on float32 copies and bfloat16 stores round explicitly (``_util``).
 """
 from __future__ import annotations
 
