@@ -83,14 +83,16 @@ LAYOUTS = ("grid", "padded", "windows")
 
 
 def _num_warps(block_l: int, block_d: int) -> int:
-    # One warp per 256 elements of a (BLOCK_L × BLOCK_D) tile, up to 16. From ptxas's register
+    # One warp per 256 elements of a (BLOCK_L × BLOCK_D) tile, 2 to 16. From ptxas's register
     # report for sm_90 (tests/_sm90_compile.py with TRITON_DUMP_PTXAS_LOG=1): the earlier rule
     # (1/2/4 warps at ≤1024/≤4096/more elements) spilled in float32, whose IEEE dots run on FMAs
     # (24 KB forward / 75 KB backward spill stores at ws=8, d=128; 616 B backward at MT-UNet's
     # ws=4, d=128); this one spills nowhere at ws ≤ 5 or d ≤ 64. At 64-token windows with d = 128
     # (float32 forward 424 B / backward 2,560 B, 16-bit backward 360 B with whole-d tiles) the
-    # kernels take d in chunks instead, with their own warps: _head_dim_chunk. Not yet timed on a GPU.
-    return min(16, max(1, block_l * block_d // 256))
+    # kernels take d in chunks instead, with their own warps: _head_dim_chunk. At least 2 warps: the
+    # one-warp 16 × 16 tile's float16 backward spilled 4 B (8 B stack) at 96 registers, 2 warps
+    # need 72 (bf16 71, float32 107; was 100 and 167). Not yet timed on a GPU.
+    return min(16, max(2, block_l * block_d // 256))
 
 
 def _head_dim_chunk(block_l: int, block_d: int, dtype: torch.dtype, backward: bool) -> Tuple[int, int]:
