@@ -12,7 +12,12 @@ and backward (``torch.autograd.grad``), is traced the way AOTAutograd traces it 
 interpreter (the CPU suite) the same ops are plain custom ops: see
 ``medattn_fast.ops._custom_op.traceable_triton`` for why.
 
-Prints one line per family, ``ok   <family>: <n> kernel launches traced`` or ``FAIL <family>: ...``.
+Position attention is traced in three variants (separate and fused backward, transposed with
+channel-first tensors) and the attention gate in three (additive in training with batch statistics,
+additive in eval, grid); for these the launched kernels must be exactly those of the variant
+(``EXPECTED_KERNELS``).
+
+Prints one line per case, ``ok   <case>: <n> kernel launches traced (<kernels>)`` or ``FAIL <case>: ...``.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ def _leaf(*shape):
 
 
 def _cases():
+    import medattn_fast
     import medattn_fast.functional as MF
 
     def channel():
@@ -57,8 +63,90 @@ def _cases():
         leaves = (x, wq, bq, mk, bk, mv, bv, wo, bo)
         return MF.external_attention(*leaves, num_heads=2, backend="triton"), leaves
 
+    def position():
+        # DANet's γ·o + x: the forward kernel, then _grad_out, the dv column kernel, dq and dk
+        q, k, v, gamma = _leaf(2, 9, 8), _leaf(2, 7, 8), _leaf(2, 7, 12), _leaf(1)
+        residual = _leaf(2, 9, 12)
+        return (MF.position_attention(q, k, v, gamma=gamma, residual=residual, backend="triton"),
+                (q, k, v, gamma, residual))
+
+    def position_fused_backward():
+        # dq by atomics inside the dk kernel (KernelConfig(position_backward="fused"))
+        q, k, v, gamma = _leaf(2, 9, 8), _leaf(2, 7, 8), _leaf(2, 7, 12), _leaf(1)
+        with medattn_fast.use_kernel_config(medattn_fast.KernelConfig(position_backward="fused")):
+            return MF.position_attention(q, k, v, gamma=gamma, residual=q.new_zeros(2, 9, 12),
+                                         backend="triton"), (q, k, v, gamma)
+
+    def position_transpose():
+        # V @ A, channel-first, o ⊙ f: the row statistics and column kernels forward, _row_kernel backward
+        q, k, v, multiply = _leaf(2, 8, 9), _leaf(2, 8, 7), _leaf(2, 12, 9), _leaf(2, 12, 7)
+        out = MF.position_attention(q, k, v, transpose=True, layout="channels", multiply=multiply, scale=0.3,
+                                    backend="triton")
+        return out, (q, k, v, multiply)
+
+    def _gate_leaves(cx, cg, ci, kernel=1):
+        wx = _leaf(ci, cx, kernel, kernel)
+        return wx, _leaf(ci), _leaf(ci, cg, 1, 1), _leaf(ci), _leaf(1, ci, 1, 1), _leaf(1)
+
+    def _bn(channels):
+        return MF.BatchNormParams(_leaf(channels), _leaf(channels), torch.zeros(channels), torch.ones(channels),
+                                  torch.zeros((), dtype=torch.long))
+
+    def attention_gate_train():
+        # batch statistics: the logits kernel, ψ's BN between, the backward kernel (dot variant, Ci = 16)
+        x, g = _leaf(2, 16, 6, 5), _leaf(2, 8, 3, 3)
+        weights = _gate_leaves(16, 8, 16)
+        out = MF.attention_gate(x, g, *weights, bn_x=_bn(16), bn_g=_bn(16), bn_psi=_bn(1), training=True,
+                                backend="triton")
+        return out, (x, g, *weights)
+
+    def attention_gate_eval():
+        # running statistics folded: the one-pass forward kernel and its backward (loop variant, Ci = 4)
+        x, g = _leaf(2, 6, 6, 5), _leaf(2, 8, 3, 3)
+        weights = _gate_leaves(6, 8, 4)
+        out, alpha = MF.attention_gate(x, g, *weights, bn_psi=_bn(1), training=False, double_sigmoid=True,
+                                       return_alpha=True, backend="triton")
+        return out + alpha, (x, g, *weights)
+
+    def attention_gate_grid():
+        # Oktay's grid gate: logits on the strided grid, then the output transform's project kernels
+        x, g = _leaf(2, 6, 8, 6), _leaf(2, 8, 2, 3)
+        weights = _gate_leaves(6, 8, 4, kernel=2)
+        out_weight, out_bias = _leaf(6, 6, 1, 1), _leaf(6)
+        out = MF.attention_gate(x, g, *weights, out_weight=out_weight, out_bias=out_bias, bn_out=_bn(6),
+                                training=True, mode="grid", backend="triton")
+        return out, (x, g, *weights, out_weight, out_bias)
+
     return {"channel": channel, "gaussian_axial": gaussian_axial,
-            "gaussian_axial_from_scores": gaussian_axial_from_scores, "window": window, "external": external}
+            "gaussian_axial_from_scores": gaussian_axial_from_scores, "window": window, "external": external,
+            "position": position, "position_fused_backward": position_fused_backward,
+            "position_transpose": position_transpose, "attention_gate_train": attention_gate_train,
+            "attention_gate_eval": attention_gate_eval, "attention_gate_grid": attention_gate_grid}
+
+
+# The kernels each case must launch (sorted names, one per launch): the variant's own kernels, so a
+# case that silently ran another variant (or an untraced launch) fails.
+EXPECTED_KERNELS = {
+    "position": ["_column_kernel", "_dk_kernel", "_dq_kernel", "_forward_kernel", "_grad_out_kernel"],
+    "position_fused_backward": ["_column_kernel", "_dk_kernel", "_forward_kernel", "_grad_out_kernel"],
+    "position_transpose": ["_column_kernel", "_dk_kernel", "_dq_kernel", "_grad_out_kernel", "_row_kernel",
+                           "_row_lse_kernel"],
+    "attention_gate_train": ["_backward_dot_kernel", "_forward_dot_kernel"],
+    "attention_gate_eval": ["_backward_kernel", "_forward_kernel"],
+    "attention_gate_grid": ["_backward_kernel", "_forward_kernel", "_project_backward_kernel", "_project_kernel"],
+}
+
+
+def traced_kernels(graph):
+    """The sorted names of the Triton kernels ``graph``'s ``triton_kernel_wrapper_functional`` nodes launch."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    names = []
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and "triton_kernel_wrapper_functional" in str(node.target):
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            names.append(getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel)))
+    return sorted(names)
 
 
 def trace(case):
@@ -92,11 +180,14 @@ def main() -> int:
         targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
         launches = sum("triton_kernel_wrapper_functional" in t for t in targets)
         opaque = sorted({t for t in targets if t.startswith("medattn.")})
-        if launches == 0 or opaque:
-            print(f"FAIL {family}: {launches} kernel launches traced, opaque ops {opaque}")
+        kernels = traced_kernels(graph)
+        expected = EXPECTED_KERNELS.get(family)
+        if launches == 0 or opaque or (expected is not None and kernels != sorted(expected)):
+            print(f"FAIL {family}: {launches} kernel launches traced {kernels}, opaque ops {opaque}"
+                  + (f", expected the kernels {sorted(expected)}" if expected is not None else ""))
             failures += 1
         else:
-            print(f"ok   {family}: {launches} kernel launches traced")
+            print(f"ok   {family}: {launches} kernel launches traced ({', '.join(kernels)})")
     print(f"{failures} failures")
     return 1 if failures else 0
 

@@ -11,7 +11,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("channel", "gaussian_axial", "gaussian_axial_from_scores", "window", "external")
+FAMILIES = ("channel", "gaussian_axial", "gaussian_axial_from_scores", "window", "external",
+            # position's variants and the gate's modes: their exact kernels (EXPECTED_KERNELS there)
+            "position", "position_fused_backward", "position_transpose",
+            "attention_gate_train", "attention_gate_eval", "attention_gate_grid")
 
 
 def test_triton_ops_trace_their_kernel_launches():

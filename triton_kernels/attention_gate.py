@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import INTERPRETED, dot, dot_precision, mma, pow2_at_least_16, to_storage
+from ._util import INTERPRETED, dot, dot_precision, launch, mma, pow2_at_least_16, to_storage
 
 
 def _output_precision(dtype, fp32_precision: Optional[str]):
@@ -590,7 +590,7 @@ def _launch_forward(x, G, weight, bias, psi, psi_bias, double_sigmoid, logits, b
     variant = _variant(x, ci, block_p, fp32_precision, kernel, (x, out), (G[0].numel(),), False)
     block_p = variant["block_p"]
     grid = (triton.cdiv(S, block_p), batch)
-    variant["kernels"][0][grid](x, G, *_weights(variant, weight, x.dtype), bias, psi, psi_bias, out, alpha, q,
+    launch(variant["kernels"][0])[grid](x, G, *_weights(variant, weight, x.dtype), bias, psi, psi_bias, out, alpha, q,
                                 cx, ci, *fine, *coarse, *scales, *_strides5(x), *_strides5(out),
                                 IS_3D=three_d, LOGITS=logits, DOUBLE_SIGMOID=bool(double_sigmoid),
                                 BLOCK_P=block_p, num_warps=GATE_WARPS, **variant["meta"])
@@ -636,7 +636,7 @@ def gate_backward(x, G, weight, bias, psi, psi_bias, grad_q, grad_out, grad_alph
     block_p = variant["block_p"]
     n_prog = triton.cdiv(S, block_p)
     partials = torch.empty((batch * n_prog, ci + 1), device=x.device, dtype=torch.float32)
-    variant["kernels"][1][(n_prog, batch)](
+    launch(variant["kernels"][1])[(n_prog, batch)](
         x, G, *_weights(variant, weight, x.dtype), bias, psi, psi_bias, go,
         grad_alpha if grad_alpha is not None else x, grad_q if from_logits else x,
         grad_x, grad_a, partials,
@@ -687,7 +687,7 @@ def gate_project(x, alpha, weight, bias, *, block_p: Optional[int] = None, fp32_
     out = torch.empty_like(x) if co == cx else x.new_empty((batch, co, *x.shape[2:]))
     block_o, block_k, block_p, warps = _projection_config(cx, co, x.dtype, block_p, backward=False)
     grid = (triton.cdiv(S, block_p), triton.cdiv(co, block_o), batch)
-    _project_kernel[grid](x, weight, bias, alpha, out, cx, co, H, W, S, *_strides5(x), *_strides5(out),
+    launch(_project_kernel)[grid](x, weight, bias, alpha, out, cx, co, H, W, S, *_strides5(x), *_strides5(out),
                           PRECISION=_output_precision(x.dtype, fp32_precision), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
     return out
 
@@ -704,7 +704,7 @@ def gate_project_backward(x, alpha, weight, grad_out, *, block_p: Optional[int] 
     grad_x = torch.empty_like(x)
     grad_alpha = torch.empty(alpha.shape, device=x.device, dtype=torch.float32)
     block_o, block_k, block_p, warps = _projection_config(cx, co, x.dtype, block_p, backward=True)
-    _project_backward_kernel[(triton.cdiv(S, block_p), batch)](
+    launch(_project_backward_kernel)[(triton.cdiv(S, block_p), batch)](
         x, weight, alpha, grad_out, grad_x, grad_alpha, cx, co, H, W, S,
         *_strides5(x), *_strides5(grad_out), *_strides5(grad_x),
         PRECISION=_output_precision(x.dtype, fp32_precision), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)

@@ -77,7 +77,7 @@ import triton.language as tl
 
 from ._util import (
     dot as _dot, dot_f32 as _dot_f32, dot_precision as _dot_precision, interpreted, load_tile as _load_2d,
-    pow2_at_least_16 as _pow2_at_least_16, store_tile as _store_2d, to_storage,
+    launch, pow2_at_least_16 as _pow2_at_least_16, store_tile as _store_2d, to_storage,
 )
 
 __all__ = ["PositionConfig", "default_config", "position_forward", "position_backward", "MAX_HEAD_DIM",
@@ -718,7 +718,7 @@ def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     even = _even(cfg.even, (n_q, cfg.block_m), (n_k, cfg.block_n), (d_k, block_dk), (d_v, cfg.block_dv))
     if not transpose:
         grid = (triton.cdiv(n_q, cfg.block_m), batch, n_dv_blocks)
-        _forward_kernel[grid](
+        launch(_forward_kernel)[grid](
             q, k, v, o if o is not None else dummy, out, lse if lse is not None else dummy,
             gamma if gamma is not None else dummy, residual if residual is not None else dummy,
             multiply if multiply is not None else dummy,
@@ -726,13 +726,13 @@ def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
             n_q, n_k, d_k, d_v, qk_scale, STORE_LSE=lse is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=even, **common)
     else:
-        _row_lse_kernel[(triton.cdiv(n_q, cfg.block_m), batch)](
+        launch(_row_lse_kernel)[(triton.cdiv(n_q, cfg.block_m), batch)](
             q, k, lse, *q.stride(), *k.stride(), n_q, n_k, d_k, qk_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=block_dk, PRECISION=precision,
             UPCAST=_upcast_dots(), P_FP32=cfg.fp32_probabilities, EVEN=even,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         grid = (triton.cdiv(n_k, cfg.block_n), batch, n_dv_blocks)
-        _column_kernel[grid](
+        launch(_column_kernel)[grid](
             q, k, v, lse, o if o is not None else dummy, out,
             gamma if gamma is not None else dummy, residual if residual is not None else dummy,
             multiply if multiply is not None else dummy,
@@ -773,7 +773,7 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     precision = _dot_precision(q.dtype, forced=fp32_precision)
     qk_scale = float(scale) * LOG2E
     n_dv_blocks = triton.cdiv(d_v, cfg.block_dv)
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    schedule = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dummy = q
 
     # 1. the epilogue's backward: g = γ · dout ⊙ f, df, dγ partials, and (transpose=False) D_i.
@@ -794,7 +794,7 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     gamma_parts = torch.empty(batch, row_blocks, go_dv_blocks, device=q.device, dtype=torch.float32) \
         if has_gamma else None
     if store_g or d_mul is not None or has_gamma or row_term:
-        _grad_out_kernel[(row_blocks, batch, go_dv_blocks)](
+        launch(_grad_out_kernel)[(row_blocks, batch, go_dv_blocks)](
             grad_out, o, gamma if has_gamma else dummy, multiply if has_mul else dummy,
             g, d_mul if d_mul is not None else dummy, delta_parts,
             gamma_parts if gamma_parts is not None else dummy,
@@ -807,17 +807,17 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=block_dk, BLOCK_DV=cfg.block_dv,
-                  PRECISION=precision, UPCAST=_upcast_dots(), P_FP32=cfg.fp32_probabilities, **launch)
+                  PRECISION=precision, UPCAST=_upcast_dots(), P_FP32=cfg.fp32_probabilities, **schedule)
     # 2. the value gradient (and, transpose=True, the row term D_i = v_i·dv_i).
     if transpose:
-        _row_kernel[(triton.cdiv(n_q, cfg.block_m), batch, row_dv_blocks)](
+        launch(_row_kernel)[(triton.cdiv(n_q, cfg.block_m), batch, row_dv_blocks)](
             q, k, g, lse, v, dv, delta_parts, *q.stride(), *k.stride(), *g.stride(), *v.stride(),
             *dv.stride(), n_q, n_k, d_k, d_v, qk_scale,
             EVEN=_even(cfg.even, (n_q, cfg.block_m), (n_k, cfg.block_n), (d_k, block_dk), (d_v, block_dv_row)),
             **dict(blocks, BLOCK_DV=block_dv_row))
         row_operand, col_operand = v, g       # dP_ij = v_i·g_j
     else:
-        _column_kernel[(triton.cdiv(n_k, cfg.block_n), batch, n_dv_blocks)](
+        launch(_column_kernel)[(triton.cdiv(n_k, cfg.block_n), batch, n_dv_blocks)](
             q, k, g, lse, dummy, dv, dummy, dummy, dummy,
             *q.stride(), *k.stride(), *g.stride(), 0, 0, 0, *dv.stride(), 0, 0, 0, 0, 0, 0,
             n_q, n_k, d_k, d_v, qk_scale, HAS_GAMMA=False, HAS_RES=False, HAS_MUL=False, STORE_O=False,
@@ -837,18 +837,18 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     even_dk = _even(cfg.even, (n_q, block_m_dk), (n_k, cfg.block_n), (d_k, block_dk), (d_v, chunk))
     if _backward_variant(variant) == "fused":
         dq_sum = torch.zeros(batch, n_q, d_k, device=q.device, dtype=torch.float32)
-        _dk_kernel[(triton.cdiv(n_k, cfg.block_n), batch)](
+        launch(_dk_kernel)[(triton.cdiv(n_k, cfg.block_n), batch)](
             q, k, row_operand, col_operand, lse, delta, dk, dq_sum, *q.stride(), *k.stride(), *operands,
             *dk.stride(), n_q, n_k, d_k, d_v, qk_scale, float(scale), DQ_ATOMIC=True, EVEN=even_dk,
             **dict(blocks, BLOCK_M=block_m_dk))
         dq.copy_(dq_sum)
         return dq, dk, dv, d_gamma, d_mul
-    _dq_kernel[(triton.cdiv(n_q, block_m_dq), batch)](
+    launch(_dq_kernel)[(triton.cdiv(n_q, block_m_dq), batch)](
         q, k, row_operand, col_operand, lse, delta, dq, *q.stride(), *k.stride(), *operands, *dq.stride(),
         n_q, n_k, d_k, d_v, qk_scale, float(scale),
         EVEN=_even(cfg.even, (n_q, block_m_dq), (n_k, cfg.block_n), (d_k, block_dk), (d_v, chunk)),
         **dict(blocks, BLOCK_M=block_m_dq))
-    _dk_kernel[(triton.cdiv(n_k, cfg.block_n), batch)](
+    launch(_dk_kernel)[(triton.cdiv(n_k, cfg.block_n), batch)](
         q, k, row_operand, col_operand, lse, delta, dk, dummy, *q.stride(), *k.stride(), *operands, *dk.stride(),
         n_q, n_k, d_k, d_v, qk_scale, float(scale), DQ_ATOMIC=False, EVEN=even_dk, **dict(blocks, BLOCK_M=block_m_dk))
     return dq, dk, dv, d_gamma, d_mul

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from ._batch_norm import (BatchNormParams, all_reduce_sums, batch_norm, conv, conv_batch_norm, foldable,
                           update_running_stats, uses_batch_stats)
 from ..kernel_config import kernel_config
-from ._custom_op import accumulation_dtype
+from ._custom_op import accumulation_dtype, kernel_op
 
 __all__ = ["FusedKernels", "GateParams", "define_custom_ops", "fused_gate", "kernel_size", "registrar", "upsample"]
 
@@ -175,8 +175,9 @@ def define_custom_ops(backend: str, kernels: Callable, *, precision_argument: bo
     """Declares the five custom ops of one fused backend around ``kernels()`` (a module or extension
     with ``gate_forward``, ``gate_logits``, ``gate_backward``, ``gate_project``,
     ``gate_project_backward``, loaded on first use), with their fake kernels and autograd formulas —
-    the same for every fused backend, so they are opaque under ``torch.compile(fullgraph=True)`` and
-    ``torch.library.opcheck`` checks them:
+    the same for every fused backend, so they compile under ``torch.compile(fullgraph=True)`` (opaque
+    nodes; the ``triton`` backend's are ``triton_op``s on a GPU, ``_custom_op.kernel_op``, whose kernel
+    launches are traced) and ``torch.library.opcheck`` checks them:
 
     * ``medattn::attention_gate_<backend>_fwd(x, G, W, b, w, c, double_sigmoid) -> (out, alpha)``:
       the additive gate in one pass over x, ψ-BN folded (``a = W·x + b + up(G)``,
@@ -190,6 +191,10 @@ def define_custom_ops(backend: str, kernels: Callable, *, precision_argument: bo
       with ``precision_argument`` (Triton's tensor-core dots; the C++ kernels multiply in IEEE).
     """
     name = f"medattn::attention_gate_{backend}"
+    # the Triton backend's ops are triton_ops on a GPU (their launches traced by torch.compile); the
+    # C++ backends' stay custom ops
+    define = (kernel_op if backend == "triton" else
+              (lambda op_name, mutates_args: torch.library.custom_op(op_name, mutates_args=mutates_args)))
 
     def precision(fp32_precision: Optional[str]) -> dict:
         return {"fp32_precision": fp32_precision} if precision_argument else {}
@@ -197,7 +202,7 @@ def define_custom_ops(backend: str, kernels: Callable, *, precision_argument: bo
     def variant(fp32_precision: Optional[str], gate_kernel: str) -> dict:
         return {"fp32_precision": fp32_precision, "kernel": gate_kernel} if precision_argument else {}
 
-    @torch.library.custom_op(f"{name}_fwd", mutates_args=())
+    @define(f"{name}_fwd", mutates_args=())
     def forward(x: Tensor, G: Tensor, weight: Tensor, bias: Tensor, psi: Tensor, psi_bias: Tensor,
                 double_sigmoid: bool, fp32_precision: Optional[str] = None,
                 gate_kernel: str = "auto") -> Tuple[Tensor, Tensor]:
@@ -205,12 +210,12 @@ def define_custom_ops(backend: str, kernels: Callable, *, precision_argument: bo
                                             **variant(fp32_precision, gate_kernel))
         return out, alpha
 
-    @torch.library.custom_op(f"{name}_logits_fwd", mutates_args=())
+    @define(f"{name}_logits_fwd", mutates_args=())
     def logits(x: Tensor, G: Tensor, weight: Tensor, bias: Tensor, psi: Tensor, psi_bias: Tensor,
                fp32_precision: Optional[str] = None, gate_kernel: str = "auto") -> Tensor:
         return kernels().gate_logits(x, G, weight, bias, psi, psi_bias, **variant(fp32_precision, gate_kernel))
 
-    @torch.library.custom_op(f"{name}_bwd", mutates_args=())
+    @define(f"{name}_bwd", mutates_args=())
     def backward(x: Tensor, G: Tensor, weight: Tensor, bias: Tensor, psi: Tensor, psi_bias: Tensor,
                  grad_q: Optional[Tensor], grad_out: Optional[Tensor], grad_alpha: Optional[Tensor],
                  double_sigmoid: bool, fp32_precision: Optional[str] = None,
@@ -220,11 +225,11 @@ def define_custom_ops(backend: str, kernels: Callable, *, precision_argument: bo
                                                    **variant(fp32_precision, gate_kernel))
         return gx, ga, gpsi, gc
 
-    @torch.library.custom_op(f"{name}_project_fwd", mutates_args=())
+    @define(f"{name}_project_fwd", mutates_args=())
     def project(x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor, fp32_precision: Optional[str]) -> Tensor:
         return kernels().gate_project(x, alpha, weight, bias, **precision(fp32_precision))
 
-    @torch.library.custom_op(f"{name}_project_bwd", mutates_args=())
+    @define(f"{name}_project_bwd", mutates_args=())
     def project_backward(x: Tensor, alpha: Tensor, weight: Tensor, grad_out: Tensor,
                          fp32_precision: Optional[str]) -> Tuple[Tensor, Tensor]:
         grad_x, grad_alpha = kernels().gate_project_backward(x, alpha, weight, grad_out,

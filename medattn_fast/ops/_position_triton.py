@@ -1,7 +1,8 @@
 r"""The ``triton`` backend of position attention: custom ops around ``triton_kernels.position``.
 
-Two ``torch.library`` custom ops, so the fused path is one opaque node under
-``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` can check it:
+Two ``torch.library`` ops (``_custom_op.kernel_op``: ``triton_op``s on a GPU, whose kernel launches
+torch.compile traces into its graph; custom ops under the interpreter, one opaque node each), so the
+fused path compiles with ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` can check it:
 
 * ``medattn::position_triton_fwd(q, k, v, gamma?, residual?, multiply?, scale, transpose,
   channels_first, save, fp32_precision?, p16, backward, dv_split, hoist?) -> (out, o, lse2)`` — ``out`` token-major
@@ -13,8 +14,8 @@ Two ``torch.library`` custom ops, so the fused path is one opaque node under
 * ``medattn::position_triton_bwd`` — dq, dk, dv, dγ, df (empty tensors for absent ones).
 
 The backward keeps q, k, v, (o), lse2 and γ/f: O(N·d) memory, never the N×N matrix.
-Launches are plain Triton launches inside the custom ops (not ``triton_op``/``wrap_triton``), so
-the kernels stay an opaque call for Inductor.
+Launches go through ``triton_kernels._util.launch`` (``wrap_triton`` when the kernels are compiled):
+Inductor then sees each kernel, not one opaque call (tests/_triton_op_trace.py checks it offline).
 """
 from __future__ import annotations
 
@@ -25,12 +26,12 @@ from torch import Tensor
 
 from .. import backend as B
 from ..kernel_config import kernel_config
-from ._custom_op import empty, or_empty, triton_module, wants_grad
+from ._custom_op import empty, kernel_op, or_empty, triton_module, wants_grad
 
 _kernels = triton_module("position")
 
 
-@torch.library.custom_op("medattn::position_triton_fwd", mutates_args=())
+@kernel_op("medattn::position_triton_fwd", mutates_args=())
 def position_triton_fwd(q: Tensor, k: Tensor, v: Tensor, gamma: Optional[Tensor], residual: Optional[Tensor],
                         multiply: Optional[Tensor], scale: float, transpose: bool, channels_first: bool, save: bool,
                         fp32_precision: Optional[str], p16: bool, backward: str, dv_split: int,
@@ -55,7 +56,7 @@ def _(q, k, v, gamma, residual, multiply, scale, transpose, channels_first, save
     return out, o, lse
 
 
-@torch.library.custom_op("medattn::position_triton_bwd", mutates_args=())
+@kernel_op("medattn::position_triton_bwd", mutates_args=())
 def position_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                         gamma: Optional[Tensor], multiply: Optional[Tensor], scale: float, transpose: bool,
                         need_multiply_grad: bool, fp32_precision: Optional[str], p16: bool,
