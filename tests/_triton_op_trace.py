@@ -15,7 +15,8 @@ interpreter (the CPU suite) the same ops are plain custom ops: see
 Position attention is traced in three variants (separate and fused backward, transposed with
 channel-first tensors) and the attention gate in three (additive in training with batch statistics,
 additive in eval, grid); for these the launched kernels must be exactly those of the variant
-(``EXPECTED_KERNELS``).
+(``EXPECTED_KERNELS``), and the tensors their launches are found to write must be results, not
+inputs (``WRITTEN``; functionalisation copies whatever a launch writes).
 
 Prints one line per case, ``ok   <case>: <n> kernel launches traced (<kernels>)`` or ``FAIL <case>: ...``.
 """
@@ -137,16 +138,37 @@ EXPECTED_KERNELS = {
 }
 
 
+# The kernel parameters these cases' kernels write (their results and scratch): functionalisation
+# clones every tensor a launch writes, as torch's analysis of the kernel's TTIR finds them, so an
+# input found "written" (an address it could not follow) would be copied before every launch.
+WRITTEN = {
+    "position": {"o_ptr", "out_ptr", "lse_ptr", "g_ptr", "df_ptr", "dpart_ptr", "gpart_ptr", "dq_ptr", "dk_ptr"},
+    "attention_gate": {"out_ptr", "alpha_ptr", "q_ptr", "gx_ptr", "ga_ptr", "part_ptr", "galpha_ptr"},
+}
+
+
 def traced_kernels(graph):
-    """The sorted names of the Triton kernels ``graph``'s ``triton_kernel_wrapper_functional`` nodes launch."""
+    """``(names, cloned)``: the sorted names of the Triton kernels ``graph``'s
+    ``triton_kernel_wrapper_functional`` nodes launch, and ``kernel: parameter`` for each tensor
+    parameter such a node clones as written."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
-    names = []
+    names, cloned = [], []
     for node in graph.graph.nodes:
         if node.op == "call_function" and "triton_kernel_wrapper_functional" in str(node.target):
             kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
-            names.append(getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel)))
-    return sorted(names)
+            name = getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel))
+            names.append(name)
+            cloned += [f"{name}: {param}" for param in node.kwargs["tensors_to_clone"]]
+    return sorted(names), cloned
+
+
+def wrongly_written(case: str, cloned):
+    """The cloned ``kernel: parameter``s of ``case`` that are not its family's results (``WRITTEN``)."""
+    family = next((f for f in WRITTEN if case.startswith(f)), None)
+    if family is None:
+        return []
+    return [c for c in cloned if c.split(": ")[1] not in WRITTEN[family]]
 
 
 def trace(case):
@@ -180,11 +202,14 @@ def main() -> int:
         targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
         launches = sum("triton_kernel_wrapper_functional" in t for t in targets)
         opaque = sorted({t for t in targets if t.startswith("medattn.")})
-        kernels = traced_kernels(graph)
+        kernels, cloned = traced_kernels(graph)
         expected = EXPECTED_KERNELS.get(family)
-        if launches == 0 or opaque or (expected is not None and kernels != sorted(expected)):
+        inputs_written = wrongly_written(family, cloned)
+        other_kernels = expected is not None and kernels != sorted(expected)
+        if launches == 0 or opaque or other_kernels or inputs_written:
             print(f"FAIL {family}: {launches} kernel launches traced {kernels}, opaque ops {opaque}"
-                  + (f", expected the kernels {sorted(expected)}" if expected is not None else ""))
+                  + (f", expected the kernels {sorted(expected)}" if other_kernels else "")
+                  + (f", inputs cloned as written {inputs_written}" if inputs_written else ""))
             failures += 1
         else:
             print(f"ok   {family}: {launches} kernel launches traced ({', '.join(kernels)})")

@@ -250,7 +250,10 @@ def _preactivation_chunk(x_t, i0, w_ptr, whi_ptr, wlo_ptr, b_ptr, g_batch, Cx, C
     up(G)[i, p]``, the sum as a ``tl.dot`` (M = positions, N = BLOCK_I, K = Cx), then the bias and
     the sampled coarse map; channels past Ci are exactly 0. 16-bit x meets W as a hi/lo pair of
     x's dtype (two dots, float32 accumulation); float32 x multiplies as ``PRECISION`` says (the
-    KernelConfig's fp32 policy). Also returns the chunk's channel indices and mask."""
+    KernelConfig's fp32 policy). The callers form the chunk's channel indices themselves: an index
+    returned from here and used in a store's address would make torch's mutation analysis of the
+    launch (``wrap_triton``, which follows the address back through this call to all of its
+    pointer arguments) count G and the weights as written, and clone them before each launch."""
     ch = tl.arange(0, BLOCK_C)
     ic = i0 + tl.arange(0, BLOCK_I)
     imask = ic < Ci
@@ -276,7 +279,7 @@ def _preactivation_chunk(x_t, i0, w_ptr, whi_ptr, wlo_ptr, b_ptr, g_batch, Cx, C
     up = _sample(g_batch + (ic * Sg)[:, None], d0, d1, ld, h0, h1, lh, w0, w1, lw, Hg, Wg,
                  imask[:, None] & pmask[None, :], IS_3D)
     a += tl.trans(up)
-    return a, ic, imask
+    return a
 
 
 @triton.jit
@@ -287,8 +290,10 @@ def _logits_dot(x_t, w_ptr, whi_ptr, wlo_ptr, b_ptr, psi_ptr, c_ptr, g_batch, Cx
     time, each reduced over its Ci axis within the program (``tl.sum`` of the 2-D tile)."""
     q = tl.zeros((BLOCK_P,), dtype=tl.float32) + tl.load(c_ptr)
     for i0 in range(0, Ci, BLOCK_I):
-        a, ic, imask = _preactivation_chunk(x_t, i0, w_ptr, whi_ptr, wlo_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp,
-                                            pmask, Hg, Wg, IS_3D, PRECISION, BLOCK_C, BLOCK_I)
+        ic = i0 + tl.arange(0, BLOCK_I)
+        imask = ic < Ci
+        a = _preactivation_chunk(x_t, i0, w_ptr, whi_ptr, wlo_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp,
+                                 pmask, Hg, Wg, IS_3D, PRECISION, BLOCK_C, BLOCK_I)
         psi = tl.load(psi_ptr + ic, mask=imask, other=0.0)
         q += tl.sum(tl.maximum(a, 0.0) * psi[None, :], axis=1)
     return q
@@ -380,8 +385,10 @@ def _backward_dot_kernel(x_ptr, g_ptr, w_ptr, whi_ptr, wlo_ptr, b_ptr, psi_ptr, 
     part = part_ptr + (b * tl.num_programs(0) + pid) * (Ci + 1)
     ga_batch = ga_ptr + b * Ci * S
     for i0 in range(0, Ci, BLOCK_I):
-        a, ic, imask = _preactivation_chunk(x_t, i0, w_ptr, whi_ptr, wlo_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp,
-                                            pmask, Hg, Wg, IS_3D, PRECISION, BLOCK_C, BLOCK_I)
+        ic = i0 + tl.arange(0, BLOCK_I)
+        imask = ic < Ci
+        a = _preactivation_chunk(x_t, i0, w_ptr, whi_ptr, wlo_ptr, b_ptr, g_batch, Cx, Ci, Sg, interp,
+                                 pmask, Hg, Wg, IS_3D, PRECISION, BLOCK_C, BLOCK_I)
         active = a > 0.0
         psi = tl.load(psi_ptr + ic, mask=imask, other=0.0)
         da = tl.where(active, dq[:, None] * psi[None, :], 0.0)      # (BLOCK_P, BLOCK_I), 0 past Ci
