@@ -695,7 +695,8 @@ def gate_project(x, alpha, weight, bias, *, block_p: Optional[int] = None, fp32_
     block_o, block_k, block_p, warps = _projection_config(cx, co, x.dtype, block_p, backward=False)
     grid = (triton.cdiv(S, block_p), triton.cdiv(co, block_o), batch)
     launch(_project_kernel)[grid](x, weight, bias, alpha, out, cx, co, H, W, S, *_strides5(x), *_strides5(out),
-                          PRECISION=_output_precision(x.dtype, fp32_precision), BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
+                                  PRECISION=_output_precision(x.dtype, fp32_precision), BLOCK_O=block_o,
+                                  BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps)
     return out
 
 
