@@ -42,7 +42,11 @@ DEADLINE=$((START + LIMIT))
 WORK="${GPU_CHECK_WORK:-$ROOT/build/gpu_check}"
 mkdir -p "$WORK"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export MEDATTN_BUILD_DIR="$WORK/extensions" TRITON_CACHE_DIR="$WORK/triton-cache"
+export TRITON_CACHE_DIR="$WORK/triton-cache"
+# the extensions are built afresh on the GPU machine; the CPU dry run reuses the caller's C++ builds
+# (MEDATTN_BUILD_DIR or its default): the timing stage's auto rows measure the cpp backend, and
+# building four extensions there (30-60 s each) would eat that stage's time
+[ "${MEDATTN_GPU_TEST_DEVICE:-cuda}" = cpu ] || export MEDATTN_BUILD_DIR="$WORK/extensions"
 # auto measures its candidates on the first call per shape (the timing rows' untimed first call); a cache
 # of this run's own, so a pick left by another run or torch/triton version cannot decide an auto row
 export MEDATTN_CACHE_DIR="$WORK/autotune-cache"

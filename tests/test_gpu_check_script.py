@@ -55,6 +55,12 @@ def _stage(summary: str, label: str) -> str:
 @needs_shell
 def test_dry_run_of_every_gpu_test_writes_every_stage_and_a_clean_summary(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
+    # the timing stage's auto rows measure the cpp backend: its extensions are built here, outside the
+    # script's time limit, into the build folder the script's dry run reuses (this process's)
+    from medattn_fast import _build
+
+    for family in _build.families("cpu"):
+        assert _build.unavailable_reason("cpu", family) is None, family
     env = {**os.environ, "OUT": str(out), "GPU_CHECK_WORK": str(work), "MEDATTN_GPU_TEST_DEVICE": "cpu",
            "GPU_CHECK_LIMIT_S": "300", "PYTHON": sys.executable}
     env.pop("PYTHONPATH", None)   # the script sets PYTHONPATH=. itself, as on a bare GPU machine
