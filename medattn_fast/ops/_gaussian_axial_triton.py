@@ -2,9 +2,10 @@ r"""The ``triton`` backend of Gaussian axial attention: the family's four custom
 (``_gaussian_axial_fused``) ``medattn::gaussian_axial_triton_{qkv,scores}_{fwd,bwd}`` around
 ``triton_kernels.gaussian_axial``.
 
-The kernels keep the natural-log log-sum-exp of every pixel's row and column softmax (float32);
-launches are plain Triton launches inside the custom ops (as in ``_position_triton``), so the
-kernels stay an opaque call for Inductor.
+The kernels keep the natural-log log-sum-exp of every pixel's row and column softmax (float32).
+On a GPU the ops are ``torch.library.triton_op``s whose launches go through ``wrap_triton``
+(``_custom_op.kernel_op``), so Inductor sees the kernels; under the interpreter they are plain
+custom ops.
 """
 from __future__ import annotations
 
