@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import traceback
 from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
@@ -49,6 +50,8 @@ from medattn_fast import models
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(medattn_fast.__file__))
 _REPO_DIR = os.path.dirname(_PACKAGE_DIR)
+# the running interpreter's own folders (a virtual environment may sit inside the checkout)
+_PREFIXES = tuple(sorted({os.path.join(p, "") for p in (sys.prefix, sys.exec_prefix, sys.base_prefix)}))
 _TRITON_INTERPRETER = os.path.join("triton", "runtime", "interpreter.py")
 
 # Tensor methods that read device values on the host (each a synchronisation on CUDA).
@@ -61,10 +64,19 @@ _ATEN_SYNCS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
 _ATEN_INDEXING = ("aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_")
 
 
+def _ours(filename: str) -> bool:
+    """Whether ``filename`` is one of this repository's files: under its folder, but neither in an
+    installed package (a virtual environment inside the checkout, as CI makes one) nor a test of
+    this file."""
+    return (filename.startswith(_REPO_DIR) and "test_no_host_sync" not in filename
+            and os.sep + "site-packages" + os.sep not in filename and os.sep + "dist-packages" + os.sep not in filename
+            and not filename.startswith(_PREFIXES))
+
+
 def _call_site(stack: Sequence[traceback.FrameSummary]) -> str:
     """The last frames of ``stack`` that belong to this repository (package or kernels), or the
     last frames overall when none does."""
-    ours = [f for f in stack if f.filename.startswith(_REPO_DIR) and "test_no_host_sync" not in f.filename]
+    ours = [f for f in stack if _ours(f.filename)]
     frames = ours[-4:] if ours else list(stack)[-4:]
     return " <- ".join(f"{os.path.relpath(f.filename, _REPO_DIR) if f.filename.startswith(_REPO_DIR) else f.filename}"
                        f":{f.lineno} {f.name}" for f in reversed(frames))
@@ -154,8 +166,7 @@ def _in_cpu_kernel() -> bool:
     (``ops/_<family>_cpp.py``): its C++ kernel reads a scalar argument (γ, θ, ψ's bias) with
     ``item<double>()``. The ``cpp`` backend runs CPU tensors only and is never part of a CUDA graph;
     reading a CPU tensor's value is a load from host memory, not a wait for a device."""
-    ours = [f.filename for f in traceback.extract_stack() if f.filename.startswith(_REPO_DIR)
-            and "test_no_host_sync" not in f.filename]
+    ours = [f.filename for f in traceback.extract_stack() if _ours(f.filename)]
     return bool(ours) and _CPU_BACKEND_FILE.search(ours[-1]) is not None
 
 
