@@ -14,6 +14,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _compiler_env() -> dict:
+    """The environment of a compile subprocess: the interpreter off (it must be when the kernels
+    are defined), this checkout first on the path."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 # The register spills the sweep's default configs are known to have under triton 3.9 (issue 24 item 7:
 # 0 spills in defaults), bytes of local memory per thread at most, by (op, dtype, kernel); any other
 # spill, or a larger one, fails. External and window attention have none (their float32 d = 128 and
@@ -34,8 +42,7 @@ def test_every_triton_kernel_compiles_for_sm90():
     local memory per thread, R registers" line per spilling specialisation)."""
     import re
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = _compiler_env()
     res = subprocess.run([sys.executable, "-m", "tests._sm90_compile", "--dtypes", "float32,bfloat16"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     report = res.stdout + res.stderr
@@ -76,8 +83,7 @@ def test_position_defaults_fit_shared_memory_without_16bit_spills(tmp_path):
     never lets through what the compiler would refuse. ~60 s of CPU with a cold Triton cache."""
     import csv
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = _compiler_env()
     table = tmp_path / "position.csv"
     res = subprocess.run([sys.executable, "-m", "tests._sm90_compile", "--no-sweep", "--table", str(table),
                           "--dtypes", "float32,bfloat16", "--table-dk", "64,128,256", "--table-dv", "512",
@@ -112,8 +118,7 @@ def test_fused_backward_dq_atomics_are_relaxed_reductions():
     """The fused backward adds dq with ``tl.atomic_add(..., sem="relaxed")`` whose result is unused:
     the PTX has ``red`` (reduction, no value returned) with relaxed ordering, not the default
     ``atom.global.acq_rel`` that returns the old value and fences every add (~10 s of CPU)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = _compiler_env()
     res = subprocess.run([sys.executable, "-m", "tests._sm90_compile", "--no-sweep", "--dq-atomics"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     report = res.stdout + res.stderr
