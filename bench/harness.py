@@ -29,6 +29,7 @@ environment variables.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import gc
@@ -299,24 +300,26 @@ def with_backend(fn: Callable, backend: str) -> Callable:
 
 
 def auto_provider(fn: Callable) -> Callable:
-    """Provider calling ``fn`` on ``auto`` (whatever backend or environment is in force), whose row
-    says what ``auto`` ran: its ``row_note()`` lists each op's pick during the provider's last
-    call (``medattn_fast.backend.auto_picks``), e.g. ``auto ran position_attention: triton``."""
+    """Provider calling ``fn`` on ``auto`` (whatever backend or environment is in force; see
+    :func:`within`), whose row says what ``auto`` ran: ``picks`` holds each op's pick during the
+    provider's last call (``medattn_fast.backend.recording_auto_picks``) and ``row_note()`` says it,
+    e.g. ``auto ran position_attention: triton``."""
     import medattn_fast
     from medattn_fast import backend as B
 
-    def run(*args):
-        with B.recording_auto_picks() as picks:
-            with medattn_fast.use_backend("auto"):
-                out = fn(*args)
-        run.picks = dict(picks)
-        return out
+    picks: Dict[str, str] = {}
 
-    run.picks = {}
-    run.row_note = lambda: "auto ran " + (", ".join(f"{op}: {b}" for op, b in sorted(run.picks.items()))
+    @contextlib.contextmanager
+    def on_auto():
+        with B.recording_auto_picks() as recorded, medattn_fast.use_backend("auto"):
+            yield
+        picks.clear()
+        picks.update(recorded)
+
+    run = within(fn, on_auto)
+    run.picks = picks
+    run.row_note = lambda: "auto ran " + (", ".join(f"{op}: {b}" for op, b in sorted(picks.items()))
                                           or "no medattn op")
-    if isinstance(fn, torch.nn.Module) or isinstance(getattr(fn, "__self__", None), torch.nn.Module):
-        run.__self__ = fn if isinstance(fn, torch.nn.Module) else fn.__self__
     return run
 
 

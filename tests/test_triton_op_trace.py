@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,15 +31,12 @@ def test_triton_ops_trace_their_kernel_launches():
         assert f"ok   {case} compiled:" in report, report
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the kernels are compiled, not interpreted")
 def test_interpreted_triton_ops_are_custom_ops():
     """Under the interpreter (this process on a CPU) the ops stay custom ops: triton_op's fake kernel
     would run the interpreter on FakeTensors."""
     from medattn_fast.ops._custom_op import traceable_triton
 
-    if torch.cuda.is_available():
-        import pytest
-
-        pytest.skip("with CUDA the kernels are compiled, not interpreted")
     assert os.environ.get("TRITON_INTERPRET") == "1"
     assert not traceable_triton()
     assert hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"), torch.__version__

@@ -161,13 +161,7 @@ def _window_probs(q, k, in_window, real, qk_scale, PRECISION: tl.constexpr, UPCA
     """Row softmax of s·q kᵀ (base 2 inside: qk_scale = s·log2 e), keys outside the window (and
     padded keys in mask mode) excluded. Every row keeps at least one key (a window always holds a
     real token), so no row is empty."""
-    scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-    keep = in_window
-    if MASK_KEYS:
-        keep = real
-    scores = tl.where(keep[None, :], scores, float("-inf"))
-    p = tl.exp2(scores - tl.max(scores, 1)[:, None])
-    return p / tl.sum(p, 1)[:, None]
+    return _probs_of_scores(_dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale, in_window, real, MASK_KEYS)
 
 
 @triton.jit
