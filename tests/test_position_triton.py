@@ -122,8 +122,8 @@ def test_triton_bf16_within_twice_torch_error(transpose, layout, seed):
 def test_wide_dk_default_tiles_within_twice_torch_error(dk, dtype, transpose):
     """dk in (64, 128] and (128, 256] take their own default tiles (``default_config``: at 256 16×16,
     8 warps, one stage in float32 so the kernels fit the H100's shared memory, 64×32 with 32-wide
-    chunks for 16-bit inputs; at 128 64×16 with 16-wide chunks in float32, 64-wide chunks and 32-row
-    dq programs for 16-bit inputs; no spills): forward and every gradient at dk = 200 / 100 (padded
+    chunks and 16-row dq programs for 16-bit inputs; at 128 32×16 with 16-wide chunks in float32,
+    64-wide chunks and 32-row dq programs for 16-bit inputs; no spills): forward and every gradient at dk = 200 / 100 (padded
     to 256 / 128, a ragged dk block), odd N and a dv that splits across programs, against the
     float64 reference."""
     wide = triton_position.default_config(dk, 1024, dtype).block_dv
@@ -172,6 +172,31 @@ def test_launch_functions_across_tile_configs(config, transpose):
     expected = torch.autograd.grad(out_ref, leaves, cot.double())
     for name, g, e in zip(("q", "k", "v", "gamma", "multiply"), grads, expected):
         torch.testing.assert_close(g.double(), e, rtol=2e-5, atol=2e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("dv", [64, 40], ids=["even", "masked"])
+def test_row_statistics_block_and_even_only_dp_chunk(dv):
+    """``block_n_lse`` (the row statistics' own key block) and ``block_dv_chunk_even`` (the unmasked
+    dq/dk kernels' wider dP chunk, float32 dk = 256's defaults): at sizes that are whole blocks the
+    dq/dk launches take the EVEN kernels with the 32-wide chunk, the masked ones with the
+    16-wide chunk at dv = 40; both orientations match the float64 reference, forward and every gradient."""
+    cfg = triton_position.PositionConfig(block_m=16, block_n=16, block_dv=32, num_warps=2, num_stages=1,
+                                         block_dv_chunk=16, block_dv_chunk_even=32, block_n_lse=32)
+    pairs = ((32, 16), (32, 16), (16, 16))
+    assert triton_position._dp_chunk(cfg, *pairs, d_v=dv) == ((32, True) if dv == 64 else (16, False))
+    torch.manual_seed(5)
+    for transpose in (False, True):
+        q, k, v = torch.randn(1, 32, 16), torch.randn(1, 32, 16), torch.randn(1, 32, dv)
+        out, o, lse = triton_position.position_forward(q, k, v, scale=0.3, transpose=transpose, config=cfg)
+        leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+        scores = torch.softmax(0.3 * leaves[0] @ leaves[1].transpose(1, 2), dim=-1)
+        out_ref = (scores.transpose(1, 2) if transpose else scores) @ leaves[2]
+        torch.testing.assert_close(out.double(), out_ref, rtol=1e-5, atol=1e-5)
+        cot = torch.randn(1, 32, dv)
+        grads = triton_position.position_backward(cot, q, k, v, out, lse, scale=0.3, transpose=transpose,
+                                                  config=cfg)[:3]
+        for name, g, e in zip("qkv", grads, torch.autograd.grad(out_ref, leaves, cot.double())):
+            torch.testing.assert_close(g.double(), e, rtol=2e-5, atol=2e-5, msg=lambda m: f"grad {name}: {m}")
 
 
 def test_no_grad_forward_matches_and_skips_saved_state():

@@ -108,6 +108,13 @@ class PositionConfig:
     block_m_dq: int = 0         # query rows per dq program (0: block_m)
     block_dv_row: int = 0       # dv columns per _row_kernel program (transpose=True's dV; 0: block_dv)
     block_m_dk: int = 0         # query rows per iteration of the dk kernel (0: block_m)
+    # key rows per iteration of _row_lse_kernel (transpose=True's row statistics; 0: block_n). Only
+    # the order in which each row's exponentials are summed depends on it, never a score's value:
+    # every score is the same dk-long dot in every kernel.
+    block_n_lse: int = 0
+    # dP chunk of the unmasked (EVEN) dq/dk kernels (0: block_dv_chunk): without the masks' registers
+    # a wider chunk can fit where the masked kernel would spill
+    block_dv_chunk_even: int = 0
     # _grad_out_kernel's own tile (an elementwise pass; 0: block_m / block_dv) and warps
     block_m_grad_out: int = 0
     block_dv_grad_out: int = 0
@@ -138,12 +145,17 @@ def default_config(dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
     dk > 128 (padded to 256) needs smaller tiles, chosen by their sm_90 compile (triton 3.9, the table
     bench/results/sm90_compile_table.csv): float32 with the dk = 64 tiles asks 237,568 B of shared
     memory (over the H100's 232,448 B: it would not launch) and every 32- or 64-row float32 tile
-    spills 300-7000 B per thread; 16×16 tiles, 8 warps, one stage fit in 64 KB and spill only in
-    the transposed path's row statistics (168 B). 16-bit inputs at dk = 256 spilled 744-800 B in
-    dq/dk with 64×64 tiles and spill nothing with 64×32 tiles, 8 warps, 32-wide chunks and 32-row
-    dq programs; at dk = 128 8 warps, 64-wide chunks and 32-row dq programs remove the 16-80 B
-    that 4 warps spilled. float32 at dk = 128 spilled 8-32 B (forward, dq, dk) with the dk = 64
-    tiles; 64×16 score tiles with 16-wide dP chunks spill nothing.
+    spills 300-7000 B per thread; 16×16 tiles, 8 warps, one stage fit in 64 KB at 226-254
+    registers, where one more live value spills, so the kernels differ in two places: the row
+    statistics (transpose=True) take 32 keys per iteration (16 spilled 112-184 B at every warp
+    count, triton 3.6 and 3.9), and dq/dk contract dP in 16-wide chunks when masked, 32-wide when
+    EVEN (masked dq spilled 24 B at 32, EVEN dq 8 B at 16). 16-bit inputs at dk = 256 spilled
+    744-800 B in dq/dk with 64×64 tiles and spill nothing with 64×32 tiles, 8 warps, 32-wide
+    chunks and 16-row dq programs (32 rows: 16 B at 128 registers under triton 3.6); at dk = 128
+    8 warps, 64-wide chunks and 32-row dq programs remove the 16-80 B that 4 warps spilled.
+    float32 at dk = 128 spilled 8-32 B (forward, dq, dk) with the dk = 64 tiles, and 136-152 B in
+    the forward and transposed dV kernels with 64×16 tiles under triton 3.6; 32×16 score tiles
+    with 16-wide dP chunks spill nothing under either.
     """
     dk_pad = _pow2_at_least_16(dk)
     dv_pad = _pow2_at_least_16(dv)
@@ -173,15 +185,16 @@ def _score_tiles(dk_pad: int, dv_pad: int, dtype: torch.dtype) -> PositionConfig
     if dtype == torch.float32:
         if dk_pad > 128:
             return PositionConfig(16, 16, min(32, dv_pad), num_warps=8, num_stages=1,
-                                  block_dv_chunk=16, block_m_dq=16)
+                                  block_dv_chunk=16, block_dv_chunk_even=min(32, dv_pad), block_m_dq=16,
+                                  block_n_lse=32)
         if dk_pad > 64:
-            return PositionConfig(64, 16, min(64, dv_pad), num_warps=8, num_stages=2,
+            return PositionConfig(32, 16, min(64, dv_pad), num_warps=8, num_stages=2,
                                   block_dv_chunk=min(16, dv_pad), block_m_dq=32)
         return PositionConfig(64, 32, min(64, dv_pad), num_warps=8, num_stages=2,
                               block_dv_chunk=min(32, dv_pad), block_m_dq=32)
     if dk_pad > 128:
         return PositionConfig(64, 32, min(128, dv_pad), num_warps=8, num_stages=2,
-                              block_dv_chunk=min(32, dv_pad), block_m_dq=32)
+                              block_dv_chunk=min(32, dv_pad), block_m_dq=16)
     if dk_pad > 64:
         return PositionConfig(64, 64, min(128, dv_pad), num_warps=8, num_stages=3,
                               block_dv_chunk=min(64, dv_pad), block_m_dq=32)
@@ -214,7 +227,7 @@ def shared_memory_bound(cfg: PositionConfig, dk: int, dv: int, dtype: torch.dtyp
     dk_pad, dvf = _pow2_at_least_16(dk), _pow2_at_least_16(dv)
     stages = max(1, cfg.num_stages)
     m, n = cfg.block_m, cfg.block_n
-    chunk = cfg.block_dv_chunk or cfg.block_dv
+    chunk = max(cfg.block_dv_chunk or cfg.block_dv, cfg.block_dv_chunk_even)   # the wider of masked/EVEN
     scratch = 1024
 
     def scores(rows, cols):      # the score dot's operands split in registers (float32 "tf32x3" only)
@@ -239,8 +252,9 @@ def shared_memory_bound(cfg: PositionConfig, dk: int, dv: int, dtype: torch.dtyp
 
     needs = {}
     if transpose:
-        needs["_row_lse_kernel"] = (stages * dk_pad * n * e + m * dk_pad * e * (parts if f32 else 1) + scores(m, n)
-                                    + scratch)
+        n_lse = cfg.block_n_lse or n
+        needs["_row_lse_kernel"] = (stages * dk_pad * n_lse * e + m * dk_pad * e * (parts if f32 else 1)
+                                    + scores(m, n_lse) + scratch)
         needs["_column_kernel"] = pv_kernel(n, cfg.block_dv, m)
     else:
         needs["_forward_kernel"] = pv_kernel(m, cfg.block_dv, n)
@@ -657,6 +671,17 @@ def _even(allowed: bool, *pairs: Tuple[int, int]) -> bool:
     return allowed and all(n % block == 0 for n, block in pairs)
 
 
+def _dp_chunk(cfg: PositionConfig, *pairs: Tuple[int, int], d_v: int) -> Tuple[int, bool]:
+    """(dP chunk, EVEN) of a dq/dk launch tiling ``pairs``: the unmasked kernel with
+    ``block_dv_chunk_even`` where every size, d_v included, is a whole number of its blocks, else the
+    masked one with ``block_dv_chunk`` (either 0: ``block_dv``)."""
+    chunk = cfg.block_dv_chunk or cfg.block_dv
+    chunk_even = cfg.block_dv_chunk_even or chunk
+    if _even(cfg.even, *pairs, (d_v, chunk_even)):
+        return chunk_even, True
+    return chunk, _even(cfg.even, *pairs, (d_v, chunk))
+
+
 BACKWARD_VARIANTS = ("separate", "fused")
 
 
@@ -726,10 +751,12 @@ def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
             n_q, n_k, d_k, d_v, qk_scale, STORE_LSE=lse is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=even, **common)
     else:
+        block_n_lse = cfg.block_n_lse or cfg.block_n
         launch(_row_lse_kernel)[(triton.cdiv(n_q, cfg.block_m), batch)](
             q, k, lse, *q.stride(), *k.stride(), n_q, n_k, d_k, qk_scale,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=block_dk, PRECISION=precision,
-            UPCAST=_upcast_dots(), P_FP32=cfg.fp32_probabilities, EVEN=even,
+            BLOCK_M=cfg.block_m, BLOCK_N=block_n_lse, BLOCK_DK=block_dk, PRECISION=precision,
+            UPCAST=_upcast_dots(), P_FP32=cfg.fp32_probabilities,
+            EVEN=_even(cfg.even, (n_q, cfg.block_m), (n_k, block_n_lse), (d_k, block_dk)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         grid = (triton.cdiv(n_k, cfg.block_n), batch, n_dv_blocks)
         launch(_column_kernel)[grid](
@@ -829,26 +856,25 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
     # 3. query and key gradients, dS recomputed tile by tile.
     operands = (*row_operand.stride(), *col_operand.stride())
-    chunk = cfg.block_dv_chunk or cfg.block_dv
-    blocks = dict(blocks, BLOCK_DV=chunk, HOIST=cfg.hoist_invariant,   # dq/dk: the dP contraction's chunk
-                  BLOCK_DVF=_pow2_at_least_16(d_v))
+    blocks = dict(blocks, HOIST=cfg.hoist_invariant, BLOCK_DVF=_pow2_at_least_16(d_v))
     block_m_dq = cfg.block_m_dq or cfg.block_m
     block_m_dk = cfg.block_m_dk or cfg.block_m
-    even_dk = _even(cfg.even, (n_q, block_m_dk), (n_k, cfg.block_n), (d_k, block_dk), (d_v, chunk))
+    chunk_dq, even_dq = _dp_chunk(cfg, (n_q, block_m_dq), (n_k, cfg.block_n), (d_k, block_dk), d_v=d_v)
+    chunk_dk, even_dk = _dp_chunk(cfg, (n_q, block_m_dk), (n_k, cfg.block_n), (d_k, block_dk), d_v=d_v)
     if _backward_variant(variant) == "fused":
         dq_sum = torch.zeros(batch, n_q, d_k, device=q.device, dtype=torch.float32)
         launch(_dk_kernel)[(triton.cdiv(n_k, cfg.block_n), batch)](
             q, k, row_operand, col_operand, lse, delta, dk, dq_sum, *q.stride(), *k.stride(), *operands,
             *dk.stride(), n_q, n_k, d_k, d_v, qk_scale, float(scale), DQ_ATOMIC=True, EVEN=even_dk,
-            **dict(blocks, BLOCK_M=block_m_dk))
+            **dict(blocks, BLOCK_M=block_m_dk, BLOCK_DV=chunk_dk))
         dq.copy_(dq_sum)
         return dq, dk, dv, d_gamma, d_mul
     launch(_dq_kernel)[(triton.cdiv(n_q, block_m_dq), batch)](
         q, k, row_operand, col_operand, lse, delta, dq, *q.stride(), *k.stride(), *operands, *dq.stride(),
         n_q, n_k, d_k, d_v, qk_scale, float(scale),
-        EVEN=_even(cfg.even, (n_q, block_m_dq), (n_k, cfg.block_n), (d_k, block_dk), (d_v, chunk)),
-        **dict(blocks, BLOCK_M=block_m_dq))
+        EVEN=even_dq, **dict(blocks, BLOCK_M=block_m_dq, BLOCK_DV=chunk_dq))
     launch(_dk_kernel)[(triton.cdiv(n_k, cfg.block_n), batch)](
         q, k, row_operand, col_operand, lse, delta, dk, dummy, *q.stride(), *k.stride(), *operands, *dk.stride(),
-        n_q, n_k, d_k, d_v, qk_scale, float(scale), DQ_ATOMIC=False, EVEN=even_dk, **dict(blocks, BLOCK_M=block_m_dk))
+        n_q, n_k, d_k, d_v, qk_scale, float(scale), DQ_ATOMIC=False, EVEN=even_dk,
+        **dict(blocks, BLOCK_M=block_m_dk, BLOCK_DV=chunk_dk))
     return dq, dk, dv, d_gamma, d_mul
