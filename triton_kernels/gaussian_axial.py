@@ -112,12 +112,16 @@ class AxialConfig:
 def default_config(batch: int, height: int, width: int, d: int, dtype: torch.dtype) -> AxialConfig:
     """A starting heuristic for an H100 (to be replaced by measured choices).
 
-    Chunks of 64 feature columns (32 for float32 lines of 64+ pixels: twice the registers per
-    element); more warps for long lines. When the smaller pass has fewer than ~2 programs per SM
-    (132 on an H100), D is split across programs so that it has about 264, in whole chunks.
+    Chunks of 64 feature columns, 32 for float32 (twice the registers per element, three-TF32 hi/lo
+    copies) and for lines of at most 16 pixels; more warps for long lines. When the smaller pass has
+    fewer than ~2 programs per SM (132 on an H100), D is split across programs so that it has about
+    264, in whole chunks. From ptxas's report on sm_90 (tests/_sm90_compile.py, triton 3.9 and 3.6):
+    64-wide float32 chunks on 16-pixel lines spilled 48 B in the backward (255 registers), 64-wide
+    16-bit chunks of a 5×9 map from scores 8 B in the forward (72 registers); 2 warps on short lines
+    spilled 272-312 B in the 16-bit backward. Not yet timed on a GPU.
     """
     block_l = _pow2_at_least_16(max(height, width))
-    block_d = 32 if (dtype == torch.float32 and block_l >= 64) else 64
+    block_d = 32 if (dtype == torch.float32 or block_l <= 16) else 64
     block_d = min(block_d, _pow2_at_least_16(d))
     num_warps = 8 if block_l >= 64 else 4
     lines = batch * min(height, width)
