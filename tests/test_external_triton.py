@@ -78,8 +78,9 @@ def test_triton_bf16_within_twice_torch_error(seed):
 
 
 HEAD_DIM_SPLITS = [  # (dtype, d, forced (D_CHUNK, D_PARTS) of both backward kernels, or None: the default)
-    (torch.float32, 100, None),      # float32 at padded d = 128: chunks of 32, dM / dq over 2 programs
+    (torch.float32, 100, None),      # float32 at padded d = 128: chunks of 16, dM / dq over 2 programs
     (torch.float32, 128, None),
+    (torch.float32, 50, None),       # float32 at padded d = 64: chunks of 32 in one program
     (torch.bfloat16, 100, (32, 2)),  # the chunked path forced in 16-bit (default: memories held)
     (torch.float32, 40, (16, 2)),    # d = 40 padded to 64: a partly masked chunk and part, an empty chunk
 ]
@@ -89,12 +90,13 @@ HEAD_DIM_SPLITS = [  # (dtype, d, forced (D_CHUNK, D_PARTS) of both backward ker
 def test_backward_head_dim_chunks_and_parts(case, monkeypatch):
     """The backward kernels' chunked path (``_head_dim_split``: the q·M_kᵀ and dy·M_v products in
     head-dim chunks re-read per tile, dq / dM over a third grid axis), the float32 default at d =
-    128 that compiles without register spills for sm_90: forward and every gradient against the
-    float64 reference, N = 37 (a ragged 64-token tile), S = 64."""
+    64 and 128 that compiles without register spills for sm_90: forward and every gradient against
+    the float64 reference, N = 37 (a ragged 64-token tile), S = 64."""
     dtype, d, forced = case
     if forced is None:
         block_d = triton_external._pow2_at_least_16(d)
-        assert triton_external._head_dim_split(block_d, dtype) == dict(D_CHUNK=32, D_PARTS=2)
+        expected = dict(D_CHUNK=16, D_PARTS=2) if block_d == 128 else dict(D_CHUNK=32, D_PARTS=1)
+        assert triton_external._head_dim_split(block_d, dtype) == expected
     else:
         split = dict(D_CHUNK=forced[0], D_PARTS=forced[1])
         monkeypatch.setattr(triton_external, "_head_dim_split", lambda block_d, dt: split)

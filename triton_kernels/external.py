@@ -91,7 +91,7 @@ def default_config(n_tokens: int, batch_heads: int, device: torch.device, head_d
     tile and warp count tried (8/16/32 tokens, 2–16 warps); the backward kernels now take d in
     chunks there (``_head_dim_split``) and compile with 0 B (136 and 182 registers at B=12 N=49
     C=1024, 16-token tiles, 8 warps), so every default of the compile sweep and of MT-UNet's levels
-    is spill-free in float32, bfloat16 and float16."""
+    is spill-free in float32, bfloat16 and float16 (d = 64 takes chunks too, for triton 3.6)."""
     if interpreted():
         block_n = 64
         return ExternalConfig(block_n, triton.cdiv(n_tokens, block_n), 4)
@@ -376,7 +376,7 @@ def _head_dim_split(block_d: int, dtype: torch.dtype) -> dict:
     axis) share a tile's head dim for dM and dq.
 
     ``D_CHUNK = block_d, D_PARTS = 1`` keeps both (d, S) memories in registers across the token
-    loop: every 16-bit width and float32 up to d = 64 compile without spills for sm_90 that way.
+    loop: every 16-bit width and float32 up to d = 32 compile without spills for sm_90 that way.
     float32 at d = 128 (MT-UNet's bottleneck) runs its IEEE dots on FMAs, whose operand layouts
     hold a thread's rows/columns over the whole reduction: with the memories and a 128 × 64 dM
     accumulator held across the loop the column kernel spilled 384 B per thread and the other
@@ -385,9 +385,15 @@ def _head_dim_split(block_d: int, dtype: torch.dtype) -> dict:
     both recompute the tile's p and dp (2 × 2·N·S·d more FMAs): 0 B at 136–182 registers (16-token
     tiles, 8 warps). Chunks alone leave _backward_kernel at 24 B, and the column kernel at 254
     registers (0 B) when a chunk is one tile (tiles_per_chunk = 1 is specialised); chunks of 64
-    spill 16 B."""
+    spill 16 B. Under triton 3.6 (the GPU machine's ptxas, which settles at 128 registers where
+    3.9's takes up to 255) 32-feature chunks still spilled 8 B in the column kernel at d = 128, and
+    the unchunked d = 64 backward 24 B: d = 128 takes 16-feature chunks over 2 programs, d = 64
+    32-feature chunks in one program (no recomputation), 0 B under both (100-182 registers at
+    MT-UNet's B=12 levels)."""
     if dtype == torch.float32 and block_d >= 128:
-        return dict(D_CHUNK=32, D_PARTS=2)
+        return dict(D_CHUNK=16, D_PARTS=2)
+    if dtype == torch.float32 and block_d >= 64:
+        return dict(D_CHUNK=32, D_PARTS=1)
     return dict(D_CHUNK=block_d, D_PARTS=1)
 
 
