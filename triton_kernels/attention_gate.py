@@ -485,20 +485,28 @@ def default_block_p(channels: int) -> int:
     return max(16, min(128, 1024 // triton.next_power_of_2(channels)))
 
 
-def default_dot_block_p(channels: int, backward: bool) -> int:
-    """Positions per program of the ``dot`` variant, on ``GATE_WARPS`` warps: 128 forward and 64
-    backward up to Cx = 64 (8192 / 4096 x-tile elements), fewer past it (a forced ``dot`` only).
+def default_dot_block_p(channels: int, backward: bool, dtype: torch.dtype = torch.bfloat16,
+                        spatial_dims: int = 2) -> int:
+    """Positions per program of the ``dot`` variant, on ``GATE_WARPS`` warps: for 16-bit inputs 128
+    forward (64 in 3-D) and 64 backward up to Cx = 64 (8192 / 4096 x-tile elements), fewer past it
+    (a forced ``dot`` only); float32 holds half the elements (its three-TF32 dots keep hi and lo
+    copies of each tile).
 
-    From ptxas's report on sm_90 (tests/_sm90_compile.py, triton 3.9) at Cx 16..64, Ci 16..64,
-    2-D and 3-D, float32/bfloat16: 0 spills; the bfloat16 forward at Cx = 64, Ci = 32 takes 130
-    registers (one 8-warp program per SM by registers; capping it at 128 with ``maxnreg`` spilled
-    16 B), float32 115-250, the backward 115-250. 256 positions forward took 186-212 registers;
-    128 positions backward 176-235 and spilled at Cx = 35 (grid gate, float32). The chunk loop runs
-    unpipelined (``DOT_STAGES``): 3 stages tripled the backward's shared memory (49 → 154 KB) and
-    raised its registers. Past Cx = 64 the kernels spilled (56 B at Cx = 128, KBs at 512-1024),
-    hence ``DOT_MAX_CHANNELS``. Not yet timed on a GPU."""
-    elements = (4096 if backward else 8192) // pow2_at_least_16(channels)
-    return max(16, min(64 if backward else 128, elements))
+    From ptxas's report on sm_90 (tests/_sm90_compile.py, triton 3.9 and 3.6) at Cx 16..64, Ci
+    16..64, 2-D and 3-D, float32/bfloat16: 0 spills. With 16-bit sizes for float32, triton 3.6
+    spilled 80-160 B in the Cx = 64 backward and 16 B in the 3-D forward; the 16-bit 3-D forward
+    (trilinear sampling) at 128 positions spilled 8 B at Cx = 32 and 40 B at Cx = 64 (3.6). The
+    bfloat16 forward at Cx = 64, Ci = 32 takes 130 registers under 3.9 (one 8-warp program per SM
+    by registers; capping it at 128 with ``maxnreg`` spilled 16 B). 256 positions forward took
+    186-212 registers; 128 positions backward 176-235 and spilled at Cx = 35 (grid gate, float32).
+    The chunk loop runs unpipelined (``DOT_STAGES``): 3 stages tripled the backward's shared memory
+    (49 → 154 KB) and raised its registers. Past Cx = 64 the kernels spilled (56 B at Cx = 128, KBs
+    at 512-1024), hence ``DOT_MAX_CHANNELS``. Not yet timed on a GPU."""
+    elements = 4096 if backward else 8192
+    if dtype == torch.float32:
+        elements //= 2
+    cap = 64 if (backward or spatial_dims == 3) else 128
+    return max(16, min(cap, elements // pow2_at_least_16(channels)))
 
 
 def uses_dot(kernel: str, intermediate_channels: int, channels: int) -> bool:
@@ -561,7 +569,7 @@ def _variant(x, ci, block_p, fp32_precision, kernel, addressed, per_batch_extent
     extents = [_batch_extent(t) for t in addressed] + list(per_batch_extents)
     if uses_dot(kernel, ci, cx) and max(extents) < 2 ** 31:
         return dict(kernels=(_forward_dot_kernel, _backward_dot_kernel),
-                    block_p=block_p or default_dot_block_p(cx, backward),
+                    block_p=block_p or default_dot_block_p(cx, backward, x.dtype, x.dim() - 2),
                     meta=dict(PRECISION=dot_precision(x.dtype, forced=fp32_precision), BLOCK_C=pow2_at_least_16(cx),
                               BLOCK_I=min(DOT_BLOCK_I, pow2_at_least_16(ci)), FLAT=all(_flat(t) for t in addressed),
                               num_stages=DOT_STAGES))
