@@ -155,8 +155,7 @@ def default_config(dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
     8 warps, 64-wide chunks and 32-row dq programs remove the 16-80 B that 4 warps spilled.
     float32 at dk = 128 spilled 8-32 B (forward, dq, dk) with the dk = 64 tiles, and 136-152 B in
     the forward and transposed dV kernels with 64×16 tiles under triton 3.6; 32×16 score tiles
-    with 16-wide dP chunks spill nothing under either. float32 at dk <= 16 takes 4 warps: with 8, the
-    column kernel spilled 8 B at 128 registers under triton 3.6.
+    with 16-wide dP chunks spill nothing under either.
     """
     dk_pad = _pow2_at_least_16(dk)
     dv_pad = _pow2_at_least_16(dv)
@@ -191,7 +190,7 @@ def _score_tiles(dk_pad: int, dv_pad: int, dtype: torch.dtype) -> PositionConfig
         if dk_pad > 64:
             return PositionConfig(32, 16, min(64, dv_pad), num_warps=8, num_stages=2,
                                   block_dv_chunk=min(16, dv_pad), block_m_dq=32)
-        return PositionConfig(64, 32, min(64, dv_pad), num_warps=8 if dk_pad > 16 else 4, num_stages=2,
+        return PositionConfig(64, 32, min(64, dv_pad), num_warps=8, num_stages=2,
                               block_dv_chunk=min(32, dv_pad), block_m_dq=32)
     if dk_pad > 128:
         return PositionConfig(64, 32, min(128, dv_pad), num_warps=8, num_stages=2,
