@@ -110,7 +110,7 @@ def _rule_includes(code: str, text: str, path: str) -> Tuple[str, int, int]:
 def _rule_shared(code: str, text: str) -> Tuple[str, int, int]:
     """``__shared__ T name[N];`` inside a kernel -> a static array, poisoned at each block's start."""
     wanted = len(re.findall(r"\b__shared__\b", code))
-    declaration = re.compile(r"^([ \t]+)__shared__\s+([\w:]+)\s+(\w+)\[([^\]\n]+)\];", re.M)
+    declaration = re.compile(r"^([ \t]*)__shared__\s+([\w:]+)\s+(\w+)\[([^\]\n]+)\];", re.M)
     for m in declaration.finditer(text):
         before = _code_only(text[:m.start()])
         kernel = before.rfind("__global__")
