@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Mutant:
     id: str
-    area: str            # triton, cpp, dispatch, compat, ddp, convert, export, training, precision
+    area: str            # triton, cpp, cuda, dispatch, compat, ddp, convert, export, training, precision
     path: str            # file edited, relative to the repository root
     old: str             # exact text, occurring once
     new: str
@@ -146,6 +146,24 @@ MUTANTS: Tuple[Mutant, ...] = (
            "row -= static_cast<double>(dp[n]) * dist * dist;", "row -= static_cast<double>(dp[n]) * dist;",
            "C++ gradient of θ (rarely used) with abs(n−m) instead of (n−m)²",
            ("tests/test_conformance*.py", "tests/test_*gaussian*.py", "tests/test_mtunet*.py")),
+    # ---- CUDA kernels, run on the CPU by tests/_cuda_emulation.py ------------------------------
+    Mutant("U1", "cuda", "csrc/cuda/attention_gate.cu",
+           "  __syncthreads();  // the previous tile is no longer read\n", "\n",
+           "CUDA gate restages the shared W tile while slower threads still read the previous one (a race)",
+           ("tests/test_attention_gate_cuda_emulated.py",)),
+    Mutant("U2", "cuda", "csrc/cuda/attention_gate.cu",
+           "    __syncthreads();\n    if (t < kRows && i0 + t < n.Ci) {", "    if (t < kRows && i0 + t < n.Ci) {",
+           "CUDA gate backward sums the shared per-row products before every thread has written its own",
+           ("tests/test_attention_gate_cuda_emulated.py",)),
+    Mutant("U3", "cuda", "csrc/cuda/attention_gate.cu",
+           "for (int k = threadIdx.x; k < kRows * K; k += blockDim.x)",
+           "for (int k = threadIdx.x; k < kRows * K - 1; k += blockDim.x)",
+           "CUDA gate stages its W tile one element short: the last entry keeps what shared memory held",
+           ("tests/test_attention_gate_cuda_emulated.py",)),
+    Mutant("U4", "cuda", "csrc/cuda/attention_gate.cu",
+           "(b * gridDim.x + blockIdx.x)", "(b + blockIdx.x)",
+           "CUDA gate backward indexes its per-block partial sums without the batch stride (blocks collide)",
+           ("tests/test_attention_gate_cuda_emulated.py",)),
     # ---- low-precision accumulation ------------------------------------------------------------
     Mutant("P1", "precision", "csrc/cpu/position.cpp",
            "        T total = 0;  // fixed order: deterministic for any thread count",
