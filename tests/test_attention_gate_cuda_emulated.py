@@ -47,7 +47,7 @@ EMULATED = "cuda-emulated"
 
 @pytest.fixture(scope="module")
 def kernels():
-    """The emulated extension, built once per session (~45 s, cached under $MEDATTN_BUILD_DIR), and
+    """The emulated extension, built once per session (30-45 s on 2 cores, cached under $MEDATTN_BUILD_DIR), and
     its custom ops."""
     E.load_emulated_extension("attention_gate")
     return E.emulated_gate_kernels()

@@ -126,7 +126,9 @@ inline void shared_prologue(void* array, size_t bytes, int line) {
   syncthreads(line);
 }
 
-inline int launches = 0;  // kernel launches run by this process (the tests check they happened)
+// one launch at a time in the process: the block's coordinates, the launch shape and the barrier are
+// process-wide (Python threads calling the extension concurrently would otherwise mix them)
+inline std::mutex launch_mutex;
 
 // kernel<<<grid, block, 0, stream>>>(args...): every block in turn (x fastest, then y, z), each
 // block's threads as std::threads. The arguments are converted to the kernel's parameter types
@@ -136,9 +138,9 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
   const std::tuple<Params...> params(std::forward<Args>(args)...);
   const int threads = static_cast<int>(block.x * block.y * block.z);
   TORCH_CHECK(threads > 0 && threads <= 1024, "cuda emulation: block of ", threads, " threads");
+  const std::lock_guard<std::mutex> one_launch(launch_mutex);
   gridDim = grid;
   blockDim = block;
-  ++launches;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
