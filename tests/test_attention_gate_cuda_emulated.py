@@ -152,6 +152,18 @@ def test_float64_matches_reference(kernels, training):
            channels_last=True)
 
 
+def test_float64_strided_view_narrower_than_a_tile(kernels):
+    """x a non-dense view (every other column of a wider buffer), Cx = 5 and Ci = 3 (less than one
+    8-row tile of W), batch 1, σ∘σ: the kernels address x through its strides."""
+    block64 = make_block(2, 5, 6, 3, training=False, double_sigmoid=True)
+    x = torch.randn(1, 5, 13, 34, dtype=F64)[..., ::2]
+    g = torch.randn(1, 6, 5, 6, dtype=F64)
+    cots = torch.randn(1, 5, 13, 17, dtype=F64), torch.randn(1, 1, 13, 17, dtype=F64)
+    launched = []
+    assert_within_pytorch_error(block64, gate_for(kernels, launched), x, g, cots, EMULATED, F64)
+    assert launched[0][2] == x.stride() and x.stride()[-1] == 2, "the kernels ran on the strided view"
+
+
 @pytest.mark.parametrize("dtype,training", [(torch.bfloat16, False), (torch.float16, True)], ids=str)
 def test_16_bit_within_pytorch_error(kernels, dtype, training):
     block64 = make_block(2, 32, 24, 16, training=training)
