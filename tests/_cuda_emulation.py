@@ -45,7 +45,7 @@ import fcntl
 import re
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM_DIR = Path(__file__).resolve().parent / "cuda_emulation"
