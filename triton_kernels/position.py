@@ -108,6 +108,7 @@ class PositionConfig:
     block_m_dq: int = 0         # query rows per dq program (0: block_m)
     block_dv_row: int = 0       # dv columns per _row_kernel program (transpose=True's dV; 0: block_dv)
     block_m_dk: int = 0         # query rows per iteration of the dk kernel (0: block_m)
+    block_m_column: int = 0     # query rows per iteration of _column_kernel (0: block_m)
     # key rows per iteration of _row_lse_kernel (transpose=True's row statistics; 0: block_n). Only
     # the order in which each row's exponentials are summed depends on it, never a score's value:
     # every score is the same dk-long dot in every kernel.
@@ -155,7 +156,9 @@ def default_config(dk: int, dv: int, dtype: torch.dtype) -> PositionConfig:
     8 warps, 64-wide chunks and 32-row dq programs remove the 16-80 B that 4 warps spilled.
     float32 at dk = 128 spilled 8-32 B (forward, dq, dk) with the dk = 64 tiles, and 136-152 B in
     the forward and transposed dV kernels with 64×16 tiles under triton 3.6; 32×16 score tiles
-    with 16-wide dP chunks spill nothing under either.
+    with 16-wide dP chunks spill nothing under either. float32 at dk <= 16: the column kernel
+    iterates over 32 query rows (64: 8 B at 128 registers under triton 3.6; 4 warps for every kernel
+    instead spilled 8-280 B under 3.9 in the channel-first cases with epilogues).
     """
     dk_pad = _pow2_at_least_16(dk)
     dv_pad = _pow2_at_least_16(dv)
@@ -191,7 +194,8 @@ def _score_tiles(dk_pad: int, dv_pad: int, dtype: torch.dtype) -> PositionConfig
             return PositionConfig(32, 16, min(64, dv_pad), num_warps=8, num_stages=2,
                                   block_dv_chunk=min(16, dv_pad), block_m_dq=32)
         return PositionConfig(64, 32, min(64, dv_pad), num_warps=8, num_stages=2,
-                              block_dv_chunk=min(32, dv_pad), block_m_dq=32)
+                              block_dv_chunk=min(32, dv_pad), block_m_dq=32,
+                              block_m_column=32 if dk_pad <= 16 else 0)
     if dk_pad > 128:
         return PositionConfig(64, 32, min(128, dv_pad), num_warps=8, num_stages=2,
                               block_dv_chunk=min(32, dv_pad), block_m_dq=16)
@@ -227,6 +231,7 @@ def shared_memory_bound(cfg: PositionConfig, dk: int, dv: int, dtype: torch.dtyp
     dk_pad, dvf = _pow2_at_least_16(dk), _pow2_at_least_16(dv)
     stages = max(1, cfg.num_stages)
     m, n = cfg.block_m, cfg.block_n
+    m_column = cfg.block_m_column or m
     chunk = max(cfg.block_dv_chunk or cfg.block_dv, cfg.block_dv_chunk_even)   # the wider of masked/EVEN
     scratch = 1024
 
@@ -255,7 +260,7 @@ def shared_memory_bound(cfg: PositionConfig, dk: int, dv: int, dtype: torch.dtyp
         n_lse = cfg.block_n_lse or n
         needs["_row_lse_kernel"] = (stages * dk_pad * n_lse * e + m * dk_pad * e * (parts if f32 else 1)
                                     + scores(m, n_lse) + scratch)
-        needs["_column_kernel"] = pv_kernel(n, cfg.block_dv, m)
+        needs["_column_kernel"] = pv_kernel(n, cfg.block_dv, m_column)
     else:
         needs["_forward_kernel"] = pv_kernel(m, cfg.block_dv, n)
     if not backward:
@@ -264,7 +269,7 @@ def shared_memory_bound(cfg: PositionConfig, dk: int, dv: int, dtype: torch.dtyp
     if transpose:
         needs["_row_kernel"] = pv_kernel(m, cfg.block_dv_row or cfg.block_dv, n)
     else:
-        needs["_column_kernel"] = pv_kernel(n, cfg.block_dv, m)
+        needs["_column_kernel"] = pv_kernel(n, cfg.block_dv, m_column)
     if variant != "fused":
         needs["_dq_kernel"] = d_kernel(cfg.block_m_dq or m, n, False)
     needs["_dk_kernel"] = d_kernel(n, cfg.block_m_dk or m, variant == "fused")
@@ -759,13 +764,16 @@ def position_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
             EVEN=_even(cfg.even, (n_q, cfg.block_m), (n_k, block_n_lse), (d_k, block_dk)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         grid = (triton.cdiv(n_k, cfg.block_n), batch, n_dv_blocks)
+        block_m_column = cfg.block_m_column or cfg.block_m
         launch(_column_kernel)[grid](
             q, k, v, lse, o if o is not None else dummy, out,
             gamma if gamma is not None else dummy, residual if residual is not None else dummy,
             multiply if multiply is not None else dummy,
             *q.stride(), *k.stride(), *v.stride(), *_strides(o), *out.stride(), *epilogue_args,
             n_q, n_k, d_k, d_v, qk_scale,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=even, **common)
+            BLOCK_M=block_m_column, BLOCK_N=cfg.block_n,
+            EVEN=_even(cfg.even, (n_q, block_m_column), (n_k, cfg.block_n), (d_k, block_dk), (d_v, cfg.block_dv)),
+            **common)
         if not save_for_backward:
             lse = None
     return out, o, lse
@@ -815,6 +823,7 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     # D partials: one per dv block of the kernel that makes them (_grad_out_kernel, or _row_kernel)
     row_term = not transpose
     block_dv_row = cfg.block_dv_row or cfg.block_dv
+    block_m_column = cfg.block_m_column or cfg.block_m
     row_dv_blocks = triton.cdiv(d_v, block_dv_row)
     delta_parts = torch.empty(batch, go_dv_blocks if row_term else row_dv_blocks, n_q, device=q.device,
                               dtype=torch.float32)
@@ -848,8 +857,8 @@ def position_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
             q, k, g, lse, dummy, dv, dummy, dummy, dummy,
             *q.stride(), *k.stride(), *g.stride(), 0, 0, 0, *dv.stride(), 0, 0, 0, 0, 0, 0,
             n_q, n_k, d_k, d_v, qk_scale, HAS_GAMMA=False, HAS_RES=False, HAS_MUL=False, STORE_O=False,
-            EVEN=_even(cfg.even, (n_q, cfg.block_m), (n_k, cfg.block_n), (d_k, block_dk), (d_v, cfg.block_dv)),
-            **blocks)
+            EVEN=_even(cfg.even, (n_q, block_m_column), (n_k, cfg.block_n), (d_k, block_dk), (d_v, cfg.block_dv)),
+            **dict(blocks, BLOCK_M=block_m_column))
         row_operand, col_operand = g, v       # dP_ij = g_i·v_j
     delta = delta_parts.sum(dim=1) if delta_parts.shape[1] > 1 else delta_parts[:, 0]
     delta = delta.contiguous()
