@@ -123,9 +123,9 @@ def test_wide_dk_default_tiles_within_twice_torch_error(dk, dtype, transpose):
     """dk in (64, 128] and (128, 256] take their own default tiles (``default_config``: at 256 16×16,
     8 warps, one stage in float32 so the kernels fit the H100's shared memory, 64×32 with 32-wide
     chunks and 16-row dq programs for 16-bit inputs; at 128 32×16 with 16-wide chunks in float32,
-    64-wide chunks and 32-row dq programs for 16-bit inputs; no spills): forward and every gradient at dk = 200 / 100 (padded
-    to 256 / 128, a ragged dk block), odd N and a dv that splits across programs, against the
-    float64 reference."""
+    64-wide chunks and 32-row dq programs for 16-bit inputs; no spills): forward and every
+    gradient at dk = 200 / 100 (padded to 256 / 128, a ragged dk block), odd N and a dv that
+    splits across programs, against the float64 reference."""
     wide = triton_position.default_config(dk, 1024, dtype).block_dv
     dv = wide + wide // 2 + 3                       # 51, 99 or 195: one whole dv block and a ragged one
     cfg = triton_position.default_config(dk, dv, dtype)

@@ -24,8 +24,9 @@ def _compiler_env() -> dict:
 
 # The register spills the sweep is known to have under triton 3.9, bytes of local memory per thread at
 # most, by (op, dtype, kernel); any other spill, or a larger one, fails. The defaults have none (issue 24
-# item 7); the one entry is a non-default variant the GPU check times beside them. External and window attention have none (their float32 d = 128 and
-# 64-token-window d = 128 kernels take the head dim in chunks: _head_dim_split / _head_dim_chunk).
+# item 7); the one entry is a non-default variant the GPU check times beside them. (External and window
+# attention's float32 d = 128 and 64-token-window d = 128 kernels take the head dim in chunks:
+# _head_dim_split / _head_dim_chunk.)
 KNOWN_SWEEP_SPILLS = {
     # the float32 128-wide dv split variant of the position forward (bench/results/sm90_compile_table.csv)
     ("position_attention", "float32", "_forward_kernel"): 40,
@@ -64,8 +65,8 @@ def test_position_defaults_fit_shared_memory_without_spills(tmp_path):
     float32 and bfloat16 (float16 has bfloat16's tiles), both orientations, forward and backward;
     and no kernel spills a register. (fp32 dk = 256 asked 237,568 B before it had its own tiles: an
     OutOfResources on the GPU; its tiles sit at 226-254 registers, where one more live value spills,
-    hence its own row-statistics key block and the EVEN kernels' wider dP chunk.) The defaults include 16-bit
-    P·V for 16-bit inputs, 256-wide dv splits (128 in the transposed dV kernel), _grad_out_kernel's
+    hence its own row-statistics key block and the EVEN kernels' wider dP chunk.) The defaults
+    include 16-bit P·V for 16-bit inputs, 256-wide dv splits (128 in the transposed dV kernel), _grad_out_kernel's
     own tile; n = 70 compiles the masked kernels, n = 128 the unmasked EVEN ones. Every kernel's
     shared memory is within the capability check's bound (``shared_memory_bound``), so the check
     never lets through what the compiler would refuse. ~60 s of CPU with a cold Triton cache."""
@@ -116,8 +117,8 @@ def test_gpu_check_shapes_compile_without_spills(tmp_path):
     report = res.stdout + res.stderr
     assert res.returncode == 0 and "0 failures" in report, report
     with open(table, newline="") as f:
-        rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#")) if r["family"] != "position"
-                or not r["case"].startswith("dk=")]
+        rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))
+                if r["family"] != "position" or not r["case"].startswith("dk=")]   # the GPU check's rows only
     families = {r["family"] for r in rows}
     assert families == {"position", "channel", "gaussian_axial", "window", "external", "attention_gate"}, families
     assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
