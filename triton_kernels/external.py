@@ -263,6 +263,25 @@ def _slot_grads_chunked(q_ptr, dy_ptr, mk_ptr, mv_ptr, b, h, rows, slots, lse2, 
 
 
 @triton.jit
+def _tile_slot_grads(q_ptr, dy_ptr, mk_t, mv, lse2, b, rows, h, d, slots, N, S, sqb, sqn, sqc, sgb, sgn, sgc,
+                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One token tile's q and dy rows (whole head dim) and :func:`_slot_grads` of them with the
+    memories held in registers: ``(q, dy, p, â, dp)``."""
+    q = _load_tile(q_ptr, b, rows, h, d, sqb, sqn, sqc, N, BLOCK_D)
+    dy = _load_tile(dy_ptr, b, rows, h, d, sgb, sgn, sgc, N, BLOCK_D)
+    p, a_hat, dp = _slot_grads(q, dy, mk_t, mv, lse2, rows, slots, N, S, PRECISION, UPCAST)
+    return q, dy, p, a_hat, dp
+
+
+@triton.jit
+def _store_dq(dq_ptr, dq, b, rows, h, d, feats, sdb, sdn, sdc, N):
+    """dq's (tokens × feats) tile of head h into the (B, N, heads·d) gradient, in its dtype."""
+    mask = (rows[:, None] < N) & (feats[None, :] < d)
+    offs = b.to(tl.int64) * sdb + rows[:, None].to(tl.int64) * sdn + (h * d + feats)[None, :] * sdc
+    tl.store(dq_ptr + offs, to_storage(dq, dq_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _backward_columns_kernel(q_ptr, dy_ptr, mk_ptr, mv_ptr, lse_ptr, c_part_ptr, dmv_part_ptr,
                              sqb, sqn, sqc, sgb, sgn, sgc, smk_s, smk_d, smv_d, smv_s,
                              N, d, S, heads, tiles_per_chunk,
@@ -286,9 +305,8 @@ def _backward_columns_kernel(q_ptr, dy_ptr, mk_ptr, mv_ptr, lse_ptr, c_part_ptr,
         dmv_acc = tl.zeros([BLOCK_D, BLOCK_S], tl.float32)
         for i in range(tiles_per_chunk):
             rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
-            q = _load_tile(q_ptr, b, rows, h, d, sqb, sqn, sqc, N, BLOCK_D)
-            dy = _load_tile(dy_ptr, b, rows, h, d, sgb, sgn, sgc, N, BLOCK_D)
-            p, a_hat, dp = _slot_grads(q, dy, mk_t, mv, lse2, rows, slots, N, S, PRECISION, UPCAST)
+            _q, dy, p, a_hat, dp = _tile_slot_grads(q_ptr, dy_ptr, mk_t, mv, lse2, b, rows, h, d, slots, N, S,
+                                                    sqb, sqn, sqc, sgb, sgn, sgc, BLOCK_D, PRECISION, UPCAST)
             c_acc += tl.sum(p * dp, 0)
             dmv_acc += _dot_f32(tl.trans(dy.to(tl.float32)), a_hat, PRECISION)
         tl.store(c_part_ptr + part * S + slots, c_acc, mask=slots < S)
@@ -336,14 +354,11 @@ def _backward_kernel(q_ptr, dy_ptr, mk_ptr, mv_ptr, lse_ptr, c_part_ptr, dq_ptr,
         dmk_acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         for i in range(tiles_per_chunk):
             rows = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
-            q = _load_tile(q_ptr, b, rows, h, d, sqb, sqn, sqc, N, BLOCK_D)
-            dy = _load_tile(dy_ptr, b, rows, h, d, sgb, sgn, sgc, N, BLOCK_D)
-            p, _a_hat, dp = _slot_grads(q, dy, mk_t, mv, lse2, rows, slots, N, S, PRECISION, UPCAST)
+            q, _dy, p, _a_hat, dp = _tile_slot_grads(q_ptr, dy_ptr, mk_t, mv, lse2, b, rows, h, d, slots, N, S,
+                                                     sqb, sqn, sqc, sgb, sgn, sgc, BLOCK_D, PRECISION, UPCAST)
             da = p * (dp - col_term[None, :])
             dq = _dot_f32(da, tl.trans(mk_t), PRECISION)                                 # (N, D)
-            mask = (rows[:, None] < N) & (feats[None, :] < d)
-            offs = b.to(tl.int64) * sdb + rows[:, None].to(tl.int64) * sdn + (h * d + feats)[None, :] * sdc
-            tl.store(dq_ptr + offs, to_storage(dq, dq_ptr.dtype.element_ty), mask=mask)
+            _store_dq(dq_ptr, dq, b, rows, h, d, feats, sdb, sdn, sdc, N)
             dmk_acc += _dot_f32(tl.trans(da), q, PRECISION)
     else:
         BLOCK_DP: tl.constexpr = BLOCK_D // D_PARTS
@@ -357,9 +372,7 @@ def _backward_kernel(q_ptr, dy_ptr, mk_ptr, mv_ptr, lse_ptr, c_part_ptr, dq_ptr,
             da = p * (dp - col_term[None, :])
             mk_t = _load_matrix(mk_ptr, feats, slots, smk_d, smk_s, d, S)              # (D/D_PARTS, S)
             dq = _dot_f32(da, tl.trans(mk_t), PRECISION)                                 # (N, D/D_PARTS)
-            mask = (rows[:, None] < N) & (feats[None, :] < d)
-            offs = b.to(tl.int64) * sdb + rows[:, None].to(tl.int64) * sdn + (h * d + feats)[None, :] * sdc
-            tl.store(dq_ptr + offs, to_storage(dq, dq_ptr.dtype.element_ty), mask=mask)
+            _store_dq(dq_ptr, dq, b, rows, h, d, feats, sdb, sdn, sdc, N)
             q = _load_columns(q_ptr, b, rows, h, feats, d, sqb, sqn, sqc, N)
             dmk_acc += _dot_f32(tl.trans(da), q, PRECISION)
     part = bh * n_chunks + tl.program_id(0)
